@@ -1,0 +1,110 @@
+"""The exception hierarchy: every error lbpool raises is an ``LbpoolError``.
+
+Several errors also subclass the builtin a caller would naturally catch
+(``ConfigError`` is a ``ValueError``, ``PoolTimeout`` a ``TimeoutError``,
+``UnknownBackend`` a ``KeyError``) so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class LbpoolError(Exception):
+    """Base class of every lbpool error."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a configuration, located as precisely as known."""
+
+    source: str  # file name, or "<dict>" for a config given as data
+    line: int | None  # 1-based YAML line, when known
+    path: str  # dotted field path, e.g. "backends.cache.pool.max_size"
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(LbpoolError, ValueError):
+    """An invalid configuration; ``problems`` lists every mistake found, not just the first."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class UnknownBackend(LbpoolError, KeyError):
+    """A name that is neither a configured backend nor a ``host:port``."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        self.name = name
+        self.known = tuple(known)
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        known = ", ".join(sorted(self.known)) or "none"
+        return f"unknown backend {self.name!r} (configured: {known}; or give a host:port)"
+
+
+class PoolTimeout(LbpoolError, TimeoutError):
+    """No connection could be had within the acquire timeout."""
+
+
+class PoolExhausted(LbpoolError):
+    """``max_waiting`` callers already wait for this server: shed at once."""
+
+
+class PoolClosed(LbpoolError):
+    """The pool or manager is closed or closing."""
+
+
+class DialError(LbpoolError):
+    """One server's dial failed; ``__cause__`` is the underlying error."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"{address}: {reason}")
+
+
+class ConnectionReleased(LbpoolError):
+    """A connection handle was used after ``release()`` or ``discard()``."""
+
+
+class BackendUnavailable(LbpoolError):
+    """No server of a backend could give a connection.
+
+    ``errors`` maps each server address to its last error; ``states`` to its breaker
+    state; the message says, per server, the state, time until retry and last error.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        errors: Mapping[str, BaseException | None],
+        states: Mapping[str, str],
+        retry_in: Mapping[str, float] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.errors = dict(errors)
+        self.states = dict(states)
+        self.retry_in = dict(retry_in or {})
+        lines = []
+        for address, state in self.states.items():
+            part = f"{address} [{state}"
+            wait = self.retry_in.get(address)
+            if state != "closed" and wait is not None and wait > 0:
+                part += f", retry in {wait:.1f}s"
+            part += "]"
+            err = self.errors.get(address)
+            if err is not None:
+                part += f": {err}"
+            lines.append(part)
+        super().__init__(f"backend {backend!r}: no server could serve: " + "; ".join(lines))
