@@ -1,0 +1,413 @@
+"""Per-server circuit breaker: the ``circuitbreaker`` package's ``CircuitBreaker``, extended.
+
+We keep the package's vocabulary (``closed``/``open``/``half_open``, ``failure_threshold``,
+``recovery_timeout``, ``failure_count``, ``last_failure``, ``open_remaining``, ``state``)
+and its context-manager/decorator use, and fix what a connection pool needs:
+
+* half-open admits exactly one trial at a time (the package lets every caller through);
+* each failed trial doubles the recovery timeout up to ``max_recovery_timeout``, and a
+  successful trial restores the base timeout;
+* times are float seconds on an injectable monotonic clock (the package rounds to ints,
+  which breaks sub-second timeouts);
+* no global registry: breakers of different managers never share state, whatever their
+  names (``CircuitBreakerMonitor.register`` is never called);
+* a listener sees every state change, and opening/closing is logged on ``lbpool``.
+
+Which exceptions count as failures is the caller's decision: the pool calls
+``record_failure`` only for dial and network errors, never for application errors.
+Used through ``with breaker:`` or as a decorator, the package's ``expected_exception``
+predicate (default ``Exception``) decides instead.
+
+Concurrency: no method yields between reading and writing state, so the breaker is
+safe among greenlets of one hub without a lock. State is written *before* the listener
+runs, so a listener may read or even drive the breaker.
+
+There is no timer. ``state`` is a pure read that says ``half_open`` as soon as an open
+breaker's wait has elapsed (so stats and balancers, even a metrics thread, see it without
+changing anything); the stored state moves open -> half_open, and the listener hears of
+it, when the breaker next acts: ``allow_dial``, a verdict, ``reset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import wraps
+from inspect import isasyncgenfunction, iscoroutinefunction, isgeneratorfunction
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import circuitbreaker
+from circuitbreaker import CircuitBreaker, CircuitBreakerError
+
+if TYPE_CHECKING:
+    from lbpool.config import BreakerConfig
+
+__all__ = [
+    "STATE_CLOSED",
+    "STATE_HALF_OPEN",
+    "STATE_OPEN",
+    "Breaker",
+    "BreakerListener",
+    "BreakerState",
+    "CircuitBreakerError",
+]
+
+logger = logging.getLogger("lbpool")
+
+# The package's state names, typed (it ships no hints).
+STATE_CLOSED: Final[str] = circuitbreaker.STATE_CLOSED
+STATE_OPEN: Final[str] = circuitbreaker.STATE_OPEN
+STATE_HALF_OPEN: Final[str] = circuitbreaker.STATE_HALF_OPEN
+
+BreakerState = Literal["closed", "open", "half_open"]
+BreakerListener = Callable[["Breaker", str, str], None]
+
+# Doubling stops long before floats overflow; the cap is max_recovery_timeout anyway.
+_MAX_BACKOFF_LEVEL = 64
+
+
+class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no type hints
+    """One server's breaker: opens on consecutive failures, then probes with one trial.
+
+    ``is_closed`` is a plain attribute, kept current on every transition, so the pool's
+    hot path costs one attribute read.
+    """
+
+    is_closed: bool
+    trips: int  # closed -> open transitions; re-opening after a failed trial is not a trip
+    # the package's attributes, typed (it ships no hints)
+    _name: str
+    _state: str
+    _failure_count: int
+    _failure_threshold: int
+    _last_failure: BaseException | None
+    _recovery_timeout: float  # the current wait: base doubled per failed trial, capped
+    _opened: float
+
+    def __init__(
+        self,
+        name: str,
+        config: BreakerConfig,
+        listener: BreakerListener | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        expected_exception: Any = None,
+        fallback_function: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__(
+            failure_threshold=config.failure_threshold,
+            recovery_timeout=config.recovery_timeout,
+            expected_exception=expected_exception,
+            name=name,
+            fallback_function=fallback_function,
+        )
+        self._clock = clock
+        self._listener = listener
+        self._base_recovery_timeout = float(config.recovery_timeout)
+        self._max_recovery_timeout = float(config.max_recovery_timeout)
+        self._backoff_level = 0  # failed trials in a row; current timeout = base * 2**level
+        self._recovery_timeout = self._base_recovery_timeout
+        self._failure_threshold = config.failure_threshold
+        self._opened = clock()
+        self._trial_in_flight = False
+        self.is_closed = True
+        self.trips = 0
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open``, or ``half_open`` (an open breaker whose wait has elapsed)."""
+        state = self._state
+        if state == STATE_OPEN and self._clock() >= self._opened + self._recovery_timeout:
+            return STATE_HALF_OPEN
+        return state
+
+    @property
+    def trial_in_flight(self) -> bool:
+        """True while the one half-open trial is claimed and has not reported."""
+        return self._trial_in_flight
+
+    @property
+    def failure_threshold(self) -> int:
+        return self._failure_threshold
+
+    @property
+    def recovery_timeout(self) -> float:
+        """The current wait before a trial: the base, doubled per failed trial, capped."""
+        return self._recovery_timeout
+
+    @property
+    def open_remaining(self) -> float:
+        """Float seconds left open (negative once elapsed); the package rounds to ints."""
+        return self._opened + self._recovery_timeout - self._clock()
+
+    def retry_in(self) -> float:
+        """Seconds until a trial is allowed; 0 when closed or half-open."""
+        if self._state != STATE_OPEN:
+            return 0.0
+        return max(0.0, self.open_remaining)
+
+    # ------------------------------------------------------------------ verdicts
+
+    def allow_dial(self) -> bool:
+        """May the caller dial? Half-open: True for exactly one caller, who owns the trial.
+
+        The owner must report with ``record_success``, ``record_failure`` or
+        ``abandon_trial``; until then every other caller gets False.
+        """
+        if self.is_closed:
+            return True
+        if self._state == STATE_OPEN:
+            self._promote()
+        if self._state == STATE_HALF_OPEN and not self._trial_in_flight:
+            self._trial_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        """A success: resets the failure count; in half-open, closes the breaker.
+
+        A success while still open comes from a call admitted before the breaker
+        opened; it is stale and ignored (only a trial may close the breaker).
+        """
+        if self.is_closed:
+            self._failure_count = 0
+            self._last_failure = None
+            return
+        if self._state == STATE_OPEN:
+            self._promote()
+            if self._state == STATE_OPEN:
+                return
+        self._close()
+
+    def record_failure(self, exc: BaseException | None = None) -> None:
+        """A failure: opens the breaker at ``failure_threshold`` consecutive failures.
+
+        In half-open (the trial, or any failure reported then) it re-opens with the
+        recovery timeout doubled, up to ``max_recovery_timeout``. While open, failures
+        are counted but do not extend the wait (they come from calls admitted earlier).
+        """
+        self._last_failure = exc
+        self._failure_count += 1
+        if self.is_closed:
+            if self._failure_count >= self._failure_threshold:
+                self._open(trip=True)
+            return
+        if self._state == STATE_OPEN:
+            self._promote()
+            if self._state == STATE_OPEN:
+                return
+        self._backoff_level = min(self._backoff_level + 1, _MAX_BACKOFF_LEVEL)
+        self._recovery_timeout = self._backed_off_timeout()
+        self._open(trip=False)
+
+    def abandon_trial(self) -> None:
+        """The trial ended without a verdict (interrupted, timed out): let another try.
+
+        Trials carry no token: a trial that outlives a re-open and a new half-open would
+        release the new one's claim. That needs a dial longer than the recovery timeout.
+        """
+        self._trial_in_flight = False
+
+    def reset(self) -> None:
+        """Force-close (the package's ``reset``): failures forgotten, base timeout restored."""
+        if self.is_closed:
+            self._failure_count = 0
+            self._last_failure = None
+            return
+        if self._state == STATE_OPEN:
+            self._promote()
+        self._close()
+
+    def reconfigure(self, config: BreakerConfig) -> None:
+        """Apply new settings live; the state, failure count and backoff level are kept.
+
+        A threshold lowered below the current count opens on the next failure; an open
+        breaker's wait is re-measured from when it opened with the new timeout.
+        """
+        self._failure_threshold = config.failure_threshold
+        self._base_recovery_timeout = float(config.recovery_timeout)
+        self._max_recovery_timeout = float(config.max_recovery_timeout)
+        self._recovery_timeout = self._backed_off_timeout()
+
+    # ------------------------------------------------------------------ transitions
+
+    def _backed_off_timeout(self) -> float:
+        return min(
+            self._base_recovery_timeout * 2.0**self._backoff_level, self._max_recovery_timeout
+        )
+
+    def _promote(self) -> None:
+        """Open whose wait has elapsed becomes half-open (no trial claimed yet)."""
+        if self._state == STATE_OPEN and self._clock() >= self._opened + self._recovery_timeout:
+            self._transition(STATE_HALF_OPEN)
+
+    def _open(self, *, trip: bool) -> None:
+        self._opened = self._clock()
+        self._trial_in_flight = False
+        if trip:
+            self.trips += 1
+            self._transition(
+                STATE_OPEN,
+                logging.WARNING,
+                "breaker %s opened after %d consecutive failures (last: %r); retry in %.3gs",
+                self._name,
+                self._failure_count,
+                self._last_failure,
+                self._recovery_timeout,
+            )
+        else:
+            self._transition(
+                STATE_OPEN,
+                logging.WARNING,
+                "breaker %s trial failed (%r); re-opened, retry in %.3gs",
+                self._name,
+                self._last_failure,
+                self._recovery_timeout,
+            )
+
+    def _close(self) -> None:
+        self._failure_count = 0
+        self._last_failure = None
+        self._backoff_level = 0
+        self._recovery_timeout = self._base_recovery_timeout
+        self._trial_in_flight = False
+        self._transition(STATE_CLOSED, logging.INFO, "breaker %s closed", self._name)
+
+    def _transition(self, new: str, level: int = 0, msg: str = "", *args: object) -> None:
+        """Write the state, then log, then tell the listener (whose errors never propagate).
+
+        State first: a log handler or listener that yields must not let another greenlet
+        see a half-made transition (and, say, trip the breaker twice).
+        """
+        old = self._state
+        self._state = new
+        self.is_closed = new == STATE_CLOSED
+        if level:
+            logger.log(level, msg, *args)
+        if self._listener is None or old == new:
+            return
+        try:
+            self._listener(self, old, new)
+        except Exception:
+            logger.exception("breaker %s: listener failed on %s -> %s", self._name, old, new)
+
+    # ------------------------------------------------------------------ package API
+
+    def __enter__(self) -> Breaker:
+        """Admit the call through the same one-trial logic, or raise ``CircuitBreakerError``."""
+        if not self.allow_dial():
+            raise CircuitBreakerError(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> Literal[False]:
+        self._settle(exc_type, exc_value)
+        return False
+
+    def _settle(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """Turn an admitted call's outcome into a verdict.
+
+        Exceptions outside the failure predicate mean the service answered: success.
+        A BaseException that is not an Exception (GreenletExit, gevent.Timeout) is no
+        verdict on the service: the trial, if any, is abandoned.
+        """
+        if exc_type is None:
+            self.record_success()
+        elif self.is_failure(exc_type, exc):
+            self.record_failure(exc)
+        elif not issubclass(exc_type, Exception):
+            self.abandon_trial()
+        else:
+            self.record_success()
+
+    def decorate(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """The package's decorator, minus the global registry, with one-trial admission."""
+        if iscoroutinefunction(function) or isasyncgenfunction(function):
+            return self._decorate_async(function)
+        return self._decorate_sync(function)
+
+    def _reject(self) -> Any:
+        if self.fallback_function is None:
+            raise CircuitBreakerError(self)
+        return self.fallback_function
+
+    def _decorate_sync(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        if isgeneratorfunction(function):
+
+            @wraps(function)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                if not self.allow_dial():
+                    yield from self._reject()(*args, **kwargs)
+                    return
+                with _Admitted(self):
+                    yield from function(*args, **kwargs)
+
+            return gen_wrapper
+
+        @wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self.allow_dial():
+                return self._reject()(*args, **kwargs)
+            with _Admitted(self):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    def _decorate_async(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        if isasyncgenfunction(function):
+
+            @wraps(function)
+            async def gen_awrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+                if not self.allow_dial():
+                    async for item in self._reject()(*args, **kwargs):
+                        yield item
+                    return
+                with _Admitted(self):
+                    async for item in function(*args, **kwargs):
+                        yield item
+
+            return gen_awrapper
+
+        @wraps(function)
+        async def awrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self.allow_dial():
+                return await self._reject()(*args, **kwargs)
+            with _Admitted(self):
+                return await function(*args, **kwargs)
+
+        return awrapper
+
+    def __repr__(self) -> str:
+        return (
+            f"<Breaker {self._name!r} {self.state} failures={self._failure_count} "
+            f"trips={self.trips} retry_in={self.retry_in():.3f}s>"
+        )
+
+
+class _Admitted:
+    """Context for a call already admitted by ``allow_dial``: only reports the verdict."""
+
+    __slots__ = ("_breaker",)
+
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> Literal[False]:
+        self._breaker._settle(exc_type, exc_value)
+        return False
