@@ -1,0 +1,223 @@
+"""Address -> connected gevent socket: resolve, connect, TCP options, TLS, setup hook.
+
+One deadline (``min(config.timeout, timeout)``) bounds the whole dial, so a pool's
+acquire deadline is never overrun by a slow resolver, connect or handshake. Every
+failure closes what was opened and becomes a ``DialError`` whose reason is short
+enough to sit in a ``BackendUnavailable`` message; interruptions (``GreenletExit``,
+``gevent.Timeout``) close the socket too but propagate unchanged.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import functools
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from time import monotonic
+from typing import TYPE_CHECKING, Any, cast
+
+import gevent
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+
+from lbpool.errors import DialError
+
+if TYPE_CHECKING:
+    from lbpool.config import Address, DialConfig, TLSConfig
+
+__all__ = ["dial", "make_ssl_context"]
+
+_log = logging.getLogger("lbpool")
+
+SetupHook = Callable[[socket.socket], object]
+_AddrInfo = tuple[int, int, int, str, Any]
+
+
+class _ResolveTimeout(Exception):
+    """Raised by our own resolve timer; distinct from any caller's ``gevent.Timeout``."""
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.3g}s"
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """The client ``SSLContext`` for *tls*, built once per (frozen, hashable) config.
+
+    Loading CA bundles and key pairs is slow, and one context serves any number of
+    connections, so equal configs share one cached context. Verification is on unless
+    ``verify`` is false (which turns off both the chain and the hostname check).
+    """
+    try:
+        return _cached_context(tls)
+    except TypeError:  # unhashable stand-in for a TLSConfig: build without caching
+        return _build_context(tls)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_context(tls: TLSConfig) -> ssl.SSLContext:
+    return _build_context(tls)
+
+
+def _build_context(tls: TLSConfig) -> ssl.SSLContext:
+    if tls.key_file and not tls.cert_file:
+        raise ValueError("tls.key_file requires tls.cert_file")
+    # gevent's SSLContext hands out cooperative SSLSockets from wrap_socket().
+    ctx = cast(ssl.SSLContext, gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.verify:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
+        if tls.ca_file:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+def _resolve(host: str, port: int, budget: float) -> list[_AddrInfo]:
+    """Numeric hosts skip the resolver (no thread hop); names go through gevent's."""
+    try:
+        return list(
+            _socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        )
+    except socket.gaierror:
+        pass
+    with gevent.Timeout(budget, _ResolveTimeout):
+        infos: list[_AddrInfo] = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    return infos
+
+
+def _connect_reason(exc: BaseException, budget: float) -> str:
+    if isinstance(exc, _ResolveTimeout):
+        return f"name resolution timed out after {_fmt_seconds(budget)}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host: {exc.strerror or exc}"
+    if isinstance(exc, TimeoutError):
+        return f"connect timed out after {_fmt_seconds(budget)}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"connect failed: {exc.strerror.lower()}"
+    return f"connect failed: {type(exc).__name__}: {exc}"
+
+
+def _tls_reason(exc: BaseException, budget: float) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        return f"TLS handshake failed: certificate verify failed: {detail}"
+    if isinstance(exc, TimeoutError):
+        return f"TLS handshake timed out after {_fmt_seconds(budget)}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"TLS handshake failed: {exc.strerror.lower()}"
+    return f"TLS handshake failed: {type(exc).__name__}: {exc}"
+
+
+def _close_quietly(sock: Any) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(Exception):  # already broken: nothing more to release
+        sock.close()
+
+
+def _connect(infos: list[_AddrInfo], config: DialConfig, deadline: float, budget: float) -> Any:
+    """Try each resolved address in turn (IPv4 and IPv6 alike) within the deadline."""
+    last_exc: BaseException | None = None
+    for family, type_, proto, _canon, sockaddr in infos:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            break
+        sock = gsocket.socket(family, type_, proto)
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                if config.tcp_nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if config.keepalive:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.settimeout(remaining)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            _close_quietly(sock)
+            last_exc = exc
+            continue
+        except BaseException:
+            _close_quietly(sock)
+            raise
+        return sock
+    if last_exc is None:
+        last_exc = TimeoutError(f"connect timed out after {_fmt_seconds(budget)}")
+    raise last_exc
+
+
+def dial(
+    address: Address,
+    config: DialConfig,
+    *,
+    timeout: float | None = None,
+    setup: SetupHook | None = None,
+) -> socket.socket:
+    """Open a connected, configured (and TLS-wrapped, set-up) socket to *address*.
+
+    The socket comes back in blocking mode (timeout ``None``): cooperative under
+    gevent, it blocks only the calling greenlet. Raises ``DialError`` (``from`` the
+    cause) on any failure, with nothing left open.
+    """
+    host, port = address[0], int(address[1])
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    name = _format_address(host, port)
+    budget = config.timeout if timeout is None else min(config.timeout, timeout)
+    if budget <= 0:
+        cause = TimeoutError("no time left for the dial")
+        raise DialError(name, "connect timed out: no time left for the dial") from cause
+    deadline = monotonic() + budget
+    sock: Any = None
+    stage = "connect"
+    try:
+        infos = _resolve(host, port, budget)
+        sock = _connect(infos, config, deadline, budget)
+        if config.tls is not None:
+            stage = "tls-config"
+            ctx = make_ssl_context(config.tls)
+            stage = "tls"
+            sni = config.tls.server_hostname or host
+            wrapped = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
+            sock = wrapped  # the plain socket is detached now; the wrapper owns the fd
+            sock.settimeout(max(deadline - monotonic(), 1e-6))
+            sock.do_handshake()
+        if setup is not None:
+            stage = "setup"
+            # Bounded like the rest: a hook blocked on a silent server fails the dial.
+            sock.settimeout(max(deadline - monotonic(), 1e-6))
+            setup(sock)
+        sock.settimeout(None)
+    except Exception as exc:
+        _close_quietly(sock)
+        if stage == "connect":
+            reason = _connect_reason(exc, budget)
+        elif stage == "tls-config":
+            reason = f"TLS configuration error: {exc}"
+        elif stage == "tls":
+            reason = _tls_reason(exc, budget)
+        else:
+            reason = f"setup hook failed: {type(exc).__name__}: {exc}"
+        _log.debug("dial %s failed: %s", name, reason)
+        raise DialError(name, reason) from exc
+    except BaseException:
+        _close_quietly(sock)
+        raise
+    return cast(socket.socket, sock)

@@ -1,0 +1,162 @@
+"""Is an idle connection still good? A free non-blocking peek, then the configured check.
+
+``peek_alive`` runs on every borrow of a connection idle for ``check_after``, so it
+never waits: it looks at what the kernel (or the TLS layer) already holds. A peer that
+closed, a socket in error, or bytes nobody asked for (a stream out of step) all mean
+the connection must not be handed out. ``check_health`` is the costlier, configured
+round trip (send/expect and/or a hook), bounded by ``HealthCheckConfig.timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import ssl as gssl
+
+if TYPE_CHECKING:
+    from lbpool.config import HealthCheckConfig
+
+__all__ = ["Unhealthy", "check_health", "peek_alive"]
+
+_SSL_SOCKETS = (ssl.SSLSocket, gssl.SSLSocket)
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_MAX_LINE = 64 * 1024  # longest reply line read while finishing a line after `expect`
+
+
+class Unhealthy(Exception):
+    """A connection failed its health check; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def peek_alive(sock: socket.socket) -> bool:
+    """True when nothing is waiting on an open socket (the idle state we expect).
+
+    Never blocks the hub: the socket's timeout is set to 0 for one ``recv`` (and
+    restored), so "no data yet" comes back at once as ``EAGAIN``. Plain sockets are
+    peeked (``MSG_PEEK``). TLS sockets first check ``pending()`` (decrypted bytes
+    already buffered), then try a non-blocking 1-byte read: protocol records such as
+    TLS 1.3 session tickets are absorbed and still count as alive, whereas application
+    bytes (consumed here, but the connection is discarded anyway), ``close_notify``
+    or EOF count as dead.
+    """
+    try:
+        previous = sock.gettimeout()
+    except (OSError, ValueError):
+        return False
+    try:
+        sock.settimeout(0.0)
+        if isinstance(sock, _SSL_SOCKETS):
+            if sock.pending() > 0:
+                return False
+            sock.recv(1)
+        else:
+            sock.recv(1, _PEEK_FLAGS)
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return True
+    except (OSError, ValueError):
+        return False  # reset, closed fd, TLS alert, "read on closed SSL socket"
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(previous)
+    return False  # b"" is EOF; any byte is a reply nobody waits for
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.3g}s"
+
+
+def _recv_exact_prefix(sock: socket.socket, want: bytes) -> None:
+    """Read exactly ``len(want)`` bytes, failing as soon as they diverge from *want*."""
+    buf = b""
+    while len(buf) < len(want):
+        chunk = sock.recv(len(want) - len(buf))
+        if not chunk:
+            raise Unhealthy(f"connection closed by peer during health check (got {buf!r})")
+        buf += chunk
+        if not want.startswith(buf):
+            raise Unhealthy(f"unexpected reply {buf + _available(sock)!r} (expected {want!r})")
+
+
+def _available(sock: socket.socket, limit: int = 64) -> bytes:
+    """Whatever more is already there, without waiting: context for an error message
+    (the connection is being given up, so consuming it is harmless)."""
+    try:
+        sock.settimeout(0.0)
+        return sock.recv(limit)
+    except (OSError, ValueError):
+        return b""
+
+
+def _finish_line(sock: socket.socket) -> None:
+    """Consume the rest of the reply line, so the stream is clean for the next user."""
+    tail = b""
+    while b"\n" not in tail:
+        chunk = sock.recv(256)
+        if not chunk:
+            raise Unhealthy("connection closed by peer during health check")
+        tail += chunk
+        if len(tail) > _MAX_LINE:
+            raise Unhealthy("health check reply line too long")
+    if tail.index(b"\n") != len(tail) - 1:
+        raise Unhealthy("unexpected bytes after the health check reply")
+
+
+def _send_expect(sock: socket.socket, send: str, expect: str | None, limit: float) -> None:
+    try:
+        sock.sendall(send.encode("utf-8"))
+        if expect is None:
+            return
+        want = expect.encode("utf-8")
+        _recv_exact_prefix(sock, want)
+        if send.endswith("\n") and not want.endswith(b"\n"):
+            _finish_line(sock)
+    except TimeoutError as exc:
+        raise Unhealthy(f"health check timed out after {_fmt_seconds(limit)}") from exc
+    except (OSError, ValueError) as exc:
+        raise Unhealthy(f"health check failed: {exc}") from exc
+
+
+def check_health(sock: socket.socket, config: HealthCheckConfig) -> None:
+    """Run the configured send/expect and then the hook; raise ``Unhealthy`` on failure.
+
+    ``send`` is written (UTF-8); with ``expect``, the reply must start with it
+    (``"+PONG"`` matches ``b"+PONG\\r\\n"``). Exactly the reply is consumed: the
+    ``expect`` bytes, plus, for a line protocol (``send`` ending in a newline and
+    ``expect`` not), the rest of that line; bytes beyond it make the connection
+    unhealthy. The hook is called with the socket; any exception from it means
+    unhealthy. The whole check is bounded by ``config.timeout``, and the socket's
+    previous timeout is restored. A no-op when neither ``send`` nor ``hook`` is set.
+    """
+    send, expect, hook = config.send, config.expect, config.hook
+    if send is None and hook is None:
+        return
+    limit = config.timeout
+    previous = sock.gettimeout()
+    timer = gevent.Timeout(limit)
+    timer.start()
+    try:
+        sock.settimeout(limit)
+        if send is not None:
+            _send_expect(sock, send, expect, limit)
+        if hook is not None:
+            try:
+                hook(sock)
+            except Unhealthy:
+                raise
+            except Exception as exc:
+                raise Unhealthy(f"health hook failed: {type(exc).__name__}: {exc}") from exc
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise Unhealthy(f"health check timed out after {_fmt_seconds(limit)}") from None
+    finally:
+        timer.close()
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(previous)

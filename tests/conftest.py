@@ -1,0 +1,205 @@
+"""Shared fixtures: loopback echo servers, TLS certificates, fd-leak and greenlet checks.
+
+Nothing here monkey-patches: lbpool is gevent-native and the tests use gevent sockets
+directly. Every fixture here is opt-in (requested by name); nothing is autouse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from time import monotonic
+from typing import Any
+
+import gevent
+import greenlet
+import pytest
+import trustme
+from gevent import socket as gsocket
+
+from lbpool.testing import EchoServer
+
+
+def fd_count() -> int:
+    """Open file descriptors of this process (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _open_fds() -> dict[str, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used is gone
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def live_greenlets() -> list[Any]:
+    """Greenlets that are started and not dead, other than the main one and the hub."""
+    hub = gevent.get_hub()
+    return [
+        g
+        for g in gc.get_objects()
+        if isinstance(g, greenlet.greenlet)
+        and g is not hub
+        and g.parent is not None
+        and bool(g)  # started and not dead
+    ]
+
+
+def settle(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
+    """Poll ``predicate`` (with gc + hub turns) until true or ``timeout``: for closes
+    that gevent completes on a later loop iteration, which nothing can be waited on for."""
+    deadline = monotonic() + timeout
+    while True:
+        gc.collect()
+        if predicate():
+            return True
+        if monotonic() >= deadline:
+            return False
+        gevent.sleep(0.01)
+
+
+def connect(address: str, timeout: float = 2.0) -> Any:
+    """A plain gevent client socket to ``host:port`` / ``[v6]:port`` (numeric hosts)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
+    sock = gsocket.socket(family, gsocket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, int(port)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ipv6_available() -> bool:
+    if not gsocket.has_ipv6:
+        return False
+    try:
+        with gsocket.socket(gsocket.AF_INET6, gsocket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+_FD_BASELINE = pytest.StashKey[tuple[int, dict[str, str]]]()
+
+
+@pytest.fixture
+def no_fd_leak(request: pytest.FixtureRequest) -> None:
+    """Fail the test if it ends with more fds open than it started with.
+
+    The baseline is taken when this fixture is set up; the check runs after *every*
+    fixture of the test has been torn down (see ``pytest_runtest_teardown`` below), so
+    it does not matter where ``no_fd_leak`` sits in the argument list: servers made by
+    a factory fixture are stopped before the count is compared.
+    """
+    gevent.sleep(0)  # creates the hub and its loop: their fds are not the test's
+    gc.collect()
+    request.node.stash[_FD_BASELINE] = (fd_count(), _open_fds())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Only acts for tests that requested ``no_fd_leak``."""
+    result = yield
+    recorded = item.stash.get(_FD_BASELINE, None)
+    if recorded is None:
+        return result
+    del item.stash[_FD_BASELINE]
+    baseline, before = recorded
+    if not settle(lambda: fd_count() <= baseline):
+        after = _open_fds()
+        extra = {fd: target for fd, target in after.items() if before.get(fd) != target}
+        pytest.fail(f"fd leak: {baseline} fds before, {fd_count()} after; new: {extra}")
+    return result
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    """A started loopback ``EchoServer``, stopped at teardown."""
+    with EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def echo_server_factory() -> Iterator[Callable[..., EchoServer]]:
+    """``make(**EchoServer kwargs)`` -> a started server; all are stopped at teardown."""
+    servers: list[EchoServer] = []
+
+    def make(**kwargs: Any) -> EchoServer:
+        server = EchoServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class TLSCerts:
+    """A test CA, a server certificate and a client certificate, as files and objects."""
+
+    ca: trustme.CA
+    ca_file: str  # PEM of the CA that signed both certificates
+    server: trustme.LeafCert  # for 127.0.0.1, ::1 and localhost
+    client_cert_file: str
+    client_key_file: str
+    other_ca_file: str  # a CA that signed nothing we serve: verification must fail
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        """A server-side context presenting ``server``; optionally demanding a client cert."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server.configure_cert(ctx)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(ctx)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """A gevent client context trusting the test CA (for raw client sockets)."""
+        from gevent import ssl as gssl
+
+        ctx: ssl.SSLContext = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSCerts:
+    """One trustme CA with server and client certificates for the whole session."""
+    root = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    server = ca.issue_cert("127.0.0.1", "::1", "localhost", key_type=trustme.KeyType.ECDSA)
+    client = ca.issue_cert("client@lbpool.test", key_type=trustme.KeyType.ECDSA)
+    other = trustme.CA(key_type=trustme.KeyType.ECDSA)
+
+    def write(name: str, blob: Any) -> str:
+        path = Path(root, name)
+        blob.write_to_path(str(path))
+        return str(path)
+
+    return TLSCerts(
+        ca=ca,
+        ca_file=write("ca.pem", ca.cert_pem),
+        server=server,
+        client_cert_file=write("client.pem", client.cert_chain_pems[0]),
+        client_key_file=write("client.key", client.private_key_pem),
+        other_ca_file=write("other-ca.pem", other.cert_pem),
+    )
+
+
+@pytest.fixture
+def tls_echo_server(tls_certs: TLSCerts) -> Iterator[EchoServer]:
+    """A started TLS ``EchoServer`` (certificate from ``tls_certs``), stopped at teardown."""
+    with EchoServer(ssl_context=tls_certs.server_context()) as server:
+        yield server

@@ -1,0 +1,393 @@
+"""dial(): v4/v6, TCP options, timeouts, TLS verification, setup hooks, interruption."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from time import monotonic
+from typing import Any
+
+import gevent
+import pytest
+import trustme
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from lbpool.config import Address, DialConfig, TLSConfig
+from lbpool.dial import dial, make_ssl_context
+from lbpool.errors import DialError
+from lbpool.health import peek_alive
+from lbpool.testing import EchoServer
+from tests.conftest import TLSCerts, ipv6_available
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def addr(server: EchoServer) -> Address:
+    return Address(server.host, server.port)
+
+
+def roundtrip(sock: Any, payload: bytes = b"hello lbpool") -> None:
+    sock.sendall(payload)
+    got = b""
+    with gevent.Timeout(2):
+        while len(got) < len(payload):
+            chunk = sock.recv(4096)
+            assert chunk, "server closed during the round trip"
+            got += chunk
+    assert got == payload
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound once, then released)."""
+    with gsocket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def black_hole() -> Iterator[Address]:
+    """A loopback address where connects hang: a backlog-0 listener whose accept
+    queue is full, so Linux drops every further SYN (deterministic, no routing tricks)."""
+    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    address = Address("127.0.0.1", listener.getsockname()[1])
+    try:
+        for _ in range(16):
+            filler = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.1)
+            try:
+                filler.connect(address)
+            except OSError:  # timed out: the queue is full, SYNs are dropped now
+                filler.close()
+                break
+            fillers.append(filler)
+        else:
+            pytest.skip("could not fill a listen queue on this kernel")
+        yield address
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+# -- plain TCP ------------------------------------------------------------------
+
+
+def test_dial_ipv4_sets_options_and_blocking_mode(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    sock = dial(addr(echo_server), DialConfig())
+    try:
+        assert sock.gettimeout() is None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        roundtrip(sock)
+    finally:
+        sock.close()
+
+
+def test_dial_options_can_be_turned_off(echo_server: EchoServer, no_fd_leak: None) -> None:
+    sock = dial(addr(echo_server), DialConfig(tcp_nodelay=False, keepalive=False))
+    try:
+        assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    finally:
+        sock.close()
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+def test_dial_ipv6(no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]) -> None:
+    server = echo_server_factory(host="::1")
+    assert server.address == f"[::1]:{server.port}"
+    sock = dial(Address("::1", server.port), DialConfig())
+    try:
+        assert sock.family == socket.AF_INET6
+        roundtrip(sock)
+    finally:
+        sock.close()
+
+
+def test_refused_is_a_dial_error_with_cause(no_fd_leak: None) -> None:
+    port = free_port()
+    with pytest.raises(DialError) as info:
+        dial(Address("127.0.0.1", port), DialConfig())
+    err = info.value
+    assert err.address == f"127.0.0.1:{port}"
+    assert err.reason == "connection refused"
+    assert str(err) == f"127.0.0.1:{port}: connection refused"
+    assert isinstance(err.__cause__, ConnectionRefusedError)
+
+
+def test_connect_timeout_uses_the_smaller_timeout(black_hole: Address, no_fd_leak: None) -> None:
+    started = monotonic()
+    with pytest.raises(DialError) as info:
+        dial(black_hole, DialConfig(timeout=5), timeout=0.2)
+    elapsed = monotonic() - started
+    assert 0.15 <= elapsed < 1.5
+    assert info.value.reason == "connect timed out after 0.2s"
+    assert isinstance(info.value.__cause__, TimeoutError)
+
+
+def test_connect_timeout_from_config(black_hole: Address, no_fd_leak: None) -> None:
+    with pytest.raises(DialError, match=r"connect timed out after 0\.15s"):
+        dial(black_hole, DialConfig(timeout=0.15), timeout=10)
+
+
+def test_no_time_left_fails_at_once(echo_server: EchoServer, no_fd_leak: None) -> None:
+    with pytest.raises(DialError, match="timed out") as info:
+        dial(addr(echo_server), DialConfig(), timeout=0)
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert echo_server.connections_accepted == 0
+
+
+def test_unresolvable_host(no_fd_leak: None) -> None:
+    # "cannot resolve host: ..." (NXDOMAIN), or "name resolution timed out" without DNS.
+    with pytest.raises(DialError, match="resol") as info:
+        dial(Address("no-such-host.invalid", 80), DialConfig(timeout=1))
+    assert info.value.__cause__ is not None
+
+
+# -- setup hook ------------------------------------------------------------------
+
+
+def test_setup_hook_runs_once_on_the_socket(echo_server: EchoServer, no_fd_leak: None) -> None:
+    seen: list[tuple[Any, float | None]] = []
+
+    def setup(sock: Any) -> None:
+        seen.append((sock, sock.gettimeout()))
+        roundtrip(sock, b"AUTH secret\r\n")
+
+    sock = dial(addr(echo_server), DialConfig(timeout=1.5), setup=setup)
+    try:
+        assert len(seen) == 1 and seen[0][0] is sock
+        hook_timeout = seen[0][1]
+        assert hook_timeout is not None and 0 < hook_timeout <= 1.5  # bounded by the dial
+        assert sock.gettimeout() is None
+        assert peek_alive(sock)  # the hook's exchange left the stream clean
+    finally:
+        sock.close()
+
+
+def test_setup_hook_failure_closes_the_socket(echo_server: EchoServer, no_fd_leak: None) -> None:
+    boom = RuntimeError("boom")
+
+    def setup(sock: Any) -> None:
+        raise boom
+
+    with pytest.raises(DialError) as info:
+        dial(addr(echo_server), DialConfig(), setup=setup)
+    assert info.value.reason == "setup hook failed: RuntimeError: boom"
+    assert info.value.__cause__ is boom
+    echo_server.wait_active(0, timeout=2)  # the server saw our side close
+
+
+def test_setup_hook_base_exception_propagates_unchanged(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    class Stop(BaseException):
+        pass
+
+    def setup(sock: Any) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        dial(addr(echo_server), DialConfig(), setup=setup)
+    echo_server.wait_active(0, timeout=2)
+
+
+def test_setup_hook_that_hangs_is_bounded(
+    no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    silent = echo_server_factory(mode="silent")
+
+    def setup(sock: Any) -> None:
+        sock.sendall(b"AUTH\r\n")
+        sock.recv(64)  # the silent server never answers
+
+    with pytest.raises(DialError, match="setup hook failed: TimeoutError"):
+        dial(addr(silent), DialConfig(timeout=0.2), setup=setup)
+
+
+# -- TLS -------------------------------------------------------------------------
+
+
+def tls_config(**kwargs: Any) -> DialConfig:
+    return DialConfig(timeout=2, tls=TLSConfig(**kwargs))
+
+
+def test_tls_success_with_ca_file(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    sock: Any = dial(addr(tls_echo_server), tls_config(ca_file=tls_certs.ca_file))
+    try:
+        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert sock.gettimeout() is None
+        roundtrip(sock)
+        assert peek_alive(sock)
+    finally:
+        sock.close()
+
+
+def test_tls_verification_is_on_by_default(tls_echo_server: EchoServer, no_fd_leak: None) -> None:
+    # No ca_file: the system store does not know the test CA.
+    with pytest.raises(DialError) as info:
+        dial(addr(tls_echo_server), tls_config())
+    assert info.value.reason.startswith("TLS handshake failed: certificate verify failed: ")
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+    tls_echo_server.wait_active(0, timeout=2)
+
+
+def test_tls_unknown_ca_refused(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    with pytest.raises(DialError, match="certificate verify failed"):
+        dial(addr(tls_echo_server), tls_config(ca_file=tls_certs.other_ca_file))
+
+
+def test_tls_hostname_mismatch_refused(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    config = tls_config(ca_file=tls_certs.ca_file, server_hostname="wrong.example")
+    with pytest.raises(DialError, match="certificate verify failed: Hostname mismatch"):
+        dial(addr(tls_echo_server), config)
+
+
+def test_tls_ip_host_is_checked_against_the_ip(
+    tls_certs: TLSCerts, no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_certs.ca.issue_cert("localhost", key_type=trustme.KeyType.ECDSA).configure_cert(ctx)
+    server = echo_server_factory(ssl_context=ctx)
+    with pytest.raises(DialError, match="IP address mismatch"):
+        dial(addr(server), tls_config(ca_file=tls_certs.ca_file))
+    # Naming the host the certificate is for makes the same server acceptable.
+    sock = dial(addr(server), tls_config(ca_file=tls_certs.ca_file, server_hostname="localhost"))
+    try:
+        roundtrip(sock)
+    finally:
+        sock.close()
+
+
+def test_tls_client_certificate(
+    tls_certs: TLSCerts, no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    server = echo_server_factory(ssl_context=tls_certs.server_context(require_client_cert=True))
+    config = tls_config(
+        ca_file=tls_certs.ca_file,
+        cert_file=tls_certs.client_cert_file,
+        key_file=tls_certs.client_key_file,
+    )
+    sock = dial(addr(server), config)
+    try:
+        roundtrip(sock)  # the server only answers once it accepted our certificate
+    finally:
+        sock.close()
+
+
+def test_tls_verify_false_accepts_unknown_ca(tls_echo_server: EchoServer, no_fd_leak: None) -> None:
+    sock = dial(addr(tls_echo_server), tls_config(verify=False))
+    try:
+        roundtrip(sock)
+    finally:
+        sock.close()
+
+
+def test_tls_against_plain_server_fails_cleanly(echo_server: EchoServer, no_fd_leak: None) -> None:
+    with pytest.raises(DialError, match="TLS handshake failed") as info:
+        dial(addr(echo_server), tls_config(verify=False))
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_tls_handshake_timeout(
+    no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    silent = echo_server_factory(mode="silent")
+    config = DialConfig(timeout=0.2, tls=TLSConfig(verify=False))
+    with pytest.raises(DialError, match=r"TLS handshake timed out after 0\.2s"):
+        dial(addr(silent), config)
+
+
+def test_tls_context_is_built_once_per_config(tls_certs: TLSCerts) -> None:
+    first = make_ssl_context(TLSConfig(ca_file=tls_certs.ca_file))
+    again = make_ssl_context(TLSConfig(ca_file=tls_certs.ca_file))
+    assert first is again
+    assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    loose = make_ssl_context(TLSConfig(verify=False))
+    assert loose is not first
+    assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
+
+
+def test_tls_config_error_is_a_dial_error(
+    tls_echo_server: EchoServer, tmp_path: Any, no_fd_leak: None
+) -> None:
+    missing = str(tmp_path / "missing-ca.pem")
+    with pytest.raises(DialError, match="TLS configuration error"):
+        dial(addr(tls_echo_server), tls_config(ca_file=missing))
+
+
+# -- interruption: nothing leaks, the interrupt propagates unchanged -------------
+
+
+def test_gevent_timeout_mid_connect(black_hole: Address, no_fd_leak: None) -> None:
+    timer = gevent.Timeout(0.05)
+    with pytest.raises(gevent.Timeout) as info, timer:
+        dial(black_hole, DialConfig(timeout=5))
+    assert info.value is timer
+
+
+def test_kill_mid_connect(black_hole: Address, no_fd_leak: None) -> None:
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            dial(black_hole, DialConfig(timeout=5))
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    g = gevent.spawn(run)
+    gevent.sleep(0)  # the greenlet runs until it waits in connect()
+    g.kill(block=True, timeout=2)
+    assert g.dead
+    assert len(raised) == 1 and isinstance(raised[0], gevent.GreenletExit)
+
+
+def test_kill_mid_handshake(
+    no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    silent = echo_server_factory(mode="silent")
+    g = gevent.spawn(dial, addr(silent), DialConfig(timeout=5, tls=TLSConfig(verify=False)))
+    silent.wait_received(1, timeout=2)  # our ClientHello arrived: we wait for ServerHello
+    g.kill(block=True, timeout=2)
+    assert g.dead and isinstance(g.value, gevent.GreenletExit)
+    silent.wait_active(0, timeout=2)
+
+
+def test_gevent_timeout_mid_handshake(
+    no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    silent = echo_server_factory(mode="silent")
+    timer = gevent.Timeout(0.1)
+    with pytest.raises(gevent.Timeout) as info, timer:
+        dial(addr(silent), DialConfig(timeout=5, tls=TLSConfig(verify=False)))
+    assert info.value is timer
+    silent.wait_active(0, timeout=2)
+
+
+def test_kill_in_setup_hook(echo_server: EchoServer, no_fd_leak: None) -> None:
+    entered = Event()
+
+    def setup(sock: Any) -> None:
+        entered.set()
+        Event().wait()  # forever, until killed
+
+    g = gevent.spawn(dial, addr(echo_server), DialConfig(), setup=setup)
+    assert entered.wait(timeout=2)
+    g.kill(block=True, timeout=2)
+    assert g.dead
+    echo_server.wait_active(0, timeout=2)
