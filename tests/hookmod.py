@@ -1,0 +1,29 @@
+"""Hook functions named by import string in test configs (``tests.hookmod:setup_ok``).
+
+Config hooks are resolved by import at load time, so they must live in an importable
+module rather than inside a test function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NOT_CALLABLE = 42
+
+
+def setup_ok(sock: Any) -> None:
+    """A setup hook that accepts every socket."""
+
+
+def setup_fail(sock: Any) -> None:
+    """A setup hook that fails every dial."""
+    raise RuntimeError("setup failed")
+
+
+def health_ok(sock: Any) -> None:
+    """A health hook that finds every connection healthy."""
+
+
+def health_fail(sock: Any) -> None:
+    """A health hook that finds every connection unhealthy."""
+    raise RuntimeError("unhealthy")
