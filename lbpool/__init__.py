@@ -1,0 +1,74 @@
+"""lbpool: a gevent-native, multi-backend TCP connection pool manager.
+
+One ``PoolManager``, built from YAML validated by pydantic, keeps a pool per server,
+a circuit breaker per server, and routes ``manager.get("backend")`` across a
+backend's servers. See README.md for the quick start and the config reference.
+"""
+
+from lbpool.breaker import Breaker
+from lbpool.config import (
+    Address,
+    BackendConfig,
+    BreakerConfig,
+    Config,
+    DefaultsConfig,
+    DialConfig,
+    HealthCheckConfig,
+    PoolConfig,
+    ServerConfig,
+    TLSConfig,
+    load_config,
+    parse_config,
+)
+from lbpool.connection import PooledConnection
+from lbpool.errors import (
+    BackendUnavailable,
+    ConfigError,
+    ConfigProblem,
+    ConnectionReleased,
+    DialError,
+    LbpoolError,
+    PoolClosed,
+    PoolExhausted,
+    PoolTimeout,
+    UnknownBackend,
+)
+from lbpool.manager import Backend, PoolManager
+from lbpool.pool import Pool
+from lbpool.stats import BackendStats, ManagerStats, ServerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "Backend",
+    "BackendConfig",
+    "BackendStats",
+    "BackendUnavailable",
+    "Breaker",
+    "BreakerConfig",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "ConnectionReleased",
+    "DefaultsConfig",
+    "DialConfig",
+    "DialError",
+    "HealthCheckConfig",
+    "LbpoolError",
+    "ManagerStats",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolExhausted",
+    "PoolManager",
+    "PoolTimeout",
+    "PooledConnection",
+    "ServerConfig",
+    "ServerStats",
+    "TLSConfig",
+    "UnknownBackend",
+    "__version__",
+    "load_config",
+    "parse_config",
+]

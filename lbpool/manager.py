@@ -1,0 +1,341 @@
+"""PoolManager and Backend: route each acquisition across a backend's servers.
+
+A ``Backend`` is a named group of per-server ``Pool``s and a balancer; the manager
+maps names (and ad-hoc ``host:port`` strings, like urllib3's PoolManager) to
+backends, runs one upkeep greenlet for all pools, and applies live reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from time import monotonic as _monotonic
+from types import TracebackType
+from typing import Any, Union
+
+import gevent
+from gevent.event import Event
+
+from lbpool.balance import Balancer, make_balancer
+from lbpool.breaker import Breaker
+from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
+from lbpool.config import parse_address as _parse_address
+from lbpool.connection import PooledConnection
+from lbpool.errors import (
+    BackendUnavailable,
+    DialError,
+    LbpoolError,
+    PoolClosed,
+    PoolTimeout,
+    UnknownBackend,
+)
+from lbpool.pool import Pool
+from lbpool.stats import BackendStats, ManagerStats, ServerStats
+
+_log = logging.getLogger("lbpool")
+
+ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
+
+_NOTHING: frozenset[int] = frozenset()
+_DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
+
+
+def _coerce_config(config: ConfigSource) -> Config:
+    if config is None:
+        return parse_config({})
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(config)
+    return load_config(config)
+
+
+class Backend:
+    """A named group of servers and the strategy that spreads acquisitions over them."""
+
+    def __init__(self, name: str, config: BackendConfig, *, adhoc: bool = False) -> None:
+        self.name = name
+        self.config = config
+        self.adhoc = adhoc
+        self.pools: list[Pool] = []
+        self._balancer: Balancer = make_balancer(config.strategy, [])
+
+    @property
+    def strategy(self) -> str:
+        return self.config.strategy
+
+    def _new_pool(self, server: ServerConfig) -> Pool:
+        cfg = self.config
+        return Pool(
+            server.address,
+            pool=cfg.pool,
+            dial=cfg.dial,
+            health_check=cfg.health_check,
+            breaker=Breaker(str(server.address), cfg.breaker),
+            setup=cfg.setup,
+            backend=None if self.adhoc else self.name,
+            weight=server.weight,
+            upkeep=False,
+        )
+
+    def _apply(self, config: BackendConfig) -> list[Pool]:
+        """Make the pools match ``config``; returns the pools that were removed."""
+        self.config = config
+        old = {p.name: p for p in self.pools}
+        pools: list[Pool] = []
+        for server in config.servers:
+            pool = old.pop(str(server.address), None)
+            if pool is None:
+                pool = self._new_pool(server)
+            else:
+                pool.reconfigure(
+                    pool=config.pool,
+                    dial=config.dial,
+                    health_check=config.health_check,
+                    setup=config.setup,
+                    weight=server.weight,
+                )
+                pool.breaker.reconfigure(config.breaker)
+            pools.append(pool)
+        # one assignment each, no switch in between: callers see old or new, never half
+        self.pools = pools
+        self._balancer = make_balancer(config.strategy, pools)
+        return list(old.values())
+
+    def acquire(self, timeout: float | None = None) -> PooledConnection:
+        """Borrow from the server the strategy picks; fail over when a dial fails."""
+        start = _monotonic()
+        idx = self._balancer.pick(_NOTHING)
+        if idx is not None:
+            pool = self.pools[idx]
+            try:
+                return pool.acquire(timeout)
+            except (DialError, PoolClosed) as exc:
+                return self._failover(start, timeout, {pool: exc})
+        return self._failover(start, timeout, {})
+
+    def _failover(
+        self, start: float, timeout: float | None, errors: dict[Pool, BaseException]
+    ) -> PooledConnection:
+        limit = self.config.pool.acquire_timeout if timeout is None else timeout
+        deadline = start + limit
+        while True:
+            pools = self.pools  # re-read: a reload may have swapped them
+            tried = {i for i, p in enumerate(pools) if p in errors}
+            idx = self._balancer.pick(tried)
+            if idx is None:
+                raise self._unavailable(errors)
+            pool = pools[idx]
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise PoolTimeout(
+                    f"backend {self.name!r}: no connection within {limit:.3g}s "
+                    f"(failed: {', '.join(p.name for p in errors) or 'none'})"
+                )
+            try:
+                return pool.acquire(remaining)
+            except (DialError, PoolClosed) as exc:
+                errors[pool] = exc
+
+    def _unavailable(self, errors: Mapping[Pool, BaseException]) -> BackendUnavailable:
+        by_addr: dict[str, BaseException | None] = {}
+        states: dict[str, str] = {}
+        retry: dict[str, float] = {}
+        for pool in self.pools:
+            br = pool.breaker
+            states[pool.name] = br.state
+            retry[pool.name] = br.retry_in()
+            err = errors.get(pool)
+            by_addr[pool.name] = err if err is not None else br.last_failure
+        return BackendUnavailable(self.name, by_addr, states, retry)
+
+    def stats(self) -> BackendStats:
+        return BackendStats(
+            name=self.name,
+            strategy=self.strategy,
+            servers={p.name: p.stats() for p in self.pools},
+        )
+
+
+class PoolManager:
+    """Maps backend names and ad-hoc ``host:port`` strings to pools of connections."""
+
+    def __init__(self, config: ConfigSource = None) -> None:
+        self.config = _coerce_config(config)
+        self._backends: dict[str, Backend] = {}
+        self._adhoc: dict[str, Backend] = {}
+        self._draining: dict[Pool, gevent.Greenlet] = {}
+        self._closing = False
+        self._wake = Event()
+        for name, bcfg in self.config.backends.items():
+            backend = Backend(name, bcfg)
+            backend._apply(bcfg)
+            self._backends[name] = backend
+        self._upkeep = gevent.spawn(self._upkeep_loop)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> PoolManager:
+        return cls(load_config(path))
+
+    # -- routing ------------------------------------------------------------------
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        return dict(self._backends)
+
+    def get(self, name: str, timeout: float | None = None) -> PooledConnection:
+        """Acquire now; use as ``with manager.get("cache") as conn:``."""
+        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        return backend.acquire(timeout)
+
+    def acquire(self, name: str, timeout: float | None = None) -> PooledConnection:
+        """Acquire a connection to ``name``; give it back with ``release()``/``discard()``."""
+        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        return backend.acquire(timeout)
+
+    def _route_other(self, name: str) -> Backend:
+        if self._closing:
+            raise PoolClosed("the manager is closed")
+        try:
+            address = _parse_address(name)
+        except ValueError:
+            raise UnknownBackend(name, list(self._backends)) from None
+        key = str(address)
+        backend = self._adhoc.get(key)
+        if backend is None:
+            backend = Backend(key, self._adhoc_config(key), adhoc=True)
+            backend._apply(backend.config)
+            self._adhoc[key] = backend
+        self._adhoc[name] = backend
+        return backend
+
+    def _adhoc_config(self, address: str) -> BackendConfig:
+        d = self.config.defaults
+        return BackendConfig.model_validate(
+            {
+                "servers": [{"address": address}],
+                "pool": d.pool,
+                "dial": d.dial,
+                "breaker": d.breaker,
+                "health_check": d.health_check,
+            }
+        )
+
+    # -- upkeep -------------------------------------------------------------------
+    def _all_pools(self) -> list[Pool]:
+        seen: dict[int, Pool] = {}
+        for backend in [*self._backends.values(), *self._adhoc.values()]:
+            for pool in backend.pools:
+                seen[id(pool)] = pool
+        return list(seen.values())
+
+    def _upkeep_loop(self) -> None:
+        """One greenlet keeps every pool: it sleeps between passes, never spins."""
+        while not self._closing:
+            pools = self._all_pools()
+            for pool in pools:
+                try:
+                    pool.run_upkeep()
+                except LbpoolError:
+                    raise
+                except Exception:  # never let one pool's bad hook stop the others
+                    _log.exception("%s: upkeep failed", pool.name)
+            interval = min((p.config.upkeep_interval for p in pools), default=1.0)
+            self._wake.clear()
+            self._wake.wait(interval)
+
+    def wait_ready(self, timeout: float | None = 5.0) -> None:
+        """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
+        pools = self._all_pools()
+        jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
+        try:
+            gevent.joinall(jobs)
+        finally:
+            gevent.killall(jobs)
+        failed = [str(j.exception) for j in jobs if j.exception is not None]
+        if failed:
+            raise PoolTimeout("not ready: " + "; ".join(failed))
+
+    # -- stats --------------------------------------------------------------------
+    def stats(self) -> ManagerStats:
+        backends = {name: b.stats() for name, b in self._backends.items()}
+        if self._adhoc:
+            servers: dict[str, ServerStats] = {}
+            for backend in self._adhoc.values():
+                for pool in backend.pools:
+                    servers[pool.name] = pool.stats()
+            backends[""] = BackendStats(name="", strategy="round_robin", servers=servers)
+        return ManagerStats(backends=backends)
+
+    # -- reload -------------------------------------------------------------------
+    def reload(self, config: ConfigSource) -> None:
+        """Apply a new config live: add, drain removed servers, re-tune the rest.
+
+        Callers in flight keep working: a removed server stops taking acquisitions
+        (its waiters fail over to the backend's other servers) and its in-use
+        connections close as they come back.
+        """
+        if self._closing:
+            raise PoolClosed("the manager is closed")
+        new = _coerce_config(config)
+        removed: list[Pool] = []
+        for name in list(self._backends):
+            if name not in new.backends:
+                removed.extend(self._backends.pop(name).pools)
+        for name, bcfg in new.backends.items():
+            backend = self._backends.get(name)
+            if backend is None:
+                backend = Backend(name, bcfg)
+                self._backends[name] = backend
+            removed.extend(backend._apply(bcfg))
+        for key, backend in list(self._adhoc.items()):
+            if key == backend.name:
+                removed.extend(backend._apply(self._adhoc_config(key)))
+        self.config = new
+        for pool in removed:
+            self._drain(pool)
+        self._wake.set()
+
+    def _drain(self, pool: Pool) -> None:
+        g = gevent.spawn(pool.close, _DRAIN_TIMEOUT)
+        self._draining[pool] = g
+        g.link(lambda _g: self._draining.pop(pool, None))
+
+    # -- closing ------------------------------------------------------------------
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Refuse new acquisitions, wake waiters, close idle connections now and in-use
+        ones as they return; after ``timeout`` close the rest. Leaves no greenlet."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        pools = self._all_pools()
+        self._backends.clear()
+        self._adhoc.clear()
+        if self._upkeep is not gevent.getcurrent():
+            self._upkeep.kill(block=True, timeout=timeout)
+        closers = [gevent.spawn(p.close, timeout) for p in pools]
+        gevent.joinall(closers)
+        draining = dict(self._draining)
+        gevent.killall(list(draining.values()), block=True)
+        for pool in draining:
+            pool.close(0)  # what the drain had not closed yet, now
+        self._draining.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def __enter__(self) -> PoolManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PoolManager backends={sorted(self._backends)} adhoc={len(self._adhoc)}>"

@@ -1,0 +1,721 @@
+"""Pool: one server's connections, its waiters, sizing, health and lifetime.
+
+Every count is kept so that ``size == idle + in_use + pending`` at every switch point,
+and every path a greenlet can be interrupted on (``gevent.Timeout``, ``GreenletExit``
+while waiting, dialing or checking) gives back what it held: a connection handed to
+a waiter that died is passed on, a reserved dial slot is freed, a half-dialed socket
+is closed. That is the known failure of pools under gevent, designed out here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import traceback
+from collections import deque
+from collections.abc import Callable
+from time import monotonic as _monotonic
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.hub import Waiter, get_hub
+from gevent.monkey import get_original
+
+from lbpool.breaker import Breaker
+from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
+from lbpool.config import parse_address as _parse_address
+from lbpool.connection import PooledConnection, _Conn, _is_network_error
+from lbpool.dial import dial as _dial
+from lbpool.errors import DialError, LbpoolError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.health import Unhealthy, check_health, peek_alive
+from lbpool.stats import CLOSE_REASONS, ServerStats
+
+_log = logging.getLogger("lbpool")
+
+# The real OS thread id, even when `threading` is monkey-patched (then every
+# greenlet has its own "thread" id, and that is exactly what we must not compare).
+_get_ident: Callable[[], int] = get_original("_thread", "get_ident")
+
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+SetupHook = Callable[[socket.socket], object]
+
+
+class _Token:
+    """A sentinel handed to a waiter instead of a connection."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_PERMIT = _Token("PERMIT")  # a reserved slot: the waiter may dial
+_CLOSED = _Token("CLOSED")  # the pool closed while it waited
+_TIMED_OUT = _Token("TIMED_OUT")
+
+
+class _Waiter:
+    """A greenlet queued for a connection; ``item`` is what it was handed, if anything."""
+
+    __slots__ = ("item", "waiter")
+
+    def __init__(self, waiter: Waiter) -> None:
+        self.waiter = waiter
+        self.item: _Conn | _Token | None = None
+
+
+class Pool:
+    """The connections to one server.
+
+    ``max_size`` bounds open connections plus dials in progress. Waiters are served
+    first come, first served, by direct handoff. Idle connections are reused last in,
+    first out, so the coldest ones age out above ``min_idle``.
+    """
+
+    def __init__(
+        self,
+        address: Address | str,
+        *,
+        pool: PoolConfig | None = None,
+        dial: DialConfig | None = None,
+        health_check: HealthCheckConfig | None = None,
+        breaker: Breaker | None = None,
+        setup: SetupHook | None = None,
+        backend: str | None = None,
+        weight: int = 1,
+        upkeep: bool = True,
+    ) -> None:
+        self.address = address if isinstance(address, Address) else _parse_address(address)
+        self.name = str(self.address)
+        self.backend = backend
+        self.weight = weight
+        self.breaker = breaker if breaker is not None else Breaker(self.name, BreakerConfig())
+        self._set_config(pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup)
+
+        self._idle: deque[_Conn] = deque()
+        self._busy: dict[_Conn, PooledConnection] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._size = 0  # open connections + reserved dial slots
+        self._pending = 0  # reserved dial slots: dials in progress or about to start
+        self._handed = 0  # connections handed to a waiter that has not woken yet
+        self._refilling = 0  # of which: upkeep refills
+        self._closing = False
+        self._closed = False
+        self._drained = Event()
+        self._changed = Event()  # a connection became idle or a refill ended
+        self._dialers: set[gevent.Greenlet] = set()
+        self._last_dial_error: BaseException | None = None
+        self._reset_counters()
+        self._bind_to_current_thread()
+        self._upkeep_greenlet: gevent.Greenlet | None = None
+        if upkeep:
+            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+
+    # -- configuration ------------------------------------------------------------
+    def _set_config(
+        self,
+        pool: PoolConfig,
+        dial: DialConfig,
+        health_check: HealthCheckConfig,
+        setup: SetupHook | None,
+    ) -> None:
+        self.config = pool
+        self.dial_config = dial
+        self.health_config = health_check
+        self._setup = setup
+        self._max_size = pool.max_size
+        self._max_waiting = pool.max_waiting
+        self._acquire_timeout = pool.acquire_timeout
+        self._check_after = pool.check_after
+        self._leak_threshold = pool.leak_threshold
+        self._check_configured = health_check.send is not None or health_check.hook is not None
+
+    def reconfigure(
+        self,
+        *,
+        pool: PoolConfig,
+        dial: DialConfig,
+        health_check: HealthCheckConfig,
+        setup: SetupHook | None = None,
+        weight: int = 1,
+    ) -> None:
+        """Apply new settings in place: nothing in use is touched.
+
+        A smaller ``max_size`` closes idle connections beyond it now and in-use ones
+        as they come back; a larger one lets waiters dial at once.
+        """
+        self._check_owner()
+        self._set_config(pool, dial, health_check, setup)
+        self.weight = weight
+        while self._size > self._max_size and self._idle:
+            self._close_conn(self._idle.popleft(), "discarded")
+            self._size -= 1
+        self._slot_freed()
+
+    def _expiry(self, now: float) -> float:
+        cfg = self.config
+        return now + cfg.max_lifetime * (1.0 - random.random() * cfg.lifetime_jitter)
+
+    def _reset_counters(self) -> None:
+        self._hits = 0
+        self._misses = 0
+        self._timeouts = 0
+        self._shed = 0
+        self._dial_failures = 0
+        self._wait_total = 0.0
+        self._wait_max = 0.0
+        self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)
+
+    # -- ownership: one OS thread, one process ------------------------------------
+    def _bind_to_current_thread(self) -> None:
+        self._thread_id = _get_ident()
+        self._fork_gen = _fork_generation
+        self._hub = get_hub()
+
+    def _check_owner(self) -> None:
+        if self._fork_gen != _fork_generation:
+            self._start_fresh_after_fork()
+        elif _get_ident() != self._thread_id:
+            raise LbpoolError(
+                f"{self.name}: this pool belongs to another thread (it was made in OS thread "
+                f"{self._thread_id}, used from {_get_ident()}); make one manager per thread"
+            )
+
+    def _start_fresh_after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without disturbing them.
+
+        Closing our copy of a descriptor sends nothing to the server (no shutdown), so
+        the parent's connection stays intact; the child dials its own from now on.
+        """
+        inherited = list(self._idle) + list(self._busy)
+        self._idle.clear()
+        self._busy.clear()
+        self._waiters.clear()
+        self._dialers.clear()
+        for conn in inherited:
+            conn.close()
+        self._size = self._pending = self._refilling = self._handed = 0
+        self._drained = Event()
+        self._changed = Event()
+        self._reset_counters()
+        self._bind_to_current_thread()
+        if self._upkeep_greenlet is not None and not self._closing:
+            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+        _log.debug("%s: pool started fresh after fork (pid %d)", self.name, os.getpid())
+
+    # -- acquiring ----------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Connections in use plus dials in progress: the load a balancer compares."""
+        return len(self._busy) + self._pending + self._handed
+
+    def get(self, timeout: float | None = None) -> PooledConnection:
+        """Acquire now; the handle releases itself at the end of a ``with`` block."""
+        return self.acquire(timeout)
+
+    def acquire(self, timeout: float | None = None) -> PooledConnection:
+        """Borrow a connection within ``timeout`` (default: ``acquire_timeout``)."""
+        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+            self._check_owner()
+        if self._closing:
+            raise PoolClosed(f"{self.name}: pool is closed")
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            now = _monotonic()
+            if now >= conn.expires_at:
+                self._close_conn(conn, "lifetime")
+                self._size -= 1
+                continue
+            if now - conn.checked_at >= self._check_after and not self._borrow_check(conn):
+                continue
+            self._hits += 1
+            conn.uses += 1
+            handle = PooledConnection(self, conn, self.name, self.backend, now)
+            self._busy[conn] = handle
+            if self._leak_threshold is not None:
+                handle.stack = "".join(traceback.format_stack()[:-1])
+            return handle
+        return self._acquire_slow(timeout)
+
+    def _acquire_slow(self, timeout: float | None) -> PooledConnection:
+        start = _monotonic()
+        deadline = start + (self._acquire_timeout if timeout is None else timeout)
+        if self._size < self._max_size and not self._waiters:
+            self._size += 1
+            self._pending += 1
+            return self._lend_new(deadline)
+        if self._max_waiting and len(self._waiters) >= self._max_waiting:
+            self._shed += 1
+            raise PoolExhausted(
+                f"{self.name}: {len(self._waiters)} callers already wait "
+                f"(max_waiting {self._max_waiting}); shed"
+            )
+        return self._wait(start, deadline)
+
+    def _wait(self, start: float, deadline: float) -> PooledConnection:
+        w = _Waiter(Waiter(self._hub))
+        self._waiters.append(w)
+        timer = self._hub.loop.timer(max(deadline - start, 0.0))
+        try:
+            timer.start(w.waiter.switch, _TIMED_OUT)
+            try:
+                w.waiter.get()
+            finally:
+                timer.close()
+        except BaseException:
+            self._abandon(w)
+            raise
+        waited = _monotonic() - start
+        self._wait_total += waited
+        if waited > self._wait_max:
+            self._wait_max = waited
+        item = w.item
+        if item is None:
+            self._waiters.remove(w)
+            self._timeouts += 1
+            raise PoolTimeout(
+                f"{self.name}: no connection within {deadline - start:.3g}s "
+                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
+            )
+        if item is _PERMIT:
+            return self._lend_new(deadline)
+        if item is _CLOSED:
+            raise PoolClosed(f"{self.name}: pool closed while waiting")
+        assert isinstance(item, _Conn)
+        self._handed -= 1
+        self._hits += 1
+        return self._lend(item, _monotonic())
+
+    def _abandon(self, w: _Waiter) -> None:
+        """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
+        item = w.item
+        if item is None:
+            try:
+                self._waiters.remove(w)
+            except ValueError:  # pragma: no cover - defensive
+                pass
+        elif item is _PERMIT:
+            self._size -= 1
+            self._pending -= 1
+            self._slot_freed()
+        elif isinstance(item, _Conn):
+            self._handed -= 1
+            self._put_back(item)
+
+    def _lend(self, conn: _Conn, now: float) -> PooledConnection:
+        conn.uses += 1
+        handle = PooledConnection(self, conn, self.name, self.backend, now)
+        self._busy[conn] = handle
+        if self._leak_threshold is not None:
+            handle.stack = "".join(traceback.format_stack()[:-2])
+        return handle
+
+    def _lend_new(self, deadline: float) -> PooledConnection:
+        """Dial into a slot already counted in ``_size`` and lend the result."""
+        conn = self._dial_reserved(deadline - _monotonic())
+        self._misses += 1
+        return self._lend(conn, conn.created_at)
+
+    # -- dialing ------------------------------------------------------------------
+    def _dial_reserved(self, remaining: float | None) -> _Conn:
+        """Dial into a slot reserved in ``_size`` and ``_pending``; any failure frees it."""
+        breaker = self.breaker
+        trial = False
+        if not breaker.is_closed:
+            if not breaker.allow_dial():
+                self._size -= 1
+                self._pending -= 1
+                self._slot_freed()
+                raise DialError(
+                    self.name,
+                    f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
+                )
+            trial = True
+        if remaining is not None and remaining <= 0:
+            self._size -= 1
+            self._pending -= 1
+            if trial:
+                breaker.abandon_trial()
+            self._slot_freed()
+            self._timeouts += 1
+            raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
+        try:
+            sock = _dial(self.address, self.dial_config, timeout=remaining, setup=self._setup)
+        except DialError as exc:
+            self._pending -= 1
+            self._size -= 1
+            self._slot_freed()
+            cut_short = (
+                remaining is not None
+                and remaining < self.dial_config.timeout
+                and isinstance(exc.__cause__, TimeoutError)
+            )
+            if cut_short:  # our caller's deadline ran out, not the server's patience
+                if trial:
+                    breaker.abandon_trial()
+                self._timeouts += 1
+                raise PoolTimeout(f"{self.name}: acquire deadline passed while dialing") from exc
+            self._dial_failures += 1
+            self._last_dial_error = exc
+            breaker.record_failure(exc)
+            raise
+        except BaseException:
+            self._pending -= 1
+            self._size -= 1
+            if trial:
+                breaker.abandon_trial()
+            self._slot_freed()
+            raise
+        self._pending -= 1
+        if trial:
+            breaker.record_success()
+        now = _monotonic()
+        conn = _Conn(sock, now, self._expiry(now))
+        if self._closing:
+            self._close_conn(conn, "discarded")
+            self._size -= 1
+            self._note_drained()
+            raise PoolClosed(f"{self.name}: pool closed while dialing")
+        return conn
+
+    # -- giving back ----------------------------------------------------------------
+    def _return(self, conn: _Conn) -> None:
+        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+            self._check_owner()
+        try:
+            del self._busy[conn]
+        except KeyError:  # force-closed by close(), or inherited across fork
+            conn.close()
+            return
+        now = _monotonic()
+        conn.last_used_at = conn.checked_at = now
+        breaker = self.breaker
+        if breaker.failure_count:
+            breaker.record_success()
+        if now >= conn.expires_at:
+            self._close_conn(conn, "lifetime")
+        elif self._closing or self._size > self._max_size:
+            self._close_conn(conn, "discarded")
+        elif self._waiters:
+            self._hand(self._waiters.popleft(), conn)
+            return
+        else:
+            self._idle.append(conn)
+            return
+        self._size -= 1
+        self._slot_freed()
+
+    def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
+        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+            self._check_owner()
+        if self._busy.pop(conn, None) is None:
+            conn.close()
+            return
+        self._close_conn(conn, "discarded" if exc is None else "error")
+        self._size -= 1
+        if _is_network_error(exc):
+            assert exc is not None
+            self.breaker.record_failure(exc)
+        self._slot_freed()
+
+    def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
+        if item.__class__ is _Conn:
+            self._handed += 1
+        w.item = item
+        self._hub.loop.run_callback(w.waiter.switch, item)
+
+    def _put_back(self, conn: _Conn) -> None:
+        """An unlent connection goes to the oldest waiter, else to the idle stack."""
+        if self._closing:
+            self._close_conn(conn, "idle")
+            self._size -= 1
+            self._note_drained()
+        elif self._waiters:
+            self._hand(self._waiters.popleft(), conn)
+        else:
+            self._idle.append(conn)
+            self._changed.set()
+
+    def _slot_freed(self) -> None:
+        """A slot opened up: let the oldest waiters dial into it."""
+        if self._closing:
+            self._note_drained()
+            return
+        waiters = self._waiters
+        while waiters and self._size < self._max_size:
+            self._size += 1
+            self._pending += 1
+            self._hand(waiters.popleft(), _PERMIT)
+
+    def _close_conn(self, conn: _Conn, reason: str) -> None:
+        self._closed_by[reason] += 1
+        conn.close()
+
+    # -- health -------------------------------------------------------------------
+    def _borrow_check(self, conn: _Conn) -> bool:
+        """Check a connection taken off the idle stack; close it if it fails.
+
+        The connection belongs to no one while it is checked, so an interruption
+        closes it and frees its slot rather than losing it.
+        """
+        try:
+            healthy = self._is_healthy(conn)
+        except BaseException:
+            self._close_conn(conn, "unhealthy")
+            self._size -= 1
+            self._slot_freed()
+            raise
+        if healthy:
+            conn.checked_at = _monotonic()
+            return True
+        self._close_conn(conn, "unhealthy")
+        self._size -= 1
+        self._slot_freed()
+        return False
+
+    def _is_healthy(self, conn: _Conn) -> bool:
+        if not peek_alive(conn.sock):
+            _log.debug("%s: idle connection found closed or dirty", self.name)
+            return False
+        if self._check_configured:
+            try:
+                check_health(conn.sock, self.health_config)
+            except (Unhealthy, OSError) as exc:
+                _log.info("%s: health check failed: %s", self.name, exc)
+                return False
+        return True
+
+    # -- upkeep -------------------------------------------------------------------
+    def _upkeep_loop(self) -> None:
+        while not self._closing:
+            self.run_upkeep()
+            gevent.sleep(self.config.upkeep_interval)
+
+    def run_upkeep(self) -> None:
+        """One pass: expire idle and old connections, check idle ones, warn of leaks,
+        refill to ``min_idle``. Called by the pool's own greenlet or the manager's."""
+        self._check_owner()
+        if self._closing:
+            return
+        now = _monotonic()
+        self._expire_idle(now)
+        self._warn_leaks(now)
+        self._check_idle(now)
+        self.fill()
+
+    def _expire_idle(self, now: float) -> None:
+        cfg = self.config
+        keep: deque[_Conn] = deque()
+        idle = self._idle
+        # oldest first: the bottom of the LIFO stack
+        while idle:
+            conn = idle.popleft()
+            if now >= conn.expires_at:
+                self._close_conn(conn, "lifetime")
+            elif (
+                now - conn.last_used_at >= cfg.idle_timeout
+                and len(idle) + len(keep) >= cfg.min_idle
+            ):
+                self._close_conn(conn, "idle")
+            else:
+                keep.append(conn)
+                continue
+            self._size -= 1
+        idle.extend(keep)
+        self._slot_freed()
+
+    def _check_idle(self, now: float) -> None:
+        """Check each idle connection not checked for ``health_check.interval``; one at
+        a time and off the stack, so no caller can borrow it mid-check."""
+        interval = self.health_config.interval
+        for conn in [c for c in self._idle if now - c.checked_at >= interval]:
+            if self._closing:
+                return
+            try:
+                self._idle.remove(conn)
+            except ValueError:  # borrowed meanwhile
+                continue
+            if self._borrow_check(conn):
+                self._put_back(conn)
+
+    def _warn_leaks(self, now: float) -> None:
+        threshold = self._leak_threshold
+        if threshold is None:
+            return
+        for handle in list(self._busy.values()):
+            if handle.stack is not None and now - handle.acquired_at >= threshold:
+                _log.warning(
+                    "%s: connection held for %.1fs (leak_threshold %.1fs); acquired at:\n%s",
+                    self.name,
+                    now - handle.acquired_at,
+                    threshold,
+                    handle.stack,
+                )
+                handle.stack = None  # warn once per borrow
+
+    def fill(self) -> int:
+        """Start concurrent dials up to ``min_idle`` idle connections; returns how many."""
+        if self._closing:
+            return 0
+        need = self.config.min_idle - len(self._idle) - self._refilling
+        need = min(need, self._max_size - self._size)
+        started = 0
+        breaker = self.breaker
+        for _ in range(max(need, 0)):
+            trial = False
+            if not breaker.is_closed:
+                if not breaker.allow_dial():
+                    break
+                trial = True
+            self._size += 1
+            self._refilling += 1
+            self._pending += 1
+            g = gevent.spawn(self._refill_one, trial)
+            self._dialers.add(g)
+            started += 1
+            if trial:
+                break
+        return started
+
+    def _refill_one(self, trial: bool) -> None:
+        breaker = self.breaker
+        try:
+            try:
+                sock = _dial(self.address, self.dial_config, setup=self._setup)
+            except DialError as exc:
+                self._pending -= 1
+                self._size -= 1
+                self._dial_failures += 1
+                self._last_dial_error = exc
+                breaker.record_failure(exc)
+                _log.debug("%s: refill dial failed: %s", self.name, exc)
+                self._slot_freed()
+                return
+            except BaseException:
+                self._pending -= 1
+                self._size -= 1
+                if trial:
+                    breaker.abandon_trial()
+                self._slot_freed()
+                raise
+            self._pending -= 1
+            if trial:
+                breaker.record_success()
+            now = _monotonic()
+            self._put_back(_Conn(sock, now, self._expiry(now)))
+        finally:
+            self._refilling -= 1
+            self._dialers.discard(gevent.getcurrent())  # type: ignore[arg-type]
+            self._changed.set()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until ``min_idle`` connections are open; ``PoolTimeout`` otherwise."""
+        self._check_owner()
+        limit = self._acquire_timeout if timeout is None else timeout
+        deadline = _monotonic() + limit
+        while len(self._idle) + len(self._busy) < self.config.min_idle:
+            if self._closing:
+                raise PoolClosed(f"{self.name}: pool is closed")
+            self._changed.clear()
+            self.fill()
+            remaining = deadline - _monotonic()
+            if remaining <= 0 or not self._changed.wait(remaining):
+                last = f"; last dial error: {self._last_dial_error}" if self._last_dial_error else ""
+                raise PoolTimeout(
+                    f"{self.name}: {len(self._idle)} of min_idle {self.config.min_idle} "
+                    f"connections ready within {limit:.3g}s{last}"
+                )
+
+    # -- closing ------------------------------------------------------------------
+    def _note_drained(self) -> None:
+        if self._closing and self._size == 0:
+            self._drained.set()
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Refuse new acquisitions, wake waiters with ``PoolClosed``, close idle
+        connections now and in-use ones as they come back; after ``timeout`` close
+        the rest. Returns as soon as everything is closed. A second call is a no-op."""
+        if self._closed:
+            return
+        if self._fork_gen != _fork_generation:
+            self._start_fresh_after_fork()
+        self._closing = True
+        current = gevent.getcurrent()
+        if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
+            self._upkeep_greenlet.kill(block=True, timeout=timeout)
+        waiters = self._waiters
+        while waiters:
+            self._hand(waiters.popleft(), _CLOSED)
+        while self._idle:
+            self._close_conn(self._idle.pop(), "idle")
+            self._size -= 1
+        dialers = [g for g in self._dialers if g is not current]
+        if dialers:
+            gevent.killall(dialers, block=True, timeout=timeout)
+        self._note_drained()
+        if self._size > 0:
+            self._drained.wait(timeout)
+        for conn in list(self._busy):
+            _log.warning("%s: closing a connection still in use at close()", self.name)
+            del self._busy[conn]
+            self._close_conn(conn, "discarded")
+            self._size -= 1
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    # -- stats --------------------------------------------------------------------
+    def stats(self) -> ServerStats:
+        breaker = self.breaker
+        return ServerStats(
+            address=self.name,
+            backend=self.backend,
+            size=self._size,
+            idle=len(self._idle),
+            in_use=len(self._busy) + self._handed,
+            pending=self._pending,
+            waiting=len(self._waiters),
+            acquired=self._hits + self._misses,
+            hits=self._hits,
+            misses=self._misses,
+            timeouts=self._timeouts,
+            shed=self._shed,
+            dial_failures=self._dial_failures,
+            closed=dict(self._closed_by),
+            wait_time_total=self._wait_total,
+            wait_time_max=self._wait_max,
+            breaker_state=breaker.state,
+            breaker_trips=breaker.trips,
+            max_size=self._max_size,
+            draining=self._closing,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.name} size={self._size} idle={len(self._idle)} "
+            f"in_use={len(self._busy)} waiting={len(self._waiters)}>"
+        )
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""Stats snapshots: plain frozen values, safe to hand to other code and to serialise.
+
+A snapshot is taken in one go (no greenlet switch while it is built), so its numbers
+are consistent with each other: ``size == idle + in_use + pending``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CLOSE_REASONS = ("idle", "lifetime", "unhealthy", "error", "discarded")
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """One server's pool: sizes now, counters since the pool started."""
+
+    address: str
+    backend: str | None
+    size: int
+    idle: int
+    in_use: int
+    pending: int
+    waiting: int
+    acquired: int
+    hits: int
+    misses: int
+    timeouts: int
+    shed: int
+    dial_failures: int
+    closed: Mapping[str, int]
+    wait_time_total: float
+    wait_time_max: float
+    breaker_state: str
+    breaker_trips: int
+    max_size: int = 0
+    draining: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["closed"] = dict(self.closed)
+        return data
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """A backend: its strategy and its servers' stats, keyed by address."""
+
+    name: str
+    strategy: str
+    servers: Mapping[str, ServerStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "servers": {addr: s.to_dict() for addr, s in self.servers.items()},
+        }
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    """Every backend; host:port pools that are not configured sit under the key ``""``."""
+
+    backends: Mapping[str, BackendStats] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backends": {name: b.to_dict() for name, b in self.backends.items()}}
+
+    def servers(self) -> list[ServerStats]:
+        """Every server's stats, flattened, in backend then address order."""
+        return [s for b in self.backends.values() for s in b.servers.values()]

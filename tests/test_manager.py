@@ -1,0 +1,434 @@
+"""PoolManager: routing, failover, breakers, strategies, reload, close."""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+from collections.abc import Callable, Iterator
+from time import monotonic
+from typing import Any
+
+import gevent
+import gevent.server
+import pytest
+from gevent.event import Event
+
+import lbpool
+from lbpool import (
+    BackendUnavailable,
+    PoolClosed,
+    PoolManager,
+    PoolTimeout,
+    UnknownBackend,
+)
+
+
+class CountingServer:
+    """A loopback line-echo server that counts the requests it answers."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.requests = 0
+        self.accepted = 0
+        self._clients: set[socket.socket] = set()
+        self._server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
+        self._server.init_socket()
+        self.port = self._server.server_port
+        self.address = f"127.0.0.1:{self.port}"
+        self._server.start()
+
+    def _handle(self, sock: socket.socket, _addr: Any) -> None:
+        self.accepted += 1
+        self._clients.add(sock)
+        try:
+            while True:
+                data = sock.recv(64)
+                if not data:
+                    return
+                if self.delay:
+                    gevent.sleep(self.delay)
+                self.requests += 1
+                sock.sendall(data)
+        except OSError:
+            return
+        finally:
+            self._clients.discard(sock)
+            sock.close()
+
+    def stop(self) -> None:
+        self._server.stop(timeout=1)
+        for c in list(self._clients):
+            c.close()
+        self._clients.clear()
+
+    def restart(self) -> None:
+        self._server = gevent.server.StreamServer(("127.0.0.1", self.port), self._handle)
+        self._server.start()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., CountingServer]]:
+    made: list[CountingServer] = []
+
+    def make(delay: float = 0.0) -> CountingServer:
+        srv = CountingServer(delay)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.stop()
+
+
+def dead_address() -> str:
+    """A loopback port nobody listens on: dials are refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+def config(
+    addresses: list[Any], strategy: str = "round_robin", **sections: dict[str, Any]
+) -> dict[str, Any]:
+    pool = {"min_idle": 0, "max_size": 10, "acquire_timeout": 2}
+    pool.update(sections.pop("pool", {}))
+    breaker = {"failure_threshold": 2, "recovery_timeout": 60}
+    breaker.update(sections.pop("breaker", {}))
+    backend = {"strategy": strategy, "servers": addresses, "pool": pool, "breaker": breaker}
+    backend.update(sections)
+    return {"backends": {"svc": backend}}
+
+
+def request(manager: PoolManager, name: str = "svc", timeout: float | None = None) -> str:
+    with manager.get(name, timeout=timeout) as conn:
+        conn.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        return conn.address
+
+
+def test_routes_by_name_and_host_port(servers: Callable[..., CountingServer]) -> None:
+    a = servers()
+    other = servers()
+    with PoolManager(config([a.address])) as manager:
+        with manager.get("svc") as conn:
+            assert conn.backend == "svc"
+            assert conn.address == a.address
+        with manager.get(other.address) as conn:  # not configured: its own pool
+            assert conn.backend is None
+            assert conn.address == other.address
+        with pytest.raises(UnknownBackend) as info:
+            manager.get("nope")
+        assert isinstance(info.value, KeyError)
+        assert "nope" in str(info.value)
+        stats = manager.stats().to_dict()
+        json.dumps(stats)
+        assert set(stats["backends"]) == {"svc", ""}
+        assert stats["backends"][""]["servers"][other.address]["acquired"] == 1
+        assert stats["backends"]["svc"]["strategy"] == "round_robin"
+        assert stats["backends"]["svc"]["servers"][a.address]["hits"] == 0
+
+
+def test_failover_with_zero_caller_errors_while_one_server_down(
+    servers: Callable[..., CountingServer],
+) -> None:
+    a, b = servers(), servers()
+    down = dead_address()
+    with PoolManager(config([a.address, down, b.address])) as manager:
+        results = collections.Counter(request(manager) for _ in range(60))
+        st = manager.stats().backends["svc"].servers[down]
+    assert down not in results
+    assert results[a.address] > 0 and results[b.address] > 0
+    assert st.breaker_state == "open"
+    assert st.dial_failures == 2  # threshold reached, then skipped: never dialed again
+    assert st.breaker_trips == 1
+
+
+def test_concurrent_failover_many_greenlets(servers: Callable[..., CountingServer]) -> None:
+    a, b = servers(), servers()
+    down = dead_address()
+    errors: list[BaseException] = []
+    with PoolManager(config([down, a.address, b.address], "least_active")) as manager:
+
+        def worker() -> None:
+            for _ in range(20):
+                try:
+                    request(manager)
+                except Exception as exc:  # pragma: no cover - the assertion reports it
+                    errors.append(exc)
+
+        gevent.joinall([gevent.spawn(worker) for _ in range(30)], timeout=20)
+    assert errors == []
+    assert a.requests + b.requests == 600
+
+
+def test_all_open_fails_at_once_and_explains(servers: Callable[..., CountingServer]) -> None:
+    down1, down2 = dead_address(), dead_address()
+    with PoolManager(config([down1, down2])) as manager:
+        for _ in range(2):
+            with pytest.raises(BackendUnavailable):
+                manager.get("svc")
+        start = monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            manager.get("svc", timeout=5)
+        assert monotonic() - start < 0.5  # not waiting out the deadline
+    err = info.value
+    assert set(err.errors) == {down1, down2}
+    assert err.states == {down1: "open", down2: "open"}
+    text = str(err)
+    assert "open" in text and "retry in" in text and "refused" in text.lower()
+    assert all(isinstance(e, lbpool.DialError) for e in err.errors.values())
+
+
+def test_reset_after_accept_opens_breaker(servers: Callable[..., CountingServer]) -> None:
+    good = servers()
+    resetter = gevent.server.StreamServer(("127.0.0.1", 0), _reset_handler)
+    resetter.start()
+    bad = f"127.0.0.1:{resetter.server_port}"
+    try:
+        cfg = config([bad, good.address], pool={"check_after": 1000})
+        with PoolManager(cfg) as manager:
+            failures = 0
+            for _ in range(20):
+                try:
+                    request(manager)
+                except OSError:
+                    failures += 1
+            st = manager.stats().backends["svc"].servers[bad]
+        assert st.breaker_state == "open"
+        assert failures == 2  # the threshold; then the balancer skips it
+        assert st.closed["error"] == 2
+    finally:
+        resetter.stop()
+
+
+def _reset_handler(sock: socket.socket, _addr: Any) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.recv(64)
+    sock.close()
+
+
+def test_dial_timeout_counts_and_deadline_bounds_failover(
+    servers: Callable[..., CountingServer],
+) -> None:
+    """Servers that never accept in time: each dial times out; the whole acquisition
+    (with failover) still ends by its own deadline."""
+    blackholes = [_full_backlog_listener() for _ in range(3)]
+    try:
+        addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s, _ in blackholes]
+        cfg = config(addrs, dial={"timeout": 0.2}, breaker={"failure_threshold": 1})
+        with PoolManager(cfg) as manager:
+            start = monotonic()
+            with pytest.raises((BackendUnavailable, PoolTimeout)) as info:
+                manager.get("svc", timeout=0.5)
+            elapsed = monotonic() - start
+            assert elapsed < 0.5 + 0.4, elapsed
+            if isinstance(info.value, BackendUnavailable):
+                assert "timed out" in str(info.value)
+            stats = manager.stats().backends["svc"].servers
+            assert sum(s.dial_failures for s in stats.values()) >= 1
+            assert all(s.dial_failures <= 1 for s in stats.values())  # each dialed once
+    finally:
+        for listener, fillers in blackholes:
+            for f in fillers:
+                f.close()
+            listener.close()
+
+
+def _full_backlog_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full, so a new connect gets no SYN-ACK."""
+    import socket as stdsocket
+
+    listener = stdsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    for _ in range(8):
+        f = stdsocket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(listener.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    return listener, fillers
+
+
+def test_breaker_half_open_lets_exactly_one_trial(servers: Callable[..., CountingServer]) -> None:
+    srv = servers()
+    port_addr = srv.address
+    srv.stop()
+    cfg = config([port_addr], breaker={"failure_threshold": 2, "recovery_timeout": 0.3})
+    with PoolManager(cfg) as manager:
+        for _ in range(2):
+            with pytest.raises(BackendUnavailable):
+                manager.get("svc")
+        pool_stats = manager.stats().backends["svc"].servers[port_addr]
+        assert pool_stats.breaker_state == "open"
+        srv.restart()
+        breaker = manager.backends["svc"].pools[0].breaker
+        opened = Event()
+        deadline = monotonic() + 5
+        while breaker.state != "half_open" and monotonic() < deadline:
+            gevent.sleep(0.05)
+        opened.set()
+        outcomes: list[str] = []
+
+        def caller() -> None:
+            try:
+                request(manager, timeout=2)
+                outcomes.append("ok")
+            except BackendUnavailable:
+                outcomes.append("unavailable")
+
+        gevent.joinall([gevent.spawn(caller) for _ in range(20)], timeout=10)
+        # exactly one trial dial went through; the others were told at once
+        assert srv.accepted == 1
+        assert outcomes.count("ok") >= 1
+        assert manager.stats().backends["svc"].servers[port_addr].breaker_state == "closed"
+        assert request(manager) == port_addr
+
+
+def test_breaker_failed_trial_doubles_recovery(servers: Callable[..., CountingServer]) -> None:
+    down = dead_address()
+    cfg = config(
+        [down], breaker={"failure_threshold": 1, "recovery_timeout": 0.1, "max_recovery_timeout": 0.3}
+    )
+    with PoolManager(cfg) as manager:
+        breaker = manager.backends["svc"].pools[0].breaker
+        with pytest.raises(BackendUnavailable):
+            manager.get("svc")
+        waits = []
+        for _ in range(3):
+            waits.append(breaker.retry_in())
+            gevent.sleep(breaker.retry_in() + 0.02)
+            with pytest.raises(BackendUnavailable):
+                manager.get("svc")  # the one trial, failing: re-opened, doubled
+        assert waits[0] <= 0.1 + 1e-6
+        assert 0.15 < breaker.retry_in() <= 0.3 + 1e-6
+        assert manager.stats().backends["svc"].servers[down].breaker_trips == 1
+
+
+def _share(manager: PoolManager, n: int) -> collections.Counter[str]:
+    return collections.Counter(request(manager) for _ in range(n))
+
+
+def test_round_robin_spreads_evenly(servers: Callable[..., CountingServer]) -> None:
+    srvs = [servers() for _ in range(3)]
+    with PoolManager(config([s.address for s in srvs], "round_robin")) as manager:
+        _share(manager, 90)
+    assert [s.requests for s in srvs] == [30, 30, 30]  # measured by the servers
+
+
+def test_weighted_follows_weights(servers: Callable[..., CountingServer]) -> None:
+    a, b = servers(), servers()
+    addrs = [{"address": a.address, "weight": 3}, {"address": b.address, "weight": 1}]
+    with PoolManager(config(addrs, "weighted")) as manager:
+        _share(manager, 80)
+    assert (a.requests, b.requests) == (60, 20)
+
+
+def test_random_is_roughly_uniform(servers: Callable[..., CountingServer]) -> None:
+    srvs = [servers() for _ in range(3)]
+    with PoolManager(config([s.address for s in srvs], "random")) as manager:
+        _share(manager, 300)
+    assert all(50 <= s.requests <= 150 for s in srvs), [s.requests for s in srvs]
+
+
+def test_least_active_steers_away_from_slow_server(servers: Callable[..., CountingServer]) -> None:
+    slow, fast1, fast2 = servers(delay=0.05), servers(), servers()
+    cfg = config([slow.address, fast1.address, fast2.address], "least_active")
+    with PoolManager(cfg) as manager:
+
+        def worker() -> None:
+            for _ in range(20):
+                request(manager)
+
+        gevent.joinall([gevent.spawn(worker) for _ in range(6)], timeout=20)
+    assert slow.requests + fast1.requests + fast2.requests == 120
+    assert slow.requests < min(fast1.requests, fast2.requests) / 2, (
+        slow.requests,
+        fast1.requests,
+        fast2.requests,
+    )
+
+
+def test_reload_under_load_no_caller_error(servers: Callable[..., CountingServer]) -> None:
+    a, b, c = servers(), servers(), servers()
+    errors: list[BaseException] = []
+    done = Event()
+    with PoolManager(config([a.address, b.address])) as manager:
+
+        def worker() -> None:
+            while not done.is_set():
+                try:
+                    request(manager)
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+                gevent.sleep(0)
+
+        workers = [gevent.spawn(worker) for _ in range(20)]
+        gevent.sleep(0.1)
+        manager.reload(config([b.address, c.address], pool={"max_size": 3}))  # remove a, add c
+        gevent.sleep(0.1)
+        manager.reload(config([c.address], "least_active", pool={"max_size": 20}))
+        gevent.sleep(0.1)
+        before_c = c.requests
+        gevent.sleep(0.1)
+        done.set()
+        gevent.joinall(workers, timeout=10)
+        stats = manager.stats().backends["svc"]
+        assert list(stats.servers) == [c.address]
+        assert stats.strategy == "least_active"
+        assert stats.servers[c.address].max_size == 20
+    assert errors == []
+    assert c.requests > before_c  # traffic kept flowing after the last reload
+
+
+def test_reload_removed_server_closes_idle_now_and_busy_on_release(
+    servers: Callable[..., CountingServer],
+) -> None:
+    a, b = servers(), servers()
+    with PoolManager(config([a.address, b.address])) as manager:
+        held = [manager.get("svc") for _ in range(2)]  # one on each
+        idle_conn = manager.get(a.address)  # an ad-hoc pool is separate; ignore
+        idle_conn.release()
+        manager.acquire("svc").release()  # leaves an idle one on a
+        removed_pool = manager.backends["svc"].pools[0]
+        assert removed_pool.name == a.address
+        manager.reload(config([b.address]))
+        gevent.sleep(0)
+        st = removed_pool.stats()
+        assert st.idle == 0 and st.draining
+        for h in held:
+            h.release()
+        assert removed_pool.stats().size == 0
+
+
+def test_wait_ready_and_close_leave_nothing(
+    servers: Callable[..., CountingServer], no_fd_leak: None
+) -> None:
+    srvs = [servers() for _ in range(2)]
+    manager = PoolManager(config([s.address for s in srvs], pool={"min_idle": 3}))
+    manager.wait_ready(timeout=5)
+    st = manager.stats().backends["svc"].servers
+    assert all(s.idle == 3 for s in st.values())
+    held = manager.get("svc")
+    manager.close(timeout=0.2)
+    with pytest.raises(PoolClosed):
+        manager.get("svc")
+    held.release()
+    manager.close()
+    assert manager._upkeep.dead
+
+
+def test_from_yaml(tmp_path: Any, servers: Callable[..., CountingServer]) -> None:
+    srv = servers()
+    path = tmp_path / "lb.yaml"
+    path.write_text(
+        "backends:\n  svc:\n    servers: ['" + srv.address + "']\n    pool: {min_idle: 0}\n"
+    )
+    with PoolManager.from_yaml(path) as manager:
+        assert request(manager) == srv.address

@@ -1,0 +1,527 @@
+"""One-server Pool: sizing, FIFO handoff, timeouts, health, lifetime, close, ownership."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import gevent
+import gevent.os
+import pytest
+from gevent.event import Event
+
+from lbpool import (
+    ConnectionReleased,
+    DialError,
+    LbpoolError,
+    Pool,
+    PoolClosed,
+    PoolConfig,
+    PoolExhausted,
+    PoolTimeout,
+)
+from lbpool.breaker import Breaker
+from lbpool.config import BreakerConfig, HealthCheckConfig
+from lbpool.testing import EchoServer
+from tests.interrupt import throw_now
+
+
+def make_pool(server: EchoServer, **pool_kw: object) -> Pool:
+    kw: dict[str, object] = {"min_idle": 0, "max_size": 2, "acquire_timeout": 2.0}
+    kw.update(pool_kw)
+    return Pool(server.address, pool=PoolConfig.model_validate(kw), upkeep=False)
+
+
+@pytest.fixture
+def server() -> Iterator[EchoServer]:
+    with EchoServer() as srv:
+        yield srv
+
+
+def assert_consistent(pool: Pool) -> None:
+    s = pool.stats()
+    assert s.size == s.idle + s.in_use + s.pending, s
+    assert s.size <= s.max_size, s
+
+
+def test_reuse_counts_hits_misses_and_uses(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    with pool.get() as conn:
+        conn.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+        assert conn.uses == 1
+        assert conn.backend is None
+        assert conn.address == server.address
+    with pool.get() as conn:
+        assert conn.uses == 2
+    s = pool.stats()
+    assert (s.misses, s.hits, s.acquired, s.size, s.idle) == (1, 1, 2, 1, 1)
+    assert server.connections_accepted == 1
+    pool.close()
+
+
+def test_handle_refuses_use_after_release(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    conn = pool.acquire()
+    conn.release()
+    with pytest.raises(ConnectionReleased):
+        conn.sendall(b"x")
+    with pytest.raises(ConnectionReleased):
+        _ = conn.sock
+    conn.release()  # second release is a no-op, never returns it twice
+    conn.discard()
+    assert pool.stats().idle == 1
+    other = pool.acquire()
+    stale = conn
+    with pytest.raises(ConnectionReleased):
+        stale.recv(1)
+    other.discard()
+    with pytest.raises(ConnectionReleased):
+        other.send(b"x")
+    assert pool.stats().size == 0
+    pool.close()
+
+
+def test_max_size_counts_dials_in_progress(server: EchoServer, no_fd_leak: None) -> None:
+    gate = Event()
+    started: list[int] = []
+
+    def slow_setup(sock: object) -> None:
+        started.append(1)
+        gate.wait(5)
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=3, acquire_timeout=5),
+        setup=slow_setup,
+        upkeep=False,
+    )
+    held: list[object] = []
+    workers = [gevent.spawn(lambda: held.append(pool.acquire())) for _ in range(10)]
+    gevent.sleep(0.05)
+    assert len(started) == 3  # three dials in flight, seven waiting, none over max
+    s = pool.stats()
+    assert (s.size, s.pending, s.waiting) == (3, 3, 7)
+    gate.set()
+    gevent.joinall(workers[:3], timeout=5)
+    assert len(held) == 3
+    for h in list(held):
+        h.release()  # type: ignore[attr-defined]
+    gevent.joinall(workers, timeout=5)
+    for h in held[3:]:
+        h.release()  # type: ignore[attr-defined]
+    assert server.connections_accepted <= 3
+    assert_consistent(pool)
+    pool.close()
+
+
+def test_waiters_are_served_first_come_first_served(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    order: list[int] = []
+
+    def waiter(i: int) -> None:
+        with pool.get(timeout=5):
+            order.append(i)
+            gevent.sleep(0)
+
+    greenlets = []
+    for i in range(20):
+        greenlets.append(gevent.spawn(waiter, i))
+        gevent.sleep(0)  # each one queues before the next starts
+    assert pool.stats().waiting == 20
+    holder.release()
+    gevent.joinall(greenlets, timeout=5)
+    assert order == list(range(20))
+    assert_consistent(pool)
+    pool.close()
+
+
+def test_waiter_timeout_leaves_no_trace(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    with pytest.raises(PoolTimeout) as info:
+        pool.acquire(timeout=0.05)
+    msg = str(info.value)
+    assert server.address in msg and "1 in use" in msg and "1 max" in msg
+    assert isinstance(info.value, TimeoutError)
+    s = pool.stats()
+    assert (s.waiting, s.timeouts) == (0, 1)
+    holder.release()
+    assert pool.stats().idle == 1  # nobody stranded to hand it to
+    pool.close()
+
+
+@pytest.mark.parametrize("interrupt", ["kill", "timeout"])
+def test_interrupt_after_handoff_passes_connection_on(
+    server: EchoServer, no_fd_leak: None, interrupt: str
+) -> None:
+    """The known gevent failure: a connection handed to a waiter that dies before it
+    wakes must go to the next waiter, not vanish."""
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    got: list[str] = []
+
+    def first() -> None:
+        if interrupt == "timeout":
+            with gevent.Timeout(10):
+                pool.acquire()
+        else:
+            pool.acquire()
+        got.append("first")  # pragma: no cover - must not get here
+
+    def second() -> None:
+        with pool.get(timeout=5):
+            got.append("second")
+
+    g1 = gevent.spawn(first)
+    gevent.sleep(0)
+    g2 = gevent.spawn(second)
+    gevent.sleep(0)
+    holder.release()  # handed to g1; its wake-up is only scheduled
+    throw_now(g1, gevent.Timeout(0) if interrupt == "timeout" else gevent.GreenletExit())
+    gevent.joinall([g1, g2], timeout=5)
+    assert got == ["second"]
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.waiting) == (1, 1, 0, 0)
+    pool.close()
+
+
+def test_killed_waiter_leaves_queue(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    g = gevent.spawn(pool.acquire, 5)
+    gevent.sleep(0)
+    assert pool.stats().waiting == 1
+    g.kill()
+    assert pool.stats().waiting == 0
+    holder.release()
+    assert pool.stats().idle == 1
+    pool.close()
+
+
+def test_max_waiting_sheds_at_once(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=1, max_waiting=2)
+    holder = pool.acquire()
+    waiting = [gevent.spawn(pool.acquire, 5) for _ in range(2)]
+    gevent.sleep(0)
+    with pytest.raises(PoolExhausted):
+        pool.acquire(timeout=5)
+    assert pool.stats().shed == 1
+    gevent.killall(waiting)
+    holder.release()
+    pool.close()
+
+
+def test_discard_on_exception_in_with(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    with pytest.raises(RuntimeError), pool.get() as conn:
+        raise RuntimeError("application error")
+    s = pool.stats()
+    assert (s.size, s.closed["error"], pool.breaker.failure_count) == (0, 1, 0)
+    with pytest.raises(OSError), pool.get() as conn:
+        raise ConnectionResetError("peer reset")
+    assert pool.breaker.failure_count == 1  # network errors count against the server
+    with pool.get() as conn:
+        conn.sendall(b"x")
+        conn.recv(1)
+    assert pool.breaker.failure_count == 0  # a clean use resets the streak
+    pool.close()
+
+
+def test_breaker_opens_on_dial_failures_and_blocks_dials(no_fd_leak: None) -> None:
+    with EchoServer() as srv:
+        address = srv.address
+    pool = Pool(
+        address,
+        pool=PoolConfig(min_idle=0, max_size=2, acquire_timeout=1),
+        breaker=Breaker(address, BreakerConfig(failure_threshold=3, recovery_timeout=60)),
+        upkeep=False,
+    )
+    for _ in range(3):
+        with pytest.raises(DialError) as info:
+            pool.acquire()
+        assert isinstance(info.value.__cause__, OSError)
+    assert pool.breaker.state == "open"
+    with pytest.raises(DialError, match="breaker open"):
+        pool.acquire()
+    s = pool.stats()
+    assert (s.dial_failures, s.breaker_trips, s.size) == (3, 1, 0)
+    pool.close()
+
+
+def test_borrow_check_replaces_dead_connection(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, check_after=0)
+    conn = pool.acquire()
+    conn.release()
+    server.restart()  # the server drops every client
+    with pool.get() as conn:  # the dead one is found by the peek and replaced
+        conn.sendall(b"ok")
+        assert conn.recv(2) == b"ok"
+        assert conn.uses == 1
+    assert pool.stats().closed["unhealthy"] == 1
+    pool.close()
+
+
+def test_borrow_check_runs_configured_check(server: EchoServer, no_fd_leak: None) -> None:
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
+        health_check=HealthCheckConfig(send="PING\r\n", expect="+PONG", timeout=1),
+        upkeep=False,
+    )
+    pool.acquire().release()
+    with pool.get() as conn:
+        assert conn.uses == 2  # passed the send/expect check and was reused
+    bad = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
+        health_check=HealthCheckConfig(hook="tests.hookmod:health_fail", timeout=1),
+        upkeep=False,
+    )
+    bad.acquire().release()
+    with bad.get() as conn:
+        assert conn.uses == 1
+    assert bad.stats().closed["unhealthy"] == 1
+    pool.close()
+    bad.close()
+
+
+def test_killed_during_borrow_check_frees_slot(server: EchoServer, no_fd_leak: None) -> None:
+    gate = Event()
+    entered = Event()
+
+    def blocking_check(sock: object) -> None:
+        entered.set()
+        gate.wait(10)
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=1, check_after=0),
+        health_check=HealthCheckConfig(timeout=10).model_copy(update={"hook": blocking_check}),
+        upkeep=False,
+    )
+    pool.acquire().release()
+    g = gevent.spawn(pool.acquire)
+    assert entered.wait(5)
+    g.kill()
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use) == (0, 0, 0)
+    gate.set()
+    pool.close()
+
+
+def test_idle_timeout_closes_above_min_idle(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, min_idle=1, max_size=3, idle_timeout=0)
+    conns = [pool.acquire() for _ in range(3)]
+    for c in conns:
+        c.release()
+    pool.run_upkeep()
+    s = pool.stats()
+    assert (s.idle, s.closed["idle"]) == (1, 2)
+    pool.close()
+
+
+def test_max_lifetime_with_jitter(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_lifetime=100, lifetime_jitter=0.5, max_size=10)
+    conns = [pool.acquire() for _ in range(10)]
+    lifetimes = [c._conn.expires_at - c.created_at for c in conns]  # type: ignore[union-attr]
+    assert all(50 <= life <= 100 for life in lifetimes)
+    assert len({round(life, 6) for life in lifetimes}) > 1  # spread, not all at once
+    for c in conns:
+        c.release()
+    pool.close()
+    expiring = make_pool(server, max_lifetime=0.05, lifetime_jitter=0)
+    conn = expiring.acquire()
+    gevent.sleep(0.06)  # let real lifetime pass; the connection is in use throughout
+    assert not conn.sock._closed  # type: ignore[attr-defined]
+    conn.release()  # over-lifetime: closed on release, never while in use
+    s = expiring.stats()
+    assert (s.size, s.closed["lifetime"]) == (0, 1)
+    expiring.close()
+
+
+def test_refill_to_min_idle_dials_concurrently(server: EchoServer, no_fd_leak: None) -> None:
+    gate = Event()
+    in_setup: list[int] = []
+
+    def setup(sock: object) -> None:
+        in_setup.append(1)
+        gate.wait(5)
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=4, max_size=5),
+        setup=setup,
+        upkeep=False,
+    )
+    assert pool.fill() == 4
+    gevent.sleep(0.05)
+    assert len(in_setup) == 4  # all four dials are in flight together
+    gate.set()
+    pool.wait_ready(timeout=5)
+    assert pool.stats().idle == 4
+    pool.close()
+
+
+def test_background_check_removes_dead_idle(server: EchoServer, no_fd_leak: None) -> None:
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2),
+        health_check=HealthCheckConfig(interval=0.01),
+        upkeep=False,
+    )
+    pool.acquire().release()
+    server.restart()
+    pool.run_upkeep()
+    assert pool.stats().idle == 1  # checked at release: not due yet
+    gevent.sleep(0.02)  # time passes: the check falls due (a timing rule, not a sync)
+    pool.run_upkeep()
+    s = pool.stats()
+    assert (s.idle, s.closed["unhealthy"]) == (0, 1)
+    pool.close()
+
+
+def test_leak_warning_names_acquiring_stack(
+    server: EchoServer, no_fd_leak: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(server, leak_threshold=0)
+
+    def the_leaky_caller() -> object:
+        return pool.acquire()
+
+    conn = the_leaky_caller()
+    with caplog.at_level(logging.WARNING, logger="lbpool"):
+        pool.run_upkeep()
+        pool.run_upkeep()  # warns once per borrow
+    records = [r for r in caplog.records if "leak_threshold" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].name == "lbpool"
+    assert "the_leaky_caller" in records[0].getMessage()
+    conn.release()  # type: ignore[attr-defined]
+    pool.close()
+
+
+def test_close_wakes_waiters_and_drains(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=1)
+    held = pool.acquire()
+    waiter = gevent.spawn(pool.acquire, 5)
+    gevent.sleep(0)
+
+    def give_back() -> None:
+        gevent.sleep(0.05)
+        held.release()
+
+    gevent.spawn(give_back)
+    closer = gevent.spawn(pool.close, 10)
+    closer.join(timeout=5)
+    assert closer.successful()  # returned as soon as drained, long before 10 s
+    assert isinstance(waiter.exception, PoolClosed)
+    with pytest.raises(PoolClosed):
+        pool.acquire()
+    assert pool.stats().size == 0
+    pool.close()  # twice is harmless
+
+
+def test_close_forces_after_timeout(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    held = pool.acquire()
+    pool.close(timeout=0.05)
+    assert pool.stats().size == 0
+    held.release()  # a release after a forced close is harmless
+    with pytest.raises(ConnectionReleased):
+        held.sendall(b"x")
+
+
+def test_killed_dial_leaves_no_socket_or_slot(server: EchoServer, no_fd_leak: None) -> None:
+    entered = Event()
+
+    def hang(sock: object) -> None:
+        entered.set()
+        gevent.sleep(30)
+
+    pool = Pool(server.address, pool=PoolConfig(min_idle=0, max_size=1), setup=hang, upkeep=False)
+    g = gevent.spawn(pool.acquire, 10)
+    assert entered.wait(5)
+    g.kill()
+    s = pool.stats()
+    assert (s.size, s.pending) == (0, 0)
+    entered.clear()
+    g2 = gevent.spawn(pool.acquire, 10)  # the slot is free again: this one dials too
+    assert entered.wait(5)
+    g2.kill()
+    assert pool.stats().size == 0
+    pool.close()
+
+
+def test_use_from_another_os_thread_is_refused(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            pool.acquire()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join(10)
+    assert len(errors) == 1
+    assert isinstance(errors[0], LbpoolError)
+    assert "another thread" in str(errors[0])
+    pool.close()
+
+
+def idle_port(pool: Pool) -> int:
+    with pool.get() as conn:
+        return int(conn.sock.getsockname()[1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_fork_child_never_uses_parent_connection(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server)
+    parent_conn = pool.acquire()
+    parent_conn.sendall(b"p1")
+    assert parent_conn.recv(2) == b"p1"
+    idle = pool.acquire()
+    idle.release()  # an idle one the child must not reuse
+    parent_ports = {parent_conn.sock.getsockname()[1], idle_port(pool)}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        report = b"\xff\xff\xff"
+        try:
+            os.close(r)
+            with pool.get(timeout=2) as conn:
+                port = conn.sock.getsockname()[1]
+                conn.sendall(b"child")
+                ok = conn.uses == 1 and conn.recv(5) == b"child"
+            report = bytes([0 if ok else 3]) + port.to_bytes(2, "big")
+        finally:
+            os.write(w, report)
+            os._exit(0)
+    os.close(w)
+    gevent.os.make_nonblocking(r)
+    result = b""
+    with gevent.Timeout(10):  # read without blocking the hub
+        while len(result) < 3:
+            chunk = gevent.os.nb_read(r, 3)
+            if not chunk:
+                break
+            result += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert result[:1] == b"\x00", result
+    child_port = int.from_bytes(result[1:3], "big")
+    assert child_port not in parent_ports  # the child dialed its own connection
+    assert pool.stats().idle == 1
+    parent_conn.sendall(b"p2")  # the parent's connection is undisturbed
+    assert parent_conn.recv(2) == b"p2"
+    parent_conn.release()
+    pool.close()
