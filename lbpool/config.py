@@ -51,6 +51,7 @@ from yaml.resolver import Resolver
 from lbpool.errors import ConfigError, ConfigProblem
 
 __all__ = [
+    "MAX_DATA_NODES",
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_YAML_NODES",

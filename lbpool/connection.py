@@ -7,6 +7,7 @@ to another caller; every use raises ``ConnectionReleased`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
 
 class _Owner(Protocol):
+    name: str
+    backend: str | None
+
     def _return(self, conn: _Conn) -> None: ...
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None: ...
 
@@ -38,10 +42,8 @@ class _Conn:
         self.uses = 0
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # close of a broken socket
             self.sock.close()
-        except OSError:  # pragma: no cover - close of a broken socket
-            pass
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
@@ -56,17 +58,24 @@ class PooledConnection:
     is unknown) and, for a network error, counts against the server's breaker.
     """
 
-    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "address", "backend", "stack")
+    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "stack")
 
-    def __init__(
-        self, owner: _Owner, conn: _Conn, address: str, backend: str | None, now: float
-    ) -> None:
+    stack: str | None  # where it was acquired; set only when leak detection is on
+
+    def __init__(self, owner: _Owner, conn: _Conn, now: float) -> None:
         self._owner = owner
         self._conn: _Conn | None = conn
-        self.address = address
-        self.backend = backend
         self.acquired_at = now
-        self.stack: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The server, as ``host:port``."""
+        return self._owner.name
+
+    @property
+    def backend(self) -> str | None:
+        """The backend it was acquired through; None for an ad-hoc ``host:port``."""
+        return self._owner.backend
 
     def _live(self) -> _Conn:
         conn = self._conn
@@ -109,7 +118,8 @@ class PooledConnection:
         return self._live().sock.recv_into(buffer, nbytes, flags)
 
     def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        return self._live().sock.makefile(mode, *args, **kwargs)
+        sock: Any = self._live().sock
+        return sock.makefile(mode, *args, **kwargs)
 
     def settimeout(self, value: float | None) -> None:
         self._live().sock.settimeout(value)

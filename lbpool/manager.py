@@ -30,7 +30,7 @@ from lbpool.errors import (
     PoolTimeout,
     UnknownBackend,
 )
-from lbpool.pool import Pool
+from lbpool.pool import Pool, _get_ident
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
 _log = logging.getLogger("lbpool")
@@ -67,7 +67,7 @@ class Backend:
 
     def _new_pool(self, server: ServerConfig) -> Pool:
         cfg = self.config
-        return Pool(
+        pool = Pool(
             server.address,
             pool=cfg.pool,
             dial=cfg.dial,
@@ -78,6 +78,8 @@ class Backend:
             weight=server.weight,
             upkeep=False,
         )
+        pool.owner_kind = "manager"
+        return pool
 
     def _apply(self, config: BackendConfig) -> list[Pool]:
         """Make the pools match ``config``; returns the pools that were removed."""
@@ -167,6 +169,7 @@ class PoolManager:
         self._adhoc: dict[str, Backend] = {}
         self._draining: dict[Pool, gevent.Greenlet] = {}
         self._closing = False
+        self._thread_id = _get_ident()
         self._wake = Event()
         for name, bcfg in self.config.backends.items():
             backend = Backend(name, bcfg)
@@ -196,6 +199,10 @@ class PoolManager:
     def _route_other(self, name: str) -> Backend:
         if self._closing:
             raise PoolClosed("the manager is closed")
+        if _get_ident() != self._thread_id:
+            raise LbpoolError(
+                "this manager belongs to another thread; use one manager per OS thread"
+            )
         try:
             address = _parse_address(name)
         except ValueError:

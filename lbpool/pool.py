@@ -9,11 +9,13 @@ is closed. That is the known failure of pools under gevent, designed out here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import socket
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable
 from time import monotonic as _monotonic
@@ -40,11 +42,15 @@ _log = logging.getLogger("lbpool")
 _get_ident: Callable[[], int] = get_original("_thread", "get_ident")
 
 _fork_generation = 0
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    """Send every pool's next use down the ownership check, which starts it fresh."""
     global _fork_generation
     _fork_generation += 1
+    for pool in list(_live_pools):
+        pool._thread_id = -1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -104,8 +110,11 @@ class Pool:
         self.name = str(self.address)
         self.backend = backend
         self.weight = weight
+        self.owner_kind = "pool"  # named in the wrong-thread error; "manager" when managed
         self.breaker = breaker if breaker is not None else Breaker(self.name, BreakerConfig())
-        self._set_config(pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup)
+        self._set_config(
+            pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup
+        )
 
         self._idle: deque[_Conn] = deque()
         self._busy: dict[_Conn, PooledConnection] = {}
@@ -122,6 +131,7 @@ class Pool:
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
+        _live_pools.add(self)
         self._upkeep_greenlet: gevent.Greenlet | None = None
         if upkeep:
             self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
@@ -192,8 +202,8 @@ class Pool:
             self._start_fresh_after_fork()
         elif _get_ident() != self._thread_id:
             raise LbpoolError(
-                f"{self.name}: this pool belongs to another thread (it was made in OS thread "
-                f"{self._thread_id}, used from {_get_ident()}); make one manager per thread"
+                f"{self.name}: this {self.owner_kind} belongs to another thread (made in OS "
+                f"thread {self._thread_id}, used from {_get_ident()}); use one per OS thread"
             )
 
     def _start_fresh_after_fork(self) -> None:
@@ -230,7 +240,7 @@ class Pool:
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``)."""
-        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._closing:
             raise PoolClosed(f"{self.name}: pool is closed")
@@ -246,7 +256,7 @@ class Pool:
                 continue
             self._hits += 1
             conn.uses += 1
-            handle = PooledConnection(self, conn, self.name, self.backend, now)
+            handle = PooledConnection(self, conn, now)
             self._busy[conn] = handle
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
@@ -306,10 +316,8 @@ class Pool:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
         item = w.item
         if item is None:
-            try:
+            with contextlib.suppress(ValueError):  # pragma: no cover - defensive
                 self._waiters.remove(w)
-            except ValueError:  # pragma: no cover - defensive
-                pass
         elif item is _PERMIT:
             self._size -= 1
             self._pending -= 1
@@ -320,7 +328,7 @@ class Pool:
 
     def _lend(self, conn: _Conn, now: float) -> PooledConnection:
         conn.uses += 1
-        handle = PooledConnection(self, conn, self.name, self.backend, now)
+        handle = PooledConnection(self, conn, now)
         self._busy[conn] = handle
         if self._leak_threshold is not None:
             handle.stack = "".join(traceback.format_stack()[:-2])
@@ -396,7 +404,7 @@ class Pool:
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
-        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         try:
             del self._busy[conn]
@@ -406,7 +414,7 @@ class Pool:
         now = _monotonic()
         conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
-        if breaker.failure_count:
+        if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success()
         if now >= conn.expires_at:
             self._close_conn(conn, "lifetime")
@@ -422,7 +430,7 @@ class Pool:
         self._slot_freed()
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
-        if self._fork_gen != _fork_generation or _get_ident() != self._thread_id:
+        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._busy.pop(conn, None) is None:
             conn.close()
@@ -559,13 +567,14 @@ class Pool:
         if threshold is None:
             return
         for handle in list(self._busy.values()):
-            if handle.stack is not None and now - handle.acquired_at >= threshold:
+            stack = getattr(handle, "stack", None)
+            if stack is not None and now - handle.acquired_at >= threshold:
                 _log.warning(
                     "%s: connection held for %.1fs (leak_threshold %.1fs); acquired at:\n%s",
                     self.name,
                     now - handle.acquired_at,
                     threshold,
-                    handle.stack,
+                    stack,
                 )
                 handle.stack = None  # warn once per borrow
 
@@ -621,7 +630,7 @@ class Pool:
             self._put_back(_Conn(sock, now, self._expiry(now)))
         finally:
             self._refilling -= 1
-            self._dialers.discard(gevent.getcurrent())  # type: ignore[arg-type]
+            self._dialers.discard(gevent.getcurrent())
             self._changed.set()
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -636,7 +645,8 @@ class Pool:
             self.fill()
             remaining = deadline - _monotonic()
             if remaining <= 0 or not self._changed.wait(remaining):
-                last = f"; last dial error: {self._last_dial_error}" if self._last_dial_error else ""
+                err = self._last_dial_error
+                last = f"; last dial error: {err}" if err else ""
                 raise PoolTimeout(
                     f"{self.name}: {len(self._idle)} of min_idle {self.config.min_idle} "
                     f"connections ready within {limit:.3g}s{last}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -248,10 +249,8 @@ def _full_backlog_listener() -> tuple[socket.socket, list[socket.socket]]:
     for _ in range(8):
         f = stdsocket.socket()
         f.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             f.connect(listener.getsockname())
-        except BlockingIOError:
-            pass
         fillers.append(f)
     return listener, fillers
 
@@ -293,9 +292,8 @@ def test_breaker_half_open_lets_exactly_one_trial(servers: Callable[..., Countin
 
 def test_breaker_failed_trial_doubles_recovery(servers: Callable[..., CountingServer]) -> None:
     down = dead_address()
-    cfg = config(
-        [down], breaker={"failure_threshold": 1, "recovery_timeout": 0.1, "max_recovery_timeout": 0.3}
-    )
+    breaker = {"failure_threshold": 1, "recovery_timeout": 0.1, "max_recovery_timeout": 0.3}
+    cfg = config([down], breaker=breaker)
     with PoolManager(cfg) as manager:
         breaker = manager.backends["svc"].pools[0].breaker
         with pytest.raises(BackendUnavailable):
@@ -432,3 +430,45 @@ def test_from_yaml(tmp_path: Any, servers: Callable[..., CountingServer]) -> Non
     )
     with PoolManager.from_yaml(path) as manager:
         assert request(manager) == srv.address
+
+
+def test_use_from_another_os_thread_names_the_manager(
+    servers: Callable[..., CountingServer],
+) -> None:
+    import threading
+
+    srv = servers()
+    errors: list[BaseException] = []
+    with PoolManager(config([srv.address])) as manager:
+        request(manager)
+
+        def other() -> None:
+            for name in ("svc", srv.address, "127.0.0.1:1"):
+                try:
+                    manager.get(name)
+                except BaseException as exc:
+                    errors.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(10)
+    assert len(errors) == 3
+    for exc in errors:
+        assert isinstance(exc, lbpool.LbpoolError)
+        assert "manager belongs to another thread" in str(exc)
+
+
+def test_reload_shrink_closes_extra_connections_as_they_return(
+    servers: Callable[..., CountingServer],
+) -> None:
+    srv = servers()
+    with PoolManager(config([srv.address], pool={"max_size": 4})) as manager:
+        held = [manager.get("svc") for _ in range(4)]
+        manager.reload(config([srv.address], pool={"max_size": 2}))
+        pool = manager.backends["svc"].pools[0]
+        assert pool.stats().size == 4  # nothing in use is touched
+        for conn in held:
+            conn.release()
+        st = pool.stats()
+        assert (st.size, st.idle, st.max_size) == (2, 2, 2)
+        assert st.closed["discarded"] == 2
