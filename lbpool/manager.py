@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Any, Union
@@ -36,6 +36,8 @@ from lbpool.stats import BackendStats, ManagerStats, ServerStats
 _log = logging.getLogger("lbpool")
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
+BreakerChange = Callable[[str, str, str, str], None]
+"""A breaker listener: ``(backend, server address, old state, new state)``."""
 
 _NOTHING: frozenset[int] = frozenset()
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
@@ -54,10 +56,18 @@ def _coerce_config(config: ConfigSource) -> Config:
 class Backend:
     """A named group of servers and the strategy that spreads acquisitions over them."""
 
-    def __init__(self, name: str, config: BackendConfig, *, adhoc: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: BackendConfig,
+        *,
+        adhoc: bool = False,
+        listeners: list[BreakerChange] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.adhoc = adhoc
+        self._listeners = listeners if listeners is not None else []
         self.pools: list[Pool] = []
         self._balancer: Balancer = make_balancer(config.strategy, [])
 
@@ -72,7 +82,7 @@ class Backend:
             pool=cfg.pool,
             dial=cfg.dial,
             health_check=cfg.health_check,
-            breaker=Breaker(str(server.address), cfg.breaker),
+            breaker=Breaker(str(server.address), cfg.breaker, listener=self._breaker_changed),
             setup=cfg.setup,
             backend=None if self.adhoc else self.name,
             weight=server.weight,
@@ -80,6 +90,13 @@ class Backend:
         )
         pool.owner_kind = "manager"
         return pool
+
+    def _breaker_changed(self, breaker: Breaker, old: str, new: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener("" if self.adhoc else self.name, breaker.name, old, new)
+            except Exception:
+                _log.exception("breaker listener failed")
 
     def _apply(self, config: BackendConfig) -> list[Pool]:
         """Make the pools match ``config``; returns the pools that were removed."""
@@ -168,14 +185,20 @@ class PoolManager:
         self._backends: dict[str, Backend] = {}
         self._adhoc: dict[str, Backend] = {}
         self._draining: dict[Pool, gevent.Greenlet] = {}
+        self._listeners: list[BreakerChange] = []
         self._closing = False
         self._thread_id = _get_ident()
         self._wake = Event()
         for name, bcfg in self.config.backends.items():
-            backend = Backend(name, bcfg)
+            backend = Backend(name, bcfg, listeners=self._listeners)
             backend._apply(bcfg)
             self._backends[name] = backend
         self._upkeep = gevent.spawn(self._upkeep_loop)
+
+    def add_breaker_listener(self, listener: BreakerChange) -> None:
+        """Call ``listener(backend, address, old, new)`` on every breaker state change
+        (ad-hoc ``host:port`` pools report backend ``""``); its errors are logged."""
+        self._listeners.append(listener)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> PoolManager:
@@ -210,7 +233,7 @@ class PoolManager:
         key = str(address)
         backend = self._adhoc.get(key)
         if backend is None:
-            backend = Backend(key, self._adhoc_config(key), adhoc=True)
+            backend = Backend(key, self._adhoc_config(key), adhoc=True, listeners=self._listeners)
             backend._apply(backend.config)
             self._adhoc[key] = backend
         self._adhoc[name] = backend
@@ -243,8 +266,6 @@ class PoolManager:
             for pool in pools:
                 try:
                     pool.run_upkeep()
-                except LbpoolError:
-                    raise
                 except Exception:  # never let one pool's bad hook stop the others
                     _log.exception("%s: upkeep failed", pool.name)
             interval = min((p.config.upkeep_interval for p in pools), default=1.0)
@@ -292,7 +313,7 @@ class PoolManager:
         for name, bcfg in new.backends.items():
             backend = self._backends.get(name)
             if backend is None:
-                backend = Backend(name, bcfg)
+                backend = Backend(name, bcfg, listeners=self._listeners)
                 self._backends[name] = backend
             removed.extend(backend._apply(bcfg))
         for key, backend in list(self._adhoc.items()):

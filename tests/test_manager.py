@@ -472,3 +472,25 @@ def test_reload_shrink_closes_extra_connections_as_they_return(
         st = pool.stats()
         assert (st.size, st.idle, st.max_size) == (2, 2, 2)
         assert st.closed["discarded"] == 2
+
+
+def test_breaker_listener_sees_every_transition(servers: Callable[..., CountingServer]) -> None:
+    srv = servers()
+    address = srv.address
+    srv.stop()
+    seen: list[tuple[str, str, str, str]] = []
+    cfg = config([address], breaker={"failure_threshold": 1, "recovery_timeout": 0.05})
+    with PoolManager(cfg) as manager:
+        manager.add_breaker_listener(lambda *change: seen.append(change))
+        with pytest.raises(BackendUnavailable):
+            manager.get("svc")
+        srv.restart()
+        breaker = manager.backends["svc"].pools[0].breaker
+        gevent.sleep(breaker.retry_in() + 0.01)  # recovery time passes (a timing rule)
+        assert request(manager) == address
+    assert [(old, new) for _b, _a, old, new in seen] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
+    assert all(b == "svc" and a == address for b, a, _o, _n in seen)
