@@ -45,6 +45,8 @@ P2C_THRESHOLD = 8
 # Random draws before least_active / random give up sampling and scan: many ineligible.
 _P2C_DRAWS = 8
 _RANDOM_DRAWS = 4
+# Longest precomputed weighted schedule (entries); larger weight sums walk in O(n).
+_MAX_SCHEDULE = 10_000
 
 
 class Member(Protocol):
@@ -203,17 +205,51 @@ class Weighted(Balancer):
 
     Each pick adds every eligible member's weight to its current value, takes the
     largest (first on ties) and subtracts the eligible total from it. Weights {5,1,1}
-    give a a b a c a a. Ineligible and excluded members neither gain nor lose. O(n).
+    give a a b a c a a. Ineligible and excluded members neither gain nor lose.
+
+    That is O(n) a pick, so while every member is eligible the same sequence is
+    replayed from a schedule computed once (one period: the sum of the weights, up to
+    ``_MAX_SCHEDULE``), which is O(1); the live O(n) walk runs only around open
+    breakers and exclusions.
     """
 
-    __slots__ = ("_current",)
+    __slots__ = ("_current", "_pos", "_schedule")
     strategy = "weighted"
 
     def __init__(self, members: Sequence[Member], rng: random.Random | None = None) -> None:
         super().__init__(members, rng)
         self._current = [0] * self._n
+        self._schedule = self._precompute()
+        self._pos = 0
+
+    def _precompute(self) -> list[int]:
+        weights = [m.weight for m in self._members]
+        total = sum(weights)
+        if not weights or total > _MAX_SCHEDULE:
+            return []
+        current = [0] * len(weights)
+        schedule = []
+        for _ in range(total):
+            best = 0
+            for i, w in enumerate(weights):
+                current[i] += w
+                if current[i] > current[best]:
+                    best = i
+            current[best] -= total
+            schedule.append(best)
+        return schedule
 
     def pick(self, exclude: Set[int] = frozenset()) -> int | None:
+        schedule = self._schedule
+        if schedule and not exclude:
+            pos = self._pos
+            i = schedule[pos]
+            if self._members[i].breaker.is_closed:
+                self._pos = pos + 1 if pos + 1 < len(schedule) else 0
+                return i
+        return self._walk(exclude)
+
+    def _walk(self, exclude: Set[int]) -> int | None:
         members = self._members
         current = self._current
         total = 0
