@@ -668,7 +668,7 @@ class Pool:
         self._closing = True
         current = gevent.getcurrent()
         if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
-            self._upkeep_greenlet.kill(block=True, timeout=timeout)
+            self._upkeep_greenlet.kill(block=True)  # dies at once: its handlers never block
         waiters = self._waiters
         while waiters:
             self._hand(waiters.popleft(), _CLOSED)
@@ -677,7 +677,7 @@ class Pool:
             self._size -= 1
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
-            gevent.killall(dialers, block=True, timeout=timeout)
+            gevent.killall(dialers, block=True)
         self._note_drained()
         if self._size > 0:
             self._drained.wait(timeout)
