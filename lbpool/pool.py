@@ -16,6 +16,7 @@ import random
 import socket
 import traceback
 import weakref
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from time import monotonic as _monotonic
@@ -33,7 +34,7 @@ from lbpool.connection import PooledConnection, _Conn, _is_network_error
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, LbpoolError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive
-from lbpool.stats import CLOSE_REASONS, ServerStats
+from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _log = logging.getLogger("lbpool")
 
@@ -189,6 +190,8 @@ class Pool:
         self._dial_failures = 0
         self._wait_total = 0.0
         self._wait_max = 0.0
+        self._wait_counts = [0] * (len(WAIT_BUCKETS) + 1)  # queued waits, by bucket
+        self._waits_served = 0
         self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)
 
     # -- ownership: one OS thread, one process ------------------------------------
@@ -295,6 +298,7 @@ class Pool:
         self._wait_total += waited
         if waited > self._wait_max:
             self._wait_max = waited
+        self._wait_counts[bisect_left(WAIT_BUCKETS, waited)] += 1
         item = w.item
         if item is None:
             self._waiters.remove(w)
@@ -304,11 +308,14 @@ class Pool:
                 f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
             )
         if item is _PERMIT:
-            return self._lend_new(deadline)
+            conn = self._lend_new(deadline)
+            self._waits_served += 1
+            return conn
         if item is _CLOSED:
             raise PoolClosed(f"{self.name}: pool closed while waiting")
         assert isinstance(item, _Conn)
         self._handed -= 1
+        self._waits_served += 1
         self._hits += 1
         return self._lend(item, _monotonic())
 
@@ -695,6 +702,12 @@ class Pool:
     # -- stats --------------------------------------------------------------------
     def stats(self) -> ServerStats:
         breaker = self.breaker
+        acquired = self._hits + self._misses
+        observed = acquired - self._waits_served  # acquisitions that did not queue: 0 s
+        buckets: dict[float, int] = {}
+        for le, count in zip(WAIT_BUCKETS, self._wait_counts[:-1], strict=True):
+            observed += count
+            buckets[le] = observed
         return ServerStats(
             address=self.name,
             backend=self.backend,
@@ -703,7 +716,7 @@ class Pool:
             in_use=len(self._busy) + self._handed,
             pending=self._pending,
             waiting=len(self._waiters),
-            acquired=self._hits + self._misses,
+            acquired=acquired,
             hits=self._hits,
             misses=self._misses,
             timeouts=self._timeouts,
@@ -716,6 +729,8 @@ class Pool:
             breaker_trips=breaker.trips,
             max_size=self._max_size,
             draining=self._closing,
+            wait_count=observed + self._wait_counts[-1],
+            wait_buckets=buckets,
         )
 
     def __repr__(self) -> str:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CLOSE_REASONS = ("idle", "lifetime", "unhealthy", "error", "discarded")
+# Upper bounds (seconds) of the acquire-wait histogram's buckets.
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,15 @@ class ServerStats:
     breaker_trips: int
     max_size: int = 0
     draining: bool = False
+    # Acquire-wait histogram: every acquisition is one observation (0 when it did not
+    # queue); ``wait_buckets[le]`` counts those that waited at most ``le`` seconds.
+    wait_count: int = 0
+    wait_buckets: Mapping[float, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["closed"] = dict(self.closed)
+        data["wait_buckets"] = {str(le): n for le, n in self.wait_buckets.items()}
         return data
 
 

@@ -1,0 +1,706 @@
+"""``lbpool demo``: pools, breakers and failover, watched live on loopback echo servers.
+
+The demo starts an ``EchoServer`` for every server of the config, builds a
+``PoolManager`` and drives echo requests from many greenlets. A quarter of the way in
+it kills one server (its clients see EOF), a little past half way it brings it back on
+the same port, so the breaker opening, the traffic moving to the other servers, the
+half-open trial and the recovery can all be watched. It ends by itself with a summary.
+
+The client side is the pattern we recommend (see ``echo_request``): lbpool fails over
+between servers while *acquiring*; a request whose connection dies *in flight* is the
+caller's to retry, once, on a freshly acquired connection, after discarding the dead
+one (which also tells that server's breaker). Done that way, no request fails while
+another server could serve it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from time import monotonic
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from lbpool.config import Config, load_config
+from lbpool.connection import PooledConnection
+from lbpool.errors import ConfigError, LbpoolError
+from lbpool.manager import PoolManager
+from lbpool.stats import ManagerStats
+from lbpool.testing import EchoServer
+
+__all__ = ["DEFAULT_CONFIG", "echo_request", "run"]
+
+# The same settings as the repository's config.yaml, for when ./config.yaml is missing.
+DEFAULT_CONFIG = """\
+# lbpool demo: the built-in example config (the repository's config.yaml, shortened).
+defaults:
+  pool:
+    min_idle: 2
+    max_size: 20
+    max_waiting: 0
+    acquire_timeout: 2s
+    idle_timeout: 5m
+    max_lifetime: 30m
+    lifetime_jitter: 0.1
+    check_after: 1s
+    upkeep_interval: 500ms
+    leak_threshold: null
+  dial: {timeout: 500ms, tcp_nodelay: true, keepalive: true, tls: null}
+  breaker: {failure_threshold: 3, recovery_timeout: 2s, max_recovery_timeout: 4s}
+  health_check: {send: null, expect: null, hook: null, timeout: 500ms, interval: 5s}
+backends:
+  cache:
+    strategy: least_active
+    servers: [127.0.0.1:17001, 127.0.0.1:17002, 127.0.0.1:17003]
+    pool: {check_after: 0s}
+  api:
+    strategy: weighted
+    servers:
+      - {address: 127.0.0.1:17004, weight: 3}
+      - {address: 127.0.0.1:17005, weight: 1}
+    health_check: {send: "PING\\r\\n", expect: "+PONG"}
+    setup: null
+"""
+
+_IO_TIMEOUT = 1.0  # seconds a request may take on an acquired connection
+_KILL_AT = 0.25  # fractions of the duration
+_RESTART_AT = 0.55
+_PHASES = ("before", "down", "after")
+_MAX_LATENCIES = 2_000_000
+
+_log = logging.getLogger("lbpool")
+
+
+# ------------------------------------------------------------------ the client pattern
+
+
+class ServerClosed(ConnectionError):
+    """The server closed the connection in the middle of a request."""
+
+    def __init__(self) -> None:
+        super().__init__("server closed the connection")
+
+
+def _recv_exact(conn: PooledConnection, size: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = conn.recv(size - got)
+        if not chunk:
+            raise ServerClosed()
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def echo_request(
+    manager: PoolManager,
+    backend: str,
+    payload: bytes,
+    *,
+    io_timeout: float = _IO_TIMEOUT,
+    on_retry: Callable[[BaseException], object] | None = None,
+) -> str:
+    """Send ``payload``, read the echo; return the address of the server that answered.
+
+    Errors while *acquiring* (``BackendUnavailable``, ``PoolTimeout``...) are final:
+    lbpool already tried every eligible server within the acquire timeout. A network
+    error on the acquired connection (the server died under us) discards it, which
+    closes it and counts against that server's breaker, and the request is retried
+    once on a freshly acquired connection. A wrong reply is a bug, not retried.
+    """
+    for attempt in (1, 2):
+        conn = manager.acquire(backend)
+        try:
+            conn.settimeout(io_timeout)
+            conn.sendall(payload)
+            reply = _recv_exact(conn, len(payload))
+            if reply != payload:
+                raise ValueError(f"{conn.address}: echo mismatch: {reply[:32]!r}")
+        except OSError as exc:  # reset, broken pipe, EOF, timeout: this connection is dead
+            conn.discard(exc)
+            if attempt == 2:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            continue
+        except BaseException as exc:
+            conn.discard(exc)
+            raise
+        address = conn.address
+        conn.release()
+        return address
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _kind(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    if isinstance(exc, LbpoolError):
+        return name
+    return f"{name}: {text}" if text and len(text) < 60 else name
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+
+Key = tuple[str, str]  # (backend, address)
+
+
+@dataclass
+class _Outage:
+    backend: str
+    address: str
+    killed_at: float | None = None
+    restarted_at: float | None = None
+    restart_error: str | None = None
+
+
+@dataclass
+class _Record:
+    """Everything the demo counts; read by the display and the summary."""
+
+    start: float
+    ok: int = 0
+    phase: int = 0
+    served: dict[Key, list[int]] = field(default_factory=dict)
+    retried: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    failed_while_failover: int = 0
+    latencies: list[float] = field(default_factory=list)
+    events: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=500))
+    transitions: dict[Key, list[tuple[float, str]]] = field(default_factory=dict)
+    n_events: int = 0  # events ever recorded (the deque keeps the latest)
+
+    def now(self) -> float:
+        return monotonic() - self.start
+
+    def event(self, text: str) -> None:
+        self.events.append((self.now(), text))
+        self.n_events += 1
+
+    def transition(self, key: Key, old: str, new: str, detail: str = "") -> None:
+        seq = self.transitions.setdefault(key, [(0.0, old)])
+        if seq[-1][1] != old:  # a step we did not see (sampling): keep the chain honest
+            seq.append((self.now(), old))
+        seq.append((self.now(), new))
+        self.event(f"breaker {key[1]} ({key[0]}): {old} -> {new}{detail}")
+
+
+_EVENTS_SHOWN = 6
+
+
+# ------------------------------------------------------------------ the demo
+
+
+class Demo:
+    def __init__(
+        self, config: Config, source: str, duration: float, workers: int, live: bool
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.duration = duration
+        self.n_workers = workers
+        self.live = live
+        self.stop = Event()
+        self.interrupted = False
+        self.servers: dict[str, EchoServer] = {}
+        self.down: set[str] = set()
+        self.rec = _Record(start=monotonic())
+        self.outage: _Outage | None = None
+        self.manager: PoolManager | None = None
+        self.final_stats: ManagerStats | None = None
+        for name, backend in config.backends.items():
+            for server in backend.servers:
+                self.rec.served[(name, str(server.address))] = [0, 0, 0]
+        for name, backend in config.backends.items():
+            if len(backend.servers) >= 2:
+                self.outage = _Outage(name, str(backend.servers[1].address))
+                break
+
+    # -- servers -------------------------------------------------------------------
+    def start_servers(self) -> str | None:
+        """Start an EchoServer per distinct address; an error message on failure."""
+        for backend in self.config.backends.values():
+            for server in backend.servers:
+                address = str(server.address)
+                if address in self.servers:
+                    continue
+                echo = EchoServer(server.address.host, server.address.port)
+                try:
+                    echo.start()
+                except OSError as exc:
+                    self.stop_servers()
+                    reason = exc.strerror or str(exc)
+                    return (
+                        f"cannot listen on {address}: {reason}. The demo runs its own echo "
+                        f"servers on the config's (loopback) addresses: is another demo "
+                        f"running, or is the port in use? Change the ports in {self.source}."
+                    )
+                self.servers[address] = echo
+        return None
+
+    def stop_servers(self) -> None:
+        for echo in self.servers.values():
+            echo.stop()
+
+    # -- breakers ------------------------------------------------------------------
+    def watch_breakers(self, manager: PoolManager) -> None:
+        """Hear every breaker transition through the manager's listener hook."""
+        pools = {(n, p.name): p for n, b in manager.backends.items() for p in b.pools}
+
+        def listener(backend: str, address: str, old: str, new: str) -> None:
+            key = (backend, address)
+            pool = pools.get(key)
+            last = pool.breaker.last_failure if pool is not None else None
+            reason = getattr(last, "reason", last)  # a DialError's text, sans address
+            detail = f" (last error: {reason})" if new == "open" and last else ""
+            self.rec.transition(key, old, new, detail)
+
+        manager.add_breaker_listener(listener)
+
+    # -- traffic -------------------------------------------------------------------
+    def could_serve(self, backend: str) -> bool:
+        """Was there a live server with a closed breaker that this request could use?"""
+        assert self.manager is not None
+        for pool in self.manager.backends[backend].pools:
+            if pool.name not in self.down and pool.breaker.is_closed:
+                return True
+        return False
+
+    def worker(self, index: int) -> None:
+        assert self.manager is not None
+        manager = self.manager
+        rec = self.rec
+        rng = random.Random(index)
+        names = list(self.config.backends)
+        seq = 0
+
+        def retried(exc: BaseException) -> None:
+            rec.retried[_kind(exc)] += 1
+
+        while not self.stop.is_set():
+            seq += 1
+            backend = names[(index + seq) % len(names)]
+            payload = b"%d:%d:" % (index, seq) + rng.randbytes(rng.randint(8, 56))
+            began = monotonic()
+            phase = rec.phase  # counted in the phase the request started in
+            try:
+                address = echo_request(manager, backend, payload, on_retry=retried)
+            except (LbpoolError, OSError, ValueError) as exc:
+                if self.stop.is_set() and manager.closed:
+                    return
+                rec.failed[_kind(exc)] += 1
+                if self.could_serve(backend):
+                    rec.failed_while_failover += 1
+                    rec.event(f"request to {backend} failed while failover could serve: {exc}")
+                self.stop.wait(0.05)  # do not spin on a backend that cannot serve
+                continue
+            elapsed = monotonic() - began
+            rec.ok += 1
+            if len(rec.latencies) < _MAX_LATENCIES:
+                rec.latencies.append(elapsed)
+            counts = rec.served.get((backend, address))
+            if counts is not None:
+                counts[phase] += 1
+            self.stop.wait(rng.random() * 0.003)  # think time: paced, watchable traffic
+
+    def chaos(self) -> None:
+        """Kill one server a quarter of the way in; bring it back a little past half way."""
+        outage = self.outage
+        if outage is None:
+            self.rec.event("no backend has two servers: nothing to kill, no failover to show")
+            return
+        echo = self.servers[outage.address]
+        if self.stop.wait(max(0.0, self.duration * _KILL_AT - self.rec.now())):
+            return
+        echo.stop()  # listener closed, every client connection dropped (clients see EOF)
+        self.down.add(outage.address)
+        outage.killed_at = self.rec.now()
+        self.rec.phase = 1
+        self.rec.event(f"killed {outage.address} ({outage.backend}): its clients see EOF")
+        if self.stop.wait(max(0.0, self.duration * _RESTART_AT - self.rec.now())):
+            return
+        try:
+            echo.start()  # the same port again
+        except OSError as exc:
+            outage.restart_error = exc.strerror or str(exc)
+            self.rec.event(f"could not restart {outage.address}: {outage.restart_error}")
+            return
+        self.down.discard(outage.address)
+        outage.restarted_at = self.rec.now()
+        self.rec.phase = 2
+        self.rec.event(f"restarted {outage.address}: back once its breaker's trial succeeds")
+
+    # -- display -------------------------------------------------------------------
+    def rows(self, stats: ManagerStats) -> list[list[str]]:
+        rows = []
+        for name, backend in stats.backends.items():
+            total = sum(sum(c) for (b, _), c in self.rec.served.items() if b == name) or 1
+            for address, s in backend.servers.items():
+                served = sum(self.rec.served.get((name, address), [0]))
+                rows.append(
+                    [
+                        name,
+                        address,
+                        "DOWN" if address in self.down else "up",
+                        s.breaker_state,
+                        str(s.in_use),
+                        str(s.idle),
+                        f"{served:,}",
+                        f"{100 * served / total:.0f}%",
+                        str(s.dial_failures),
+                    ]
+                )
+        return rows
+
+    _HEADERS = (
+        "backend",
+        "server",
+        "up",
+        "breaker",
+        "in use",
+        "idle",
+        "requests",
+        "share",
+        "dial fails",
+    )
+
+    def headline(self) -> str:
+        t = min(self.rec.now(), self.duration)
+        rate = self.rec.ok / t if t > 0 else 0.0
+        failed = sum(self.rec.failed.values())
+        retried = sum(self.rec.retried.values())
+        return (
+            f"{t:4.1f}s/{self.duration:.0f}s  requests {self.rec.ok:,} ({rate:,.0f}/s)  "
+            f"retried {retried}  failed {failed}"
+        )
+
+    def render(self, stats: ManagerStats) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
+
+        from lbpool.cli import rich_table
+
+        table = rich_table("lbpool demo " + self.headline(), tight=True)
+        for header in self._HEADERS:
+            right = header not in ("backend", "server", "up", "breaker")
+            table.add_column(header, justify="right" if right else "left", no_wrap=True)
+        for row in self.rows(stats):
+            style = {"open": "red", "half_open": "yellow"}.get(row[3], "")
+            if row[2] == "DOWN":
+                style = "bold red"
+            table.add_row(*row, style=style)
+        bar = ProgressBar(total=self.duration, completed=min(self.rec.now(), self.duration))
+        events = [
+            Text(f"{t:5.1f}s  {text}", no_wrap=True, overflow="ellipsis")
+            for t, text in list(self.rec.events)[-_EVENTS_SHOWN:]
+        ]
+        return Group(table, bar, *events)
+
+    def plain_line(self, stats: ManagerStats) -> str:
+        parts = []
+        for name, backend in stats.backends.items():
+            servers = " ".join(
+                f"{address}={'DOWN/' if address in self.down else ''}{s.breaker_state}"
+                for address, s in backend.servers.items()
+            )
+            parts.append(f"{name}[{servers}]")
+        return f"[{self.headline()}] " + " ".join(parts)
+
+    def display(self) -> None:
+        assert self.manager is not None
+        if self.live:
+            from rich.live import Live
+
+            from lbpool.cli import rich_console
+
+            console = rich_console()
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                while True:
+                    stats = self.manager.stats()
+                    live.update(self.render(stats), refresh=True)
+                    if self.stop.wait(0.25):
+                        live.update(self.render(self.manager.stats()), refresh=True)
+                        return
+        shown = 0
+        while True:
+            stopping = self.stop.wait(1.0)
+            stats = self.manager.stats()
+            new = min(self.rec.n_events - shown, len(self.rec.events))
+            if new > 0:
+                for t, text in list(self.rec.events)[-new:]:
+                    print(f"  {t:5.1f}s  {text}", flush=True)
+            shown = self.rec.n_events
+            if stopping:
+                return
+            print(self.plain_line(stats), flush=True)
+
+    # -- run -----------------------------------------------------------------------
+    def run(self) -> int:
+        error = self.start_servers()
+        if error is not None:
+            print(f"lbpool demo: {error}", file=sys.stderr)
+            return 1
+        greenlets: list[gevent.Greenlet] = []
+        try:
+            manager = PoolManager(self.config)
+            self.manager = manager
+            try:
+                manager.wait_ready(timeout=5.0)
+            except LbpoolError as exc:
+                print(f"lbpool demo: pools not ready: {exc}", file=sys.stderr)
+                return 1
+            self.rec.start = monotonic()
+            self.watch_breakers(manager)
+            self.rec.event(
+                f"{len(self.servers)} echo servers up; {self.n_workers} client greenlets start"
+            )
+            if not self.live:
+                print(
+                    f"lbpool demo: {self.source}, {self.duration:g}s, {self.n_workers} workers"
+                    + (
+                        f"; {self.outage.address} is killed at "
+                        f"{self.duration * _KILL_AT:.1f}s and back at "
+                        f"{self.duration * _RESTART_AT:.1f}s"
+                        if self.outage
+                        else ""
+                    ),
+                    flush=True,
+                )
+            greenlets = [gevent.spawn(self.worker, i) for i in range(self.n_workers)]
+            chaos = gevent.spawn(self.chaos)
+            display = gevent.spawn(self.display)
+            greenlets += [chaos, display]
+            with _interrupts(self.on_interrupt):
+                self.stop.wait(self.duration)
+                self.stop.set()
+                gevent.joinall(greenlets, timeout=_IO_TIMEOUT + 3.0)
+            self.final_stats = manager.stats()
+        finally:
+            self.stop.set()
+            gevent.killall(greenlets, block=True, timeout=2.0)
+            if self.manager is not None:
+                self.manager.close(timeout=3.0)
+            self.stop_servers()
+        self.summary()
+        return 1 if self.rec.failed_while_failover else 0
+
+    def on_interrupt(self) -> None:
+        if not self.stop.is_set():
+            self.interrupted = True
+            self.rec.event("interrupted: stopping")
+            self.stop.set()
+
+    # -- summary -------------------------------------------------------------------
+    def summary(self) -> None:
+        from lbpool.cli import print_table
+
+        rec = self.rec
+        elapsed = min(rec.now(), self.duration) if not self.interrupted else rec.now()
+        failed = sum(rec.failed.values())
+        retried = sum(rec.retried.values())
+        out: list[str] = [""]
+        head = "interrupted: the summary so far" if self.interrupted else "summary"
+        out.append(f"lbpool demo {head} ({elapsed:.1f}s, {self.n_workers} workers)")
+        rate = rec.ok / elapsed if elapsed > 0 else 0.0
+        out.append(
+            f"requests: {rec.ok + failed:,} total, {rec.ok:,} ok, {failed} failed, {rate:,.0f}/s"
+        )
+
+        def kinds(counter: Counter[str]) -> str:
+            return ", ".join(f"{k} x{v}" for k, v in counter.most_common()) or "none"
+
+        out.append(f"errors by kind (failed requests): {kinds(rec.failed)}")
+        tail = "; every retry succeeded on a fresh connection" if retried and not failed else ""
+        out.append(
+            f"retried once after a connection died in flight: {retried} "
+            f"({kinds(rec.retried)}){tail}"
+        )
+        if rec.latencies:
+            lat = sorted(rec.latencies)
+
+            def pct(p: float) -> str:
+                return f"{lat[min(len(lat) - 1, int(p * len(lat)))] * 1000:.2f} ms"
+
+            out.append(f"latency: p50 {pct(0.50)}, p99 {pct(0.99)}, max {lat[-1] * 1000:.2f} ms")
+        for line in out:
+            print(line)
+
+        rows = []
+        for (backend, address), counts in rec.served.items():
+            total = sum(sum(c) for (b, _), c in rec.served.items() if b == backend) or 1
+            served = sum(counts)
+            rows.append(
+                [
+                    backend,
+                    address,
+                    *(f"{c:,}" for c in counts),
+                    f"{served:,}",
+                    f"{100 * served / total:.1f}%",
+                ]
+            )
+        print_table(
+            ["backend", "server", "before", "down", "after", "total", "share"],
+            rows,
+            title="requests per server: before the kill, while down, after the restart; "
+            "share of its backend",
+        )
+
+        print("breaker transitions:")
+        changed = False
+        for (backend, address), seq in rec.transitions.items():
+            changed = True
+            chain = " -> ".join(f"{state}@{t:.1f}s" if t else state for t, state in seq)
+            print(f"  {backend} {address}: {chain}")
+        if not changed:
+            print("  none: every breaker stayed closed")
+        trips = 0
+        if self.final_stats is not None:
+            trips = sum(s.breaker_trips for s in self.final_stats.servers())
+        print(f"breaker trips (closed -> open): {trips}")
+
+        outage = self.outage
+        if outage is not None and outage.killed_at is not None:
+            key = (outage.backend, outage.address)
+            states = [state for _, state in rec.transitions.get(key, [])]
+            opened = "open" in states
+            back = (
+                f"back at {outage.restarted_at:.1f}s"
+                if outage.restarted_at is not None
+                else (
+                    f"restart failed: {outage.restart_error}"
+                    if outage.restart_error
+                    else "not restarted before the end"
+                )
+            )
+            print(
+                f"outage: {outage.address} ({outage.backend}) killed at "
+                f"{outage.killed_at:.1f}s, {back}"
+            )
+            print(f"breaker opened: {'yes' if opened else 'no'}")
+            others = {
+                address: counts[1]
+                for (b, address), counts in rec.served.items()
+                if b == outage.backend and address != outage.address
+            }
+            moved = sum(others.values())
+            spread = ", ".join(f"{a} {n:,}" for a, n in others.items())
+            if moved:
+                print(
+                    f"traffic moved: yes: while {outage.address} was down, {outage.backend} "
+                    f"requests went to {spread}"
+                )
+            else:
+                print(
+                    f"traffic moved: no {outage.backend} request was served while "
+                    f"{outage.address} was down"
+                )
+            after = rec.served[key][2]
+            closed_again = bool(states) and states[-1] == "closed" and opened
+            print(
+                f"recovered: {'yes' if closed_again and after else 'no'} "
+                f"({outage.address} served {after:,} requests after it came back; "
+                f"breaker now {states[-1] if states else 'closed'})"
+            )
+        if rec.failed_while_failover:
+            print(
+                f"result: FAILED: {rec.failed_while_failover} requests failed while "
+                f"failover could have served them"
+            )
+        elif failed:
+            print(
+                f"result: OK: no request failed while failover could serve "
+                f"({failed} failed when no server of their backend could)"
+            )
+        else:
+            print("result: OK: zero failed requests; no request failed while failover could serve")
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _interrupts(callback: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C (and SIGTERM) call ``callback`` in a greenlet instead of raising."""
+    handles = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # not the main thread: no handler, Ctrl-C raises KeyboardInterrupt as usual
+        with contextlib.suppress(ValueError, OSError):
+            handles.append(gevent.signal_handler(signum, callback))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.cancel()
+
+
+class _EventLog(logging.Handler):
+    """lbpool's own warnings go to the demo's event feed, not over the live table."""
+
+    def __init__(self, rec: Callable[[], _Record]) -> None:
+        super().__init__(logging.WARNING)
+        self._rec = rec
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("breaker "):  # the listener reports transitions already
+            return
+        self._rec().event(message.splitlines()[0])
+
+
+def _load(path: str | None) -> tuple[Config, str] | None:
+    """The config and its name; None after printing the problems."""
+    if path is None:
+        path = "config.yaml"
+        if not os.path.exists(path):
+            import yaml
+
+            from lbpool.config import parse_config
+
+            return parse_config(yaml.safe_load(DEFAULT_CONFIG), "<built-in>"), "built-in config"
+    try:
+        return load_config(path), path
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(str(problem), file=sys.stderr)
+        return None
+
+
+def run(
+    config_path: str | None = None,
+    duration: float = 12.0,
+    workers: int = 50,
+    live: bool | None = None,
+) -> int:
+    """Run the demo; the exit code (0 ok, 1 a request failed that failover could serve,
+    or the servers could not start; 2 an invalid config)."""
+    loaded = _load(config_path)
+    if loaded is None:
+        return 2
+    config, source = loaded
+    if live is None:
+        live = sys.stdout.isatty()
+    if live:
+        try:
+            import rich.live  # noqa: F401
+        except ImportError:
+            live = False
+    demo = Demo(config, source, duration, workers, live)
+    handler = _EventLog(lambda: demo.rec)
+    propagate = _log.propagate
+    _log.addHandler(handler)
+    _log.propagate = False
+    try:
+        return demo.run()
+    finally:
+        _log.removeHandler(handler)
+        _log.propagate = propagate

@@ -1,0 +1,163 @@
+"""Prometheus metrics for a ``PoolManager`` (the ``prometheus`` extra).
+
+A custom collector: every scrape takes one ``manager.stats()`` snapshot and exports
+each server's ``ServerStats`` with the labels ``backend`` and ``server`` (host:port
+pools that are not in the config have ``backend=""``)::
+
+    from prometheus_client import start_http_server
+    import lbpool.metrics
+
+    lbpool.metrics.register(manager)          # on prometheus_client's default REGISTRY
+    start_http_server(9100)
+
+Exported (``lbpool_`` prefix):
+
+- counters: ``acquired_total``, ``hits_total``, ``misses_total``, ``timeouts_total``,
+  ``shed_total``, ``dial_failures_total``, ``breaker_trips_total``,
+  ``closed_total{reason}`` (idle, lifetime, unhealthy, error, discarded) and
+  ``wait_time_seconds_total`` (time callers spent queued for a connection);
+- gauges: ``size``, ``idle``, ``in_use``, ``pending``, ``waiting``, ``max_size``,
+  ``wait_time_max_seconds`` (the longest single wait so far) and ``breaker_state``
+  (0 closed, 1 half_open, 2 open).
+
+- histogram: ``acquire_wait_seconds`` — every acquisition is one observation (0 when
+  it did not queue), bucketed by the pool as it happens (``ServerStats.wait_buckets``).
+
+Importing ``lbpool`` never imports ``prometheus_client``; importing this module does.
+A scrape only reads a snapshot, so it is safe from the metrics server's own thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from lbpool.stats import CLOSE_REASONS, ManagerStats, ServerStats
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from lbpool.manager import PoolManager
+
+__all__ = ["BREAKER_STATE_VALUES", "LbpoolCollector", "register"]
+
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+_LABELS = ["backend", "server"]
+
+# (ServerStats field, metric name without lbpool_ / _total, help)
+_COUNTERS = (
+    ("acquired", "acquired", "Connections handed out (hits + misses)."),
+    ("hits", "hits", "Acquisitions served by an idle connection."),
+    ("misses", "misses", "Acquisitions that dialed a new connection."),
+    ("timeouts", "timeouts", "Acquisitions that timed out (PoolTimeout)."),
+    ("shed", "shed", "Acquisitions refused at once because max_waiting callers wait."),
+    ("dial_failures", "dial_failures", "Dials that failed (refused, timed out, TLS, setup)."),
+    ("breaker_trips", "breaker_trips", "Circuit breaker closed -> open transitions."),
+)
+_GAUGES = (
+    ("size", "size", "Open connections plus dials in progress."),
+    ("idle", "idle", "Idle connections ready to be borrowed."),
+    ("in_use", "in_use", "Connections borrowed by callers."),
+    ("pending", "pending", "Dials in progress."),
+    ("waiting", "waiting", "Callers queued for a connection."),
+    ("max_size", "max_size", "The configured max_size of the pool."),
+)
+
+
+class LbpoolCollector:
+    """A ``prometheus_client`` collector over one manager's stats."""
+
+    def __init__(self, manager: PoolManager, *, prefix: str = "lbpool") -> None:
+        self.manager = manager
+        self.prefix = prefix
+
+    def _name(self, name: str) -> str:
+        return f"{self.prefix}_{name}"
+
+    def _snapshot(self) -> ManagerStats:
+        # Taken without a greenlet switch; from another OS thread a concurrent
+        # reload can change a dict mid-iteration: then simply take it again.
+        for _ in range(3):
+            try:
+                return self.manager.stats()
+            except RuntimeError:
+                continue
+        return self.manager.stats()
+
+    def _families(self) -> dict[str, Any]:
+        label = _LABELS
+        fam: dict[str, Any] = {}
+        for field, name, doc in _COUNTERS:
+            fam[field] = CounterMetricFamily(self._name(name), doc, labels=label)
+        fam["closed"] = CounterMetricFamily(
+            self._name("closed"),
+            "Connections closed, by reason (idle, lifetime, unhealthy, error, discarded).",
+            labels=[*label, "reason"],
+        )
+        fam["wait_time_total"] = CounterMetricFamily(
+            self._name("wait_time_seconds"),
+            "Seconds callers spent queued for a connection, in total.",
+            labels=label,
+        )
+        for field, name, doc in _GAUGES:
+            fam[field] = GaugeMetricFamily(self._name(name), doc, labels=label)
+        fam["wait_time_max"] = GaugeMetricFamily(
+            self._name("wait_time_max_seconds"),
+            "The longest single wait for a connection so far, in seconds.",
+            labels=label,
+        )
+        fam["breaker_state"] = GaugeMetricFamily(
+            self._name("breaker_state"),
+            "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
+            labels=label,
+        )
+        fam["acquire_wait"] = HistogramMetricFamily(
+            self._name("acquire_wait_seconds"),
+            "Time an acquisition waited in the queue for a connection (0 if it did not).",
+            labels=label,
+        )
+        return fam
+
+    def describe(self) -> Iterator[Any]:
+        """The metric families without samples (registering never takes a snapshot)."""
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Any]:
+        fam = self._families()
+        stats = self._snapshot()
+        for backend_name, backend in stats.backends.items():
+            for address, server in backend.servers.items():
+                self._add(fam, [backend_name, address], server)
+        yield from fam.values()
+
+    @staticmethod
+    def _add(fam: dict[str, Any], labels: list[str], s: ServerStats) -> None:
+        for field, _, _ in _COUNTERS:
+            fam[field].add_metric(labels, float(getattr(s, field)))
+        for reason in (*CLOSE_REASONS, *(r for r in s.closed if r not in CLOSE_REASONS)):
+            fam["closed"].add_metric([*labels, reason], float(s.closed.get(reason, 0)))
+        fam["wait_time_total"].add_metric(labels, float(s.wait_time_total))
+        for field, _, _ in _GAUGES:
+            fam[field].add_metric(labels, float(getattr(s, field)))
+        fam["wait_time_max"].add_metric(labels, float(s.wait_time_max))
+        fam["breaker_state"].add_metric(labels, float(BREAKER_STATE_VALUES.get(s.breaker_state, 2)))
+        buckets = [(repr(le), float(n)) for le, n in s.wait_buckets.items()]
+        buckets.append(("+Inf", float(s.wait_count)))
+        fam["acquire_wait"].add_metric(labels, buckets, sum_value=float(s.wait_time_total))
+
+
+def register(
+    manager: PoolManager, registry: CollectorRegistry = REGISTRY, *, prefix: str = "lbpool"
+) -> LbpoolCollector:
+    """Register a collector for ``manager`` on ``registry``; returns it (to unregister)."""
+    collector = LbpoolCollector(manager, prefix=prefix)
+    registry.register(collector)
+    return collector

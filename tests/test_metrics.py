@@ -1,0 +1,214 @@
+"""lbpool.metrics: the Prometheus collector, scraped as real exposition text."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+from gevent.pywsgi import WSGIServer
+
+import lbpool
+from lbpool.testing import EchoServer
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import lbpool.metrics  # noqa: E402
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition: (name, sorted labels) -> value."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def echo(manager: lbpool.PoolManager, target: str, data: bytes = b"ping") -> None:
+    with manager.get(target, timeout=2) as conn:
+        conn.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = conn.recv(64)
+            assert chunk
+            got += chunk
+
+
+@pytest.fixture
+def servers() -> Iterator[list[EchoServer]]:
+    with EchoServer() as a, EchoServer() as b:
+        yield [a, b]
+
+
+@pytest.fixture
+def manager(servers: list[EchoServer]) -> Iterator[lbpool.PoolManager]:
+    config = {
+        "defaults": {"pool": {"min_idle": 0}, "breaker": {"failure_threshold": 2}},
+        "backends": {"cache": {"servers": [s.address for s in servers]}},
+    }
+    with lbpool.PoolManager(config) as m:
+        yield m
+
+
+def test_exposition_matches_stats(manager: lbpool.PoolManager, servers: list[EchoServer]) -> None:
+    for _ in range(10):
+        echo(manager, "cache")
+    echo(manager, servers[0].address)  # an ad-hoc host:port pool: backend ""
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    text = generate_latest(registry).decode()
+    samples = parse(text)
+    stats = manager.stats()
+    for address, s in stats.backends["cache"].servers.items():
+        labels = {"backend": "cache", "server": address}
+        assert value(samples, "lbpool_acquired_total", **labels) == s.acquired
+        assert value(samples, "lbpool_hits_total", **labels) == s.hits
+        assert value(samples, "lbpool_misses_total", **labels) == s.misses
+        assert value(samples, "lbpool_idle", **labels) == s.idle
+        assert value(samples, "lbpool_size", **labels) == s.size
+        assert value(samples, "lbpool_in_use", **labels) == 0
+        assert value(samples, "lbpool_waiting", **labels) == 0
+        assert value(samples, "lbpool_pending", **labels) == 0
+        assert value(samples, "lbpool_max_size", **labels) == 10
+        assert value(samples, "lbpool_breaker_state", **labels) == 0
+        assert value(samples, "lbpool_breaker_trips_total", **labels) == 0
+        assert value(samples, "lbpool_wait_time_seconds_total", **labels) == 0
+        for reason in ("idle", "lifetime", "unhealthy", "error", "discarded"):
+            assert value(samples, "lbpool_closed_total", reason=reason, **labels) == 0
+    assert sum(s.acquired for s in stats.backends["cache"].servers.values()) == 10
+    adhoc = {"backend": "", "server": servers[0].address}
+    assert value(samples, "lbpool_acquired_total", **adhoc) == 1
+    # types as Prometheus sees them
+    assert "# TYPE lbpool_acquired_total counter" in text
+    assert "# TYPE lbpool_in_use gauge" in text
+    assert "# TYPE lbpool_closed_total counter" in text
+    assert "# TYPE lbpool_breaker_state gauge" in text
+
+
+def test_breaker_state_trips_and_close_reasons(
+    manager: lbpool.PoolManager, servers: list[EchoServer]
+) -> None:
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    echo(manager, "cache")
+    conn = manager.acquire("cache")
+    conn.discard(ValueError("app error"))  # closed: error (not a network error)
+    dead = servers[1]
+    dead.stop()
+    for _ in range(6):  # dials to the dead server fail; failover serves every request
+        echo(manager, "cache")
+    samples = parse(generate_latest(registry).decode())
+    labels = {"backend": "cache", "server": dead.address}
+    assert value(samples, "lbpool_breaker_state", **labels) == 2  # open
+    assert value(samples, "lbpool_breaker_trips_total", **labels) == 1
+    assert value(samples, "lbpool_dial_failures_total", **labels) >= 2
+    total_errors = sum(
+        value(samples, "lbpool_closed_total", reason="error", backend="cache", server=s.address)
+        for s in servers
+    )
+    assert total_errors == 1
+
+
+def test_wait_time_is_exported(servers: list[EchoServer]) -> None:
+    config = {"backends": {"one": {"servers": [servers[0].address], "pool": {"max_size": 1}}}}
+    with lbpool.PoolManager(config) as manager:
+        registry = CollectorRegistry()
+        lbpool.metrics.register(manager, registry)
+        conn = manager.acquire("one")
+        waiter = gevent.spawn(manager.acquire, "one", 2.0)
+        gevent.sleep(0.05)  # the waiter must wait a measurable time: that is the point
+        samples = parse(generate_latest(registry).decode())
+        assert value(samples, "lbpool_waiting", backend="one", server=servers[0].address) == 1
+        conn.release()
+        waiter.get(timeout=2).release()
+        samples = parse(generate_latest(registry).decode())
+        labels = {"backend": "one", "server": servers[0].address}
+        assert value(samples, "lbpool_wait_time_seconds_total", **labels) >= 0.04
+        assert value(samples, "lbpool_wait_time_max_seconds", **labels) >= 0.04
+        # the histogram: two acquisitions, one immediate (0 s), one waited >= 0.04 s
+        assert value(samples, "lbpool_acquire_wait_seconds_count", **labels) == 2
+        assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="0.001", **labels) == 1
+        assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="0.025", **labels) == 1
+        assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="10.0", **labels) == 2
+        assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="+Inf", **labels) == 2
+        assert value(samples, "lbpool_acquire_wait_seconds_sum", **labels) >= 0.04
+
+
+def test_register_does_not_take_a_snapshot() -> None:
+    class Broken:
+        def stats(self) -> lbpool.ManagerStats:
+            raise AssertionError("collect() ran at registration")
+
+    registry = CollectorRegistry(auto_describe=True)
+    collector = lbpool.metrics.register(Broken(), registry)  # type: ignore[arg-type]
+    registry.unregister(collector)
+
+
+def test_scrape_over_http_thread_server(manager: lbpool.PoolManager) -> None:
+    """prometheus_client's own HTTP server (a real thread) reads the snapshot safely."""
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    httpd, thread = prometheus_client.start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        port = httpd.server_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.status == 200
+            text = resp.read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    samples = parse(text)
+    acquired = sum(v for (name, _), v in samples.items() if name == "lbpool_acquired_total")
+    assert acquired == 1
+
+
+def test_scrape_over_gevent_wsgi(manager: lbpool.PoolManager) -> None:
+    """The gevent way: make_wsgi_app on a pywsgi server in the pools' own hub."""
+    for _ in range(3):
+        echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    server = WSGIServer(("127.0.0.1", 0), make_wsgi_app(registry), log=None)
+    server.start()
+    try:
+        sock = gsocket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        try:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        finally:
+            sock.close()
+    finally:
+        server.stop(timeout=2)
+    head, _, body = b"".join(chunks).decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") or head.startswith("HTTP/1.0 200"), head
+    samples = parse(body)
+    acquired = sum(v for (name, _), v in samples.items() if name == "lbpool_acquired_total")
+    assert acquired == 3
+
+
+def test_importing_lbpool_does_not_import_prometheus_client() -> None:
+    code = (
+        "import sys, lbpool\n"
+        "assert 'prometheus_client' not in sys.modules\n"
+        "import lbpool.metrics\n"
+        "assert 'prometheus_client' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
