@@ -38,14 +38,25 @@ class Unhealthy(Exception):
 def peek_alive(sock: socket.socket) -> bool:
     """True when nothing is waiting on an open socket (the idle state we expect).
 
-    Never blocks the hub: the socket's timeout is set to 0 for one ``recv`` (and
-    restored), so "no data yet" comes back at once as ``EAGAIN``. Plain sockets are
-    peeked (``MSG_PEEK``). TLS sockets first check ``pending()`` (decrypted bytes
+    Never blocks the hub. Plain sockets are peeked (``MSG_PEEK|MSG_DONTWAIT``) on the
+    stdlib socket inside a gevent socket, so "no data yet" comes back at once as
+    ``EAGAIN`` (this is on the borrow path, so it is kept to one system call). For TLS
+    the socket's timeout is set to 0 for one ``recv`` (and restored). TLS sockets first
+    check ``pending()`` (decrypted bytes
     already buffered), then try a non-blocking 1-byte read: protocol records such as
     TLS 1.3 session tickets are absorbed and still count as alive, whereas application
     bytes (consumed here, but the connection is discarded anyway), ``close_notify``
     or EOF count as dead.
     """
+    if not isinstance(sock, _SSL_SOCKETS):
+        raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a stdlib one
+        try:
+            raw.recv(1, _PEEK_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except (OSError, ValueError, AttributeError):
+            return False  # reset, closed fd
+        return False  # b"" is EOF; any byte is a reply nobody waits for
     try:
         previous = sock.gettimeout()
     except (OSError, ValueError):

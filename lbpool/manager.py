@@ -69,6 +69,7 @@ class Backend:
         self.adhoc = adhoc
         self._listeners = listeners if listeners is not None else []
         self.pools: list[Pool] = []
+        self._only: Pool | None = None  # the one server of a one-server backend
         self._balancer: Balancer = make_balancer(config.strategy, [])
 
     @property
@@ -119,20 +120,23 @@ class Backend:
             pools.append(pool)
         # one assignment each, no switch in between: callers see old or new, never half
         self.pools = pools
+        self._only = pools[0] if len(pools) == 1 else None
         self._balancer = make_balancer(config.strategy, pools)
         return list(old.values())
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
         """Borrow from the server the strategy picks; fail over when a dial fails."""
         start = _monotonic()
-        idx = self._balancer.pick(_NOTHING)
-        if idx is not None:
+        pool = self._only
+        if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
+            idx = self._balancer.pick(_NOTHING)
+            if idx is None:
+                return self._failover(start, timeout, {})
             pool = self.pools[idx]
-            try:
-                return pool.acquire(timeout)
-            except (DialError, PoolClosed) as exc:
-                return self._failover(start, timeout, {pool: exc})
-        return self._failover(start, timeout, {})
+        try:
+            return pool.acquire(timeout)
+        except (DialError, PoolClosed) as exc:
+            return self._failover(start, timeout, {pool: exc})
 
     def _failover(
         self, start: float, timeout: float | None, errors: dict[Pool, BaseException]

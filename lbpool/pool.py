@@ -76,14 +76,18 @@ _CLOSED = _Token("CLOSED")  # the pool closed while it waited
 _TIMED_OUT = _Token("TIMED_OUT")
 
 
-class _Waiter:
-    """A greenlet queued for a connection; ``item`` is what it was handed, if anything."""
+class _Waiter(Waiter):  # type: ignore[misc]  # gevent's Waiter is untyped
+    """A greenlet queued for a connection: ``item`` is what it was handed (None until
+    then), ``deadline`` when it gives up. One object per wait, the gevent Waiter itself."""
 
-    __slots__ = ("item", "waiter")
+    __slots__ = ("deadline", "item")
 
-    def __init__(self, waiter: Waiter) -> None:
-        self.waiter = waiter
-        self.item: _Conn | _Token | None = None
+    item: _Conn | _Token | None
+    deadline: float
+
+
+# A waiter whose deadline is this close is timed out with the others, not re-armed for.
+_TIMER_SLACK = 0.0005
 
 
 class Pool:
@@ -129,6 +133,8 @@ class Pool:
         self._drained = Event()
         self._changed = Event()  # a connection became idle or a refill ended
         self._dialers: set[gevent.Greenlet] = set()
+        self._expiry_timer: Any = None  # one timer for the earliest waiter deadline
+        self._expiry_at = float("inf")
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
@@ -220,6 +226,8 @@ class Pool:
         self._busy.clear()
         self._waiters.clear()
         self._dialers.clear()
+        self._expiry_timer = None
+        self._expiry_at = float("inf")
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = 0
@@ -282,26 +290,30 @@ class Pool:
         return self._wait(start, deadline)
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
-        w = _Waiter(Waiter(self._hub))
+        w = _Waiter(self._hub)
+        w.item = None
+        w.deadline = deadline
         self._waiters.append(w)
-        timer = self._hub.loop.timer(max(deadline - start, 0.0))
+        if deadline < self._expiry_at:
+            self._arm_expiry(deadline)
         try:
-            timer.start(w.waiter.switch, _TIMED_OUT)
-            try:
-                w.waiter.get()
-            finally:
-                timer.close()
+            w.get()
         except BaseException:
             self._abandon(w)
             raise
-        waited = _monotonic() - start
+        now = _monotonic()
+        waited = now - start
         self._wait_total += waited
         if waited > self._wait_max:
             self._wait_max = waited
         self._wait_counts[bisect_left(WAIT_BUCKETS, waited)] += 1
         item = w.item
-        if item is None:
-            self._waiters.remove(w)
+        if isinstance(item, _Conn):  # the common case: a connection handed over
+            self._handed -= 1
+            self._waits_served += 1
+            self._hits += 1
+            return self._lend(item, now)
+        if item is None:  # timed out: _expire_waiters took it off the queue
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
@@ -311,13 +323,35 @@ class Pool:
             conn = self._lend_new(deadline)
             self._waits_served += 1
             return conn
-        if item is _CLOSED:
-            raise PoolClosed(f"{self.name}: pool closed while waiting")
-        assert isinstance(item, _Conn)
-        self._handed -= 1
-        self._waits_served += 1
-        self._hits += 1
-        return self._lend(item, _monotonic())
+        raise PoolClosed(f"{self.name}: pool closed while waiting")  # item is _CLOSED
+
+    def _arm_expiry(self, deadline: float) -> None:
+        """(Re)arm the pool's one timer for ``deadline``, the earliest waiter's.
+
+        One timer per pool, not per wait: waiters mostly share a timeout, so the
+        earliest deadline is the queue head's and the timer is rarely moved."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.close()
+        loop = self._hub.loop
+        loop.update_now()  # the timer counts from the loop's clock: bring it up to now
+        timer = loop.timer(max(deadline - _monotonic(), 0.0))
+        self._expiry_timer = timer
+        self._expiry_at = deadline
+        timer.start(self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """Timer callback (in the hub): time out every waiter past its deadline."""
+        self._expiry_timer.close()
+        self._expiry_timer = None
+        self._expiry_at = float("inf")
+        limit = _monotonic() + _TIMER_SLACK
+        expired = [w for w in self._waiters if w.deadline <= limit]
+        for w in expired:
+            self._waiters.remove(w)
+        if self._waiters:
+            self._arm_expiry(min(w.deadline for w in self._waiters))
+        for w in expired:
+            w.switch(_TIMED_OUT)
 
     def _abandon(self, w: _Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
@@ -389,6 +423,7 @@ class Pool:
             self._dial_failures += 1
             self._last_dial_error = exc
             breaker.record_failure(exc)
+            self._suspect_idle()
             raise
         except BaseException:
             self._pending -= 1
@@ -427,8 +462,11 @@ class Pool:
             self._close_conn(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
             self._close_conn(conn, "discarded")
-        elif self._waiters:
-            self._hand(self._waiters.popleft(), conn)
+        elif self._waiters:  # straight to the oldest waiter (inlined _hand: hot)
+            w = self._waiters.popleft()
+            self._handed += 1
+            w.item = conn
+            self._hub.loop.run_callback(w.switch, conn)
             return
         else:
             self._idle.append(conn)
@@ -447,13 +485,21 @@ class Pool:
         if _is_network_error(exc):
             assert exc is not None
             self.breaker.record_failure(exc)
+            self._suspect_idle()
         self._slot_freed()
+
+    def _suspect_idle(self) -> None:
+        """The server just failed us: check each idle connection before its next use,
+        however recently it was used (a dead server's idle sockets look fine until
+        someone reads from them)."""
+        for conn in self._idle:
+            conn.checked_at = float("-inf")
 
     def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
         if item.__class__ is _Conn:
             self._handed += 1
         w.item = item
-        self._hub.loop.run_callback(w.waiter.switch, item)
+        self._hub.loop.run_callback(w.switch, item)
 
     def _put_back(self, conn: _Conn) -> None:
         """An unlent connection goes to the oldest waiter, else to the idle stack."""
@@ -620,6 +666,7 @@ class Pool:
                 self._dial_failures += 1
                 self._last_dial_error = exc
                 breaker.record_failure(exc)
+                self._suspect_idle()
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
                 self._slot_freed()
                 return
@@ -679,6 +726,9 @@ class Pool:
         waiters = self._waiters
         while waiters:
             self._hand(waiters.popleft(), _CLOSED)
+        if self._expiry_timer is not None:
+            self._expiry_timer.close()
+            self._expiry_timer = None
         while self._idle:
             self._close_conn(self._idle.pop(), "idle")
             self._size -= 1

@@ -525,3 +525,21 @@ def test_fork_child_never_uses_parent_connection(server: EchoServer, no_fd_leak:
     assert parent_conn.recv(2) == b"p2"
     parent_conn.release()
     pool.close()
+
+
+def test_network_error_gets_idle_siblings_checked(server: EchoServer, no_fd_leak: None) -> None:
+    """After one connection fails with a network error, the others idle on the same
+    server are checked before reuse, even if they were used a moment ago."""
+    pool = make_pool(server, max_size=3, check_after=3600)
+    conns = [pool.acquire() for _ in range(3)]
+    for c in conns[1:]:
+        c.release()
+    server.restart()  # the server dies: every client socket is closed by the peer
+    conns[0].discard(ConnectionResetError("peer reset"))
+    with pool.get() as conn:  # both idle ones are found dead on borrow and replaced
+        conn.sendall(b"ok")
+        assert conn.recv(2) == b"ok"
+        assert conn.uses == 1
+    s = pool.stats()
+    assert (s.closed["unhealthy"], s.closed["error"]) == (2, 1)
+    pool.close()

@@ -77,8 +77,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _queued_seqs(self) -> list[int]:
         by_greenlet = {g: s for s, g in self.waiters.items()}
-        return [by_greenlet[w.waiter.greenlet] for w in self.pool._waiters
-                if w.waiter.greenlet in by_greenlet]
+        return [by_greenlet[w.greenlet] for w in self.pool._waiters
+                if w.greenlet in by_greenlet]
 
     # -- rules -------------------------------------------------------------------
     @initialize(holders=st.integers(0, MAX_SIZE), waiters=st.integers(0, 3))
