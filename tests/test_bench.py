@@ -1,0 +1,205 @@
+"""``lbpool bench`` runs end to end and reports complete, sane results.
+
+These tests check structure and behaviour the bench observes of lbpool itself (it
+never holds more than max_size, serves waiters in order, honours a timeout); they
+never assert speed, which depends on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbpool import bench
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+LBPOOL = ("lbpool.Pool", "manager.get")
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = bench.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path | None]:
+    """One ``--quick --json`` run (about 15 s) shared by the tests below."""
+    plot = tmp_path_factory.mktemp("bench") / "bench.png" if HAVE_MATPLOTLIB else None
+    argv = ["--quick", "--json"] + (["--plot", str(plot)] if plot else [])
+    code, out, _ = _main(argv)
+    assert code == 0
+    return json.loads(out), plot  # strict JSON: json.loads would accept NaN, so check below
+
+
+def _finite_positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _no_nan(x: Any) -> None:
+    if isinstance(x, float):
+        assert math.isfinite(x)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _no_nan(v)
+    elif isinstance(x, list):
+        for v in x:
+            _no_nan(v)
+
+
+@pytest.mark.timeout(60)
+def test_quick_json_structure(quick: tuple[dict[str, Any], Path | None]) -> None:
+    result, _ = quick
+    assert set(result) >= {"meta", "scenarios", "observations", "targets"}
+    _no_nan(result)
+    meta = result["meta"]
+    assert meta["settings"]["quick"] is True
+    assert meta["machine"]["nproc"] >= 1 and meta["machine"]["python"]
+    assert set(meta["peers"]) == {"sqlalchemy", "gcp", "gsocketpool"}
+    assert set(result["scenarios"]) == {"A", "B", "C", "D", "E"}
+
+
+def test_scenario_a(quick: tuple[dict[str, Any], Path | None]) -> None:
+    a = quick[0]["scenarios"]["A"]["results"]
+    assert {"deque", "floor", *LBPOOL} <= set(a)
+    for row in a.values():
+        assert _finite_positive(row["ns_per_op"])
+        assert _finite_positive(row["x_floor"])
+        assert len(row["rounds"]) == 2
+    assert a["deque"]["x_floor"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "sc, rate, dist", [("B", "ops_per_s", "wait_us"), ("C", "req_per_s", "latency_us")]
+)
+def test_contended_scenarios(
+    quick: tuple[dict[str, Any], Path | None], sc: str, rate: str, dist: str
+) -> None:
+    res = quick[0]["scenarios"][sc]["results"]
+    assert {"floor", *LBPOOL} <= set(res)
+    if sc == "C":
+        assert "dial/request" in res
+    for kind, row in res.items():
+        assert _finite_positive(row[rate]), kind
+        d = row[dist]
+        assert 0 <= d["p50"] <= d["p99"] <= d["max"], kind
+        assert isinstance(row["errors"], dict)
+    for kind in ("floor", *LBPOOL):  # behaviour, not speed: nobody errors or starves
+        assert res[kind]["errors"] == {}, kind
+        assert res[kind]["starved_greenlets"] == 0, kind
+
+
+def test_scenario_d(quick: tuple[dict[str, Any], Path | None]) -> None:
+    d = quick[0]["scenarios"]["D"]["results"]
+    assert set(d) == {"deque", "round_robin", "least_active", "weighted", "random"}
+    for row in d.values():
+        for n in ("10", "100", "1000"):
+            assert _finite_positive(row[n])
+        assert _finite_positive(row["x_1000_vs_10"])
+
+
+def test_scenario_e(quick: tuple[dict[str, Any], Path | None]) -> None:
+    e = quick[0]["scenarios"]["E"]
+    assert e["servers"] == 3
+    assert e["requests_ok"] > 0
+    assert e["outage_s"] > 0
+    assert e["requests_failed"] == e["failed_in_flight_at_kill"] + e["failed_after_kill"]
+    assert e["breaker_trips"] >= 1  # the stopped server's breaker did open
+    assert e["spread_after_return_s"] is None or e["spread_after_return_s"] >= 0
+
+
+def test_observations_of_lbpool(quick: tuple[dict[str, Any], Path | None]) -> None:
+    obs = quick[0]["observations"]
+    for kind in ("floor", *LBPOOL):
+        o = obs[kind]
+        assert o["max_held"] <= o["limit"] == 10
+        assert o["connections_opened"] <= o["limit"]
+        assert o["grants"] > 0
+        assert o["overtakes"] == 0 and o["fifo"] is True
+        assert o["starved"] == 0
+        assert o["cooperative_unpatched"] is True
+    for kind in LBPOOL:
+        t = obs[kind]["timeout"]
+        assert t["honored"] is True and t["raised"] == "PoolTimeout"
+        assert obs[kind]["missing"] == []
+    for kind, o in obs.items():
+        assert isinstance(o["missing"], list), kind
+
+
+def test_targets(quick: tuple[dict[str, Any], Path | None]) -> None:
+    targets = quick[0]["targets"]
+    ids = {t["id"] for t in targets}
+    assert {"A.pool", "A.manager", "D.round_robin", "D.least_active", "E.failed"} <= ids
+    for t in targets:
+        assert t["met"] in (True, False, None)
+        assert t["limit"].split()[0] in ("<=", ">=", "==")
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_plot_written(quick: tuple[dict[str, Any], Path | None]) -> None:
+    plot = quick[1]
+    assert plot is not None and plot.exists()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_output_single_scenario() -> None:
+    code, out, _ = _main(["--scenarios", "d", "--rounds", "1", "--quick", "-q"])
+    assert code == 0
+    assert "pick cost" in out and "Targets" in out
+
+
+def test_plain_renderer_covers_every_table() -> None:
+    result = bench.run(replace(bench.QUICK, scenarios=("D",), rounds=1))
+    text = bench.render_plain(bench._jsonable({k: v for k, v in result.items() if k[0] != "_"}))
+    assert "D  pick cost" in text and "round_robin" in text and "Targets" in text
+
+
+def test_bad_arguments() -> None:
+    assert _main(["--scenarios", "Z"])[0] == 2
+    assert _main(["--rounds", "0"])[0] == 2
+    assert _main(["--no-such-flag"])[0] == 2
+
+
+def test_core_does_not_import_bench() -> None:
+    code = (
+        "import sys, lbpool, lbpool.pool, lbpool.manager, lbpool.balance; "
+        "bad = [m for m in ('lbpool.bench', 'lbpool._bench_peers', 'matplotlib', 'sqlalchemy', "
+        "'generic_connection_pool', 'gsocketpool') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_peer_that_breaks_mid_run_is_dropped_and_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lbpool import _bench_peers as peers
+
+    real = peers._FACTORIES["gsocketpool"]
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def flaky(address: str, size: int, timeout: float) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 1:  # fine when probed for availability, broken once measured
+            raise RuntimeError("boom")
+        with real(address, size, timeout) as ad:
+            yield ad
+
+    monkeypatch.setitem(peers._FACTORIES, "gsocketpool", flaky)
+    result = bench.run(replace(bench.QUICK, scenarios=("A",), rounds=2))
+    assert "gsocketpool" not in result["scenarios"]["A"]["results"]
+    assert "boom" in result["meta"]["peers_missing"]["gsocketpool"]
+    assert "lbpool.Pool" in result["scenarios"]["A"]["results"]
