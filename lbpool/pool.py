@@ -383,7 +383,7 @@ class Pool:
 
     # -- dialing ------------------------------------------------------------------
     def _dial_reserved(self, remaining: float | None) -> _Conn:
-        """Dial into a slot reserved in ``_size`` and ``_pending``; any failure frees it."""
+        """For an acquisition: ask the breaker, mind the deadline, then ``_open``."""
         breaker = self.breaker
         trial = False
         if not breaker.is_closed:
@@ -405,44 +405,53 @@ class Pool:
             self._timeouts += 1
             raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
         try:
-            sock = _dial(self.address, self.dial_config, timeout=remaining, setup=self._setup)
+            conn = self._open(remaining, trial)
         except DialError as exc:
-            self._pending -= 1
-            self._size -= 1
-            self._slot_freed()
-            cut_short = (
-                remaining is not None
-                and remaining < self.dial_config.timeout
-                and isinstance(exc.__cause__, TimeoutError)
-            )
-            if cut_short:  # our caller's deadline ran out, not the server's patience
-                if trial:
-                    breaker.abandon_trial()
+            if self._cut_short(exc, remaining):
                 self._timeouts += 1
                 raise PoolTimeout(f"{self.name}: acquire deadline passed while dialing") from exc
-            self._dial_failures += 1
-            self._last_dial_error = exc
-            breaker.record_failure(exc)
-            self._suspect_idle()
             raise
-        except BaseException:
-            self._pending -= 1
-            self._size -= 1
-            if trial:
-                breaker.abandon_trial()
-            self._slot_freed()
-            raise
-        self._pending -= 1
-        if trial:
-            breaker.record_success()
-        now = _monotonic()
-        conn = _Conn(sock, now, self._expiry(now))
         if self._closing:
             self._close_conn(conn, "discarded")
             self._size -= 1
             self._note_drained()
             raise PoolClosed(f"{self.name}: pool closed while dialing")
         return conn
+
+    def _cut_short(self, exc: DialError, timeout: float | None) -> bool:
+        """Did the dial time out on our caller's deadline rather than the server's?"""
+        return (
+            timeout is not None
+            and timeout < self.dial_config.timeout
+            and isinstance(exc.__cause__, TimeoutError)
+        )
+
+    def _open(self, timeout: float | None, trial: bool) -> _Conn:
+        """Dial into a slot reserved in ``_size`` and ``_pending``; any failure frees it.
+
+        A failed dial counts against the breaker (unless only our caller's deadline
+        cut it short) and gets the server's idle connections checked; an interrupted
+        one gives back the breaker's trial.
+        """
+        try:
+            sock = _dial(self.address, self.dial_config, timeout=timeout, setup=self._setup)
+        except BaseException as exc:
+            self._pending -= 1
+            self._size -= 1
+            if isinstance(exc, DialError) and not self._cut_short(exc, timeout):
+                self._dial_failures += 1
+                self._last_dial_error = exc
+                self.breaker.record_failure(exc)
+                self._suspect_idle()
+            elif trial:
+                self.breaker.abandon_trial()
+            self._slot_freed()
+            raise
+        self._pending -= 1
+        if trial:
+            self.breaker.record_success()
+        now = _monotonic()
+        return _Conn(sock, now, self._expiry(now))
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
@@ -656,32 +665,13 @@ class Pool:
         return started
 
     def _refill_one(self, trial: bool) -> None:
-        breaker = self.breaker
         try:
             try:
-                sock = _dial(self.address, self.dial_config, setup=self._setup)
+                conn = self._open(None, trial)
             except DialError as exc:
-                self._pending -= 1
-                self._size -= 1
-                self._dial_failures += 1
-                self._last_dial_error = exc
-                breaker.record_failure(exc)
-                self._suspect_idle()
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
-                self._slot_freed()
                 return
-            except BaseException:
-                self._pending -= 1
-                self._size -= 1
-                if trial:
-                    breaker.abandon_trial()
-                self._slot_freed()
-                raise
-            self._pending -= 1
-            if trial:
-                breaker.record_success()
-            now = _monotonic()
-            self._put_back(_Conn(sock, now, self._expiry(now)))
+            self._put_back(conn)
         finally:
             self._refilling -= 1
             self._dialers.discard(gevent.getcurrent())
