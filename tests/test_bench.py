@@ -76,8 +76,10 @@ def test_scenario_a(quick: tuple[dict[str, Any], Path | None]) -> None:
     for row in a.values():
         assert _finite_positive(row["ns_per_op"])
         assert _finite_positive(row["x_floor"])
+        assert _finite_positive(row["x_deque"])
         assert len(row["rounds"]) == 2
-    assert a["deque"]["x_floor"] == 1.0
+    assert a["floor"]["x_floor"] == 1.0  # the FIFO-handoff deque, as in every scenario
+    assert a["deque"]["x_deque"] == 1.0
 
 
 @pytest.mark.parametrize(
