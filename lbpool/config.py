@@ -724,8 +724,9 @@ def _describe(error: Mapping[str, Any]) -> tuple[Loc, str]:
     ctx: Mapping[str, Any] = error.get("ctx") or {}
     value = error.get("input")
     msg = str(error.get("msg", "invalid value"))
-    if loc and loc[-1] == "[key]":
-        loc = loc[:-1]
+    if loc and loc[-1] == "[key]" and kind != "extra_forbidden":
+        loc = loc[:-1]  # pydantic's marker for "the key itself" (an unknown key's own
+        # name may well be the string "[key]": then it is the location, kept)
     if kind == "extra_forbidden":
         return loc, _unknown_key_message(loc)
     if kind == "missing":
@@ -1176,8 +1177,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with open(source, "rb") as handle:
             raw = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         problem = ConfigProblem(source, None, "", f"cannot read config file: {reason}")
         raise ConfigError([problem]) from None
     if len(raw) > MAX_FILE_BYTES:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gevent import Timeout as _GeventTimeout
 
-from lbpool.errors import ConnectionReleased
+from lbpool.errors import ConnectionReleased, LbpoolError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -130,7 +130,11 @@ class PooledConnection:
         conn = self._conn
         if conn is not None:
             self._conn = None
-            self._owner._return(conn)
+            try:
+                self._owner._return(conn)
+            except LbpoolError:  # refused (another OS thread): nothing changed, keep it
+                self._conn = conn
+                raise
 
     def discard(self, exc: BaseException | None = None) -> None:
         """Close the connection instead of returning it; ``exc`` says why.
@@ -141,7 +145,11 @@ class PooledConnection:
         conn = self._conn
         if conn is not None:
             self._conn = None
-            self._owner._discard(conn, exc)
+            try:
+                self._owner._discard(conn, exc)
+            except LbpoolError:  # refused (another OS thread): nothing changed, keep it
+                self._conn = conn
+                raise
 
     def __enter__(self) -> Self:
         return self
@@ -152,13 +160,11 @@ class PooledConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self._conn
-        if conn is not None:
-            self._conn = None
+        if self._conn is not None:
             if exc_type is None:
-                self._owner._return(conn)
+                self.release()
             else:
-                self._owner._discard(conn, exc if exc is not None else exc_type())
+                self.discard(exc if exc is not None else exc_type())
 
     def __repr__(self) -> str:
         state = "released" if self._conn is None else f"uses={self._conn.uses}"

@@ -24,6 +24,8 @@ from lbpool.config import parse_address as _parse_address
 from lbpool.connection import PooledConnection
 from lbpool.errors import (
     BackendUnavailable,
+    ConfigError,
+    ConfigProblem,
     DialError,
     LbpoolError,
     PoolClosed,
@@ -50,7 +52,19 @@ def _coerce_config(config: ConfigSource) -> Config:
         return config
     if isinstance(config, Mapping):
         return parse_config(config)
-    return load_config(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise ConfigError(
+        [
+            ConfigProblem(
+                "<config>",
+                None,
+                "",
+                "expected a mapping, a lbpool.Config or a path to a YAML file, "
+                f"got {type(config).__name__}",
+            )
+        ]
+    )
 
 
 class Backend:
@@ -69,6 +83,7 @@ class Backend:
         self.adhoc = adhoc
         self._listeners = listeners if listeners is not None else []
         self.pools: list[Pool] = []
+        self.closed = False  # set by the manager's close(): waiters then get PoolClosed
         self._only: Pool | None = None  # the one server of a one-server backend
         self._balancer: Balancer = make_balancer(config.strategy, [])
 
@@ -148,6 +163,8 @@ class Backend:
             tried = {i for i, p in enumerate(pools) if p in errors}
             idx = self._balancer.pick(tried)
             if idx is None:
+                if self.closed:
+                    raise PoolClosed(f"backend {self.name!r}: the manager is closed")
                 raise self._unavailable(errors)
             pool = pools[idx]
             remaining = deadline - _monotonic()
@@ -191,6 +208,8 @@ class PoolManager:
         self._draining: dict[Pool, gevent.Greenlet] = {}
         self._listeners: list[BreakerChange] = []
         self._closing = False
+        self._closed = False
+        self._closing_pools: list[Pool] = []
         self._thread_id = _get_ident()
         self._wake = Event()
         for name, bcfg in self.config.backends.items():
@@ -226,10 +245,7 @@ class PoolManager:
     def _route_other(self, name: str) -> Backend:
         if self._closing:
             raise PoolClosed("the manager is closed")
-        if _get_ident() != self._thread_id:
-            raise LbpoolError(
-                "this manager belongs to another thread; use one manager per OS thread"
-            )
+        self._check_thread()
         try:
             address = _parse_address(name)
         except ValueError:
@@ -278,6 +294,7 @@ class PoolManager:
 
     def wait_ready(self, timeout: float | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
+        self._check_thread()
         pools = self._all_pools()
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
         try:
@@ -307,6 +324,7 @@ class PoolManager:
         (its waiters fail over to the backend's other servers) and its in-use
         connections close as they come back.
         """
+        self._check_thread()
         if self._closing:
             raise PoolClosed("the manager is closed")
         new = _coerce_config(config)
@@ -336,23 +354,40 @@ class PoolManager:
     # -- closing ------------------------------------------------------------------
     def close(self, timeout: float | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters, close idle connections now and in-use
-        ones as they return; after ``timeout`` close the rest. Leaves no greenlet."""
-        if self._closing:
+        ones as they return; after ``timeout`` close the rest. Leaves no greenlet.
+
+        Calling it again after it finished is harmless; after it was interrupted (a
+        ``gevent.Timeout``, a kill) it picks up where it stopped."""
+        if self._closed:
             return
-        self._closing = True
-        self._wake.set()
-        pools = self._all_pools()
-        self._backends.clear()
-        self._adhoc.clear()
+        self._check_thread()
+        if not self._closing:
+            self._closing = True
+            self._wake.set()
+            self._closing_pools = self._all_pools()
+            for backend in [*self._backends.values(), *self._adhoc.values()]:
+                backend.closed = True
+            self._backends.clear()
+            self._adhoc.clear()
         if self._upkeep is not gevent.getcurrent():
-            self._upkeep.kill(block=True, timeout=timeout)
-        closers = [gevent.spawn(p.close, timeout) for p in pools]
-        gevent.joinall(closers)
+            self._upkeep.kill(block=True)  # dies at once: its handlers never block
+        closers = [gevent.spawn(p.close, timeout) for p in self._closing_pools]
+        try:
+            gevent.joinall(closers)
+        finally:
+            gevent.killall(closers, block=True)  # only if we were interrupted
         draining = dict(self._draining)
         gevent.killall(list(draining.values()), block=True)
         for pool in draining:
             pool.close(0)  # what the drain had not closed yet, now
         self._draining.clear()
+        self._closed = True
+
+    def _check_thread(self) -> None:
+        if _get_ident() != self._thread_id:
+            raise LbpoolError(
+                "this manager belongs to another thread; use one manager per OS thread"
+            )
 
     @property
     def closed(self) -> bool:

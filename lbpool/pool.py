@@ -73,6 +73,7 @@ class _Token:
 
 _PERMIT = _Token("PERMIT")  # a reserved slot: the waiter may dial
 _CLOSED = _Token("CLOSED")  # the pool closed while it waited
+_BROKEN = _Token("BROKEN")  # the server's breaker opened while it waited: fail over
 _TIMED_OUT = _Token("TIMED_OUT")
 
 
@@ -256,6 +257,8 @@ class Pool:
         if self._closing:
             raise PoolClosed(f"{self.name}: pool is closed")
         idle = self._idle
+        if idle and not self.breaker.is_closed:
+            self._drop_idle()  # not while the breaker is not closed: a trial is a dial
         while idle:
             conn = idle.pop()
             now = _monotonic()
@@ -275,6 +278,8 @@ class Pool:
         return self._acquire_slow(timeout)
 
     def _acquire_slow(self, timeout: float | None) -> PooledConnection:
+        if timeout is not None and timeout != timeout:
+            raise ValueError(f"{self.name}: acquire timeout must be a number of seconds, not NaN")
         start = _monotonic()
         deadline = start + (self._acquire_timeout if timeout is None else timeout)
         if self._size < self._max_size and not self._waiters:
@@ -323,6 +328,8 @@ class Pool:
             conn = self._lend_new(deadline)
             self._waits_served += 1
             return conn
+        if item is _BROKEN:
+            raise DialError(self.name, "circuit breaker opened while waiting")
         raise PoolClosed(f"{self.name}: pool closed while waiting")  # item is _CLOSED
 
     def _arm_expiry(self, deadline: float) -> None:
@@ -348,8 +355,9 @@ class Pool:
         expired = [w for w in self._waiters if w.deadline <= limit]
         for w in expired:
             self._waiters.remove(w)
-        if self._waiters:
-            self._arm_expiry(min(w.deadline for w in self._waiters))
+        earliest = min((w.deadline for w in self._waiters), default=float("inf"))
+        if earliest < float("inf"):  # a waiter with no deadline needs no timer
+            self._arm_expiry(earliest)
         for w in expired:
             w.switch(_TIMED_OUT)
 
@@ -500,9 +508,23 @@ class Pool:
     def _suspect_idle(self) -> None:
         """The server just failed us: check each idle connection before its next use,
         however recently it was used (a dead server's idle sockets look fine until
-        someone reads from them)."""
+        someone reads from them). If that failure opened the breaker, the server is
+        given up for now: idle connections close and waiters are told to fail over."""
+        if not self.breaker.is_closed:
+            self._drop_idle()
+            waiters = self._waiters
+            while waiters:
+                self._hand(waiters.popleft(), _BROKEN)
+            return
         for conn in self._idle:
             conn.checked_at = float("-inf")
+
+    def _drop_idle(self) -> None:
+        idle = self._idle
+        while idle:
+            self._close_conn(idle.pop(), "unhealthy")
+            self._size -= 1
+        self._slot_freed()
 
     def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
         if item.__class__ is _Conn:
@@ -707,8 +729,7 @@ class Pool:
         the rest. Returns as soon as everything is closed. A second call is a no-op."""
         if self._closed:
             return
-        if self._fork_gen != _fork_generation:
-            self._start_fresh_after_fork()
+        self._check_owner()  # refuses another OS thread; starts fresh in a forked child
         self._closing = True
         current = gevent.getcurrent()
         if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
