@@ -1,0 +1,266 @@
+"""Process and thread boundaries at manager level.
+
+Fork (gunicorn ``preload_app``): a child never uses a connection its parent opened --
+neither an idle one nor one the parent holds -- and nothing the child does (using the
+manager, closing it, exiting) disturbs the parent's connections. The child runs a copy
+of the in-process echo servers too, so "whose connection" is decided by the client-side
+port numbers, reported back over a pipe read with ``gevent.os.nb_read`` (never
+blocking the parent's hub).
+
+Threads: a manager belongs to the OS thread that made it; any use from a second real OS
+thread is refused with an ``LbpoolError`` saying the manager belongs to another thread,
+and leaves the manager intact for its own thread. Reading ``stats()`` (a metrics
+scrape thread) is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.os
+import pytest
+
+from lbpool import LbpoolError, PoolManager
+from lbpool.testing import EchoServer
+from tests.conftest import live_greenlets, settle
+
+
+def config(addresses: list[str], **pool: Any) -> dict[str, Any]:
+    pool_cfg = {"min_idle": 0, "max_size": 4, "acquire_timeout": 2, "upkeep_interval": 0.05}
+    pool_cfg.update(pool)
+    return {"backends": {"svc": {"servers": addresses, "pool": pool_cfg}}}
+
+
+def local_port(conn: Any) -> int:
+    return int(conn.sock.getsockname()[1])
+
+
+def round_trip(conn: Any, payload: bytes) -> None:
+    conn.settimeout(2)
+    conn.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = conn.recv(64)
+        assert chunk
+        got += chunk
+    assert got == payload
+
+
+def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork; the child runs ``child()`` and reports its result as JSON; ``os._exit``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                report = child()
+            except BaseException as exc:
+                report = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(w, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    gevent.os.make_nonblocking(r)
+    data = b""
+    try:
+        with gevent.Timeout(20):  # read without blocking the hub
+            while True:
+                chunk = gevent.os.nb_read(r, 65536)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    result: dict[str, Any] = json.loads(data)
+    assert "error" not in result, result["error"]
+    return result
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+@pytest.mark.parametrize("min_idle", [0, 2], ids=["no_upkeep_refill", "upkeep_refills"])
+def test_fork_child_never_uses_parent_connections(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None, min_idle: int
+) -> None:
+    a, b, c = (echo_server_factory() for _ in range(3))
+    manager = PoolManager(config([a.address, b.address], min_idle=min_idle))
+    manager.wait_ready(timeout=5)
+    held = manager.acquire("svc")
+    round_trip(held, b"parent-held")
+    warm = [manager.acquire("svc") for _ in range(3)]
+    for conn in warm:
+        round_trip(conn, b"warm")
+    adhoc = manager.acquire(c.address)  # an ad-hoc host:port pool too
+    parent_ports = {local_port(held), local_port(adhoc), *(local_port(x) for x in warm)}
+    adhoc.release()
+    for conn in warm:
+        conn.release()
+    before = manager.stats().to_dict()
+    idle_ports = {  # every idle connection the parent holds (refills included)
+        conn.sock.getsockname()[1] for pool in manager.backends["svc"].pools for conn in pool._idle
+    }
+    parent_ports |= idle_ports
+
+    def child() -> dict[str, Any]:
+        ports, uses = [], []
+        for i in range(6):
+            with manager.get("svc", timeout=2) as conn:
+                ports.append(local_port(conn))
+                uses.append(conn.uses)
+                round_trip(conn, b"child-%d" % i)
+        with manager.get(c.address, timeout=2) as conn:
+            ports.append(local_port(conn))
+            round_trip(conn, b"child-adhoc")
+        manager.close(timeout=1)  # closing in the child must not touch the parent's
+        return {"ports": ports, "uses": uses}
+
+    result = run_in_child(child)
+    assert set(result["ports"]).isdisjoint(parent_ports), (result, parent_ports)
+    # the parent's connections are undisturbed: the held one, and each idle one
+    round_trip(held, b"parent-after-fork")
+    held.release()
+    after_fork = manager.stats().to_dict()
+    for name, backend in before["backends"].items():
+        for address, server in backend["servers"].items():
+            now = after_fork["backends"][name]["servers"][address]
+            back = 1 if name == "svc" and address == held.address else 0  # `held` came back
+            assert (now["size"], now["idle"]) == (server["size"], server["idle"] + back), (
+                address,
+                now,
+                server,
+            )
+    reused = []
+    for _ in range(len(idle_ports) + 1):
+        reused.append(manager.acquire("svc"))
+    for conn in reused:
+        round_trip(conn, b"parent-reuse")
+    assert {local_port(conn) for conn in reused} & idle_ports  # the same sockets, still good
+    for conn in reused:
+        conn.release()
+    with manager.get(c.address) as conn:
+        assert conn.uses == 2  # the parent's ad-hoc connection, reused and fine
+        round_trip(conn, b"adhoc-after-fork")
+    manager.close(timeout=2)
+
+
+# -- a second OS thread ----------------------------------------------------------------------
+
+
+def from_other_thread(fn: Callable[..., Any], *args: Any) -> BaseException | None:
+    """Call ``fn(*args)`` in a new OS thread; return what it raised (None if nothing)."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    return outcome[0]
+
+
+def assert_refused(exc: BaseException | None) -> None:
+    assert isinstance(exc, LbpoolError), repr(exc)
+    assert "manager belongs to another thread" in str(exc), str(exc)
+
+
+@pytest.fixture
+def manager(echo_server_factory: Callable[..., EchoServer]) -> Any:
+    a, b = echo_server_factory(), echo_server_factory()
+    mgr = PoolManager(config([a.address, b.address]))
+    mgr.test_servers = (a, b)  # type: ignore[attr-defined]
+    with mgr.get("svc") as conn:
+        round_trip(conn, b"warm")
+    yield mgr
+    mgr.close(timeout=1)
+
+
+def test_other_thread_get_and_acquire_refused(manager: PoolManager, no_fd_leak: None) -> None:
+    a, _ = manager.test_servers  # type: ignore[attr-defined]
+    assert_refused(from_other_thread(manager.get, "svc"))
+    assert_refused(from_other_thread(manager.acquire, "svc", 1))
+    assert_refused(from_other_thread(manager.get, a.address))  # configured server, ad hoc
+    other = EchoServer().start()
+    try:
+        assert_refused(from_other_thread(manager.get, other.address))  # not yet routed
+        assert manager.stats().backends.get("") is None  # no ad-hoc pool was made
+    finally:
+        other.stop()
+    # the owner thread is unaffected
+    for _ in range(4):
+        with manager.get("svc") as conn:
+            round_trip(conn, b"still mine")
+    s = manager.stats().backends["svc"].servers
+    assert all(x.size == x.idle + x.in_use + x.pending for x in s.values())
+
+
+def test_other_thread_may_read_stats(manager: PoolManager) -> None:
+    """A metrics scrape thread reads stats: allowed, consistent, nothing changed."""
+    out: list[Any] = []
+    assert from_other_thread(lambda: out.append(manager.stats().to_dict())) is None
+    assert out[0] == manager.stats().to_dict()
+
+
+def test_other_thread_release_refused_and_connection_kept(manager: PoolManager) -> None:
+    conn = manager.acquire("svc")
+    exc = from_other_thread(conn.release)
+    assert_refused(exc)
+    round_trip(conn, b"still usable here")  # the refused release did not cut the handle
+    conn.release()
+    assert manager.stats().backends["svc"].servers[conn.address].in_use == 0
+
+
+def test_other_thread_wait_ready_refused(manager: PoolManager) -> None:
+    exc = from_other_thread(manager.wait_ready, 1)
+    assert_refused(exc)
+
+
+def test_other_thread_close_refused_and_manager_intact(manager: PoolManager) -> None:
+    assert_refused(from_other_thread(manager.close, 1))
+    assert not manager.closed
+    with manager.get("svc") as conn:
+        round_trip(conn, b"still open")
+    manager.close(timeout=1)
+    assert manager._upkeep.dead
+
+
+def test_other_thread_reload_refused_and_config_unchanged(
+    manager: PoolManager, echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    a, _ = manager.test_servers  # type: ignore[attr-defined]
+    c = echo_server_factory()
+    old = manager.backends["svc"].config
+    new = config([c.address, a.address], max_size=1)
+    new["backends"]["svc"]["strategy"] = "least_active"
+    assert_refused(from_other_thread(manager.reload, new))
+    assert manager.backends["svc"].config == old
+    assert manager.stats().backends["svc"].strategy == "round_robin"
+
+
+def test_manager_closed_by_owner_leaves_no_greenlet(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    before = len(live_greenlets())
+    a = echo_server_factory()
+    manager = PoolManager(config([a.address], min_idle=2))
+    manager.wait_ready(timeout=5)
+    assert_refused(from_other_thread(manager.get, "svc"))
+    manager.close(timeout=1)
+    a.stop()
+    assert settle(lambda: len(live_greenlets()) <= before, 5)

@@ -1,0 +1,697 @@
+"""Interruptions at every yield point of a manager acquisition, and none in release.
+
+Each test drives one acquisition (``manager.acquire("svc")``) until its greenlet is
+parked at one precise yield point -- found by walking the greenlet's frames, or by an
+Event a hook sets -- and then interrupts it there, with ``GreenletExit`` (a kill) or a
+``gevent.Timeout`` (the very timer object the caller armed, as gevent itself would
+throw it). Nothing here relies on a sleep landing at the right moment.
+
+For every (point x interruption) the same things must hold: no lost slot (``size ==
+idle + in_use + pending`` at once, everything 0 after ``close``), no stranded waiter (a
+caller queued behind the interrupted one is still served), no leaked socket
+(``no_fd_leak``) and no lbpool greenlet left behind.
+
+Yield points covered (acquire): queued in the pool's waiter list; handed a connection,
+woken not yet; handed a dial permit, woken not yet; inside the TCP connect; inside the
+TLS handshake; inside the ``setup`` hook; inside the borrow health check (send/expect
+and hook); in an upkeep refill dial (also as the breaker's half-open trial); and the
+drain wait of ``close``. Release: proven to never switch greenlets, in every state it
+can meet, with a greenlet switch tracer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import socket as stdsocket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import greenlet
+import pytest
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from lbpool import ConnectionReleased, PoolClosed, PoolManager
+from lbpool.pool import Pool
+from lbpool.testing import EchoServer, FaultProxy
+from tests.conftest import TLSCerts, settle
+from tests.interrupt import throw_now
+
+KINDS = ["kill", "timeout"]
+WAIT = 5.0  # bound on every wait for a greenlet to reach its point
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def lbpool_greenlets() -> list[gevent.Greenlet]:
+    """Greenlets running (or scheduled to run) lbpool code, test servers excluded."""
+    found = []
+    for g in gc.get_objects():
+        if not isinstance(g, gevent.Greenlet) or g.dead:
+            continue
+        fn = getattr(g, "_run", None)
+        owner = getattr(fn, "__self__", None)
+        module = type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")
+        if (module or "").startswith("lbpool") and module != "lbpool.testing":
+            found.append(g)
+    return found
+
+
+def frames_of(g: greenlet.greenlet) -> list[str]:
+    names = []
+    frame = g.gr_frame
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def wait_in(g: greenlet.greenlet, function: str) -> None:
+    """Block (polling, bounded) until ``g`` is suspended inside ``function``."""
+    assert settle(lambda: function in frames_of(g), WAIT), (function, frames_of(g))
+
+
+class Caller:
+    """One acquisition in its own greenlet, armed with its own ``gevent.Timeout``.
+
+    ``interrupt("timeout")`` throws that very timer object into the greenlet -- what
+    gevent does when it expires -- and ``interrupt("kill")`` kills the greenlet; with
+    ``now=True`` both are delivered synchronously (``throw_now``), before callbacks
+    already queued on the hub (a pending handoff) can run.
+    """
+
+    def __init__(self, manager: PoolManager, name: str = "svc") -> None:
+        self.conn: Any = None
+        self.timer = gevent.Timeout(3600)
+        self.greenlet = gevent.spawn(self._run, manager, name)
+
+    def _run(self, manager: PoolManager, name: str) -> None:
+        self.timer.start()
+        try:
+            self.conn = manager.acquire(name)
+        finally:
+            self.timer.close()
+
+    def interrupt(self, kind: str, *, now: bool = False) -> None:
+        g = self.greenlet
+        exc: BaseException = gevent.GreenletExit() if kind == "kill" else self.timer
+        if now:
+            throw_now(g, exc)
+        elif kind == "kill":
+            g.kill(block=True, timeout=WAIT)
+        else:
+            g.kill(exc, block=True, timeout=WAIT)
+        assert g.join(WAIT) is None or g.dead
+        assert g.dead
+        assert self.conn is None  # it never got a connection
+        expected = gevent.GreenletExit if kind == "kill" else gevent.Timeout
+        assert isinstance(g.exception, expected) or (kind == "kill" and g.exception is None)
+
+    def served(self) -> Any:
+        assert self.greenlet.join(WAIT) is None or self.greenlet.dead
+        assert self.greenlet.successful(), self.greenlet.exception
+        assert self.conn is not None
+        return self.conn
+
+
+def the_pool(manager: PoolManager) -> Pool:
+    return manager.backends["svc"].pools[0]
+
+
+def assert_consistent(manager: PoolManager) -> None:
+    for backend in manager.backends.values():
+        for pool in backend.pools:
+            s = pool.stats()
+            assert s.size == s.idle + s.in_use + s.pending, s
+            assert s.size <= s.max_size, s
+            assert s.waiting == len(pool._waiters), s
+
+
+def round_trip(conn: Any, payload: bytes = b"ping") -> None:
+    conn.settimeout(WAIT)
+    conn.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = conn.recv(64)
+        assert chunk, "server closed"
+        got += chunk
+    assert got == payload
+
+
+def finish(manager: PoolManager, *conns: Any) -> None:
+    """Give everything back, close, and check that nothing is left anywhere."""
+    for conn in conns:
+        if conn is not None:
+            conn.release()
+    pools = [p for b in manager.backends.values() for p in b.pools]
+    assert_consistent(manager)
+    manager.close(timeout=WAIT)
+    for pool in pools:
+        s = pool.stats()
+        assert (s.size, s.idle, s.in_use, s.pending, s.waiting) == (0, 0, 0, 0, 0), s
+    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()
+
+
+def config(
+    addresses: list[str],
+    *,
+    pool: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    pool_cfg: dict[str, Any] = {
+        "min_idle": 0,
+        "max_size": 1,
+        "acquire_timeout": 30,
+        "check_after": 3600,
+        "upkeep_interval": 3600,  # upkeep only where a test runs it
+    }
+    pool_cfg.update(pool or {})
+    backend: dict[str, Any] = {
+        "servers": addresses,
+        "pool": pool_cfg,
+        "dial": {"timeout": 30},
+        "breaker": {"failure_threshold": 5, "recovery_timeout": 60},
+    }
+    backend.update(sections)
+    return {"backends": {"svc": backend}}
+
+
+class Gate:
+    """A hook that parks its caller on an Event: the interrupt lands exactly inside it."""
+
+    def __init__(self) -> None:
+        self.entered = Event()
+        self.open = Event()
+        self.calls = 0
+
+    def __call__(self, sock: Any) -> None:
+        self.calls += 1
+        self.entered.set()
+        assert self.open.wait(30)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(WAIT)
+        self.entered.clear()
+
+
+class BacklogServer:
+    """A listener whose accept queue is full: a connect to it hangs in SYN_SENT (no
+    SYN-ACK) until ``unblock()`` starts accepting. The only way to park a greenlet inside
+    a real ``connect()`` on loopback."""
+
+    def __init__(self) -> None:
+        self.listener = gsocket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.fillers: list[Any] = []
+        self.accepted: list[Any] = []
+        self._acceptor: gevent.Greenlet | None = None
+        for _ in range(4):
+            f = stdsocket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(self.listener.getsockname())
+            self.fillers.append(f)
+
+    def unblock(self) -> None:
+        for f in self.fillers:
+            f.close()
+        self.fillers.clear()
+        self._acceptor = gevent.spawn(self._accept_forever)
+
+    def _accept_forever(self) -> None:
+        while True:
+            sock, _ = self.listener.accept()
+            self.accepted.append(sock)
+
+    def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.kill()
+        for s in self.fillers + self.accepted:
+            s.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def backlog() -> Iterator[BacklogServer]:
+    server = BacklogServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def close_leftover_managers() -> Iterator[None]:
+    """A failing test must not leave its managers, pools or greenlets to the next test."""
+
+    def ours() -> list[Any]:
+        return [o for o in gc.get_objects() if isinstance(o, (PoolManager, Pool, gevent.Greenlet))]
+
+    before = {id(o) for o in ours()}
+    yield
+    made = [o for o in ours() if id(o) not in before]
+    for obj in made:
+        if isinstance(obj, PoolManager) and not obj.closed:
+            obj.close(timeout=0)
+    for obj in made:
+        if isinstance(obj, Pool) and not obj._closed:
+            obj.close(timeout=0)
+    leftover = [g for g in lbpool_greenlets() if id(g) not in before]
+    gevent.killall(leftover, block=True, timeout=WAIT)
+
+
+@pytest.fixture
+def server(echo_server_factory: Callable[..., EchoServer]) -> EchoServer:
+    return echo_server_factory()
+
+
+# -- waiting in the queue, and the two handoff windows ------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_while_queued(server: EchoServer, no_fd_leak: None, kind: str) -> None:
+    manager = PoolManager(config([server.address]))
+    holder = manager.acquire("svc")
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_wait")
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")
+    assert the_pool(manager).stats().waiting == 2
+    victim.interrupt(kind)
+    assert the_pool(manager).stats().waiting == 1  # left no trace in the queue
+    assert_consistent(manager)
+    holder.release()
+    conn = follower.served()  # not stranded behind the dead waiter
+    round_trip(conn)
+    assert conn.uses == 2
+    finish(manager, conn)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("handed", ["connection", "permit"])
+def test_interrupt_after_handoff_before_wakeup(
+    server: EchoServer, no_fd_leak: None, kind: str, handed: str
+) -> None:
+    """The handoff is done (a connection, or a permit to dial into a freed slot) but the
+    waiter's wake-up is still a queued hub callback when the interrupt lands."""
+    manager = PoolManager(config([server.address]))
+    holder = manager.acquire("svc")
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_wait")
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")
+    if handed == "connection":
+        holder.release()  # handed straight to the victim
+    else:
+        holder.discard()  # the slot is freed: the victim is handed a permit to dial
+    pool = the_pool(manager)
+    assert pool.stats().waiting == 1  # the victim was popped: the handoff happened
+    victim.interrupt(kind, now=True)
+    conn = follower.served()  # what the victim was handed went on to the follower
+    round_trip(conn)
+    assert conn.uses == (2 if handed == "connection" else 1)
+    assert server.connections_accepted == (1 if handed == "connection" else 2)
+    assert_consistent(manager)
+    finish(manager, conn)
+
+
+# -- inside the dial: connect, TLS handshake, setup hook ----------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_connect(backlog: BacklogServer, no_fd_leak: None, kind: str) -> None:
+    manager = PoolManager(config([backlog.address]))
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_connect")  # lbpool.dial._connect, inside sock.connect
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")  # max_size 1: the dial in flight holds the slot
+    assert the_pool(manager).stats().pending == 1
+    victim.interrupt(kind)
+    backlog.unblock()
+    conn = follower.served()  # got the freed slot (a permit) and dialed
+    pool = the_pool(manager)
+    assert pool.breaker.failure_count == 0  # an interruption is no verdict on the server
+    assert pool.stats().dial_failures == 0
+    assert_consistent(manager)
+    finish(manager, conn)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_tls_handshake(tls_certs: TLSCerts, no_fd_leak: None, kind: str) -> None:
+    with (
+        EchoServer(ssl_context=tls_certs.server_context()) as tls_server,
+        FaultProxy(tls_server.address) as proxy,
+    ):
+        proxy.blackhole()  # accepted, but the ClientHello is never answered
+        manager = PoolManager(
+            config(
+                [proxy.address],
+                dial={
+                    "timeout": 30,
+                    "tls": {"ca_file": tls_certs.ca_file, "server_hostname": "localhost"},
+                },
+            )
+        )
+        victim = Caller(manager)
+        wait_in(victim.greenlet, "do_handshake")
+        follower = Caller(manager)
+        wait_in(follower.greenlet, "_wait")
+        victim.interrupt(kind)
+        proxy.recover()
+        conn = follower.served()
+        round_trip(conn)
+        assert the_pool(manager).breaker.failure_count == 0
+        assert_consistent(manager)
+        finish(manager, conn)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_setup_hook(server: EchoServer, no_fd_leak: None, kind: str) -> None:
+    gate = Gate()
+    manager = PoolManager(config([server.address], setup=gate))
+    victim = Caller(manager)
+    gate.wait_entered()
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")
+    victim.interrupt(kind)
+    s = the_pool(manager).stats()
+    assert (s.size, s.pending, s.waiting) == (1, 1, 0), (
+        s
+    )  # the freed slot: a permit to the follower
+    gate.open.set()
+    conn = follower.served()
+    round_trip(conn)
+    assert gate.calls == 2
+    assert the_pool(manager).breaker.failure_count == 0
+    finish(manager, conn)
+
+
+# -- inside the borrow health check ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_borrow_send_expect(
+    server: EchoServer, no_fd_leak: None, kind: str
+) -> None:
+    manager = PoolManager(
+        config(
+            [server.address],
+            pool={"check_after": 0},
+            health_check={"send": "PING\r\n", "expect": "+PONG", "timeout": 30},
+        )
+    )
+    manager.acquire("svc").release()  # one idle connection, due for a check on borrow
+    server.mode = "silent"  # the check's PING is read but never answered
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_recv_exact_prefix")
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")
+    victim.interrupt(kind)
+    s = the_pool(manager).stats()
+    assert s.closed["unhealthy"] == 1  # the checked one is closed, not lost, not reused
+    server.mode = "echo"
+    conn = follower.served()  # the freed slot went to the follower, who dialed
+    round_trip(conn)
+    assert conn.uses == 1
+    finish(manager, conn)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_borrow_health_hook(
+    server: EchoServer, no_fd_leak: None, kind: str
+) -> None:
+    gate = Gate()
+    manager = PoolManager(
+        config(
+            [server.address],
+            pool={"check_after": 0},
+            health_check={"hook": gate, "timeout": 30},
+        )
+    )
+    manager.acquire("svc").release()
+    victim = Caller(manager)
+    gate.wait_entered()
+    follower = Caller(manager)
+    wait_in(follower.greenlet, "_wait")
+    victim.interrupt(kind)
+    gate.open.set()
+    conn = follower.served()
+    round_trip(conn)
+    assert conn.uses == 1  # a fresh dial: the interrupted check's connection was closed
+    finish(manager, conn)
+
+
+# -- a refill dial (upkeep), also as the breaker's half-open trial --------------------------
+
+
+def refill_dialer(pool: Pool) -> gevent.Greenlet:
+    assert settle(lambda: len(pool._dialers) == 1, WAIT)
+    return next(iter(pool._dialers))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("trial", [False, True], ids=["closed", "half_open_trial"])
+def test_interrupt_during_refill_dial(
+    server: EchoServer, no_fd_leak: None, kind: str, trial: bool
+) -> None:
+    gate = Gate()
+    manager = PoolManager(
+        config(
+            [server.address],
+            pool={"min_idle": 1},
+            setup=gate,
+            breaker={"failure_threshold": 1, "recovery_timeout": 0.05},
+        )
+    )
+    pool = the_pool(manager)
+    dialer = refill_dialer(pool)  # the manager's first upkeep pass started it
+    gate.wait_entered()
+    if trial:  # make the next refill the breaker's half-open trial
+        gate.open.set()
+        assert settle(lambda: pool.stats().idle == 1, WAIT)
+        gate.open.clear()
+        with pytest.raises(ConnectionResetError), manager.get("svc"):
+            raise ConnectionResetError("peer reset")  # opens the breaker (threshold 1)
+        assert pool.breaker.state == "open"
+        assert settle(lambda: pool.breaker.state == "half_open", WAIT)
+        assert pool.fill() == 1
+        dialer = refill_dialer(pool)
+        gate.wait_entered()
+        assert pool.breaker.trial_in_flight
+    follower: Caller | None = None
+    if not trial:  # (while the trial is in flight the server is not eligible: no queue)
+        follower = Caller(manager)
+        wait_in(follower.greenlet, "_wait")  # max_size 1: the refill holds the slot
+    if kind == "kill":
+        dialer.kill(block=True, timeout=WAIT)
+    else:
+        dialer.kill(gevent.Timeout(), block=True, timeout=WAIT)
+    assert dialer.dead
+    assert pool._refilling == 0
+    assert not pool.breaker.trial_in_flight  # an interrupted trial is abandoned
+    s = pool.stats()
+    gate.open.set()
+    if follower is not None:
+        assert (s.size, s.pending, s.waiting) == (1, 1, 0), s  # the slot: a permit to it
+        conn = follower.served()
+    else:
+        assert (s.size, s.pending) == (0, 0), s
+        conn = manager.acquire("svc")  # the next caller may run the trial
+    round_trip(conn)
+    assert pool.breaker.state == "closed"
+    finish(manager, conn)
+
+
+# -- the drain wait of close -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_close_drain_wait(server: EchoServer, no_fd_leak: None, kind: str) -> None:
+    manager = PoolManager(config([server.address], pool={"max_size": 2}))
+    held = manager.acquire("svc")
+    manager.acquire("svc").release()  # and one idle
+    pool = the_pool(manager)
+    timer = gevent.Timeout(3600)
+
+    def closing() -> None:
+        timer.start()
+        try:
+            manager.close(timeout=30)
+        finally:
+            timer.close()
+
+    closer = gevent.spawn(closing)
+    # parked in close's drain wait: the pool refuses, its idle one is closed, and
+    # close() is suspended waiting for the held connection to come back
+    assert settle(lambda: pool.closed and "close" in frames_of(closer), WAIT)
+    assert pool.stats().idle == 0
+    if kind == "kill":
+        closer.kill(block=True, timeout=WAIT)
+    else:
+        throw_now(closer, timer)
+        assert closer.join(WAIT) is None or closer.dead
+    assert closer.dead
+    with pytest.raises(PoolClosed):
+        manager.acquire("svc")
+    held.release()  # comes back after the interrupted close: closed, not pooled
+    with pytest.raises(ConnectionReleased):
+        held.sendall(b"x")
+    manager.close(timeout=WAIT)  # a second close is harmless
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.pending, s.waiting) == (0, 0, 0, 0, 0), s
+    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()
+
+
+def test_close_wakes_manager_waiters_with_pool_closed(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = PoolManager(config([a.address, b.address]))
+    held = [manager.acquire("svc"), manager.acquire("svc")]  # both servers full
+    waiter = Caller(manager)
+    wait_in(waiter.greenlet, "_wait")
+    closer = gevent.spawn(manager.close, WAIT)
+    assert waiter.greenlet.join(WAIT) is None or waiter.greenlet.dead
+    for conn in held:
+        conn.release()
+    closer.join(WAIT)
+    assert isinstance(waiter.greenlet.exception, PoolClosed), repr(waiter.greenlet.exception)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupted_close_then_second_close_forces(
+    server: EchoServer, no_fd_leak: None, kind: str
+) -> None:
+    """A close interrupted while connections are still out: a later ``close(timeout)``
+    must still honour its own timeout (force-close the rest, leave no greenlet), not
+    return at once while the first close's drain goes on in the background."""
+    manager = PoolManager(config([server.address]))
+    held = manager.acquire("svc")
+    pool = the_pool(manager)
+    closer = gevent.spawn(manager.close, 30)
+    assert settle(lambda: pool.closed, WAIT)
+    if kind == "kill":
+        closer.kill(block=True, timeout=WAIT)
+    else:
+        closer.kill(gevent.Timeout(), block=True, timeout=WAIT)
+    try:
+        manager.close(timeout=0.05)
+        assert pool.stats().size == 0, pool.stats()  # forced by the second close
+        assert not lbpool_greenlets(), lbpool_greenlets()
+    finally:
+        held.release()  # harmless after a forced close
+
+
+# -- release never yields ------------------------------------------------------------------
+
+
+class SwitchCounter:
+    """Counts greenlet switches away from the current greenlet while active."""
+
+    def __init__(self) -> None:
+        self.switches: list[tuple[Any, Any]] = []
+        self._me = greenlet.getcurrent()
+        self._previous: Any = None
+
+    def _trace(self, event: str, args: Any) -> None:
+        if event in ("switch", "throw"):
+            origin, target = args
+            if origin is self._me:
+                self.switches.append((origin, target))
+        if self._previous is not None:
+            self._previous(event, args)
+
+    def __enter__(self) -> SwitchCounter:
+        self._previous = greenlet.settrace(self._trace)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        greenlet.settrace(self._previous)
+
+
+def no_switch(action: Callable[[], object]) -> None:
+    """Run ``action`` and prove it never left the current greenlet: no switch was traced,
+    and a zero-second gevent.Timeout armed around it (which fires only if the hub gets to
+    run) never fired."""
+    with SwitchCounter() as counter, gevent.Timeout(0):
+        action()
+    assert counter.switches == [], counter.switches
+
+
+RELEASE_CASES = [
+    "idle",  # back onto the idle stack
+    "handoff",  # straight to a waiter
+    "permit",  # a discard frees a slot: a waiter gets a permit
+    "network_error",  # a discard that opens the breaker (logs a warning)
+    "with_exception",  # an exception escaping ``with``
+    "over_lifetime",  # closed on release
+    "shrunk",  # reload shrank max_size: closed on release
+    "closing",  # the manager is closing: closed on release
+    "after_forced_close",  # a late release after close(timeout) forced it
+    "removed_server",  # reload removed its server: the drain closes it
+    "twice",  # the second release is a no-op
+]
+
+
+@pytest.mark.parametrize("case", RELEASE_CASES)
+def test_release_never_yields(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None, case: str
+) -> None:
+    a, b = echo_server_factory(), echo_server_factory()
+    pool_cfg: dict[str, Any] = {"max_size": 2}
+    if case == "over_lifetime":
+        pool_cfg.update(max_lifetime=0, lifetime_jitter=0)
+    manager = PoolManager(
+        config([a.address], pool=pool_cfg, breaker={"failure_threshold": 1, "recovery_timeout": 60})
+    )
+    conn = manager.acquire("svc")
+    other = manager.acquire("svc")
+    round_trip(conn)
+    waiter: Caller | None = None
+    closer: gevent.Greenlet | None = None
+    if case in ("handoff", "permit"):
+        waiter = Caller(manager)
+        wait_in(waiter.greenlet, "_wait")
+    if case == "shrunk":
+        manager.reload(config([a.address], pool={"max_size": 1}))
+    if case == "removed_server":
+        manager.reload(config([b.address]))
+    if case == "closing":
+        pool = the_pool(manager)
+        closer = gevent.spawn(manager.close, WAIT)
+        assert settle(lambda: pool.closed, WAIT)
+    if case == "after_forced_close":
+        manager.close(timeout=0)
+
+    if case in ("permit", "network_error"):
+        no_switch(lambda: conn.discard(ConnectionResetError("reset") if case != "permit" else None))
+    elif case == "with_exception":
+
+        def leave_with_error() -> None:
+            with contextlib.suppress(KeyError), conn:
+                raise KeyError("application error")
+
+        no_switch(leave_with_error)
+    elif case == "twice":
+        no_switch(conn.release)
+        no_switch(conn.release)
+        no_switch(conn.discard)
+    else:
+        no_switch(conn.release)
+    with pytest.raises(ConnectionReleased):
+        conn.sendall(b"x")
+
+    if waiter is not None:
+        got = waiter.served()
+        got.release()
+    other.release()
+    if closer is not None:
+        closer.join(WAIT)
+        assert closer.successful()
+    if case == "network_error":
+        assert settle(lambda: True)
+    manager.close(timeout=WAIT)
+    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()

@@ -1,0 +1,278 @@
+"""TLS through the manager: a backend whose ``dial.tls`` points at a trustme CA.
+
+Verification is on by default (no ``ca_file`` means the system store, which does not
+trust the test CA); a certificate for another name is refused; client certificates
+work for servers that demand them; round trips, reuse and the borrow check work on TLS
+connections; every failed dial surfaces as a ``DialError`` inside
+``BackendUnavailable``, with the TLS reason in its message.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import pytest
+from gevent import ssl as gssl
+from gevent.event import Event
+
+from lbpool import BackendUnavailable, DialError, PoolManager
+from lbpool.testing import EchoServer
+from tests.conftest import TLSCerts, settle
+from tests.test_interrupts import no_switch
+
+
+def config(address: str, tls: dict[str, Any] | None, **pool: Any) -> dict[str, Any]:
+    pool_cfg = {"min_idle": 0, "max_size": 2, "acquire_timeout": 3}
+    pool_cfg.update(pool)
+    return {
+        "backends": {
+            "secure": {
+                "servers": [address],
+                "pool": pool_cfg,
+                "dial": {"timeout": 2, "tls": tls},
+                "breaker": {"failure_threshold": 3, "recovery_timeout": 60},
+            }
+        }
+    }
+
+
+def round_trip(conn: Any, payload: bytes) -> None:
+    conn.settimeout(3)
+    conn.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = conn.recv(64)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        got += chunk
+    assert got == payload
+
+
+def dial_error(exc: BackendUnavailable, address: str) -> DialError:
+    err = exc.errors[address]
+    assert isinstance(err, DialError), repr(err)
+    return err
+
+
+@pytest.fixture
+def mtls_server_factory(tls_certs: TLSCerts) -> Iterator[Any]:
+    made: list[EchoServer] = []
+
+    def make(max_version: ssl.TLSVersion | None = None) -> EchoServer:
+        ctx = tls_certs.server_context(require_client_cert=True)
+        if max_version is not None:
+            ctx.maximum_version = max_version
+        server = EchoServer(ssl_context=ctx).start()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+def test_round_trips_and_reuse_with_the_right_ca(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    cfg = config(tls_echo_server.address, {"ca_file": tls_certs.ca_file}, check_after=0)
+    with PoolManager(cfg) as manager:
+        for i in range(5):
+            with manager.get("secure") as conn:
+                assert isinstance(conn.sock, gssl.SSLSocket)  # cooperative TLS
+                assert conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+                round_trip(conn, b"secret-%d" % i)
+                assert conn.uses == i + 1  # peeked on every borrow (check_after 0), reused
+        s = manager.stats().backends["secure"].servers[tls_echo_server.address]
+        assert (s.misses, s.hits, s.dial_failures, s.breaker_state) == (1, 4, 0, "closed")
+
+
+def test_dead_tls_connection_is_replaced_on_borrow(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    cfg = config(tls_echo_server.address, {"ca_file": tls_certs.ca_file}, check_after=0)
+    with PoolManager(cfg) as manager:
+        with manager.get("secure") as conn:
+            round_trip(conn, b"one")
+        tls_echo_server.restart()  # drops every client
+        with manager.get("secure") as conn:
+            assert conn.uses == 1  # the dead one was found by the peek and replaced
+            round_trip(conn, b"two")
+        s = manager.stats().backends["secure"].servers[tls_echo_server.address]
+        assert s.closed["unhealthy"] == 1
+
+
+def test_verification_is_on_by_default(tls_echo_server: EchoServer, no_fd_leak: None) -> None:
+    # no ca_file: the system trust store, which has never heard of the test CA
+    with (
+        PoolManager(config(tls_echo_server.address, {})) as manager,
+        pytest.raises(BackendUnavailable) as info,
+    ):
+        manager.get("secure")
+    err = dial_error(info.value, tls_echo_server.address)
+    assert "certificate verify failed" in str(err), str(err)
+    assert isinstance(err.__cause__, ssl.SSLCertVerificationError)
+    assert "certificate verify failed" in str(info.value)  # said in the summary too
+
+
+def test_a_ca_that_signed_nothing_is_refused(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    cfg = config(tls_echo_server.address, {"ca_file": tls_certs.other_ca_file})
+    with PoolManager(cfg) as manager, pytest.raises(BackendUnavailable) as info:
+        manager.get("secure")
+    assert "certificate verify failed" in str(dial_error(info.value, tls_echo_server.address))
+
+
+def test_hostname_mismatch_is_refused(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    tls = {"ca_file": tls_certs.ca_file, "server_hostname": "not-this-server.example"}
+    with PoolManager(config(tls_echo_server.address, tls)) as manager:
+        with pytest.raises(BackendUnavailable) as info:
+            manager.get("secure")
+        s = manager.stats().backends["secure"].servers[tls_echo_server.address]
+        assert s.dial_failures == 1
+    err = dial_error(info.value, tls_echo_server.address)
+    assert "certificate verify failed" in str(err) and "ostname" in str(err), str(err)
+
+
+def test_server_hostname_override_that_matches_works(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    tls = {"ca_file": tls_certs.ca_file, "server_hostname": "localhost"}
+    with (
+        PoolManager(config(tls_echo_server.address, tls)) as manager,
+        manager.get("secure") as conn,
+    ):
+        round_trip(conn, b"by name")
+
+
+def test_verify_false_accepts_any_certificate(
+    tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    manager = PoolManager(config(tls_echo_server.address, {"verify": False}))
+    with manager, manager.get("secure") as conn:
+        round_trip(conn, b"unverified")
+
+
+def test_client_certificate_works(
+    tls_certs: TLSCerts, mtls_server_factory: Any, no_fd_leak: None
+) -> None:
+    server = mtls_server_factory()
+    tls = {
+        "ca_file": tls_certs.ca_file,
+        "cert_file": tls_certs.client_cert_file,
+        "key_file": tls_certs.client_key_file,
+    }
+    with PoolManager(config(server.address, tls)) as manager:
+        for i in range(3):
+            with manager.get("secure") as conn:
+                round_trip(conn, b"mutual-%d" % i)
+        s = manager.stats().backends["secure"].servers[server.address]
+        assert (s.misses, s.hits, s.dial_failures) == (1, 2, 0)
+
+
+def test_missing_client_certificate_tls12_fails_the_dial(
+    tls_certs: TLSCerts, mtls_server_factory: Any, no_fd_leak: None
+) -> None:
+    """Up to TLS 1.2 the server's verdict on the client certificate is part of the
+    handshake: the dial fails, the breaker hears of it."""
+    server = mtls_server_factory(max_version=ssl.TLSVersion.TLSv1_2)
+    with PoolManager(config(server.address, {"ca_file": tls_certs.ca_file})) as manager:
+        with pytest.raises(BackendUnavailable) as info:
+            manager.get("secure")
+        s = manager.stats().backends["secure"].servers[server.address]
+        assert s.dial_failures == 1
+    assert "TLS handshake failed" in str(dial_error(info.value, server.address))
+
+
+def test_missing_client_certificate_tls13_fails_on_first_use(
+    tls_certs: TLSCerts, mtls_server_factory: Any, no_fd_leak: None
+) -> None:
+    """In TLS 1.3 the client's handshake completes before the server checks the client
+    certificate: the refusal arrives as an alert on first use. The ``with`` discards that
+    connection and counts the SSL error against the server's breaker."""
+    server = mtls_server_factory()
+    with PoolManager(config(server.address, {"ca_file": tls_certs.ca_file})) as manager:
+        conn = manager.get("secure")
+        assert conn.sock.version() == "TLSv1.3"
+        with pytest.raises(ssl.SSLError), conn:
+            round_trip(conn, b"who am I")
+        pool = manager.backends["secure"].pools[0]
+        s = pool.stats()
+        assert (s.size, s.closed["error"]) == (0, 1)
+        assert pool.breaker.failure_count == 1
+
+
+def test_tls_release_and_discard_never_yield(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    """Closing a TLS connection on release (over its lifetime) or discard sends no
+    close_notify and never switches greenlets, like the plain case."""
+    cfg = config(
+        tls_echo_server.address,
+        {"ca_file": tls_certs.ca_file},
+        max_lifetime=0,
+        lifetime_jitter=0,
+    )
+    with PoolManager(cfg) as manager:
+        first, second = manager.acquire("secure"), manager.acquire("secure")
+        round_trip(first, b"a")
+        round_trip(second, b"b")
+        no_switch(first.release)  # over lifetime: closed on release
+        no_switch(lambda: second.discard(ssl.SSLError("bad record mac")))
+        s = manager.stats().backends["secure"].servers[tls_echo_server.address]
+        assert (s.size, s.closed["lifetime"], s.closed["error"]) == (0, 1, 1)
+
+
+def test_tls_server_restarted_mid_traffic(
+    tls_certs: TLSCerts, echo_server_factory: Any, no_fd_leak: None
+) -> None:
+    """Two TLS servers; one is restarted under traffic: with one retry on a fresh
+    acquisition, no request fails, and nothing leaks."""
+    servers = [echo_server_factory(ssl_context=tls_certs.server_context()) for _ in range(2)]
+    cfg = {
+        "backends": {
+            "secure": {
+                "servers": [s.address for s in servers],
+                "pool": {"min_idle": 1, "max_size": 4, "check_after": 0, "acquire_timeout": 2},
+                "dial": {"timeout": 1, "tls": {"ca_file": tls_certs.ca_file}},
+                "breaker": {"failure_threshold": 2, "recovery_timeout": 0.1},
+            }
+        }
+    }
+    failures: list[BaseException] = []
+    served: list[str] = []
+    stop = Event()
+
+    def worker(manager: PoolManager, n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            for attempt in (1, 2):
+                try:
+                    with manager.get("secure") as conn:
+                        round_trip(conn, b"w%d-%d" % (n, i))
+                    served.append(conn.address)
+                    break
+                except OSError as exc:
+                    if attempt == 2:
+                        failures.append(exc)
+                except Exception as exc:
+                    failures.append(exc)
+                    break
+            gevent.sleep(0.002)
+
+    with PoolManager(cfg) as manager:
+        workers = [gevent.spawn(worker, manager, n) for n in range(8)]
+        gevent.sleep(0.2)
+        servers[0].restart()  # every client of it dropped, listening again at once
+        count = len(served)
+        assert settle(lambda: served[count:].count(servers[0].address) >= 5, 5)
+        stop.set()
+        gevent.joinall(workers, timeout=5)
+        assert all(g.dead for g in workers)
+    assert failures == []
