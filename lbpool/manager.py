@@ -256,6 +256,7 @@ class PoolManager:
             backend = Backend(key, self._adhoc_config(key), adhoc=True, listeners=self._listeners)
             backend._apply(backend.config)
             self._adhoc[key] = backend
+            self._wake.set()  # the upkeep greenlet may be asleep with nothing to keep
         self._adhoc[name] = backend
         return backend
 
@@ -288,7 +289,9 @@ class PoolManager:
                     pool.run_upkeep()
                 except Exception:  # never let one pool's bad hook stop the others
                     _log.exception("%s: upkeep failed", pool.name)
-            interval = min((p.config.upkeep_interval for p in pools), default=1.0)
+            # with no pool there is nothing to keep: sleep until a reload or an ad-hoc
+            # host:port brings one (both set _wake)
+            interval = min((p.config.upkeep_interval for p in pools), default=None)
             self._wake.clear()
             self._wake.wait(interval)
 

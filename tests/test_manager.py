@@ -494,3 +494,31 @@ def test_breaker_listener_sees_every_transition(servers: Callable[..., CountingS
         ("half_open", "closed"),
     ]
     assert all(b == "svc" and a == address for b, a, _o, _n in seen)
+
+
+def test_upkeep_sleeps_without_pools_and_wakes_for_new_ones(
+    servers: Callable[..., CountingServer],
+) -> None:
+    """No pool, no work: the upkeep greenlet blocks on its event, no timer ticks; an
+    ad-hoc pool wakes it and gets its min_idle connections."""
+    srv = servers()
+    with PoolManager({"defaults": {"pool": {"min_idle": 2}}}) as manager:
+        gevent.sleep(0)
+        passes: list[int] = []
+        real = manager._all_pools
+
+        def counting() -> list[lbpool.Pool]:
+            passes.append(1)
+            return real()
+
+        manager._all_pools = counting  # type: ignore[method-assign]
+        gevent.sleep(0.05)
+        assert passes == []  # asleep: nothing to keep
+        manager.get(srv.address).release()
+        pool = manager.stats().backends[""].servers[srv.address]
+        deadline = monotonic() + 5
+        while pool.idle < 2 and monotonic() < deadline:
+            gevent.sleep(0.01)
+            pool = manager.stats().backends[""].servers[srv.address]
+        assert passes  # woken
+        assert pool.idle >= 2  # and kept the new pool at min_idle
