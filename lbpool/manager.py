@@ -42,6 +42,7 @@ BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
 _NOTHING: frozenset[int] = frozenset()
+_MAX_ADHOC_ALIASES = 4096
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
 
 
@@ -257,7 +258,8 @@ class PoolManager:
             backend._apply(backend.config)
             self._adhoc[key] = backend
             self._wake.set()  # the upkeep greenlet may be asleep with nothing to keep
-        self._adhoc[name] = backend
+        if len(self._adhoc) < _MAX_ADHOC_ALIASES:  # other spellings of the address, cached;
+            self._adhoc[name] = backend  # bounded, as names may come from untrusted input
         return backend
 
     def _adhoc_config(self, address: str) -> BackendConfig:

@@ -522,3 +522,20 @@ def test_upkeep_sleeps_without_pools_and_wakes_for_new_ones(
             pool = manager.stats().backends[""].servers[srv.address]
         assert passes  # woken
         assert pool.idle >= 2  # and kept the new pool at min_idle
+
+
+def test_adhoc_spellings_share_one_pool_and_aliases_are_bounded(
+    servers: Callable[..., CountingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lbpool.manager as manager_module
+
+    srv = servers()
+    monkeypatch.setattr(manager_module, "_MAX_ADHOC_ALIASES", 3)
+    with PoolManager() as manager:
+        spellings = [f"127.0.0.1:{'0' * i}{srv.port}" for i in range(6)]
+        for name in spellings:
+            with manager.get(name) as conn:
+                assert conn.address == srv.address
+        assert len(manager.stats().backends[""].servers) == 1  # one pool for all
+        assert len(manager._adhoc) <= 3
+        assert srv.accepted == 1
