@@ -27,3 +27,19 @@ def health_ok(sock: Any) -> None:
 def health_fail(sock: Any) -> None:
     """A health hook that finds every connection unhealthy."""
     raise RuntimeError("unhealthy")
+
+
+def setup_ping(sock: Any) -> None:
+    """Prove the server answers before the connection counts as ready (like an
+    AUTH/SELECT on connect): a dial to a black-holed or resetting server then fails in
+    the dial, bounded by its timeout."""
+    sock.sendall(b"PING\r\n")
+    want = b"+PONG\r\n"
+    got = b""
+    while len(got) < len(want):
+        chunk = sock.recv(len(want) - len(got))
+        if not chunk:
+            raise ConnectionResetError("closed during setup")
+        got += chunk
+    if got != want:
+        raise ConnectionError(f"bad setup reply {got!r}")

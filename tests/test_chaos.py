@@ -52,21 +52,6 @@ ALLOWED_EDGES = {
 }
 
 
-def ping_setup(sock: Any) -> None:
-    """A setup hook proving the server answers (like an AUTH/SELECT on connect): a dial
-    to a black-holed or resetting server then fails in the dial, bounded by its timeout."""
-    sock.sendall(b"PING\r\n")
-    want = b"+PONG\r\n"
-    got = b""
-    while len(got) < len(want):
-        chunk = sock.recv(len(want) - len(got))
-        if not chunk:
-            raise ConnectionResetError("closed during setup")
-        got += chunk
-    if got != want:
-        raise ConnectionError(f"bad setup reply {got!r}")
-
-
 # -- the cluster under test -----------------------------------------------------------------
 
 
@@ -259,7 +244,7 @@ def chaos_config(
                     "idle_timeout": 2,
                 },
                 "dial": {"timeout": 0.3},
-                "setup": ping_setup,
+                "setup": "tests.hookmod:setup_ping",
                 "breaker": {
                     "failure_threshold": 2,
                     "recovery_timeout": RECOVERY,

@@ -48,20 +48,6 @@ IO_TIMEOUT = 1.0
 FAULTS = ["latency", "blackhole", "reset_all", "reset_new", "refuse", "kill"]
 
 
-def ping_setup(sock: Any) -> None:
-    """Prove the server answers before the connection counts as ready."""
-    sock.sendall(b"PING\r\n")
-    want = b"+PONG\r\n"
-    got = b""
-    while len(got) < len(want):
-        chunk = sock.recv(len(want) - len(got))
-        if not chunk:
-            raise ConnectionResetError("closed during setup")
-        got += chunk
-    if got != want:
-        raise ConnectionError(f"bad setup reply {got!r}")
-
-
 def soak_config(addresses: list[str], max_size: int, strategy: str) -> dict[str, Any]:
     return {
         "backends": {
@@ -78,7 +64,7 @@ def soak_config(addresses: list[str], max_size: int, strategy: str) -> dict[str,
                     "upkeep_interval": 0.2,
                 },
                 "dial": {"timeout": 0.5},
-                "setup": ping_setup,
+                "setup": "tests.hookmod:setup_ping",
                 "breaker": {
                     "failure_threshold": 3,
                     "recovery_timeout": 0.5,
