@@ -264,3 +264,48 @@ def test_manager_closed_by_owner_leaves_no_greenlet(
     manager.close(timeout=1)
     a.stop()
     assert settle(lambda: len(live_greenlets()) <= before, 5)
+
+
+def test_monkey_patched_threads_are_greenlets_and_may_use_the_manager() -> None:
+    """DESIGN #12: under monkey-patching a ``threading.Thread`` is a greenlet of the same
+    hub, so it shares the manager; only a real OS thread is refused. Run in a fresh
+    interpreter, since patching must come before everything else."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        from gevent import monkey
+        monkey.patch_all()
+        import threading
+        import lbpool
+        from lbpool.testing import EchoServer
+
+        with EchoServer() as srv:
+            config = {"backends": {"b": {"servers": [srv.address],
+                                         "pool": {"min_idle": 0, "max_size": 2}}}}
+            with lbpool.PoolManager(config) as manager:
+                results = []
+
+                def worker(i):
+                    with manager.get("b") as conn:
+                        conn.sendall(b"t%d" % i)
+                        results.append(conn.recv(2))
+
+                threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(10)
+                assert sorted(results) == sorted(b"t%d" % i for i in range(8)), results
+                st = manager.stats().backends["b"].servers[srv.address]
+                assert st.size <= 2 and st.acquired == 8, st
+        print("OK")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("OK")
