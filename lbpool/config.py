@@ -264,9 +264,7 @@ def _import_target(target: str) -> Callable[..., object]:
         or (colon and not all(p.isidentifier() for p in attr_part.split(".")))
         or (not colon and len(parts) < 2)
     ):
-        raise ValueError(
-            f"{target!r} is not an import string (expected 'package.module:function')"
-        )
+        raise ValueError(f"{target!r} is not an import string (expected 'package.module:function')")
     if colon:
         candidates = [(module_part, attr_part)]
     else:
@@ -281,8 +279,9 @@ def _import_target(target: str) -> Callable[..., object]:
             if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                 missing = exc.name
                 continue
-            raise ValueError(f"cannot import {target!r}: importing {module_name!r} failed: "
-                             f"{exc}") from None
+            raise ValueError(
+                f"cannot import {target!r}: importing {module_name!r} failed: {exc}"
+            ) from None
         except Exception as exc:
             raise ValueError(
                 f"cannot import {target!r}: importing {module_name!r} failed: "
@@ -297,9 +296,7 @@ def _import_target(target: str) -> Callable[..., object]:
                     f"cannot import {target!r}: module {module_name!r} has no attribute {attr!r}"
                 ) from None
             except Exception as exc:
-                raise ValueError(
-                    f"cannot import {target!r}: {type(exc).__name__}: {exc}"
-                ) from None
+                raise ValueError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from None
         if not callable(obj):
             raise ValueError(f"{target!r} is not callable (it is {_show(obj)})")
         return obj
@@ -802,8 +799,10 @@ def _problems(
         # "at least one server" is noise when the servers given were all invalid
         if not (
             e["type"] == "too_short"
-            and any(len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"]
-                    for o in errors)
+            and any(
+                len(o["loc"]) > len(e["loc"]) and o["loc"][: len(e["loc"])] == e["loc"]
+                for o in errors
+            )
         )
     ]
     direct = {(loc, message) for loc, message in described}
@@ -1127,9 +1126,7 @@ def _check_data(data: Mapping[Any, Any], source: str) -> None:
         raise ConfigError(problems)
 
 
-def _build(
-    data: object, source: str, lines: Mapping[Loc, int], *, from_yaml: bool
-) -> Config:
+def _build(data: object, source: str, lines: Mapping[Loc, int], *, from_yaml: bool) -> Config:
     if isinstance(data, Config):
         return data
     if not isinstance(data, Mapping):
@@ -1183,11 +1180,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([problem]) from None
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(
-            [
-                ConfigProblem(
-                    source, None, "", f"config file is larger than {MAX_FILE_BYTES} bytes"
-                )
-            ]
+            [ConfigProblem(source, None, "", f"config file is larger than {MAX_FILE_BYTES} bytes")]
         )
     try:
         text = raw.decode("utf-8-sig")

@@ -60,9 +60,7 @@ def the_problem(err: ConfigError, path: str) -> ConfigProblem:
     return found[0]
 
 
-def assert_problem(
-    tmp_path: Path, text: str, path: str, line: int, fragment: str
-) -> ConfigError:
+def assert_problem(tmp_path: Path, text: str, path: str, line: int, fragment: str) -> ConfigError:
     """Loading ``text`` fails with a problem at ``path`` on ``line`` mentioning ``fragment``,
     and the rendered message names file, line and path."""
     file, err = load_errors(tmp_path, text)
@@ -87,6 +85,7 @@ def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     else:
         monkeypatch.setattr(lbpool.config, "_Loader", lbpool.config._PyLoader)
     return str(request.param)
+
 
 # ---------------------------------------------------------------------- defaults
 
@@ -311,8 +310,11 @@ def test_bad_duration_message(tmp_path: Path) -> None:
 
 def test_negative_duration_in_config(tmp_path: Path) -> None:
     assert_problem(
-        tmp_path, "defaults:\n  pool:\n    idle_timeout: -5s\n",
-        "defaults.pool.idle_timeout", 3, "must not be negative",
+        tmp_path,
+        "defaults:\n  pool:\n    idle_timeout: -5s\n",
+        "defaults.pool.idle_timeout",
+        3,
+        "must not be negative",
     )
 
 
@@ -473,8 +475,12 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ("    pool:\n      min_idle: -1\n", "pool.min_idle", 5, "must be >= 0"),
         ("    pool:\n      max_waiting: -3\n", "pool.max_waiting", 5, "must be >= 0"),
         ("    pool:\n      max_size: 0\n", "pool.max_size", 5, "must be >= 1"),
-        ("    pool:\n      min_idle: 5\n      max_size: 4\n", "pool.max_size", 6,
-         "must be >= min_idle"),
+        (
+            "    pool:\n      min_idle: 5\n      max_size: 4\n",
+            "pool.max_size",
+            6,
+            "must be >= min_idle",
+        ),
         ("    pool:\n      max_size: 2.5\n", "pool.max_size", 5, "whole number"),
         ("    pool:\n      max_size: many\n", "pool.max_size", 5, "whole number"),
         ("    pool:\n      max_size: true\n", "pool.max_size", 5, "whole number"),
@@ -482,18 +488,33 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ("    pool:\n      lifetime_jitter: -0.1\n", "pool.lifetime_jitter", 5, "must be >= 0"),
         ("    pool:\n      lifetime_jitter: lots\n", "pool.lifetime_jitter", 5, "a number"),
         # breaker
-        ("    breaker:\n      failure_threshold: 0\n", "breaker.failure_threshold", 5,
-         "must be >= 1"),
-        ("    breaker:\n      recovery_timeout: 0\n", "breaker.recovery_timeout", 5,
-         "must be > 0"),
-        ("    breaker:\n      recovery_timeout: 1m\n      max_recovery_timeout: 30s\n",
-         "breaker.max_recovery_timeout", 6, "must be >= recovery_timeout"),
+        (
+            "    breaker:\n      failure_threshold: 0\n",
+            "breaker.failure_threshold",
+            5,
+            "must be >= 1",
+        ),
+        ("    breaker:\n      recovery_timeout: 0\n", "breaker.recovery_timeout", 5, "must be > 0"),
+        (
+            "    breaker:\n      recovery_timeout: 1m\n      max_recovery_timeout: 30s\n",
+            "breaker.max_recovery_timeout",
+            6,
+            "must be >= recovery_timeout",
+        ),
         # servers and strategy
         ("    strategy: fastest\n", "strategy", 4, "must be one of"),
-        ("    strategy: weighted\n    servers: [{address: 'h:1', weight: 0}]\n",
-         "servers.0.weight", 5, "must be >= 1"),
-        ("    servers: [127.0.0.1:7001, 127.0.0.1:7002, 127.0.0.1:7001]\n",
-         "servers.2.address", 4, "duplicate server address 127.0.0.1:7001"),
+        (
+            "    strategy: weighted\n    servers: [{address: 'h:1', weight: 0}]\n",
+            "servers.0.weight",
+            5,
+            "must be >= 1",
+        ),
+        (
+            "    servers: [127.0.0.1:7001, 127.0.0.1:7002, 127.0.0.1:7001]\n",
+            "servers.2.address",
+            4,
+            "duplicate server address 127.0.0.1:7001",
+        ),
         ("    servers: []\n", "servers", 4, "at least one server"),
         ("    servers:\n      - 127.0.0.1\n", "servers.0.address", 5, "missing port"),
         ("    servers:\n      - 127.0.0.1:99999\n", "servers.0.address", 5, "out of range"),
@@ -507,15 +528,13 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ("    health_check:\n      send: 12\n", "health_check.send", 5, "must be a string"),
         # dial
         ("    dial:\n      tcp_nodelay: maybe\n", "dial.tcp_nodelay", 5, "true or false"),
-        ("    dial:\n      tls: {key_file: k.pem}\n", "dial.tls.key_file", 5,
-         "requires cert_file"),
+        ("    dial:\n      tls: {key_file: k.pem}\n", "dial.tls.key_file", 5, "requires cert_file"),
         ("    dial: [1]\n", "dial", 4, "must be a mapping"),
         # unknown keys, everywhere
         ("    pool:\n      max_sise: 3\n", "pool.max_sise", 5, "did you mean 'max_size'"),
         ("    colour: blue\n", "colour", 4, "unknown key (allowed: strategy, servers, pool"),
         ("    dial:\n      tls: {verfy: false}\n", "dial.tls.verfy", 5, "unknown key"),
-        ("    servers: [{address: 'h:1', wieght: 2}]\n", "servers.0.wieght", 4,
-         "unknown key"),
+        ("    servers: [{address: 'h:1', wieght: 2}]\n", "servers.0.wieght", 4, "unknown key"),
     ],
 )
 def test_backend_validation(
@@ -634,8 +653,15 @@ def test_models_are_frozen() -> None:
 
 
 def test_extra_keys_are_forbidden_in_every_model() -> None:
-    for model in (PoolConfig, TLSConfig, DialConfig, BreakerConfig, HealthCheckConfig,
-                  DefaultsConfig, Config):
+    for model in (
+        PoolConfig,
+        TLSConfig,
+        DialConfig,
+        BreakerConfig,
+        HealthCheckConfig,
+        DefaultsConfig,
+        Config,
+    ):
         with pytest.raises(ValidationError):
             model.model_validate({"nope": 1})
     with pytest.raises(ValidationError):
@@ -834,8 +860,23 @@ scalars = st.one_of(
     st.just(5000).map(lambda n: 10**n),  # too long even to print
     st.floats(),
     safe_text,
-    st.sampled_from(["150ms", "2s", "-1s", "abc", "127.0.0.1:1", "[::1]:2", "[::1]", "h:0",
-                     "os.path:join", "os.path:sep", "no_such_mod:f", "round_robin", ""]),
+    st.sampled_from(
+        [
+            "150ms",
+            "2s",
+            "-1s",
+            "abc",
+            "127.0.0.1:1",
+            "[::1]:2",
+            "[::1]",
+            "h:0",
+            "os.path:join",
+            "os.path:sep",
+            "no_such_mod:f",
+            "round_robin",
+            "",
+        ]
+    ),
 )
 keys = st.one_of(st.sampled_from(FIELD_NAMES), safe_text)
 values = st.recursive(

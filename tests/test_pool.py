@@ -118,9 +118,7 @@ def test_max_size_counts_dials_in_progress(server: EchoServer, no_fd_leak: None)
     pool.close()
 
 
-def test_waiters_are_served_first_come_first_served(
-    server: EchoServer, no_fd_leak: None
-) -> None:
+def test_waiters_are_served_first_come_first_served(server: EchoServer, no_fd_leak: None) -> None:
     pool = make_pool(server, max_size=1)
     holder = pool.acquire()
     order: list[int] = []

@@ -77,8 +77,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _queued_seqs(self) -> list[int]:
         by_greenlet = {g: s for s, g in self.waiters.items()}
-        return [by_greenlet[w.greenlet] for w in self.pool._waiters
-                if w.greenlet in by_greenlet]
+        return [by_greenlet[w.greenlet] for w in self.pool._waiters if w.greenlet in by_greenlet]
 
     # -- rules -------------------------------------------------------------------
     @initialize(holders=st.integers(0, MAX_SIZE), waiters=st.integers(0, 3))
@@ -186,9 +185,9 @@ class PoolMachine(RuleBasedStateMachine):
     def waiters_end_only_as_expected(self) -> None:
         for g in self.waiters.values():
             if g.dead and g.exception is not None:
-                assert isinstance(
-                    g.exception, (PoolTimeout, PoolClosed, gevent.Timeout)
-                ), repr(g.exception)
+                assert isinstance(g.exception, (PoolTimeout, PoolClosed, gevent.Timeout)), repr(
+                    g.exception
+                )
 
     def teardown(self) -> None:
         for g in self.waiters.values():
