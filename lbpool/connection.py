@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gevent import Timeout as _GeventTimeout
 
@@ -80,8 +80,11 @@ class PooledConnection:
     def _live(self) -> _Conn:
         conn = self._conn
         if conn is None:
-            raise ConnectionReleased(f"{self.address}: connection used after release")
+            self._refuse()
         return conn
+
+    def _refuse(self) -> NoReturn:
+        raise ConnectionReleased(f"{self.address}: connection used after release")
 
     # -- identity and bookkeeping -------------------------------------------------
     @property
@@ -105,17 +108,31 @@ class PooledConnection:
         return self._conn is None
 
     # -- socket proxies -----------------------------------------------------------
+    # (the I/O proxies read ``_conn`` inline rather than through ``_live()``: one frame
+    # less on every send and receive)
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        self._live().sock.sendall(data, flags)
+        conn = self._conn
+        if conn is None:
+            self._refuse()
+        conn.sock.sendall(data, flags)
 
     def send(self, data: bytes, flags: int = 0) -> int:
-        return self._live().sock.send(data, flags)
+        conn = self._conn
+        if conn is None:
+            self._refuse()
+        return conn.sock.send(data, flags)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        return self._live().sock.recv(bufsize, flags)
+        conn = self._conn
+        if conn is None:
+            self._refuse()
+        return conn.sock.recv(bufsize, flags)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        return self._live().sock.recv_into(buffer, nbytes, flags)
+        conn = self._conn
+        if conn is None:
+            self._refuse()
+        return conn.sock.recv_into(buffer, nbytes, flags)
 
     def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         sock: Any = self._live().sock

@@ -317,7 +317,12 @@ class Pool:
             self._handed -= 1
             self._waits_served += 1
             self._hits += 1
-            return self._lend(item, now)
+            item.uses += 1  # _lend, inlined: this is the contended hot path
+            handle = PooledConnection(self, item, now)
+            self._busy[item] = handle
+            if self._leak_threshold is not None:
+                handle.stack = "".join(traceback.format_stack()[:-1])
+            return handle
         if item is None:  # timed out: _expire_waiters took it off the queue
             self._timeouts += 1
             raise PoolTimeout(
