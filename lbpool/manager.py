@@ -78,11 +78,13 @@ class Backend:
         *,
         adhoc: bool = False,
         listeners: list[BreakerChange] | None = None,
+        on_demand: Callable[[], object] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.adhoc = adhoc
         self._listeners = listeners if listeners is not None else []
+        self._on_demand = on_demand
         self.pools: list[Pool] = []
         self.closed = False  # set by the manager's close(): waiters then get PoolClosed
         self._only: Pool | None = None  # the one server of a one-server backend
@@ -106,6 +108,8 @@ class Backend:
             upkeep=False,
         )
         pool.owner_kind = "manager"
+        if self._on_demand is not None:
+            pool.on_demand = self._on_demand
         return pool
 
     def _breaker_changed(self, breaker: Breaker, old: str, new: str) -> None:
@@ -208,16 +212,24 @@ class PoolManager:
         self._adhoc: dict[str, Backend] = {}
         self._draining: dict[Pool, gevent.Greenlet] = {}
         self._listeners: list[BreakerChange] = []
+        self._resting = False  # the upkeep greenlet sleeps past the busy tick
         self._closing = False
         self._closed = False
         self._closing_pools: list[Pool] = []
         self._thread_id = _get_ident()
         self._wake = Event()
         for name, bcfg in self.config.backends.items():
-            backend = Backend(name, bcfg, listeners=self._listeners)
+            backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
             backend._apply(bcfg)
             self._backends[name] = backend
         self._upkeep = gevent.spawn(self._upkeep_loop)
+
+    def _on_demand(self) -> None:
+        """A pool had to wait or dial: wake an upkeep at rest (not one already ticking,
+        or a busy manager would run a pass per slow acquisition)."""
+        if self._resting:
+            self._resting = False
+            self._wake.set()
 
     def add_breaker_listener(self, listener: BreakerChange) -> None:
         """Call ``listener(backend, address, old, new)`` on every breaker state change
@@ -254,7 +266,13 @@ class PoolManager:
         key = str(address)
         backend = self._adhoc.get(key)
         if backend is None:
-            backend = Backend(key, self._adhoc_config(key), adhoc=True, listeners=self._listeners)
+            backend = Backend(
+                key,
+                self._adhoc_config(key),
+                adhoc=True,
+                listeners=self._listeners,
+                on_demand=self._on_demand,
+            )
             backend._apply(backend.config)
             self._adhoc[key] = backend
             self._wake.set()  # the upkeep greenlet may be asleep with nothing to keep
@@ -291,11 +309,17 @@ class PoolManager:
                     pool.run_upkeep()
                 except Exception:  # never let one pool's bad hook stop the others
                     _log.exception("%s: upkeep failed", pool.name)
-            # with no pool there is nothing to keep: sleep until a reload or an ad-hoc
-            # host:port brings one (both set _wake)
-            interval = min((p.config.upkeep_interval for p in pools), default=None)
+            # Sleep until some pool has something to do: every upkeep_interval while
+            # one is busy, else until the next idle expiry or check. No pool at all:
+            # until a reload or an ad-hoc host:port brings one. A pool's first
+            # acquisition that has to wait or dial wakes us (on_demand), as do reload
+            # and close.
+            due = min((p.upkeep_due() for p in pools), default=None)
+            busy_tick = min((p.config.upkeep_interval for p in pools), default=0.0)
+            self._resting = due is None or due > busy_tick
             self._wake.clear()
-            self._wake.wait(interval)
+            self._wake.wait(due)
+            self._resting = False
 
     def wait_ready(self, timeout: float | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
@@ -340,7 +364,7 @@ class PoolManager:
         for name, bcfg in new.backends.items():
             backend = self._backends.get(name)
             if backend is None:
-                backend = Backend(name, bcfg, listeners=self._listeners)
+                backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
                 self._backends[name] = backend
             removed.extend(backend._apply(bcfg))
         for key, backend in list(self._adhoc.items()):

@@ -89,6 +89,8 @@ class _Waiter(Waiter):  # type: ignore[misc]  # gevent's Waiter is untyped
 
 # A waiter whose deadline is this close is timed out with the others, not re-armed for.
 _TIMER_SLACK = 0.0005
+# The longest an at-rest pool's upkeep sleeps before looking again anyway.
+_MAX_REST = 60.0
 
 
 class Pool:
@@ -133,6 +135,10 @@ class Pool:
         self._closed = False
         self._drained = Event()
         self._changed = Event()  # a connection became idle or a refill ended
+        # called by an acquisition that had to wait or dial: wakes an upkeep at rest
+        self._demand = Event()
+        self._resting = False
+        self.on_demand: Callable[[], object] = self._wake_at_rest
         self._dialers: set[gevent.Greenlet] = set()
         self._expiry_timer: Any = None  # one timer for the earliest waiter deadline
         self._expiry_at = float("inf")
@@ -234,6 +240,8 @@ class Pool:
         self._size = self._pending = self._refilling = self._handed = 0
         self._drained = Event()
         self._changed = Event()
+        self._demand = Event()
+        self._resting = False
         self._reset_counters()
         self._bind_to_current_thread()
         if self._upkeep_greenlet is not None and not self._closing:
@@ -280,6 +288,7 @@ class Pool:
     def _acquire_slow(self, timeout: float | None) -> PooledConnection:
         if timeout is not None and timeout != timeout:
             raise ValueError(f"{self.name}: acquire timeout must be a number of seconds, not NaN")
+        self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
         deadline = start + (self._acquire_timeout if timeout is None else timeout)
         if self._size < self._max_size and not self._waiters:
@@ -600,9 +609,42 @@ class Pool:
 
     # -- upkeep -------------------------------------------------------------------
     def _upkeep_loop(self) -> None:
+        """A standalone pool's own upkeep greenlet (a managed pool's is the manager's)."""
         while not self._closing:
             self.run_upkeep()
-            gevent.sleep(self.config.upkeep_interval)
+            due = self.upkeep_due()
+            self._resting = due > self.config.upkeep_interval
+            self._demand.clear()
+            self._demand.wait(due)
+            self._resting = False
+
+    def _wake_at_rest(self) -> None:
+        if self._resting:
+            self._resting = False
+            self._demand.set()
+
+    def upkeep_due(self) -> float:
+        """Seconds until upkeep has something to do here.
+
+        While the pool is busy (connections lent, callers waiting, dials running, fewer
+        than ``min_idle`` idle) that is every ``upkeep_interval``. At rest it is the
+        next idle connection's expiry or check, so an idle pool costs no wake-ups; the
+        first acquisition that has to wait or dial sets ``_demand`` and upkeep resumes.
+        """
+        cfg = self.config
+        if self._closing:
+            return float("inf")
+        if self._busy or self._waiters or self._pending or len(self._idle) < cfg.min_idle:
+            return cfg.upkeep_interval
+        interval = self.health_config.interval
+        expire_idle = len(self._idle) > cfg.min_idle
+        due = min(interval, cfg.idle_timeout, _MAX_REST)
+        now = _monotonic()
+        for conn in self._idle:
+            due = min(due, conn.expires_at - now, conn.checked_at + interval - now)
+            if expire_idle:
+                due = min(due, conn.last_used_at + cfg.idle_timeout - now)
+        return max(due, cfg.upkeep_interval)
 
     def run_upkeep(self) -> None:
         """One pass: expire idle and old connections, check idle ones, warn of leaks,

@@ -540,3 +540,37 @@ def test_adhoc_spellings_share_one_pool_and_aliases_are_bounded(
         assert list(servers_seen) == [srv.address]  # one pool for all spellings
         assert servers_seen[srv.address].misses == 1  # dialed once, reused after
         assert len(manager._adhoc) <= 3
+
+
+def test_upkeep_rests_while_pools_are_at_rest_and_wakes_on_demand(
+    servers: Callable[..., CountingServer],
+) -> None:
+    """An idle manager costs no wake-ups: with every pool at min_idle and nothing lent,
+    upkeep sleeps until the next idle check is due (30 s here), not every
+    upkeep_interval; an acquisition that must dial wakes it, and while connections are
+    lent it ticks every upkeep_interval again."""
+    srv = servers()
+    cfg = config([srv.address], pool={"min_idle": 1, "upkeep_interval": 0.02})
+    with PoolManager(cfg) as manager:
+        manager.wait_ready(timeout=5)
+        pool = manager.backends["svc"].pools[0]
+        passes: list[float] = []
+        real = pool.run_upkeep
+
+        def counting() -> None:
+            passes.append(monotonic())
+            real()
+
+        pool.run_upkeep = counting  # type: ignore[method-assign]
+        manager._wake.set()  # let the loop take one pass and go back to sleep
+        gevent.sleep(0.01)
+        assert pool.upkeep_due() >= 29  # at rest: next health check is 30 s away
+        passes.clear()
+        gevent.sleep(0.2)  # ten busy ticks' worth of time
+        assert passes == []  # asleep: no pass at all
+
+        held = [manager.get("svc") for _ in range(2)]  # the second must dial: demand
+        gevent.sleep(0.2)
+        assert len(passes) >= 3  # ticking every upkeep_interval while lent
+        for conn in held:
+            conn.release()
