@@ -40,10 +40,9 @@ def peek_alive(sock: socket.socket) -> bool:
 
     Never blocks the hub. Plain sockets are peeked (``MSG_PEEK|MSG_DONTWAIT``) on the
     stdlib socket inside a gevent socket, so "no data yet" comes back at once as
-    ``EAGAIN`` (this is on the borrow path, so it is kept to one system call). For TLS
-    the socket's timeout is set to 0 for one ``recv`` (and restored). TLS sockets first
-    check ``pending()`` (decrypted bytes
-    already buffered), then try a non-blocking 1-byte read: protocol records such as
+    ``EAGAIN`` (this is on the borrow path, so it is kept to one system call). TLS
+    sockets first check ``pending()`` (decrypted bytes already buffered), then try a
+    1-byte read with the timeout set to 0 (and restored): protocol records such as
     TLS 1.3 session tickets are absorbed and still count as alive, whereas application
     bytes (consumed here, but the connection is discarded anyway), ``close_notify``
     or EOF count as dead.
@@ -63,12 +62,9 @@ def peek_alive(sock: socket.socket) -> bool:
         return False
     try:
         sock.settimeout(0.0)
-        if isinstance(sock, _SSL_SOCKETS):
-            if sock.pending() > 0:
-                return False
-            sock.recv(1)
-        else:
-            sock.recv(1, _PEEK_FLAGS)
+        if sock.pending() > 0:  # an SSL socket here: decrypted bytes already buffered
+            return False
+        sock.recv(1)
     except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         return True
     except (OSError, ValueError):
