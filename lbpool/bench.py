@@ -54,7 +54,7 @@ from typing import Any
 import gevent
 
 from lbpool import _bench_peers as peers
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 
 __all__ = ["QUICK", "SCENARIOS", "Settings", "main", "run"]
 
@@ -410,18 +410,6 @@ def _measure_d(members: dict[int, list[_Member]], seconds: float) -> dict[str, f
 # -- scenario E: failover ----------------------------------------------------------
 
 
-def _recv_exact(conn: Any, n: int) -> bytes:
-    got = conn.recv(n)
-    while len(got) < n:
-        more = conn.recv(n - len(got))
-        if not more:
-            raise ConnectionError("server closed the connection")
-        got += more
-    if not got:
-        raise ConnectionError("server closed the connection")
-    return bytes(got)
-
-
 def _scenario_e(s: Settings, verbose: bool) -> dict[str, Any]:
     from lbpool.manager import PoolManager
 
@@ -462,7 +450,7 @@ def _scenario_e(s: Settings, verbose: bool) -> dict[str, Any]:
                         with manager.get("e", 2.0) as conn:
                             address = conn.address
                             conn.sendall(payload)
-                            _recv_exact(conn, len(payload))
+                            recv_exact(conn, len(payload))
                         break
                     except OSError:
                         if attempt == 2:

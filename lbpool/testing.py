@@ -34,7 +34,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-__all__ = ["EchoMode", "EchoServer", "FaultProxy"]
+__all__ = ["EchoMode", "EchoServer", "FaultProxy", "recv_exact"]
 
 _log = logging.getLogger("lbpool")
 
@@ -44,6 +44,21 @@ _PING = b"PING\r\n"
 _PONG = b"+PONG\r\n"
 _CHUNK = 65536
 _STOP_GRACE = 2.0  # seconds given to handler greenlets to exit before stop() gives up
+
+
+def recv_exact(sock: Any, size: int) -> bytes:
+    """Read exactly ``size`` bytes from a socket or ``PooledConnection``.
+
+    A peer that closes first raises ``ConnectionResetError`` (an ``OSError``, so a
+    ``with manager.get(...)`` block discards the connection and tells the breaker).
+    """
+    got = b""
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
+        if not chunk:
+            raise ConnectionResetError(f"server closed the connection after {len(got)} bytes")
+        got += chunk
+    return got
 
 
 def _format_address(host: str, port: int) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lbpool.testing import recv_exact
+
 NOT_CALLABLE = 42
 
 
@@ -35,11 +37,6 @@ def setup_ping(sock: Any) -> None:
     the dial, bounded by its timeout."""
     sock.sendall(b"PING\r\n")
     want = b"+PONG\r\n"
-    got = b""
-    while len(got) < len(want):
-        chunk = sock.recv(len(want) - len(got))
-        if not chunk:
-            raise ConnectionResetError("closed during setup")
-        got += chunk
+    got = recv_exact(sock, len(want))
     if got != want:
         raise ConnectionError(f"bad setup reply {got!r}")

@@ -35,7 +35,7 @@ import pytest
 from gevent.event import Event
 
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
-from lbpool.testing import EchoServer, FaultProxy
+from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.conftest import live_greenlets, settle
 
 ACQUIRE_TIMEOUT = 1.0
@@ -166,12 +166,7 @@ class Traffic:
         payload = b"req-%d\n" % next(self._seq)
         conn.settimeout(IO_TIMEOUT)
         conn.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = conn.recv(len(payload) - len(got))
-            if not chunk:
-                raise ConnectionResetError("server closed the connection")
-            got += chunk
+        got = recv_exact(conn, len(payload))
         if got != payload:  # a connection out of step: lbpool handed out a dirty one
             raise AssertionError(f"out of step: sent {payload!r}, got {got!r}")
 

@@ -18,7 +18,7 @@ from lbpool.config import Address, DialConfig, TLSConfig
 from lbpool.dial import dial, make_ssl_context
 from lbpool.errors import DialError
 from lbpool.health import peek_alive
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 from tests.conftest import TLSCerts, ipv6_available
 
 pytestmark = pytest.mark.timeout(10)
@@ -30,13 +30,8 @@ def addr(server: EchoServer) -> Address:
 
 def roundtrip(sock: Any, payload: bytes = b"hello lbpool") -> None:
     sock.sendall(payload)
-    got = b""
     with gevent.Timeout(2):
-        while len(got) < len(payload):
-            chunk = sock.recv(4096)
-            assert chunk, "server closed during the round trip"
-            got += chunk
-    assert got == payload
+        assert recv_exact(sock, len(payload)) == payload
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ import gevent.os
 import pytest
 
 from lbpool import LbpoolError, PoolManager
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 from tests.conftest import live_greenlets, settle
 
 
@@ -44,12 +44,7 @@ def local_port(conn: Any) -> int:
 def round_trip(conn: Any, payload: bytes) -> None:
     conn.settimeout(2)
     conn.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = conn.recv(64)
-        assert chunk
-        got += chunk
-    assert got == payload
+    assert recv_exact(conn, len(payload)) == payload
 
 
 def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from lbpool.config import Address, DialConfig, HealthCheckConfig, TLSConfig
 from lbpool.dial import dial
 from lbpool.health import Unhealthy, check_health, peek_alive
-from lbpool.testing import EchoServer, FaultProxy
+from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.conftest import TLSCerts
 
 pytestmark = pytest.mark.timeout(10)
@@ -38,13 +38,8 @@ def wait_readable(sock: Any, timeout: float = 2.0) -> bool:
 
 def roundtrip(sock: Any, payload: bytes = b"still in step") -> None:
     sock.sendall(payload)
-    got = b""
     with gevent.Timeout(2):
-        while len(got) < len(payload):
-            chunk = sock.recv(4096)
-            assert chunk
-            got += chunk
-    assert got == payload
+        assert recv_exact(sock, len(payload)) == payload
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from gevent.event import Event
 
 from lbpool import ConnectionReleased, PoolClosed, PoolManager
 from lbpool.pool import Pool
-from lbpool.testing import EchoServer, FaultProxy
+from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.conftest import TLSCerts, settle
 from tests.interrupt import throw_now
 
@@ -133,12 +133,7 @@ def assert_consistent(manager: PoolManager) -> None:
 def round_trip(conn: Any, payload: bytes = b"ping") -> None:
     conn.settimeout(WAIT)
     conn.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = conn.recv(64)
-        assert chunk, "server closed"
-        got += chunk
-    assert got == payload
+    assert recv_exact(conn, len(payload)) == payload
 
 
 def finish(manager: PoolManager, *conns: Any) -> None:

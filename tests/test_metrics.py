@@ -13,7 +13,7 @@ from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 
 import lbpool
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app  # noqa: E402
@@ -40,11 +40,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def echo(manager: lbpool.PoolManager, target: str, data: bytes = b"ping") -> None:
     with manager.get(target, timeout=2) as conn:
         conn.sendall(data)
-        got = b""
-        while len(got) < len(data):
-            chunk = conn.recv(64)
-            assert chunk
-            got += chunk
+        assert recv_exact(conn, len(data)) == data
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import pytest
 from gevent.event import Event
 
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
-from lbpool.testing import EchoServer, FaultProxy
+from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.conftest import fd_count, live_greenlets, settle
 
 SECONDS = float(os.environ.get("LBPOOL_SOAK_SECONDS", "120"))
@@ -117,12 +117,7 @@ class Soak:
         payload = b"soak-%d\n" % self.seq
         conn.settimeout(IO_TIMEOUT)
         conn.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = conn.recv(len(payload) - len(got))
-            if not chunk:
-                raise ConnectionResetError("server closed the connection")
-            got += chunk
+        got = recv_exact(conn, len(payload))
         if got != payload:
             raise AssertionError(f"out of step: sent {payload!r}, got {got!r}")
 

@@ -322,3 +322,20 @@ def test_proxy_stop_leaves_nothing(
 def test_bad_upstream_address() -> None:
     with pytest.raises(ValueError, match="host:port"):
         FaultProxy("no-port")
+
+
+def test_recv_exact_reads_all_and_fails_on_early_close() -> None:
+    from gevent import socket as gsocket
+
+    from lbpool.testing import recv_exact
+
+    with EchoServer() as srv, gsocket.create_connection(("127.0.0.1", srv.port), 2) as sock:
+        sock.sendall(b"abc")
+        sock.sendall(b"defg")
+        assert recv_exact(sock, 7) == b"abcdefg"
+    with (
+        EchoServer(mode="close_on_accept") as closing,
+        gsocket.create_connection(("127.0.0.1", closing.port), 2) as sock,
+        pytest.raises(ConnectionResetError),
+    ):
+        recv_exact(sock, 1)

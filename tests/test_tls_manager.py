@@ -19,7 +19,7 @@ from gevent import ssl as gssl
 from gevent.event import Event
 
 from lbpool import BackendUnavailable, DialError, PoolManager
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 from tests.conftest import TLSCerts, settle
 from tests.test_interrupts import no_switch
 
@@ -42,13 +42,7 @@ def config(address: str, tls: dict[str, Any] | None, **pool: Any) -> dict[str, A
 def round_trip(conn: Any, payload: bytes) -> None:
     conn.settimeout(3)
     conn.sendall(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = conn.recv(64)
-        if not chunk:
-            raise ConnectionResetError("the server closed the connection")
-        got += chunk
-    assert got == payload
+    assert recv_exact(conn, len(payload)) == payload
 
 
 def dial_error(exc: BackendUnavailable, address: str) -> DialError:
