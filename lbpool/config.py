@@ -1048,12 +1048,66 @@ def _yaml_problem(
     return ConfigProblem(source, None, "", f"invalid YAML: {detail[:200]}")
 
 
+def _flow_depth_line(text: str) -> int | None:
+    """The 1-based line where flow collections (``[`` / ``{``) nest past ``MAX_DEPTH``,
+    or None: a lexical scan that skips quoted scalars and comments.
+
+    Parsers refuse very deep flow nesting themselves, each with its own wording and limit
+    (libyaml since 0.2.5 does, before lbpool's composer sees the node); when a parser
+    fails, this tells whether the document was simply nested too deeply, so the user
+    reads lbpool's one message whatever parser or version refused it.
+    """
+    depth, line = 0, 1
+    quote = ""
+    previous = "\n"
+    i, end = 0, len(text)
+    while i < end:
+        ch = text[i]
+        if ch == "\n":
+            line += 1
+        if quote:
+            if ch == "\\" and quote == '"':
+                i += 1
+            elif ch == quote:
+                if quote == "'" and text.startswith("''", i):
+                    i += 1  # '' is an escaped quote inside a single-quoted scalar
+                else:
+                    quote = ""
+        elif ch == "#" and previous in " \t\n":
+            newline = text.find("\n", i)
+            i = end if newline < 0 else newline
+            continue
+        elif ch in "'\"" and previous in " \t\n[{,:":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        previous = ch
+        i += 1
+    return None
+
+
+def _parse_failure(
+    exc: Exception, source: str, text: str, *, byte_offsets: bool = True
+) -> ConfigError:
+    """The ConfigError for a parser's refusal: lbpool's own depth message when the
+    document nests too deeply (whatever the parser said), else the parser's problem."""
+    deep_at = _flow_depth_line(text)
+    if deep_at is not None:
+        message = f"nested more than {MAX_DEPTH} levels deep"
+        return ConfigError([ConfigProblem(source, deep_at, "", message)])
+    return ConfigError([_yaml_problem(exc, source, text, byte_offsets=byte_offsets)])
+
+
 def _load_yaml(text: str, source: str) -> tuple[object, dict[Loc, int]]:
     """Parse ``text`` safely; return the data and a path -> line map."""
     try:
         loader = _Loader(text)
     except Exception as exc:
-        raise ConfigError([_yaml_problem(exc, source, text)]) from None
+        raise _parse_failure(exc, source, text) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -1079,7 +1133,7 @@ def _load_yaml(text: str, source: str) -> tuple[object, dict[Loc, int]]:
         raise ConfigError([ConfigProblem(source, exc.line, exc.path, exc.message)]) from None
     except Exception as exc:  # YAMLError, RecursionError, ValueError from bad scalars...
         byte_offsets = not isinstance(loader, yaml.reader.Reader)
-        raise ConfigError([_yaml_problem(exc, source, text, byte_offsets=byte_offsets)]) from None
+        raise _parse_failure(exc, source, text, byte_offsets=byte_offsets) from None
     finally:
         loader.dispose()
 

@@ -790,6 +790,49 @@ def test_deep_nesting_is_refused_quickly(yaml_parser: str, tmp_path: Path, text:
     assert err.problems[0].line is not None
 
 
+@pytest.mark.parametrize("where", ["constructing", "parsing"])
+def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Whatever a parser (or a future version of it) says when it refuses deep nesting
+    itself, the user reads lbpool's message naming the limit, with file and line."""
+
+    class Refusing(lbpool.config._PyLoader):
+        def __init__(self, stream: str) -> None:
+            if where == "constructing":
+                raise yaml.YAMLError("wording of some other parser version")
+            super().__init__(stream)
+
+        def get_single_node(self) -> Any:
+            raise yaml.YAMLError("wording of some other parser version")
+
+    monkeypatch.setattr(lbpool.config, "_Loader", Refusing)
+    text = "backends:\n  cache:\n    servers: " + "[" * 70 + "]" * 70 + "\n"
+    path, err = load_errors(tmp_path, text)
+    assert [(p.line, p.message) for p in err.problems] == [
+        (3, f"nested more than {MAX_DEPTH} levels deep")
+    ]
+    assert str(path) in str(err) and "other parser" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: '" + "[" * 100 + "'\nb: [\n",  # brackets inside quotes do not nest
+        "a: \"" + "{" * 100 + "\"\nb: [\n",
+        "# " + "[" * 100 + "\nb: [\n",  # nor in comments
+        "a: 'it''s " + "[" * 100 + "'\nb: [\n",
+    ],
+    ids=["single-quoted", "double-quoted", "comment", "escaped-quote"],
+)
+def test_brackets_in_scalars_and_comments_are_not_nesting(
+    yaml_parser: str, tmp_path: Path, text: str
+) -> None:
+    _, err = load_errors(tmp_path, text)
+    assert "nested more than" not in str(err)
+    assert "invalid YAML" in str(err)
+
+
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     path.write_text("# " + "x" * MAX_FILE_BYTES + "\n")
