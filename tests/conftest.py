@@ -1,67 +1,39 @@
 """Shared fixtures: loopback echo servers, TLS certificates, fd-leak and greenlet checks.
 
 Nothing here monkey-patches: lbpool is gevent-native and the tests use gevent sockets
-directly. Every fixture here is opt-in (requested by name); nothing is autouse.
+directly. One fixture is autouse, ``_closes_what_it_made``: every manager, pool, server
+and proxy a test makes is closed when the test ends, whatever its outcome, and a test
+that passed but left one open, or left an lbpool greenlet running, fails -- so a leak
+is reported once, by the test that caused it, and never spills into the next test.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from time import monotonic
 from typing import Any
 
 import gevent
-import greenlet
 import pytest
 import trustme
 from gevent import socket as gsocket
 
-from lbpool.testing import EchoServer
+from lbpool.manager import PoolManager
+from lbpool.pool import Pool
+from lbpool.testing import EchoServer, _LoopbackServer
+from tests.support.leaks import (
+    fd_count,
+    live_greenlets,
+    mark_greenlet_baseline,
+    new_lbpool_greenlets,
+    open_fds,
+    settle,
+)
 
-
-def fd_count() -> int:
-    """Open file descriptors of this process (Linux)."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _open_fds() -> dict[str, str]:
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the fd listdir itself used is gone
-            fds[name] = os.readlink(f"/proc/self/fd/{name}")
-    return fds
-
-
-def live_greenlets() -> list[Any]:
-    """Greenlets that are started and not dead, other than the main one and the hub."""
-    hub = gevent.get_hub()
-    return [
-        g
-        for g in gc.get_objects()
-        if isinstance(g, greenlet.greenlet)
-        and g is not hub
-        and g.parent is not None
-        and bool(g)  # started and not dead
-    ]
-
-
-def settle(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
-    """Poll ``predicate`` (with gc + hub turns) until true or ``timeout``: for closes
-    that gevent completes on a later loop iteration, which nothing can be waited on for."""
-    deadline = monotonic() + timeout
-    while True:
-        gc.collect()
-        if predicate():
-            return True
-        if monotonic() >= deadline:
-            return False
-        gevent.sleep(0.01)
+__all__ = ["TLSCerts", "connect", "fd_count", "ipv6_available", "live_greenlets", "settle"]
 
 
 def connect(address: str, timeout: float = 2.0) -> Any:
@@ -104,7 +76,7 @@ def no_fd_leak(request: pytest.FixtureRequest) -> None:
     """
     gevent.sleep(0)  # creates the hub and its loop: their fds are not the test's
     gc.collect()
-    request.node.stash[_FD_BASELINE] = (fd_count(), _open_fds())
+    request.node.stash[_FD_BASELINE] = (fd_count(), open_fds())
 
 
 @pytest.hookimpl(wrapper=True)
@@ -117,10 +89,73 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     del item.stash[_FD_BASELINE]
     baseline, before = recorded
     if not settle(lambda: fd_count() <= baseline):
-        after = _open_fds()
+        after = open_fds()
         extra = {fd: target for fd, target in after.items() if before.get(fd) != target}
         pytest.fail(f"fd leak: {baseline} fds before, {fd_count()} after; new: {extra}")
     return result
+
+
+_OUTCOME = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_OUTCOME] = report.passed
+    return report
+
+
+def _is_open(thing: object) -> bool:
+    if isinstance(thing, _LoopbackServer):
+        return thing.listening
+    return not thing.closed  # type: ignore[attr-defined]
+
+
+def _close(thing: object) -> None:
+    if isinstance(thing, _LoopbackServer):
+        thing.stop()
+    else:
+        thing.close(timeout=1)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def _closes_what_it_made(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Track every PoolManager, Pool, EchoServer and FaultProxy the test constructs; at
+    teardown (after the test's own fixtures) close what is still open, then compare
+    lbpool's greenlets with the baseline taken here. A test that passed and left either
+    behind fails with a message naming what; a test that failed already is only cleaned
+    up, so its failure is reported once."""
+    made: list[object] = []
+    for cls in (PoolManager, Pool, _LoopbackServer):
+        original = cls.__init__
+
+        def tracked(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> None:
+            __original(self, *args, **kwargs)
+            if not any(m is self for m in made):
+                made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", tracked)
+    mark_greenlet_baseline()
+    yield
+    left_open = [thing for thing in made if _is_open(thing)]
+    for thing in reversed(left_open):  # managers before the servers they use
+        _close(thing)
+    made.clear()
+
+    settle(lambda: not new_lbpool_greenlets(), 2.0)
+    stray = new_lbpool_greenlets()
+    gevent.killall(stray, block=True, timeout=2)
+    if request.node.stash.get(_OUTCOME, False):
+        problems = []
+        if left_open:
+            problems.append("left open: " + ", ".join(type(t).__name__ for t in left_open))
+        if stray:
+            problems.append(f"lbpool greenlets left running: {stray}")
+        if problems:
+            pytest.fail("; ".join(problems) + " (closed by the conftest finalizer)")
 
 
 @pytest.fixture

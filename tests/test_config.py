@@ -819,7 +819,7 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
     "text",
     [
         "a: '" + "[" * 100 + "'\nb: [\n",  # brackets inside quotes do not nest
-        "a: \"" + "{" * 100 + "\"\nb: [\n",
+        'a: "' + "{" * 100 + '"\nb: [\n',
         "# " + "[" * 100 + "\nb: [\n",  # nor in comments
         "a: 'it''s " + "[" * 100 + "'\nb: [\n",
     ],

@@ -2,10 +2,11 @@
 
 Fork (gunicorn ``preload_app``): a child never uses a connection its parent opened --
 neither an idle one nor one the parent holds -- and nothing the child does (using the
-manager, closing it, exiting) disturbs the parent's connections. The child runs a copy
-of the in-process echo servers too, so "whose connection" is decided by the client-side
-port numbers, reported back over a pipe read with ``gevent.os.nb_read`` (never
-blocking the parent's hub).
+manager, closing it, exiting) disturbs the parent's connections. The echo servers run in
+processes of their own (``ProcessEchoServer``): a server in the test's process would be
+copied into the child, which could accept and then close connections the parent dials
+meanwhile. "Whose connection" is decided by the client-side port numbers, reported back
+over a pipe read with ``gevent.os.nb_read`` (never blocking the parent's hub).
 
 Threads: a manager belongs to the OS thread that made it; any use from a second real OS
 thread is refused with an ``LbpoolError`` saying the manager belongs to another thread,
@@ -19,7 +20,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -29,6 +30,7 @@ import pytest
 from lbpool import LbpoolError, PoolManager
 from lbpool.testing import EchoServer, recv_exact
 from tests.conftest import live_greenlets, settle
+from tests.support.procs import ProcessEchoServer
 
 
 def config(addresses: list[str], **pool: Any) -> dict[str, Any]:
@@ -45,6 +47,21 @@ def round_trip(conn: Any, payload: bytes) -> None:
     conn.settimeout(2)
     conn.sendall(payload)
     assert recv_exact(conn, len(payload)) == payload
+
+
+@pytest.fixture
+def process_echo_servers() -> Iterator[list[ProcessEchoServer]]:
+    """Three echo servers, each in a process of its own: a server living in the test's
+    process would be copied into the forked child, which could then accept (and, on
+    exit, close) connections the parent dials while the child runs."""
+    servers: list[ProcessEchoServer] = []
+    try:
+        for _ in range(3):
+            servers.append(ProcessEchoServer())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -85,9 +102,9 @@ def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
 @pytest.mark.parametrize("min_idle", [0, 2], ids=["no_upkeep_refill", "upkeep_refills"])
 def test_fork_child_never_uses_parent_connections(
-    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None, min_idle: int
+    process_echo_servers: list[ProcessEchoServer], no_fd_leak: None, min_idle: int
 ) -> None:
-    a, b, c = (echo_server_factory() for _ in range(3))
+    a, b, c = process_echo_servers
     manager = PoolManager(config([a.address, b.address], min_idle=min_idle))
     manager.wait_ready(timeout=5)
     held = manager.acquire("svc")

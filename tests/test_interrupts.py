@@ -38,26 +38,13 @@ from lbpool.pool import Pool
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.conftest import TLSCerts, settle
 from tests.interrupt import throw_now
+from tests.support.leaks import lbpool_greenlets, new_lbpool_greenlets
 
 KINDS = ["kill", "timeout"]
 WAIT = 5.0  # bound on every wait for a greenlet to reach its point
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def lbpool_greenlets() -> list[gevent.Greenlet]:
-    """Greenlets running (or scheduled to run) lbpool code, test servers excluded."""
-    found = []
-    for g in gc.get_objects():
-        if not isinstance(g, gevent.Greenlet) or g.dead:
-            continue
-        fn = getattr(g, "_run", None)
-        owner = getattr(fn, "__self__", None)
-        module = type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")
-        if (module or "").startswith("lbpool") and module != "lbpool.testing":
-            found.append(g)
-    return found
 
 
 def frames_of(g: greenlet.greenlet) -> list[str]:
@@ -147,7 +134,7 @@ def finish(manager: PoolManager, *conns: Any) -> None:
     for pool in pools:
         s = pool.stats()
         assert (s.size, s.idle, s.in_use, s.pending, s.waiting) == (0, 0, 0, 0, 0), s
-    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()
+    assert settle(lambda: not new_lbpool_greenlets(), WAIT), new_lbpool_greenlets()
 
 
 def config(
@@ -537,7 +524,7 @@ def test_interrupt_during_close_drain_wait(server: EchoServer, no_fd_leak: None,
     manager.close(timeout=WAIT)  # a second close is harmless
     s = pool.stats()
     assert (s.size, s.idle, s.in_use, s.pending, s.waiting) == (0, 0, 0, 0, 0), s
-    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()
+    assert settle(lambda: not new_lbpool_greenlets(), WAIT), new_lbpool_greenlets()
 
 
 def test_close_wakes_manager_waiters_with_pool_closed(
@@ -575,7 +562,7 @@ def test_interrupted_close_then_second_close_forces(
     try:
         manager.close(timeout=0.05)
         assert pool.stats().size == 0, pool.stats()  # forced by the second close
-        assert not lbpool_greenlets(), lbpool_greenlets()
+        assert not new_lbpool_greenlets(), new_lbpool_greenlets()
     finally:
         held.release()  # harmless after a forced close
 
@@ -689,4 +676,4 @@ def test_release_never_yields(
     if case == "network_error":
         assert settle(lambda: True)
     manager.close(timeout=WAIT)
-    assert settle(lambda: not lbpool_greenlets(), WAIT), lbpool_greenlets()
+    assert settle(lambda: not new_lbpool_greenlets(), WAIT), new_lbpool_greenlets()

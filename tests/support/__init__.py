@@ -1,0 +1,1 @@
+"""What the tests import: loopback servers in processes of their own, leak checks."""

@@ -1,0 +1,78 @@
+"""Loopback servers that live in a process of their own.
+
+A test that forks (gunicorn-style preload) must not keep its servers in the process it
+forks: the child would carry a copy of every listener and of every accepted socket, and
+could accept -- then close, on exit -- a connection the parent dialed meanwhile. A
+``ProcessEchoServer`` runs ``lbpool.testing.EchoServer`` in a child interpreter, so
+there is exactly one listener, owned by a process that never forks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from types import TracebackType
+
+import gevent
+from gevent.subprocess import PIPE, Popen
+
+_SERVER = textwrap.dedent(
+    """
+    import sys, gevent
+    from gevent.fileobject import FileObjectThread
+    from lbpool.testing import EchoServer
+
+    server = EchoServer().start()
+    print(server.address, flush=True)
+    # stop when the test closes our stdin (or dies): never outlive it
+    FileObjectThread(sys.stdin.buffer).read()
+    server.stop()
+    """
+)
+
+
+class ProcessEchoServer:
+    """An ``EchoServer`` on ``127.0.0.1:0`` in a child process; ``stop()`` ends it.
+
+    The child exits by itself when its stdin closes, so a test process that dies takes
+    its servers with it.
+    """
+
+    def __init__(self, start_timeout: float = 20.0) -> None:
+        self._proc = Popen(
+            [sys.executable, "-c", _SERVER], stdin=PIPE, stdout=PIPE, stderr=subprocess.DEVNULL
+        )
+        try:
+            with gevent.Timeout(start_timeout, TimeoutError("echo server process did not start")):
+                line = self._proc.stdout.readline()
+            if not line:
+                raise RuntimeError("echo server process exited before listening")
+        except BaseException:
+            self.stop()
+            raise
+        self.address = line.decode().strip()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self._proc
+        if proc.returncode is not None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> ProcessEchoServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
