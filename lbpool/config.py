@@ -231,6 +231,11 @@ def parse_address(text: str) -> Address:
     return Address(host, _parse_port(text, port))
 
 
+def _format_address_field(value: Address) -> str:
+    """JSON form of an address (a function: pydantic < 2.6 cannot inspect ``str``)."""
+    return str(value)
+
+
 def _validate_address(value: object) -> Address:
     if isinstance(value, str):
         return parse_address(value)
@@ -248,7 +253,7 @@ def _validate_address(value: object) -> Address:
 AddressField = Annotated[
     Address,
     PlainValidator(_validate_address),
-    PlainSerializer(str, return_type=str, when_used="json"),
+    PlainSerializer(_format_address_field, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "examples": ["127.0.0.1:6379", "[::1]:6379"]}),
 ]
 

@@ -13,9 +13,11 @@ timing-dependent state (a rule with nothing to act on is a no-op).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -37,9 +39,20 @@ STATES = {"closed", "open", "half_open"}
 _servers: list[EchoServer] = []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_servers() -> Iterator[None]:
+    """The echo servers every example shares, stopped when the module ends."""
+    _servers.extend(EchoServer().start() for _ in range(N_SERVERS))
+    try:
+        yield
+    finally:
+        for server in _servers:
+            server.stop()
+        _servers.clear()
+
+
 def shared_servers() -> list[EchoServer]:
-    if not _servers:
-        _servers.extend(EchoServer().start() for _ in range(N_SERVERS))
+    assert _servers, "the module fixture starts the servers"
     for server in _servers:
         if not server.listening:  # a previous example left it down
             server.start()

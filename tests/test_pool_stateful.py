@@ -4,9 +4,11 @@ acquire, release, discard, wait, timeout, kill and close."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -19,11 +21,17 @@ MAX_SIZE = 2
 _server: EchoServer | None = None
 
 
-def shared_server() -> EchoServer:
+@pytest.fixture(scope="module", autouse=True)
+def _module_server() -> Iterator[None]:
+    """One echo server for every example of the machine, stopped when the module ends."""
     global _server
-    if _server is None:
-        _server = EchoServer()
-        _server.start()
+    with EchoServer() as _server:
+        yield
+    _server = None
+
+
+def shared_server() -> EchoServer:
+    assert _server is not None, "the module fixture starts the server"
     return _server
 
 
