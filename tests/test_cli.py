@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 import lbpool
-from lbpool import _demo
-from lbpool.cli import main
+from lbpool.cli import demo, main
 from lbpool.testing import EchoServer
 from tests.conftest import live_greenlets, settle
 
@@ -188,7 +187,7 @@ def test_repository_config_is_valid_and_matches_the_built_in_one(
     assert main(["check", str(REPO / "config.yaml")]) == 0
     capsys.readouterr()
     repo = lbpool.load_config(REPO / "config.yaml")
-    builtin = lbpool.parse_config(yaml.safe_load(_demo.DEFAULT_CONFIG))
+    builtin = lbpool.parse_config(yaml.safe_load(demo.DEFAULT_CONFIG))
     assert repo == builtin
     assert set(repo.backends) == {"cache", "api"}
     assert repo.backends["cache"].strategy == "least_active"
@@ -303,7 +302,7 @@ def test_bench_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> 
             seen.append(argv)
             return 0
 
-    monkeypatch.setitem(sys.modules, "lbpool.bench", FakeBench)
+    monkeypatch.setitem(sys.modules, "lbpool.cli.bench", FakeBench)
     assert main(["bench", "--quick", "-n", "3", "--help"]) == 0
     assert seen == [["--quick", "-n", "3", "--help"]]
 
@@ -311,7 +310,7 @@ def test_bench_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> 
 def test_bench_missing_module(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "lbpool.bench", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "lbpool.cli.bench", None)  # import fails as if absent
     assert main(["bench", "--quick"]) == 2
     assert "bench is not available" in capsys.readouterr().err
 
@@ -329,7 +328,7 @@ def test_echo_request_retries_once_on_a_fresh_connection() -> None:
         with lbpool.PoolManager(config) as manager:
             manager.wait_ready(timeout=5)
             retried: list[BaseException] = []
-            job = gevent.spawn(_demo.echo_request, manager, "b", b"hello", on_retry=retried.append)
+            job = gevent.spawn(demo.echo_request, manager, "b", b"hello", on_retry=retried.append)
             slow.wait_received(5, timeout=5)  # the request is in flight on `slow`
             slow.stop()  # its client sees EOF before any reply
             assert job.get(timeout=5) == fast.address
@@ -459,13 +458,13 @@ def test_demo_without_config_yaml_uses_the_built_in_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no ./config.yaml here
-    loaded = _demo._load(None)
+    loaded = demo._load(None)
     assert loaded is not None
     config, source = loaded
     assert source == "built-in config"
     assert config == lbpool.load_config(REPO / "config.yaml")
     (tmp_path / "config.yaml").write_text("backends: {x: {servers: [127.0.0.1:1]}}\n")
-    loaded = _demo._load(None)
+    loaded = demo._load(None)
     assert loaded is not None and loaded[1] == "config.yaml"  # ./config.yaml when present
 
 

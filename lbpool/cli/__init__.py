@@ -1,200 +1,35 @@
 """The ``lbpool`` command: ``check``, ``probe``, ``demo`` and ``bench``.
 
-rich (the ``cli`` extra) draws the tables when it is installed; without it the output
-is plain text. rich is imported here lazily, never by the core package.
+This package is the command beside the library: it may import ``lbpool``; nothing in
+``lbpool`` imports it (tests/test_layout.py holds that). Here live the parser and
+``main``; each command is a module of its own (``check``, ``probe``, ``demo``, the
+``bench`` package) and ``_tables`` draws the tables (rich, the ``cli`` extra, when it is
+installed; plain text without it). The bench is imported only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
-from time import monotonic
-from typing import Any, TextIO
+
+from lbpool import __version__
+from lbpool.cli import check, demo, probe
+from lbpool.cli._tables import print_table, rich_console, rich_table
 
 __all__ = ["main", "print_table", "rich_console", "rich_table"]
 
 _PROG = "lbpool"
 
 
-# ------------------------------------------------------------------------- output
-
-
-def rich_console(file: TextIO | None = None) -> Any:
-    """A rich ``Console`` writing to ``file`` (stdout), or None when rich is missing."""
-    try:
-        from rich.console import Console
-    except ImportError:
-        return None
-    out = file or sys.stdout
-    try:
-        tty = out.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    # Not a terminal (a pipe, a log): rich would assume 80 columns and fold the cells.
-    return Console(file=out, highlight=False, width=None if tty else 160)
-
-
-def rich_table(title: str | None = None, *, tight: bool = False) -> Any:
-    """A compact rich ``Table`` (no outer frame), so wide rows fit 80 columns;
-    ``tight``: columns apart by one space only."""
-    from rich import box
-    from rich.table import Table
-
-    return Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 0) if tight else (0, 1),
-    )
-
-
-def print_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    title: str | None = None,
-    file: TextIO | None = None,
-) -> None:
-    """A table: rich when installed, else aligned plain text."""
-    out = file or sys.stdout
-    if title:
-        print(title, file=out, flush=True)
-    console = rich_console(out)
-    if console is not None:
-        table = rich_table()
-        for i, header in enumerate(headers):
-            last = i == len(headers) - 1
-            table.add_column(header, no_wrap=not last, overflow="fold" if last else "ellipsis")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
-        return
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=False)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip(), file=out)
-
-
 def _error(message: str) -> None:
     print(f"{_PROG}: {message}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------- check
-
-
-def _load(path: str) -> Any:
-    """The validated Config, or None after printing every problem to stderr."""
-    from lbpool.config import load_config
-    from lbpool.errors import ConfigError
-
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(str(problem), file=sys.stderr)
-    except (OSError, ValueError) as exc:  # load_config wraps these; belt and braces
-        print(f"{path}: {exc}", file=sys.stderr)
-    return None
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    import yaml
-
-    config = _load(args.config)
-    if config is None:
-        return 2
-    print(f"# {args.config}: valid. Normalized, every default filled in (durations in seconds):")
-    sys.stdout.write(
-        yaml.safe_dump(
-            config.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100
-        )
-    )
-    return 0
-
-
-# ------------------------------------------------------------------------- probe
-
-
-def _probe_one(backend: str, server: Any, bcfg: Any) -> tuple[str, str, bool, str, str]:
-    from lbpool.dial import dial
-    from lbpool.errors import DialError
-    from lbpool.health import Unhealthy, check_health, peek_alive
-
-    address = str(server.address)
-    start = monotonic()
-    try:
-        sock = dial(server.address, bcfg.dial, setup=bcfg.setup)
-    except DialError as exc:
-        return backend, address, False, "-", f"dial failed: {exc.reason}"
-    latency = f"{(monotonic() - start) * 1000:.1f}"
-    try:
-        hc = bcfg.health_check
-        if not peek_alive(sock):
-            return backend, address, False, latency, "closed by peer or unexpected bytes"
-        if hc.send is None and hc.hook is None:
-            return backend, address, True, latency, "connected (no health check configured)"
-        try:
-            check_health(sock, hc)
-        except Unhealthy as exc:
-            return backend, address, False, latency, f"check failed: {exc.reason}"
-        parts = []
-        if hc.send is not None:
-            sent = hc.send.strip()
-            parts.append(f"{sent} -> {hc.expect}" if hc.expect is not None else f"sent {sent}")
-        if hc.hook is not None:
-            parts.append(f"hook {hc.hook}")
-        return backend, address, True, latency, "ok: " + ", ".join(parts)
-    finally:
-        sock.close()
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    import gevent
-
-    config = _load(args.config)
-    if config is None:
-        return 2
-    jobs = []
-    limit = 0.0
-    for name, bcfg in config.backends.items():
-        limit = max(limit, bcfg.dial.timeout + bcfg.health_check.timeout)
-        for server in bcfg.servers:
-            jobs.append(gevent.spawn(_probe_one, name, server, bcfg))
-    if not jobs:
-        print(f"{args.config}: no backends configured; nothing to probe")
-        return 0
-    gevent.joinall(jobs, timeout=limit + 1.0)  # each step is bounded; this bounds the lot
-    gevent.killall(jobs, block=True, timeout=1.0)
-    rows: list[list[str]] = []
-    down = 0
-    for job in jobs:
-        if job.successful():
-            backend, address, up, latency, result = job.value
-        else:
-            backend, address, up, latency = "?", "?", False, "-"
-            result = f"probe failed: {job.exception!r}" if job.exception else "probe timed out"
-        down += not up
-        rows.append([backend, address, "up" if up else "down", latency, result])
-    print_table(["backend", "server", "state", "dial ms", "check"], rows, title="lbpool probe")
-    total = len(rows)
-    print(f"{total - down} of {total} servers up" + (f", {down} down" if down else ""))
-    return 1 if down else 0
-
-
-# ------------------------------------------------------------------------- demo
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lbpool import _demo
-
-    return _demo.run(
+    return demo.run(
         config_path=args.config,
         duration=args.duration,
         workers=args.workers,
@@ -202,16 +37,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-# ------------------------------------------------------------------------- bench
-
-
 def cmd_bench(argv: list[str]) -> int:
-    import importlib
-
+    """Import the bench only now: ``lbpool check`` need not load it."""
     try:
-        bench = importlib.import_module("lbpool.bench")
+        bench = importlib.import_module("lbpool.cli.bench")
     except ModuleNotFoundError as exc:
-        if exc.name in (None, "lbpool", "lbpool.bench"):
+        if exc.name in (None, "lbpool", "lbpool.cli", "lbpool.cli.bench"):
             _error("bench is not available")
         else:
             _error(f"bench is not available: needs {exc.name} (pip install 'lbpool[bench]')")
@@ -244,8 +75,6 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lbpool import __version__
-
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="lbpool: a gevent-native, multi-backend TCP connection pool manager.",
@@ -260,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "every problem as file:line: field.path: message. Exit 2 when invalid or unreadable.",
     )
     p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(handler=cmd_check)
+    p.set_defaults(handler=check.run)
 
     p = sub.add_parser(
         "probe",
@@ -269,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print a table of state and dial latency. Exit 1 when any server is down.",
     )
     p.add_argument("config", metavar="CONFIG")
-    p.set_defaults(handler=cmd_probe)
+    p.set_defaults(handler=probe.run)
 
     p = sub.add_parser(
         "demo",

@@ -11,6 +11,9 @@ between servers while *acquiring*; a request whose connection dies *in flight* i
 caller's to retry, once, on a freshly acquired connection, after discarding the dead
 one (which also tells that server's breaker). Done that way, no request fails while
 another server could serve it.
+
+What the demo shows, the live table and the summary, is ``_demo_report``'s: this
+module writes a ``Record`` as the run goes, and that module reads it.
 """
 
 from __future__ import annotations
@@ -21,20 +24,19 @@ import os
 import random
 import signal
 import sys
-from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from time import monotonic
-from typing import Any
 
 import gevent
 from gevent.event import Event
 
+from lbpool.cli import _demo_report as report
+from lbpool.cli._demo_report import Outage, Record
+from lbpool.cli._tables import rich_console
 from lbpool.config import Config, load_config
 from lbpool.connection import PooledConnection
 from lbpool.errors import ConfigError, LbpoolError
 from lbpool.manager import PoolManager
-from lbpool.stats import ManagerStats
 from lbpool.testing import EchoServer
 
 __all__ = ["DEFAULT_CONFIG", "echo_request", "run"]
@@ -150,55 +152,6 @@ def _kind(exc: BaseException) -> str:
     return f"{name}: {text}" if text and len(text) < 60 else name
 
 
-# ------------------------------------------------------------------ bookkeeping
-
-
-Key = tuple[str, str]  # (backend, address)
-
-
-@dataclass
-class _Outage:
-    backend: str
-    address: str
-    killed_at: float | None = None
-    restarted_at: float | None = None
-    restart_error: str | None = None
-
-
-@dataclass
-class _Record:
-    """Everything the demo counts; read by the display and the summary."""
-
-    start: float
-    ok: int = 0
-    phase: int = 0
-    served: dict[Key, list[int]] = field(default_factory=dict)
-    retried: Counter[str] = field(default_factory=Counter)
-    failed: Counter[str] = field(default_factory=Counter)
-    failed_while_failover: int = 0
-    latencies: list[float] = field(default_factory=list)
-    events: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=500))
-    transitions: dict[Key, list[tuple[float, str]]] = field(default_factory=dict)
-    n_events: int = 0  # events ever recorded (the deque keeps the latest)
-
-    def now(self) -> float:
-        return monotonic() - self.start
-
-    def event(self, text: str) -> None:
-        self.events.append((self.now(), text))
-        self.n_events += 1
-
-    def transition(self, key: Key, old: str, new: str, detail: str = "") -> None:
-        seq = self.transitions.setdefault(key, [(0.0, old)])
-        if seq[-1][1] != old:  # a step we did not see (sampling): keep the chain honest
-            seq.append((self.now(), old))
-        seq.append((self.now(), new))
-        self.event(f"breaker {key[1]} ({key[0]}): {old} -> {new}{detail}")
-
-
-_EVENTS_SHOWN = 6
-
-
 # ------------------------------------------------------------------ the demo
 
 
@@ -212,19 +165,15 @@ class Demo:
         self.n_workers = workers
         self.live = live
         self.stop = Event()
-        self.interrupted = False
         self.servers: dict[str, EchoServer] = {}
-        self.down: set[str] = set()
-        self.rec = _Record(start=monotonic())
-        self.outage: _Outage | None = None
+        self.rec = Record(start=monotonic(), duration=duration, workers=workers)
         self.manager: PoolManager | None = None
-        self.final_stats: ManagerStats | None = None
         for name, backend in config.backends.items():
             for server in backend.servers:
                 self.rec.served[(name, str(server.address))] = [0, 0, 0]
         for name, backend in config.backends.items():
             if len(backend.servers) >= 2:
-                self.outage = _Outage(name, str(backend.servers[1].address))
+                self.rec.outage = Outage(name, str(backend.servers[1].address))
                 break
 
     # -- servers -------------------------------------------------------------------
@@ -273,7 +222,7 @@ class Demo:
         """Was there a live server with a closed breaker that this request could use?"""
         assert self.manager is not None
         for pool in self.manager.backends[backend].pools:
-            if pool.name not in self.down and pool.breaker.is_closed:
+            if pool.name not in self.rec.down and pool.breaker.is_closed:
                 return True
         return False
 
@@ -316,7 +265,7 @@ class Demo:
 
     def chaos(self) -> None:
         """Kill one server a quarter of the way in; bring it back a little past half way."""
-        outage = self.outage
+        outage = self.rec.outage
         if outage is None:
             self.rec.event("no backend has two servers: nothing to kill, no failover to show")
             return
@@ -324,7 +273,7 @@ class Demo:
         if self.stop.wait(max(0.0, self.duration * _KILL_AT - self.rec.now())):
             return
         echo.stop()  # listener closed, every client connection dropped (clients see EOF)
-        self.down.add(outage.address)
+        self.rec.down.add(outage.address)
         outage.killed_at = self.rec.now()
         self.rec.phase = 1
         self.rec.event(f"killed {outage.address} ({outage.backend}): its clients see EOF")
@@ -336,102 +285,23 @@ class Demo:
             outage.restart_error = exc.strerror or str(exc)
             self.rec.event(f"could not restart {outage.address}: {outage.restart_error}")
             return
-        self.down.discard(outage.address)
+        self.rec.down.discard(outage.address)
         outage.restarted_at = self.rec.now()
         self.rec.phase = 2
         self.rec.event(f"restarted {outage.address}: back once its breaker's trial succeeds")
-
-    # -- display -------------------------------------------------------------------
-    def rows(self, stats: ManagerStats) -> list[list[str]]:
-        rows = []
-        for name, backend in stats.backends.items():
-            total = sum(sum(c) for (b, _), c in self.rec.served.items() if b == name) or 1
-            for address, s in backend.servers.items():
-                served = sum(self.rec.served.get((name, address), [0]))
-                rows.append(
-                    [
-                        name,
-                        address,
-                        "DOWN" if address in self.down else "up",
-                        s.breaker_state,
-                        str(s.in_use),
-                        str(s.idle),
-                        f"{served:,}",
-                        f"{100 * served / total:.0f}%",
-                        str(s.dial_failures),
-                    ]
-                )
-        return rows
-
-    _HEADERS = (
-        "backend",
-        "server",
-        "up",
-        "breaker",
-        "in use",
-        "idle",
-        "requests",
-        "share",
-        "dial fails",
-    )
-
-    def headline(self) -> str:
-        t = min(self.rec.now(), self.duration)
-        rate = self.rec.ok / t if t > 0 else 0.0
-        failed = sum(self.rec.failed.values())
-        retried = sum(self.rec.retried.values())
-        return (
-            f"{t:4.1f}s/{self.duration:.0f}s  requests {self.rec.ok:,} ({rate:,.0f}/s)  "
-            f"retried {retried}  failed {failed}"
-        )
-
-    def render(self, stats: ManagerStats) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.text import Text
-
-        from lbpool.cli import rich_table
-
-        table = rich_table("lbpool demo " + self.headline(), tight=True)
-        for header in self._HEADERS:
-            right = header not in ("backend", "server", "up", "breaker")
-            table.add_column(header, justify="right" if right else "left", no_wrap=True)
-        for row in self.rows(stats):
-            style = {"open": "red", "half_open": "yellow"}.get(row[3], "")
-            if row[2] == "DOWN":
-                style = "bold red"
-            table.add_row(*row, style=style)
-        bar = ProgressBar(total=self.duration, completed=min(self.rec.now(), self.duration))
-        events = [
-            Text(f"{t:5.1f}s  {text}", no_wrap=True, overflow="ellipsis")
-            for t, text in list(self.rec.events)[-_EVENTS_SHOWN:]
-        ]
-        return Group(table, bar, *events)
-
-    def plain_line(self, stats: ManagerStats) -> str:
-        parts = []
-        for name, backend in stats.backends.items():
-            servers = " ".join(
-                f"{address}={'DOWN/' if address in self.down else ''}{s.breaker_state}"
-                for address, s in backend.servers.items()
-            )
-            parts.append(f"{name}[{servers}]")
-        return f"[{self.headline()}] " + " ".join(parts)
 
     def display(self) -> None:
         assert self.manager is not None
         if self.live:
             from rich.live import Live
 
-            from lbpool.cli import rich_console
-
             console = rich_console()
             with Live(console=console, auto_refresh=False, transient=False) as live:
                 while True:
                     stats = self.manager.stats()
-                    live.update(self.render(stats), refresh=True)
+                    live.update(report.render(self.rec, stats), refresh=True)
                     if self.stop.wait(0.25):
-                        live.update(self.render(self.manager.stats()), refresh=True)
+                        live.update(report.render(self.rec, self.manager.stats()), refresh=True)
                         return
         shown = 0
         while True:
@@ -444,7 +314,7 @@ class Demo:
             shown = self.rec.n_events
             if stopping:
                 return
-            print(self.plain_line(stats), flush=True)
+            print(report.plain_line(self.rec, stats), flush=True)
 
     # -- run -----------------------------------------------------------------------
     def run(self) -> int:
@@ -466,14 +336,15 @@ class Demo:
             self.rec.event(
                 f"{len(self.servers)} echo servers up; {self.n_workers} client greenlets start"
             )
+            outage = self.rec.outage
             if not self.live:
                 print(
                     f"lbpool demo: {self.source}, {self.duration:g}s, {self.n_workers} workers"
                     + (
-                        f"; {self.outage.address} is killed at "
+                        f"; {outage.address} is killed at "
                         f"{self.duration * _KILL_AT:.1f}s and back at "
                         f"{self.duration * _RESTART_AT:.1f}s"
-                        if self.outage
+                        if outage
                         else ""
                     ),
                     flush=True,
@@ -486,146 +357,21 @@ class Demo:
                 self.stop.wait(self.duration)
                 self.stop.set()
                 gevent.joinall(greenlets, timeout=_IO_TIMEOUT + 3.0)
-            self.final_stats = manager.stats()
+            self.rec.final_stats = manager.stats()
         finally:
             self.stop.set()
             gevent.killall(greenlets, block=True, timeout=2.0)
             if self.manager is not None:
                 self.manager.close(timeout=3.0)
             self.stop_servers()
-        self.summary()
+        report.summary(self.rec)
         return 1 if self.rec.failed_while_failover else 0
 
     def on_interrupt(self) -> None:
         if not self.stop.is_set():
-            self.interrupted = True
+            self.rec.interrupted = True
             self.rec.event("interrupted: stopping")
             self.stop.set()
-
-    # -- summary -------------------------------------------------------------------
-    def summary(self) -> None:
-        from lbpool.cli import print_table
-
-        rec = self.rec
-        elapsed = min(rec.now(), self.duration) if not self.interrupted else rec.now()
-        failed = sum(rec.failed.values())
-        retried = sum(rec.retried.values())
-        out: list[str] = [""]
-        head = "interrupted: the summary so far" if self.interrupted else "summary"
-        out.append(f"lbpool demo {head} ({elapsed:.1f}s, {self.n_workers} workers)")
-        rate = rec.ok / elapsed if elapsed > 0 else 0.0
-        out.append(
-            f"requests: {rec.ok + failed:,} total, {rec.ok:,} ok, {failed} failed, {rate:,.0f}/s"
-        )
-
-        def kinds(counter: Counter[str]) -> str:
-            return ", ".join(f"{k} x{v}" for k, v in counter.most_common()) or "none"
-
-        out.append(f"errors by kind (failed requests): {kinds(rec.failed)}")
-        tail = "; every retry succeeded on a fresh connection" if retried and not failed else ""
-        out.append(
-            f"retried once after a connection died in flight: {retried} "
-            f"({kinds(rec.retried)}){tail}"
-        )
-        if rec.latencies:
-            lat = sorted(rec.latencies)
-
-            def pct(p: float) -> str:
-                return f"{lat[min(len(lat) - 1, int(p * len(lat)))] * 1000:.2f} ms"
-
-            out.append(f"latency: p50 {pct(0.50)}, p99 {pct(0.99)}, max {lat[-1] * 1000:.2f} ms")
-        for line in out:
-            print(line)
-
-        rows = []
-        for (backend, address), counts in rec.served.items():
-            total = sum(sum(c) for (b, _), c in rec.served.items() if b == backend) or 1
-            served = sum(counts)
-            rows.append(
-                [
-                    backend,
-                    address,
-                    *(f"{c:,}" for c in counts),
-                    f"{served:,}",
-                    f"{100 * served / total:.1f}%",
-                ]
-            )
-        print_table(
-            ["backend", "server", "before", "down", "after", "total", "share"],
-            rows,
-            title="requests per server: before the kill, while down, after the restart; "
-            "share of its backend",
-        )
-
-        print("breaker transitions:")
-        changed = False
-        for (backend, address), seq in rec.transitions.items():
-            changed = True
-            chain = " -> ".join(f"{state}@{t:.1f}s" if t else state for t, state in seq)
-            print(f"  {backend} {address}: {chain}")
-        if not changed:
-            print("  none: every breaker stayed closed")
-        trips = 0
-        if self.final_stats is not None:
-            trips = sum(s.breaker_trips for s in self.final_stats.servers())
-        print(f"breaker trips (closed -> open): {trips}")
-
-        outage = self.outage
-        if outage is not None and outage.killed_at is not None:
-            key = (outage.backend, outage.address)
-            states = [state for _, state in rec.transitions.get(key, [])]
-            opened = "open" in states
-            back = (
-                f"back at {outage.restarted_at:.1f}s"
-                if outage.restarted_at is not None
-                else (
-                    f"restart failed: {outage.restart_error}"
-                    if outage.restart_error
-                    else "not restarted before the end"
-                )
-            )
-            print(
-                f"outage: {outage.address} ({outage.backend}) killed at "
-                f"{outage.killed_at:.1f}s, {back}"
-            )
-            print(f"breaker opened: {'yes' if opened else 'no'}")
-            others = {
-                address: counts[1]
-                for (b, address), counts in rec.served.items()
-                if b == outage.backend and address != outage.address
-            }
-            moved = sum(others.values())
-            spread = ", ".join(f"{a} {n:,}" for a, n in others.items())
-            if moved:
-                print(
-                    f"traffic moved: yes: while {outage.address} was down, {outage.backend} "
-                    f"requests went to {spread}"
-                )
-            else:
-                print(
-                    f"traffic moved: no {outage.backend} request was served while "
-                    f"{outage.address} was down"
-                )
-            after = rec.served[key][2]
-            closed_again = bool(states) and states[-1] == "closed" and opened
-            print(
-                f"recovered: {'yes' if closed_again and after else 'no'} "
-                f"({outage.address} served {after:,} requests after it came back; "
-                f"breaker now {states[-1] if states else 'closed'})"
-            )
-        if rec.failed_while_failover:
-            print(
-                f"result: FAILED: {rec.failed_while_failover} requests failed while "
-                f"failover could have served them"
-            )
-        elif failed:
-            print(
-                f"result: OK: no request failed while failover could serve "
-                f"({failed} failed when no server of their backend could)"
-            )
-        else:
-            print("result: OK: zero failed requests; no request failed while failover could serve")
-        sys.stdout.flush()
 
 
 @contextlib.contextmanager
@@ -646,7 +392,7 @@ def _interrupts(callback: Callable[[], None]) -> Iterator[None]:
 class _EventLog(logging.Handler):
     """lbpool's own warnings go to the demo's event feed, not over the live table."""
 
-    def __init__(self, rec: Callable[[], _Record]) -> None:
+    def __init__(self, rec: Callable[[], Record]) -> None:
         super().__init__(logging.WARNING)
         self._rec = rec
 

@@ -1,6 +1,6 @@
 """The pools ``lbpool bench`` measures, behind one small interface (``Adapter``).
 
-Only ``lbpool.bench`` imports this module, and each peer library is imported only
+Only ``lbpool.cli.bench`` imports this module, and each peer library is imported only
 inside its own factory, so nothing here loads unless the bench runs, and a peer that
 is not installed is recorded as missing instead of failing the run.
 
@@ -488,12 +488,12 @@ def _gcp(address: str, size: int, timeout: float) -> Iterator[Adapter]:
 @contextlib.contextmanager
 def _gsocketpool(address: str, size: int, timeout: float) -> Iterator[Adapter]:
     try:
-        from gsocketpool import Pool as GPool  # type: ignore[import-untyped]
-        from gsocketpool.connection import Connection  # type: ignore[import-untyped]
+        from gsocketpool import Pool as GPool
+        from gsocketpool.connection import Connection
     except ImportError as exc:
         raise PeerMissing(f"gsocketpool not importable: {exc}") from exc
 
-    class _Conn(Connection):  # type: ignore[misc]
+    class _Conn(Connection):
         def __init__(self) -> None:
             self.sock: Any = None
 
