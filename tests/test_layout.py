@@ -1,0 +1,106 @@
+"""The one rule of the layout: ``lbpool.cli`` may import ``lbpool``; the library never
+imports ``lbpool.cli``, and ``import lbpool`` loads neither the command nor any of the
+command's optional packages."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lbpool"
+
+# Not the library: the command (and the integrations, which import their clients).
+# ``__main__.py`` is the command's doorway for ``python -m lbpool``: it imports
+# ``lbpool.cli`` by design, and ``import lbpool`` never runs it.
+OUTSIDE = ("cli", "contrib")
+DOORWAY = PACKAGE / "__main__.py"
+
+OPTIONAL = (
+    "rich",
+    "matplotlib",
+    "prometheus_client",
+    "sqlalchemy",
+    "generic_connection_pool",
+    "gsocketpool",
+)
+
+
+def library_modules() -> list[Path]:
+    return sorted(
+        path
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).parts[0] not in OUTSIDE and path != DOORWAY
+    )
+
+
+def imported_names(source: str, package: str) -> set[str]:
+    """Every module an ``import`` in ``source`` names, at any depth (inside functions
+    too); relative imports resolved against ``package``, the module's own package."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, *([module] if module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def package_of(path: Path) -> str:
+    return ".".join(("lbpool", *path.relative_to(PACKAGE).parent.parts))
+
+
+def is_command(name: str) -> bool:
+    return name == "lbpool.cli" or name.startswith("lbpool.cli.")
+
+
+def test_the_scan_sees_the_library() -> None:
+    found = {p.relative_to(PACKAGE).as_posix() for p in library_modules()}
+    assert {"__init__.py", "pool.py", "manager.py", "testing.py"} <= found
+    assert not any(name.startswith(OUTSIDE) for name in found)
+
+
+def test_the_library_never_imports_the_command() -> None:
+    offenders = {}
+    for path in library_modules():
+        names = imported_names(path.read_text(), package_of(path))
+        bad = sorted(name for name in names if is_command(name))
+        if bad:
+            offenders[path.relative_to(PACKAGE).as_posix()] = bad
+    assert offenders == {}
+
+
+def test_the_scan_catches_every_form_of_import() -> None:
+    source = (
+        "import lbpool.cli\n"
+        "from lbpool.cli.bench import peers\n"
+        "from lbpool import cli\n"
+        "def f():\n"
+        "    from .cli import demo\n"
+        "    from . import cli\n"
+    )
+    names = {name for name in imported_names(source, "lbpool") if is_command(name)}
+    assert names >= {"lbpool.cli", "lbpool.cli.bench", "lbpool.cli.bench.peers", "lbpool.cli.demo"}
+    assert not {n for n in imported_names("from .pool import Pool\n", "lbpool") if is_command(n)}
+
+
+def test_import_lbpool_loads_no_command_and_no_optional_package() -> None:
+    code = (
+        "import sys, lbpool\n"
+        f"optional = {OPTIONAL!r}\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m == 'lbpool.cli' or m.startswith('lbpool.cli.')\n"
+        "             or m.split('.')[0] in optional)\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
