@@ -10,57 +10,25 @@ is reported once, by the test that caused it, and never spills into the next tes
 from __future__ import annotations
 
 import gc
-import ssl
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gevent
 import pytest
 import trustme
-from gevent import socket as gsocket
 
 from lbpool.manager import PoolManager
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, _LoopbackServer
 from tests.support.leaks import (
     fd_count,
-    live_greenlets,
     mark_greenlet_baseline,
     new_lbpool_greenlets,
     open_fds,
     settle,
 )
-
-__all__ = ["TLSCerts", "connect", "fd_count", "ipv6_available", "live_greenlets", "settle"]
-
-
-def connect(address: str, timeout: float = 2.0) -> Any:
-    """A plain gevent client socket to ``host:port`` / ``[v6]:port`` (numeric hosts)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
-    sock = gsocket.socket(family, gsocket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((host, int(port)))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def ipv6_available() -> bool:
-    if not gsocket.has_ipv6:
-        return False
-    try:
-        with gsocket.socket(gsocket.AF_INET6, gsocket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
+from tests.support.tls import TLSCerts
 
 _FD_BASELINE = pytest.StashKey[tuple[int, dict[str, str]]]()
 
@@ -159,6 +127,22 @@ def _closes_what_it_made(
 
 
 @pytest.fixture
+def make_manager() -> Iterator[Callable[..., PoolManager]]:
+    """``make(config)`` -> a PoolManager, closed at teardown whatever the test's outcome
+    (the autouse finalizer above would close a forgotten one too, and fail the test)."""
+    made: list[PoolManager] = []
+
+    def make(config: Any = None) -> PoolManager:
+        manager = PoolManager(config)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in reversed(made):
+        manager.close(timeout=2)
+
+
+@pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     """A started loopback ``EchoServer``, stopped at teardown."""
     with EchoServer() as server:
@@ -178,35 +162,6 @@ def echo_server_factory() -> Iterator[Callable[..., EchoServer]]:
     yield make
     for server in servers:
         server.stop()
-
-
-@dataclass(frozen=True)
-class TLSCerts:
-    """A test CA, a server certificate and a client certificate, as files and objects."""
-
-    ca: trustme.CA
-    ca_file: str  # PEM of the CA that signed both certificates
-    server: trustme.LeafCert  # for 127.0.0.1, ::1 and localhost
-    client_cert_file: str
-    client_key_file: str
-    other_ca_file: str  # a CA that signed nothing we serve: verification must fail
-
-    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
-        """A server-side context presenting ``server``; optionally demanding a client cert."""
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.server.configure_cert(ctx)
-        if require_client_cert:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            self.ca.configure_trust(ctx)
-        return ctx
-
-    def client_context(self) -> ssl.SSLContext:
-        """A gevent client context trusting the test CA (for raw client sockets)."""
-        from gevent import ssl as gssl
-
-        ctx: ssl.SSLContext = gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.ca.configure_trust(ctx)
-        return ctx
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The ``lbpool`` command: ``check``, ``probe``, ``demo`` and ``bench``.
 
 This package is the command beside the library: it may import ``lbpool``; nothing in
-``lbpool`` imports it (tests/test_layout.py holds that). Here live the parser and
+``lbpool`` imports it (tests/library/test_layout.py holds that). Here live the parser and
 ``main``; each command is a module of its own (``check``, ``probe``, ``demo``, the
 ``bench`` package) and ``_tables`` draws the tables (rich, the ``cli`` extra, when it is
 installed; plain text without it). The bench is imported only when it runs.

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "lbpool"
+PACKAGE = Path(__file__).resolve().parents[2] / "lbpool"
 
 # Not the library: the command (and the integrations, which import their clients).
 # ``__main__.py`` is the command's doorway for ``python -m lbpool``: it imports

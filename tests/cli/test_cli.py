@@ -22,9 +22,9 @@ import yaml
 import lbpool
 from lbpool.cli import demo, main
 from lbpool.testing import EchoServer
-from tests.conftest import live_greenlets, settle
+from tests.support.leaks import live_greenlets, settle
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
-from tests.conftest import live_greenlets, settle
+from tests.support.leaks import live_greenlets, settle
 
 ACQUIRE_TIMEOUT = 1.0
 WAIT_SLACK = 0.5  # allowed beyond the acquire timeout (scheduling on a loaded 2-core box)
@@ -239,7 +239,7 @@ def chaos_config(
                     "idle_timeout": 2,
                 },
                 "dial": {"timeout": 0.3},
-                "setup": "tests.hookmod:setup_ping",
+                "setup": "tests.support.hooks:setup_ping",
                 "breaker": {
                     "failure_threshold": 2,
                     "recovery_timeout": RECOVERY,

@@ -10,7 +10,9 @@ import gevent
 import pytest
 
 from lbpool.testing import EchoServer, FaultProxy
-from tests.conftest import TLSCerts, connect, ipv6_available, live_greenlets, settle
+from tests.support.leaks import live_greenlets, settle
+from tests.support.net import connect, ipv6_available
+from tests.support.tls import TLSCerts
 
 pytestmark = pytest.mark.timeout(10)
 

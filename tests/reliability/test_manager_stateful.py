@@ -31,7 +31,8 @@ from lbpool import (
 )
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer
-from tests.interrupt import throw_now
+from tests.support.interrupt import throw_now
+from tests.support.leaks import fd_count
 
 N_SERVERS = 3
 RECOVERY = 10.0  # breaker recovery_timeout, on the machine's clock
@@ -57,10 +58,6 @@ def shared_servers() -> list[EchoServer]:
         if not server.listening:  # a previous example left it down
             server.start()
     return _servers
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class FakeClock:

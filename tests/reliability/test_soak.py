@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
-from tests.conftest import fd_count, live_greenlets, settle
+from tests.support.leaks import fd_count, live_greenlets, settle
 
 SECONDS = float(os.environ.get("LBPOOL_SOAK_SECONDS", "120"))
 GREENLETS = int(os.environ.get("LBPOOL_SOAK_GREENLETS", "1000"))
@@ -64,7 +64,7 @@ def soak_config(addresses: list[str], max_size: int, strategy: str) -> dict[str,
                     "upkeep_interval": 0.2,
                 },
                 "dial": {"timeout": 0.5},
-                "setup": "tests.hookmod:setup_ping",
+                "setup": "tests.support.hooks:setup_ping",
                 "breaker": {
                     "failure_threshold": 3,
                     "recovery_timeout": 0.5,

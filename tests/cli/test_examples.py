@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 

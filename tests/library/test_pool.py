@@ -26,7 +26,7 @@ from lbpool import (
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, HealthCheckConfig
 from lbpool.testing import EchoServer
-from tests.interrupt import throw_now
+from tests.support.interrupt import throw_now
 
 
 def make_pool(server: EchoServer, **pool_kw: object) -> Pool:
@@ -279,7 +279,7 @@ def test_borrow_check_runs_configured_check(server: EchoServer, no_fd_leak: None
     bad = Pool(
         server.address,
         pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
-        health_check=HealthCheckConfig(hook="tests.hookmod:health_fail", timeout=1),
+        health_check=HealthCheckConfig(hook="tests.support.hooks:health_fail", timeout=1),
         upkeep=False,
     )
     bad.acquire().release()

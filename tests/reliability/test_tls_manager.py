@@ -20,7 +20,8 @@ from gevent.event import Event
 
 from lbpool import BackendUnavailable, DialError, PoolManager
 from lbpool.testing import EchoServer, recv_exact
-from tests.conftest import TLSCerts, settle
+from tests.support.leaks import settle
+from tests.support.tls import TLSCerts
 from tests.test_interrupts import no_switch
 
 

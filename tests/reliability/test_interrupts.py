@@ -36,9 +36,9 @@ from gevent.event import Event
 from lbpool import ConnectionReleased, PoolClosed, PoolManager
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
-from tests.conftest import TLSCerts, settle
-from tests.interrupt import throw_now
-from tests.support.leaks import lbpool_greenlets, new_lbpool_greenlets
+from tests.support.interrupt import throw_now
+from tests.support.leaks import lbpool_greenlets, new_lbpool_greenlets, settle
+from tests.support.tls import TLSCerts
 
 KINDS = ["kill", "timeout"]
 WAIT = 5.0  # bound on every wait for a greenlet to reach its point

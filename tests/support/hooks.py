@@ -1,4 +1,4 @@
-"""Hook functions named by import string in test configs (``tests.hookmod:setup_ok``).
+"""Hook functions named by import string in test configs (``tests.support.hooks:setup_ok``).
 
 Config hooks are resolved by import at load time, so they must live in an importable
 module rather than inside a test function.

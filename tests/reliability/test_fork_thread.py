@@ -29,7 +29,7 @@ import pytest
 
 from lbpool import LbpoolError, PoolManager
 from lbpool.testing import EchoServer, recv_exact
-from tests.conftest import live_greenlets, settle
+from tests.support.leaks import live_greenlets, settle
 from tests.support.procs import ProcessEchoServer
 
 
@@ -102,10 +102,13 @@ def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
 @pytest.mark.parametrize("min_idle", [0, 2], ids=["no_upkeep_refill", "upkeep_refills"])
 def test_fork_child_never_uses_parent_connections(
-    process_echo_servers: list[ProcessEchoServer], no_fd_leak: None, min_idle: int
+    process_echo_servers: list[ProcessEchoServer],
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+    min_idle: int,
 ) -> None:
     a, b, c = process_echo_servers
-    manager = PoolManager(config([a.address, b.address], min_idle=min_idle))
+    manager = make_manager(config([a.address, b.address], min_idle=min_idle))
     manager.wait_ready(timeout=5)
     held = manager.acquire("svc")
     round_trip(held, b"parent-held")

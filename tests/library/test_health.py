@@ -14,7 +14,7 @@ from lbpool.config import Address, DialConfig, HealthCheckConfig, TLSConfig
 from lbpool.dial import dial
 from lbpool.health import Unhealthy, check_health, peek_alive
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
-from tests.conftest import TLSCerts
+from tests.support.tls import TLSCerts
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -253,9 +253,9 @@ def test_peer_gone_is_unhealthy(
 
 
 def test_hook_pass_and_fail(no_fd_leak: None, conn: Any) -> None:
-    check_health(conn, health(hook="tests.hookmod:health_ok"))
+    check_health(conn, health(hook="tests.support.hooks:health_ok"))
     with pytest.raises(Unhealthy) as info:
-        check_health(conn, health(hook="tests.hookmod:health_fail"))
+        check_health(conn, health(hook="tests.support.hooks:health_fail"))
     assert info.value.reason == "health hook failed: RuntimeError: unhealthy"
     assert isinstance(info.value.__cause__, RuntimeError)
 

@@ -3,7 +3,6 @@ acquire, release, discard, wait, timeout, kill and close."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from lbpool import Pool, PoolClosed, PoolConfig, PoolTimeout
 from lbpool.testing import EchoServer
-from tests.interrupt import throw_now
+from tests.support.interrupt import throw_now
+from tests.support.leaks import fd_count
 
 MAX_SIZE = 2
 _server: EchoServer | None = None
@@ -33,10 +33,6 @@ def _module_server() -> Iterator[None]:
 def shared_server() -> EchoServer:
     assert _server is not None, "the module fixture starts the server"
     return _server
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def settle(pool: Pool | None = None, rounds: int = 5) -> None:

@@ -19,7 +19,8 @@ from lbpool.dial import dial, make_ssl_context
 from lbpool.errors import DialError
 from lbpool.health import peek_alive
 from lbpool.testing import EchoServer, recv_exact
-from tests.conftest import TLSCerts, ipv6_available
+from tests.support.net import ipv6_available
+from tests.support.tls import TLSCerts
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -877,7 +877,7 @@ VALID: dict[str, Any] = {
             "strategy": "weighted",
             "servers": ["127.0.0.1:7001", {"address": "[::1]:7002", "weight": 2}],
             "pool": {"max_size": 20},
-            "setup": "tests.hookmod:setup_ok",
+            "setup": "tests.support.hooks:setup_ok",
         },
         "db": {"servers": ["db.local:5432"]},
     },

@@ -53,8 +53,8 @@ scalars = st.one_of(
             "least_active",
             "bogus",
             "127.0.0.1:6379",
-            "tests.hookmod:setup_ok",
-            "tests.hookmod:NOT_CALLABLE",
+            "tests.support.hooks:setup_ok",
+            "tests.support.hooks:NOT_CALLABLE",
             "no.such.module:fn",
             "os",
             "\x00",
@@ -349,7 +349,7 @@ def test_nan_timeout_is_refused_and_does_not_poison_other_timeouts() -> None:
             capture_output=True,
             text=True,
             timeout=8,
-            cwd=str(Path(__file__).resolve().parents[1]),
+            cwd=str(Path(__file__).resolve().parents[2]),
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the hub wedged: acquire(timeout=nan) stopped every greenlet")

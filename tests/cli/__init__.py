@@ -1,0 +1,1 @@
+"""The command line (check, probe, demo, bench) and the examples."""
