@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import lbpool.config
+import lbpool.config._yaml
 from lbpool.config import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -83,7 +83,7 @@ def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         if not yaml.__with_libyaml__:
             pytest.skip("PyYAML built without libyaml")
     else:
-        monkeypatch.setattr(lbpool.config, "_Loader", lbpool.config._PyLoader)
+        monkeypatch.setattr(lbpool.config._yaml, "_Loader", lbpool.config._yaml._PyLoader)
     return str(request.param)
 
 
@@ -797,7 +797,7 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
     """Whatever a parser (or a future version of it) says when it refuses deep nesting
     itself, the user reads lbpool's message naming the limit, with file and line."""
 
-    class Refusing(lbpool.config._PyLoader):
+    class Refusing(lbpool.config._yaml._PyLoader):
         def __init__(self, stream: str) -> None:
             if where == "constructing":
                 raise yaml.YAMLError("wording of some other parser version")
@@ -806,7 +806,7 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
         def get_single_node(self) -> Any:
             raise yaml.YAMLError("wording of some other parser version")
 
-    monkeypatch.setattr(lbpool.config, "_Loader", Refusing)
+    monkeypatch.setattr(lbpool.config._yaml, "_Loader", Refusing)
     text = "backends:\n  cache:\n    servers: " + "[" * 70 + "]" * 70 + "\n"
     path, err = load_errors(tmp_path, text)
     assert [(p.line, p.message) for p in err.problems] == [
