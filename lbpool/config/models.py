@@ -54,16 +54,16 @@ class _Model(BaseModel):
 class PoolConfig(_Model):
     """Sizing and lifetime of one server's pool."""
 
-    min_idle: Count = 1
-    max_size: AtLeastOne = Field(default=10, validate_default=True)
-    max_waiting: Count = 0
-    acquire_timeout: Duration = 5.0
-    idle_timeout: Duration = 300.0
-    max_lifetime: Duration = 1800.0
-    lifetime_jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    check_after: Duration = 1.0
-    upkeep_interval: PositiveDuration = 1.0
-    leak_threshold: OptionalDuration = None
+    min_idle: Count = 1  # kept open and ready by the upkeep
+    max_size: AtLeastOne = Field(default=10, validate_default=True)  # counting dials in progress
+    max_waiting: Count = 0  # callers allowed to wait; 0: unbounded, else shed (PoolExhausted)
+    acquire_timeout: Duration = 5.0  # then PoolTimeout
+    idle_timeout: Duration = 300.0  # close idle connections above min_idle after this
+    max_lifetime: Duration = 1800.0  # retire connections after this ...
+    lifetime_jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # ... minus up to 10%
+    check_after: Duration = 1.0  # on borrow, check a connection idle this long
+    upkeep_interval: PositiveDuration = 1.0  # how often the upkeep runs while busy
+    leak_threshold: OptionalDuration = None  # warn, with the stack, when held longer
 
     @field_validator("lifetime_jitter", mode="before")
     @classmethod
@@ -84,10 +84,10 @@ class PoolConfig(_Model):
 class TLSConfig(_Model):
     """TLS for dialed connections; verification is on unless turned off explicitly."""
 
-    ca_file: str | None = None
+    ca_file: str | None = None  # None: the system's CAs
     cert_file: str | None = None
-    key_file: str | None = None
-    server_hostname: str | None = None
+    key_file: str | None = None  # requires cert_file
+    server_hostname: str | None = None  # SNI and verification; None: the host dialed
     verify: Flag = True
 
     @field_validator("key_file")
@@ -101,10 +101,10 @@ class TLSConfig(_Model):
 class DialConfig(_Model):
     """How a connection is opened: timeout, TCP options, TLS."""
 
-    timeout: PositiveDuration = 2.0
+    timeout: PositiveDuration = 2.0  # connect timeout
     tcp_nodelay: Flag = True
     keepalive: Flag = True
-    tls: TLSConfig | None = None
+    tls: TLSConfig | None = None  # None: plain TCP; true: TLS with the defaults
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -119,8 +119,9 @@ class DialConfig(_Model):
 class BreakerConfig(_Model):
     """When a server's circuit breaker opens and how long it stays open."""
 
-    failure_threshold: AtLeastOne = 5
-    recovery_timeout: PositiveDuration = 30.0
+    failure_threshold: AtLeastOne = 5  # consecutive dial failures that open it
+    recovery_timeout: PositiveDuration = 30.0  # open -> half-open: one trial at a time
+    # each failed trial doubles the wait, up to this
     max_recovery_timeout: Duration = Field(default=300.0, validate_default=True)
 
     @field_validator("max_recovery_timeout")
@@ -135,11 +136,11 @@ class BreakerConfig(_Model):
 class HealthCheckConfig(_Model):
     """The check run on borrowed-after-idle and background-checked connections."""
 
-    send: str | None = None
-    expect: str | None = None
-    hook: Hook | None = None
-    timeout: PositiveDuration = 1.0
-    interval: PositiveDuration = 30.0
+    send: str | None = None  # e.g. "PING\r\n" ...
+    expect: str | None = None  # ... and "+PONG"; requires send
+    hook: Hook | None = None  # "package.module:function" called with the socket
+    timeout: PositiveDuration = 1.0  # bounds the whole check
+    interval: PositiveDuration = 30.0  # background checks of idle connections
 
     @field_validator("send")
     @classmethod
@@ -160,7 +161,7 @@ class ServerConfig(_Model):
     """One server of a backend; a plain ``host:port`` string means weight 1."""
 
     address: AddressField
-    weight: AtLeastOne = 1
+    weight: AtLeastOne = 1  # used by the weighted strategy
 
     @model_validator(mode="before")
     @classmethod
@@ -183,12 +184,12 @@ class BackendConfig(_Model):
     """A named group of servers with fully resolved settings (defaults merged in)."""
 
     strategy: Strategy = "round_robin"
-    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1)]
+    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1)]  # no duplicate address
     pool: PoolConfig = PoolConfig()
     dial: DialConfig = DialConfig()
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
-    setup: Hook | None = None
+    setup: Hook | None = None  # "package.module:function" run on each new socket
 
     @field_validator("servers")
     @classmethod
