@@ -87,6 +87,27 @@ def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return str(request.param)
 
 
+def test_the_yaml_parser_fixture_reaches_the_loader_load_config_uses(
+    yaml_parser: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture's patch takes effect: the pure-python run parses with PyYAML's own
+    parser, the libyaml run with libyaml's."""
+    chosen = lbpool.config._yaml._Loader
+    made: list[object] = []
+
+    def spy(stream: str) -> Any:
+        loader = chosen(stream)
+        made.append(loader)
+        return loader
+
+    monkeypatch.setattr(lbpool.config._yaml, "_Loader", spy)
+    load_config(write(tmp_path, BACKEND))
+    assert len(made) == 1
+    pure = isinstance(made[0], lbpool.config._yaml._PyLoader)
+    assert pure == (yaml_parser == "pure-python")
+    assert isinstance(made[0], yaml.reader.Reader) == pure
+
+
 # ---------------------------------------------------------------------- defaults
 
 
