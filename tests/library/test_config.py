@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import lbpool.config
+import lbpool.config._yaml
 from lbpool.config import (
     MAX_DEPTH,
     MAX_FILE_BYTES,
@@ -36,7 +36,7 @@ from lbpool.config import (
     parse_duration,
 )
 from lbpool.errors import ConfigError, ConfigProblem, LbpoolError
-from tests import hookmod
+from tests.support import hooks as hookmod
 
 # ----------------------------------------------------------------------- helpers
 
@@ -83,8 +83,29 @@ def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         if not yaml.__with_libyaml__:
             pytest.skip("PyYAML built without libyaml")
     else:
-        monkeypatch.setattr(lbpool.config, "_Loader", lbpool.config._PyLoader)
+        monkeypatch.setattr(lbpool.config._yaml, "_Loader", lbpool.config._yaml._PyLoader)
     return str(request.param)
+
+
+def test_the_yaml_parser_fixture_reaches_the_loader_load_config_uses(
+    yaml_parser: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixture's patch takes effect: the pure-python run parses with PyYAML's own
+    parser, the libyaml run with libyaml's."""
+    chosen = lbpool.config._yaml._Loader
+    made: list[object] = []
+
+    def spy(stream: str) -> Any:
+        loader = chosen(stream)
+        made.append(loader)
+        return loader
+
+    monkeypatch.setattr(lbpool.config._yaml, "_Loader", spy)
+    load_config(write(tmp_path, BACKEND))
+    assert len(made) == 1
+    pure = isinstance(made[0], lbpool.config._yaml._PyLoader)
+    assert pure == (yaml_parser == "pure-python")
+    assert isinstance(made[0], yaml.reader.Reader) == pure
 
 
 # ---------------------------------------------------------------------- defaults
@@ -797,7 +818,7 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
     """Whatever a parser (or a future version of it) says when it refuses deep nesting
     itself, the user reads lbpool's message naming the limit, with file and line."""
 
-    class Refusing(lbpool.config._PyLoader):
+    class Refusing(lbpool.config._yaml._PyLoader):
         def __init__(self, stream: str) -> None:
             if where == "constructing":
                 raise yaml.YAMLError("wording of some other parser version")
@@ -806,7 +827,7 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
         def get_single_node(self) -> Any:
             raise yaml.YAMLError("wording of some other parser version")
 
-    monkeypatch.setattr(lbpool.config, "_Loader", Refusing)
+    monkeypatch.setattr(lbpool.config._yaml, "_Loader", Refusing)
     text = "backends:\n  cache:\n    servers: " + "[" * 70 + "]" * 70 + "\n"
     path, err = load_errors(tmp_path, text)
     assert [(p.line, p.message) for p in err.problems] == [

@@ -36,7 +36,7 @@ from gevent.event import Event
 from lbpool import ConnectionReleased, PoolClosed, PoolManager
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
-from tests.support.interrupt import throw_now
+from tests.support.interrupt import no_switch, throw_now
 from tests.support.leaks import lbpool_greenlets, new_lbpool_greenlets, settle
 from tests.support.tls import TLSCerts
 
@@ -568,39 +568,6 @@ def test_interrupted_close_then_second_close_forces(
 
 
 # -- release never yields ------------------------------------------------------------------
-
-
-class SwitchCounter:
-    """Counts greenlet switches away from the current greenlet while active."""
-
-    def __init__(self) -> None:
-        self.switches: list[tuple[Any, Any]] = []
-        self._me = greenlet.getcurrent()
-        self._previous: Any = None
-
-    def _trace(self, event: str, args: Any) -> None:
-        if event in ("switch", "throw"):
-            origin, target = args
-            if origin is self._me:
-                self.switches.append((origin, target))
-        if self._previous is not None:
-            self._previous(event, args)
-
-    def __enter__(self) -> SwitchCounter:
-        self._previous = greenlet.settrace(self._trace)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        greenlet.settrace(self._previous)
-
-
-def no_switch(action: Callable[[], object]) -> None:
-    """Run ``action`` and prove it never left the current greenlet: no switch was traced,
-    and a zero-second gevent.Timeout armed around it (which fires only if the hub gets to
-    run) never fired."""
-    with SwitchCounter() as counter, gevent.Timeout(0):
-        action()
-    assert counter.switches == [], counter.switches
 
 
 RELEASE_CASES = [

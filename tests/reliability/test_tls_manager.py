@@ -20,9 +20,9 @@ from gevent.event import Event
 
 from lbpool import BackendUnavailable, DialError, PoolManager
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.interrupt import no_switch
 from tests.support.leaks import settle
 from tests.support.tls import TLSCerts
-from tests.test_interrupts import no_switch
 
 
 def config(address: str, tls: dict[str, Any] | None, **pool: Any) -> dict[str, Any]:

@@ -1,0 +1,235 @@
+"""The schema: what a config may say, with its defaults.
+
+Frozen pydantic models; every key is validated and unknown keys are errors, so a typo
+never silently falls back to a default. Durations accept ``150ms``, ``2s``, ``5m``,
+``1h`` or a number of seconds (see ``types.py`` for the value types).
+
+A backend's sections are merged over ``defaults`` key by key before validation, so a
+``BackendConfig`` holds fully resolved settings and the rest of lbpool never merges
+anything. The YAML form::
+
+    defaults: {pool: ..., dial: ..., breaker: ..., health_check: ...}
+    backends:
+      cache:
+        strategy: least_active
+        servers: [127.0.0.1:7001, {address: 127.0.0.1:7002, weight: 2}]
+        pool: {max_size: 20}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal, TypeAlias
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from lbpool.config._merge import _MERGED_CONTEXT, _merge_defaults
+from lbpool.config.types import (
+    Address,
+    AddressField,
+    AtLeastOne,
+    BackendName,
+    Count,
+    Duration,
+    Flag,
+    Hook,
+    OptionalDuration,
+    PositiveDuration,
+    _show,
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PoolConfig(_Model):
+    """Sizing and lifetime of one server's pool."""
+
+    min_idle: Count = 1  # kept open and ready by the upkeep
+    max_size: AtLeastOne = Field(default=10, validate_default=True)  # counting dials in progress
+    max_waiting: Count = 0  # callers allowed to wait; 0: unbounded, else shed (PoolExhausted)
+    acquire_timeout: Duration = 5.0  # then PoolTimeout
+    idle_timeout: Duration = 300.0  # close idle connections above min_idle after this
+    max_lifetime: Duration = 1800.0  # retire connections after this ...
+    lifetime_jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # ... minus up to 10%
+    check_after: Duration = 1.0  # on borrow, check a connection idle this long
+    upkeep_interval: PositiveDuration = 1.0  # how often the upkeep runs while busy
+    leak_threshold: OptionalDuration = None  # warn, with the stack, when held longer
+
+    @field_validator("lifetime_jitter", mode="before")
+    @classmethod
+    def _jitter_is_number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number between 0 and 1, got {_show(value)}")
+        return value
+
+    @field_validator("max_size")
+    @classmethod
+    def _max_size_covers_min_idle(cls, value: int, info: ValidationInfo) -> int:
+        min_idle = info.data.get("min_idle")
+        if isinstance(min_idle, int) and value < min_idle:
+            raise PydanticCustomError("min_idle_over_max_size", "must be >= min_idle")
+        return value
+
+
+class TLSConfig(_Model):
+    """TLS for dialed connections; verification is on unless turned off explicitly."""
+
+    ca_file: str | None = None  # None: the system's CAs
+    cert_file: str | None = None
+    key_file: str | None = None  # requires cert_file
+    server_hostname: str | None = None  # SNI and verification; None: the host dialed
+    verify: Flag = True
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "cert_file" in info.data and info.data["cert_file"] is None:
+            raise PydanticCustomError("key_without_cert", "requires cert_file")
+        return value
+
+
+class DialConfig(_Model):
+    """How a connection is opened: timeout, TCP options, TLS."""
+
+    timeout: PositiveDuration = 2.0  # connect timeout
+    tcp_nodelay: Flag = True
+    keepalive: Flag = True
+    tls: TLSConfig | None = None  # None: plain TCP; true: TLS with the defaults
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: object) -> object:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+
+class BreakerConfig(_Model):
+    """When a server's circuit breaker opens and how long it stays open."""
+
+    failure_threshold: AtLeastOne = 5  # consecutive dial failures that open it
+    recovery_timeout: PositiveDuration = 30.0  # open -> half-open: one trial at a time
+    # each failed trial doubles the wait, up to this
+    max_recovery_timeout: Duration = Field(default=300.0, validate_default=True)
+
+    @field_validator("max_recovery_timeout")
+    @classmethod
+    def _max_covers_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("recovery_timeout")
+        if isinstance(base, float) and value < base:
+            raise PydanticCustomError("max_recovery_below_base", "must be >= recovery_timeout")
+        return value
+
+
+class HealthCheckConfig(_Model):
+    """The check run on borrowed-after-idle and background-checked connections."""
+
+    send: str | None = None  # e.g. "PING\r\n" ...
+    expect: str | None = None  # ... and "+PONG"; requires send
+    hook: Hook | None = None  # "package.module:function" called with the socket
+    timeout: PositiveDuration = 1.0  # bounds the whole check
+    interval: PositiveDuration = 30.0  # background checks of idle connections
+
+    @field_validator("send")
+    @classmethod
+    def _send_not_empty(cls, value: str | None) -> str | None:
+        if value == "":
+            raise PydanticCustomError("empty_send", "must not be empty (use null for no check)")
+        return value
+
+    @field_validator("expect")
+    @classmethod
+    def _expect_needs_send(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and "send" in info.data and info.data["send"] is None:
+            raise PydanticCustomError("expect_without_send", "requires send")
+        return value
+
+
+class ServerConfig(_Model):
+    """One server of a backend; a plain ``host:port`` string means weight 1."""
+
+    address: AddressField
+    weight: AtLeastOne = 1  # used by the weighted strategy
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: object) -> object:
+        if isinstance(data, (str, Address)):
+            return {"address": data}
+        if isinstance(data, (Mapping, ServerConfig)):
+            return data
+        raise PydanticCustomError(
+            "server_type",
+            "must be 'host:port' or a mapping {address: 'host:port', weight: n}, got {got}",
+            {"got": _show(data)},
+        )
+
+
+Strategy: TypeAlias = Literal["round_robin", "least_active", "weighted", "random"]
+
+
+class BackendConfig(_Model):
+    """A named group of servers with fully resolved settings (defaults merged in)."""
+
+    strategy: Strategy = "round_robin"
+    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1)]  # no duplicate address
+    pool: PoolConfig = PoolConfig()
+    dial: DialConfig = DialConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    setup: Hook | None = None  # "package.module:function" run on each new socket
+
+    @field_validator("servers")
+    @classmethod
+    def _no_duplicates(cls, servers: tuple[ServerConfig, ...]) -> tuple[ServerConfig, ...]:
+        seen: dict[Address, int] = {}
+        for index, server in enumerate(servers):
+            first = seen.setdefault(server.address, index)
+            if first != index:
+                raise PydanticCustomError(
+                    "duplicate_address",
+                    "duplicate server address {address} (already listed as servers.{first})",
+                    {"address": str(server.address), "index": index, "first": first},
+                )
+        return servers
+
+
+class DefaultsConfig(_Model):
+    """Settings every backend starts from (and host:port pools not in the config use)."""
+
+    pool: PoolConfig = PoolConfig()
+    dial: DialConfig = DialConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    health_check: HealthCheckConfig = HealthCheckConfig()
+
+
+class Config(_Model):
+    """The whole configuration: ``defaults`` plus named ``backends`` (may be empty).
+
+    Given as data, each backend's sections are merged over ``defaults`` key by key
+    before validation, so ``backends[name].pool`` etc. are complete.
+    """
+
+    defaults: DefaultsConfig = DefaultsConfig()
+    backends: dict[BackendName, BackendConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: object, info: ValidationInfo) -> object:
+        if isinstance(info.context, Mapping) and info.context.get(_MERGED_CONTEXT):
+            return data
+        if isinstance(data, Mapping):
+            return _merge_defaults(data, DefaultsConfig).data
+        return data
