@@ -17,6 +17,7 @@ from typing import Any, Union
 import gevent
 from gevent.event import Event
 
+from lbpool._ownership import ThreadBound
 from lbpool.balance import Balancer, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
@@ -27,12 +28,11 @@ from lbpool.errors import (
     ConfigError,
     ConfigProblem,
     DialError,
-    LbpoolError,
     PoolClosed,
     PoolTimeout,
     UnknownBackend,
 )
-from lbpool.pool import Pool, _get_ident
+from lbpool.pool import Pool
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
 _log = logging.getLogger("lbpool")
@@ -203,7 +203,7 @@ class Backend:
         )
 
 
-class PoolManager:
+class PoolManager(ThreadBound):
     """Maps backend names and ad-hoc ``host:port`` strings to pools of connections."""
 
     def __init__(self, config: ConfigSource = None) -> None:
@@ -216,7 +216,7 @@ class PoolManager:
         self._closing = False
         self._closed = False
         self._closing_pools: list[Pool] = []
-        self._thread_id = _get_ident()
+        self._bind_to_current_thread()
         self._wake = Event()
         for name, bcfg in self.config.backends.items():
             backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
@@ -258,7 +258,7 @@ class PoolManager:
     def _route_other(self, name: str) -> Backend:
         if self._closing:
             raise PoolClosed("the manager is closed")
-        self._check_thread()
+        self._check_owner()
         try:
             address = _parse_address(name)
         except ValueError:
@@ -323,7 +323,7 @@ class PoolManager:
 
     def wait_ready(self, timeout: float | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
-        self._check_thread()
+        self._check_owner()
         pools = self._all_pools()
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
         try:
@@ -353,7 +353,7 @@ class PoolManager:
         (its waiters fail over to the backend's other servers) and its in-use
         connections close as they come back.
         """
-        self._check_thread()
+        self._check_owner()
         if self._closing:
             raise PoolClosed("the manager is closed")
         new = _coerce_config(config)
@@ -389,7 +389,7 @@ class PoolManager:
         ``gevent.Timeout``, a kill) it picks up where it stopped."""
         if self._closed:
             return
-        self._check_thread()
+        self._check_owner()
         if not self._closing:
             self._closing = True
             self._wake.set()
@@ -412,11 +412,8 @@ class PoolManager:
         self._draining.clear()
         self._closed = True
 
-    def _check_thread(self) -> None:
-        if _get_ident() != self._thread_id:
-            raise LbpoolError(
-                "this manager belongs to another thread; use one manager per OS thread"
-            )
+    def _refusal(self, used_from: int) -> str:
+        return "this manager belongs to another thread; use one manager per OS thread"
 
     @property
     def closed(self) -> bool:

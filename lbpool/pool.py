@@ -15,7 +15,6 @@ import os
 import random
 import socket
 import traceback
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -24,37 +23,19 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.hub import Waiter, get_hub
-from gevent.monkey import get_original
+from gevent.hub import Waiter
 
+from lbpool._ownership import ThreadBound, get_ident
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import PooledConnection, _Conn, _is_network_error
 from lbpool.dial import dial as _dial
-from lbpool.errors import DialError, LbpoolError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _log = logging.getLogger("lbpool")
-
-# The real OS thread id, even when `threading` is monkey-patched (then every
-# greenlet has its own "thread" id, and that is exactly what we must not compare).
-_get_ident: Callable[[], int] = get_original("_thread", "get_ident")
-
-_fork_generation = 0
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """Send every pool's next use down the ownership check, which starts it fresh."""
-    global _fork_generation
-    _fork_generation += 1
-    for pool in list(_live_pools):
-        pool._thread_id = -1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -93,7 +74,7 @@ _TIMER_SLACK = 0.0005
 _MAX_REST = 60.0
 
 
-class Pool:
+class Pool(ThreadBound):
     """The connections to one server.
 
     ``max_size`` bounds open connections plus dials in progress. Waiters are served
@@ -145,7 +126,6 @@ class Pool:
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
-        _live_pools.add(self)
         self._upkeep_greenlet: gevent.Greenlet | None = None
         if upkeep:
             self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
@@ -208,19 +188,12 @@ class Pool:
         self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)
 
     # -- ownership: one OS thread, one process ------------------------------------
-    def _bind_to_current_thread(self) -> None:
-        self._thread_id = _get_ident()
-        self._fork_gen = _fork_generation
-        self._hub = get_hub()
-
-    def _check_owner(self) -> None:
-        if self._fork_gen != _fork_generation:
-            self._start_fresh_after_fork()
-        elif _get_ident() != self._thread_id:
-            raise LbpoolError(
-                f"{self.name}: this {self.owner_kind} belongs to another thread (made in OS "
-                f"thread {self._thread_id}, used from {_get_ident()}); use one per OS thread"
-            )
+    # (ThreadBound: _check_owner refuses another OS thread, starts fresh after a fork)
+    def _refusal(self, used_from: int) -> str:
+        return (
+            f"{self.name}: this {self.owner_kind} belongs to another thread (made in OS "
+            f"thread {self._thread_id}, used from {used_from}); use one per OS thread"
+        )
 
     def _start_fresh_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without disturbing them.
@@ -260,7 +233,7 @@ class Pool:
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``)."""
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._closing:
             raise PoolClosed(f"{self.name}: pool is closed")
@@ -477,7 +450,7 @@ class Pool:
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         try:
             del self._busy[conn]
@@ -506,7 +479,7 @@ class Pool:
         self._slot_freed()
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._busy.pop(conn, None) is None:
             conn.close()
