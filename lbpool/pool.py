@@ -167,9 +167,8 @@ class Pool(ThreadBound):
         self._set_config(pool, dial, health_check, setup)
         self.weight = weight
         while self._size > self._max_size and self._idle:
-            self._close_conn(self._idle.popleft(), "discarded")
-            self._size -= 1
-        self._slot_freed()
+            self._retire(self._idle.popleft(), "discarded")
+        self._hand_on()  # a larger max_size: waiters may dial now
 
     def _expiry(self, now: float) -> float:
         cfg = self.config
@@ -244,8 +243,7 @@ class Pool(ThreadBound):
             conn = idle.pop()
             now = _monotonic()
             if now >= conn.expires_at:
-                self._close_conn(conn, "lifetime")
-                self._size -= 1
+                self._retire(conn, "lifetime")
                 continue
             if now - conn.checked_at >= self._check_after and not self._borrow_check(conn):
                 continue
@@ -355,12 +353,10 @@ class Pool(ThreadBound):
             with contextlib.suppress(ValueError):  # pragma: no cover - defensive
                 self._waiters.remove(w)
         elif item is _PERMIT:
-            self._size -= 1
-            self._pending -= 1
-            self._slot_freed()
+            self._unreserve()
         elif isinstance(item, _Conn):
             self._handed -= 1
-            self._put_back(item)
+            self._hand_on(item)
 
     def _lend(self, conn: _Conn, now: float) -> PooledConnection:
         conn.uses += 1
@@ -383,20 +379,16 @@ class Pool(ThreadBound):
         trial = False
         if not breaker.is_closed:
             if not breaker.allow_dial():
-                self._size -= 1
-                self._pending -= 1
-                self._slot_freed()
+                self._unreserve()
                 raise DialError(
                     self.name,
                     f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
                 )
             trial = True
         if remaining is not None and remaining <= 0:
-            self._size -= 1
-            self._pending -= 1
             if trial:
                 breaker.abandon_trial()
-            self._slot_freed()
+            self._unreserve()
             self._timeouts += 1
             raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
         try:
@@ -407,9 +399,7 @@ class Pool(ThreadBound):
                 raise PoolTimeout(f"{self.name}: acquire deadline passed while dialing") from exc
             raise
         if self._closing:
-            self._close_conn(conn, "discarded")
-            self._size -= 1
-            self._note_drained()
+            self._retire(conn, "discarded")
             raise PoolClosed(f"{self.name}: pool closed while dialing")
         return conn
 
@@ -431,16 +421,13 @@ class Pool(ThreadBound):
         try:
             sock = _dial(self.address, self.dial_config, timeout=timeout, setup=self._setup)
         except BaseException as exc:
-            self._pending -= 1
-            self._size -= 1
-            if isinstance(exc, DialError) and not self._cut_short(exc, timeout):
+            failed = isinstance(exc, DialError) and not self._cut_short(exc, timeout)
+            if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
-                self.breaker.record_failure(exc)
-                self._suspect_idle()
             elif trial:
                 self.breaker.abandon_trial()
-            self._slot_freed()
+            self._unreserve(exc if failed else None)
             raise
         self._pending -= 1
         if trial:
@@ -463,20 +450,16 @@ class Pool(ThreadBound):
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success()
         if now >= conn.expires_at:
-            self._close_conn(conn, "lifetime")
+            self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
-            self._close_conn(conn, "discarded")
-        elif self._waiters:  # straight to the oldest waiter (inlined _hand: hot)
+            self._retire(conn, "discarded")
+        elif self._waiters:  # straight to the oldest waiter (inlined _hand_on: hot)
             w = self._waiters.popleft()
             self._handed += 1
             w.item = conn
             self._hub.loop.run_callback(w.switch, conn)
-            return
         else:
             self._idle.append(conn)
-            return
-        self._size -= 1
-        self._slot_freed()
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
@@ -484,13 +467,8 @@ class Pool(ThreadBound):
         if self._busy.pop(conn, None) is None:
             conn.close()
             return
-        self._close_conn(conn, "discarded" if exc is None else "error")
-        self._size -= 1
-        if _is_network_error(exc):
-            assert exc is not None
-            self.breaker.record_failure(exc)
-            self._suspect_idle()
-        self._slot_freed()
+        failure = exc if _is_network_error(exc) else None
+        self._retire(conn, "discarded" if exc is None else "error", failure)
 
     def _suspect_idle(self) -> None:
         """The server just failed us: check each idle connection before its next use,
@@ -509,9 +487,7 @@ class Pool(ThreadBound):
     def _drop_idle(self) -> None:
         idle = self._idle
         while idle:
-            self._close_conn(idle.pop(), "unhealthy")
-            self._size -= 1
-        self._slot_freed()
+            self._retire(idle.pop(), "unhealthy")
 
     def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
         if item.__class__ is _Conn:
@@ -519,32 +495,50 @@ class Pool(ThreadBound):
         w.item = item
         self._hub.loop.run_callback(w.switch, item)
 
-    def _put_back(self, conn: _Conn) -> None:
-        """An unlent connection goes to the oldest waiter, else to the idle stack."""
-        if self._closing:
-            self._close_conn(conn, "idle")
-            self._size -= 1
-            self._note_drained()
-        elif self._waiters:
-            self._hand(self._waiters.popleft(), conn)
-        else:
-            self._idle.append(conn)
-            self._changed.set()
+    # -- the one place slots and connections change hands (none of these yields) ----
+    def _retire(self, conn: _Conn, reason: str, failure: BaseException | None = None) -> None:
+        """Close ``conn`` (out of ``_idle``/``_busy`` already), count ``reason``, free its
+        slot; ``failure`` (a network error) goes to the breaker first; then the slot is
+        handed on."""
+        self._closed_by[reason] += 1
+        conn.close()
+        self._slot_gone(failure)
 
-    def _slot_freed(self) -> None:
-        """A slot opened up: let the oldest waiters dial into it."""
+    def _unreserve(self, failure: BaseException | None = None) -> None:
+        """A reserved dial slot (counted in ``_size`` and ``_pending``) is given back
+        unused or failed; ``failure`` goes to the breaker; then the slot is handed on."""
+        self._pending -= 1
+        self._slot_gone(failure)
+
+    def _slot_gone(self, failure: BaseException | None) -> None:
+        self._size -= 1  # the only decrement: every slot leaves through here
+        if failure is not None:  # counted before the slot moves: a listener sees exact stats
+            self.breaker.record_failure(failure)
+            self._suspect_idle()
+        self._hand_on()
+
+    def _hand_on(self, conn: _Conn | None = None) -> None:
+        """The one place capacity goes to waiters: ``conn`` (unlent) to the oldest
+        waiter, else onto the idle stack; then each free slot, as a permit to dial,
+        to the next waiters. While closing: ``conn`` is retired instead, and the
+        drain is noted."""
         if self._closing:
-            self._note_drained()
+            if conn is not None:
+                self._retire(conn, "idle")  # comes back here with conn None
+            else:
+                self._note_drained()
             return
         waiters = self._waiters
+        if conn is not None:
+            if waiters:
+                self._hand(waiters.popleft(), conn)
+            else:
+                self._idle.append(conn)
+                self._changed.set()
         while waiters and self._size < self._max_size:
             self._size += 1
             self._pending += 1
             self._hand(waiters.popleft(), _PERMIT)
-
-    def _close_conn(self, conn: _Conn, reason: str) -> None:
-        self._closed_by[reason] += 1
-        conn.close()
 
     # -- health -------------------------------------------------------------------
     def _borrow_check(self, conn: _Conn) -> bool:
@@ -556,16 +550,12 @@ class Pool(ThreadBound):
         try:
             healthy = self._is_healthy(conn)
         except BaseException:
-            self._close_conn(conn, "unhealthy")
-            self._size -= 1
-            self._slot_freed()
+            self._retire(conn, "unhealthy")
             raise
         if healthy:
             conn.checked_at = _monotonic()
             return True
-        self._close_conn(conn, "unhealthy")
-        self._size -= 1
-        self._slot_freed()
+        self._retire(conn, "unhealthy")
         return False
 
     def _is_healthy(self, conn: _Conn) -> bool:
@@ -639,18 +629,15 @@ class Pool(ThreadBound):
         while idle:
             conn = idle.popleft()
             if now >= conn.expires_at:
-                self._close_conn(conn, "lifetime")
+                self._retire(conn, "lifetime")
             elif (
                 now - conn.last_used_at >= cfg.idle_timeout
                 and len(idle) + len(keep) >= cfg.min_idle
             ):
-                self._close_conn(conn, "idle")
+                self._retire(conn, "idle")
             else:
                 keep.append(conn)
-                continue
-            self._size -= 1
         idle.extend(keep)
-        self._slot_freed()
 
     def _check_idle(self, now: float) -> None:
         """Check each idle connection not checked for ``health_check.interval``; one at
@@ -664,7 +651,7 @@ class Pool(ThreadBound):
             except ValueError:  # borrowed meanwhile
                 continue
             if self._borrow_check(conn):
-                self._put_back(conn)
+                self._hand_on(conn)
 
     def _warn_leaks(self, now: float) -> None:
         threshold = self._leak_threshold
@@ -713,7 +700,7 @@ class Pool(ThreadBound):
             except DialError as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
                 return
-            self._put_back(conn)
+            self._hand_on(conn)
         finally:
             self._refilling -= 1
             self._dialers.discard(gevent.getcurrent())
@@ -761,8 +748,7 @@ class Pool(ThreadBound):
             self._expiry_timer.close()
             self._expiry_timer = None
         while self._idle:
-            self._close_conn(self._idle.pop(), "idle")
-            self._size -= 1
+            self._retire(self._idle.pop(), "idle")
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)
@@ -772,8 +758,7 @@ class Pool(ThreadBound):
         for conn in list(self._busy):
             _log.warning("%s: closing a connection still in use at close()", self.name)
             del self._busy[conn]
-            self._close_conn(conn, "discarded")
-            self._size -= 1
+            self._retire(conn, "discarded")
         self._closed = True
 
     @property
