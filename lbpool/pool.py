@@ -23,9 +23,9 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.hub import Waiter
 
 from lbpool._ownership import ThreadBound, get_ident
+from lbpool._waiters import BROKEN, CLOSED, PERMIT, TIMED_OUT, WAITING, Waiter, WaitQueue
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
@@ -40,36 +40,6 @@ _log = logging.getLogger("lbpool")
 SetupHook = Callable[[socket.socket], object]
 
 
-class _Token:
-    """A sentinel handed to a waiter instead of a connection."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-_PERMIT = _Token("PERMIT")  # a reserved slot: the waiter may dial
-_CLOSED = _Token("CLOSED")  # the pool closed while it waited
-_BROKEN = _Token("BROKEN")  # the server's breaker opened while it waited: fail over
-_TIMED_OUT = _Token("TIMED_OUT")
-
-
-class _Waiter(Waiter):  # type: ignore[misc]  # gevent's Waiter is untyped
-    """A greenlet queued for a connection: ``item`` is what it was handed (None until
-    then), ``deadline`` when it gives up. One object per wait, the gevent Waiter itself."""
-
-    __slots__ = ("deadline", "item")
-
-    item: _Conn | _Token | None
-    deadline: float
-
-
-# A waiter whose deadline is this close is timed out with the others, not re-armed for.
-_TIMER_SLACK = 0.0005
 # The longest an at-rest pool's upkeep sleeps before looking again anyway.
 _MAX_REST = 60.0
 
@@ -107,7 +77,6 @@ class Pool(ThreadBound):
 
         self._idle: deque[_Conn] = deque()
         self._busy: dict[_Conn, PooledConnection] = {}
-        self._waiters: deque[_Waiter] = deque()
         self._size = 0  # open connections + reserved dial slots
         self._pending = 0  # reserved dial slots: dials in progress or about to start
         self._handed = 0  # connections handed to a waiter that has not woken yet
@@ -121,11 +90,10 @@ class Pool(ThreadBound):
         self._resting = False
         self.on_demand: Callable[[], object] = self._wake_at_rest
         self._dialers: set[gevent.Greenlet] = set()
-        self._expiry_timer: Any = None  # one timer for the earliest waiter deadline
-        self._expiry_at = float("inf")
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
+        self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
         self._upkeep_greenlet: gevent.Greenlet | None = None
         if upkeep:
             self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
@@ -203,10 +171,7 @@ class Pool(ThreadBound):
         inherited = list(self._idle) + list(self._busy)
         self._idle.clear()
         self._busy.clear()
-        self._waiters.clear()
         self._dialers.clear()
-        self._expiry_timer = None
-        self._expiry_at = float("inf")
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = 0
@@ -216,6 +181,7 @@ class Pool(ThreadBound):
         self._resting = False
         self._reset_counters()
         self._bind_to_current_thread()
+        self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
         if self._upkeep_greenlet is not None and not self._closing:
             self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
         _log.debug("%s: pool started fresh after fork (pid %d)", self.name, os.getpid())
@@ -275,14 +241,9 @@ class Pool(ThreadBound):
         return self._wait(start, deadline)
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
-        w = _Waiter(self._hub)
-        w.item = None
-        w.deadline = deadline
-        self._waiters.append(w)
-        if deadline < self._expiry_at:
-            self._arm_expiry(deadline)
+        w = self._waiters.join(deadline)
         try:
-            w.get()
+            outcome = w.wait()
         except BaseException:
             self._abandon(w)
             raise
@@ -292,71 +253,43 @@ class Pool(ThreadBound):
         if waited > self._wait_max:
             self._wait_max = waited
         self._wait_counts[bisect_left(WAIT_BUCKETS, waited)] += 1
-        item = w.item
-        if isinstance(item, _Conn):  # the common case: a connection handed over
+        if isinstance(outcome, _Conn):  # the common case: a connection handed over
+            conn = outcome
             self._handed -= 1
             self._waits_served += 1
             self._hits += 1
-            item.uses += 1  # _lend, inlined: this is the contended hot path
-            handle = PooledConnection(self, item, now)
-            self._busy[item] = handle
+            conn.uses += 1  # _lend, inlined: this is the contended hot path
+            handle = PooledConnection(self, conn, now)
+            self._busy[conn] = handle
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
-        if item is None:  # timed out: _expire_waiters took it off the queue
+        if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
                 f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
             )
-        if item is _PERMIT:
-            conn = self._lend_new(deadline)
+        if outcome is PERMIT:
+            lent = self._lend_new(deadline)
             self._waits_served += 1
-            return conn
-        if item is _BROKEN:
+            return lent
+        if outcome is BROKEN:
             raise DialError(self.name, "circuit breaker opened while waiting")
-        raise PoolClosed(f"{self.name}: pool closed while waiting")  # item is _CLOSED
+        raise PoolClosed(f"{self.name}: pool closed while waiting")  # outcome is CLOSED
 
-    def _arm_expiry(self, deadline: float) -> None:
-        """(Re)arm the pool's one timer for ``deadline``, the earliest waiter's.
-
-        One timer per pool, not per wait: waiters mostly share a timeout, so the
-        earliest deadline is the queue head's and the timer is rarely moved."""
-        if self._expiry_timer is not None:
-            self._expiry_timer.close()
-        loop = self._hub.loop
-        loop.update_now()  # the timer counts from the loop's clock: bring it up to now
-        timer = loop.timer(max(deadline - _monotonic(), 0.0))
-        self._expiry_timer = timer
-        self._expiry_at = deadline
-        timer.start(self._expire_waiters)
-
-    def _expire_waiters(self) -> None:
-        """Timer callback (in the hub): time out every waiter past its deadline."""
-        self._expiry_timer.close()
-        self._expiry_timer = None
-        self._expiry_at = float("inf")
-        limit = _monotonic() + _TIMER_SLACK
-        expired = [w for w in self._waiters if w.deadline <= limit]
-        for w in expired:
-            self._waiters.remove(w)
-        earliest = min((w.deadline for w in self._waiters), default=float("inf"))
-        if earliest < float("inf"):  # a waiter with no deadline needs no timer
-            self._arm_expiry(earliest)
-        for w in expired:
-            w.switch(_TIMED_OUT)
-
-    def _abandon(self, w: _Waiter) -> None:
+    def _abandon(self, w: Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
-        item = w.item
-        if item is None:
-            with contextlib.suppress(ValueError):  # pragma: no cover - defensive
+        outcome = w.outcome
+        if outcome is WAITING:
+            with contextlib.suppress(ValueError):  # a parent's waiter, after a fork
                 self._waiters.remove(w)
-        elif item is _PERMIT:
+        elif outcome is PERMIT:
             self._unreserve()
-        elif isinstance(item, _Conn):
+        elif isinstance(outcome, _Conn):
             self._handed -= 1
-            self._hand_on(item)
+            self._hand_on(outcome)
+        # CLOSED, BROKEN, TIMED_OUT: nothing was handed, nothing to pass on
 
     def _lend(self, conn: _Conn, now: float) -> PooledConnection:
         conn.uses += 1
@@ -456,8 +389,8 @@ class Pool(ThreadBound):
         elif self._waiters:  # straight to the oldest waiter (inlined _hand_on: hot)
             w = self._waiters.popleft()
             self._handed += 1
-            w.item = conn
-            self._hub.loop.run_callback(w.switch, conn)
+            w.outcome = conn
+            self._hub.loop.run_callback(w.switch, None)
         else:
             self._idle.append(conn)
 
@@ -477,9 +410,7 @@ class Pool(ThreadBound):
         given up for now: idle connections close and waiters are told to fail over."""
         if not self.breaker.is_closed:
             self._drop_idle()
-            waiters = self._waiters
-            while waiters:
-                self._hand(waiters.popleft(), _BROKEN)
+            self._waiters.hand_all(BROKEN)
             return
         for conn in self._idle:
             conn.checked_at = float("-inf")
@@ -488,12 +419,6 @@ class Pool(ThreadBound):
         idle = self._idle
         while idle:
             self._retire(idle.pop(), "unhealthy")
-
-    def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
-        if item.__class__ is _Conn:
-            self._handed += 1
-        w.item = item
-        self._hub.loop.run_callback(w.switch, item)
 
     # -- the one place slots and connections change hands (none of these yields) ----
     def _retire(self, conn: _Conn, reason: str, failure: BaseException | None = None) -> None:
@@ -531,14 +456,15 @@ class Pool(ThreadBound):
         waiters = self._waiters
         if conn is not None:
             if waiters:
-                self._hand(waiters.popleft(), conn)
+                self._handed += 1  # in use from now on, though its waiter is not awake yet
+                waiters.hand(conn)
             else:
                 self._idle.append(conn)
                 self._changed.set()
         while waiters and self._size < self._max_size:
             self._size += 1
             self._pending += 1
-            self._hand(waiters.popleft(), _PERMIT)
+            waiters.hand(PERMIT)
 
     # -- health -------------------------------------------------------------------
     def _borrow_check(self, conn: _Conn) -> bool:
@@ -741,12 +667,8 @@ class Pool(ThreadBound):
         current = gevent.getcurrent()
         if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
             self._upkeep_greenlet.kill(block=True)  # dies at once: its handlers never block
-        waiters = self._waiters
-        while waiters:
-            self._hand(waiters.popleft(), _CLOSED)
-        if self._expiry_timer is not None:
-            self._expiry_timer.close()
-            self._expiry_timer = None
+        self._waiters.hand_all(CLOSED)
+        self._waiters.stop_timer()
         while self._idle:
             self._retire(self._idle.pop(), "idle")
         dialers = [g for g in self._dialers if g is not current]
