@@ -25,6 +25,7 @@ import gevent
 from gevent.event import Event
 
 from lbpool._ownership import ThreadBound, get_ident
+from lbpool._upkeep import Upkeep
 from lbpool._waiters import BROKEN, CLOSED, PERMIT, TIMED_OUT, WAITING, Waiter, WaitQueue
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
@@ -38,6 +39,10 @@ from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 _log = logging.getLogger("lbpool")
 
 SetupHook = Callable[[socket.socket], object]
+
+
+def _nothing() -> None:
+    """``on_demand`` of a pool no upkeep keeps."""
 
 
 # The longest an at-rest pool's upkeep sleeps before looking again anyway.
@@ -86,17 +91,16 @@ class Pool(ThreadBound):
         self._drained = Event()
         self._changed = Event()  # a connection became idle or a refill ended
         # called by an acquisition that had to wait or dial: wakes an upkeep at rest
-        self._demand = Event()
-        self._resting = False
-        self.on_demand: Callable[[], object] = self._wake_at_rest
+        # (this pool's own, or the manager's, which sets it)
+        self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
-        self._upkeep_greenlet: gevent.Greenlet | None = None
+        self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
         if upkeep:
-            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+            self._start_upkeep()
 
     # -- configuration ------------------------------------------------------------
     def _set_config(
@@ -177,13 +181,12 @@ class Pool(ThreadBound):
         self._size = self._pending = self._refilling = self._handed = 0
         self._drained = Event()
         self._changed = Event()
-        self._demand = Event()
-        self._resting = False
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
-        if self._upkeep_greenlet is not None and not self._closing:
-            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+        if self._upkeep is not None and not self._closing:
+            self._upkeep.abandon()  # the parent's loop, inherited: ends after its pass
+            self._start_upkeep()
         _log.debug("%s: pool started fresh after fork (pid %d)", self.name, os.getpid())
 
     # -- acquiring ----------------------------------------------------------------
@@ -497,20 +500,10 @@ class Pool(ThreadBound):
         return True
 
     # -- upkeep -------------------------------------------------------------------
-    def _upkeep_loop(self) -> None:
-        """A standalone pool's own upkeep greenlet (a managed pool's is the manager's)."""
-        while not self._closing:
-            self.run_upkeep()
-            due = self.upkeep_due()
-            self._resting = due > self.config.upkeep_interval
-            self._demand.clear()
-            self._demand.wait(due)
-            self._resting = False
-
-    def _wake_at_rest(self) -> None:
-        if self._resting:
-            self._resting = False
-            self._demand.set()
+    def _start_upkeep(self) -> None:
+        """A standalone pool's own upkeep greenlet (lbpool._upkeep, as the manager's)."""
+        self._upkeep = Upkeep(lambda: (self,))
+        self.on_demand = self._upkeep.on_demand
 
     def upkeep_due(self) -> float:
         """Seconds until upkeep has something to do here.
@@ -518,7 +511,7 @@ class Pool(ThreadBound):
         While the pool is busy (connections lent, callers waiting, dials running, fewer
         than ``min_idle`` idle) that is every ``upkeep_interval``. At rest it is the
         next idle connection's expiry or check, so an idle pool costs no wake-ups; the
-        first acquisition that has to wait or dial sets ``_demand`` and upkeep resumes.
+        first acquisition that has to wait or dial calls ``on_demand`` and upkeep resumes.
         """
         cfg = self.config
         if self._closing:
@@ -665,8 +658,8 @@ class Pool(ThreadBound):
         self._check_owner()  # refuses another OS thread; starts fresh in a forked child
         self._closing = True
         current = gevent.getcurrent()
-        if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
-            self._upkeep_greenlet.kill(block=True)  # dies at once: its handlers never block
+        if self._upkeep is not None:
+            self._upkeep.stop()
         self._waiters.hand_all(CLOSED)
         self._waiters.stop_timer()
         while self._idle:
