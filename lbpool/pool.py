@@ -238,8 +238,7 @@ class Pool(ThreadBound):
         start = _monotonic()
         deadline = start + (self._acquire_timeout if timeout is None else timeout)
         if self._size < self._max_size and not self._waiters:
-            self._size += 1
-            self._pending += 1
+            self._reserve()
             return self._lend_new(deadline)
         if self._max_waiting and len(self._waiters) >= self._max_waiting:
             self._shed += 1
@@ -430,6 +429,11 @@ class Pool(ThreadBound):
             self._retire(idle.pop(), "unhealthy")
 
     # -- the one place slots and connections change hands (none of these yields) ----
+    def _reserve(self) -> None:
+        """Count a dial slot before dialing into it: ``max_size`` bounds dials too."""
+        self._size += 1  # the only increment: every slot enters through here
+        self._pending += 1
+
     def _retire(self, conn: _Conn, reason: str, failure: BaseException | None = None) -> None:
         """Close ``conn`` (out of ``_idle``/``_busy`` already), count ``reason``, free its
         slot; ``failure`` (a network error) goes to the breaker first; then the slot is
@@ -471,8 +475,7 @@ class Pool(ThreadBound):
                 self._idle.append(conn)
                 self._changed.set()
         while waiters and self._size < self._max_size:
-            self._size += 1
-            self._pending += 1
+            self._reserve()
             waiters.hand(PERMIT)
 
     # -- health -------------------------------------------------------------------
@@ -608,9 +611,8 @@ class Pool(ThreadBound):
                 if not breaker.allow_dial():
                     break
                 trial = True
-            self._size += 1
+            self._reserve()
             self._refilling += 1
-            self._pending += 1
             g = gevent.spawn(self._refill_one, trial)
             self._dialers.add(g)
             started += 1
