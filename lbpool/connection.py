@@ -7,13 +7,13 @@ to another caller; every use raises ``ConnectionReleased`` instead.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gevent import Timeout as _GeventTimeout
 
+from lbpool._net import close_quietly
 from lbpool.errors import ConnectionReleased, LbpoolError
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ class _Conn:
         self.uses = 0
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):  # close of a broken socket
-            self.sock.close()
+        close_quietly(self.sock)
 
 
 def _is_network_error(exc: BaseException | None) -> bool:

@@ -9,8 +9,6 @@ enough to sit in a ``BackendUnavailable`` message; interruptions (``GreenletExit
 
 from __future__ import annotations
 
-import _socket
-import contextlib
 import functools
 import logging
 import socket
@@ -19,10 +17,18 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
-import gevent
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
+from lbpool._net import (
+    AddrInfo,
+    ResolveTimeout,
+    close_quietly,
+    fmt_seconds,
+    format_address,
+    resolve,
+    unbracket,
+)
 from lbpool.errors import DialError
 
 if TYPE_CHECKING:
@@ -33,19 +39,6 @@ __all__ = ["dial", "make_ssl_context"]
 _log = logging.getLogger("lbpool")
 
 SetupHook = Callable[[socket.socket], object]
-_AddrInfo = tuple[int, int, int, str, Any]
-
-
-class _ResolveTimeout(Exception):
-    """Raised by our own resolve timer; distinct from any caller's ``gevent.Timeout``."""
-
-
-def _fmt_seconds(seconds: float) -> str:
-    return f"{seconds:.3g}s"
-
-
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -87,26 +80,13 @@ def _build_context(tls: TLSConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _resolve(host: str, port: int, budget: float) -> list[_AddrInfo]:
-    """Numeric hosts skip the resolver (no thread hop); names go through gevent's."""
-    try:
-        return list(
-            _socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-        )
-    except socket.gaierror:
-        pass
-    with gevent.Timeout(budget, _ResolveTimeout):
-        infos: list[_AddrInfo] = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    return infos
-
-
 def _connect_reason(exc: BaseException, budget: float) -> str:
-    if isinstance(exc, _ResolveTimeout):
-        return f"name resolution timed out after {_fmt_seconds(budget)}"
+    if isinstance(exc, ResolveTimeout):
+        return f"name resolution timed out after {fmt_seconds(budget)}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host: {exc.strerror or exc}"
     if isinstance(exc, TimeoutError):
-        return f"connect timed out after {_fmt_seconds(budget)}"
+        return f"connect timed out after {fmt_seconds(budget)}"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, OSError) and exc.strerror:
@@ -119,7 +99,7 @@ def _tls_reason(exc: BaseException, budget: float) -> str:
         detail = exc.verify_message or exc.reason or str(exc)
         return f"TLS handshake failed: certificate verify failed: {detail}"
     if isinstance(exc, TimeoutError):
-        return f"TLS handshake timed out after {_fmt_seconds(budget)}"
+        return f"TLS handshake timed out after {fmt_seconds(budget)}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, OSError) and exc.strerror:
@@ -127,14 +107,7 @@ def _tls_reason(exc: BaseException, budget: float) -> str:
     return f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
-def _close_quietly(sock: Any) -> None:
-    if sock is None:
-        return
-    with contextlib.suppress(Exception):  # already broken: nothing more to release
-        sock.close()
-
-
-def _connect(infos: list[_AddrInfo], config: DialConfig, deadline: float, budget: float) -> Any:
+def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget: float) -> Any:
     """Try each resolved address in turn (IPv4 and IPv6 alike) within the deadline."""
     last_exc: BaseException | None = None
     for family, type_, proto, _canon, sockaddr in infos:
@@ -151,15 +124,15 @@ def _connect(infos: list[_AddrInfo], config: DialConfig, deadline: float, budget
             sock.settimeout(remaining)
             sock.connect(sockaddr)
         except OSError as exc:
-            _close_quietly(sock)
+            close_quietly(sock)
             last_exc = exc
             continue
         except BaseException:
-            _close_quietly(sock)
+            close_quietly(sock)
             raise
         return sock
     if last_exc is None:
-        last_exc = TimeoutError(f"connect timed out after {_fmt_seconds(budget)}")
+        last_exc = TimeoutError(f"connect timed out after {fmt_seconds(budget)}")
     raise last_exc
 
 
@@ -176,10 +149,8 @@ def dial(
     gevent, it blocks only the calling greenlet. Raises ``DialError`` (``from`` the
     cause) on any failure, with nothing left open.
     """
-    host, port = address[0], int(address[1])
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    name = _format_address(host, port)
+    host, port = unbracket(address[0]), int(address[1])
+    name = format_address(host, port)
     budget = config.timeout if timeout is None else min(config.timeout, timeout)
     if budget <= 0:
         cause = TimeoutError("no time left for the dial")
@@ -188,7 +159,7 @@ def dial(
     sock: Any = None
     stage = "connect"
     try:
-        infos = _resolve(host, port, budget)
+        infos = resolve(host, port, budget)
         sock = _connect(infos, config, deadline, budget)
         if config.tls is not None:
             stage = "tls-config"
@@ -206,7 +177,7 @@ def dial(
             setup(sock)
         sock.settimeout(None)
     except Exception as exc:
-        _close_quietly(sock)
+        close_quietly(sock)
         if stage == "connect":
             reason = _connect_reason(exc, budget)
         elif stage == "tls-config":
@@ -218,6 +189,6 @@ def dial(
         _log.debug("dial %s failed: %s", name, reason)
         raise DialError(name, reason) from exc
     except BaseException:
-        _close_quietly(sock)
+        close_quietly(sock)
         raise
     return cast(socket.socket, sock)

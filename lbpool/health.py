@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent import ssl as gssl
 
+from lbpool._net import fmt_seconds
+
 if TYPE_CHECKING:
     from lbpool.config import HealthCheckConfig
 
@@ -75,10 +77,6 @@ def peek_alive(sock: socket.socket) -> bool:
     return False  # b"" is EOF; any byte is a reply nobody waits for
 
 
-def _fmt_seconds(seconds: float) -> str:
-    return f"{seconds:.3g}s"
-
-
 def _recv_exact_prefix(sock: socket.socket, want: bytes) -> None:
     """Read exactly ``len(want)`` bytes, failing as soon as they diverge from *want*."""
     buf = b""
@@ -125,7 +123,7 @@ def _send_expect(sock: socket.socket, send: str, expect: str | None, limit: floa
         if send.endswith("\n") and not want.endswith(b"\n"):
             _finish_line(sock)
     except TimeoutError as exc:
-        raise Unhealthy(f"health check timed out after {_fmt_seconds(limit)}") from exc
+        raise Unhealthy(f"health check timed out after {fmt_seconds(limit)}") from exc
     except (OSError, ValueError) as exc:
         raise Unhealthy(f"health check failed: {exc}") from exc
 
@@ -162,7 +160,7 @@ def check_health(sock: socket.socket, config: HealthCheckConfig) -> None:
     except gevent.Timeout as exc:
         if exc is not timer:
             raise
-        raise Unhealthy(f"health check timed out after {_fmt_seconds(limit)}") from None
+        raise Unhealthy(f"health check timed out after {fmt_seconds(limit)}") from None
     finally:
         timer.close()
         with contextlib.suppress(OSError, ValueError):

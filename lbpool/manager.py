@@ -15,8 +15,9 @@ from types import TracebackType
 from typing import Any, Union
 
 import gevent
-from gevent.event import Event
 
+from lbpool._ownership import ThreadBound
+from lbpool._upkeep import Upkeep
 from lbpool.balance import Balancer, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
@@ -27,12 +28,11 @@ from lbpool.errors import (
     ConfigError,
     ConfigProblem,
     DialError,
-    LbpoolError,
     PoolClosed,
     PoolTimeout,
     UnknownBackend,
 )
-from lbpool.pool import Pool, _get_ident
+from lbpool.pool import Pool
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
 _log = logging.getLogger("lbpool")
@@ -203,7 +203,7 @@ class Backend:
         )
 
 
-class PoolManager:
+class PoolManager(ThreadBound):
     """Maps backend names and ad-hoc ``host:port`` strings to pools of connections."""
 
     def __init__(self, config: ConfigSource = None) -> None:
@@ -212,24 +212,18 @@ class PoolManager:
         self._adhoc: dict[str, Backend] = {}
         self._draining: dict[Pool, gevent.Greenlet] = {}
         self._listeners: list[BreakerChange] = []
-        self._resting = False  # the upkeep greenlet sleeps past the busy tick
         self._closing = False
         self._closed = False
         self._closing_pools: list[Pool] = []
-        self._thread_id = _get_ident()
-        self._wake = Event()
+        self._bind_to_current_thread()
+        # one greenlet keeps every pool; a pool's acquisition that had to wait or dial
+        # wakes it (on_demand) when at rest, as do new pools, reload and close
+        self._upkeep = Upkeep(self._all_pools)
+        self._on_demand = self._upkeep.on_demand
         for name, bcfg in self.config.backends.items():
             backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
             backend._apply(bcfg)
             self._backends[name] = backend
-        self._upkeep = gevent.spawn(self._upkeep_loop)
-
-    def _on_demand(self) -> None:
-        """A pool had to wait or dial: wake an upkeep at rest (not one already ticking,
-        or a busy manager would run a pass per slow acquisition)."""
-        if self._resting:
-            self._resting = False
-            self._wake.set()
 
     def add_breaker_listener(self, listener: BreakerChange) -> None:
         """Call ``listener(backend, address, old, new)`` on every breaker state change
@@ -258,7 +252,7 @@ class PoolManager:
     def _route_other(self, name: str) -> Backend:
         if self._closing:
             raise PoolClosed("the manager is closed")
-        self._check_thread()
+        self._check_owner()
         try:
             address = _parse_address(name)
         except ValueError:
@@ -275,7 +269,7 @@ class PoolManager:
             )
             backend._apply(backend.config)
             self._adhoc[key] = backend
-            self._wake.set()  # the upkeep greenlet may be asleep with nothing to keep
+            self._upkeep.wake()  # it may be asleep with nothing to keep
         if len(self._adhoc) < _MAX_ADHOC_ALIASES:  # other spellings of the address, cached;
             self._adhoc[name] = backend  # bounded, as names may come from untrusted input
         return backend
@@ -300,30 +294,9 @@ class PoolManager:
                 seen[id(pool)] = pool
         return list(seen.values())
 
-    def _upkeep_loop(self) -> None:
-        """One greenlet keeps every pool: it sleeps between passes, never spins."""
-        while not self._closing:
-            pools = self._all_pools()
-            for pool in pools:
-                try:
-                    pool.run_upkeep()
-                except Exception:  # never let one pool's bad hook stop the others
-                    _log.exception("%s: upkeep failed", pool.name)
-            # Sleep until some pool has something to do: every upkeep_interval while
-            # one is busy, else until the next idle expiry or check. No pool at all:
-            # until a reload or an ad-hoc host:port brings one. A pool's first
-            # acquisition that has to wait or dial wakes us (on_demand), as do reload
-            # and close.
-            due = min((p.upkeep_due() for p in pools), default=None)
-            busy_tick = min((p.config.upkeep_interval for p in pools), default=0.0)
-            self._resting = due is None or due > busy_tick
-            self._wake.clear()
-            self._wake.wait(due)
-            self._resting = False
-
     def wait_ready(self, timeout: float | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
-        self._check_thread()
+        self._check_owner()
         pools = self._all_pools()
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
         try:
@@ -353,7 +326,7 @@ class PoolManager:
         (its waiters fail over to the backend's other servers) and its in-use
         connections close as they come back.
         """
-        self._check_thread()
+        self._check_owner()
         if self._closing:
             raise PoolClosed("the manager is closed")
         new = _coerce_config(config)
@@ -373,7 +346,7 @@ class PoolManager:
         self.config = new
         for pool in removed:
             self._drain(pool)
-        self._wake.set()
+        self._upkeep.wake()
 
     def _drain(self, pool: Pool) -> None:
         g = gevent.spawn(pool.close, _DRAIN_TIMEOUT)
@@ -389,17 +362,15 @@ class PoolManager:
         ``gevent.Timeout``, a kill) it picks up where it stopped."""
         if self._closed:
             return
-        self._check_thread()
+        self._check_owner()
         if not self._closing:
             self._closing = True
-            self._wake.set()
             self._closing_pools = self._all_pools()
             for backend in [*self._backends.values(), *self._adhoc.values()]:
                 backend.closed = True
             self._backends.clear()
             self._adhoc.clear()
-        if self._upkeep is not gevent.getcurrent():
-            self._upkeep.kill(block=True)  # dies at once: its handlers never block
+        self._upkeep.stop()  # dies at once: its handlers never block
         closers = [gevent.spawn(p.close, timeout) for p in self._closing_pools]
         try:
             gevent.joinall(closers)
@@ -412,11 +383,8 @@ class PoolManager:
         self._draining.clear()
         self._closed = True
 
-    def _check_thread(self) -> None:
-        if _get_ident() != self._thread_id:
-            raise LbpoolError(
-                "this manager belongs to another thread; use one manager per OS thread"
-            )
+    def _refusal(self, used_from: int) -> str:
+        return "this manager belongs to another thread; use one manager per OS thread"
 
     @property
     def closed(self) -> bool:

@@ -5,6 +5,12 @@ and every path a greenlet can be interrupted on (``gevent.Timeout``, ``GreenletE
 while waiting, dialing or checking) gives back what it held: a connection handed to
 a waiter that died is passed on, a reserved dial slot is freed, a half-dialed socket
 is closed. That is the known failure of pools under gevent, designed out here.
+
+Where state changes (none of these yields): a slot leaves only through ``_slot_gone``
+(via ``_retire`` for a connection, ``_unreserve`` for a dial slot); capacity reaches
+waiters only through ``_hand_on`` (and its inlined copy in ``_return``). The waiter
+queue, its outcomes and its timer are ``lbpool._waiters``; the upkeep loop is
+``lbpool._upkeep``; the owner check is ``lbpool._ownership``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import os
 import random
 import socket
 import traceback
-import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -24,76 +29,33 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.hub import Waiter, get_hub
-from gevent.monkey import get_original
 
+from lbpool._ownership import ThreadBound, get_ident
+from lbpool._upkeep import Upkeep
+from lbpool._waiters import BROKEN, CLOSED, PERMIT, TIMED_OUT, WAITING, Waiter, WaitQueue
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import PooledConnection, _Conn, _is_network_error
 from lbpool.dial import dial as _dial
-from lbpool.errors import DialError, LbpoolError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _log = logging.getLogger("lbpool")
 
-# The real OS thread id, even when `threading` is monkey-patched (then every
-# greenlet has its own "thread" id, and that is exactly what we must not compare).
-_get_ident: Callable[[], int] = get_original("_thread", "get_ident")
-
-_fork_generation = 0
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """Send every pool's next use down the ownership check, which starts it fresh."""
-    global _fork_generation
-    _fork_generation += 1
-    for pool in list(_live_pools):
-        pool._thread_id = -1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 SetupHook = Callable[[socket.socket], object]
 
 
-class _Token:
-    """A sentinel handed to a waiter instead of a connection."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
+def _nothing() -> None:
+    """``on_demand`` of a pool no upkeep keeps."""
 
 
-_PERMIT = _Token("PERMIT")  # a reserved slot: the waiter may dial
-_CLOSED = _Token("CLOSED")  # the pool closed while it waited
-_BROKEN = _Token("BROKEN")  # the server's breaker opened while it waited: fail over
-_TIMED_OUT = _Token("TIMED_OUT")
-
-
-class _Waiter(Waiter):  # type: ignore[misc]  # gevent's Waiter is untyped
-    """A greenlet queued for a connection: ``item`` is what it was handed (None until
-    then), ``deadline`` when it gives up. One object per wait, the gevent Waiter itself."""
-
-    __slots__ = ("deadline", "item")
-
-    item: _Conn | _Token | None
-    deadline: float
-
-
-# A waiter whose deadline is this close is timed out with the others, not re-armed for.
-_TIMER_SLACK = 0.0005
 # The longest an at-rest pool's upkeep sleeps before looking again anyway.
 _MAX_REST = 60.0
 
 
-class Pool:
+class Pool(ThreadBound):
     """The connections to one server.
 
     ``max_size`` bounds open connections plus dials in progress. Waiters are served
@@ -126,7 +88,6 @@ class Pool:
 
         self._idle: deque[_Conn] = deque()
         self._busy: dict[_Conn, PooledConnection] = {}
-        self._waiters: deque[_Waiter] = deque()
         self._size = 0  # open connections + reserved dial slots
         self._pending = 0  # reserved dial slots: dials in progress or about to start
         self._handed = 0  # connections handed to a waiter that has not woken yet
@@ -136,19 +97,16 @@ class Pool:
         self._drained = Event()
         self._changed = Event()  # a connection became idle or a refill ended
         # called by an acquisition that had to wait or dial: wakes an upkeep at rest
-        self._demand = Event()
-        self._resting = False
-        self.on_demand: Callable[[], object] = self._wake_at_rest
+        # (this pool's own, or the manager's, which sets it)
+        self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()
-        self._expiry_timer: Any = None  # one timer for the earliest waiter deadline
-        self._expiry_at = float("inf")
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
-        _live_pools.add(self)
-        self._upkeep_greenlet: gevent.Greenlet | None = None
+        self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
+        self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
         if upkeep:
-            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+            self._start_upkeep()
 
     # -- configuration ------------------------------------------------------------
     def _set_config(
@@ -187,9 +145,8 @@ class Pool:
         self._set_config(pool, dial, health_check, setup)
         self.weight = weight
         while self._size > self._max_size and self._idle:
-            self._close_conn(self._idle.popleft(), "discarded")
-            self._size -= 1
-        self._slot_freed()
+            self._retire(self._idle.popleft(), "discarded")
+        self._hand_on()  # a larger max_size: waiters may dial now
 
     def _expiry(self, now: float) -> float:
         cfg = self.config
@@ -208,19 +165,12 @@ class Pool:
         self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)
 
     # -- ownership: one OS thread, one process ------------------------------------
-    def _bind_to_current_thread(self) -> None:
-        self._thread_id = _get_ident()
-        self._fork_gen = _fork_generation
-        self._hub = get_hub()
-
-    def _check_owner(self) -> None:
-        if self._fork_gen != _fork_generation:
-            self._start_fresh_after_fork()
-        elif _get_ident() != self._thread_id:
-            raise LbpoolError(
-                f"{self.name}: this {self.owner_kind} belongs to another thread (made in OS "
-                f"thread {self._thread_id}, used from {_get_ident()}); use one per OS thread"
-            )
+    # (ThreadBound: _check_owner refuses another OS thread, starts fresh after a fork)
+    def _refusal(self, used_from: int) -> str:
+        return (
+            f"{self.name}: this {self.owner_kind} belongs to another thread (made in OS "
+            f"thread {self._thread_id}, used from {used_from}); use one per OS thread"
+        )
 
     def _start_fresh_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without disturbing them.
@@ -231,21 +181,18 @@ class Pool:
         inherited = list(self._idle) + list(self._busy)
         self._idle.clear()
         self._busy.clear()
-        self._waiters.clear()
         self._dialers.clear()
-        self._expiry_timer = None
-        self._expiry_at = float("inf")
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = 0
         self._drained = Event()
         self._changed = Event()
-        self._demand = Event()
-        self._resting = False
         self._reset_counters()
         self._bind_to_current_thread()
-        if self._upkeep_greenlet is not None and not self._closing:
-            self._upkeep_greenlet = gevent.spawn(self._upkeep_loop)
+        self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
+        if self._upkeep is not None and not self._closing:
+            self._upkeep.abandon()  # the parent's loop, inherited: ends after its pass
+            self._start_upkeep()
         _log.debug("%s: pool started fresh after fork (pid %d)", self.name, os.getpid())
 
     # -- acquiring ----------------------------------------------------------------
@@ -260,7 +207,7 @@ class Pool:
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``)."""
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._closing:
             raise PoolClosed(f"{self.name}: pool is closed")
@@ -271,13 +218,12 @@ class Pool:
             conn = idle.pop()
             now = _monotonic()
             if now >= conn.expires_at:
-                self._close_conn(conn, "lifetime")
-                self._size -= 1
+                self._retire(conn, "lifetime")
                 continue
             if now - conn.checked_at >= self._check_after and not self._borrow_check(conn):
                 continue
             self._hits += 1
-            conn.uses += 1
+            conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
             self._busy[conn] = handle
             if self._leak_threshold is not None:
@@ -292,8 +238,7 @@ class Pool:
         start = _monotonic()
         deadline = start + (self._acquire_timeout if timeout is None else timeout)
         if self._size < self._max_size and not self._waiters:
-            self._size += 1
-            self._pending += 1
+            self._reserve()
             return self._lend_new(deadline)
         if self._max_waiting and len(self._waiters) >= self._max_waiting:
             self._shed += 1
@@ -304,14 +249,9 @@ class Pool:
         return self._wait(start, deadline)
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
-        w = _Waiter(self._hub)
-        w.item = None
-        w.deadline = deadline
-        self._waiters.append(w)
-        if deadline < self._expiry_at:
-            self._arm_expiry(deadline)
+        w = self._waiters.join(deadline)
         try:
-            w.get()
+            outcome = w.wait()
         except BaseException:
             self._abandon(w)
             raise
@@ -321,73 +261,43 @@ class Pool:
         if waited > self._wait_max:
             self._wait_max = waited
         self._wait_counts[bisect_left(WAIT_BUCKETS, waited)] += 1
-        item = w.item
-        if isinstance(item, _Conn):  # the common case: a connection handed over
+        if isinstance(outcome, _Conn):  # the common case: a connection handed over
+            conn = outcome
             self._handed -= 1
             self._waits_served += 1
             self._hits += 1
-            item.uses += 1  # _lend, inlined: this is the contended hot path
-            handle = PooledConnection(self, item, now)
-            self._busy[item] = handle
+            conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
+            handle = PooledConnection(self, conn, now)
+            self._busy[conn] = handle
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
-        if item is None:  # timed out: _expire_waiters took it off the queue
+        if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
                 f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
             )
-        if item is _PERMIT:
-            conn = self._lend_new(deadline)
+        if outcome is PERMIT:
+            lent = self._lend_new(deadline)
             self._waits_served += 1
-            return conn
-        if item is _BROKEN:
+            return lent
+        if outcome is BROKEN:
             raise DialError(self.name, "circuit breaker opened while waiting")
-        raise PoolClosed(f"{self.name}: pool closed while waiting")  # item is _CLOSED
+        raise PoolClosed(f"{self.name}: pool closed while waiting")  # outcome is CLOSED
 
-    def _arm_expiry(self, deadline: float) -> None:
-        """(Re)arm the pool's one timer for ``deadline``, the earliest waiter's.
-
-        One timer per pool, not per wait: waiters mostly share a timeout, so the
-        earliest deadline is the queue head's and the timer is rarely moved."""
-        if self._expiry_timer is not None:
-            self._expiry_timer.close()
-        loop = self._hub.loop
-        loop.update_now()  # the timer counts from the loop's clock: bring it up to now
-        timer = loop.timer(max(deadline - _monotonic(), 0.0))
-        self._expiry_timer = timer
-        self._expiry_at = deadline
-        timer.start(self._expire_waiters)
-
-    def _expire_waiters(self) -> None:
-        """Timer callback (in the hub): time out every waiter past its deadline."""
-        self._expiry_timer.close()
-        self._expiry_timer = None
-        self._expiry_at = float("inf")
-        limit = _monotonic() + _TIMER_SLACK
-        expired = [w for w in self._waiters if w.deadline <= limit]
-        for w in expired:
-            self._waiters.remove(w)
-        earliest = min((w.deadline for w in self._waiters), default=float("inf"))
-        if earliest < float("inf"):  # a waiter with no deadline needs no timer
-            self._arm_expiry(earliest)
-        for w in expired:
-            w.switch(_TIMED_OUT)
-
-    def _abandon(self, w: _Waiter) -> None:
+    def _abandon(self, w: Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
-        item = w.item
-        if item is None:
-            with contextlib.suppress(ValueError):  # pragma: no cover - defensive
+        outcome = w.outcome
+        if outcome is WAITING:
+            with contextlib.suppress(ValueError):  # a parent's waiter, after a fork
                 self._waiters.remove(w)
-        elif item is _PERMIT:
-            self._size -= 1
-            self._pending -= 1
-            self._slot_freed()
-        elif isinstance(item, _Conn):
+        elif outcome is PERMIT:
+            self._unreserve()
+        elif isinstance(outcome, _Conn):
             self._handed -= 1
-            self._put_back(item)
+            self._hand_on(outcome)
+        # CLOSED, BROKEN, TIMED_OUT: nothing was handed, nothing to pass on
 
     def _lend(self, conn: _Conn, now: float) -> PooledConnection:
         conn.uses += 1
@@ -410,20 +320,16 @@ class Pool:
         trial = False
         if not breaker.is_closed:
             if not breaker.allow_dial():
-                self._size -= 1
-                self._pending -= 1
-                self._slot_freed()
+                self._unreserve()
                 raise DialError(
                     self.name,
                     f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
                 )
             trial = True
         if remaining is not None and remaining <= 0:
-            self._size -= 1
-            self._pending -= 1
             if trial:
                 breaker.abandon_trial()
-            self._slot_freed()
+            self._unreserve()
             self._timeouts += 1
             raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
         try:
@@ -434,9 +340,7 @@ class Pool:
                 raise PoolTimeout(f"{self.name}: acquire deadline passed while dialing") from exc
             raise
         if self._closing:
-            self._close_conn(conn, "discarded")
-            self._size -= 1
-            self._note_drained()
+            self._retire(conn, "discarded")
             raise PoolClosed(f"{self.name}: pool closed while dialing")
         return conn
 
@@ -458,16 +362,13 @@ class Pool:
         try:
             sock = _dial(self.address, self.dial_config, timeout=timeout, setup=self._setup)
         except BaseException as exc:
-            self._pending -= 1
-            self._size -= 1
-            if isinstance(exc, DialError) and not self._cut_short(exc, timeout):
+            failed = isinstance(exc, DialError) and not self._cut_short(exc, timeout)
+            if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
-                self.breaker.record_failure(exc)
-                self._suspect_idle()
             elif trial:
                 self.breaker.abandon_trial()
-            self._slot_freed()
+            self._unreserve(exc if failed else None)
             raise
         self._pending -= 1
         if trial:
@@ -477,7 +378,7 @@ class Pool:
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         try:
             del self._busy[conn]
@@ -490,34 +391,25 @@ class Pool:
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success()
         if now >= conn.expires_at:
-            self._close_conn(conn, "lifetime")
+            self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
-            self._close_conn(conn, "discarded")
-        elif self._waiters:  # straight to the oldest waiter (inlined _hand: hot)
+            self._retire(conn, "discarded")
+        elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
             w = self._waiters.popleft()
             self._handed += 1
-            w.item = conn
-            self._hub.loop.run_callback(w.switch, conn)
-            return
+            w.outcome = conn
+            self._hub.loop.run_callback(w.switch, None)
         else:
             self._idle.append(conn)
-            return
-        self._size -= 1
-        self._slot_freed()
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
-        if _get_ident() != self._thread_id:  # another OS thread, or a forked child
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         if self._busy.pop(conn, None) is None:
             conn.close()
             return
-        self._close_conn(conn, "discarded" if exc is None else "error")
-        self._size -= 1
-        if _is_network_error(exc):
-            assert exc is not None
-            self.breaker.record_failure(exc)
-            self._suspect_idle()
-        self._slot_freed()
+        failure = exc if _is_network_error(exc) else None
+        self._retire(conn, "discarded" if exc is None else "error", failure)
 
     def _suspect_idle(self) -> None:
         """The server just failed us: check each idle connection before its next use,
@@ -526,9 +418,7 @@ class Pool:
         given up for now: idle connections close and waiters are told to fail over."""
         if not self.breaker.is_closed:
             self._drop_idle()
-            waiters = self._waiters
-            while waiters:
-                self._hand(waiters.popleft(), _BROKEN)
+            self._waiters.hand_all(BROKEN)
             return
         for conn in self._idle:
             conn.checked_at = float("-inf")
@@ -536,42 +426,57 @@ class Pool:
     def _drop_idle(self) -> None:
         idle = self._idle
         while idle:
-            self._close_conn(idle.pop(), "unhealthy")
-            self._size -= 1
-        self._slot_freed()
+            self._retire(idle.pop(), "unhealthy")
 
-    def _hand(self, w: _Waiter, item: _Conn | _Token) -> None:
-        if item.__class__ is _Conn:
-            self._handed += 1
-        w.item = item
-        self._hub.loop.run_callback(w.switch, item)
+    # -- the one place slots and connections change hands (none of these yields) ----
+    def _reserve(self) -> None:
+        """Count a dial slot before dialing into it: ``max_size`` bounds dials too."""
+        self._size += 1  # the only increment: every slot enters through here
+        self._pending += 1
 
-    def _put_back(self, conn: _Conn) -> None:
-        """An unlent connection goes to the oldest waiter, else to the idle stack."""
-        if self._closing:
-            self._close_conn(conn, "idle")
-            self._size -= 1
-            self._note_drained()
-        elif self._waiters:
-            self._hand(self._waiters.popleft(), conn)
-        else:
-            self._idle.append(conn)
-            self._changed.set()
-
-    def _slot_freed(self) -> None:
-        """A slot opened up: let the oldest waiters dial into it."""
-        if self._closing:
-            self._note_drained()
-            return
-        waiters = self._waiters
-        while waiters and self._size < self._max_size:
-            self._size += 1
-            self._pending += 1
-            self._hand(waiters.popleft(), _PERMIT)
-
-    def _close_conn(self, conn: _Conn, reason: str) -> None:
+    def _retire(self, conn: _Conn, reason: str, failure: BaseException | None = None) -> None:
+        """Close ``conn`` (out of ``_idle``/``_busy`` already), count ``reason``, free its
+        slot; ``failure`` (a network error) goes to the breaker first; then the slot is
+        handed on."""
         self._closed_by[reason] += 1
         conn.close()
+        self._slot_gone(failure)
+
+    def _unreserve(self, failure: BaseException | None = None) -> None:
+        """A reserved dial slot (counted in ``_size`` and ``_pending``) is given back
+        unused or failed; ``failure`` goes to the breaker; then the slot is handed on."""
+        self._pending -= 1
+        self._slot_gone(failure)
+
+    def _slot_gone(self, failure: BaseException | None) -> None:
+        self._size -= 1  # the only decrement: every slot leaves through here
+        if failure is not None:  # counted before the slot moves: a listener sees exact stats
+            self.breaker.record_failure(failure)
+            self._suspect_idle()
+        self._hand_on()
+
+    def _hand_on(self, conn: _Conn | None = None) -> None:
+        """The one place capacity goes to waiters: ``conn`` (unlent) to the oldest
+        waiter, else onto the idle stack; then each free slot, as a permit to dial,
+        to the next waiters. While closing: ``conn`` is retired instead, and the
+        drain is noted."""
+        if self._closing:
+            if conn is not None:
+                self._retire(conn, "idle")  # comes back here with conn None
+            else:
+                self._note_drained()
+            return
+        waiters = self._waiters
+        if conn is not None:
+            if waiters:
+                self._handed += 1  # in use from now on, though its waiter is not awake yet
+                waiters.hand(conn)
+            else:
+                self._idle.append(conn)
+                self._changed.set()
+        while waiters and self._size < self._max_size:
+            self._reserve()
+            waiters.hand(PERMIT)
 
     # -- health -------------------------------------------------------------------
     def _borrow_check(self, conn: _Conn) -> bool:
@@ -583,16 +488,12 @@ class Pool:
         try:
             healthy = self._is_healthy(conn)
         except BaseException:
-            self._close_conn(conn, "unhealthy")
-            self._size -= 1
-            self._slot_freed()
+            self._retire(conn, "unhealthy")
             raise
         if healthy:
             conn.checked_at = _monotonic()
             return True
-        self._close_conn(conn, "unhealthy")
-        self._size -= 1
-        self._slot_freed()
+        self._retire(conn, "unhealthy")
         return False
 
     def _is_healthy(self, conn: _Conn) -> bool:
@@ -608,20 +509,10 @@ class Pool:
         return True
 
     # -- upkeep -------------------------------------------------------------------
-    def _upkeep_loop(self) -> None:
-        """A standalone pool's own upkeep greenlet (a managed pool's is the manager's)."""
-        while not self._closing:
-            self.run_upkeep()
-            due = self.upkeep_due()
-            self._resting = due > self.config.upkeep_interval
-            self._demand.clear()
-            self._demand.wait(due)
-            self._resting = False
-
-    def _wake_at_rest(self) -> None:
-        if self._resting:
-            self._resting = False
-            self._demand.set()
+    def _start_upkeep(self) -> None:
+        """A standalone pool's own upkeep greenlet (lbpool._upkeep, as the manager's)."""
+        self._upkeep = Upkeep(lambda: (self,))
+        self.on_demand = self._upkeep.on_demand
 
     def upkeep_due(self) -> float:
         """Seconds until upkeep has something to do here.
@@ -629,7 +520,7 @@ class Pool:
         While the pool is busy (connections lent, callers waiting, dials running, fewer
         than ``min_idle`` idle) that is every ``upkeep_interval``. At rest it is the
         next idle connection's expiry or check, so an idle pool costs no wake-ups; the
-        first acquisition that has to wait or dial sets ``_demand`` and upkeep resumes.
+        first acquisition that has to wait or dial calls ``on_demand`` and upkeep resumes.
         """
         cfg = self.config
         if self._closing:
@@ -666,18 +557,15 @@ class Pool:
         while idle:
             conn = idle.popleft()
             if now >= conn.expires_at:
-                self._close_conn(conn, "lifetime")
+                self._retire(conn, "lifetime")
             elif (
                 now - conn.last_used_at >= cfg.idle_timeout
                 and len(idle) + len(keep) >= cfg.min_idle
             ):
-                self._close_conn(conn, "idle")
+                self._retire(conn, "idle")
             else:
                 keep.append(conn)
-                continue
-            self._size -= 1
         idle.extend(keep)
-        self._slot_freed()
 
     def _check_idle(self, now: float) -> None:
         """Check each idle connection not checked for ``health_check.interval``; one at
@@ -691,7 +579,7 @@ class Pool:
             except ValueError:  # borrowed meanwhile
                 continue
             if self._borrow_check(conn):
-                self._put_back(conn)
+                self._hand_on(conn)
 
     def _warn_leaks(self, now: float) -> None:
         threshold = self._leak_threshold
@@ -723,9 +611,8 @@ class Pool:
                 if not breaker.allow_dial():
                     break
                 trial = True
-            self._size += 1
+            self._reserve()
             self._refilling += 1
-            self._pending += 1
             g = gevent.spawn(self._refill_one, trial)
             self._dialers.add(g)
             started += 1
@@ -740,7 +627,7 @@ class Pool:
             except DialError as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
                 return
-            self._put_back(conn)
+            self._hand_on(conn)
         finally:
             self._refilling -= 1
             self._dialers.discard(gevent.getcurrent())
@@ -779,17 +666,12 @@ class Pool:
         self._check_owner()  # refuses another OS thread; starts fresh in a forked child
         self._closing = True
         current = gevent.getcurrent()
-        if self._upkeep_greenlet is not None and self._upkeep_greenlet is not current:
-            self._upkeep_greenlet.kill(block=True)  # dies at once: its handlers never block
-        waiters = self._waiters
-        while waiters:
-            self._hand(waiters.popleft(), _CLOSED)
-        if self._expiry_timer is not None:
-            self._expiry_timer.close()
-            self._expiry_timer = None
+        if self._upkeep is not None:
+            self._upkeep.stop()
+        self._waiters.hand_all(CLOSED)
+        self._waiters.stop_timer()
         while self._idle:
-            self._close_conn(self._idle.pop(), "idle")
-            self._size -= 1
+            self._retire(self._idle.pop(), "idle")
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)
@@ -799,8 +681,7 @@ class Pool:
         for conn in list(self._busy):
             _log.warning("%s: closing a connection still in use at close()", self.name)
             del self._busy[conn]
-            self._close_conn(conn, "discarded")
-            self._size -= 1
+            self._retire(conn, "discarded")
         self._closed = True
 
     @property

@@ -16,7 +16,6 @@ injects network faults: latency, a black hole, resets, truncation, refused conne
 
 from __future__ import annotations
 
-import _socket
 import contextlib
 import logging
 import socket
@@ -33,6 +32,8 @@ from gevent import ssl as gssl
 from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
+
+from lbpool._net import close_quietly, format_address, resolve, split_address, unbracket
 
 __all__ = ["EchoMode", "EchoServer", "FaultProxy", "recv_exact"]
 
@@ -61,46 +62,18 @@ def recv_exact(sock: Any, size: int) -> bytes:
     return got
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> ``(host, port)``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected host:port or [v6]:port, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _resolve(host: str, port: int) -> tuple[Any, ...]:
-    """First address for host:port; numeric hosts skip gevent's (threaded) resolver."""
-    try:
-        infos = _socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        infos = gsocket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    return tuple(infos[0])
-
-
 def _reset(sock: Any) -> None:
     """Close with SO_LINGER 0: the kernel sends an RST instead of a FIN."""
     with contextlib.suppress(OSError, ValueError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    _close(sock)
-
-
-def _close(sock: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        sock.close()
+    close_quietly(sock)
 
 
 def _shutdown_close(sock: Any) -> None:
     """FIN now (wakes a greenlet blocked reading it with EOF), then release the fd."""
     with contextlib.suppress(OSError, ValueError):
         sock.shutdown(socket.SHUT_RDWR)
-    _close(sock)
+    close_quietly(sock)
 
 
 class _Changes:
@@ -131,9 +104,7 @@ class _LoopbackServer:
     """Shared life cycle: a StreamServer whose handlers live in one Group we can kill."""
 
     def __init__(self, host: str, port: int) -> None:
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        self._host = host
+        self._host = unbracket(host)
         self._port = port
         self._server: Any = None
         self._group = Group()
@@ -203,7 +174,7 @@ class _LoopbackServer:
     @property
     def address(self) -> str:
         """``host:port`` (``[v6]:port``), ready for an lbpool config."""
-        return _format_address(self._host, self._port)
+        return format_address(self._host, self._port)
 
     @property
     def listening(self) -> bool:
@@ -347,7 +318,7 @@ class EchoServer(_LoopbackServer):
             _log.debug("echo server %s: connection from %s ended: %s", self.address, peer, exc)
         finally:
             self._clients.discard(conn)
-            _close(conn)
+            close_quietly(conn)
             self._changes.notify()
 
 
@@ -402,7 +373,7 @@ class FaultProxy(_LoopbackServer):
     ) -> None:
         super().__init__(host, port)
         self.upstream = upstream
-        self._upstream = _split_address(upstream)
+        self._upstream = split_address(upstream)
         self.connect_timeout = connect_timeout
         self._links: set[_Link] = set()
         self._latency = 0.0
@@ -482,14 +453,14 @@ class FaultProxy(_LoopbackServer):
         host, port = self._upstream
         sock = None
         try:
-            info = _resolve(host, port)
+            info = resolve(host, port)[0]
             sock = gsocket.socket(info[0], info[1], info[2])
             sock.settimeout(self.connect_timeout)
             sock.connect(info[4])
             sock.settimeout(None)
         except BaseException:
             if sock is not None:
-                _close(sock)
+                close_quietly(sock)
             raise
         return sock
 

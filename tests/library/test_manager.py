@@ -419,7 +419,7 @@ def test_wait_ready_and_close_leave_nothing(
         manager.get("svc")
     held.release()
     manager.close()
-    assert manager._upkeep.dead
+    assert manager._upkeep.greenlet.dead
 
 
 def test_from_yaml(tmp_path: Any, servers: Callable[..., CountingServer]) -> None:
@@ -506,12 +506,13 @@ def test_upkeep_sleeps_without_pools_and_wakes_for_new_ones(
         gevent.sleep(0)
         passes: list[int] = []
         real = manager._all_pools
+        assert manager._upkeep.pools == real  # the loop re-reads its pools every pass
 
         def counting() -> list[lbpool.Pool]:
             passes.append(1)
             return real()
 
-        manager._all_pools = counting  # type: ignore[method-assign]
+        manager._upkeep.pools = counting
         gevent.sleep(0.05)
         assert passes == []  # asleep: nothing to keep
         manager.get(srv.address).release()
@@ -562,7 +563,7 @@ def test_upkeep_rests_while_pools_are_at_rest_and_wakes_on_demand(
             real()
 
         pool.run_upkeep = counting  # type: ignore[method-assign]
-        manager._wake.set()  # let the loop take one pass and go back to sleep
+        manager._upkeep.wake()  # let the loop take one pass and go back to sleep
         gevent.sleep(0.01)
         assert pool.upkeep_due() >= 29  # at rest: next health check is 30 s away
         passes.clear()

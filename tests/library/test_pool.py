@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from time import monotonic
 
 import gevent
 import gevent.os
@@ -25,6 +26,7 @@ from lbpool import (
 )
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, HealthCheckConfig
+from lbpool.connection import PooledConnection, _Conn
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
 
@@ -541,3 +543,115 @@ def test_network_error_gets_idle_siblings_checked(server: EchoServer, no_fd_leak
     s = pool.stats()
     assert (s.closed["unhealthy"], s.closed["error"]) == (2, 1)
     pool.close()
+
+
+# -- the inlined hot-path copies, checked against the canonical helpers ---------------
+# acquire's idle path and _wait's handed-connection path inline _lend; _return inlines
+# _hand_on (the oldest waiter, else the idle stack). Each test starts two pools in the
+# same state, takes the fast path on one and the canonical helper on the other, and
+# compares everything observable.
+
+
+def _state(pool: Pool) -> tuple[object, ...]:
+    s = pool.stats()
+    return (
+        s.size,
+        s.idle,
+        s.in_use,
+        s.pending,
+        s.waiting,
+        s.hits,
+        s.misses,
+        s.acquired,
+        s.wait_count,
+        s.closed,
+        pool._handed,
+        sorted(c.uses for c in pool._busy),
+        [c.uses for c in pool._idle],
+    )
+
+
+def _caller(stack: str | None) -> str:
+    """The function the recorded acquisition stack ends in."""
+    assert stack is not None
+    return stack.rstrip().splitlines()[-2].rsplit(" in ", 1)[1]
+
+
+def _lend_here(pool: Pool, conn: _Conn) -> PooledConnection:
+    return pool._lend(conn, monotonic())  # _lend drops its own frame and this one
+
+
+def test_fast_acquire_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
+    fast, canon = (make_pool(server, leak_threshold=60) for _ in range(2))
+    with fast, canon:
+        for pool in (fast, canon):
+            pool.acquire().release()
+            pool._idle[0].checked_at = monotonic()  # no borrow check on either side
+        h_fast = fast.acquire()  # the inlined _lend
+        conn = canon._idle.pop()
+        canon._hits += 1
+        h_canon = _lend_here(canon, conn)  # the canonical one
+        assert _state(fast) == _state(canon)
+        assert fast._busy == {h_fast._conn: h_fast} and canon._busy == {conn: h_canon}
+        assert _caller(h_fast.stack) == _caller(h_canon.stack) == "test_fast_acquire_matches_lend"
+        h_fast.release()
+        h_canon.release()
+        assert _state(fast) == _state(canon)
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_fast_return_matches_hand_on(server: EchoServer, no_fd_leak: None, waiting: bool) -> None:
+    fast, canon = (make_pool(server, max_size=1) for _ in range(2))
+    with fast, canon:
+        held = {pool: pool.acquire() for pool in (fast, canon)}
+        waiters = []
+        if waiting:
+            waiters = [gevent.spawn(pool.acquire) for pool in (fast, canon)]
+            gevent.sleep(0)
+        queued = {pool: list(pool._waiters) for pool in (fast, canon)}
+        conn_fast = held[fast]._conn
+        held[fast].release()  # _return: the inlined _hand_on
+        conn = held[canon]._conn
+        assert conn is not None
+        held[canon]._conn = None
+        del canon._busy[conn]
+        conn.last_used_at = conn.checked_at = monotonic()
+        canon._hand_on(conn)  # the canonical one
+        assert _state(fast) == _state(canon)
+        if waiting:
+            assert queued[fast][0].outcome is conn_fast
+            assert queued[canon][0].outcome is conn
+            gevent.joinall(waiters, timeout=5)
+            assert _state(fast) == _state(canon)
+            for g in waiters:
+                g.value.release()
+        else:
+            assert list(fast._idle) == [conn_fast] and list(canon._idle) == [conn]
+
+
+def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
+    """A waiter handed a connection wakes in _wait, which inlines _lend; the canonical
+    side is a bare waiter joined by the test, lent to by the helper."""
+    fast, canon = (make_pool(server, max_size=1) for _ in range(2))
+    with fast, canon:
+        held = {pool: pool.acquire() for pool in (fast, canon)}
+        g = gevent.spawn(fast.acquire)
+        gevent.sleep(0)
+        w = canon._waiters.join(float("inf"))
+        for pool in (fast, canon):
+            held[pool].release()  # handed over, the waiter not awake yet
+        assert _state(fast) == _state(canon)
+        h_fast = g.get(timeout=5)  # woken: the inlined _lend
+        conn = w.outcome
+        assert isinstance(conn, _Conn)
+        canon._handed -= 1  # what _wait does around _lend
+        canon._waits_served += 1
+        canon._hits += 1
+        h_canon = _lend_here(canon, conn)  # the canonical one
+        assert _state(fast)[:8] == _state(canon)[:8]  # wait_count: _wait's own timing
+        assert _state(fast)[9:] == _state(canon)[9:]
+        assert fast._waits_served == canon._waits_served == 1
+        assert h_fast.uses == h_canon.uses == 2
+        assert fast._busy == {h_fast._conn: h_fast} and canon._busy == {conn: h_canon}
+        h_fast.release()
+        h_canon.release()

@@ -252,7 +252,7 @@ def test_other_thread_close_refused_and_manager_intact(manager: PoolManager) -> 
     with manager.get("svc") as conn:
         round_trip(conn, b"still open")
     manager.close(timeout=1)
-    assert manager._upkeep.dead
+    assert manager._upkeep.greenlet.dead
 
 
 def test_other_thread_reload_refused_and_config_unchanged(

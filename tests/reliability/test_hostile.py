@@ -3,7 +3,7 @@
 backend names and timeouts given to ``get``/``acquire`` fail cleanly.
 
 (Config-level hostile input -- YAML bombs, huge files, deep nesting in YAML -- is
-tested in tests/test_config.py; here the manager is the entry point.)
+tested in tests/library/test_config.py; here the manager is the entry point.)
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ class ManagerMachine(RuleBasedStateMachine):
         for pool in self.pools:
             s = pool.stats()
             assert s.size == s.idle == s.in_use == s.pending == 0, s
-        assert self.manager._upkeep.dead
+        assert self.manager._upkeep.greenlet.dead
         for server in self.servers:
             if not server.listening:
                 server.start()

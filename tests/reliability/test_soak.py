@@ -9,7 +9,7 @@ acquisition).
 
 Run it (it is marked slow, so the default run skips it)::
 
-    LBPOOL_SOAK_SECONDS=60 .venv/bin/python -m pytest -m slow tests/test_soak.py -s
+    LBPOOL_SOAK_SECONDS=60 .venv/bin/python -m pytest -m slow tests/reliability/test_soak.py -s
 
 Environment: ``LBPOOL_SOAK_SECONDS`` (default 120), ``LBPOOL_SOAK_GREENLETS`` (1000),
 ``LBPOOL_SOAK_REPORT`` (a path: the report is also written there as JSON),

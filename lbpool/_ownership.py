@@ -1,0 +1,81 @@
+"""One OS thread, one process: the owner check pools and the manager share.
+
+A pool (and the manager) belongs to the OS thread that made it -- its gevent hub is
+that thread's -- and to one process. ``ThreadBound`` records the real OS thread id
+(``_thread.get_ident`` as it was before monkey-patching: once ``threading`` is
+patched every greenlet has its own "thread" id, which is exactly what we must not
+compare) and the fork generation. An at-fork hook bumps the generation and poisons
+every bound object's thread id, so a forked child's first use goes down
+``_check_owner``, which starts the object fresh; a use from another OS thread is
+refused with an ``LbpoolError``.
+
+Imports only ``lbpool.errors``. Nothing here yields.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from gevent.hub import get_hub
+from gevent.monkey import get_original
+
+from lbpool.errors import LbpoolError
+
+__all__ = ["ThreadBound", "get_ident"]
+
+get_ident: Callable[[], int] = get_original("_thread", "get_ident")
+"""The real OS thread id, even when ``threading`` is monkey-patched."""
+
+_fork_generation = 0  # bumped in every forked child
+_bound: weakref.WeakSet[ThreadBound] = weakref.WeakSet()  # poisoned at fork
+
+
+def _after_fork_in_child() -> None:
+    """Send every bound object's next use down ``_check_owner``, which starts it fresh."""
+    global _fork_generation
+    _fork_generation += 1
+    for obj in list(_bound):
+        obj._thread_id = -1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ThreadBound:
+    """Base for objects used from one OS thread of one process.
+
+    Hot paths compare ``get_ident() != self._thread_id`` inline and call
+    ``_check_owner()`` only when that differs (another thread, or a forked child,
+    whose id was poisoned to -1). Never yields.
+    """
+
+    _thread_id: int  # the owner's OS thread id; -1 after a fork until started fresh
+    _fork_gen: int  # the fork generation it was bound in
+    _hub: Any  # the owner thread's gevent hub
+
+    def _bind_to_current_thread(self) -> None:
+        self._thread_id = get_ident()
+        self._fork_gen = _fork_generation
+        self._hub = get_hub()
+        _bound.add(self)
+
+    def _check_owner(self) -> None:
+        """Start fresh in a forked child; refuse another OS thread."""
+        if self._fork_gen != _fork_generation:
+            self._start_fresh_after_fork()
+        elif get_ident() != self._thread_id:
+            raise LbpoolError(self._refusal(get_ident()))
+
+    def _start_fresh_after_fork(self) -> None:
+        """In a forked child: forget what the parent held. The default only rebinds."""
+        self._bind_to_current_thread()
+
+    def _refusal(self, used_from: int) -> str:
+        """The wrong-thread message."""
+        return (
+            f"this object belongs to another thread (made in OS thread {self._thread_id}, "
+            f"used from {used_from}); use one per OS thread"
+        )
