@@ -31,6 +31,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
+from lbpool._net import format_address
+
 # ------------------------------------------------- field paths and values in messages
 
 #: A field path as pydantic reports it: ``("backends", "cache", "servers", 0)``.
@@ -129,9 +131,7 @@ class Address(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_address(self.host, self.port)
 
 
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?", re.ASCII)
