@@ -2,11 +2,18 @@
 
 Several errors also subclass the builtin a caller would naturally catch
 (``ConfigError`` is a ``ValueError``, ``PoolTimeout`` a ``TimeoutError``,
-``UnknownBackend`` a ``KeyError``) so existing ``except`` clauses keep working.
+``UnknownBackend`` a ``KeyError``, ``DialError`` and ``BackendUnavailable``
+``ConnectionError``s) so existing ``except`` clauses keep working -- client libraries
+that handle ``ConnectionError`` (or ``OSError``) handle lbpool's failures to connect.
+
+Every error pickles and unpickles to an equal message (errors cross process
+boundaries: multiprocessing, logging handlers): those whose constructor takes more
+than the message define ``__reduce__`` with their constructor's arguments.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +46,9 @@ class ConfigError(LbpoolError, ValueError):
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[ConfigProblem, ...]]]:
+        return (type(self), (self.problems,))
+
 
 class UnknownBackend(LbpoolError, KeyError):
     """A name that is neither a configured backend nor a ``host:port``."""
@@ -65,24 +75,35 @@ class PoolClosed(LbpoolError):
     """The pool or manager is closed or closing."""
 
 
-class DialError(LbpoolError):
-    """One server's dial failed; ``__cause__`` is the underlying error."""
+class DialError(LbpoolError, ConnectionError):
+    """One server's dial failed; ``__cause__`` is the underlying error.
+
+    Also a ``ConnectionError`` (so an ``OSError``); its ``errno`` and ``strerror`` are
+    None -- the underlying error's are on ``__cause__`` (which does not pickle).
+    """
 
     def __init__(self, address: str, reason: str) -> None:
         self.address = address
         self.reason = reason
         super().__init__(f"{address}: {reason}")
 
+    def __str__(self) -> str:
+        return f"{self.address}: {self.reason}"
+
+    def __reduce__(self) -> tuple[type[DialError], tuple[str, str]]:
+        return (type(self), (self.address, self.reason))
+
 
 class ConnectionReleased(LbpoolError):
     """A connection handle was used after ``release()`` or ``discard()``."""
 
 
-class BackendUnavailable(LbpoolError):
+class BackendUnavailable(LbpoolError, ConnectionError):
     """No server of a backend could give a connection.
 
     ``errors`` maps each server address to its last error; ``states`` to its breaker
     state; the message says, per server, the state, time until retry and last error.
+    Also a ``ConnectionError`` (so an ``OSError``, with ``errno`` None).
     """
 
     def __init__(
@@ -107,4 +128,31 @@ class BackendUnavailable(LbpoolError):
             if err is not None:
                 part += f": {err}"
             lines.append(part)
-        super().__init__(f"backend {backend!r}: no server could serve: " + "; ".join(lines))
+        self._message = f"backend {backend!r}: no server could serve: " + "; ".join(lines)
+        super().__init__(self._message)
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(
+        self,
+    ) -> tuple[
+        type[BackendUnavailable],
+        tuple[str, dict[str, BaseException | None], dict[str, str], dict[str, float]],
+    ]:
+        # The per-server errors go along; one that cannot pickle travels as its text.
+        return (
+            type(self),
+            (self.backend, _picklable(self.errors), self.states, self.retry_in),
+        )
+
+
+def _picklable(errors: Mapping[str, BaseException | None]) -> dict[str, BaseException | None]:
+    out: dict[str, BaseException | None] = {}
+    for address, err in errors.items():
+        try:
+            pickle.loads(pickle.dumps(err))
+        except Exception:
+            err = LbpoolError(str(err))  # same text, so the message stays equal
+        out[address] = err
+    return out

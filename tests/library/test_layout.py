@@ -24,6 +24,8 @@ OPTIONAL = (
     "sqlalchemy",
     "generic_connection_pool",
     "gsocketpool",
+    "redis",
+    "gunicorn",
 )
 
 

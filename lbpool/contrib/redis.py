@@ -1,0 +1,495 @@
+"""redis-py over lbpool: every connection a ``redis.Redis`` uses is borrowed from a backend.
+
+Usage (redis-py 5.x through 8.x)::
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from lbpool.contrib.redis import ConnectionPool, handshake
+
+    manager = lbpool.PoolManager({"backends": {"replicas": {
+        "strategy": "least_active",
+        "servers": ["10.0.0.2:6379", "10.0.0.3:6379"],
+        "setup": handshake(password="s3cret", db=1),      # or "myapp.hooks:replicas"
+        "health_check": {"send": "PING\\r\\n", "expect": "+PONG"},
+    }}})
+    pool = ConnectionPool(manager, "replicas", password="s3cret", db=1,
+                          retry=Retry(NoBackoff(), 1))
+    r = redis.Redis(connection_pool=pool)
+
+How redis-py's pool protocol maps onto lbpool
+---------------------------------------------
+A redis-py ``Connection`` here is a light wrapper that holds an lbpool lease
+(a ``PooledConnection``) only between ``get_connection`` and ``release``:
+
+- ``get_connection(...)`` (any signature redis-py has used: ``(command_name, *keys,
+  **options)`` up to 5.2, no arguments since 5.3) takes a free wrapper and calls its
+  ``connect()``, which acquires from the backend (``manager.acquire(backend, timeout=
+  socket_connect_timeout or the backend's acquire_timeout)``); balancing, breakers and
+  failover choose the server.
+- ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper
+  has unread bytes or was marked for reconnect: then it is discarded.
+- ``conn.disconnect()`` -- what redis-py does on a network error, a timeout, an
+  interrupted read, or to drop a pubsub/monitor connection -- discards the lease
+  (``discard(exc)``, with the network error when there was one, so the server's
+  breaker hears of it) and never closes the socket itself: lbpool owns it.
+- redis-py's retry (``retry=Retry(...)`` in the pool's kwargs) calls ``disconnect()``
+  then reconnects the same wrapper: the reconnect is a new acquisition, so a retried
+  command goes to whichever server lbpool picks now (failover within a backend).
+- lbpool's failures become redis-py's: ``PoolTimeout`` -> ``redis.TimeoutError``;
+  ``BackendUnavailable``, ``DialError``, ``PoolExhausted``, ``PoolClosed`` ->
+  ``redis.ConnectionError`` (each ``from`` the lbpool error), so ``retry`` and callers'
+  ``except redis.ConnectionError`` handle them.
+
+The handshake
+-------------
+AUTH (username/password or ``credential_provider``), HELLO for ``protocol=3``, CLIENT
+SETNAME, CLIENT SETINFO and SELECT run once per new socket in lbpool's ``setup`` hook,
+not per borrow: ``handshake(**connection_kwargs)`` builds that hook from the same kwargs
+the pool is given, and runs redis-py's own handshake code on the socket. Idle
+connections are therefore authenticated and pass a ``PING``/``+PONG`` health check. The
+pool refuses (``ValueError``) a backend whose ``setup`` is a ``handshake`` with other
+settings, or a backend with no ``setup`` when its kwargs need one (auth, db,
+protocol 3, client name).
+
+Not covered
+-----------
+- Client-side caching (``cache``/``cache_config``): refused with ``ValueError``.
+- Sentinel and Cluster: they manage their own pools and topology.
+- Unix sockets, ``host``/``port``/``connection_class``: the servers are the backend's.
+- Dial options (TLS, keepalive, nodelay, connect timeout) come from lbpool's ``dial``
+  config; redis-py's ``socket_keepalive*``/``ssl*`` kwargs are not used.
+
+Behaviour to know
+-----------------
+- A pubsub (``r.pubsub()``) and ``r.monitor()`` hold one connection for the
+  subscription's life; ``single_connection_client=True`` holds one for the client's.
+- redis-py's retry backoff sleeps with ``time.sleep``: cooperative only when the
+  process is monkey patched (gunicorn's gevent worker is); ``NoBackoff()`` never sleeps.
+- ``disconnect()``/``close()`` on this pool drop only the connections redis-py has
+  borrowed; lbpool's idle connections belong to the manager (``manager.close()``).
+- Greenlet-safe within the manager's thread, like the manager itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+import redis.connection
+from gevent import Timeout as _GeventTimeout
+from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from lbpool.errors import BackendUnavailable, DialError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.manager import PoolManager
+
+__all__ = ["Connection", "ConnectionPool", "Handshake", "handshake"]
+
+# The Connection kwargs redis-py's handshake (on_connect) reads; the rest (timeouts,
+# retry, encoding, parser) matter only to the borrowing side.
+_HANDSHAKE_KEYS = (
+    "db",
+    "username",
+    "password",
+    "credential_provider",
+    "protocol",
+    "client_name",
+    "lib_name",
+    "lib_version",
+    "driver_info",
+)
+_SECRET_KEYS = ("password", "credential_provider")
+# Kwargs whose job lbpool does, or that this pool does not cover: refused, with why.
+_REFUSED = {
+    "host": "the servers are the lbpool backend's",
+    "port": "the servers are the lbpool backend's",
+    "path": "unix sockets are not covered",
+    "unix_socket_path": "unix sockets are not covered",
+    "connection_class": "the connections are lbpool.contrib.redis.Connection",
+    "cache": "client-side caching is not covered",
+    "cache_config": "client-side caching is not covered",
+}
+
+
+def _maint_disabled() -> dict[str, Any]:
+    """``maint_notifications_config=<disabled>`` on redis-py versions that have it (6.4+):
+    maintenance notifications would move connections between servers behind lbpool."""
+    try:
+        module = importlib.import_module("redis.maint_notifications")
+    except ImportError:
+        return {}
+    config_class = getattr(module, "MaintNotificationsConfig", None)
+    return {} if config_class is None else {"maint_notifications_config": config_class(False)}
+
+
+def _is_resp3(protocol: object) -> bool:
+    return str(protocol) == "3"
+
+
+def _shown(settings: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}=<redacted>" if k in _SECRET_KEYS else f"{k}={v!r}" for k, v in settings.items()
+    )
+
+
+def _session(settings: Mapping[str, Any], protocol: int) -> dict[str, Any]:
+    """The settings that make a different server session: auth, database, name, and the
+    RESP version when it is 3 (redis-py 8 speaks RESP3 by default: HELLO 3 is needed
+    even when ``protocol`` is not given)."""
+    out = {
+        k: v
+        for k, v in settings.items()
+        if k in ("db", "username", "password", "credential_provider", "client_name")
+        and v not in (None, "", 0)
+    }
+    if _is_resp3(protocol):
+        out["protocol"] = 3
+    return out
+
+
+class Handshake:
+    """An lbpool ``setup`` hook: redis-py's connection handshake on each new socket.
+
+    Built by ``handshake(**connection_kwargs)``. Called by lbpool with the new socket
+    (its timeout already set to what is left of the dial's deadline); runs AUTH / HELLO /
+    CLIENT SETNAME / CLIENT SETINFO / SELECT exactly as redis-py's ``on_connect`` does
+    for these settings, then leaves the socket to lbpool. Raises what redis-py raises
+    (``redis.AuthenticationError``, ``redis.ConnectionError``, ``OSError`` ...): lbpool
+    then fails that dial (``DialError``) and charges the server's breaker.
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings: dict[str, Any] = dict(settings)
+        # Hook(...) names a callable by __module__/__qualname__: make that readable.
+        self.__qualname__ = self.__name__ = f"handshake({_shown(self.settings)})"
+        probe = self._connection()  # bad settings fail here, not at the first dial
+        # What the handshake establishes, with redis-py's defaults resolved (protocol).
+        self.session = _session(self.settings, probe.protocol)
+        probe.disconnect()
+
+    def _connection(self) -> redis.connection.Connection:
+        return redis.connection.Connection(
+            host="lbpool-setup", port=0, **_maint_disabled(), **self.settings
+        )
+
+    def __call__(self, sock: Any) -> None:
+        conn = self._connection()  # fresh each time: it holds per-socket parser state
+        conn._sock = sock
+        try:
+            conn.on_connect()
+        finally:
+            # Detach without closing: lbpool owns the socket (and closes it on failure).
+            conn._sock = None
+            conn._parser.on_disconnect()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Handshake):
+            return NotImplemented
+        return self.settings == other.settings
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.settings)))
+
+    def __repr__(self) -> str:
+        return f"<lbpool.contrib.redis.{self.__qualname__}>"
+
+
+def handshake(**connection_kwargs: Any) -> Handshake:
+    """The ``setup`` hook for a backend used through ``ConnectionPool(**connection_kwargs)``.
+
+    Give it the same kwargs as the pool (extra ones -- timeouts, retry, decoding -- are
+    ignored). In a dict config pass the hook itself (``"setup": handshake(db=1)``); from
+    YAML name a module-level one (``setup: "myapp.redis_hooks:sessions"`` where
+    ``sessions = handshake(password=..., db=1)``). Raises ``ValueError``/``redis.
+    RedisError`` for settings redis-py itself refuses (e.g. ``protocol=4``).
+    """
+    return Handshake({k: v for k, v in connection_kwargs.items() if k in _HANDSHAKE_KEYS})
+
+
+def _network_error(exc: BaseException | None) -> BaseException | None:
+    """What ``discard`` should hear for ``exc``: the ``OSError`` behind a redis
+    connection/timeout error (so lbpool counts it against the server), else ``exc``."""
+    if exc is None or isinstance(exc, (OSError, _GeventTimeout)):
+        return exc
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        seen: set[int] = set()
+        cause: BaseException | None = exc
+        while cause is not None and id(cause) not in seen and len(seen) < 16:
+            if isinstance(cause, OSError):
+                return cause
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        # e.g. "Connection closed by server.": the parser saw EOF
+        kind = TimeoutError if isinstance(exc, RedisTimeoutError) else ConnectionError
+        return kind(str(exc))
+    return exc  # not a network error: discarded, the breaker not charged
+
+
+class Connection(redis.connection.Connection):
+    """A redis-py connection whose socket is an lbpool lease, held while borrowed.
+
+    ``connect()`` acquires from the backend (a new lease each time, so a reconnect may
+    land on another server); ``disconnect()`` discards the lease into lbpool (never
+    closes the socket itself); ``ConnectionPool.release`` returns it. ``host``/``port``
+    say which server the current lease is on (the backend name and 0 between leases).
+    """
+
+    def __init__(
+        self,
+        manager: PoolManager,
+        backend: str,
+        **kwargs: Any,
+    ) -> None:
+        self._manager = manager
+        self._backend = backend
+        self._lease: Any = None  # the PooledConnection while connected
+        super().__init__(host=backend, port=0, **kwargs)
+        # socket_connect_timeout (None unless given) bounds each acquisition; None: the
+        # backend's acquire_timeout.
+        self._acquire_timeout: float | None = kwargs.get("socket_connect_timeout")
+
+    @property
+    def lease(self) -> Any:
+        """The lbpool ``PooledConnection`` this connection holds, or None."""
+        return self._lease
+
+    def repr_pieces(self) -> list[tuple[str, Any]]:
+        pieces: list[tuple[str, Any]] = [("backend", self._backend)]
+        if self._lease is not None:
+            pieces.append(("server", f"{self.host}:{self.port}"))
+        pieces.append(("db", self.db))
+        return pieces
+
+    def _host_error(self) -> str:
+        if self._lease is not None:
+            return f"{self.host}:{self.port} (lbpool backend {self._backend!r})"
+        return f"lbpool backend {self._backend!r}"
+
+    def _connect(self) -> Any:
+        """Borrow a socket from the backend; redis-py calls this from ``connect()``."""
+        try:
+            lease = self._manager.acquire(self._backend, timeout=self._acquire_timeout)
+        except PoolTimeout as exc:
+            raise RedisTimeoutError(f"{self._host_error()}: {exc}") from exc
+        except (BackendUnavailable, DialError, PoolExhausted, PoolClosed) as exc:
+            raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
+        try:
+            lease.settimeout(self.socket_timeout)
+        except BaseException as exc:
+            lease.discard(exc)
+            raise
+        self._lease = lease
+        host, _, port = lease.address.rpartition(":")
+        self.host = host
+        self.port = int(port)
+        return lease.sock
+
+    def on_connect(self) -> None:
+        """Nothing to say to the server: lbpool's setup hook (``handshake``) did it once,
+        when the socket was dialed. Only the parser attaches to the new socket."""
+        self._attach_parser()
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:  # redis-py 7.1+
+        self._attach_parser()
+
+    def _attach_parser(self) -> None:
+        if hasattr(self, "_reset_himport_state"):  # redis-py 8: per-session state
+            self._reset_himport_state()
+        if _is_resp3(self.protocol) and isinstance(self._parser, _RESP2Parser):
+            self.set_parser(_RESP3Parser)  # as redis-py's on_connect does (5.x)
+        self._parser.on_connect(self)
+
+    def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the lease: discarded into lbpool with the error that caused this (the
+        ``error`` redis-py passes, else the exception being handled), so a network
+        error reaches the server's breaker."""
+        lease, self._lease = self._lease, None
+        self._sock = None  # lbpool owns the socket: redis-py must not close it
+        try:
+            super().disconnect(*args, **kwargs)  # parser and flags only: no socket
+        finally:
+            if lease is not None:
+                self.host, self.port = self._backend, 0
+                error = kwargs.get("error")
+                if error is None and args and isinstance(args[0], BaseException):
+                    error = args[0]
+                if error is None:
+                    error = sys.exc_info()[1]
+                lease.discard(_network_error(error))
+
+    def _give_back(self) -> None:
+        """The pool's ``release``: return the lease, or discard it when the stream is
+        not clean (unread bytes, EOF) or redis-py asked for a reconnect."""
+        lease = self._lease
+        if lease is None:
+            return
+        try:
+            dirty = self._parser.can_read(0) or (
+                hasattr(self, "should_reconnect") and self.should_reconnect()
+            )
+        except Exception:  # EOF or a socket error while looking
+            dirty = True
+        if dirty:
+            self.disconnect()
+            return
+        self._lease = None
+        self._sock = None
+        self.host, self.port = self._backend, 0
+        self._parser.on_disconnect()
+        lease.release()
+
+
+class ConnectionPool(redis.ConnectionPool):
+    """A redis-py connection pool over one lbpool backend; ``redis.Redis(connection_pool=
+    pool)`` accepts it.
+
+    ``ConnectionPool(manager, backend, **connection_kwargs)``: ``backend`` is a backend
+    name of ``manager`` (or a ``host:port``); ``connection_kwargs`` are redis-py's
+    connection kwargs (``db``, ``username``, ``password``, ``credential_provider``,
+    ``protocol``, ``client_name``, ``decode_responses``, ``encoding``, ``socket_timeout``,
+    ``socket_connect_timeout`` (bounds each acquisition), ``retry``, ``retry_on_timeout``,
+    ``retry_on_error``, ``health_check_interval`` ...).
+
+    Raises ``ValueError`` for kwargs lbpool's backend owns or this pool does not cover
+    (``host``, ``port``, unix sockets, ``connection_class``, client-side caching) and
+    when the backend's ``setup`` hook does not do the handshake these kwargs need (see
+    ``handshake``). The pool holds no sockets of its own: connection counts, limits and
+    waiting are the backend's (``max_size``, ``acquire_timeout``, ``max_waiting``).
+    """
+
+    def __init__(self, manager: PoolManager, backend: str, **connection_kwargs: Any) -> None:
+        for key, why in _REFUSED.items():
+            if key in connection_kwargs:
+                raise ValueError(f"lbpool.contrib.redis.ConnectionPool: {key}=: {why}")
+        maint = connection_kwargs.get("maint_notifications_config")
+        if maint is not None and getattr(maint, "enabled", False) is True:
+            raise ValueError(
+                "lbpool.contrib.redis.ConnectionPool: maintenance notifications are not "
+                "covered (lbpool chooses the servers)"
+            )
+        self.manager = manager
+        self.backend = backend
+        self._check_setup(connection_kwargs)
+        kwargs = {**_maint_disabled(), **connection_kwargs}
+        if kwargs.get("maint_notifications_config") is None:
+            kwargs.pop("maint_notifications_config", None)
+        super().__init__(connection_class=Connection, **kwargs)
+
+    def _check_setup(self, connection_kwargs: Mapping[str, Any]) -> None:
+        needed = handshake(**connection_kwargs).session
+        config = getattr(self.manager, "config", None)
+        backends = getattr(config, "backends", None) or {}
+        backend_config = backends.get(self.backend)
+        hook = getattr(backend_config, "setup", None)
+        func = getattr(hook, "func", hook)
+        where = f"lbpool.contrib.redis.ConnectionPool({self.backend!r})"
+        if isinstance(func, Handshake):
+            if func.session != needed:
+                raise ValueError(
+                    f"{where}: the backend's setup hook is {func.__qualname__} but the "
+                    f"pool's kwargs need handshake({_shown(needed)}): give both the same "
+                    f"settings"
+                )
+        elif func is None and needed:
+            raise ValueError(
+                f"{where}: {_shown(needed)} need a handshake on each new socket (redis-py "
+                f"{redis.__version__} speaks RESP{needed.get('protocol', 2)} with these "
+                f"kwargs), but the backend has no setup hook: configure setup: "
+                f"handshake(...) from lbpool.contrib.redis, with the pool's kwargs, on "
+                f"backend {self.backend!r}"
+            )
+        # Another callable: the user's own handshake, trusted.
+
+    # -- redis-py's pool protocol ----------------------------------------------------
+    def reset(self) -> None:
+        # Free wrappers hold no sockets; in-use ones hold leases lbpool looks after
+        # (after a fork the child's pools start fresh).
+        self._created_connections = 0
+        self._available_connections: list[Connection] = []
+        self._in_use_connections: set[Connection] = set()
+        self.pid = os.getpid()
+
+    def _checkpid(self) -> None:
+        if self.pid != os.getpid():
+            self.reset()
+
+    def make_connection(self) -> Connection:
+        """A new wrapper (no socket yet; ``connect()`` borrows one)."""
+        self._created_connections += 1
+        kwargs = dict(self.connection_kwargs)
+        return Connection(self.manager, self.backend, **kwargs)
+
+    def get_connection(
+        self, command_name: str | None = None, *keys: Any, **options: Any
+    ) -> Connection:
+        """A connected ``Connection`` holding a lease from the backend.
+
+        Accepts every signature redis-py has called it with (the command name, keys and
+        options up to 5.2; nothing since 5.3) and ignores them. Raises
+        ``redis.ConnectionError`` / ``redis.TimeoutError`` (from the lbpool error) when
+        no lease can be had, after the connection's retry policy; nothing is kept.
+        """
+        self._checkpid()
+        try:
+            connection = self._available_connections.pop()
+        except IndexError:
+            connection = self.make_connection()
+        self._in_use_connections.add(connection)
+        try:
+            connection.connect()
+        except BaseException:
+            self._in_use_connections.discard(connection)
+            connection.disconnect()
+            self._available_connections.append(connection)
+            raise
+        return connection
+
+    def release(self, connection: Any) -> None:
+        """Give the connection's lease back to lbpool (``release``; ``discard`` when its
+        stream is not clean). A connection this pool did not hand out is ignored."""
+        self._checkpid()
+        if connection not in self._in_use_connections:
+            return
+        self._in_use_connections.discard(connection)
+        try:
+            connection._give_back()
+        finally:
+            self._available_connections.append(connection)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Discard the leases of connections redis-py holds (``inuse_connections``);
+        free connections hold none. lbpool's idle connections are the manager's."""
+        self._checkpid()
+        if inuse_connections:
+            for connection in list(self._in_use_connections):
+                connection.disconnect()
+
+    def close(self) -> None:
+        self.disconnect()
+
+    def set_retry(self, retry: Retry) -> None:
+        self.connection_kwargs.update({"retry": retry})
+        for connection in (*self._available_connections, *self._in_use_connections):
+            connection.retry = retry
+
+    def get_encoder(self) -> Encoder:
+        kwargs = self.connection_kwargs
+        return Encoder(
+            encoding=kwargs.get("encoding", "utf-8"),
+            encoding_errors=kwargs.get("encoding_errors", "strict"),
+            decode_responses=kwargs.get("decode_responses", False),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<lbpool.contrib.redis.ConnectionPool backend={self.backend!r} "
+            f"[{len(self._in_use_connections)} borrowed, "
+            f"{len(self._available_connections)} free wrappers]>"
+        )

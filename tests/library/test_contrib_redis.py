@@ -1,0 +1,275 @@
+"""redis-py over lbpool (``lbpool.contrib.redis``) against real ``redis-server``s on
+loopback: a primary and two replicas, the handshake in the setup hook, pipelines,
+MULTI/EXEC, pubsub, a replica killed under load, and errors mapped to redis-py's."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from lbpool import BackendUnavailable, PoolManager, PoolTimeout
+from lbpool.contrib.redis import ConnectionPool, handshake
+from lbpool.testing import FaultProxy
+from tests.support.redis_server import RedisServer, RedisServers, needs_redis_server
+
+pytestmark = [pytest.mark.redis, needs_redis_server]
+
+PING = {"send": "PING\r\n", "expect": "+PONG", "timeout": "1s"}
+# redis-py 5.x retries a command only on the errors listed in retry_on_error (6+ retries
+# the retry's supported errors); giving both works on every version.
+RETRY_ONCE: dict[str, Any] = {
+    "retry": Retry(NoBackoff(), 1),
+    "retry_on_error": [redis.ConnectionError],
+}
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
+    servers = RedisServers(str(tmp_path))
+    try:
+        yield servers
+    finally:
+        servers.stop_all()
+
+
+@pytest.fixture
+def trio(redis_servers: RedisServers) -> tuple[RedisServer, RedisServer, RedisServer]:
+    """A primary and two replicas (``--replicaof``), replication up (checked with WAIT)."""
+    primary = redis_servers.start(["--repl-diskless-sync-delay", "0"])
+    replicas = [
+        redis_servers.start(["--replicaof", "127.0.0.1", str(primary.port)]) for _ in range(2)
+    ]
+    direct = redis.Redis(host="127.0.0.1", port=primary.port, socket_timeout=15)
+    try:
+        direct.set("replication:ready", "1")
+        assert direct.wait(2, 10_000) == 2, "replicas did not sync within 10 s"
+    finally:
+        direct.close()
+    return primary, replicas[0], replicas[1]
+
+
+def _config(primary: str, replicas: list[str], **pool: Any) -> dict[str, Any]:
+    return {
+        "defaults": {
+            "pool": {"min_idle": 1, "max_size": 20, "acquire_timeout": "3s", "check_after": 0,
+                     **pool},
+            "dial": {"timeout": "1s"},
+            "breaker": {"failure_threshold": 2, "recovery_timeout": "30s"},
+            "health_check": PING,
+        },
+        "backends": {
+            "primary": {"servers": [primary], "setup": handshake()},
+            "replicas": {"strategy": "least_active", "servers": replicas, "setup": handshake()},
+        },
+    }  # fmt: skip
+
+
+def test_reads_from_replicas_writes_to_primary_pipelines_multi_exec(
+    trio: tuple[RedisServer, RedisServer, RedisServer],
+    make_manager: Callable[..., PoolManager],
+) -> None:
+    primary, r1, r2 = trio
+    manager = make_manager(_config(primary.address, [r1.address, r2.address]))
+    manager.wait_ready(timeout=5)
+    writes = redis.Redis(connection_pool=ConnectionPool(manager, "primary"))
+    reads = redis.Redis(connection_pool=ConnectionPool(manager, "replicas", decode_responses=True))
+
+    for i in range(20):
+        assert writes.set(f"k:{i}", f"v{i}") is True
+    assert writes.wait(2, 5_000) == 2
+    with pytest.raises(redis.ReadOnlyError):
+        reads.set("k:0", "replicas refuse writes")
+
+    def read_all(n: int) -> None:
+        for i in range(20):
+            assert reads.get(f"k:{i}") == f"v{i}"
+
+    gevent.joinall([gevent.spawn(read_all, n) for n in range(10)], timeout=20, raise_error=True)
+    servers = manager.stats().backends["replicas"].servers
+    assert all(s.acquired > 10 for s in servers.values())  # least_active used both
+    assert all(s.in_use == 0 for s in servers.values())
+
+    pipe = reads.pipeline(transaction=False)
+    for i in range(5):
+        pipe.get(f"k:{i}")
+    assert pipe.execute() == [f"v{i}" for i in range(5)]
+
+    with writes.pipeline() as tx:  # MULTI/EXEC
+        tx.incr("counter").incr("counter").set("tx", "done").get("tx")
+        assert tx.execute() == [1, 2, True, b"done"]
+
+    def transfer(t: redis.client.Pipeline) -> None:  # WATCH / MULTI / EXEC
+        value = int(t.get("counter") or 0)
+        t.multi()
+        t.set("counter", value + 10)
+
+    assert writes.transaction(transfer, "counter") == [True]
+    assert writes.get("counter") == b"12"
+    primary_stats = manager.stats().backends["primary"].servers[primary.address]
+    assert primary_stats.in_use == 0
+    assert primary_stats.closed.get("error", 0) == 0
+
+
+def test_pubsub_holds_one_connection_for_the_subscription(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    server = redis_servers.start()
+    manager = make_manager(_config(server.address, [server.address]))
+    client = redis.Redis(connection_pool=ConnectionPool(manager, "primary"))
+
+    def in_use() -> int:
+        return manager.stats().backends["primary"].servers[server.address].in_use
+
+    pubsub = client.pubsub()
+    pubsub.subscribe("news")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    assert in_use() == 1
+    assert client.publish("news", "hello") == 1  # a second connection, given back
+    message = pubsub.get_message(timeout=2)
+    assert message is not None and message["data"] == b"hello"
+    assert in_use() == 1
+    pubsub.close()
+    assert in_use() == 0
+
+
+def test_handshake_runs_in_the_setup_hook(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    server = redis_servers.start(["--requirepass", "s3cret"])
+    settings: dict[str, Any] = {
+        "password": "s3cret",
+        "db": 3,
+        "protocol": 3,
+        "client_name": "lbpool-test",
+    }
+    config = _config(server.address, [server.address], min_idle=2)
+    for backend in config["backends"].values():
+        backend["setup"] = handshake(**settings)
+    manager = make_manager(config)
+    manager.wait_ready(timeout=5)  # idle connections: authenticated, PING passes
+    client = redis.Redis(
+        connection_pool=ConnectionPool(manager, "primary", **settings, decode_responses=True)
+    )
+    assert client.set("k", "v") is True
+    assert client.client_getname() == "lbpool-test"
+    info = client.client_info()
+    assert (int(info["db"]), int(info["resp"])) == (3, 3)
+    stats = manager.stats().backends["primary"].servers[server.address]
+    assert (stats.misses, stats.hits, stats.size) == (0, 3, 2)  # the warm ones served
+    assert stats.dial_failures == 0
+    assert sum(stats.closed.values()) == 0  # every borrow check (check_after 0) passed
+
+    with pytest.raises(ValueError, match="setup hook is handshake"):
+        ConnectionPool(manager, "primary", password="s3cret", db=4)
+    plain = make_manager({"backends": {"b": {"servers": [server.address]}}})
+    with pytest.raises(ValueError, match="no setup hook"):
+        ConnectionPool(plain, "b", password="s3cret")
+    with pytest.raises(ValueError, match="client-side caching"):
+        ConnectionPool(manager, "primary", **settings, cache_config=object())
+    with pytest.raises(ValueError, match="host="):
+        ConnectionPool(manager, "primary", **settings, host="10.0.0.1")
+    bad = make_manager(
+        {"backends": {"b": {"servers": [server.address], "setup": handshake(password="wrong")}},
+         "defaults": {"pool": {"min_idle": 0}}}
+    )  # fmt: skip
+    wrong = redis.Redis(connection_pool=ConnectionPool(bad, "b", password="wrong"))
+    with pytest.raises(redis.ConnectionError) as info_bad:
+        wrong.ping()
+    assert isinstance(info_bad.value.__cause__, BackendUnavailable)
+    assert "setup hook failed" in str(info_bad.value)
+
+
+def test_a_network_error_is_discarded_into_lbpool_and_retry_reacquires(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    server = redis_servers.start()
+    with FaultProxy(server.address) as proxy:
+        manager = make_manager(
+            _config(proxy.address, [proxy.address], min_idle=0, check_after="1h")
+        )
+        no_retry = redis.Redis(
+            connection_pool=ConnectionPool(manager, "primary", retry=Retry(NoBackoff(), 0))
+        )
+        assert no_retry.set("k", "1") is True
+        proxy.reset_all()  # the idle connection dies; check_after 1h: lent unchecked
+        with pytest.raises(redis.ConnectionError):
+            no_retry.get("k")
+        stats = manager.stats().backends["primary"].servers[proxy.address]
+        assert stats.closed.get("error") == 1 and stats.in_use == 0
+
+        retried = redis.Redis(connection_pool=ConnectionPool(manager, "primary", **RETRY_ONCE))
+        assert retried.get("k") == b"1"  # a fresh dial
+        proxy.reset_all()
+        assert retried.get("k") == b"1"  # failed once, re-acquired, answered
+        stats = manager.stats().backends["primary"].servers[proxy.address]
+        assert stats.closed.get("error") == 2 and stats.in_use == 0
+
+
+def test_lbpool_failures_become_redis_errors(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    server = redis_servers.start()
+    dead = f"127.0.0.1:{server.port}"
+    manager = make_manager(_config(server.address, [server.address], min_idle=0, max_size=1))
+    client = redis.Redis(connection_pool=ConnectionPool(manager, "primary"))
+    pubsub = client.pubsub()
+    pubsub.subscribe("x")  # holds the one connection max_size allows
+    quick = redis.Redis(
+        connection_pool=ConnectionPool(manager, "primary", socket_connect_timeout=0.2)
+    )
+    with pytest.raises(redis.TimeoutError) as timed_out:
+        quick.get("k")
+    assert isinstance(timed_out.value.__cause__, PoolTimeout)
+    pubsub.close()
+    assert quick.get("k") is None
+
+    server.stop()
+    gone = make_manager({"backends": {"b": {"servers": [dead], "setup": handshake()}},
+                         "defaults": {"pool": {"min_idle": 0}}})  # fmt: skip
+    with pytest.raises(redis.ConnectionError) as refused:
+        redis.Redis(connection_pool=ConnectionPool(gone, "b")).ping()
+    assert isinstance(refused.value.__cause__, BackendUnavailable)
+    assert "lbpool backend 'b'" in str(refused.value)
+
+
+def test_a_replica_killed_under_50_greenlets_loses_no_read(
+    trio: tuple[RedisServer, RedisServer, RedisServer],
+    make_manager: Callable[..., PoolManager],
+) -> None:
+    primary, r1, r2 = trio
+    manager = make_manager(_config(primary.address, [r1.address, r2.address]))
+    writes = redis.Redis(connection_pool=ConnectionPool(manager, "primary"))
+    for i in range(50):
+        writes.set(f"key:{i}", i)
+    assert writes.wait(2, 5_000) == 2
+    reads = redis.Redis(connection_pool=ConnectionPool(manager, "replicas", **RETRY_ONCE))
+    done = Counter[str]()
+    failures: list[BaseException] = []
+    killed = gevent.event.Event()
+
+    def reader(n: int) -> None:
+        for i in range(60):
+            try:
+                assert reads.get(f"key:{n}") == str(n).encode()
+                done["after" if killed.is_set() else "before"] += 1
+            except Exception as exc:
+                failures.append(exc)
+            if i == 20 and n == 0:
+                r2.kill()
+                killed.set()
+            gevent.sleep(0)  # interleave: each command is its own borrow
+
+    gevent.joinall([gevent.spawn(reader, n) for n in range(50)], timeout=40, raise_error=True)
+    assert failures == []
+    assert sum(done.values()) == 50 * 60 and done["after"] > 1000
+    stats = manager.stats().backends["replicas"].servers
+    assert stats[r2.address].breaker_state == "open"
+    assert stats[r1.address].in_use == 0 and stats[r2.address].in_use == 0
