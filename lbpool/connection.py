@@ -46,8 +46,13 @@ class _Conn:
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
-    """Errors that say something about the server (count against its breaker)."""
-    return isinstance(exc, (OSError, _GeventTimeout))
+    """Errors that say something about the server (count against its breaker).
+
+    lbpool's own errors never do, although some are ``OSError``s for the callers'
+    sake (``PoolTimeout`` a ``TimeoutError``, ``BackendUnavailable`` a
+    ``ConnectionError``): raised inside a ``with`` block they speak of another pool
+    (a nested acquisition), not of the server of the connection being discarded."""
+    return isinstance(exc, (OSError, _GeventTimeout)) and not isinstance(exc, LbpoolError)
 
 
 class PooledConnection:

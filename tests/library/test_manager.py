@@ -575,3 +575,30 @@ def test_upkeep_rests_while_pools_are_at_rest_and_wakes_on_demand(
         assert len(passes) >= 3  # ticking every upkeep_interval while lent
         for conn in held:
             conn.release()
+
+
+@pytest.mark.parametrize("nested", ["timeout", "unavailable"])
+def test_lbpool_errors_raised_in_a_with_block_do_not_charge_its_server(
+    servers: Callable[..., CountingServer], nested: str
+) -> None:
+    """PoolTimeout is a TimeoutError and BackendUnavailable a ConnectionError (both
+    OSErrors, for callers' sake); escaping a ``with`` block they speak of another pool,
+    so the connection is discarded without counting against its own server."""
+    a, b = servers(), servers()
+    cfg = config([a.address], breaker={"failure_threshold": 1})
+    other = {"servers": [b.address if nested == "timeout" else dead_address()]}
+    other["pool"] = {"min_idle": 0, "max_size": 1}
+    cfg["backends"]["other"] = other
+    with PoolManager(cfg) as manager:
+        blocker = manager.acquire("other") if nested == "timeout" else None
+        expected = PoolTimeout if nested == "timeout" else BackendUnavailable
+        with pytest.raises(expected), manager.get("svc") as conn:
+            conn.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            manager.acquire("other", timeout=0.05)  # fails: full, or its server is down
+        stats = manager.stats().backends["svc"].servers[a.address]
+        assert (stats.breaker_state, stats.breaker_trips) == ("closed", 0)
+        assert manager.backends["svc"].pools[0].breaker.failure_count == 0
+        assert stats.closed["error"] == 1  # discarded all the same: its stream is unknown
+        if blocker is not None:
+            blocker.release()
