@@ -390,10 +390,12 @@ class RingHash(HashTable):
         if not points:
             raise self._empty()
         h = int.from_bytes(hashlib.md5(_key_bytes(key)).digest()[:4], "little")
-        pos = bisect_left(points, h)
-        if pos == len(points):
-            pos = 0
-        return self._owners[pos]
+        return self._owners[self._at(h)]
+
+    def _at(self, h: int) -> int:
+        """Position of the first point >= h, wrapping: libketama's ketama_get_server."""
+        pos = bisect_left(self._points, h)
+        return 0 if pos == len(self._points) else pos
 
     def order(self, key: Key) -> Iterator[int]:
         if not self._n:
@@ -405,7 +407,7 @@ class RingHash(HashTable):
         points = self._points
         owners = self._owners
         total = len(points)
-        pos = bisect_left(points, h)
+        pos = self._at(h)
         left = self._n - len(self._rest)
         seen: set[int] = set()
         for step in range(total):
