@@ -28,6 +28,7 @@ from tests.support.leaks import (
     open_fds,
     settle,
 )
+from tests.support.procs import ProcessEchoServer
 from tests.support.tls import TLSCerts
 
 _FD_BASELINE = pytest.StashKey[tuple[int, dict[str, str]]]()
@@ -109,8 +110,12 @@ def _closes_what_it_made(
     mark_greenlet_baseline()
     yield
     left_open = [thing for thing in made if _is_open(thing)]
+    errors = []
     for thing in reversed(left_open):  # managers before the servers they use
-        _close(thing)
+        try:
+            _close(thing)
+        except BaseException as exc:  # close the rest whatever one of them raises
+            errors.append(f"closing {type(thing).__name__} raised {exc!r}")
     made.clear()
 
     settle(lambda: not new_lbpool_greenlets(), 2.0)
@@ -122,6 +127,7 @@ def _closes_what_it_made(
             problems.append("left open: " + ", ".join(type(t).__name__ for t in left_open))
         if stray:
             problems.append(f"lbpool greenlets left running: {stray}")
+        problems.extend(errors)
         if problems:
             pytest.fail("; ".join(problems) + " (closed by the conftest finalizer)")
 
@@ -140,6 +146,13 @@ def make_manager() -> Iterator[Callable[..., PoolManager]]:
     yield make
     for manager in reversed(made):
         manager.close(timeout=2)
+
+
+@pytest.fixture
+def process_echo_server() -> Iterator[ProcessEchoServer]:
+    """An echo server in a process of its own, for tests that fork (see procs.py)."""
+    with ProcessEchoServer() as server:
+        yield server
 
 
 @pytest.fixture

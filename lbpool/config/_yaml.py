@@ -264,45 +264,34 @@ def _yaml_problem(
     return ConfigProblem(source, None, "", f"invalid YAML: {detail[:200]}")
 
 
+_FLOW_START = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken)
+_FLOW_END = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)
+
+
 def _flow_depth_line(text: str) -> int | None:
     """The 1-based line where flow collections (``[`` / ``{``) nest past ``MAX_DEPTH``,
-    or None: a lexical scan that skips quoted scalars and comments.
+    or None.
 
     Parsers refuse very deep flow nesting themselves, each with its own wording and limit
     (libyaml since 0.2.5 does, before lbpool's composer sees the node); when a parser
     fails, this tells whether the document was simply nested too deeply, so the user
-    reads lbpool's one message whatever parser or version refused it.
+    reads lbpool's one message whatever parser or version refused it. It reads PyYAML's
+    pure-Python scanner's tokens, so brackets inside plain, quoted and block scalars
+    and comments are text, as they are to the parser; it stops at the first token past
+    the limit (the scanner keeps state per open level, so it never scans deep), and a
+    scanner error before that means the document's problem is something else.
     """
-    depth, line = 0, 1
-    quote = ""
-    previous = "\n"
-    i, end = 0, len(text)
-    while i < end:
-        ch = text[i]
-        if ch == "\n":
-            line += 1
-        if quote:
-            if ch == "\\" and quote == '"':
-                i += 1
-            elif ch == quote:
-                if quote == "'" and text.startswith("''", i):
-                    i += 1  # '' is an escaped quote inside a single-quoted scalar
-                else:
-                    quote = ""
-        elif ch == "#" and previous in " \t\n":
-            newline = text.find("\n", i)
-            i = end if newline < 0 else newline
-            continue
-        elif ch in "'\"" and previous in " \t\n[{,:":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return line
-        elif ch in "]}":
-            depth = max(depth - 1, 0)
-        previous = ch
-        i += 1
+    depth = 0
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, _FLOW_START):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return int(token.start_mark.line) + 1
+            elif isinstance(token, _FLOW_END):
+                depth -= 1
+    except Exception:  # a scanner error (or worse) before the limit: not a depth problem
+        return None
     return None
 
 

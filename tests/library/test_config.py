@@ -836,6 +836,16 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
     assert str(path) in str(err) and "other parser" not in str(err)
 
 
+def test_an_apostrophe_in_a_plain_scalar_does_not_hide_deep_nesting(
+    yaml_parser: str, tmp_path: Path
+) -> None:
+    text = "x: O 'Brien\ny: " + "[" * 2000 + "]" * 2000 + "\n"
+    _, err = load_errors(tmp_path, text)
+    assert [(p.line, p.message) for p in err.problems] == [
+        (2, f"nested more than {MAX_DEPTH} levels deep")
+    ]
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -843,15 +853,26 @@ def test_a_parser_refusing_deep_nesting_in_its_own_words_reads_as_lbpool(
         'a: "' + "{" * 100 + '"\nb: [\n',
         "# " + "[" * 100 + "\nb: [\n",  # nor in comments
         "a: 'it''s " + "[" * 100 + "'\nb: [\n",
+        "x: a" + "[" * 65 + "\nbackends: {svc: [\n",  # a plain scalar's brackets are text
+        "x: |\n  " + "[" * 65 + "\nbackends: {svc: [\n",  # so are a block scalar's
+        "t: !!timestamp 2020-99-99\nx: a" + "[" * 65 + "\n",  # another error, not depth
     ],
-    ids=["single-quoted", "double-quoted", "comment", "escaped-quote"],
+    ids=[
+        "single-quoted",
+        "double-quoted",
+        "comment",
+        "escaped-quote",
+        "plain-scalar",
+        "block-scalar",
+        "bad-value",
+    ],
 )
 def test_brackets_in_scalars_and_comments_are_not_nesting(
     yaml_parser: str, tmp_path: Path, text: str
 ) -> None:
     _, err = load_errors(tmp_path, text)
     assert "nested more than" not in str(err)
-    assert "invalid YAML" in str(err)
+    assert "invalid YAML" in str(err) or "cannot read this value" in str(err)
 
 
 def test_oversized_file_is_refused(tmp_path: Path) -> None:

@@ -5,16 +5,18 @@ command's optional packages."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "lbpool"
 
-# Not the library: the command (and the integrations, which import their clients).
-# ``__main__.py`` is the command's doorway for ``python -m lbpool``: it imports
-# ``lbpool.cli`` by design, and ``import lbpool`` never runs it.
-OUTSIDE = ("cli", "contrib")
+# Not the library: the command. (The integrations under ``contrib`` are library: they
+# may import their clients, never the command.) ``__main__.py`` is the command's
+# doorway for ``python -m lbpool``: it imports ``lbpool.cli`` by design, and
+# ``import lbpool`` never runs it.
+OUTSIDE = ("cli",)
 DOORWAY = PACKAGE / "__main__.py"
 
 OPTIONAL = (
@@ -37,6 +39,9 @@ def library_modules() -> list[Path]:
     )
 
 
+_MODULE_NAME = re.compile(r"lbpool\.cli(\.[A-Za-z_]\w*)*")
+
+
 def imported_names(source: str, package: str) -> set[str]:
     """Every module an ``import`` in ``source`` names, at any depth (inside functions
     too); relative imports resolved against ``package``, the module's own package."""
@@ -51,6 +56,12 @@ def imported_names(source: str, package: str) -> set[str]:
                 module = ".".join([*base, *([module] if module else [])])
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif (  # importlib.import_module("lbpool.cli..."), __import__(...): a name as text
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and _MODULE_NAME.fullmatch(node.value)
+        ):
+            names.add(node.value)
     return names
 
 
@@ -64,7 +75,7 @@ def is_command(name: str) -> bool:
 
 def test_the_scan_sees_the_library() -> None:
     found = {p.relative_to(PACKAGE).as_posix() for p in library_modules()}
-    assert {"__init__.py", "pool.py", "manager.py", "testing.py"} <= found
+    assert {"__init__.py", "pool.py", "manager.py", "testing.py", "contrib/redis.py"} <= found
     assert not any(name.startswith(OUTSIDE) for name in found)
 
 
@@ -86,9 +97,16 @@ def test_the_scan_catches_every_form_of_import() -> None:
         "def f():\n"
         "    from .cli import demo\n"
         "    from . import cli\n"
+        "    importlib.import_module('lbpool.cli.table')\n"
     )
     names = {name for name in imported_names(source, "lbpool") if is_command(name)}
-    assert names >= {"lbpool.cli", "lbpool.cli.bench", "lbpool.cli.bench.peers", "lbpool.cli.demo"}
+    assert names >= {
+        "lbpool.cli",
+        "lbpool.cli.bench",
+        "lbpool.cli.bench.peers",
+        "lbpool.cli.demo",
+        "lbpool.cli.table",
+    }
     assert not {n for n in imported_names("from .pool import Pool\n", "lbpool") if is_command(n)}
 
 
@@ -99,6 +117,33 @@ def test_import_lbpool_loads_no_command_and_no_optional_package() -> None:
         "bad = sorted(m for m in sys.modules\n"
         "             if m == 'lbpool.cli' or m.startswith('lbpool.cli.')\n"
         "             or m.split('.')[0] in optional)\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_importing_every_library_module_loads_no_command() -> None:
+    """Beyond ``import lbpool``: each library module (metrics, testing, the integrations
+    whose client is installed) imported for real loads no ``lbpool.cli`` module."""
+    modules = [
+        ".".join(("lbpool", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for p in library_modules()
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as exc:  # an integration whose client is not installed\n"
+        "        if not (exc.name or '').split('.')[0] in ('redis', 'pymemcache'):\n"
+        "            raise\n"
+        "bad = sorted(m for m in sys.modules if m == 'lbpool.cli' or m.startswith('lbpool.cli.'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )

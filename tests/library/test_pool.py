@@ -29,9 +29,10 @@ from lbpool.config import BreakerConfig, HealthCheckConfig
 from lbpool.connection import PooledConnection, _Conn
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
+from tests.support.procs import ProcessEchoServer
 
 
-def make_pool(server: EchoServer, **pool_kw: object) -> Pool:
+def make_pool(server: EchoServer | ProcessEchoServer, **pool_kw: object) -> Pool:
     kw: dict[str, object] = {"min_idle": 0, "max_size": 2, "acquire_timeout": 2.0}
     kw.update(pool_kw)
     return Pool(server.address, pool=PoolConfig.model_validate(kw), upkeep=False)
@@ -484,8 +485,12 @@ def idle_port(pool: Pool) -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
-def test_fork_child_never_uses_parent_connection(server: EchoServer, no_fd_leak: None) -> None:
-    pool = make_pool(server)
+def test_fork_child_never_uses_parent_connection(
+    process_echo_server: ProcessEchoServer, no_fd_leak: None
+) -> None:
+    """The server runs in a process of its own: one in this process would be copied into
+    the child, which could then accept and close connections the parent dials."""
+    pool = make_pool(process_echo_server)
     parent_conn = pool.acquire()
     parent_conn.sendall(b"p1")
     assert parent_conn.recv(2) == b"p1"

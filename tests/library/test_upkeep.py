@@ -8,6 +8,7 @@ import gevent
 import pytest
 
 from lbpool._upkeep import Upkeep
+from tests.support.leaks import settle
 
 
 class FakePool:
@@ -30,9 +31,8 @@ class FakePool:
 def test_one_failing_pool_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
     bad, good = FakePool("bad", 0.01, fail=True), FakePool("good", 0.01)
     upkeep = Upkeep(lambda: [bad, good])
-    try:
-        gevent.sleep(0.1)
-        assert bad.passes >= 3 and good.passes >= 3  # ticking every upkeep_interval
+    try:  # ticking every upkeep_interval, the failing pool's passes included
+        assert settle(lambda: bad.passes >= 3 and good.passes >= 3, 5), (bad.passes, good.passes)
         assert "bad: upkeep failed" in caplog.text
     finally:
         upkeep.stop()
@@ -43,15 +43,14 @@ def test_at_rest_it_sleeps_until_due_and_on_demand_wakes_it() -> None:
     pool = FakePool("p", due=30.0)
     upkeep = Upkeep(lambda: [pool])
     try:
+        assert settle(lambda: pool.passes >= 1, 5)
         gevent.sleep(0.05)
         assert pool.passes == 1  # one pass, then at rest for 30 s
         upkeep.on_demand()
-        gevent.sleep(0.01)
-        assert pool.passes == 2
+        assert settle(lambda: pool.passes >= 2, 5)
         pool.due = 0.01  # busy now: on_demand while ticking is not needed
         upkeep.wake()
-        gevent.sleep(0.1)
-        assert pool.passes >= 5
+        assert settle(lambda: pool.passes >= 5, 5), pool.passes
     finally:
         upkeep.stop()
 
@@ -63,6 +62,7 @@ def test_no_pools_sleeps_until_woken_and_rereads_pools() -> None:
         gevent.sleep(0.05)
         pools.append(FakePool("new", due=30.0))
         upkeep.on_demand()  # at rest with nothing to keep
+        assert settle(lambda: pools[0].passes >= 1, 5)
         gevent.sleep(0.01)
         assert pools[0].passes == 1
     finally:
@@ -72,9 +72,8 @@ def test_no_pools_sleeps_until_woken_and_rereads_pools() -> None:
 def test_abandon_ends_the_loop_after_its_pass_without_yielding() -> None:
     pool = FakePool("p", due=30.0)
     upkeep = Upkeep(lambda: [pool])
-    gevent.sleep(0.01)
+    assert settle(lambda: pool.passes >= 1, 5)
     upkeep.abandon()
     assert not upkeep.greenlet.dead  # not waited for
-    gevent.sleep(0.01)
-    assert upkeep.greenlet.dead
+    assert settle(lambda: upkeep.greenlet.dead, 5)
     assert pool.passes == 1

@@ -22,7 +22,6 @@ can meet, with a greenlet switch tracer.
 from __future__ import annotations
 
 import contextlib
-import gc
 import socket as stdsocket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,7 +36,7 @@ from lbpool import ConnectionReleased, PoolClosed, PoolManager
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.support.interrupt import no_switch, throw_now
-from tests.support.leaks import lbpool_greenlets, new_lbpool_greenlets, settle
+from tests.support.leaks import new_lbpool_greenlets, settle
 from tests.support.tls import TLSCerts
 
 KINDS = ["kill", "timeout"]
@@ -223,26 +222,6 @@ def backlog() -> Iterator[BacklogServer]:
     server = BacklogServer()
     yield server
     server.close()
-
-
-@pytest.fixture(autouse=True)
-def close_leftover_managers() -> Iterator[None]:
-    """A failing test must not leave its managers, pools or greenlets to the next test."""
-
-    def ours() -> list[Any]:
-        return [o for o in gc.get_objects() if isinstance(o, (PoolManager, Pool, gevent.Greenlet))]
-
-    before = {id(o) for o in ours()}
-    yield
-    made = [o for o in ours() if id(o) not in before]
-    for obj in made:
-        if isinstance(obj, PoolManager) and not obj.closed:
-            obj.close(timeout=0)
-    for obj in made:
-        if isinstance(obj, Pool) and not obj._closed:
-            obj.close(timeout=0)
-    leftover = [g for g in lbpool_greenlets() if id(g) not in before]
-    gevent.killall(leftover, block=True, timeout=WAIT)
 
 
 @pytest.fixture
