@@ -94,6 +94,31 @@ class DialError(LbpoolError, ConnectionError):
         return (type(self), (self.address, self.reason))
 
 
+class DiscoveryError(LbpoolError):
+    """A DNS resolution for a discovered backend failed; the last good set is kept.
+
+    ``kind`` names the failure, one of ``KINDS``: ``timeout`` (no nameserver answered
+    within the budget), ``unreachable`` (a nameserver refused the packet or the
+    connection), ``rcode`` (an error rcode other than NXDOMAIN: SERVFAIL, REFUSED,
+    ...), ``nxdomain`` (the name does not exist), ``empty`` (the name exists but has no
+    usable record), ``malformed`` (a reply that does not parse or answer the question).
+    The message names the query and, per nameserver tried, what went wrong.
+    """
+
+    KINDS = ("timeout", "unreachable", "rcode", "nxdomain", "empty", "malformed")
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[type[DiscoveryError], tuple[str, str]]:
+        return (type(self), (self.kind, self.message))
+
+
 class ConnectionReleased(LbpoolError):
     """A connection handle was used after ``release()`` or ``discard()``."""
 

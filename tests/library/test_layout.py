@@ -28,6 +28,8 @@ OPTIONAL = (
     "gsocketpool",
     "redis",
     "gunicorn",
+    # a core dependency, but only discovery uses it, and it imports it when it resolves
+    "dns",
 )
 
 
