@@ -45,8 +45,6 @@ BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
 _NOTHING: frozenset[int] = frozenset()
-
-
 _MAX_ADHOC_ALIASES = 4096
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
 
