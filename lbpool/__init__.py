@@ -9,6 +9,7 @@ from lbpool.breaker import Breaker
 from lbpool.config import (
     Address,
     BackendConfig,
+    BalanceConfig,
     BreakerConfig,
     Config,
     DefaultsConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "BackendConfig",
     "BackendStats",
     "BackendUnavailable",
+    "BalanceConfig",
     "Breaker",
     "BreakerConfig",
     "Config",

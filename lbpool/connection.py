@@ -62,7 +62,7 @@ class PooledConnection:
     is unknown) and, for a network error, counts against the server's breaker.
     """
 
-    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "stack")
+    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "rank", "stack")
 
     stack: str | None  # where it was acquired; set only when leak detection is on
 
@@ -70,6 +70,9 @@ class PooledConnection:
         self._owner = owner
         self._conn: _Conn | None = conn
         self.acquired_at = now
+        # key-affinity backends: 0 when the key's owner served, 1+ when a fallback did
+        # (its place in the key's order); 0 for every other strategy and ad-hoc pools
+        self.rank = 0
 
     @property
     def address(self) -> str:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import gevent
 
+from lbpool._affinity import Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound
 from lbpool._upkeep import Upkeep
 from lbpool.balance import Balancer, make_balancer
@@ -32,6 +34,7 @@ from lbpool.errors import (
     PoolTimeout,
     UnknownBackend,
 )
+from lbpool.hashing import Key
 from lbpool.pool import Pool
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
@@ -44,6 +47,17 @@ BreakerChange = Callable[[str, str, str, str], None]
 _NOTHING: frozenset[int] = frozenset()
 _MAX_ADHOC_ALIASES = 4096
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
+
+
+class Picker(Protocol):
+    """Which server an acquisition tries next: a ``Balancer``, or the key's ``KeyOrder``."""
+
+    def pick(self, exclude: AbstractSet[int] = ...) -> int | None: ...
+
+
+def _balancing(strategy: str) -> str:
+    """The balancer a backend keeps: its own, or (key-affinity) an unused round_robin."""
+    return "round_robin" if is_hashing(strategy) else strategy
 
 
 def _coerce_config(config: ConfigSource) -> Config:
@@ -88,7 +102,9 @@ class Backend:
         self.pools: list[Pool] = []
         self.closed = False  # set by the manager's close(): waiters then get PoolClosed
         self._only: Pool | None = None  # the one server of a one-server backend
-        self._balancer: Balancer = make_balancer(config.strategy, [])
+        self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
+        # key-affinity strategies: the key's owner, then its fallbacks (_affinity.py)
+        self._placement: Placement | None = None
 
     @property
     def strategy(self) -> str:
@@ -141,32 +157,85 @@ class Backend:
         # one assignment each, no switch in between: callers see old or new, never half
         self.pools = pools
         self._only = pools[0] if len(pools) == 1 else None
-        self._balancer = make_balancer(config.strategy, pools)
+        self._balancer = make_balancer(_balancing(config.strategy), pools)
+        self._follow_placement(config, pools)
         return list(old.values())
 
-    def acquire(self, timeout: float | None = None) -> PooledConnection:
-        """Borrow from the server the strategy picks; fail over when a dial fails."""
+    def _follow_placement(self, config: BackendConfig, pools: list[Pool]) -> None:
+        """Key-affinity: keep the placement in step with ``pools``; never yields (a
+        changed membership is rebuilt in the background, see _affinity.py)."""
+        if not is_hashing(config.strategy):
+            if self._placement is not None:
+                self._placement.stop()
+                self._placement = None
+            return
+        if self._placement is None:
+            self._placement = Placement(self.name)
+        self._placement.update(config.strategy, pools, config.balance.hash_fallback)
+
+    def stop_rebuilds(self) -> None:
+        """End a key table build in progress (closing, or the backend was removed)."""
+        if self._placement is not None:
+            self._placement.stop()
+
+    def owner(self, key: Key) -> str:
+        """The key's owner by placement (breakers ignored), ``host:port``; no borrow."""
+        placement = self._placement
+        if placement is None:
+            raise ValueError(
+                f"backend {self.name!r} does not route by key (strategy {self.strategy})"
+            )
+        limit = self.config.pool.acquire_timeout
+        return placement.owner(key, _monotonic() + limit, limit)
+
+    def acquire(self, timeout: float | None = None, key: Key | None = None) -> PooledConnection:
+        """Borrow from the server the strategy picks; fail over when a dial fails.
+
+        A key-affinity backend needs ``key`` (``ValueError`` without one) and tries the
+        key's owner, then its fallbacks (``hash_fallback``); other strategies ignore it.
+        """
+        placement = self._placement
+        if placement is None:
+            return self._acquire(timeout, None)
+        start = _monotonic()
+        limit = self.config.pool.acquire_timeout if timeout is None else timeout
+        order = placement.order(key, start + limit, limit)
+        try:
+            conn = self._acquire(limit - (_monotonic() - start), order)
+        except BackendUnavailable as exc:
+            if placement.fallback == "none":
+                raise order.unavailable(exc) from None
+            raise
+        return order.served(conn)
+
+    def _acquire(self, timeout: float | None, picker: Picker | None) -> PooledConnection:
+        """Borrow from the server ``picker`` names (None: the balancer, read at each
+        pick, as a reload may replace it); fail over when a dial fails."""
         start = _monotonic()
         pool = self._only
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
-            idx = self._balancer.pick(_NOTHING)
+            idx = (self._balancer if picker is None else picker).pick(_NOTHING)
             if idx is None:
-                return self._failover(start, timeout, {})
+                return self._failover(start, timeout, {}, picker)
             pool = self.pools[idx]
         try:
             return pool.acquire(timeout)
         except (DialError, PoolClosed) as exc:
-            return self._failover(start, timeout, {pool: exc})
+            return self._failover(start, timeout, {pool: exc}, picker)
 
     def _failover(
-        self, start: float, timeout: float | None, errors: dict[Pool, BaseException]
+        self,
+        start: float,
+        timeout: float | None,
+        errors: dict[Pool, BaseException],
+        picker: Picker | None,
     ) -> PooledConnection:
         limit = self.config.pool.acquire_timeout if timeout is None else timeout
         deadline = start + limit
         while True:
             pools = self.pools  # re-read: a reload may have swapped them
             tried = {i for i, p in enumerate(pools) if p in errors}
-            idx = self._balancer.pick(tried)
+            idx = (self._balancer if picker is None else picker).pick(tried)
             if idx is None:
                 if self.closed:
                     raise PoolClosed(f"backend {self.name!r}: the manager is closed")
@@ -196,11 +265,10 @@ class Backend:
         return BackendUnavailable(self.name, by_addr, states, retry)
 
     def stats(self) -> BackendStats:
-        return BackendStats(
-            name=self.name,
-            strategy=self.strategy,
-            servers={p.name: p.stats() for p in self.pools},
-        )
+        servers = {p.name: p.stats() for p in self.pools}
+        if self._placement is not None:
+            servers = self._placement.annotate(servers)
+        return BackendStats(name=self.name, strategy=self.strategy, servers=servers)
 
 
 class PoolManager(ThreadBound):
@@ -239,15 +307,38 @@ class PoolManager(ThreadBound):
     def backends(self) -> Mapping[str, Backend]:
         return dict(self._backends)
 
-    def get(self, name: str, timeout: float | None = None) -> PooledConnection:
-        """Acquire now; use as ``with manager.get("cache") as conn:``."""
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
-        return backend.acquire(timeout)
+    def get(
+        self, name: str, timeout: float | None = None, key: Key | None = None
+    ) -> PooledConnection:
+        """Acquire now; use as ``with manager.get("cache") as conn:``.
 
-    def acquire(self, name: str, timeout: float | None = None) -> PooledConnection:
-        """Acquire a connection to ``name``; give it back with ``release()``/``discard()``."""
+        ``key`` (str, as UTF-8, or bytes): required by key-affinity backends (``maglev``,
+        ``ring_hash``, ``rendezvous``), ignored by the others.
+        """
+        if key is not None:
+            check_key(key)  # before anything changes (an ad-hoc pool made, a wait begun)
         backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
-        return backend.acquire(timeout)
+        return backend.acquire(timeout, key)
+
+    def acquire(
+        self, name: str, timeout: float | None = None, key: Key | None = None
+    ) -> PooledConnection:
+        """Acquire a connection to ``name``; give it back with ``release()``/``discard()``."""
+        if key is not None:
+            check_key(key)
+        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        return backend.acquire(timeout, key)
+
+    def owner(self, name: str, key: Key) -> str:
+        """The key's owner in backend ``name`` by placement, ``host:port``: breakers are
+        ignored and nothing is borrowed (``conn.address`` says who actually served).
+        ``ValueError`` if the backend does not route by key. Waits only for a backend's
+        first key table (built in the background at construction or reload)."""
+        check_key(key)
+        backend = self._backends.get(name)
+        if backend is None:
+            raise UnknownBackend(name, list(self._backends))
+        return backend.owner(key)
 
     def _route_other(self, name: str) -> Backend:
         if self._closing:
@@ -283,6 +374,7 @@ class PoolManager(ThreadBound):
                 "dial": d.dial,
                 "breaker": d.breaker,
                 "health_check": d.health_check,
+                "balance": d.balance,
             }
         )
 
@@ -333,6 +425,7 @@ class PoolManager(ThreadBound):
         removed: list[Pool] = []
         for name in list(self._backends):
             if name not in new.backends:
+                self._backends[name].stop_rebuilds()
                 removed.extend(self._backends.pop(name).pools)
         for name, bcfg in new.backends.items():
             backend = self._backends.get(name)
@@ -368,6 +461,7 @@ class PoolManager(ThreadBound):
             self._closing_pools = self._all_pools()
             for backend in [*self._backends.values(), *self._adhoc.values()]:
                 backend.closed = True
+                backend.stop_rebuilds()
             self._backends.clear()
             self._adhoc.clear()
         self._upkeep.stop()  # dies at once: its handlers never block

@@ -14,6 +14,8 @@ Exported (``lbpool_`` prefix):
 
 - counters: ``acquired_total``, ``hits_total``, ``misses_total``, ``timeouts_total``,
   ``shed_total``, ``dial_failures_total``, ``breaker_trips_total``,
+  ``owner_hits_total`` and ``fallback_hits_total`` (key-affinity backends: served as the
+  key's owner, as a fallback),
   ``closed_total{reason}`` (idle, lifetime, unhealthy, error, discarded) and
   ``wait_time_seconds_total`` (time callers spent queued for a connection);
 - gauges: ``size``, ``idle``, ``in_use``, ``pending``, ``waiting``, ``max_size``,
@@ -61,6 +63,8 @@ _COUNTERS = (
     ("shed", "shed", "Acquisitions refused at once because max_waiting callers wait."),
     ("dial_failures", "dial_failures", "Dials that failed (refused, timed out, TLS, setup)."),
     ("breaker_trips", "breaker_trips", "Circuit breaker closed -> open transitions."),
+    ("owner_hits", "owner_hits", "Key-affinity acquisitions served as the key's owner."),
+    ("fallback_hits", "fallback_hits", "Key-affinity acquisitions served as a fallback."),
 )
 _GAUGES = (
     ("size", "size", "Open connections plus dials in progress."),

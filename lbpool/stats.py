@@ -43,6 +43,10 @@ class ServerStats:
     # queue); ``wait_buckets[le]`` counts those that waited at most ``le`` seconds.
     wait_count: int = 0
     wait_buckets: Mapping[float, int] = field(default_factory=dict)
+    # Key-affinity backends: acquisitions this server served as the key's owner and as
+    # a fallback (another server owned the key); 0 for the other strategies.
+    owner_hits: int = 0
+    fallback_hits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

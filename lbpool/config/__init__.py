@@ -41,6 +41,7 @@ from lbpool.config._yaml import (
 )
 from lbpool.config.models import (
     BackendConfig,
+    BalanceConfig,
     BreakerConfig,
     Config,
     DefaultsConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_YAML_NODES",
     "Address",
     "BackendConfig",
+    "BalanceConfig",
     "BreakerConfig",
     "Config",
     "DefaultsConfig",

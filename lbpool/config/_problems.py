@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from lbpool.config._merge import _Merge
 from lbpool.config.models import (
     BackendConfig,
+    BalanceConfig,
     BreakerConfig,
     Config,
     DefaultsConfig,
@@ -39,6 +40,7 @@ for _owner in (DefaultsConfig, BackendConfig):
     _NESTED[(_owner, "dial")] = DialConfig
     _NESTED[(_owner, "breaker")] = BreakerConfig
     _NESTED[(_owner, "health_check")] = HealthCheckConfig
+    _NESTED[(_owner, "balance")] = BalanceConfig
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:

@@ -8,7 +8,7 @@ A backend's sections are merged over ``defaults`` key by key before validation, 
 ``BackendConfig`` holds fully resolved settings and the rest of lbpool never merges
 anything. The YAML form::
 
-    defaults: {pool: ..., dial: ..., breaker: ..., health_check: ...}
+    defaults: {pool: ..., dial: ..., breaker: ..., health_check: ..., balance: ...}
     backends:
       cache:
         strategy: least_active
@@ -157,6 +157,9 @@ class HealthCheckConfig(_Model):
         return value
 
 
+HashFallback: TypeAlias = Literal["next", "none"]
+
+
 class ServerConfig(_Model):
     """One server of a backend; a plain ``host:port`` string means weight 1."""
 
@@ -177,7 +180,18 @@ class ServerConfig(_Model):
         )
 
 
-Strategy: TypeAlias = Literal["round_robin", "least_active", "weighted", "random"]
+class BalanceConfig(_Model):
+    """How a backend's strategy treats its servers (more keys come with issue 16)."""
+
+    # key-affinity strategies: when a key's owner cannot serve, ``next`` takes the key's
+    # next server in its own order; ``none`` raises BackendUnavailable instead
+    hash_fallback: HashFallback = "next"
+
+
+#: The last three are key-affinity strategies (``lbpool.hashing``): ``get()`` needs ``key=``.
+Strategy: TypeAlias = Literal[
+    "round_robin", "least_active", "weighted", "random", "maglev", "ring_hash", "rendezvous"
+]
 
 
 class BackendConfig(_Model):
@@ -189,6 +203,7 @@ class BackendConfig(_Model):
     dial: DialConfig = DialConfig()
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
+    balance: BalanceConfig = BalanceConfig()
     setup: Hook | None = None  # "package.module:function" run on each new socket
 
     @field_validator("servers")
@@ -213,6 +228,7 @@ class DefaultsConfig(_Model):
     dial: DialConfig = DialConfig()
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
+    balance: BalanceConfig = BalanceConfig()
 
 
 class Config(_Model):

@@ -69,7 +69,7 @@ def test_quick_json_structure(quick: tuple[dict[str, Any], Path | None]) -> None
     assert meta["settings"]["quick"] is True
     assert meta["machine"]["nproc"] >= 1 and meta["machine"]["python"]
     assert set(meta["peers"]) == {"sqlalchemy", "gcp", "gsocketpool"}
-    assert set(result["scenarios"]) == {"A", "B", "C", "D", "E"}
+    assert set(result["scenarios"]) == {"A", "B", "C", "D", "E", "H"}
 
 
 def test_scenario_a(quick: tuple[dict[str, Any], Path | None]) -> None:
@@ -111,6 +111,33 @@ def test_scenario_d(quick: tuple[dict[str, Any], Path | None]) -> None:
         for n in ("10", "100", "1000"):
             assert _finite_positive(row[n])
         assert _finite_positive(row["x_1000_vs_10"])
+
+
+def test_scenario_h(quick: tuple[dict[str, Any], Path | None]) -> None:
+    h = quick[0]["scenarios"]["H"]
+    assert set(h["results"]) == {"round_robin", "maglev", "ring_hash", "rendezvous"}
+    for row in h["results"].values():
+        for n in ("10", "100", "1000"):
+            assert _finite_positive(row[n])
+        assert _finite_positive(row["x_1000_vs_10"])
+        assert _finite_positive(row["x_round_robin_1000"])
+    assert h["results"]["round_robin"]["x_round_robin_1000"] == 1.0
+    place = h["placement"]
+    assert place["servers"] == 100 and place["balance_keys"] == 20_000  # fewer under --quick
+    assert set(place["results"]) == {"maglev", "ring_hash", "rendezvous"}
+    for row in place["results"].values():
+        assert 1.0 <= row["max_over_mean"] < 2.0
+        assert 0 < row["min_over_mean"] <= 1.0
+        # one of 100 leaving or joining moves about 1% of keys (maglev: a little more)
+        assert 0.002 < row["moved_leave"] < 0.03
+        assert 0.002 < row["moved_join"] < 0.03
+
+
+def test_table_output_hashing_scenario() -> None:
+    code, out, _ = _main(["--scenarios", "H", "--rounds", "1", "--quick", "-q"])
+    assert code == 0
+    assert "key-affinity pick cost" in out and "one leaves %" in out
+    assert "Targets" not in out and "met" not in out
 
 
 def test_scenario_e(quick: tuple[dict[str, Any], Path | None]) -> None:

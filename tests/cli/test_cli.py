@@ -128,6 +128,30 @@ def test_check_prints_the_normalized_config(
     assert lbpool.parse_config(data) == lbpool.load_config(path)
 
 
+def test_check_prints_the_key_affinity_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "defaults:\n"
+        "  balance: {hash_fallback: none}\n"
+        "backends:\n"
+        "  sessions:\n"
+        "    strategy: maglev\n"
+        "    servers: [127.0.0.1:7101, 127.0.0.1:7102]\n"
+        "    balance: {hash_fallback: next}\n"
+        "  cache:\n"
+        "    strategy: rendezvous\n"
+        "    servers: [127.0.0.1:7001]\n"
+    )
+    assert main(["check", str(path)]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["defaults"]["balance"] == {"hash_fallback": "none"}
+    assert data["backends"]["sessions"]["strategy"] == "maglev"
+    assert data["backends"]["sessions"]["balance"] == {"hash_fallback": "next"}
+    assert data["backends"]["cache"]["balance"] == {"hash_fallback": "none"}
+
+
 def test_check_reports_every_mistake_with_line_and_path(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(

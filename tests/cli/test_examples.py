@@ -22,8 +22,14 @@ from typing import Any
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+# The examples import the lbpool of this checkout (not another one installed in the venv).
+ENV = dict(
+    os.environ,
+    PYTHONUNBUFFERED="1",
+    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+)
 
 
 def run_example(name: str, *args: str, timeout: float = 45.0) -> subprocess.CompletedProcess[str]:
@@ -182,6 +188,41 @@ def test_redis_client() -> None:
     assert re.search(rf"breaker of {re.escape(addresses[2])}: open \(trips 1\)", out)
     assert out.rstrip().endswith("redis-server processes stopped")
     for address in addresses:  # every redis-server it started is gone
+        host, _, port = address.rpartition(":")
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+
+
+# ------------------------------------------------------------------ memcached_sharded.py
+
+
+@pytest.mark.memcached
+@pytest.mark.skipif(shutil.which("memcached") is None, reason="memcached not installed")
+def test_memcached_sharded() -> None:
+    result = run_example("memcached_sharded.py", timeout=90)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    m = re.search(r"memcached servers: (\S+), (\S+), (\S+)$", out, re.M)
+    assert m, out
+    addresses = list(m.groups())
+    m = re.search(r"set 10000/10000 keys, each on its owner: (.+)$", out, re.M)
+    assert m, out
+    shares = [int(n) for n in re.findall(r":\d+ (\d+)", m.group(1))]
+    assert len(shares) == 3 and sum(shares) == 10000 and min(shares) > 2500
+    assert f"killed memcached {addresses[0]} after 3000 GETs" in out
+    m = re.search(
+        r"get 10000/10000 ok: hits \d+, misses refilled on a fallback (\d+), failed 0", out
+    )
+    assert m, out
+    refilled = int(m.group(1))
+    assert 0 < refilled < shares[0]  # the victim's keys read after the kill, and only those
+    assert f"keys of the killed server served by a fallback: rank 1: {refilled}" in out
+    assert "other keys that moved: 0" in out
+    assert re.search(
+        rf"{re.escape(addresses[0])}: owner_hits \d+, fallback_hits 0, breaker open", out
+    )
+    assert out.rstrip().endswith("memcached processes stopped")
+    for address in addresses:  # every memcached it started is gone
         host, _, port = address.rpartition(":")
         with pytest.raises(OSError):
             socket.create_connection((host, int(port)), timeout=2).close()

@@ -21,6 +21,7 @@ from lbpool.config import (
     MAX_FILE_BYTES,
     Address,
     BackendConfig,
+    BalanceConfig,
     BreakerConfig,
     Config,
     DefaultsConfig,
@@ -128,6 +129,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert (health.send, health.expect, health.hook) == (None, None, None)
     assert (health.timeout, health.interval) == (1.0, 30.0)
     assert TLSConfig().verify is True
+    assert config.defaults.balance == BalanceConfig(hash_fallback="next")
     assert config.defaults == DefaultsConfig()
 
 
@@ -232,6 +234,37 @@ backends:
     assert other.pool == config.defaults.pool
     assert other.pool == PoolConfig(min_idle=3, max_size=12, idle_timeout=60.0)
     assert other.dial == config.defaults.dial
+
+
+@pytest.mark.parametrize("strategy", ["maglev", "ring_hash", "rendezvous"])
+def test_hashing_strategies_and_balance_merge_key_by_key(tmp_path: Path, strategy: str) -> None:
+    text = f"""\
+defaults:
+  balance: {{hash_fallback: none}}
+backends:
+  sessions:
+    strategy: {strategy}
+    servers: [127.0.0.1:7101, 127.0.0.1:7102]
+  cache:
+    servers: [127.0.0.1:7001]
+    balance: {{hash_fallback: next}}
+  other:
+    servers: [127.0.0.1:7002]
+    balance: {{}}
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.defaults.balance.hash_fallback == "none"
+    assert config.backends["sessions"].strategy == strategy
+    assert config.backends["sessions"].balance == BalanceConfig(hash_fallback="none")
+    assert config.backends["cache"].balance.hash_fallback == "next"
+    assert config.backends["other"].balance.hash_fallback == "none"  # inherited key by key
+
+
+def test_inherited_bad_hash_fallback_points_at_the_defaults_line(tmp_path: Path) -> None:
+    text = "defaults:\n  balance:\n    hash_fallback: later\n" + BACKEND
+    path, err = load_errors(tmp_path, text)
+    assert [(p.line, p.path) for p in err.problems] == [(3, "defaults.balance.hash_fallback")]
+    assert str(err).startswith(f"{path}:3: defaults.balance.hash_fallback: must be one of")
 
 
 def test_merge_also_applies_to_config_model_validate() -> None:
@@ -524,6 +557,18 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ),
         # servers and strategy
         ("    strategy: fastest\n", "strategy", 4, "must be one of"),
+        ("    strategy: consistent\n", "strategy", 4, "'maglev', 'ring_hash' or 'rendezvous'"),
+        # balance
+        (
+            "    balance:\n      hash_fallback: nxt\n",
+            "balance.hash_fallback",
+            5,
+            "must be one of 'next' or 'none' (got 'nxt')",
+        ),
+        ("    balance:\n      hash_fallback: null\n", "balance.hash_fallback", 5, "one of"),
+        ("    balance:\n      hash_fallback: 1\n", "balance.hash_fallback", 5, "one of"),
+        ("    balance:\n      fallback: next\n", "balance.fallback", 5, "'hash_fallback'"),
+        ("    balance: next\n", "balance", 4, "must be a mapping"),
         (
             "    strategy: weighted\n    servers: [{address: 'h:1', weight: 0}]\n",
             "servers.0.weight",
@@ -680,6 +725,7 @@ def test_extra_keys_are_forbidden_in_every_model() -> None:
         DialConfig,
         BreakerConfig,
         HealthCheckConfig,
+        BalanceConfig,
         DefaultsConfig,
         Config,
     ):
@@ -931,6 +977,7 @@ FIELD_NAMES = sorted(
     | set(DialConfig.model_fields)
     | set(BreakerConfig.model_fields)
     | set(HealthCheckConfig.model_fields)
+    | set(BalanceConfig.model_fields)
     | set(DefaultsConfig.model_fields)
 )
 

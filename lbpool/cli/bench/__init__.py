@@ -33,6 +33,7 @@ from lbpool.cli.bench.scenarios import (
     DIAL,
     FLOOR,
     FLOOR_A,
+    HASHING,
     MANAGER,
     POOL,
     QUICK,
@@ -45,9 +46,12 @@ from lbpool.cli.bench.scenarios import (
     b_worker,
     c_worker,
     contended_round,
+    h_tables,
     make_members,
     measure_a,
     measure_d,
+    measure_h_picks,
+    measure_h_placement,
     median,
     observe,
     profile_hot_paths,
@@ -134,7 +138,9 @@ def run(
         per_round: dict[str, dict[str, list[Any]]] = {sc: {} for sc in SCENARIOS}
         samples: dict[str, dict[str, list[float]]] = {"B": {}, "C": {}}
         rng = random.Random(1)
-        members = {n: make_members(n, rng) for n in SERVER_COUNTS} if "D" in s.scenarios else {}
+        wants_members = {"D", "H"} & set(s.scenarios)
+        members = {n: make_members(n, rng) for n in SERVER_COUNTS} if wants_members else {}
+        tables = h_tables() if "H" in s.scenarios else {}
         payload = b"x" * s.payload
         failed: dict[str, str] = {}  # peers that broke mid-run: dropped, with the reason
 
@@ -181,6 +187,9 @@ def run(
             if "D" in s.scenarios:
                 for key, ns in measure_d(members, s.d_seconds).items():
                     per_round["D"].setdefault(key, []).append(ns)
+            if "H" in s.scenarios:
+                for key, ns in measure_h_picks(tables, members, s.d_seconds).items():
+                    per_round["H"].setdefault(key, []).append(ns)
         peer_missing.update(failed)
         peer_ok = [k for k in peer_ok if k not in failed]
         e_result: dict[str, Any] | None = None
@@ -188,6 +197,10 @@ def run(
             progress(verbose, "scenario E (failover)")
             with _quiet_lbpool_logs():  # the breaker's warnings are the point here
                 e_result = scenario_e(s, verbose)
+        h_placement = None
+        if "H" in s.scenarios:
+            progress(verbose, "scenario H (key placement: balance, disruption)")
+            h_placement = measure_h_placement(s)
         observations: dict[str, Any] = {}
         if {"B", "C"} & set(s.scenarios):
             progress(verbose, "observing behaviour (limit, order, timeout, cooperation)")
@@ -200,6 +213,8 @@ def run(
     scen = _summarise(per_round, s)
     if e_result is not None:
         scen["E"] = e_result
+    if h_placement is not None:
+        scen["H"]["placement"] = h_placement
     result: dict[str, Any] = {
         "meta": {
             "command": command,
@@ -294,6 +309,19 @@ def _summarise(per_round: dict[str, dict[str, list[Any]]], s: Settings) -> dict[
             )
             d[name] = row
         out["D"] = {"unit": "ns per pick", "floor": f"{FLOOR_A} popleft/append", "results": d}
+    if per_round["H"]:
+        rounds_h = per_round["H"]
+        h: dict[str, Any] = {}
+        for name in ("round_robin", *HASHING):
+            row = {str(n): rounded(median(rounds_h[f"{name}/{n}"]), 1) for n in SERVER_COUNTS}
+            row["x_1000_vs_10"] = _same_round(
+                rounds_h[f"{name}/1000"], rounds_h[f"{name}/10"], _num, 2
+            )
+            row["x_round_robin_1000"] = _same_round(
+                rounds_h[f"{name}/1000"], rounds_h["round_robin/1000"], _num, 2
+            )
+            h[name] = row
+        out["H"] = {"unit": "ns per owner(key) pick", "floor": "round_robin", "results": h}
     return out
 
 
@@ -349,7 +377,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     bad = [x for x in wanted if x not in SCENARIOS]
     if bad or not wanted:
         raise ValueError(
-            f"--scenarios: unknown {', '.join(bad) or '(none)'}; choose from A,B,C,D,E"
+            f"--scenarios: unknown {', '.join(bad) or '(none)'}; choose from A,B,C,D,E,H"
         )
     rounds = base.rounds if ns.rounds is None else ns.rounds
     if rounds < 1:

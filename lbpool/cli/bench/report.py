@@ -88,6 +88,45 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             for k, v in scen["D"]["results"].items()
         ]
         tables.append(("D  pick cost, ns", ["strategy", "10", "100", "1,000", "1000/10"], rows))
+    if "H" in scen:
+        rows = [
+            [
+                k,
+                _fmt(v["10"]),
+                _fmt(v["100"]),
+                _fmt(v["1000"]),
+                _fmt(v["x_1000_vs_10"], 2),
+                _fmt(v["x_round_robin_1000"], 2),
+            ]
+            for k, v in scen["H"]["results"].items()
+        ]
+        tables.append(
+            (
+                "H  key-affinity pick cost (owner(key)), ns",
+                ["strategy", "10", "100", "1,000", "1000/10", "vs round_robin"],
+                rows,
+            )
+        )
+        place = scen["H"].get("placement")
+        if place:
+            rows = [
+                [
+                    k,
+                    _fmt(v["max_over_mean"], 4),
+                    _fmt(v["moved_leave"] * 100, 3),
+                    _fmt(v["moved_join"] * 100, 3),
+                ]
+                for k, v in place["results"].items()
+            ]
+            tables.append(
+                (
+                    f"H  placement over {place['servers']} servers: balance "
+                    f"({place['balance_keys']:,} keys), % keys moved ({place['disruption_keys']:,}"
+                    f" keys; ideal {place['ideal_moved'] * 100:.3g}%)",
+                    ["strategy", "max/mean", "one leaves %", "one joins %"],
+                    rows,
+                )
+            )
     if "E" in scen:
         e = scen["E"]
         rows = [[k, json.dumps(v) if isinstance(v, dict) else _fmt(v, 3)] for k, v in e.items()]

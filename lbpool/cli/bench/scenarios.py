@@ -48,7 +48,7 @@ from lbpool.testing import EchoServer, recv_exact
 
 __all__ = ["QUICK", "SCENARIOS", "Settings"]
 
-SCENARIOS = ("A", "B", "C", "D", "E")
+SCENARIOS = ("A", "B", "C", "D", "E", "H")
 SIZE = 10  # max_size of every pool
 FLOOR_A = "deque"
 FLOOR = "floor"
@@ -61,6 +61,8 @@ DIAL = "dial/request"
 LBPOOL = (POOL, MANAGER)
 STRATEGIES = ("round_robin", "least_active", "weighted", "random")
 SERVER_COUNTS = (10, 100, 1000)
+HASHING = ("maglev", "ring_hash", "rendezvous")  # scenario H: key-affinity tables
+H_SERVERS = 100  # balance and disruption are measured over this many servers
 ACQUIRE_TIMEOUT = 60.0  # generous: contention must not turn into timeouts
 _GRACE = 0.3  # after a round's deadline, how long workers get to finish their op
 
@@ -89,6 +91,8 @@ class Settings:
     e_pace: float = 0.002  # each E greenlet sleeps this long between requests
     probe_seconds: float = 0.3
     probe_greenlets: int = 100
+    h_balance_keys: int = 1_000_000
+    h_disruption_keys: int = 100_000
     profile: bool = False
 
 
@@ -105,6 +109,8 @@ QUICK = Settings(
     e_tail=2.6,
     probe_seconds=0.15,
     probe_greenlets=60,
+    h_balance_keys=20_000,
+    h_disruption_keys=10_000,
 )
 
 
@@ -393,6 +399,89 @@ def measure_d(members: dict[int, list[_Member]], seconds: float) -> dict[str, fl
             pick = make_balancer(strategy, ms, rng=random.Random(n)).pick
             out[f"{strategy}/{n}"] = _timed(lambda k, p=pick: _pick_loop(p, k), seconds)  # type: ignore[misc]
     return out
+
+
+# -- scenario H: key-affinity tables -------------------------------------------------
+
+
+def _addresses(n: int) -> list[tuple[str, int]]:
+    return [(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:11211", 1) for i in range(n)]
+
+
+def _owner_loop(owner: Callable[[Any], int], keys: list[bytes], n: int) -> int:
+    k = len(keys)
+    t0 = perf_counter_ns()
+    for i in range(n):
+        owner(keys[i % k])
+    return perf_counter_ns() - t0
+
+
+def h_tables() -> dict[str, Any]:
+    """The tables scenario H times: per strategy and server count (built once)."""
+    from lbpool.hashing import build_table
+
+    return {f"{st}/{n}": build_table(st, _addresses(n)) for st in HASHING for n in SERVER_COUNTS}
+
+
+def measure_h_picks(
+    tables: dict[str, Any], members: dict[int, list[_Member]], seconds: float
+) -> dict[str, float]:
+    """ns per ``owner(key)`` per table, and a round_robin pick over as many members."""
+    from lbpool.balance import make_balancer
+
+    keys = [f"user:{i}".encode() for i in range(4096)]
+    out: dict[str, float] = {}
+    for n in SERVER_COUNTS:
+        pick = make_balancer("round_robin", members[n]).pick
+        out[f"round_robin/{n}"] = _timed(lambda k, p=pick: _pick_loop(p, k), seconds)  # type: ignore[misc]
+        for st in HASHING:
+            owner = tables[f"{st}/{n}"].owner
+            out[f"{st}/{n}"] = _timed(lambda k, o=owner: _owner_loop(o, keys, k), seconds)  # type: ignore[misc]
+    return out
+
+
+def measure_h_placement(s: Settings) -> dict[str, Any]:
+    """Balance (largest / mean keys per server) and disruption (share of keys that move
+    when one of ``H_SERVERS`` leaves, or one joins), per strategy. Deterministic."""
+    from lbpool.hashing import build_table
+
+    servers = _addresses(H_SERVERS + 1)
+    base, joined = servers[:H_SERVERS], servers
+    left = base[:37] + base[38:]  # one from the middle leaves
+    keys = [f"user:{i}".encode() for i in range(max(s.h_balance_keys, s.h_disruption_keys))]
+    out: dict[str, Any] = {}
+    for st in HASHING:
+        table = build_table(st, base)
+        owner = table.owner
+        counts = [0] * H_SERVERS
+        owners = []
+        for i, key in enumerate(keys):
+            o = owner(key)
+            if i < s.h_balance_keys:
+                counts[o] += 1
+            if i < s.h_disruption_keys:
+                owners.append(base[o][0])
+        mean = sum(counts) / H_SERVERS
+        dk = keys[: s.h_disruption_keys]
+        moved = {}
+        for name, members in (("leave", left), ("join", joined)):
+            t = build_table(st, members)
+            moved[name] = sum(
+                1 for key, was in zip(dk, owners, strict=True) if members[t.owner(key)][0] != was
+            ) / len(dk)
+        out[st] = {
+            "max_over_mean": rounded(max(counts) / mean, 4),
+            "min_over_mean": rounded(min(counts) / mean, 4),
+            "moved_leave": rounded(moved["leave"], 5),
+            "moved_join": rounded(moved["join"], 5),
+        }
+    return {
+        "servers": H_SERVERS,
+        "balance_keys": s.h_balance_keys,
+        "disruption_keys": s.h_disruption_keys,
+        "ideal_moved": rounded(1 / H_SERVERS, 5),
+        "results": out,
+    }
 
 
 # -- scenario E: failover ----------------------------------------------------------

@@ -1,0 +1,275 @@
+"""Key-affinity routing: a hashing backend's placement, and each acquisition's key order.
+
+The manager's acquire/failover loop asks a *picker* for the next server to try
+(``pick(exclude) -> index into Backend.pools or None``). For the balancing strategies the
+picker is the backend's ``Balancer``; for the hashing strategies (``lbpool.hashing``) it
+is a :class:`KeyOrder`, made per acquisition from the backend's :class:`Placement`: the
+key's owner first, then -- with ``balance.hash_fallback: next`` -- the key's next servers
+in its own order, each at most once, skipping servers that are not eligible (breaker
+open, a half-open trial in flight) or no longer members (removed by a reload). Nothing
+about a breaker rebuilds a table, so a server whose breaker opens loses exactly its own
+keys (each to its next server, ``rank`` 1), and gets them back when it closes.
+
+Rebuilds. A ``Placement`` holds ``(table, pools)`` -- a ``HashTable`` and the snapshot of
+the pools it was built from, whose positions its indices are -- and swaps the pair in one
+assignment when a build finishes. Builds run in a greenlet of their own, started when
+the membership (the ``(address, weight)`` list) or the strategy changes: at
+construction and on reload. maglev's table takes 0.1-0.3 s of CPU, so the build pauses
+(``_Pacer``) for a full turn of the hub's loop every few milliseconds. Until a new table
+is in place acquisitions use the old one, mapping its pools onto the backend's current
+ones through ``_index`` (updated with ``Backend.pools`` in the same step, so a removed
+server is skipped at once and its keys fall back). Only a backend's very first table has
+nothing before it: an acquisition or ``owner()`` then waits for it, within its deadline.
+
+Counting. ``served(conn)`` sets ``conn.rank`` (0 the owner, 1+ a fallback) and adds one to
+that server's ``owner_hits`` or ``fallback_hits``: two ints in a preallocated ``Tally``,
+no allocation per acquisition.
+
+Which calls yield: ``Placement.update``, ``stop``, ``served``, ``KeyOrder.pick`` never;
+``Placement.order`` and ``owner`` only while a backend's first table is being built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence, Set
+from time import monotonic as _monotonic
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import Event
+
+from lbpool.balance import eligible
+from lbpool.errors import BackendUnavailable, LbpoolError, PoolTimeout
+from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, build_table
+
+if TYPE_CHECKING:
+    from lbpool.connection import PooledConnection
+    from lbpool.pool import Pool
+    from lbpool.stats import ServerStats
+
+__all__ = ["KeyOrder", "Placement", "Tally", "check_key", "is_hashing"]
+
+_log = logging.getLogger("lbpool")
+
+# A build's pause between chunks, taken once a slice of CPU has gone by: a short timed
+# sleep, so the hub's loop takes a full turn (timers, I/O). ``gevent.sleep(0)`` only
+# requeues the builder behind the ready callbacks; measured at 1,000 servers it left
+# 30 ms (maglev) to 240 ms (ring_hash) between a 1 ms ticker's wake-ups; this leaves
+# ~10 ms (test_manager_hashing.py), and a slice keeps the pauses few (a pause per chunk
+# made a maglev build six times longer).
+_SLICE_SECONDS = 0.005
+_PAUSE_SECONDS = 0.0001
+
+
+class _Pacer:
+    """``pause`` for one build: yields to the hub at most once per ``_SLICE_SECONDS``."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = _monotonic()
+
+    def __call__(self) -> None:
+        if _monotonic() - self._last >= _SLICE_SECONDS:
+            gevent.sleep(_PAUSE_SECONDS)
+            self._last = _monotonic()
+
+
+def is_hashing(strategy: str) -> bool:
+    """Is ``strategy`` a key-affinity (hashing) strategy?"""
+    return strategy in HASH_STRATEGIES
+
+
+def check_key(key: object) -> None:
+    """``TypeError`` naming the argument unless ``key`` is None, str or bytes; never yields."""
+    if key is not None and not isinstance(key, (str, bytes)):
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+
+
+class Tally:
+    """One server's acquisitions served as the key's owner and as a fallback."""
+
+    __slots__ = ("fallback", "owner")
+
+    def __init__(self) -> None:
+        self.owner = 0
+        self.fallback = 0
+
+
+class Placement:
+    """A hashing backend's table over a snapshot of its pools, rebuilt off the hot path."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.fallback = "next"  # balance.hash_fallback
+        # (table, the pools it was built from): one value, swapped in one assignment
+        self._current: tuple[HashTable, tuple[Pool, ...]] | None = None
+        self._index: dict[Pool, int] = {}  # Backend.pools now: pool -> its position
+        self._signature: tuple[str, tuple[tuple[str, int], ...]] | None = None
+        self._builder: gevent.Greenlet[..., None] | None = None
+        self._built = Event()  # set once the first table is in place
+        self.tallies: dict[str, Tally] = {}  # address -> counts, for the current members
+
+    # -- membership (never yields) -----------------------------------------------
+    def update(self, strategy: str, pools: Sequence[Pool], fallback: str) -> None:
+        """Follow ``Backend.pools``; start a rebuild if the membership or strategy changed."""
+        self.fallback = fallback
+        self._index = {pool: i for i, pool in enumerate(pools)}
+        self.tallies = {p.name: self.tallies.get(p.name) or Tally() for p in pools}
+        signature = (strategy, tuple((p.name, p.weight) for p in pools))
+        if signature == self._signature:
+            return
+        self._signature = signature
+        if self._builder is not None:
+            self._builder.kill(block=False)  # superseded: its table would be stale
+        self._builder = gevent.spawn(self._build, strategy, tuple(pools))
+
+    def _build(self, strategy: str, pools: tuple[Pool, ...]) -> None:
+        try:
+            table = build_table(strategy, [(p.name, p.weight) for p in pools], pause=_Pacer())
+        except Exception:  # the config was validated: a bug, but never a dead backend
+            _log.exception("backend %r: building the %s table failed", self.backend, strategy)
+            return
+        self._current = (table, pools)  # acquisitions see the old pair or the new one
+        self._builder = None
+        self._built.set()
+
+    @property
+    def building(self) -> bool:
+        """Is a (re)build in progress?"""
+        return self._builder is not None
+
+    def wait_built(self, timeout: float | None = None) -> bool:
+        """Wait until no build is in progress (tests, benchmarks); True if none is."""
+        builder = self._builder
+        if builder is not None:
+            builder.join(timeout)
+        return self._builder is None
+
+    def stop(self) -> None:
+        """End a build in progress (the backend is closing or gone); never yields."""
+        if self._builder is not None:
+            self._builder.kill(block=False)
+            self._builder = None
+
+    def _table(self, deadline: float, limit: float) -> tuple[HashTable, tuple[Pool, ...]]:
+        current = self._current
+        if current is None:  # the backend's first table is still being built: wait for it
+            self._built.wait(max(0.0, deadline - _monotonic()))
+            current = self._current
+            if current is None:
+                raise PoolTimeout(f"backend {self.backend!r}: no key table within {limit:.3g}s")
+        return current
+
+    # -- per acquisition ----------------------------------------------------------
+    def order(self, key: Key | None, deadline: float, limit: float) -> KeyOrder:
+        """The picker for one acquisition of ``key``; ``ValueError`` without a key."""
+        if key is None:
+            raise ValueError(
+                f"backend {self.backend!r} routes by key ({self._strategy()}): "
+                "pass key= (str or bytes)"
+            )
+        check_key(key)
+        table, pools = self._table(deadline, limit)
+        return KeyOrder(self, table.order(key), pools, 1 if self.fallback == "none" else len(pools))
+
+    def owner(self, key: Key, deadline: float, limit: float) -> str:
+        """The key's owner by placement (breakers ignored): the first current member in
+        the key's order -- the table's owner, unless a reload removed it and the new
+        table is not in place yet."""
+        check_key(key)
+        table, pools = self._table(deadline, limit)
+        index = self._index
+        for i in table.order(key):
+            if pools[i] in index:
+                return pools[i].name
+        raise LookupError(f"backend {self.backend!r} has no servers")
+
+    def _strategy(self) -> str:
+        return self._signature[0] if self._signature is not None else "hashing"
+
+    def annotate(self, servers: Mapping[str, ServerStats]) -> dict[str, ServerStats]:
+        """``servers`` with each one's ``owner_hits`` and ``fallback_hits`` filled in."""
+        out = dict(servers)
+        for address, stats in servers.items():
+            tally = self.tallies.get(address)
+            if tally is not None:
+                out[address] = dataclasses.replace(
+                    stats, owner_hits=tally.owner, fallback_hits=tally.fallback
+                )
+        return out
+
+
+class KeyOrder:
+    """One acquisition's picker: the key's servers in its own order, each once.
+
+    ``pick(exclude)`` walks forward through the key's order (never back: a server skipped
+    or tried is not offered again within this acquisition) and returns the next server
+    that is still a member, not in ``exclude`` and eligible, as its position in the
+    backend's current pools; ``limit`` cuts the walk (1 for ``hash_fallback: none``).
+    """
+
+    __slots__ = ("_it", "_left", "_placement", "_pools", "_rank", "_seen", "owner")
+
+    def __init__(
+        self, placement: Placement, it: Iterator[int], pools: tuple[Pool, ...], limit: int
+    ) -> None:
+        self._placement = placement
+        self._it = it
+        self._pools = pools
+        self._left = limit
+        self._seen = 0  # servers of the key's order walked so far
+        self._rank = 0  # the position of the last server offered
+        self.owner: Pool | None = None  # the key's owner, once walked
+
+    def pick(self, exclude: Set[int] = frozenset()) -> int | None:
+        index = self._placement._index  # read live: a reload may have changed the pools
+        pools = self._pools
+        for i in self._it:
+            if not self._left:
+                return None
+            self._left -= 1
+            rank = self._seen
+            self._seen = rank + 1
+            pool = pools[i]
+            if rank == 0:
+                self.owner = pool
+            j = index.get(pool)
+            if j is None or j in exclude or not eligible(pool.breaker):
+                continue
+            self._rank = rank
+            return j
+        return None
+
+    def served(self, conn: PooledConnection) -> PooledConnection:
+        """Mark ``conn`` with its rank and count it; never yields, never allocates."""
+        rank = self._rank
+        conn.rank = rank
+        tally = self._placement.tallies.get(conn.address)
+        if tally is not None:
+            if rank:
+                tally.fallback += 1
+            else:
+                tally.owner += 1
+        return conn
+
+    def unavailable(self, exc: BackendUnavailable) -> BackendUnavailable:
+        """``hash_fallback: none``: the owner could not serve; say which and why."""
+        owner = self.owner
+        if owner is None:
+            return exc
+        br = owner.breaker
+        address = owner.name
+        if owner not in self._placement._index:
+            err: BaseException | None = LbpoolError("removed from the backend by a reload")
+        else:
+            err = exc.errors.get(address) or br.last_failure
+            if err is None and not eligible(br):
+                err = LbpoolError(f"breaker {br.state}, trial in flight")
+        err = err or LbpoolError("cannot serve")
+        note = LbpoolError(f"the key's owner (hash_fallback: none): {err}")
+        return BackendUnavailable(
+            self._placement.backend, {address: note}, {address: br.state}, {address: br.retry_in()}
+        )

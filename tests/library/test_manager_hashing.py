@@ -1,0 +1,409 @@
+"""Key-affinity routing through the manager (maglev, ring_hash, rendezvous) on loopback.
+
+Placement itself (reference compatibility, balance, disruption) is tested in
+test_hashing.py; here: that acquisitions go where the table says, fall back in the
+key's own order when the owner cannot serve, count, and survive reloads and rebuilds.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from time import monotonic
+from typing import Any
+
+import gevent
+import pytest
+from gevent.event import Event
+
+from lbpool import BackendUnavailable, PoolManager
+from lbpool.hashing import build_table
+from lbpool.testing import EchoServer, recv_exact
+
+STRATEGIES = ["maglev", "ring_hash", "rendezvous"]
+KEYS = [f"user:{i}" for i in range(300)]
+
+
+def dead_address() -> str:
+    """A loopback port nobody listens on: dials are refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+def config(
+    addresses: list[str], strategy: str = "maglev", **sections: dict[str, Any]
+) -> dict[str, Any]:
+    backend: dict[str, Any] = {
+        "strategy": strategy,
+        "servers": addresses,
+        "pool": {"min_idle": 0, "max_size": 4, "acquire_timeout": 2, "check_after": 0},
+        "breaker": {"failure_threshold": 1, "recovery_timeout": 60},
+    }
+    for name, section in sections.items():
+        backend[name] = {**backend.get(name, {}), **section}
+    return {"backends": {"kv": backend}}
+
+
+def served(manager: PoolManager, key: str | bytes, timeout: float = 2) -> tuple[str, int]:
+    """One round trip for ``key``: (who served it, its rank)."""
+    with manager.get("kv", timeout=timeout, key=key) as conn:
+        conn.sendall(b"ping")
+        assert recv_exact(conn, 4) == b"ping"
+        return conn.address, conn.rank
+
+
+def fallbacks(strategy: str, addresses: list[str], keys: list[str]) -> dict[str, str]:
+    """Each key's second server in its own order (its first fallback)."""
+    table = build_table(strategy, [(a, 1) for a in addresses])
+    out = {}
+    for key in keys:
+        order = table.order(key)
+        next(order)
+        out[key] = addresses[next(order)]
+    return out
+
+
+def built(manager: PoolManager, name: str = "kv") -> None:
+    placement = manager.backends[name]._placement
+    assert placement is not None
+    assert placement.wait_built(10)
+
+
+@pytest.fixture
+def echo_fleet(
+    echo_server_factory: Callable[..., EchoServer],
+) -> Callable[[int], list[EchoServer]]:
+    def make(n: int) -> list[EchoServer]:
+        return [echo_server_factory() for _ in range(n)]
+
+    return make
+
+
+@pytest.fixture
+def manager_of(make_manager: Callable[..., PoolManager]) -> Iterator[Callable[..., PoolManager]]:
+    def make(addresses: list[str], strategy: str = "maglev", **sections: Any) -> PoolManager:
+        manager = make_manager(config(addresses, strategy, **sections))
+        built(manager)
+        return manager
+
+    yield make
+
+
+# ------------------------------------------------------------------------ routing
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_routes_every_key_to_its_owner(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+) -> None:
+    addresses = [s.address for s in echo_fleet(5)]
+    manager = manager_of(addresses, strategy)
+    table = build_table(strategy, [(a, 1) for a in addresses])
+    seen = set()
+    for key in KEYS:
+        owner = addresses[table.owner(key)]
+        assert manager.owner("kv", key) == owner
+        assert served(manager, key) == (owner, 0)
+        assert served(manager, key.encode()) == (owner, 0)  # str is its UTF-8 bytes
+        seen.add(owner)
+    assert seen == set(addresses)
+    stats = manager.stats().backends["kv"]
+    assert stats.strategy == strategy
+    assert sum(s.owner_hits for s in stats.servers.values()) == 2 * len(KEYS)
+    assert sum(s.fallback_hits for s in stats.servers.values()) == 0
+
+
+def test_a_hashing_backend_needs_a_key(
+    echo_fleet: Callable[[int], list[EchoServer]], manager_of: Callable[..., PoolManager]
+) -> None:
+    manager = manager_of([s.address for s in echo_fleet(2)], "ring_hash")
+    with pytest.raises(ValueError, match=r"backend 'kv' routes by key \(ring_hash\)"):
+        manager.get("kv")
+    with pytest.raises(ValueError, match="'kv'"):
+        manager.acquire("kv", timeout=1)
+    assert all(s.acquired == 0 for s in manager.stats().backends["kv"].servers.values())
+
+
+def test_other_strategies_ignore_a_key(
+    echo_server: EchoServer, make_manager: Callable[..., PoolManager]
+) -> None:
+    manager = make_manager(config([echo_server.address], "least_active"))
+    with manager.get("kv", key="user:1") as conn:
+        assert conn.rank == 0
+    with manager.get(echo_server.address, key=b"x") as conn:  # ad hoc: round_robin
+        assert conn.rank == 0 and conn.backend is None
+    with pytest.raises(ValueError, match="does not route by key"):
+        manager.owner("kv", "user:1")
+
+
+@pytest.mark.parametrize("bad", [42, 1.5, None, bytearray(b"k"), ["k"]])
+def test_a_key_of_the_wrong_type_is_refused_before_anything_changes(
+    echo_server: EchoServer, manager_of: Callable[..., PoolManager], bad: Any
+) -> None:
+    manager = manager_of([echo_server.address], "rendezvous")
+    if bad is not None:
+        for call in (manager.get, manager.acquire):
+            with pytest.raises(TypeError, match="key must be str or bytes"):
+                call("kv", key=bad)
+            with pytest.raises(TypeError, match="key must be str or bytes"):
+                call("127.0.0.1:1", key=bad)  # would make an ad-hoc pool
+    with pytest.raises(TypeError, match="key must be str or bytes"):
+        manager.owner("kv", bad)
+    assert "" not in manager.stats().backends  # no ad-hoc pool was made
+    assert manager.stats().backends["kv"].servers[echo_server.address].acquired == 0
+
+
+# ----------------------------------------------------------------------- fallback
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_open_breaker_moves_only_its_keys_and_they_come_back(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+) -> None:
+    fleet = echo_fleet(10)
+    addresses = [s.address for s in fleet]
+    # a trial while it is still down fails (and that key still falls back): cap the wait
+    manager = manager_of(
+        addresses, strategy, breaker={"recovery_timeout": 0.2, "max_recovery_timeout": 0.4}
+    )
+    second = fallbacks(strategy, addresses, KEYS)
+    changes: dict[str, Event] = {"open": Event(), "closed": Event()}
+    manager.add_breaker_listener(
+        lambda _b, _a, _old, new: changes[new].set() if new in changes else None
+    )
+    owners = {key: manager.owner("kv", key) for key in KEYS}
+    for key in KEYS:
+        assert served(manager, key) == (owners[key], 0)
+    victim = fleet[3]
+    victim.stop()
+    theirs = [k for k in KEYS if owners[k] == victim.address]
+    assert theirs
+    # the first of its keys finds it down: the dial fails, its breaker opens, rank 1 serves
+    assert served(manager, theirs[0]) == (second[theirs[0]], 1)
+    assert changes["open"].is_set()
+    for key in KEYS:
+        want = (second[key], 1) if key in theirs else (owners[key], 0)
+        assert served(manager, key) == want, key
+        assert manager.owner("kv", key) == owners[key]  # placement ignores breakers
+    victim.restart()
+    breaker = manager.backends["kv"].pools[3].breaker
+    gevent.sleep(breaker.retry_in())  # the recovery timeout, then one trial closes it
+    assert served(manager, theirs[0]) == (victim.address, 0)
+    assert changes["closed"].wait(2)
+    for key in KEYS:
+        assert served(manager, key) == (owners[key], 0)
+    stats = manager.stats().backends["kv"].servers
+    assert sum(s.fallback_hits for s in stats.values()) == len(theirs) + 1
+    assert stats[victim.address].fallback_hits == 0
+    assert stats[victim.address].owner_hits == 2 * len(theirs) + 1  # before, trial, after
+
+
+def test_hash_fallback_none_raises_naming_the_owner(
+    echo_fleet: Callable[[int], list[EchoServer]], manager_of: Callable[..., PoolManager]
+) -> None:
+    live = [s.address for s in echo_fleet(2)]
+    dead = dead_address()
+    manager = manager_of([*live, dead], "maglev", balance={"hash_fallback": "none"})
+    key = next(k for k in KEYS if manager.owner("kv", k) == dead)
+    with pytest.raises(BackendUnavailable) as info:
+        manager.get("kv", key=key)
+    text = str(info.value)
+    assert dead in text and "hash_fallback: none" in text and "refused" in text.lower()
+    assert list(info.value.errors) == [dead]
+    # now its breaker is open: the message says so
+    with pytest.raises(BackendUnavailable, match=rf"{dead} \[open, retry in"):
+        manager.get("kv", key=key)
+    other = next(k for k in KEYS if manager.owner("kv", k) != dead)
+    assert served(manager, other)[1] == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_failed_dial_falls_back_within_the_deadline(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+) -> None:
+    live = [s.address for s in echo_fleet(3)]
+    dead = dead_address()
+    addresses = [*live, dead]
+    manager = manager_of(addresses, strategy, breaker={"failure_threshold": 5})
+    theirs = [k for k in KEYS if manager.owner("kv", k) == dead][:3]
+    assert theirs
+    second = fallbacks(strategy, addresses, theirs)
+    for key in theirs:
+        started = monotonic()
+        assert served(manager, key, timeout=1) == (second[key], 1)
+        assert monotonic() - started < 1
+    stats = manager.stats().backends["kv"].servers[dead]
+    assert stats.dial_failures == len(theirs)  # one dial per acquisition, not more
+    assert stats.breaker_state == "closed"
+
+
+def test_every_server_down_is_backend_unavailable(
+    manager_of: Callable[..., PoolManager],
+) -> None:
+    dead = [dead_address(), dead_address()]
+    manager = manager_of(dead, "rendezvous", breaker={"failure_threshold": 5})
+    with pytest.raises(BackendUnavailable) as info:
+        manager.get("kv", key="k", timeout=1)
+    assert set(info.value.errors) == set(dead)
+
+
+# ------------------------------------------------------------------------ reloads
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_reload_removing_the_owner_moves_only_its_keys(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+) -> None:
+    fleet = echo_fleet(5)
+    addresses = [s.address for s in fleet]
+    manager = manager_of(addresses, strategy)
+    owners = {key: manager.owner("kv", key) for key in KEYS}
+    for key in KEYS:
+        served(manager, key)
+    gone = addresses[2]
+    placement = manager.backends["kv"]._placement
+    assert placement is not None
+    old = placement._current
+    manager.reload(config([a for a in addresses if a != gone], strategy))
+    # reload never yields: the rebuild has not run, the old table still routes; the
+    # removed owner is skipped, so its keys (only) go to their next server
+    assert placement.building and placement._current is old
+    second = fallbacks(strategy, addresses, KEYS)
+    for key in KEYS:
+        want = second[key] if owners[key] == gone else owners[key]
+        assert manager.owner("kv", key) == want  # never yields: the old table answers
+    assert placement._current is old
+    assert placement.wait_built(10)
+    moved_others = 0
+    for key in KEYS:
+        address, rank = served(manager, key)
+        assert rank == 0 and address != gone
+        if owners[key] != gone and address != owners[key]:
+            moved_others += 1
+    if strategy == "maglev":  # near-minimal disruption: a few other keys may move
+        assert moved_others <= 0.05 * len(KEYS)
+    else:
+        assert moved_others == 0
+
+
+def test_a_reload_to_a_hashing_strategy_waits_for_the_first_table(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    addresses = [s.address for s in echo_fleet(3)]
+    manager = make_manager(config(addresses, "round_robin"))
+    served(manager, "k")
+    manager.reload(config(addresses, "maglev"))
+    table = build_table("maglev", [(a, 1) for a in addresses])
+    assert served(manager, "user:7") == (addresses[table.owner("user:7")], 0)
+    manager.reload(config(addresses, "round_robin"))
+    assert manager.backends["kv"]._placement is None
+    with manager.get("kv") as conn:  # no key needed any more
+        assert conn.rank == 0
+
+
+def test_close_ends_a_rebuild_in_progress(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    addresses = [s.address for s in echo_fleet(2)]
+    manager = make_manager(config(addresses, "maglev"))
+    placement = manager.backends["kv"]._placement
+    assert placement is not None and placement.building
+    manager.close(timeout=1)
+    assert not placement.building  # and the conftest finalizer finds no lbpool greenlet
+
+
+def test_a_rebuild_at_1000_servers_keeps_the_hub_responsive(
+    make_manager: Callable[..., PoolManager],
+) -> None:
+    """A maglev rebuild (1,000 servers) yields often: no ticker gap over 50 ms.
+
+    Nothing is dialed (min_idle 0, no acquisition): the servers need not exist.
+    """
+    addresses = [f"127.0.0.{1 + i // 250}:{20000 + i}" for i in range(1000)]
+    manager = make_manager(config(addresses, "maglev"))
+    built(manager)
+    gaps: list[float] = []
+    stop = Event()
+
+    def tick() -> None:
+        last = monotonic()
+        while not stop.is_set():
+            gevent.sleep(0.001)
+            now = monotonic()
+            gaps.append(now - last)
+            last = now
+
+    manager.reload(config(addresses[1:], "maglev"))  # one server leaves
+    placement = manager.backends["kv"]._placement
+    assert placement is not None and placement.building
+    ticker = gevent.spawn(tick)
+    started = monotonic()
+    assert placement.wait_built(20)
+    took = monotonic() - started
+    stop.set()
+    ticker.join(1)
+    longest = max(gaps)
+    print(f"maglev rebuild, 999 servers: {took * 1000:.0f} ms, longest gap {longest * 1000:.1f} ms")
+    assert len(gaps) > 10
+    assert longest < 0.05
+
+
+# -------------------------------------------------------------------------- stats
+
+
+def test_owner_and_fallback_hits_in_stats_and_to_dict(
+    echo_fleet: Callable[[int], list[EchoServer]], manager_of: Callable[..., PoolManager]
+) -> None:
+    live = [s.address for s in echo_fleet(2)]
+    dead = dead_address()
+    manager = manager_of([*live, dead], "rendezvous", breaker={"failure_threshold": 5})
+    mine = [k for k in KEYS if manager.owner("kv", k) != dead][:5]
+    theirs = [k for k in KEYS if manager.owner("kv", k) == dead][:3]
+    for key in mine + theirs:
+        served(manager, key)
+    servers = manager.stats().backends["kv"].servers
+    assert sum(s.owner_hits for s in servers.values()) == len(mine)
+    assert sum(s.fallback_hits for s in servers.values()) == len(theirs)
+    assert servers[dead].owner_hits == servers[dead].fallback_hits == 0
+    data = manager.stats().to_dict()["backends"]["kv"]["servers"]
+    assert sum(d["owner_hits"] for d in data.values()) == len(mine)
+    assert sum(d["fallback_hits"] for d in data.values()) == len(theirs)
+
+
+def test_owner_and_fallback_hits_in_prometheus(
+    echo_fleet: Callable[[int], list[EchoServer]], manager_of: Callable[..., PoolManager]
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import lbpool.metrics
+
+    live = [s.address for s in echo_fleet(2)]
+    dead = dead_address()
+    manager = manager_of([*live, dead], "maglev", breaker={"failure_threshold": 5})
+    key = next(k for k in KEYS if manager.owner("kv", k) == dead)
+    address, _ = served(manager, key)
+    served(manager, "user:1")
+    registry = prometheus_client.CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    text = prometheus_client.generate_latest(registry).decode()
+    samples = {
+        (s.name, s.labels["server"]): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name in ("lbpool_owner_hits_total", "lbpool_fallback_hits_total")
+    }
+    assert samples[("lbpool_fallback_hits_total", address)] == 1
+    assert sum(v for (n, _), v in samples.items() if n == "lbpool_owner_hits_total") == 1
+    assert sum(v for (n, _), v in samples.items() if n == "lbpool_fallback_hits_total") == 1
