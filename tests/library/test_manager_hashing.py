@@ -394,7 +394,7 @@ def test_owner_and_fallback_hits_in_prometheus(
     manager = manager_of([*live, dead], "maglev", breaker={"failure_threshold": 5})
     key = next(k for k in KEYS if manager.owner("kv", k) == dead)
     address, _ = served(manager, key)
-    served(manager, "user:1")
+    served(manager, next(k for k in KEYS if manager.owner("kv", k) != dead))  # an owner hit
     registry = prometheus_client.CollectorRegistry()
     lbpool.metrics.register(manager, registry)
     text = prometheus_client.generate_latest(registry).decode()
