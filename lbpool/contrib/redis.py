@@ -75,19 +75,24 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import ssl
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import redis
 import redis.connection
 from gevent import Timeout as _GeventTimeout
+from gevent import ssl as _gssl
 from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from lbpool.errors import BackendUnavailable, DialError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.health import peek_alive
 from lbpool.manager import PoolManager
 
 __all__ = ["Connection", "ConnectionPool", "Handshake", "handshake"]
@@ -232,6 +237,35 @@ def _network_error(exc: BaseException | None) -> BaseException | None:
     return exc  # not a network error: discarded, the breaker not charged
 
 
+# How many leases one connect() takes, at most, when each one turns out closed by the
+# server while it sat idle (see Connection._connect).
+_STALE_LIMIT = 10
+_SSL_SOCKETS = (ssl.SSLSocket, _gssl.SSLSocket)
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _stale(sock: Any) -> tuple[bool, OSError | None]:
+    """Is a just-borrowed socket unusable, and was that a network error?
+
+    What redis-py's own pool checks with ``can_read()`` after connecting: a socket
+    that is readable before any command was sent is dead (EOF: the server closed it
+    while idle -- its ``timeout``, ``CLIENT KILL``, a restart) or out of step (bytes
+    nobody asked for). Neither is a network failure of the server; an error on the
+    socket (a reset) is, and is returned. Never blocks: a non-blocking peek."""
+    if isinstance(sock, _SSL_SOCKETS):
+        return (not peek_alive(sock), None)
+    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a stdlib one
+    try:
+        raw.recv(1, _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return (False, None)  # nothing waiting: the idle state we expect
+    except OSError as exc:
+        return (True, exc)
+    except (ValueError, AttributeError):
+        return (True, None)  # closed
+    return (True, None)  # b"": EOF; a byte: a reply nobody waits for
+
+
 class Connection(redis.connection.Connection):
     """A redis-py connection whose socket is an lbpool lease, held while borrowed.
 
@@ -250,6 +284,15 @@ class Connection(redis.connection.Connection):
         self._manager = manager
         self._backend = backend
         self._lease: Any = None  # the PooledConnection while connected
+        # The greenlet inside this connection's socket I/O (read_response,
+        # send_packed_command, can_read), if any; see _io.
+        self._io_greenlet: Any = None
+        # A lease redis-py disconnected inside that I/O without saying why: the I/O call
+        # discards it with the exception it raises (see disconnect).
+        self._dropped: Any = None
+        # The lease's socket was shut down by another greenlet's disconnect(): the
+        # errors its owner then meets are ours, not the server's.
+        self._shut = False
         super().__init__(host=backend, port=0, **kwargs)
         # socket_connect_timeout (None unless given) bounds each acquisition; None: the
         # backend's acquire_timeout.
@@ -273,19 +316,45 @@ class Connection(redis.connection.Connection):
         return f"lbpool backend {self._backend!r}"
 
     def _connect(self) -> Any:
-        """Borrow a socket from the backend; redis-py calls this from ``connect()``."""
-        try:
-            lease = self._manager.acquire(self._backend, timeout=self._acquire_timeout)
-        except PoolTimeout as exc:
-            raise RedisTimeoutError(f"{self._host_error()}: {exc}") from exc
-        except (BackendUnavailable, DialError, PoolExhausted, PoolClosed) as exc:
-            raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
-        try:
-            lease.settimeout(self.socket_timeout)
-        except BaseException as exc:
-            lease.discard(exc)
-            raise
+        """Borrow a socket from the backend; redis-py calls this from ``connect()``.
+
+        A lease whose socket is already readable (the server closed it while it sat
+        idle, or bytes are waiting) is discarded and another one taken -- redis-py's
+        pool makes the same ``can_read()`` check after connecting. Only a socket error
+        charges the server's breaker; an EOF or stray bytes do not. A freshly dialed
+        one that is not clean, or ``_STALE_LIMIT`` stale ones in a row, fail the
+        connect (``redis.ConnectionError``)."""
+        for _ in range(_STALE_LIMIT):
+            started = time.monotonic()
+            try:
+                lease = self._manager.acquire(self._backend, timeout=self._acquire_timeout)
+            except PoolTimeout as exc:
+                raise RedisTimeoutError(f"{self._host_error()}: {exc}") from exc
+            except (BackendUnavailable, DialError, PoolClosed, PoolExhausted) as exc:
+                raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
+            try:
+                stale, error = _stale(lease.sock)
+                if not stale:
+                    lease.settimeout(self.socket_timeout)
+                    break
+                fresh = lease.created_at >= started  # dialed for us (lbpool's clock)
+            except BaseException as exc:
+                lease.discard(exc)
+                raise
+            address = lease.address
+            lease.discard(error)
+            if fresh:
+                raise RedisConnectionError(
+                    f"{address} (lbpool backend {self._backend!r}): a new connection was "
+                    f"not ready (closed or unread bytes) right after its setup"
+                ) from error
+        else:
+            raise RedisConnectionError(
+                f"{self._host_error()}: {_STALE_LIMIT} connections in a row were closed by "
+                f"the server while idle"
+            )
         self._lease = lease
+        self._shut = False
         host, _, port = lease.address.rpartition(":")
         self.host = host
         self.port = int(port)
