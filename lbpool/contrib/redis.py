@@ -77,14 +77,14 @@ import importlib
 import os
 import socket
 import ssl
-import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
 import redis.connection
 from gevent import Timeout as _GeventTimeout
+from gevent import getcurrent
 from gevent import ssl as _gssl
 from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -375,10 +375,43 @@ class Connection(redis.connection.Connection):
             self.set_parser(_RESP3Parser)  # as redis-py's on_connect does (5.x)
         self._parser.on_connect(self)
 
+    # -- this connection's own socket I/O --------------------------------------------
+    # redis-py's read/write paths call ``self.disconnect()`` inside ``except OSError``
+    # without passing the error; the error then surfaces as the exception these calls
+    # raise. So a lease disconnected inside them, without an ``error``, is discarded by
+    # the call itself with what it raises -- never with whatever exception some caller
+    # happens to be handling (``sys.exc_info()``), which may be about anything else.
+    def _io(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        outer, self._io_greenlet = self._io_greenlet, getcurrent()
+        try:
+            return call(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._io_greenlet = outer
+            self._settle(None)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        lease, self._dropped = self._dropped, None
+        if lease is not None:
+            lease.discard(None if exc is None else _network_error(exc))
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        return self._io(super().read_response, *args, **kwargs)
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        self._io(super().send_packed_command, *args, **kwargs)
+
+    def can_read(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._io(super().can_read, *args, **kwargs))
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        """Drop the lease: discarded into lbpool with the error that caused this (the
-        ``error`` redis-py passes, else the exception being handled), so a network
-        error reaches the server's breaker."""
+        """Drop the lease: discarded into lbpool with the error that caused this, so a
+        network error reaches the server's breaker. That error is the ``error`` redis-py
+        passes, or, when redis-py passes none from inside this connection's own I/O,
+        the exception that I/O call raises (see ``_io``). Otherwise none: a disconnect
+        while some unrelated exception is being handled charges no breaker."""
         lease, self._lease = self._lease, None
         self._sock = None  # lbpool owns the socket: redis-py must not close it
         try:
@@ -388,10 +421,11 @@ class Connection(redis.connection.Connection):
                 self.host, self.port = self._backend, 0
                 error = kwargs.get("error")
                 if error is None and args and isinstance(args[0], BaseException):
-                    error = args[0]
-                if error is None:
-                    error = sys.exc_info()[1]
-                lease.discard(_network_error(error))
+                    error = args[0]  # redis-py 5: connect's retry passes it positionally
+                if error is None and self._io_greenlet is getcurrent():
+                    self._dropped = lease  # the I/O call under way discards it
+                else:
+                    lease.discard(_network_error(error))
 
     def _give_back(self) -> None:
         """The pool's ``release``: return the lease, or discard it when the stream is

@@ -277,6 +277,45 @@ def test_connections_the_server_closed_while_idle_are_replaced_not_lent(
         admin.close()
 
 
+def test_only_this_connections_own_errors_reach_its_breaker(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """A disconnect while the caller handles some unrelated OSError charges no breaker;
+    an error on the connection's own socket (no ``error=`` from redis-py) does."""
+    server = redis_servers.start()
+    with FaultProxy(server.address) as proxy:
+        config = _config(proxy.address, [proxy.address], min_idle=0, check_after="1h")
+        config["defaults"]["breaker"]["failure_threshold"] = 1
+        manager = make_manager(config)
+        client = redis.Redis(
+            connection_pool=ConnectionPool(manager, "primary", retry=Retry(NoBackoff(), 0))
+        )
+
+        def stats() -> Any:
+            return manager.stats().backends["primary"].servers[proxy.address]
+
+        pubsub = client.pubsub()
+        pubsub.subscribe("news")
+        assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+        try:
+            raise ConnectionResetError("another server's socket")
+        except OSError:
+            pubsub.close()  # drops its connection: nothing to do with that error
+        assert (stats().breaker_state, stats().in_use) == ("closed", 0)
+        assert stats().closed.get("error", 0) == 0
+
+        def reset_soon() -> None:
+            gevent.sleep(0.2)
+            proxy.reset_all()
+
+        resetter = gevent.spawn(reset_soon)
+        with pytest.raises(redis.ConnectionError):
+            client.blpop(["nothing"], timeout=2)
+        resetter.join()
+        assert stats().breaker_state == "open"  # the reset of its own socket: heard
+        assert stats().closed["error"] == 1
+
+
 def test_lbpool_failures_become_redis_errors(
     redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
 ) -> None:
