@@ -73,6 +73,7 @@ Behaviour to know
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import socket
@@ -91,7 +92,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from lbpool.errors import BackendUnavailable, DialError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.errors import (
+    BackendUnavailable,
+    DialError,
+    LbpoolError,
+    PoolClosed,
+    PoolExhausted,
+    PoolTimeout,
+)
 from lbpool.health import peek_alive
 from lbpool.manager import PoolManager
 
@@ -411,8 +419,22 @@ class Connection(redis.connection.Connection):
         network error reaches the server's breaker. That error is the ``error`` redis-py
         passes, or, when redis-py passes none from inside this connection's own I/O,
         the exception that I/O call raises (see ``_io``). Otherwise none: a disconnect
-        while some unrelated exception is being handled charges no breaker."""
-        lease, self._lease = self._lease, None
+        while some unrelated exception is being handled charges no breaker.
+
+        Called from another greenlet while this connection's owner is inside its I/O
+        (``ConnectionPool.disconnect()`` with commands in flight), it only shuts the
+        socket down: tearing the parser down under a blocked read would fail that read
+        with a bare ``ValueError``. The owner's read then ends with a
+        ``redis.ConnectionError`` (retried if its retry says so), and the owner
+        disconnects itself; the lease is discarded as no fault of the server."""
+        lease = self._lease
+        if lease is not None and self._io_greenlet not in (None, getcurrent()):
+            self._shut = True
+            with contextlib.suppress(OSError, ValueError, LbpoolError):
+                lease.sock.shutdown(socket.SHUT_RDWR)
+            return
+        self._lease = None
+        shut, self._shut = self._shut, False
         self._sock = None  # lbpool owns the socket: redis-py must not close it
         try:
             super().disconnect(*args, **kwargs)  # parser and flags only: no socket
@@ -422,7 +444,9 @@ class Connection(redis.connection.Connection):
                 error = kwargs.get("error")
                 if error is None and args and isinstance(args[0], BaseException):
                     error = args[0]  # redis-py 5: connect's retry passes it positionally
-                if error is None and self._io_greenlet is getcurrent():
+                if shut:
+                    lease.discard(None)  # we shut it down: the server did nothing wrong
+                elif error is None and self._io_greenlet is getcurrent():
                     self._dropped = lease  # the I/O call under way discards it
                 else:
                     lease.discard(_network_error(error))
@@ -434,8 +458,10 @@ class Connection(redis.connection.Connection):
         if lease is None:
             return
         try:
-            dirty = self._parser.can_read(0) or (
-                hasattr(self, "should_reconnect") and self.should_reconnect()
+            dirty = (
+                self._shut
+                or self._parser.can_read(0)
+                or (hasattr(self, "should_reconnect") and self.should_reconnect())
             )
         except Exception:  # EOF or a socket error while looking
             dirty = True
@@ -568,7 +594,12 @@ class ConnectionPool(redis.ConnectionPool):
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Discard the leases of connections redis-py holds (``inuse_connections``);
-        free connections hold none. lbpool's idle connections are the manager's."""
+        free connections hold none. lbpool's idle connections are the manager's.
+
+        Safe with commands in flight in other greenlets: their sockets are shut down,
+        so each such command fails with ``redis.ConnectionError`` (or is retried on a
+        new lease), and its greenlet discards the lease (see ``Connection.disconnect``).
+        """
         self._checkpid()
         if inuse_connections:
             for connection in list(self._in_use_connections):

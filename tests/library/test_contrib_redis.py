@@ -316,6 +316,40 @@ def test_only_this_connections_own_errors_reach_its_breaker(
         assert stats().closed["error"] == 1
 
 
+def test_pool_disconnect_with_commands_in_flight_fails_them_as_connection_errors(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """``pool.disconnect()`` while other greenlets wait in BLPOP: without a retry they
+    get ``redis.ConnectionError`` (never a bare ValueError from a parser torn down under
+    them); with one they re-acquire and finish. No breaker hears of it."""
+    server = redis_servers.start()
+    config = _config(server.address, [server.address], min_idle=0)
+    config["defaults"]["breaker"]["failure_threshold"] = 1
+    manager = make_manager(config)
+    outcomes: list[Any] = []
+
+    def blpop(client: redis.Redis) -> None:
+        try:
+            outcomes.append(client.blpop(["nothing"], timeout=1))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    for retry, expected in (({"retry": Retry(NoBackoff(), 0)}, redis.ConnectionError),
+                            (RETRY_ONCE, type(None))):  # fmt: skip
+        outcomes.clear()
+        pool = ConnectionPool(manager, "primary", **retry)
+        client = redis.Redis(connection_pool=pool)
+        greenlets = [gevent.spawn(blpop, client) for _ in range(3)]
+        gevent.sleep(0.2)  # all three are waiting for their replies
+        pool.disconnect()
+        gevent.joinall(greenlets, timeout=5, raise_error=True)
+        assert [type(o) for o in outcomes] == [expected] * 3, outcomes
+        stats = manager.stats().backends["primary"].servers[server.address]
+        assert (stats.in_use, stats.breaker_state) == (0, "closed")
+        assert stats.closed.get("error", 0) == 0
+        assert client.ping() is True
+
+
 def test_lbpool_failures_become_redis_errors(
     redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
 ) -> None:
