@@ -26,13 +26,20 @@ A redis-py ``Connection`` here is a light wrapper that holds an lbpool lease
   **options)`` up to 5.2, no arguments since 5.3) takes a free wrapper and calls its
   ``connect()``, which acquires from the backend (``manager.acquire(backend, timeout=
   socket_connect_timeout or the backend's acquire_timeout)``); balancing, breakers and
-  failover choose the server.
+  failover choose the server. As redis-py's own pool checks ``can_read()`` after
+  connecting, a lease whose socket is already readable (the server closed it while it
+  sat idle, or bytes are waiting) is discarded -- the breaker hears only of a socket
+  error, not of an EOF -- and another taken (a bounded number of times).
 - ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper
   has unread bytes or was marked for reconnect: then it is discarded.
 - ``conn.disconnect()`` -- what redis-py does on a network error, a timeout, an
   interrupted read, or to drop a pubsub/monitor connection -- discards the lease
-  (``discard(exc)``, with the network error when there was one, so the server's
-  breaker hears of it) and never closes the socket itself: lbpool owns it.
+  (``discard(exc)``, with the network error when there was one: the ``error`` redis-py
+  passes, or what the connection's own read/write raised; so the server's breaker hears
+  of it) and never closes the socket itself: lbpool owns it. From another greenlet,
+  while the owner is reading or writing, it only shuts the socket down: the owner's
+  command fails with ``redis.ConnectionError`` (or is retried) and its greenlet drops
+  the lease.
 - redis-py's retry (``retry=Retry(...)`` in the pool's kwargs) calls ``disconnect()``
   then reconnects the same wrapper: the reconnect is a new acquisition, so a retried
   command goes to whichever server lbpool picks now (failover within a backend).
@@ -50,7 +57,11 @@ the pool is given, and runs redis-py's own handshake code on the socket. Idle
 connections are therefore authenticated and pass a ``PING``/``+PONG`` health check. The
 pool refuses (``ValueError``) a backend whose ``setup`` is a ``handshake`` with other
 settings, or a backend with no ``setup`` when its kwargs need one (auth, db,
-protocol 3, client name).
+protocol 3, client name). Settings compare with ``==``: a ``credential_provider`` is
+equal only to itself (unless its class defines ``__eq__``), so give the hook and the
+pool the same provider object. redis-py 8 speaks RESP3 unless told otherwise: a backend
+without a ``setup`` hook -- a bare ``host:port`` always is one -- needs ``protocol=2``
+in the pool's kwargs (and no auth, db or client name).
 
 Not covered
 -----------
@@ -218,8 +229,10 @@ def handshake(**connection_kwargs: Any) -> Handshake:
     """The ``setup`` hook for a backend used through ``ConnectionPool(**connection_kwargs)``.
 
     Give it the same kwargs as the pool (extra ones -- timeouts, retry, decoding -- are
-    ignored). In a dict config pass the hook itself (``"setup": handshake(db=1)``); from
-    YAML name a module-level one (``setup: "myapp.redis_hooks:sessions"`` where
+    ignored; a ``credential_provider`` must be the very same object as the pool's:
+    providers compare by identity). In a dict config pass the hook itself
+    (``"setup": handshake(db=1)``); from YAML name a module-level one
+    (``setup: "myapp.redis_hooks:sessions"`` where
     ``sessions = handshake(password=..., db=1)``). Raises ``ValueError``/``redis.
     RedisError`` for settings redis-py itself refuses (e.g. ``protocol=4``).
     """
@@ -480,7 +493,9 @@ class ConnectionPool(redis.ConnectionPool):
     pool)`` accepts it.
 
     ``ConnectionPool(manager, backend, **connection_kwargs)``: ``backend`` is a backend
-    name of ``manager`` (or a ``host:port``); ``connection_kwargs`` are redis-py's
+    name of ``manager`` (or a ``host:port``: it has no ``setup`` hook, so on redis-py 8,
+    which speaks RESP3 by default, give ``protocol=2``, and no auth, db or client name);
+    ``connection_kwargs`` are redis-py's
     connection kwargs (``db``, ``username``, ``password``, ``credential_provider``,
     ``protocol``, ``client_name``, ``decode_responses``, ``encoding``, ``socket_timeout``,
     ``socket_connect_timeout`` (bounds each acquisition), ``retry``, ``retry_on_timeout``,
