@@ -9,11 +9,15 @@ worker's own hub, so a manager built there runs its upkeep greenlets in the hub 
 serves the requests. ``worker_exit`` runs in the worker as it exits (after a graceful
 SIGTERM drained the requests): the manager closes its connections there, so the servers
 see every connection closed rather than reset by the process's death.
+
+Why ``import app`` inside the hooks: this file is executed by the master too. Imported
+here at module level, ``app`` (and lbpool) would be loaded in the master, and every
+worker would fork with the master's copy already in ``sys.modules``: ``kill -HUP``
+and ``max_requests`` restarts would then never load changed application code. Inside
+the hooks, the import runs in the worker, which loads ``app:app`` itself first.
 """
 
 import os
-
-import app as example
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 workers = 2
@@ -23,10 +27,14 @@ graceful_timeout = 10
 
 
 def post_worker_init(worker):
-    example.open_manager()
-    worker.log.info("lbpool manager ready (pid %s, config %s)", os.getpid(), example.CONFIG)
+    import app  # in the worker, never in the master (see above)
+
+    app.open_manager()
+    worker.log.info("lbpool manager ready (pid %s, config %s)", os.getpid(), app.CONFIG)
 
 
 def worker_exit(server, worker):
-    example.close_manager()
+    import app
+
+    app.close_manager()
     server.log.info("lbpool manager closed (pid %s)", os.getpid())

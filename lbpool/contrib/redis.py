@@ -26,13 +26,20 @@ A redis-py ``Connection`` here is a light wrapper that holds an lbpool lease
   **options)`` up to 5.2, no arguments since 5.3) takes a free wrapper and calls its
   ``connect()``, which acquires from the backend (``manager.acquire(backend, timeout=
   socket_connect_timeout or the backend's acquire_timeout)``); balancing, breakers and
-  failover choose the server.
+  failover choose the server. As redis-py's own pool checks ``can_read()`` after
+  connecting, a lease whose socket is already readable (the server closed it while it
+  sat idle, or bytes are waiting) is discarded -- the breaker hears only of a socket
+  error, not of an EOF -- and another taken (a bounded number of times).
 - ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper
   has unread bytes or was marked for reconnect: then it is discarded.
 - ``conn.disconnect()`` -- what redis-py does on a network error, a timeout, an
   interrupted read, or to drop a pubsub/monitor connection -- discards the lease
-  (``discard(exc)``, with the network error when there was one, so the server's
-  breaker hears of it) and never closes the socket itself: lbpool owns it.
+  (``discard(exc)``, with the network error when there was one: the ``error`` redis-py
+  passes, or what the connection's own read/write raised; so the server's breaker hears
+  of it) and never closes the socket itself: lbpool owns it. From another greenlet,
+  while the owner is reading or writing, it only shuts the socket down: the owner's
+  command fails with ``redis.ConnectionError`` (or is retried) and its greenlet drops
+  the lease.
 - redis-py's retry (``retry=Retry(...)`` in the pool's kwargs) calls ``disconnect()``
   then reconnects the same wrapper: the reconnect is a new acquisition, so a retried
   command goes to whichever server lbpool picks now (failover within a backend).
@@ -50,7 +57,11 @@ the pool is given, and runs redis-py's own handshake code on the socket. Idle
 connections are therefore authenticated and pass a ``PING``/``+PONG`` health check. The
 pool refuses (``ValueError``) a backend whose ``setup`` is a ``handshake`` with other
 settings, or a backend with no ``setup`` when its kwargs need one (auth, db,
-protocol 3, client name).
+protocol 3, client name). Settings compare with ``==``: a ``credential_provider`` is
+equal only to itself (unless its class defines ``__eq__``), so give the hook and the
+pool the same provider object. redis-py 8 speaks RESP3 unless told otherwise: a backend
+without a ``setup`` hook -- a bare ``host:port`` always is one -- needs ``protocol=2``
+in the pool's kwargs (and no auth, db or client name).
 
 Not covered
 -----------
@@ -73,21 +84,34 @@ Behaviour to know
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-import sys
-from collections.abc import Mapping
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
 import redis.connection
 from gevent import Timeout as _GeventTimeout
+from gevent import getcurrent
+from gevent import ssl as _gssl
 from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from lbpool.errors import BackendUnavailable, DialError, PoolClosed, PoolExhausted, PoolTimeout
+from lbpool.errors import (
+    BackendUnavailable,
+    DialError,
+    LbpoolError,
+    PoolClosed,
+    PoolExhausted,
+    PoolTimeout,
+)
+from lbpool.health import peek_alive
 from lbpool.manager import PoolManager
 
 __all__ = ["Connection", "ConnectionPool", "Handshake", "handshake"]
@@ -205,8 +229,10 @@ def handshake(**connection_kwargs: Any) -> Handshake:
     """The ``setup`` hook for a backend used through ``ConnectionPool(**connection_kwargs)``.
 
     Give it the same kwargs as the pool (extra ones -- timeouts, retry, decoding -- are
-    ignored). In a dict config pass the hook itself (``"setup": handshake(db=1)``); from
-    YAML name a module-level one (``setup: "myapp.redis_hooks:sessions"`` where
+    ignored; a ``credential_provider`` must be the very same object as the pool's:
+    providers compare by identity). In a dict config pass the hook itself
+    (``"setup": handshake(db=1)``); from YAML name a module-level one
+    (``setup: "myapp.redis_hooks:sessions"`` where
     ``sessions = handshake(password=..., db=1)``). Raises ``ValueError``/``redis.
     RedisError`` for settings redis-py itself refuses (e.g. ``protocol=4``).
     """
@@ -232,6 +258,35 @@ def _network_error(exc: BaseException | None) -> BaseException | None:
     return exc  # not a network error: discarded, the breaker not charged
 
 
+# How many leases one connect() takes, at most, when each one turns out closed by the
+# server while it sat idle (see Connection._connect).
+_STALE_LIMIT = 10
+_SSL_SOCKETS = (ssl.SSLSocket, _gssl.SSLSocket)
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _stale(sock: Any) -> tuple[bool, OSError | None]:
+    """Is a just-borrowed socket unusable, and was that a network error?
+
+    What redis-py's own pool checks with ``can_read()`` after connecting: a socket
+    that is readable before any command was sent is dead (EOF: the server closed it
+    while idle -- its ``timeout``, ``CLIENT KILL``, a restart) or out of step (bytes
+    nobody asked for). Neither is a network failure of the server; an error on the
+    socket (a reset) is, and is returned. Never blocks: a non-blocking peek."""
+    if isinstance(sock, _SSL_SOCKETS):
+        return (not peek_alive(sock), None)
+    raw = getattr(sock, "_sock", sock)  # gevent's socket wraps a stdlib one
+    try:
+        raw.recv(1, _PEEK)
+    except (BlockingIOError, InterruptedError):
+        return (False, None)  # nothing waiting: the idle state we expect
+    except OSError as exc:
+        return (True, exc)
+    except (ValueError, AttributeError):
+        return (True, None)  # closed
+    return (True, None)  # b"": EOF; a byte: a reply nobody waits for
+
+
 class Connection(redis.connection.Connection):
     """A redis-py connection whose socket is an lbpool lease, held while borrowed.
 
@@ -250,6 +305,15 @@ class Connection(redis.connection.Connection):
         self._manager = manager
         self._backend = backend
         self._lease: Any = None  # the PooledConnection while connected
+        # The greenlet inside this connection's socket I/O (read_response,
+        # send_packed_command, can_read), if any; see _io.
+        self._io_greenlet: Any = None
+        # A lease redis-py disconnected inside that I/O without saying why: the I/O call
+        # discards it with the exception it raises (see disconnect).
+        self._dropped: Any = None
+        # The lease's socket was shut down by another greenlet's disconnect(): the
+        # errors its owner then meets are ours, not the server's.
+        self._shut = False
         super().__init__(host=backend, port=0, **kwargs)
         # socket_connect_timeout (None unless given) bounds each acquisition; None: the
         # backend's acquire_timeout.
@@ -273,19 +337,45 @@ class Connection(redis.connection.Connection):
         return f"lbpool backend {self._backend!r}"
 
     def _connect(self) -> Any:
-        """Borrow a socket from the backend; redis-py calls this from ``connect()``."""
-        try:
-            lease = self._manager.acquire(self._backend, timeout=self._acquire_timeout)
-        except PoolTimeout as exc:
-            raise RedisTimeoutError(f"{self._host_error()}: {exc}") from exc
-        except (BackendUnavailable, DialError, PoolExhausted, PoolClosed) as exc:
-            raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
-        try:
-            lease.settimeout(self.socket_timeout)
-        except BaseException as exc:
-            lease.discard(exc)
-            raise
+        """Borrow a socket from the backend; redis-py calls this from ``connect()``.
+
+        A lease whose socket is already readable (the server closed it while it sat
+        idle, or bytes are waiting) is discarded and another one taken -- redis-py's
+        pool makes the same ``can_read()`` check after connecting. Only a socket error
+        charges the server's breaker; an EOF or stray bytes do not. A freshly dialed
+        one that is not clean, or ``_STALE_LIMIT`` stale ones in a row, fail the
+        connect (``redis.ConnectionError``)."""
+        for _ in range(_STALE_LIMIT):
+            started = time.monotonic()
+            try:
+                lease = self._manager.acquire(self._backend, timeout=self._acquire_timeout)
+            except PoolTimeout as exc:
+                raise RedisTimeoutError(f"{self._host_error()}: {exc}") from exc
+            except (BackendUnavailable, DialError, PoolClosed, PoolExhausted) as exc:
+                raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
+            try:
+                stale, error = _stale(lease.sock)
+                if not stale:
+                    lease.settimeout(self.socket_timeout)
+                    break
+                fresh = lease.created_at >= started  # dialed for us (lbpool's clock)
+            except BaseException as exc:
+                lease.discard(exc)
+                raise
+            address = lease.address
+            lease.discard(error)
+            if fresh:
+                raise RedisConnectionError(
+                    f"{address} (lbpool backend {self._backend!r}): a new connection was "
+                    f"not ready (closed or unread bytes) right after its setup"
+                ) from error
+        else:
+            raise RedisConnectionError(
+                f"{self._host_error()}: {_STALE_LIMIT} connections in a row were closed by "
+                f"the server while idle"
+            )
         self._lease = lease
+        self._shut = False
         host, _, port = lease.address.rpartition(":")
         self.host = host
         self.port = int(port)
@@ -306,11 +396,58 @@ class Connection(redis.connection.Connection):
             self.set_parser(_RESP3Parser)  # as redis-py's on_connect does (5.x)
         self._parser.on_connect(self)
 
+    # -- this connection's own socket I/O --------------------------------------------
+    # redis-py's read/write paths call ``self.disconnect()`` inside ``except OSError``
+    # without passing the error; the error then surfaces as the exception these calls
+    # raise. So a lease disconnected inside them, without an ``error``, is discarded by
+    # the call itself with what it raises -- never with whatever exception some caller
+    # happens to be handling (``sys.exc_info()``), which may be about anything else.
+    def _io(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        outer, self._io_greenlet = self._io_greenlet, getcurrent()
+        try:
+            return call(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._io_greenlet = outer
+            self._settle(None)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        lease, self._dropped = self._dropped, None
+        if lease is not None:
+            lease.discard(None if exc is None else _network_error(exc))
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        return self._io(super().read_response, *args, **kwargs)
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        self._io(super().send_packed_command, *args, **kwargs)
+
+    def can_read(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._io(super().can_read, *args, **kwargs))
+
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        """Drop the lease: discarded into lbpool with the error that caused this (the
-        ``error`` redis-py passes, else the exception being handled), so a network
-        error reaches the server's breaker."""
-        lease, self._lease = self._lease, None
+        """Drop the lease: discarded into lbpool with the error that caused this, so a
+        network error reaches the server's breaker. That error is the ``error`` redis-py
+        passes, or, when redis-py passes none from inside this connection's own I/O,
+        the exception that I/O call raises (see ``_io``). Otherwise none: a disconnect
+        while some unrelated exception is being handled charges no breaker.
+
+        Called from another greenlet while this connection's owner is inside its I/O
+        (``ConnectionPool.disconnect()`` with commands in flight), it only shuts the
+        socket down: tearing the parser down under a blocked read would fail that read
+        with a bare ``ValueError``. The owner's read then ends with a
+        ``redis.ConnectionError`` (retried if its retry says so), and the owner
+        disconnects itself; the lease is discarded as no fault of the server."""
+        lease = self._lease
+        if lease is not None and self._io_greenlet not in (None, getcurrent()):
+            self._shut = True
+            with contextlib.suppress(OSError, ValueError, LbpoolError):
+                lease.sock.shutdown(socket.SHUT_RDWR)
+            return
+        self._lease = None
+        shut, self._shut = self._shut, False
         self._sock = None  # lbpool owns the socket: redis-py must not close it
         try:
             super().disconnect(*args, **kwargs)  # parser and flags only: no socket
@@ -319,10 +456,13 @@ class Connection(redis.connection.Connection):
                 self.host, self.port = self._backend, 0
                 error = kwargs.get("error")
                 if error is None and args and isinstance(args[0], BaseException):
-                    error = args[0]
-                if error is None:
-                    error = sys.exc_info()[1]
-                lease.discard(_network_error(error))
+                    error = args[0]  # redis-py 5: connect's retry passes it positionally
+                if shut:
+                    lease.discard(None)  # we shut it down: the server did nothing wrong
+                elif error is None and self._io_greenlet is getcurrent():
+                    self._dropped = lease  # the I/O call under way discards it
+                else:
+                    lease.discard(_network_error(error))
 
     def _give_back(self) -> None:
         """The pool's ``release``: return the lease, or discard it when the stream is
@@ -331,8 +471,10 @@ class Connection(redis.connection.Connection):
         if lease is None:
             return
         try:
-            dirty = self._parser.can_read(0) or (
-                hasattr(self, "should_reconnect") and self.should_reconnect()
+            dirty = (
+                self._shut
+                or self._parser.can_read(0)
+                or (hasattr(self, "should_reconnect") and self.should_reconnect())
             )
         except Exception:  # EOF or a socket error while looking
             dirty = True
@@ -351,7 +493,9 @@ class ConnectionPool(redis.ConnectionPool):
     pool)`` accepts it.
 
     ``ConnectionPool(manager, backend, **connection_kwargs)``: ``backend`` is a backend
-    name of ``manager`` (or a ``host:port``); ``connection_kwargs`` are redis-py's
+    name of ``manager`` (or a ``host:port``: it has no ``setup`` hook, so on redis-py 8,
+    which speaks RESP3 by default, give ``protocol=2``, and no auth, db or client name);
+    ``connection_kwargs`` are redis-py's
     connection kwargs (``db``, ``username``, ``password``, ``credential_provider``,
     ``protocol``, ``client_name``, ``decode_responses``, ``encoding``, ``socket_timeout``,
     ``socket_connect_timeout`` (bounds each acquisition), ``retry``, ``retry_on_timeout``,
@@ -465,7 +609,12 @@ class ConnectionPool(redis.ConnectionPool):
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Discard the leases of connections redis-py holds (``inuse_connections``);
-        free connections hold none. lbpool's idle connections are the manager's."""
+        free connections hold none. lbpool's idle connections are the manager's.
+
+        Safe with commands in flight in other greenlets: their sockets are shut down,
+        so each such command fails with ``redis.ConnectionError`` (or is retried on a
+        new lease), and its greenlet discards the lease (see ``Connection.disconnect``).
+        """
         self._checkpid()
         if inuse_connections:
             for connection in list(self._in_use_connections):

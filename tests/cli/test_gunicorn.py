@@ -43,13 +43,13 @@ class Gunicorn:
     """``gunicorn -c gunicorn.conf.py app:app`` started in the example's folder; its log
     lines are collected by a greenlet."""
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, cwd: Path = EXAMPLE) -> None:
         env = dict(os.environ, LBPOOL_CONFIG=config_path, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE.parents[1]), env.get("PYTHONPATH", "")])
         assert GUNICORN is not None
         self.proc: Any = subprocess.Popen(
             [GUNICORN, "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "app:app"],
-            cwd=str(EXAMPLE),
+            cwd=str(cwd),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -154,3 +154,35 @@ def test_gunicorn_gevent_workers_serve_through_the_manager_and_close_it(
     assert "Traceback" not in g.log
     for server in servers:
         server.wait_active(0, timeout=10)  # every connection closed
+
+
+def test_sighup_serves_changed_application_code(
+    tmp_path: Path, echo_server_factory: Any, gunicorn_factory: list[Gunicorn]
+) -> None:
+    """The master must not import ``app`` (the conf imports it inside the hooks): after
+    an edit to app.py and SIGHUP, the new workers serve the new code."""
+    example = tmp_path / "example"
+    example.mkdir()
+    for name in ("app.py", "gunicorn.conf.py"):
+        shutil.copy(EXAMPLE / name, example / name)
+    server = echo_server_factory()
+    config = tmp_path / "lbpool.yaml"
+    config.write_text(CONFIG.format(servers=server.address))
+    g = Gunicorn(str(config), cwd=example)
+    gunicorn_factory.append(g)
+    port = int(g.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)")[0].group(1))
+    g.wait_for(r"lbpool manager ready \(pid (\d+)", count=2)
+    status, body = http_get(port)
+    assert status == 200 and b"reloaded" not in body
+
+    app_py = example / "app.py"
+    code = app_py.read_text()
+    assert code.count("body = json.dumps({") == 1
+    app_py.write_text(code.replace("body = json.dumps({", 'body = json.dumps({"reloaded": 1, '))
+    g.proc.send_signal(signal.SIGHUP)
+    g.wait_for(r"lbpool manager ready \(pid (\d+)", count=4)  # two new workers
+    g.wait_for(r"lbpool manager closed \(pid (\d+)", count=2)  # the old ones gone
+    for _ in range(10):
+        status, body = http_get(port)
+        assert status == 200 and b'"reloaded": 1' in body, body
+    assert "Traceback" not in g.log

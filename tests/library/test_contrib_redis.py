@@ -195,22 +195,159 @@ def test_a_network_error_is_discarded_into_lbpool_and_retry_reacquires(
         manager = make_manager(
             _config(proxy.address, [proxy.address], min_idle=0, check_after="1h")
         )
+
+        def closed() -> dict[str, int]:
+            stats = manager.stats().backends["primary"].servers[proxy.address]
+            assert stats.in_use == 0
+            return {k: v for k, v in stats.closed.items() if v}
+
+        def reset_soon() -> None:
+            gevent.sleep(0.2)
+            proxy.reset_all()  # mid-command: BLPOP is waiting for its reply
+
         no_retry = redis.Redis(
             connection_pool=ConnectionPool(manager, "primary", retry=Retry(NoBackoff(), 0))
         )
         assert no_retry.set("k", "1") is True
-        proxy.reset_all()  # the idle connection dies; check_after 1h: lent unchecked
+        resetter = gevent.spawn(reset_soon)
         with pytest.raises(redis.ConnectionError):
-            no_retry.get("k")
-        stats = manager.stats().backends["primary"].servers[proxy.address]
-        assert stats.closed.get("error") == 1 and stats.in_use == 0
+            no_retry.blpop(["nothing"], timeout=2)
+        resetter.join()
+        assert closed() == {"error": 1}
 
         retried = redis.Redis(connection_pool=ConnectionPool(manager, "primary", **RETRY_ONCE))
         assert retried.get("k") == b"1"  # a fresh dial
+        resetter = gevent.spawn(reset_soon)
+        assert retried.blpop(["nothing"], timeout=1) is None  # failed once, re-acquired
+        resetter.join()
+        assert closed() == {"error": 2}
+
+        # Reset while idle (check_after 1h: lbpool lends it unchecked): seen when
+        # borrowed, discarded as a network error, another connection taken.
         proxy.reset_all()
-        assert retried.get("k") == b"1"  # failed once, re-acquired, answered
-        stats = manager.stats().backends["primary"].servers[proxy.address]
-        assert stats.closed.get("error") == 2 and stats.in_use == 0
+        gevent.sleep(0.05)
+        assert no_retry.get("k") == b"1"
+        assert closed() == {"error": 3}
+
+
+@pytest.mark.parametrize("health_check_interval", [0, 1])
+def test_connections_the_server_closed_while_idle_are_replaced_not_lent(
+    redis_servers: RedisServers,
+    make_manager: Callable[..., PoolManager],
+    health_check_interval: int,
+) -> None:
+    """The server closes idle connections (its ``timeout``, CLIENT KILL, a failover):
+    each borrow finds its lease already at EOF, discards it -- not a network error, the
+    breaker (threshold 1) stays closed -- and takes another; no command fails."""
+    server = redis_servers.start()
+    config = _config(server.address, [server.address], min_idle=3, check_after="1h")
+    config["defaults"]["breaker"]["failure_threshold"] = 1
+    manager = make_manager(config)
+    manager.wait_ready(timeout=5)
+    client = redis.Redis(
+        connection_pool=ConnectionPool(
+            manager,
+            "primary",
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=health_check_interval,
+        )
+    )
+    admin = redis.Redis(host="127.0.0.1", port=server.port, protocol=2)
+
+    def kill_the_others() -> int:
+        me = admin.client_id()
+        ids = [c["id"] for c in admin.client_list() if int(c["id"]) != me]
+        for client_id in ids:
+            admin.client_kill_filter(_id=client_id)
+        gevent.sleep(0.05)  # the FINs arrive
+        return len(ids)
+
+    try:
+        assert kill_the_others() >= 3  # the warm idle ones (of both backends)
+        for _ in range(5):
+            assert client.get("k") is None
+            assert client.ping() is True
+            assert kill_the_others() >= 1
+        stats = manager.stats().backends["primary"].servers[server.address]
+        assert stats.breaker_state == "closed" and stats.breaker_trips == 0
+        assert stats.closed.get("error", 0) == 0
+        assert stats.closed["discarded"] >= 5  # the stale leases, discarded as seen
+        assert stats.in_use == 0
+    finally:
+        admin.close()
+
+
+def test_only_this_connections_own_errors_reach_its_breaker(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """A disconnect while the caller handles some unrelated OSError charges no breaker;
+    an error on the connection's own socket (no ``error=`` from redis-py) does."""
+    server = redis_servers.start()
+    with FaultProxy(server.address) as proxy:
+        config = _config(proxy.address, [proxy.address], min_idle=0, check_after="1h")
+        config["defaults"]["breaker"]["failure_threshold"] = 1
+        manager = make_manager(config)
+        client = redis.Redis(
+            connection_pool=ConnectionPool(manager, "primary", retry=Retry(NoBackoff(), 0))
+        )
+
+        def stats() -> Any:
+            return manager.stats().backends["primary"].servers[proxy.address]
+
+        pubsub = client.pubsub()
+        pubsub.subscribe("news")
+        assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+        try:
+            raise ConnectionResetError("another server's socket")
+        except OSError:
+            pubsub.close()  # drops its connection: nothing to do with that error
+        assert (stats().breaker_state, stats().in_use) == ("closed", 0)
+        assert stats().closed.get("error", 0) == 0
+
+        def reset_soon() -> None:
+            gevent.sleep(0.2)
+            proxy.reset_all()
+
+        resetter = gevent.spawn(reset_soon)
+        with pytest.raises(redis.ConnectionError):
+            client.blpop(["nothing"], timeout=2)
+        resetter.join()
+        assert stats().breaker_state == "open"  # the reset of its own socket: heard
+        assert stats().closed["error"] == 1
+
+
+def test_pool_disconnect_with_commands_in_flight_fails_them_as_connection_errors(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """``pool.disconnect()`` while other greenlets wait in BLPOP: without a retry they
+    get ``redis.ConnectionError`` (never a bare ValueError from a parser torn down under
+    them); with one they re-acquire and finish. No breaker hears of it."""
+    server = redis_servers.start()
+    config = _config(server.address, [server.address], min_idle=0)
+    config["defaults"]["breaker"]["failure_threshold"] = 1
+    manager = make_manager(config)
+    outcomes: list[Any] = []
+
+    def blpop(client: redis.Redis) -> None:
+        try:
+            outcomes.append(client.blpop(["nothing"], timeout=1))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    for retry, expected in (({"retry": Retry(NoBackoff(), 0)}, redis.ConnectionError),
+                            (RETRY_ONCE, type(None))):  # fmt: skip
+        outcomes.clear()
+        pool = ConnectionPool(manager, "primary", **retry)
+        client = redis.Redis(connection_pool=pool)
+        greenlets = [gevent.spawn(blpop, client) for _ in range(3)]
+        gevent.sleep(0.2)  # all three are waiting for their replies
+        pool.disconnect()
+        gevent.joinall(greenlets, timeout=5, raise_error=True)
+        assert [type(o) for o in outcomes] == [expected] * 3, outcomes
+        stats = manager.stats().backends["primary"].servers[server.address]
+        assert (stats.in_use, stats.breaker_state) == (0, "closed")
+        assert stats.closed.get("error", 0) == 0
+        assert client.ping() is True
 
 
 def test_lbpool_failures_become_redis_errors(
