@@ -18,6 +18,7 @@ import gevent
 
 from lbpool._ownership import ThreadBound
 from lbpool._upkeep import Upkeep
+from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
@@ -29,6 +30,7 @@ from lbpool.errors import (
     ConfigProblem,
     DialError,
     PoolClosed,
+    PoolExhausted,
     PoolTimeout,
     UnknownBackend,
 )
@@ -145,7 +147,11 @@ class Backend:
         return list(old.values())
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
-        """Borrow from the server the strategy picks; fail over when a dial fails."""
+        """Borrow from the server the strategy picks; fail over when a dial fails or
+        the server is full (a full server is not a failed one: its breaker is not
+        charged). One deadline, ``timeout``, bounds the whole of it."""
+        if timeout is not None:  # before anything changes, on every path
+            timeout = valid_timeout(timeout, f"backend {self.name!r}")
         start = _monotonic()
         pool = self._only
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
@@ -153,10 +159,22 @@ class Backend:
             if idx is None:
                 return self._failover(start, timeout, {})
             pool = self.pools[idx]
+            if not pool.can_serve_now():
+                pool = self._instead_of_full(idx, pool)
         try:
             return pool.acquire(timeout)
-        except (DialError, PoolClosed) as exc:
+        except (DialError, PoolClosed, PoolExhausted) as exc:
             return self._failover(start, timeout, {pool: exc})
+
+    def _instead_of_full(self, idx: int, full: Pool) -> Pool:
+        """``full`` could only queue the caller: another eligible server that can
+        serve at once, if there is one (it would be asked again by the strategy)."""
+        other = self._balancer.pick(frozenset((idx,)))
+        if other is not None:
+            pool = self.pools[other]
+            if pool.can_serve_now():
+                return pool
+        return full
 
     def _failover(
         self, start: float, timeout: float | None, errors: dict[Pool, BaseException]
@@ -170,6 +188,9 @@ class Backend:
             if idx is None:
                 if self.closed:
                     raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+                shed = [e for e in errors.values() if isinstance(e, PoolExhausted)]
+                if shed and len(shed) == len(errors):
+                    raise shed[-1]  # every server full, none failed
                 raise self._unavailable(errors)
             pool = pools[idx]
             remaining = deadline - _monotonic()
@@ -180,7 +201,7 @@ class Backend:
                 )
             try:
                 return pool.acquire(remaining)
-            except (DialError, PoolClosed) as exc:
+            except (DialError, PoolClosed, PoolExhausted) as exc:
                 errors[pool] = exc
 
     def _unavailable(self, errors: Mapping[Pool, BaseException]) -> BackendUnavailable:

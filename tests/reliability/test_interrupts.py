@@ -146,7 +146,10 @@ def config(
     pool_cfg: dict[str, Any] = {
         "min_idle": 0,
         "max_size": 1,
-        "acquire_timeout": 30,
+        # longer than dial.timeout and health_check.timeout (30 s): dials and checks
+        # run in the caller's greenlet (shorter deadlines run them as errands: see
+        # the errand tests below)
+        "acquire_timeout": 90,
         "check_after": 3600,
         "upkeep_interval": 3600,  # upkeep only where a test runs it
     }
@@ -485,6 +488,73 @@ def test_interrupt_during_refill_dial(
     round_trip(conn)
     assert pool.breaker.state == "closed"
     finish(manager, conn)
+
+
+# -- waiting for an errand: a dial or check that may outlast the caller's deadline ----------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("then", ["verdict", "close"])
+def test_interrupt_while_waiting_for_a_dial_errand(
+    backlog: BacklogServer, no_fd_leak: None, kind: str, then: str
+) -> None:
+    """acquire_timeout (5 s) < dial.timeout (30 s): the dial is an errand. The caller,
+    interrupted while it waits, leaves; the dial goes on to its verdict (its connection
+    handed on to the idle stack), or is stopped by close -- no slot lost either way."""
+    manager = PoolManager(config([backlog.address], pool={"acquire_timeout": 5}))
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_await_errand")
+    pool = the_pool(manager)
+    assert len(pool._dialers) == 1
+    victim.interrupt(kind)
+    s = pool.stats()
+    assert (s.size, s.pending) == (1, 1), s  # the errand still holds its slot
+    assert_consistent(manager)
+    if then == "verdict":
+        backlog.unblock()
+        assert settle(lambda: pool.stats().idle == 1, WAIT)
+        assert pool.stats().pending == 0
+        conn = manager.acquire("svc")
+        assert conn.uses == 1  # the errand's connection (the backlog server does not echo)
+        assert backlog.listener.getsockname()[1] == int(conn.address.rsplit(":", 1)[1])
+        finish(manager, conn)
+    else:
+        finish(manager)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("then", ["verdict", "close"])
+def test_interrupt_while_waiting_for_a_check_errand(
+    server: EchoServer, no_fd_leak: None, kind: str, then: str
+) -> None:
+    gate = Gate()
+    manager = PoolManager(
+        config(
+            [server.address],
+            pool={"check_after": 0, "acquire_timeout": 5},
+            health_check={"hook": gate, "timeout": 30},
+        )
+    )
+    manager.acquire("svc").release()
+    victim = Caller(manager)
+    gate.wait_entered()
+    wait_in(victim.greenlet, "_await_errand")
+    victim.interrupt(kind)
+    pool = the_pool(manager)
+    s = pool.stats()
+    assert (s.size, s.idle, s.pending) == (1, 0, 1), s  # the connection is with its check
+    assert_consistent(manager)
+    if then == "verdict":
+        gate.open.set()
+        assert settle(lambda: pool.stats().idle == 1, WAIT)  # passed: handed back
+        assert pool.breaker.failure_count == 0
+        conn = manager.acquire("svc", timeout=60)
+        assert conn.uses == 2
+        round_trip(conn)
+        finish(manager, conn)
+    else:
+        finish(manager)
+        gate.open.set()
 
 
 # -- the drain wait of close -------------------------------------------------------------------
