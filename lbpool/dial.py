@@ -1,7 +1,9 @@
 """Address -> connected gevent socket: resolve, connect, TCP options, TLS, setup hook.
 
-One deadline (``min(config.timeout, timeout)``) bounds the whole dial, so a pool's
-acquire deadline is never overrun by a slow resolver, connect or handshake. Every
+One deadline (``min(config.timeout, timeout)``) bounds the whole dial -- resolver,
+connect, handshake and the setup hook (under a timer of its own, so a hook blocked on
+something other than the socket is bounded too). Several resolved addresses are
+raced Happy Eyeballs style (RFC 8305), so one unreachable address costs 250 ms. Every
 failure closes what was opened and becomes a ``DialError`` whose reason is short
 enough to sit in a ``BackendUnavailable`` message; interruptions (``GreenletExit``,
 ``gevent.Timeout``) close the socket too but propagate unchanged.

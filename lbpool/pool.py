@@ -6,6 +6,11 @@ while waiting, dialing or checking) gives back what it held: a connection handed
 a waiter that died is passed on, a reserved dial slot is freed, a half-dialed socket
 is closed. That is the known failure of pools under gevent, designed out here.
 
+One deadline bounds an acquisition: waiting, each borrow check (at most the time left),
+the dial with its setup hook. Work that may outlast the deadline (a dial, a configured
+check) runs as an errand in its own greenlet, so the caller leaves on time while the
+work reaches its verdict for the breaker; what the errand gets is handed on.
+
 Where state changes (none of these yields): a slot leaves only through ``_slot_gone``
 (via ``_retire`` for a connection, ``_unreserve`` for a dial slot); capacity reaches
 waiters only through ``_hand_on`` (and its inlined copy in ``_return``). The waiter
