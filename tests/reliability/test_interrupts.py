@@ -12,7 +12,9 @@ caller queued behind the interrupted one is still served), no leaked socket
 (``no_fd_leak``) and no lbpool greenlet left behind.
 
 Yield points covered (acquire): queued in the pool's waiter list; handed a connection,
-woken not yet; handed a dial permit, woken not yet; inside the TCP connect; inside the
+woken not yet; handed a dial permit, woken not yet; inside the TCP connect; inside a
+Happy Eyeballs race of two addresses; waiting for an errand (a dial or check that may
+outlast the caller's deadline, in its own greenlet); inside the
 TLS handshake; inside the ``setup`` hook; inside the borrow health check (send/expect
 and hook); in an upkeep refill dial (also as the breaker's half-open trial); and the
 drain wait of ``close``. Release: proven to never switch greenlets, in every state it
@@ -555,6 +557,34 @@ def test_interrupt_while_waiting_for_a_check_errand(
     else:
         finish(manager)
         gate.open.set()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_a_happy_eyeballs_race(
+    backlog: BacklogServer, no_fd_leak: None, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name resolving to two addresses, both hanging: the caller waits on the race
+    (two attempt greenlets). Interrupted there, every attempt is stopped and closed."""
+    import lbpool.dial
+
+    port = int(backlog.address.rsplit(":", 1)[1])
+    info = (stdsocket.AF_INET, stdsocket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: [info, info])
+    manager = PoolManager(config([f"two.example:{port}"]))
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_connect")
+    pool = the_pool(manager)
+
+    def attempts() -> list[gevent.Greenlet]:
+        return [g for g in new_lbpool_greenlets() if g._run is lbpool.dial._attempt_into]
+
+    assert settle(lambda: len(attempts()) == 2, WAIT)  # the second after ATTEMPT_DELAY
+    victim.interrupt(kind)
+    assert not attempts()  # stopped with the caller (their sockets closed: no_fd_leak)
+    assert pool.breaker.failure_count == 0 and pool.stats().dial_failures == 0
+    s = pool.stats()
+    assert (s.size, s.pending) == (0, 0), s
+    finish(manager)
 
 
 # -- the drain wait of close -------------------------------------------------------------------
