@@ -19,6 +19,8 @@ still has its outcome set, and the pool passes on what it was handed.
 calls on the hot path) plus one timer for the earliest deadline: waiters mostly
 share a timeout, so the earliest deadline is the head's and the timer rarely moves.
 
+``valid_timeout`` checks a caller's ``timeout`` before any deadline is made of it.
+
 Imports nothing from lbpool at run time. Only ``Waiter.wait`` yields.
 """
 
@@ -33,7 +35,34 @@ from gevent.hub import Waiter as _GeventWaiter
 if TYPE_CHECKING:
     from lbpool.connection import _Conn
 
-__all__ = ["BROKEN", "CLOSED", "PERMIT", "TIMED_OUT", "WAITING", "Outcome", "WaitQueue", "Waiter"]
+__all__ = [
+    "BROKEN",
+    "CLOSED",
+    "PERMIT",
+    "TIMED_OUT",
+    "WAITING",
+    "Outcome",
+    "WaitQueue",
+    "Waiter",
+    "valid_timeout",
+]
+
+
+def valid_timeout(value: object, where: str) -> float:
+    """``value`` as a deadline's length in seconds, or ``TypeError``/``ValueError``
+    naming the argument: called before anything changes, so a bad argument (``1j``,
+    ``"1"``, ``True``, NaN) never reaches a waiter, a timer or a count. A negative
+    timeout is no time at all, as 0 (an acquisition then fails fast with
+    ``PoolTimeout`` unless a connection is ready); ``inf`` waits for ever."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{where}: timeout must be a number of seconds or None, got {type(value).__name__}"
+            f" {value!r}"
+        )
+    seconds = float(value)
+    if seconds != seconds:
+        raise ValueError(f"{where}: timeout must be a number of seconds, not NaN")
+    return seconds if seconds > 0 else 0.0
 
 
 class Outcome:

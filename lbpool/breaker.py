@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from lbpool.config import BreakerConfig
 
 __all__ = [
+    "ANY_TRIAL",
     "STATE_CLOSED",
     "STATE_HALF_OPEN",
     "STATE_OPEN",
@@ -66,6 +67,13 @@ BreakerListener = Callable[["Breaker", str, str], None]
 
 # Doubling stops long before floats overflow; the cap is max_recovery_timeout anyway.
 _MAX_BACKOFF_LEVEL = 64
+
+# ``trial=`` of a verdict: "if a trial is in flight, this is its outcome" -- what the
+# package API (``with breaker:``, the decorator) and direct calls mean. The pool passes
+# the token ``allow_dial`` handed out (``trial_token``) for its trial's outcome, and
+# None for anything else (an old connection's error, a clean release), which then
+# cannot end a trial in flight.
+ANY_TRIAL: Final[int] = -1
 
 
 class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no type hints
@@ -112,6 +120,10 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         self._failure_threshold = config.failure_threshold
         self._opened = clock()
         self._trial_in_flight = False
+        self._trial_token = 0  # the claimed trial's number; tokens start at 1
+        # the streak of failures includes an error on a connection in use (not only
+        # dials): a successful dial does not end it, only a clean use does
+        self._in_use_streak = False
         self.is_closed = True
         self.trips = 0
 
@@ -129,6 +141,11 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     def trial_in_flight(self) -> bool:
         """True while the one half-open trial is claimed and has not reported."""
         return self._trial_in_flight
+
+    @property
+    def trial_token(self) -> int:
+        """The trial in flight's token (0 when none): pass it with the trial's verdict."""
+        return self._trial_token if self._trial_in_flight else 0
 
     @property
     def failure_threshold(self) -> int:
@@ -156,7 +173,8 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         """May the caller dial? Half-open: True for exactly one caller, who owns the trial.
 
         The owner must report with ``record_success``, ``record_failure`` or
-        ``abandon_trial``; until then every other caller gets False.
+        ``abandon_trial`` (passing ``trial_token``, read right after this call); until
+        then every other caller gets False.
         """
         if self.is_closed:
             return True
@@ -164,34 +182,59 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             self._promote()
         if self._state == STATE_HALF_OPEN and not self._trial_in_flight:
             self._trial_in_flight = True
+            self._trial_token += 1
             return True
         return False
 
-    def record_success(self) -> None:
+    def _not_the_trial(self, trial: int | None) -> bool:
+        """A trial is in flight and this report is not its outcome (None: not a trial)."""
+        return self._trial_in_flight and trial != ANY_TRIAL and trial != self._trial_token
+
+    def record_success(self, trial: int | None = ANY_TRIAL) -> None:
         """A success: resets the failure count; in half-open, closes the breaker.
 
         A success while still open comes from a call admitted before the breaker
-        opened; it is stale and ignored (only a trial may close the breaker).
+        opened; it is stale and ignored (only a trial may close the breaker), as is,
+        while a trial is in flight, any success that is not the trial's.
         """
         if self.is_closed:
             self._failure_count = 0
             self._last_failure = None
+            self._in_use_streak = False
             return
         if self._state == STATE_OPEN:
             self._promote()
             if self._state == STATE_OPEN:
                 return
+        if self._not_the_trial(trial):
+            return
         self._close()
 
-    def record_failure(self, exc: BaseException | None = None) -> None:
+    def record_dial_success(self) -> None:
+        """A dial succeeded (outside a trial): it ends a streak of dial failures, but not
+        a streak that includes errors reported on connections in use -- a server that
+        accepts and then fails every request must still open its breaker."""
+        if self.is_closed and not self._in_use_streak:
+            self._failure_count = 0
+            self._last_failure = None
+
+    def record_failure(
+        self, exc: BaseException | None = None, trial: int | None = ANY_TRIAL, *, dial: bool = False
+    ) -> None:
         """A failure: opens the breaker at ``failure_threshold`` consecutive failures.
 
-        In half-open (the trial, or any failure reported then) it re-opens with the
-        recovery timeout doubled, up to ``max_recovery_timeout``. While open, failures
-        are counted but do not extend the wait (they come from calls admitted earlier).
+        ``dial``: a failed dial (connect, TLS, setup hook), which a later successful
+        dial forgives; any other failure (an error on a connection in use, a failed
+        check) is forgiven only by a clean use. In half-open, the trial's failure (or,
+        with no trial in flight, any failure) re-opens with the recovery timeout
+        doubled, up to ``max_recovery_timeout``; a failure that is not the trial in
+        flight's is counted and changes nothing else. While open, failures are counted
+        but do not extend the wait (they come from calls admitted earlier).
         """
         self._last_failure = exc
         self._failure_count += 1
+        if not dial:
+            self._in_use_streak = True
         if self.is_closed:
             if self._failure_count >= self._failure_threshold:
                 self._open(trip=True)
@@ -200,23 +243,27 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             self._promote()
             if self._state == STATE_OPEN:
                 return
+        if self._not_the_trial(trial):
+            return
         self._backoff_level = min(self._backoff_level + 1, _MAX_BACKOFF_LEVEL)
         self._recovery_timeout = self._backed_off_timeout()
         self._open(trip=False)
 
-    def abandon_trial(self) -> None:
-        """The trial ended without a verdict (interrupted, timed out): let another try.
+    def abandon_trial(self, trial: int | None = ANY_TRIAL) -> None:
+        """The trial ended without a verdict (interrupted): let another caller try.
 
-        Trials carry no token: a trial that outlives a re-open and a new half-open would
-        release the new one's claim. That needs a dial longer than the recovery timeout.
+        With a token, only that trial's claim is released: a trial that outlived a
+        re-open and a new half-open cannot release the new trial's claim.
         """
-        self._trial_in_flight = False
+        if not self._not_the_trial(trial):
+            self._trial_in_flight = False
 
     def reset(self) -> None:
         """Force-close (the package's ``reset``): failures forgotten, base timeout restored."""
         if self.is_closed:
             self._failure_count = 0
             self._last_failure = None
+            self._in_use_streak = False
             return
         if self._state == STATE_OPEN:
             self._promote()
@@ -272,6 +319,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     def _close(self) -> None:
         self._failure_count = 0
         self._last_failure = None
+        self._in_use_streak = False
         self._backoff_level = 0
         self._recovery_timeout = self._base_recovery_timeout
         self._trial_in_flight = False

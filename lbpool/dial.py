@@ -1,7 +1,9 @@
 """Address -> connected gevent socket: resolve, connect, TCP options, TLS, setup hook.
 
-One deadline (``min(config.timeout, timeout)``) bounds the whole dial, so a pool's
-acquire deadline is never overrun by a slow resolver, connect or handshake. Every
+One deadline (``min(config.timeout, timeout)``) bounds the whole dial -- resolver,
+connect, handshake and the setup hook (under a timer of its own, so a hook blocked on
+something other than the socket is bounded too). Several resolved addresses are
+raced Happy Eyeballs style (RFC 8305), so one unreachable address costs 250 ms. Every
 failure closes what was opened and becomes a ``DialError`` whose reason is short
 enough to sit in a ``BackendUnavailable`` message; interruptions (``GreenletExit``,
 ``gevent.Timeout``) close the socket too but propagate unchanged.
@@ -17,6 +19,8 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
+import gevent
+from gevent import queue as gqueue
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 
@@ -107,33 +111,121 @@ def _tls_reason(exc: BaseException, budget: float) -> str:
     return f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
+# RFC 8305's "Connection Attempt Delay": the next address is tried this long after the
+# previous attempt started, or at once when it fails; the first to connect wins.
+ATTEMPT_DELAY = 0.25
+
+
+def _interleave(infos: list[AddrInfo]) -> list[AddrInfo]:
+    """Alternate address families, the resolver's first family first (RFC 8305 4)."""
+    if not infos:
+        return infos
+    first = [i for i in infos if i[0] == infos[0][0]]
+    other = [i for i in infos if i[0] != infos[0][0]]
+    out: list[AddrInfo] = []
+    for k in range(max(len(first), len(other))):
+        out.extend(group[k] for group in (first, other) if k < len(group))
+    return out
+
+
+def _attempt(info: AddrInfo, config: DialConfig, deadline: float) -> Any:
+    """One connect to one resolved address, bounded by the dial's deadline."""
+    family, type_, proto, _canon, sockaddr = info
+    sock = gsocket.socket(family, type_, proto)
+    try:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            if config.tcp_nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if config.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.settimeout(max(deadline - monotonic(), 1e-6))
+        sock.connect(sockaddr)
+    except BaseException:
+        close_quietly(sock)
+        raise
+    return sock
+
+
+def _attempt_into(
+    info: AddrInfo, config: DialConfig, deadline: float, results: gqueue.Queue[Any]
+) -> None:
+    """An attempt in a race: its socket or its OSError goes to ``results``."""
+    try:
+        sock = _attempt(info, config, deadline)
+    except OSError as exc:
+        results.put((False, exc))
+    else:
+        results.put((True, sock))
+
+
 def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget: float) -> Any:
-    """Try each resolved address in turn (IPv4 and IPv6 alike) within the deadline."""
+    """Connect to one of the resolved addresses (IPv4 and IPv6 alike) by the deadline.
+
+    One address: connected inline. Several: Happy Eyeballs (RFC 8305): the attempts are
+    started ``ATTEMPT_DELAY`` apart (or the next one at once when one fails), the first
+    to connect wins and the others are stopped and closed -- so one unreachable address
+    costs a quarter of a second, not the whole ``dial.timeout``.
+    """
+    if len(infos) == 1:
+        return _attempt(infos[0], config, deadline)
+    results: gqueue.Queue[Any] = gqueue.Queue()
+    waiting = _interleave(infos)
+    attempts: list[gevent.Greenlet] = []
+    running = 0
     last_exc: BaseException | None = None
-    for family, type_, proto, _canon, sockaddr in infos:
-        remaining = deadline - monotonic()
-        if remaining <= 0:
-            break
-        sock = gsocket.socket(family, type_, proto)
-        try:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                if config.tcp_nodelay:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if config.keepalive:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.settimeout(remaining)
-            sock.connect(sockaddr)
-        except OSError as exc:
-            close_quietly(sock)
-            last_exc = exc
-            continue
-        except BaseException:
-            close_quietly(sock)
-            raise
-        return sock
-    if last_exc is None:
+    start_next = True
+    try:
+        while True:
+            if start_next and waiting:
+                info = waiting.pop(0)
+                attempts.append(gevent.spawn(_attempt_into, info, config, deadline, results))
+                running += 1
+            start_next = False
+            if not running:
+                break
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                break
+            try:
+                ok, value = results.get(
+                    timeout=min(ATTEMPT_DELAY, remaining) if waiting else remaining
+                )
+            except gqueue.Empty:
+                start_next = True  # the delay passed: start the next one beside it
+                continue
+            running -= 1
+            if ok:
+                return value
+            last_exc = value
+            start_next = True  # failed: the next one at once
+    finally:
+        gevent.killall(attempts, block=True)
+        while not results.empty():  # a loser that connected too
+            ok, value = results.get_nowait()
+            if ok:
+                close_quietly(value)
+    if last_exc is None or running:
         last_exc = TimeoutError(f"connect timed out after {fmt_seconds(budget)}")
     raise last_exc
+
+
+def _run_setup(setup: SetupHook, sock: Any, deadline: float) -> None:
+    """Run the hook within what is left of the dial's budget: the socket's timeout
+    bounds its I/O, a timer of our own anything else it blocks on (a lock, a queue).
+    Running out raises ``TimeoutError``, so the dial fails; a caller's own
+    ``gevent.Timeout`` passes through untouched."""
+    remaining = max(deadline - monotonic(), 1e-6)
+    sock.settimeout(remaining)
+    timer = gevent.Timeout(remaining)
+    timer.start()
+    try:
+        setup(sock)
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise TimeoutError(f"setup hook did not finish within {fmt_seconds(remaining)}") from None
+    finally:
+        timer.close()
 
 
 def dial(
@@ -172,9 +264,7 @@ def dial(
             sock.do_handshake()
         if setup is not None:
             stage = "setup"
-            # Bounded like the rest: a hook blocked on a silent server fails the dial.
-            sock.settimeout(max(deadline - monotonic(), 1e-6))
-            setup(sock)
+            _run_setup(setup, sock, deadline)
         sock.settimeout(None)
     except Exception as exc:
         close_quietly(sock)

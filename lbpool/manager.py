@@ -20,6 +20,7 @@ import gevent
 from lbpool._affinity import Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound
 from lbpool._upkeep import Upkeep
+from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
@@ -31,6 +32,7 @@ from lbpool.errors import (
     ConfigProblem,
     DialError,
     PoolClosed,
+    PoolExhausted,
     PoolTimeout,
     UnknownBackend,
 )
@@ -189,11 +191,14 @@ class Backend:
         return placement.owner(key, _monotonic() + limit, limit)
 
     def acquire(self, timeout: float | None = None, key: Key | None = None) -> PooledConnection:
-        """Borrow from the server the strategy picks; fail over when a dial fails.
+        """Borrow from the server the strategy picks; fail over when a dial fails or the
+        server is full. One deadline, ``timeout``, bounds the whole of it.
 
         A key-affinity backend needs ``key`` (``ValueError`` without one) and tries the
         key's owner, then its fallbacks (``hash_fallback``); other strategies ignore it.
         """
+        if timeout is not None:  # before anything changes, on every path
+            timeout = valid_timeout(timeout, f"backend {self.name!r}")
         placement = self._placement
         if placement is None:
             return self._acquire(timeout, None)
@@ -210,7 +215,9 @@ class Backend:
 
     def _acquire(self, timeout: float | None, picker: Picker | None) -> PooledConnection:
         """Borrow from the server ``picker`` names (None: the balancer, read at each
-        pick, as a reload may replace it); fail over when a dial fails."""
+        pick, as a reload may replace it); fail over when a dial fails or the server is
+        full (a full server is not a failed one: its breaker is not charged). One
+        deadline, ``timeout``, bounds the whole of it."""
         start = _monotonic()
         pool = self._only
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
@@ -218,10 +225,22 @@ class Backend:
             if idx is None:
                 return self._failover(start, timeout, {}, picker)
             pool = self.pools[idx]
+            if picker is None and not pool.can_serve_now():  # a key keeps to its owner
+                pool = self._instead_of_full(idx, pool)
         try:
             return pool.acquire(timeout)
-        except (DialError, PoolClosed) as exc:
+        except (DialError, PoolClosed, PoolExhausted) as exc:
             return self._failover(start, timeout, {pool: exc}, picker)
+
+    def _instead_of_full(self, idx: int, full: Pool) -> Pool:
+        """``full`` could only queue the caller: another eligible server that can
+        serve at once, if there is one (it would be asked again by the strategy)."""
+        other = self._balancer.pick(frozenset((idx,)))
+        if other is not None:
+            pool = self.pools[other]
+            if pool.can_serve_now():
+                return pool
+        return full
 
     def _failover(
         self,
@@ -239,6 +258,9 @@ class Backend:
             if idx is None:
                 if self.closed:
                     raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+                shed = [e for e in errors.values() if isinstance(e, PoolExhausted)]
+                if shed and len(shed) == len(errors):
+                    raise shed[-1]  # every server full, none failed
                 raise self._unavailable(errors)
             pool = pools[idx]
             remaining = deadline - _monotonic()
@@ -249,7 +271,7 @@ class Backend:
                 )
             try:
                 return pool.acquire(remaining)
-            except (DialError, PoolClosed) as exc:
+            except (DialError, PoolClosed, PoolExhausted) as exc:
                 errors[pool] = exc
 
     def _unavailable(self, errors: Mapping[Pool, BaseException]) -> BackendUnavailable:

@@ -6,6 +6,11 @@ while waiting, dialing or checking) gives back what it held: a connection handed
 a waiter that died is passed on, a reserved dial slot is freed, a half-dialed socket
 is closed. That is the known failure of pools under gevent, designed out here.
 
+One deadline bounds an acquisition: waiting, each borrow check (at most the time left),
+the dial with its setup hook. Work that may outlast the deadline (a dial, a configured
+check) runs as an errand in its own greenlet, so the caller leaves on time while the
+work reaches its verdict for the breaker; what the errand gets is handed on.
+
 Where state changes (none of these yields): a slot leaves only through ``_slot_gone``
 (via ``_retire`` for a connection, ``_unreserve`` for a dial slot); capacity reaches
 waiters only through ``_hand_on`` (and its inlined copy in ``_return``). The waiter
@@ -25,14 +30,24 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from time import monotonic as _monotonic
-from typing import Any
+from typing import Any, cast
 
 import gevent
 from gevent.event import Event
 
+from lbpool._net import close_quietly
 from lbpool._ownership import ThreadBound, get_ident
 from lbpool._upkeep import Upkeep
-from lbpool._waiters import BROKEN, CLOSED, PERMIT, TIMED_OUT, WAITING, Waiter, WaitQueue
+from lbpool._waiters import (
+    BROKEN,
+    CLOSED,
+    PERMIT,
+    TIMED_OUT,
+    WAITING,
+    Waiter,
+    WaitQueue,
+    valid_timeout,
+)
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
@@ -53,6 +68,16 @@ def _nothing() -> None:
 
 # The longest an at-rest pool's upkeep sleeps before looking again anyway.
 _MAX_REST = 60.0
+
+
+class _Errand:
+    """A dial or check run in its own greenlet for a caller who may not wait for its
+    end. ``detached``: the caller has gone, so the errand hands on what it gets."""
+
+    __slots__ = ("detached",)
+
+    def __init__(self) -> None:
+        self.detached = False
 
 
 class Pool(ThreadBound):
@@ -90,6 +115,9 @@ class Pool(ThreadBound):
         self._busy: dict[_Conn, PooledConnection] = {}
         self._size = 0  # open connections + reserved dial slots
         self._pending = 0  # reserved dial slots: dials in progress or about to start
+        # connections under a check, or got by an errand (a dial or check in its own
+        # greenlet) for a caller not awake yet: counted as pending in stats
+        self._held = 0
         self._handed = 0  # connections handed to a waiter that has not woken yet
         self._refilling = 0  # of which: upkeep refills
         self._closing = False
@@ -99,7 +127,7 @@ class Pool(ThreadBound):
         # called by an acquisition that had to wait or dial: wakes an upkeep at rest
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
-        self._dialers: set[gevent.Greenlet] = set()
+        self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
@@ -184,7 +212,7 @@ class Pool(ThreadBound):
         self._dialers.clear()
         for conn in inherited:
             conn.close()
-        self._size = self._pending = self._refilling = self._handed = 0
+        self._size = self._pending = self._refilling = self._handed = self._held = 0
         self._drained = Event()
         self._changed = Event()
         self._reset_counters()
@@ -199,29 +227,48 @@ class Pool(ThreadBound):
     @property
     def active(self) -> int:
         """Connections in use plus dials in progress: the load a balancer compares."""
-        return len(self._busy) + self._pending + self._handed
+        return len(self._busy) + self._pending + self._handed + self._held
+
+    def can_serve_now(self) -> bool:
+        """Could an acquisition be served without queueing (an idle connection, or a
+        free slot to dial into with nobody ahead)? Never yields."""
+        return bool(self._idle) or (self._size < self._max_size and not self._waiters)
 
     def get(self, timeout: float | None = None) -> PooledConnection:
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)
 
     def acquire(self, timeout: float | None = None) -> PooledConnection:
-        """Borrow a connection within ``timeout`` (default: ``acquire_timeout``)."""
+        """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
+
+        One deadline bounds all of it: each borrow check gets at most the time left
+        (and past the deadline no further idle connection is taken), the wait, the
+        dial with its setup hook (and, for a half-open trial, its check).
+        """
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
+        if timeout is not None:  # checked first, on every path: nothing has changed yet
+            timeout = valid_timeout(timeout, self.name)
         if self._closing:
             raise PoolClosed(f"{self.name}: pool is closed")
         idle = self._idle
         if idle and not self.breaker.is_closed:
             self._drop_idle()  # not while the breaker is not closed: a trial is a dial
+        deadline = 0.0  # made on the first borrow check (the uncontended path needs none)
         while idle:
             conn = idle.pop()
             now = _monotonic()
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
                 continue
-            if now - conn.checked_at >= self._check_after and not self._borrow_check(conn):
-                continue
+            if now - conn.checked_at >= self._check_after:
+                if not deadline:
+                    deadline = now + (self._acquire_timeout if timeout is None else timeout)
+                elif now >= deadline:
+                    idle.append(conn)  # unchecked, untouched: past the deadline, not taken
+                    break
+                if not self._borrow_check(conn, deadline - now):
+                    continue
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
@@ -229,14 +276,18 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
-        return self._acquire_slow(timeout)
+        return self._acquire_slow(timeout, deadline)
 
-    def _acquire_slow(self, timeout: float | None) -> PooledConnection:
-        if timeout is not None and timeout != timeout:
-            raise ValueError(f"{self.name}: acquire timeout must be a number of seconds, not NaN")
+    def _acquire_slow(self, timeout: float | None, deadline: float) -> PooledConnection:
+        if self._closing:  # closed during a borrow check
+            raise PoolClosed(f"{self.name}: pool is closed")
         self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
-        deadline = start + (self._acquire_timeout if timeout is None else timeout)
+        if not deadline:
+            deadline = start + (self._acquire_timeout if timeout is None else timeout)
+        elif start >= deadline:  # borrow checks used up the time
+            self._timeouts += 1
+            raise PoolTimeout(f"{self.name}: acquire deadline passed during borrow checks")
         if self._size < self._max_size and not self._waiters:
             self._reserve()
             return self._lend_new(deadline)
@@ -314,10 +365,17 @@ class Pool(ThreadBound):
         return self._lend(conn, conn.created_at)
 
     # -- dialing ------------------------------------------------------------------
-    def _dial_reserved(self, remaining: float | None) -> _Conn:
-        """For an acquisition: ask the breaker, mind the deadline, then ``_open``."""
+    def _dial_reserved(self, remaining: float) -> _Conn:
+        """For an acquisition: ask the breaker, mind the deadline, then ``_open``.
+
+        A dial that may outlast the caller's deadline runs in its own greenlet (an
+        errand): the caller waits for it at most ``remaining`` and, if it gives up, the
+        dial goes on to its verdict -- a failure counts against the breaker, a
+        connection is handed on -- so a server whose connects never complete is judged
+        on ``dial.timeout`` whatever its callers' deadlines.
+        """
         breaker = self.breaker
-        trial = False
+        trial = 0
         if not breaker.is_closed:
             if not breaker.allow_dial():
                 self._unreserve()
@@ -325,56 +383,134 @@ class Pool(ThreadBound):
                     self.name,
                     f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
                 )
-            trial = True
-        if remaining is not None and remaining <= 0:
+            trial = breaker.trial_token
+        if remaining <= 0:
             if trial:
-                breaker.abandon_trial()
+                breaker.abandon_trial(trial)
             self._unreserve()
             self._timeouts += 1
             raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
-        try:
-            conn = self._open(remaining, trial)
-        except DialError as exc:
-            if self._cut_short(exc, remaining):
-                self._timeouts += 1
-                raise PoolTimeout(f"{self.name}: acquire deadline passed while dialing") from exc
-            raise
+        if remaining >= self._verdict_time(trial):
+            conn = self._open(trial)
+        else:
+            conn = self._dial_errand(trial, remaining)
         if self._closing:
             self._retire(conn, "discarded")
             raise PoolClosed(f"{self.name}: pool closed while dialing")
         return conn
 
-    def _cut_short(self, exc: DialError, timeout: float | None) -> bool:
-        """Did the dial time out on our caller's deadline rather than the server's?"""
-        return (
-            timeout is not None
-            and timeout < self.dial_config.timeout
-            and isinstance(exc.__cause__, TimeoutError)
-        )
+    def _verdict_time(self, trial: int) -> float:
+        """The longest a dial (with a trial's check) takes to reach its verdict."""
+        limit = self.dial_config.timeout
+        if trial and self._check_configured:
+            limit += self.health_config.timeout
+        return limit
 
-    def _open(self, timeout: float | None, trial: bool) -> _Conn:
-        """Dial into a slot reserved in ``_size`` and ``_pending``; any failure frees it.
+    def _dial_errand(self, trial: int, remaining: float) -> _Conn:
+        """Dial in an errand greenlet; wait for it at most ``remaining``."""
+        errand = _Errand()
+        g = gevent.spawn(self._run_dial_errand, errand, trial)
+        self._dialers.add(g)
+        result = self._await_errand(errand, g, remaining)
+        if isinstance(result, _Conn):
+            self._held -= 1
+            return result
+        if isinstance(result, DialError):
+            raise result
+        if result is None:  # still dialing: it goes on alone
+            self._timeouts += 1
+            raise PoolTimeout(
+                f"{self.name}: acquire deadline passed while dialing "
+                f"(the dial goes on, up to dial.timeout {self.dial_config.timeout:.3g}s)"
+            )
+        if isinstance(result, gevent.GreenletExit):  # killed by close()
+            raise PoolClosed(f"{self.name}: pool closed while dialing")
+        raise cast(BaseException, result)
 
-        A failed dial counts against the breaker (unless only our caller's deadline
-        cut it short) and gets the server's idle connections checked; an interrupted
-        one gives back the breaker's trial.
+    def _await_errand(self, errand: _Errand, g: gevent.Greenlet, remaining: float) -> object:
+        """The errand's result, or None if it is still running after ``remaining`` (it is
+        then detached: it hands on what it gets). Interrupted: detached likewise."""
+        try:
+            g.join(remaining)
+        except BaseException:
+            self._detach(errand, g)
+            raise
+        if g.dead:
+            return g.value if g.successful() else g.exception
+        errand.detached = True
+        return None
+
+    def _detach(self, errand: _Errand, g: gevent.Greenlet) -> None:
+        """Its caller is gone: the errand hands on its result itself, or, finished
+        already, its result (a connection, held for the caller) is handed on here.
+        Never yields."""
+        if not g.dead:
+            errand.detached = True
+        elif g.successful() and isinstance(g.value, _Conn):
+            self._held -= 1
+            self._hand_on(g.value)
+
+    def _run_dial_errand(self, errand: _Errand, trial: int) -> object:
+        try:
+            try:
+                conn = self._open(trial)
+            except DialError as exc:
+                return exc
+            if errand.detached:
+                self._hand_on(conn)
+                return None
+            self._held += 1  # until its caller wakes and takes it
+            return conn
+        finally:
+            self._dialers.discard(gevent.getcurrent())
+
+    def _open(self, trial: int) -> _Conn:
+        """Dial into a slot reserved in ``_size`` and ``_pending``, within ``dial.timeout``;
+        any failure frees it.
+
+        A failed dial counts against the breaker and gets the server's idle connections
+        checked; a successful one ends a streak of dial failures. A half-open trial
+        (``trial``: its token) closes the breaker only once the configured check passes
+        on the new connection; an interrupted one gives back the trial.
         """
         try:
-            sock = _dial(self.address, self.dial_config, timeout=timeout, setup=self._setup)
+            sock = _dial(self.address, self.dial_config, setup=self._setup)
         except BaseException as exc:
-            failed = isinstance(exc, DialError) and not self._cut_short(exc, timeout)
+            failed = isinstance(exc, DialError)
             if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
             elif trial:
-                self.breaker.abandon_trial()
-            self._unreserve(exc if failed else None)
+                self.breaker.abandon_trial(trial)
+            self._unreserve(exc if failed else None, trial, dial=True)
             raise
+        if trial and self._check_configured:
+            self._check_trial(sock, trial)
         self._pending -= 1
+        breaker = self.breaker
         if trial:
-            self.breaker.record_success()
+            breaker.record_success(trial)
+        elif breaker._failure_count:
+            breaker.record_dial_success()
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now))
+
+    def _check_trial(self, sock: socket.socket, trial: int) -> None:
+        """The configured check on a half-open trial's new connection: its verdict."""
+        try:
+            check_health(sock, self.health_config)
+        except (Unhealthy, OSError) as exc:
+            close_quietly(sock)
+            self._dial_failures += 1
+            err = DialError(self.name, f"trial connection failed its health check: {exc}")
+            self._last_dial_error = err
+            self._unreserve(exc, trial, dial=True)
+            raise err from exc
+        except BaseException:
+            close_quietly(sock)
+            self.breaker.abandon_trial(trial)
+            self._unreserve()
+            raise
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
@@ -389,7 +525,7 @@ class Pool(ThreadBound):
         conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
         if breaker._failure_count:  # a clean use ends a streak of failures
-            breaker.record_success()
+            breaker.record_success(None)  # None: not a half-open trial's verdict
         if now >= conn.expires_at:
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
@@ -442,16 +578,20 @@ class Pool(ThreadBound):
         conn.close()
         self._slot_gone(failure)
 
-    def _unreserve(self, failure: BaseException | None = None) -> None:
+    def _unreserve(
+        self, failure: BaseException | None = None, trial: int = 0, *, dial: bool = False
+    ) -> None:
         """A reserved dial slot (counted in ``_size`` and ``_pending``) is given back
-        unused or failed; ``failure`` goes to the breaker; then the slot is handed on."""
+        unused or failed; ``failure`` goes to the breaker (as the outcome of half-open
+        trial ``trial``, if not 0; ``dial``: a failed dial); then the slot is handed on."""
         self._pending -= 1
-        self._slot_gone(failure)
+        self._slot_gone(failure, trial, dial)
 
-    def _slot_gone(self, failure: BaseException | None) -> None:
+    def _slot_gone(self, failure: BaseException | None, trial: int = 0, dial: bool = False) -> None:
         self._size -= 1  # the only decrement: every slot leaves through here
         if failure is not None:  # counted before the slot moves: a listener sees exact stats
-            self.breaker.record_failure(failure)
+            # trial None: an error on a connection in use cannot end a trial in flight
+            self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
         self._hand_on()
 
@@ -479,34 +619,77 @@ class Pool(ThreadBound):
             waiters.hand(PERMIT)
 
     # -- health -------------------------------------------------------------------
-    def _borrow_check(self, conn: _Conn) -> bool:
+    def _borrow_check(self, conn: _Conn, remaining: float | None = None) -> bool:
         """Check a connection taken off the idle stack; close it if it fails.
 
-        The connection belongs to no one while it is checked, so an interruption
-        closes it and frees its slot rather than losing it.
+        The peek finds a peer that closed (servers close idle connections routinely:
+        not charged) or sent unexpected bytes. A configured check that fails counts
+        against the breaker, as an error on a connection in use. With ``remaining``
+        (a caller's time left) shorter than the check's timeout, the check runs as an
+        errand the caller waits for at most ``remaining``; if it gives up, the check
+        goes on to its verdict. The connection belongs to no one while it is checked,
+        so an interruption closes it and frees its slot rather than losing it.
         """
-        try:
-            healthy = self._is_healthy(conn)
-        except BaseException:
-            self._retire(conn, "unhealthy")
-            raise
-        if healthy:
-            conn.checked_at = _monotonic()
-            return True
-        self._retire(conn, "unhealthy")
-        return False
-
-    def _is_healthy(self, conn: _Conn) -> bool:
         if not peek_alive(conn.sock):
             _log.debug("%s: idle connection found closed or dirty", self.name)
+            self._retire(conn, "unhealthy")
             return False
         if self._check_configured:
+            if remaining is not None and remaining < self.health_config.timeout:
+                return self._check_errand(conn, remaining)
+            self._held += 1
             try:
-                check_health(conn.sock, self.health_config)
-            except (Unhealthy, OSError) as exc:
-                _log.info("%s: health check failed: %s", self.name, exc)
+                failure = self._run_check(conn)
+            except BaseException:
+                self._held -= 1
+                self._retire(conn, "unhealthy")
+                raise
+            self._held -= 1
+            if failure is not None:
+                self._retire(conn, "unhealthy", failure)
                 return False
+        conn.checked_at = _monotonic()
         return True
+
+    def _run_check(self, conn: _Conn) -> BaseException | None:
+        """The configured check, bounded by ``health_check.timeout``: its failure or None."""
+        try:
+            check_health(conn.sock, self.health_config)
+        except (Unhealthy, OSError) as exc:
+            _log.info("%s: health check failed: %s", self.name, exc)
+            return exc
+        return None
+
+    def _check_errand(self, conn: _Conn, remaining: float) -> bool:
+        errand = _Errand()
+        self._held += 1  # until the check's verdict, or its caller takes it
+        g = gevent.spawn(self._run_check_errand, errand, conn)
+        self._dialers.add(g)
+        if self._await_errand(errand, g, remaining) is conn:
+            self._held -= 1
+            return True
+        return False
+
+    def _run_check_errand(self, errand: _Errand, conn: _Conn) -> _Conn | None:
+        try:
+            try:
+                failure = self._run_check(conn)
+            except BaseException:
+                self._held -= 1
+                self._retire(conn, "unhealthy")
+                raise
+            if failure is not None:
+                self._held -= 1
+                self._retire(conn, "unhealthy", failure)
+                return None
+            conn.checked_at = _monotonic()
+            if errand.detached:
+                self._held -= 1
+                self._hand_on(conn)
+                return None
+            return conn  # still held: its caller takes it
+        finally:
+            self._dialers.discard(gevent.getcurrent())
 
     # -- upkeep -------------------------------------------------------------------
     def _start_upkeep(self) -> None:
@@ -525,7 +708,13 @@ class Pool(ThreadBound):
         cfg = self.config
         if self._closing:
             return float("inf")
-        if self._busy or self._waiters or self._pending or len(self._idle) < cfg.min_idle:
+        if (
+            self._busy
+            or self._waiters
+            or self._pending
+            or self._held
+            or len(self._idle) < cfg.min_idle
+        ):
             return cfg.upkeep_interval
         interval = self.health_config.interval
         expire_idle = len(self._idle) > cfg.min_idle
@@ -606,11 +795,11 @@ class Pool(ThreadBound):
         started = 0
         breaker = self.breaker
         for _ in range(max(need, 0)):
-            trial = False
+            trial = 0
             if not breaker.is_closed:
                 if not breaker.allow_dial():
                     break
-                trial = True
+                trial = breaker.trial_token
             self._reserve()
             self._refilling += 1
             g = gevent.spawn(self._refill_one, trial)
@@ -620,10 +809,10 @@ class Pool(ThreadBound):
                 break
         return started
 
-    def _refill_one(self, trial: bool) -> None:
+    def _refill_one(self, trial: int) -> None:
         try:
             try:
-                conn = self._open(None, trial)
+                conn = self._open(trial)
             except DialError as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
                 return
@@ -703,7 +892,7 @@ class Pool(ThreadBound):
             size=self._size,
             idle=len(self._idle),
             in_use=len(self._busy) + self._handed,
-            pending=self._pending,
+            pending=self._pending + self._held,
             waiting=len(self._waiters),
             acquired=acquired,
             hits=self._hits,

@@ -18,6 +18,7 @@ import gevent
 import pytest
 import trustme
 
+from lbpool.config import Address
 from lbpool.manager import PoolManager
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, _LoopbackServer
@@ -28,6 +29,7 @@ from tests.support.leaks import (
     open_fds,
     settle,
 )
+from tests.support.net import black_hole_listener
 from tests.support.procs import ProcessEchoServer
 from tests.support.tls import TLSCerts
 
@@ -206,3 +208,12 @@ def tls_echo_server(tls_certs: TLSCerts) -> Iterator[EchoServer]:
     """A started TLS ``EchoServer`` (certificate from ``tls_certs``), stopped at teardown."""
     with EchoServer(ssl_context=tls_certs.server_context()) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def black_hole() -> Iterator[Address]:
+    """A loopback address where connects never complete (``black_hole_listener``)."""
+    with black_hole_listener() as address:
+        if address is None:
+            pytest.skip("could not fill a listen queue on this kernel")
+        yield address

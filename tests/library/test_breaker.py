@@ -438,3 +438,59 @@ def test_repr_and_error_message_with_float_remaining() -> None:
     clock.advance(0.1)
     assert "open" in repr(b)
     assert "sec remaining" in str(CircuitBreakerError(b))
+
+
+# -- evidence: trial tokens, dial-only streaks (DESIGN 15) -------------------------------
+
+
+def _half_open(threshold: int = 1) -> tuple[Breaker, list[float]]:
+    now = [0.0]
+    breaker = Breaker(
+        "s", BreakerConfig(failure_threshold=threshold, recovery_timeout=1), clock=lambda: now[0]
+    )
+    for _ in range(threshold):
+        breaker.record_failure(OSError("x"))
+    now[0] = 1.0
+    return breaker, now
+
+
+def test_a_report_that_is_not_the_trial_does_not_end_it() -> None:
+    breaker, _ = _half_open()
+    assert breaker.allow_dial()
+    token = breaker.trial_token
+    assert token
+    breaker.record_failure(OSError("old connection"), None)  # not the trial's
+    assert breaker.state == "half_open" and breaker.trial_in_flight
+    breaker.record_success(None)  # a clean release of an old connection
+    assert breaker.state == "half_open" and breaker.trial_in_flight
+    breaker.abandon_trial(None)
+    assert breaker.trial_in_flight
+    assert not breaker.allow_dial()  # still one trial
+    breaker.record_success(token)
+    assert breaker.state == "closed"
+
+
+def test_a_stale_trial_cannot_release_the_next_one() -> None:
+    breaker, _ = _half_open()
+    assert breaker.allow_dial()
+    stale = breaker.trial_token
+    breaker.abandon_trial(stale)
+    assert breaker.allow_dial()
+    breaker.abandon_trial(stale)  # the old one, late: not the trial in flight
+    assert breaker.trial_in_flight
+    breaker.record_failure(OSError("x"), stale)
+    assert breaker.state == "half_open"
+
+
+def test_dial_success_ends_only_a_streak_of_dial_failures() -> None:
+    breaker = Breaker("s", BreakerConfig(failure_threshold=3))
+    breaker.record_failure(OSError("refused"), dial=True)
+    breaker.record_failure(OSError("refused"), dial=True)
+    breaker.record_dial_success()
+    assert breaker.failure_count == 0
+    breaker.record_failure(OSError("reset in use"))
+    breaker.record_failure(OSError("refused"), dial=True)
+    breaker.record_dial_success()
+    assert breaker.failure_count == 2  # includes an error in use: only a clean use ends it
+    breaker.record_success(None)
+    assert breaker.failure_count == 0

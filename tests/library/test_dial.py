@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -14,6 +14,7 @@ import trustme
 from gevent import socket as gsocket
 from gevent.event import Event
 
+import lbpool.dial
 from lbpool.config import Address, DialConfig, TLSConfig
 from lbpool.dial import dial, make_ssl_context
 from lbpool.errors import DialError
@@ -41,34 +42,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
-
-
-@pytest.fixture(scope="module")
-def black_hole() -> Iterator[Address]:
-    """A loopback address where connects hang: a backlog-0 listener whose accept
-    queue is full, so Linux drops every further SYN (deterministic, no routing tricks)."""
-    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers = []
-    address = Address("127.0.0.1", listener.getsockname()[1])
-    try:
-        for _ in range(16):
-            filler = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            filler.settimeout(0.1)
-            try:
-                filler.connect(address)
-            except OSError:  # timed out: the queue is full, SYNs are dropped now
-                filler.close()
-                break
-            fillers.append(filler)
-        else:
-            pytest.skip("could not fill a listen queue on this kernel")
-        yield address
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 # -- plain TCP ------------------------------------------------------------------
@@ -387,3 +360,76 @@ def test_kill_in_setup_hook(echo_server: EchoServer, no_fd_leak: None) -> None:
     g.kill(block=True, timeout=2)
     assert g.dead
     echo_server.wait_active(0, timeout=2)
+
+
+# -- the setup hook within the dial's budget; several addresses (DESIGN 14, 18) ---------
+
+
+def test_setup_hook_blocked_off_the_socket_fails_the_dial_on_time(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    never = Event()
+
+    def setup(sock: Any) -> None:
+        never.wait(30)  # not the socket: its timeout cannot bound this
+
+    start = monotonic()
+    with pytest.raises(DialError, match="setup hook") as info:
+        dial(addr(echo_server), DialConfig(timeout=0.3), setup=setup)
+    assert monotonic() - start < 0.3 + 0.5
+    assert isinstance(info.value.__cause__, TimeoutError)
+
+
+def test_caller_timeout_inside_setup_hook_propagates(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    """The dial's own timer is turned into a DialError; a caller's gevent.Timeout is not."""
+    never = Event()
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.1):
+        dial(addr(echo_server), DialConfig(timeout=5), setup=lambda sock: never.wait(30))
+
+
+def two_addresses(first: Address, second: Address) -> list[Any]:
+    return [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (first.host, first.port)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (second.host, second.port)),
+    ]
+
+
+def test_unreachable_first_address_costs_the_attempt_delay_not_the_budget(
+    echo_server: EchoServer,
+    black_hole: Address,
+    monkeypatch: pytest.MonkeyPatch,
+    no_fd_leak: None,
+) -> None:
+    infos = two_addresses(black_hole, addr(echo_server))
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: infos)
+    start = monotonic()
+    sock = dial(Address("two.example", 1), DialConfig(timeout=2))
+    took = monotonic() - start
+    assert lbpool.dial.ATTEMPT_DELAY - 0.05 < took < lbpool.dial.ATTEMPT_DELAY + 0.5
+    roundtrip(sock)
+    sock.close()  # the loser (the black-hole attempt) was closed by dial: no_fd_leak
+
+
+def test_refused_first_address_starts_the_next_at_once(
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    infos = two_addresses(Address("127.0.0.1", free_port()), addr(echo_server))
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: infos)
+    start = monotonic()
+    sock = dial(Address("two.example", 1), DialConfig(timeout=2))
+    assert monotonic() - start < lbpool.dial.ATTEMPT_DELAY
+    roundtrip(sock)
+    sock.close()
+
+
+def test_every_address_unreachable_times_out_within_the_budget(
+    black_hole: Address, monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    infos = two_addresses(black_hole, black_hole)
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: infos)
+    start = monotonic()
+    with pytest.raises(DialError, match="timed out"):
+        dial(Address("two.example", 1), DialConfig(timeout=0.5))
+    assert monotonic() - start < 0.5 + 0.5

@@ -23,6 +23,7 @@ from lbpool import (
     PoolTimeout,
     UnknownBackend,
 )
+from lbpool.testing import EchoServer
 from tests.support.leaks import settle
 
 
@@ -602,3 +603,97 @@ def test_lbpool_errors_raised_in_a_with_block_do_not_charge_its_server(
         assert stats.closed["error"] == 1  # discarded all the same: its stream is unknown
         if blocker is not None:
             blocker.release()
+
+
+# -- a bad timeout is refused before anything changes (DESIGN 14) ----------------------
+
+
+@pytest.mark.parametrize(
+    "bad", [1j, float("nan"), True, "0.5"], ids=["complex", "nan", "bool", "str"]
+)
+def test_bad_timeout_is_refused_by_the_manager(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    bad: object,
+) -> None:
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = make_manager(
+        {"backends": {"b": {"servers": [a.address, b.address], "pool": {"min_idle": 0}}}}
+    )
+    manager.get("b").release()  # one idle connection: the fast path is open
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        manager.get("b", timeout=bad)  # type: ignore[arg-type]
+    for pool in manager.backends["b"].pools:
+        s = pool.stats()
+        assert (s.waiting, s.in_use, s.timeouts) == (0, 0, 0), s
+
+
+# -- a full server is not a failed one (DESIGN 17) -------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_active", "weighted", "random"])
+@pytest.mark.parametrize("max_waiting", [1, 0], ids=["sheds", "queues"])
+def test_full_server_sends_callers_to_another_server(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    strategy: str,
+    max_waiting: int,
+) -> None:
+    """A full (max_size 1, one caller queued), B idle: every new caller is served by B
+    at once, none refused or left to time out, and A's breaker is not charged."""
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "strategy": strategy,
+                    "servers": [a.address, b.address],
+                    "pool": {"min_idle": 0, "max_size": 1, "max_waiting": max_waiting},
+                }
+            }
+        }
+    )
+    pool_a = manager.backends["b"].pools[0]
+    held = pool_a.acquire(timeout=5)
+    queued = gevent.spawn(pool_a.acquire, 10)
+    gevent.sleep(0)
+    assert pool_a.stats().waiting == 1
+    for _ in range(10):
+        start = monotonic()
+        with manager.get("b", timeout=0.5) as conn:
+            assert conn.address == b.address
+        assert monotonic() - start < 0.5
+    s = pool_a.stats()
+    assert (s.waiting, s.shed, s.timeouts) == (1, 0, 0), s
+    assert pool_a.breaker.failure_count == 0 and pool_a.breaker.state == "closed"
+    held.release()
+    queued.get(timeout=5).release()
+
+
+def test_every_server_full_and_shedding_is_pool_exhausted(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+) -> None:
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "servers": [a.address, b.address],
+                    "pool": {"min_idle": 0, "max_size": 1, "max_waiting": 1},
+                }
+            }
+        }
+    )
+    pools = manager.backends["b"].pools
+    held = [p.acquire(timeout=5) for p in pools]
+    queued = [gevent.spawn(p.acquire, 10) for p in pools]
+    gevent.sleep(0)
+    with pytest.raises(lbpool.PoolExhausted):
+        manager.get("b", timeout=1)
+    for pool in pools:
+        assert pool.breaker.failure_count == 0
+    for conn in held:
+        conn.release()
+    for g in queued:
+        g.get(timeout=5).release()

@@ -308,7 +308,7 @@ def test_killed_during_borrow_check_frees_slot(server: EchoServer, no_fd_leak: N
         upkeep=False,
     )
     pool.acquire().release()
-    g = gevent.spawn(pool.acquire)
+    g = gevent.spawn(pool.acquire, 30)  # time for the whole check: it runs in the caller
     assert entered.wait(5)
     g.kill()
     s = pool.stats()
@@ -660,3 +660,41 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         assert fast._busy == {h_fast._conn: h_fast} and canon._busy == {conn: h_canon}
         h_fast.release()
         h_canon.release()
+
+
+# -- arguments are checked before anything changes (DESIGN 14) -------------------------
+
+BAD_TIMEOUTS = [1j, float("nan"), True, "0.5"]
+
+
+@pytest.mark.parametrize("bad", BAD_TIMEOUTS, ids=["complex", "nan", "bool", "str"])
+@pytest.mark.parametrize("path", ["idle", "full"])
+def test_bad_timeout_is_refused_before_any_change(
+    server: EchoServer, no_fd_leak: None, bad: object, path: str
+) -> None:
+    """On the fast path (an idle connection ready) and the slow one (a full pool, so
+    the caller would queue), a bad ``timeout`` raises an error naming it, and the pool
+    is untouched: no waiter queued, the timer intact, the next release goes on."""
+    pool = make_pool(server, max_size=1)
+    held = pool.acquire()
+    if path == "idle":
+        held.release()
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        pool.acquire(timeout=bad)  # type: ignore[arg-type]
+    s = pool.stats()
+    assert s.waiting == 0 and s.timeouts == 0, s
+    assert_consistent(pool)
+    if path == "full":
+        follower = gevent.spawn(pool.acquire, 5)
+        gevent.sleep(0)  # queued
+        assert pool.stats().waiting == 1
+        held.release()  # handed to the follower, not lost
+        follower.get(timeout=5).release()
+    start = monotonic()
+    with pytest.raises(PoolTimeout):  # the one timer still works
+        blocker = pool.acquire(timeout=1)
+        pool.acquire(timeout=0.1)
+    assert monotonic() - start < 0.1 + 0.5
+    blocker.release()
+    assert_consistent(pool)
+    pool.close()

@@ -12,7 +12,9 @@ caller queued behind the interrupted one is still served), no leaked socket
 (``no_fd_leak``) and no lbpool greenlet left behind.
 
 Yield points covered (acquire): queued in the pool's waiter list; handed a connection,
-woken not yet; handed a dial permit, woken not yet; inside the TCP connect; inside the
+woken not yet; handed a dial permit, woken not yet; inside the TCP connect; inside a
+Happy Eyeballs race of two addresses; waiting for an errand (a dial or check that may
+outlast the caller's deadline, in its own greenlet); inside the
 TLS handshake; inside the ``setup`` hook; inside the borrow health check (send/expect
 and hook); in an upkeep refill dial (also as the breaker's half-open trial); and the
 drain wait of ``close``. Release: proven to never switch greenlets, in every state it
@@ -145,7 +147,10 @@ def config(
     pool_cfg: dict[str, Any] = {
         "min_idle": 0,
         "max_size": 1,
-        "acquire_timeout": 30,
+        # longer than dial.timeout and health_check.timeout (30 s): dials and checks
+        # run in the caller's greenlet (shorter deadlines run them as errands: see
+        # the errand tests below)
+        "acquire_timeout": 90,
         "check_after": 3600,
         "upkeep_interval": 3600,  # upkeep only where a test runs it
     }
@@ -464,6 +469,101 @@ def test_interrupt_during_refill_dial(
     round_trip(conn)
     assert pool.breaker.state == "closed"
     finish(manager, conn)
+
+
+# -- waiting for an errand: a dial or check that may outlast the caller's deadline ----------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("then", ["verdict", "close"])
+def test_interrupt_while_waiting_for_a_dial_errand(
+    backlog: BacklogServer, no_fd_leak: None, kind: str, then: str
+) -> None:
+    """acquire_timeout (5 s) < dial.timeout (30 s): the dial is an errand. The caller,
+    interrupted while it waits, leaves; the dial goes on to its verdict (its connection
+    handed on to the idle stack), or is stopped by close -- no slot lost either way."""
+    manager = PoolManager(config([backlog.address], pool={"acquire_timeout": 5}))
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_await_errand")
+    pool = the_pool(manager)
+    assert len(pool._dialers) == 1
+    victim.interrupt(kind)
+    s = pool.stats()
+    assert (s.size, s.pending) == (1, 1), s  # the errand still holds its slot
+    assert_consistent(manager)
+    if then == "verdict":
+        backlog.unblock()
+        assert settle(lambda: pool.stats().idle == 1, WAIT)
+        assert pool.stats().pending == 0
+        conn = manager.acquire("svc")
+        assert conn.uses == 1  # the errand's connection (the backlog server does not echo)
+        assert backlog.listener.getsockname()[1] == int(conn.address.rsplit(":", 1)[1])
+        finish(manager, conn)
+    else:
+        finish(manager)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("then", ["verdict", "close"])
+def test_interrupt_while_waiting_for_a_check_errand(
+    server: EchoServer, no_fd_leak: None, kind: str, then: str
+) -> None:
+    gate = Gate()
+    manager = PoolManager(
+        config(
+            [server.address],
+            pool={"check_after": 0, "acquire_timeout": 5},
+            health_check={"hook": gate, "timeout": 30},
+        )
+    )
+    manager.acquire("svc").release()
+    victim = Caller(manager)
+    gate.wait_entered()
+    wait_in(victim.greenlet, "_await_errand")
+    victim.interrupt(kind)
+    pool = the_pool(manager)
+    s = pool.stats()
+    assert (s.size, s.idle, s.pending) == (1, 0, 1), s  # the connection is with its check
+    assert_consistent(manager)
+    if then == "verdict":
+        gate.open.set()
+        assert settle(lambda: pool.stats().idle == 1, WAIT)  # passed: handed back
+        assert pool.breaker.failure_count == 0
+        conn = manager.acquire("svc", timeout=60)
+        assert conn.uses == 2
+        round_trip(conn)
+        finish(manager, conn)
+    else:
+        finish(manager)
+        gate.open.set()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_during_a_happy_eyeballs_race(
+    backlog: BacklogServer, no_fd_leak: None, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name resolving to two addresses, both hanging: the caller waits on the race
+    (two attempt greenlets). Interrupted there, every attempt is stopped and closed."""
+    import lbpool.dial
+
+    port = int(backlog.address.rsplit(":", 1)[1])
+    info = (stdsocket.AF_INET, stdsocket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: [info, info])
+    manager = PoolManager(config([f"two.example:{port}"]))
+    victim = Caller(manager)
+    wait_in(victim.greenlet, "_connect")
+    pool = the_pool(manager)
+
+    def attempts() -> list[gevent.Greenlet]:
+        return [g for g in new_lbpool_greenlets() if g._run is lbpool.dial._attempt_into]
+
+    assert settle(lambda: len(attempts()) == 2, WAIT)  # the second after ATTEMPT_DELAY
+    victim.interrupt(kind)
+    assert not attempts()  # stopped with the caller (their sockets closed: no_fd_leak)
+    assert pool.breaker.failure_count == 0 and pool.stats().dial_failures == 0
+    s = pool.stats()
+    assert (s.size, s.pending) == (0, 0), s
+    finish(manager)
 
 
 # -- the drain wait of close -------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 from gevent import socket as gsocket
+
+from lbpool.config import Address
 
 
 def connect(address: str, timeout: float = 2.0) -> Any:
@@ -31,3 +36,33 @@ def ipv6_available() -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def black_hole_listener() -> Iterator[Address | None]:
+    """A loopback address where connects hang: a backlog-0 listener whose accept queue
+    is full, so Linux drops every further SYN (deterministic, no routing tricks).
+    Yields None when this kernel's queue could not be filled."""
+    listener = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    address = Address("127.0.0.1", listener.getsockname()[1])
+    try:
+        for _ in range(16):
+            filler = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.1)
+            try:
+                filler.connect(address)
+            except OSError:  # timed out: the queue is full, SYNs are dropped now
+                filler.close()
+                break
+            fillers.append(filler)
+        else:
+            yield None
+            return
+        yield address
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()

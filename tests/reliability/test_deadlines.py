@@ -1,0 +1,195 @@
+"""One deadline bounds everything an acquisition does (DESIGN 14, 17, 18).
+
+Each test is a situation from the field: a server that accepts and then hangs, a
+setup hook blocked on something other than the socket, connects that never complete
+while callers' deadlines are shorter than ``dial.timeout``, a name whose first
+address is unreachable. In every one a caller never waits past its timeout plus
+scheduling slack (``SLACK``), and the work cut short still reaches its verdict.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+import pytest
+from gevent.event import Event
+
+import lbpool.dial
+from lbpool import DialError, PoolManager, PoolTimeout
+from lbpool.config import Address, DialConfig, PoolConfig
+from lbpool.pool import Pool
+from lbpool.testing import EchoServer, recv_exact
+from tests.support.leaks import settle
+
+pytestmark = pytest.mark.timeout(30)
+
+SLACK = 0.5  # scheduling slack on a shared 2-core machine
+
+
+def opened_event(manager: PoolManager, address: str, state: str = "open") -> Event:
+    """An Event set when ``address``'s breaker enters ``state``."""
+    event = Event()
+
+    def listener(backend: str, addr: str, old: str, new: str) -> None:
+        if addr == address and new == state:
+            event.set()
+
+    manager.add_breaker_listener(listener)
+    return event
+
+
+def timed_get(manager: PoolManager, timeout: float) -> tuple[str | None, float]:
+    """(address served, or None on PoolTimeout; seconds taken)."""
+    start = monotonic()
+    try:
+        with manager.get("b", timeout=timeout) as conn:
+            served: str | None = conn.address
+    except PoolTimeout:
+        served = None
+    return served, monotonic() - start
+
+
+def test_hung_server_borrow_checks_bounded_by_deadline_and_charged(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    no_fd_leak: None,
+) -> None:
+    """A server that accepts but stops answering, idle connections due for a 1 s check,
+    callers with 0.3 s: each check gets at most the time left, no further idle
+    connection is taken past the deadline, no unchecked fresh connection is lent, and
+    the checks cut short go on to their verdict -- so the hung server's breaker opens
+    and callers fail over to the healthy one."""
+    hung, good = echo_server_factory(), echo_server_factory()
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "servers": [hung.address, good.address],
+                    "pool": {"min_idle": 3, "max_size": 6, "check_after": 0},
+                    "health_check": {"send": "PING\r\n", "expect": "+PONG", "timeout": 1},
+                    "breaker": {"failure_threshold": 2, "recovery_timeout": 60},
+                }
+            }
+        }
+    )
+    opened = opened_event(manager, hung.address)
+    manager.wait_ready(5)
+    hung.mode = "silent"  # reads every PING, answers none
+    outcomes = []
+    for _ in range(6):
+        served, took = timed_get(manager, 0.3)
+        assert took < 0.3 + SLACK, (served, took)
+        outcomes.append(served)
+    assert hung.address not in outcomes  # never a connection to the hung server
+    assert opened.wait(5)  # the checks went on to their 1 s verdicts and were charged
+    for _ in range(6):
+        served, took = timed_get(manager, 0.3)
+        assert served == good.address and took < 0.3 + SLACK
+
+
+def test_setup_hook_runs_within_the_dial_budget(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    """A setup hook that waits on something other than the socket: running out of the
+    dial's budget is a failed dial (counted), never a connection handed back late."""
+    server = echo_server_factory()
+    never = Event()
+
+    def setup(sock: Any) -> None:
+        never.wait(30)  # a lock, a queue: not the socket, so its timeout cannot help
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2),
+        dial=DialConfig(timeout=0.5),
+        setup=setup,
+        upkeep=False,
+    )
+    start = monotonic()
+    with pytest.raises(DialError, match="setup hook"):
+        pool.acquire(timeout=5)
+    assert monotonic() - start < 0.5 + SLACK
+    assert pool.stats().dial_failures == 1
+    # a caller whose deadline is shorter than the dial's: on time, and the dial it
+    # started still reaches its verdict (a failed dial) after dial.timeout
+    start = monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.2)
+    assert monotonic() - start < 0.2 + SLACK
+    assert settle(lambda: pool.stats().dial_failures == 2, 5)
+    s = pool.stats()
+    assert (s.size, s.pending) == (0, 0), s
+    pool.close()
+
+
+def test_connect_timeouts_open_the_breaker_whatever_the_callers_deadlines(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    black_hole: Address,
+    no_fd_leak: None,
+) -> None:
+    """Connects to one server never complete; callers use 0.3 s, dial.timeout is 1 s.
+    Each dial a caller gives up on goes on to its verdict, so the breaker opens and
+    every later caller is served by the other server."""
+    good = echo_server_factory()
+    dead = str(black_hole)
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "servers": [dead, good.address],
+                    "pool": {"min_idle": 0, "max_size": 4},
+                    "dial": {"timeout": 1},
+                    "breaker": {"failure_threshold": 2, "recovery_timeout": 60},
+                }
+            }
+        }
+    )
+    opened = opened_event(manager, dead)
+    for _ in range(4):
+        served, took = timed_get(manager, 0.3)
+        assert took < 0.3 + SLACK
+    assert opened.wait(5)
+    for _ in range(6):
+        served, took = timed_get(manager, 0.3)
+        assert served == good.address and took < 0.3 + SLACK
+    # a caller whose deadline allows a full dial fails over on its own
+    manager.backends["b"].pools[0].breaker.reset()
+    for _ in range(2):  # whichever server round robin picks first
+        served, took = timed_get(manager, 3)
+        assert served == good.address and took < 1 + SLACK
+
+
+def test_name_with_an_unreachable_first_address(
+    echo_server_factory: Callable[..., EchoServer],
+    black_hole: Address,
+    monkeypatch: pytest.MonkeyPatch,
+    no_fd_leak: None,
+) -> None:
+    """A name resolving to [unreachable, serving]: Happy Eyeballs starts the second
+    address 250 ms after the first, so a get takes ~0.25 s, not dial.timeout."""
+    good = echo_server_factory()
+    infos = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (black_hole.host, black_hole.port)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (good.host, good.port)),
+    ]
+    monkeypatch.setattr(lbpool.dial, "resolve", lambda host, port, timeout=None: infos)
+    pool = Pool(
+        Address("two.example", good.port),
+        pool=PoolConfig(min_idle=0, max_size=2),
+        dial=DialConfig(timeout=2),
+        upkeep=False,
+    )
+    for _ in range(2):
+        start = monotonic()
+        conn = pool.acquire(timeout=5)
+        assert monotonic() - start < lbpool.dial.ATTEMPT_DELAY + SLACK
+        conn.settimeout(2)
+        conn.sendall(b"hi")
+        assert recv_exact(conn, 2) == b"hi"
+        conn.discard()  # next one dials again
+    assert pool.stats().dial_failures == 0
+    pool.close()
