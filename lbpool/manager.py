@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
@@ -21,7 +22,7 @@ from lbpool._affinity import Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
-from lbpool.balance import Balancer, make_balancer
+from lbpool.balance import Balancer, eligible, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
 from lbpool.config import parse_address as _parse_address
@@ -41,6 +42,7 @@ from lbpool.pool import Pool
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
 _log = logging.getLogger("lbpool")
+_probe = random.Random()  # where a full server looks for one that can serve
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
 BreakerChange = Callable[[str, str, str, str], None]
@@ -234,11 +236,17 @@ class Backend:
 
     def _instead_of_full(self, idx: int, full: Pool) -> Pool:
         """``full`` could only queue the caller: another eligible server that can
-        serve at once, if there is one (it would be asked again by the strategy)."""
-        other = self._balancer.pick(frozenset((idx,)))
-        if other is not None:
-            pool = self.pools[other]
-            if pool.can_serve_now():
+        serve at once, if one of two probed at random can, else ``full``.
+
+        The probe leaves the strategy's own state alone (asking the balancer would
+        move a round-robin cursor, and every caller would then queue on one server),
+        and its cost does not grow with the backend. Never yields."""
+        pools = self.pools
+        others = len(pools) - 1
+        for _ in range(min(2, others)):
+            j = _probe.randrange(others)
+            pool = pools[j + 1 if j >= idx else j]
+            if eligible(pool.breaker) and pool.can_serve_now():
                 return pool
         return full
 

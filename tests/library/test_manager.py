@@ -697,3 +697,40 @@ def test_every_server_full_and_shedding_is_pool_exhausted(
         conn.release()
     for g in queued:
         g.get(timeout=5).release()
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_active", "weighted", "random"])
+def test_saturated_servers_share_the_queue(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    strategy: str,
+) -> None:
+    """When every server is full, callers queue across them as the strategy spreads
+    them; looking for a server that can serve at once must not skew the strategy (it
+    used to move round_robin's cursor, so nearly every caller queued on the first)."""
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "strategy": strategy,
+                    "servers": [a.address, b.address],
+                    "pool": {"min_idle": 0, "max_size": 2, "acquire_timeout": 10},
+                }
+            }
+        }
+    )
+    release = Event()
+
+    def hold() -> None:
+        with manager.get("b"):
+            release.wait(10)
+
+    holders = [gevent.spawn(hold) for _ in range(4)]  # both servers full
+    assert settle(lambda: all(p.stats().in_use == 2 for p in manager.backends["b"].pools), 5)
+    queued = [gevent.spawn(hold) for _ in range(40)]
+    assert settle(lambda: sum(p.stats().waiting for p in manager.backends["b"].pools) == 40, 5)
+    waiting = [p.stats().waiting for p in manager.backends["b"].pools]
+    release.set()
+    gevent.joinall(holders + queued, timeout=10, raise_error=True)
+    assert min(waiting) >= 10, waiting  # an even spread is 20/20; starvation was 40/0
