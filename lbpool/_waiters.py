@@ -59,7 +59,10 @@ def valid_timeout(value: object, where: str) -> float:
             f"{where}: timeout must be a number of seconds or None, got {type(value).__name__}"
             f" {value!r}"
         )
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float: for ever, as inf
+        seconds = float("inf")
     if seconds != seconds:
         raise ValueError(f"{where}: timeout must be a number of seconds, not NaN")
     return seconds if seconds > 0 else 0.0

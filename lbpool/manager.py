@@ -418,6 +418,8 @@ class PoolManager(ThreadBound):
 
     def wait_ready(self, timeout: float | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
+        if timeout is not None:
+            timeout = valid_timeout(timeout, "wait_ready")
         self._check_owner()
         pools = self._all_pools()
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
@@ -485,6 +487,8 @@ class PoolManager(ThreadBound):
         ``gevent.Timeout``, a kill) it picks up where it stopped."""
         if self._closed:
             return
+        if timeout is not None:
+            timeout = valid_timeout(timeout, "close")
         self._check_owner()
         if not self._closing:
             self._closing = True

@@ -825,7 +825,7 @@ class Pool(ThreadBound):
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``min_idle`` connections are open; ``PoolTimeout`` otherwise."""
         self._check_owner()
-        limit = self._acquire_timeout if timeout is None else timeout
+        limit = self._acquire_timeout if timeout is None else valid_timeout(timeout, self.name)
         deadline = _monotonic() + limit
         while len(self._idle) + len(self._busy) < self.config.min_idle:
             if self._closing:
@@ -852,6 +852,8 @@ class Pool(ThreadBound):
         the rest. Returns as soon as everything is closed. A second call is a no-op."""
         if self._closed:
             return
+        if timeout is not None:
+            timeout = valid_timeout(timeout, self.name)
         self._check_owner()  # refuses another OS thread; starts fresh in a forked child
         self._closing = True
         current = gevent.getcurrent()

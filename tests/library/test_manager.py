@@ -734,3 +734,23 @@ def test_saturated_servers_share_the_queue(
     release.set()
     gevent.joinall(holders + queued, timeout=10, raise_error=True)
     assert min(waiting) >= 10, waiting  # an even spread is 20/20; starvation was 40/0
+
+
+@pytest.mark.parametrize(
+    "bad", [1j, float("nan"), True, "0.5"], ids=["complex", "nan", "bool", "str"]
+)
+def test_bad_timeout_is_refused_by_wait_ready_and_close(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    bad: object,
+) -> None:
+    a = echo_server_factory()
+    manager = make_manager({"backends": {"b": {"servers": [a.address]}}})
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        manager.wait_ready(bad)  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        manager.close(bad)  # type: ignore[arg-type]
+    assert not manager.closed  # refused before anything changed
+    manager.wait_ready(timeout=5)
+    with manager.get("b", timeout=10**400) as conn:  # too large for a float: for ever
+        conn.sendall(b"x")
