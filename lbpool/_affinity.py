@@ -42,7 +42,7 @@ from gevent.event import Event
 
 from lbpool.balance import eligible
 from lbpool.errors import BackendUnavailable, LbpoolError, PoolTimeout
-from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, build_table
+from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, _key_bytes, build_table
 
 if TYPE_CHECKING:
     from lbpool.connection import PooledConnection
@@ -83,8 +83,20 @@ def is_hashing(strategy: str) -> bool:
 
 
 def check_key(key: object) -> None:
-    """``TypeError`` naming the argument unless ``key`` is None, str or bytes; never yields."""
-    if key is not None and not isinstance(key, (str, bytes)):
+    """Refuse a bad ``key`` before anything changes; never yields, and allocates only to
+    check a non-ASCII str.
+
+    ``TypeError`` unless ``key`` is None, str or bytes; ``ValueError`` for a str with no
+    UTF-8 encoding (a lone surrogate): the type is right, the value is not a key (as
+    ``str.encode`` itself says, with ``UnicodeEncodeError``, a ``ValueError``).
+    """
+    if key is None or type(key) is bytes:
+        return
+    if isinstance(key, str):
+        if not key.isascii():
+            _key_bytes(key)
+        return
+    if not isinstance(key, bytes):
         raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
 
 

@@ -23,7 +23,8 @@ and skips ineligible indices, so only that server's keys move, and they come bac
 when it does.
 
 Keys are ``str`` or ``bytes``: bytes as given, str as its UTF-8 encoding (so a str and
-its UTF-8 bytes are the same key); anything else is a ``TypeError``. Every hash is
+its UTF-8 bytes are the same key); anything else is a ``TypeError``, and a str with no
+UTF-8 encoding (a lone surrogate) a ``ValueError``. mmh3 is only ever given bytes. Every hash is
 MD5, BLAKE2b or murmur3 of those bytes, never Python's ``hash()``, so placement is the
 same in every process, machine and Python version.
 
@@ -48,7 +49,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 if TYPE_CHECKING:
-    Hash32: TypeAlias = Callable[[str | bytes, int, bool], int]
+    Hash32: TypeAlias = Callable[[bytes, int, bool], int]
 
 __all__ = [
     "HASH_STRATEGIES",
@@ -87,10 +88,21 @@ def _load_mmh3() -> Hash32:
 
 
 def _key_bytes(key: Key) -> bytes:
+    """The bytes every strategy hashes: bytes as given, str as UTF-8.
+
+    A str that has no UTF-8 encoding (a lone surrogate such as ``"\\ud800"``, which
+    ``json.loads`` makes from untrusted input) is a ``ValueError``: its type is right,
+    its value is not a key. Never pass a str to mmh3 (5.3.1 crashes the process on one).
+    """
     if type(key) is bytes:
         return key
     if isinstance(key, str):
-        return key.encode("utf-8")
+        try:
+            return key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"key must be encodable as UTF-8: {exc.reason} at index {exc.start} of {key!a}"
+            ) from None
     if isinstance(key, bytes):
         return bytes(key)
     raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
@@ -272,19 +284,16 @@ class Maglev(HashTable):
         table = self._table
         if not table:
             raise self._empty()
-        try:
-            return table[self._hash(key, 0, False) % self._size]
-        except TypeError:
-            raise TypeError(f"key must be str or bytes, not {type(key).__name__}") from None
+        return table[self._hash(_key_bytes(key), 0, False) % self._size]
 
     def order(self, key: Key) -> Iterator[int]:
-        first = self.owner(key) if self._n else -1
-        return self._order(key, first)
+        if not self._n:
+            return iter(())
+        kb = _key_bytes(key)
+        return self._order(kb, self._table[self._hash(kb, 0, False) % self._size])
 
-    def _order(self, key: Key, first: int) -> Iterator[int]:
+    def _order(self, key: bytes, first: int) -> Iterator[int]:
         n = self._n
-        if not n:
-            return
         yield first
         if n == 1:
             return

@@ -9,6 +9,7 @@ to the key's hash) the test says so and checks the C behaviour instead.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -315,6 +316,17 @@ def test_other_key_types_are_a_type_error(table10: HashTable, bad: object) -> No
         table10.owner(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="key must be str or bytes"):
         list(table10.order(bad))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", ["\ud800", "ok-\udfff", json.loads('"\\ud83d"')])
+def test_a_str_without_utf8_is_a_value_error_never_a_crash(table10: HashTable, key: str) -> None:
+    """A lone surrogate (``json.loads`` of untrusted input makes one): mmh3 5.3.1 crashed
+    the process when given such a str; every strategy hashes bytes, and says why not."""
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8") as info:
+        table10.owner(key)
+    assert type(info.value) is ValueError
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+        list(table10.order(key))
 
 
 def test_breaker_open_moves_only_that_servers_keys(table10: HashTable) -> None:

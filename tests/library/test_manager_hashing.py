@@ -7,6 +7,7 @@ key's own order when the owner cannot serve, count, and survive reloads and rebu
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from time import monotonic
@@ -156,6 +157,27 @@ def test_a_key_of_the_wrong_type_is_refused_before_anything_changes(
         manager.owner("kv", bad)
     assert "" not in manager.stats().backends  # no ad-hoc pool was made
     assert manager.stats().backends["kv"].servers[echo_server.address].acquired == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_key_without_utf8_is_a_value_error_before_anything_changes(
+    echo_server: EchoServer, manager_of: Callable[..., PoolManager], strategy: str
+) -> None:
+    """A lone surrogate from untrusted JSON: ValueError naming ``key`` (its type is
+    right, its value has no UTF-8), raised before an ad-hoc pool is made or a wait
+    begins; maglev used to crash the process (mmh3 given the str)."""
+    manager = manager_of([echo_server.address], strategy)
+    key = json.loads('{"user": "\\ud800"}')["user"]
+    for call in (manager.get, manager.acquire):
+        with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+            call("kv", key=key)
+        with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+            call("127.0.0.1:1", key=key)  # would make an ad-hoc pool
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+        manager.owner("kv", key)
+    assert "" not in manager.stats().backends
+    assert manager.stats().backends["kv"].servers[echo_server.address].acquired == 0
+    assert served(manager, "user:\u00e9")[1] == 0  # other non-ASCII keys still work
 
 
 # ----------------------------------------------------------------------- fallback
