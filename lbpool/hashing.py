@@ -41,6 +41,7 @@ rendezvous table is built, so ``import lbpool`` does not load it.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import struct
 from abc import ABC, abstractmethod
@@ -193,7 +194,9 @@ class Maglev(HashTable):
     of bytes, the table depends only on the set of (address, weight)).
 
     Build: ``size`` slot claims plus probes, about 0.1-0.3 s in CPython at
-    ``MAGLEV_TABLE_SIZE``; ``pause`` runs every ``_CHUNK`` probes.
+    ``MAGLEV_TABLE_SIZE``; ``pause`` runs every ``_CHUNK`` probes. With unequal weights
+    a member is visited only at the turns it claims in (a heap by next eligible turn),
+    so large weight ratios cost no more (1,000 servers, one of weight 10,000: 0.3 s).
     """
 
     __slots__ = ("_hash", "_rest", "_size", "_table")
@@ -239,45 +242,98 @@ class Maglev(HashTable):
             offsets.append(int.from_bytes(d[:8], "little") % m)
             skips.append(int.from_bytes(d[8:], "little") % (m - 1) + 1)
         weights = [self._weights[i] for i in members]
-        max_w = max(weights)
-        weighted = min(weights) != max_w
+        if min(weights) == max(weights):
+            return self._fill_in_turns(members, offsets, skips, pause)
+        return self._fill_weighted(members, offsets, skips, weights, pause)
+
+    def _claim(
+        self, table: list[int], c: int, skip: int, budget: int, pause: Pause
+    ) -> tuple[int, int, int]:
+        """Walk a member's permutation from slot ``c`` to its next free slot: (slot,
+        steps taken, budget left), pausing inside long walks (the last free slots)."""
+        m = self._size
+        k = 0
+        while table[c] >= 0:
+            k += 1
+            c += skip
+            if c >= m:
+                c -= m
+            budget -= 1
+            if budget <= 0:
+                budget = _CHUNK
+                if pause is not None:
+                    pause()
+        return c, k, budget
+
+    def _fill_in_turns(
+        self, members: list[int], offsets: list[int], skips: list[int], pause: Pause
+    ) -> list[int]:
+        """Equal weights: every member claims one slot per turn, in address order."""
+        m = self._size
         nexts = [0] * len(members)
-        targets = [0] * len(members)
         table = [-1] * m
         filled = 0
         budget = _CHUNK
-        turn = 0
-        while filled < m:
-            turn += 1
+        while True:
             for j, i in enumerate(members):
-                if weighted:
-                    if turn * weights[j] < targets[j]:
-                        continue
-                    targets[j] += max_w
-                # slot = (offset + next * skip) % m, walked incrementally
-                c = (offsets[j] + nexts[j] * skips[j]) % m
-                skip = skips[j]
-                k = nexts[j]
-                while table[c] >= 0:
-                    k += 1
-                    c += skip
-                    if c >= m:
-                        c -= m
-                    budget -= 1
-                    if not budget:  # the last free slots take long walks: pause inside
-                        budget = _CHUNK
-                        if pause is not None:
-                            pause()
+                c, k, budget = self._claim(
+                    table, (offsets[j] + nexts[j] * skips[j]) % m, skips[j], budget, pause
+                )
                 table[c] = i
-                nexts[j] = k + 1
+                nexts[j] += k + 1
                 filled += 1
                 if filled == m:
-                    break
+                    return table
                 budget -= 1
-                if not budget:
+                if budget <= 0:
                     budget = _CHUNK
                     if pause is not None:
                         pause()
+
+    def _fill_weighted(
+        self,
+        members: list[int],
+        offsets: list[int],
+        skips: list[int],
+        weights: list[int],
+        pause: Pause,
+    ) -> list[int]:
+        """Envoy's weighted turns: in turn ``t`` a member of weight ``w`` claims a slot
+        while ``t * w >= target`` (its target grows by the largest weight per claim);
+        members visit in address order within a turn, once each.
+
+        Each member is visited only at a turn where it claims: a heap of (the next turn
+        it is eligible in, its address rank), so members that sit a turn out cost
+        nothing and turns nobody claims in are jumped over (with weights 1 and 10,000,
+        the light members claim once per 10,000 turns). Popping (turn, rank) in order is
+        exactly the turn-by-turn, address-order visit, so the table is the one the
+        turn loop builds; integers throughout (the next turn is ``ceil(target / w)``,
+        and at least the turn after this one).
+        """
+        m = self._size
+        max_w = max(weights)
+        nexts = [0] * len(members)
+        targets = [0] * len(members)
+        table = [-1] * m
+        heap = [(1, j) for j in range(len(members))]  # sorted: already a heap
+        budget = _CHUNK
+        pop = heapq.heappop
+        push = heapq.heappush
+        for _ in range(m):
+            turn, j = pop(heap)
+            c, k, budget = self._claim(
+                table, (offsets[j] + nexts[j] * skips[j]) % m, skips[j], budget, pause
+            )
+            table[c] = members[j]
+            nexts[j] += k + 1
+            target = targets[j] = targets[j] + max_w
+            w = weights[j]
+            push(heap, (max(turn + 1, -(-target // w)), j))
+            budget -= 1
+            if budget <= 0:
+                budget = _CHUNK
+                if pause is not None:
+                    pause()
         return table
 
     def owner(self, key: Key) -> int:
