@@ -62,6 +62,7 @@ __all__ = [
     "Rendezvous",
     "RingHash",
     "build_table",
+    "pymemcache_node",
 ]
 
 Key: TypeAlias = str | bytes
@@ -491,14 +492,17 @@ class RingHash(HashTable):
 class Rendezvous(HashTable):
     """Highest random weight, placing keys exactly as pymemcache's ``HashClient``.
 
-    A member's score for a key is ``murmur3_32("<address>-<key>", seed 0)`` (unsigned);
-    the owner has the highest score, and on a tie the greatest address string, as
-    ``pymemcache.client.rendezvous.RendezvousHash.get_node``. pymemcache hashes the
-    str ``f"{node}-{key}"``: identical for ASCII str keys (and for bytes here, which
-    pymemcache would hash as ``"b'...'"``); its pure-Python murmur3 reads characters,
-    not UTF-8 bytes, so non-ASCII keys place differently there. pymemcache has no
-    weights: with equal weights the scores are its integers; with unequal weights a
-    score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32`` (logarithmic weighted
+    A member's score for a key is ``murmur3_32("<node>-<key>", seed 0)`` (unsigned);
+    the owner has the highest score, and on a tie the greatest node name, as
+    ``pymemcache.client.rendezvous.RendezvousHash.get_node``. The node is the name
+    pymemcache's ``HashClient`` gives a server, ``"%s:%s" % (host, port)``: the address
+    as configured, except that an IPv6 host loses its brackets (``[::1]:11211`` is
+    ``::1:11211``, see :func:`pymemcache_node`), so an IPv6 fleet keeps its cache.
+    pymemcache hashes the str ``f"{node}-{key}"``: identical for ASCII str keys (and
+    for bytes here, which pymemcache would hash as ``"b'...'"``); its pure-Python
+    murmur3 reads characters, not UTF-8 bytes, so non-ASCII keys place differently
+    there. pymemcache has no weights: with equal weights the scores are its integers;
+    with unequal weights a score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32`` (logarithmic weighted
     rendezvous, Schindelhauer and Schomaker 2005), so shares follow the weights and
     the order for equal weights is unchanged.
 
@@ -513,10 +517,11 @@ class Rendezvous(HashTable):
     def __init__(self, servers: Sequence[tuple[str, int]], *, pause: Pause = None) -> None:
         super().__init__(servers, pause=pause)
         self._hash = _load_mmh3()
-        # Scanned in descending address order, so the first best score is the tie winner.
-        by_address = sorted(range(self._n), key=self._addresses.__getitem__, reverse=True)
+        # Scanned in descending node name order, so the first best score is the tie winner.
+        nodes = [pymemcache_node(a) for a in self._addresses]
+        by_address = sorted(range(self._n), key=nodes.__getitem__, reverse=True)
         self._by_address = tuple(by_address)
-        self._prefixes = tuple(self._addresses[i].encode("utf-8") + b"-" for i in by_address)
+        self._prefixes = tuple(nodes[i].encode("utf-8") + b"-" for i in by_address)
         weights = self._weights
         self._scale: tuple[int, ...] | None = (
             tuple(weights[i] for i in by_address) if len(set(weights)) > 1 else None
@@ -544,6 +549,17 @@ class Rendezvous(HashTable):
         ranked = sorted(range(self._n), key=scores.__getitem__, reverse=True)  # stable
         by_address = self._by_address
         return (by_address[r] for r in ranked)
+
+
+def pymemcache_node(address: str) -> str:
+    """The name pymemcache's ``HashClient`` hashes for ``address`` (``host:port``):
+    ``"%s:%s" % (host, port)`` of its parsed ``(host, port)``, so an IPv6 host has no
+    brackets: ``[::1]:11211`` -> ``::1:11211``; other addresses are unchanged."""
+    if address.startswith("["):
+        host, sep, port = address[1:].rpartition("]:")
+        if sep:
+            return f"{host}:{port}"
+    return address
 
 
 def ketama_digests(weight: int, total: int, n: int) -> int:

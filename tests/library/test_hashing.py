@@ -31,6 +31,7 @@ from lbpool.hashing import (
     RingHash,
     build_table,
     ketama_digests,
+    pymemcache_node,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +157,23 @@ def test_rendezvous_places_keys_as_pymemcache_pure(n_keys: int) -> None:
     ref = rendezvous.RendezvousHash([a for a, _ in servers])
     for key in keys(n_keys, "user"):
         assert table.addresses[table.owner(key)] == ref.get_node(key), key
+
+
+def test_rendezvous_ipv6_nodes_are_named_as_pymemcache_names_them() -> None:
+    """pymemcache's HashClient names a server ``"%s:%s" % (host, port)``: ``::1:11211``
+    for ``[::1]:11211``. Placement of IPv6 (and mixed) fleets matches its own."""
+    rendezvous = pytest.importorskip("pymemcache.client.rendezvous")
+    from pymemcache.client.base import normalize_server_spec
+
+    addresses = [f"[2001:db8::{i:x}]:11211" for i in range(1, 9)]
+    addresses += ["[::1]:11211", "[::1]:11212", "10.0.0.1:11211", "cache.example:11211"]
+    table = Rendezvous([(a, 1) for a in addresses])
+    nodes = ["%s:%s" % normalize_server_spec(a) for a in addresses]  # noqa: UP031
+    assert nodes[8] == "::1:11211"
+    assert nodes == [pymemcache_node(a) for a in addresses]
+    ref = rendezvous.RendezvousHash(list(nodes))
+    for key in keys(3_000, "user"):
+        assert nodes[table.owner(key)] == ref.get_node(key), key
 
 
 def test_rendezvous_tie_goes_to_greatest_address_as_pymemcache() -> None:
