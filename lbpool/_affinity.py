@@ -11,15 +11,16 @@ about a breaker rebuilds a table, so a server whose breaker opens loses exactly 
 keys (each to its next server, ``rank`` 1), and gets them back when it closes.
 
 Rebuilds. A ``Placement`` holds ``(table, pools)`` -- a ``HashTable`` and the snapshot of
-the pools it was built from, whose positions its indices are -- and swaps the pair in one
-assignment when a build finishes. Builds run in a greenlet of their own, started when
-the membership (the ``(address, weight)`` list) or the strategy changes: at
-construction and on reload. maglev's table takes 0.1-0.3 s of CPU, so the build pauses
-(``_Pacer``) for a full turn of the hub's loop every few milliseconds. Until a new table
-is in place acquisitions use the old one, mapping its pools onto the backend's current
-ones through ``_index`` (updated with ``Backend.pools`` in the same step, so a removed
-server is skipped at once and its keys fall back). Only a backend's very first table has
-nothing before it: an acquisition or ``owner()`` then waits for it, within its deadline.
+the pools it was built from -- and swaps the pair in one assignment when a build
+finishes. Small builds run inline in ``update``; the others in a build loop greenlet
+that is never killed by a membership change: each build finishes and swaps, and the
+loop then builds the latest membership (changes coalesce). maglev's table takes
+0.1-0.3 s of CPU, so the build pauses (``_Pacer``) for a full turn of the hub's loop
+every few milliseconds. Until a new table is in place acquisitions use the old one over
+the backend's current pools (``members()``, read live, so a removed server is skipped
+at once and a stopped placement never names a stale position), then the current members
+it does not know, by rendezvous score. Only a backend's very first table has nothing
+before it: an acquisition or ``owner()`` then waits for it, within its deadline.
 
 Counting. ``served(conn)`` sets ``conn.rank`` (0 the owner, 1+ a fallback) and adds one to
 that server's ``owner_hits`` or ``fallback_hits``: two ints in a preallocated ``Tally``,

@@ -502,11 +502,11 @@ class Rendezvous(HashTable):
     for bytes here, which pymemcache would hash as ``"b'...'"``); its pure-Python
     murmur3 reads characters, not UTF-8 bytes, so non-ASCII keys place differently
     there. pymemcache has no weights: with equal weights the scores are its integers;
-    with unequal weights a score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32`` (logarithmic weighted
-    rendezvous, Schindelhauer and Schomaker 2005), so shares follow the weights and
-    the order for equal weights is unchanged.
+    with unequal weights a score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32``
+    (logarithmic weighted rendezvous, Schindelhauer and Schomaker 2005), so shares
+    follow the weights and the order for equal weights is unchanged.
 
-    ``order(key)``: members by descending score (ties: descending address).
+    ``order(key)``: members by descending score (ties: descending node name).
 
     Build: trivial. Pick: one murmur3 per member, O(servers).
     """
