@@ -23,7 +23,8 @@ and skips ineligible indices, so only that server's keys move, and they come bac
 when it does.
 
 Keys are ``str`` or ``bytes``: bytes as given, str as its UTF-8 encoding (so a str and
-its UTF-8 bytes are the same key); anything else is a ``TypeError``. Every hash is
+its UTF-8 bytes are the same key); anything else is a ``TypeError``, and a str with no
+UTF-8 encoding (a lone surrogate) a ``ValueError``. mmh3 is only ever given bytes. Every hash is
 MD5, BLAKE2b or murmur3 of those bytes, never Python's ``hash()``, so placement is the
 same in every process, machine and Python version.
 
@@ -40,6 +41,7 @@ rendezvous table is built, so ``import lbpool`` does not load it.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import struct
 from abc import ABC, abstractmethod
@@ -48,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 if TYPE_CHECKING:
-    Hash32: TypeAlias = Callable[[str | bytes, int, bool], int]
+    Hash32: TypeAlias = Callable[[bytes, int, bool], int]
 
 __all__ = [
     "HASH_STRATEGIES",
@@ -60,6 +62,7 @@ __all__ = [
     "Rendezvous",
     "RingHash",
     "build_table",
+    "pymemcache_node",
 ]
 
 Key: TypeAlias = str | bytes
@@ -87,10 +90,21 @@ def _load_mmh3() -> Hash32:
 
 
 def _key_bytes(key: Key) -> bytes:
+    """The bytes every strategy hashes: bytes as given, str as UTF-8.
+
+    A str that has no UTF-8 encoding (a lone surrogate such as ``"\\ud800"``, which
+    ``json.loads`` makes from untrusted input) is a ``ValueError``: its type is right,
+    its value is not a key. Never pass a str to mmh3 (5.3.1 crashes the process on one).
+    """
     if type(key) is bytes:
         return key
     if isinstance(key, str):
-        return key.encode("utf-8")
+        try:
+            return key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"key must be encodable as UTF-8: {exc.reason} at index {exc.start} of {key!a}"
+            ) from None
     if isinstance(key, bytes):
         return bytes(key)
     raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
@@ -181,7 +195,9 @@ class Maglev(HashTable):
     of bytes, the table depends only on the set of (address, weight)).
 
     Build: ``size`` slot claims plus probes, about 0.1-0.3 s in CPython at
-    ``MAGLEV_TABLE_SIZE``; ``pause`` runs every ``_CHUNK`` probes.
+    ``MAGLEV_TABLE_SIZE``; ``pause`` runs every ``_CHUNK`` probes. With unequal weights
+    a member is visited only at the turns it claims in (a heap by next eligible turn),
+    so large weight ratios cost no more (1,000 servers, one of weight 10,000: 0.3 s).
     """
 
     __slots__ = ("_hash", "_rest", "_size", "_table")
@@ -227,64 +243,114 @@ class Maglev(HashTable):
             offsets.append(int.from_bytes(d[:8], "little") % m)
             skips.append(int.from_bytes(d[8:], "little") % (m - 1) + 1)
         weights = [self._weights[i] for i in members]
-        max_w = max(weights)
-        weighted = min(weights) != max_w
+        if min(weights) == max(weights):
+            return self._fill_in_turns(members, offsets, skips, pause)
+        return self._fill_weighted(members, offsets, skips, weights, pause)
+
+    def _claim(
+        self, table: list[int], c: int, skip: int, budget: int, pause: Pause
+    ) -> tuple[int, int, int]:
+        """Walk a member's permutation from slot ``c`` to its next free slot: (slot,
+        steps taken, budget left), pausing inside long walks (the last free slots)."""
+        m = self._size
+        k = 0
+        while table[c] >= 0:
+            k += 1
+            c += skip
+            if c >= m:
+                c -= m
+            budget -= 1
+            if budget <= 0:
+                budget = _CHUNK
+                if pause is not None:
+                    pause()
+        return c, k, budget
+
+    def _fill_in_turns(
+        self, members: list[int], offsets: list[int], skips: list[int], pause: Pause
+    ) -> list[int]:
+        """Equal weights: every member claims one slot per turn, in address order."""
+        m = self._size
         nexts = [0] * len(members)
-        targets = [0] * len(members)
         table = [-1] * m
         filled = 0
         budget = _CHUNK
-        turn = 0
-        while filled < m:
-            turn += 1
+        while True:
             for j, i in enumerate(members):
-                if weighted:
-                    if turn * weights[j] < targets[j]:
-                        continue
-                    targets[j] += max_w
-                # slot = (offset + next * skip) % m, walked incrementally
-                c = (offsets[j] + nexts[j] * skips[j]) % m
-                skip = skips[j]
-                k = nexts[j]
-                while table[c] >= 0:
-                    k += 1
-                    c += skip
-                    if c >= m:
-                        c -= m
-                    budget -= 1
-                    if not budget:  # the last free slots take long walks: pause inside
-                        budget = _CHUNK
-                        if pause is not None:
-                            pause()
+                c, k, budget = self._claim(
+                    table, (offsets[j] + nexts[j] * skips[j]) % m, skips[j], budget, pause
+                )
                 table[c] = i
-                nexts[j] = k + 1
+                nexts[j] += k + 1
                 filled += 1
                 if filled == m:
-                    break
+                    return table
                 budget -= 1
-                if not budget:
+                if budget <= 0:
                     budget = _CHUNK
                     if pause is not None:
                         pause()
+
+    def _fill_weighted(
+        self,
+        members: list[int],
+        offsets: list[int],
+        skips: list[int],
+        weights: list[int],
+        pause: Pause,
+    ) -> list[int]:
+        """Envoy's weighted turns: in turn ``t`` a member of weight ``w`` claims a slot
+        while ``t * w >= target`` (its target grows by the largest weight per claim);
+        members visit in address order within a turn, once each.
+
+        Each member is visited only at a turn where it claims: a heap of (the next turn
+        it is eligible in, its address rank), so members that sit a turn out cost
+        nothing and turns nobody claims in are jumped over (with weights 1 and 10,000,
+        the light members claim once per 10,000 turns). Popping (turn, rank) in order is
+        exactly the turn-by-turn, address-order visit, so the table is the one the
+        turn loop builds; integers throughout (the next turn is ``ceil(target / w)``,
+        and at least the turn after this one).
+        """
+        m = self._size
+        max_w = max(weights)
+        nexts = [0] * len(members)
+        targets = [0] * len(members)
+        table = [-1] * m
+        heap = [(1, j) for j in range(len(members))]  # sorted: already a heap
+        budget = _CHUNK
+        pop = heapq.heappop
+        push = heapq.heappush
+        for _ in range(m):
+            turn, j = pop(heap)
+            c, k, budget = self._claim(
+                table, (offsets[j] + nexts[j] * skips[j]) % m, skips[j], budget, pause
+            )
+            table[c] = members[j]
+            nexts[j] += k + 1
+            target = targets[j] = targets[j] + max_w
+            w = weights[j]
+            push(heap, (max(turn + 1, -(-target // w)), j))
+            budget -= 1
+            if budget <= 0:
+                budget = _CHUNK
+                if pause is not None:
+                    pause()
         return table
 
     def owner(self, key: Key) -> int:
         table = self._table
         if not table:
             raise self._empty()
-        try:
-            return table[self._hash(key, 0, False) % self._size]
-        except TypeError:
-            raise TypeError(f"key must be str or bytes, not {type(key).__name__}") from None
+        return table[self._hash(_key_bytes(key), 0, False) % self._size]
 
     def order(self, key: Key) -> Iterator[int]:
-        first = self.owner(key) if self._n else -1
-        return self._order(key, first)
+        if not self._n:
+            return iter(())
+        kb = _key_bytes(key)
+        return self._order(kb, self._table[self._hash(kb, 0, False) % self._size])
 
-    def _order(self, key: Key, first: int) -> Iterator[int]:
+    def _order(self, key: bytes, first: int) -> Iterator[int]:
         n = self._n
-        if not n:
-            return
         yield first
         if n == 1:
             return
@@ -426,18 +492,21 @@ class RingHash(HashTable):
 class Rendezvous(HashTable):
     """Highest random weight, placing keys exactly as pymemcache's ``HashClient``.
 
-    A member's score for a key is ``murmur3_32("<address>-<key>", seed 0)`` (unsigned);
-    the owner has the highest score, and on a tie the greatest address string, as
-    ``pymemcache.client.rendezvous.RendezvousHash.get_node``. pymemcache hashes the
-    str ``f"{node}-{key}"``: identical for ASCII str keys (and for bytes here, which
-    pymemcache would hash as ``"b'...'"``); its pure-Python murmur3 reads characters,
-    not UTF-8 bytes, so non-ASCII keys place differently there. pymemcache has no
-    weights: with equal weights the scores are its integers; with unequal weights a
-    score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32`` (logarithmic weighted
-    rendezvous, Schindelhauer and Schomaker 2005), so shares follow the weights and
-    the order for equal weights is unchanged.
+    A member's score for a key is ``murmur3_32("<node>-<key>", seed 0)`` (unsigned);
+    the owner has the highest score, and on a tie the greatest node name, as
+    ``pymemcache.client.rendezvous.RendezvousHash.get_node``. The node is the name
+    pymemcache's ``HashClient`` gives a server, ``"%s:%s" % (host, port)``: the address
+    as configured, except that an IPv6 host loses its brackets (``[::1]:11211`` is
+    ``::1:11211``, see :func:`pymemcache_node`), so an IPv6 fleet keeps its cache.
+    pymemcache hashes the str ``f"{node}-{key}"``: identical for ASCII str keys (and
+    for bytes here, which pymemcache would hash as ``"b'...'"``); its pure-Python
+    murmur3 reads characters, not UTF-8 bytes, so non-ASCII keys place differently
+    there. pymemcache has no weights: with equal weights the scores are its integers;
+    with unequal weights a score is ``w / -ln(u)``, ``u = (h + 0.5) / 2**32``
+    (logarithmic weighted rendezvous, Schindelhauer and Schomaker 2005), so shares
+    follow the weights and the order for equal weights is unchanged.
 
-    ``order(key)``: members by descending score (ties: descending address).
+    ``order(key)``: members by descending score (ties: descending node name).
 
     Build: trivial. Pick: one murmur3 per member, O(servers).
     """
@@ -448,10 +517,11 @@ class Rendezvous(HashTable):
     def __init__(self, servers: Sequence[tuple[str, int]], *, pause: Pause = None) -> None:
         super().__init__(servers, pause=pause)
         self._hash = _load_mmh3()
-        # Scanned in descending address order, so the first best score is the tie winner.
-        by_address = sorted(range(self._n), key=self._addresses.__getitem__, reverse=True)
+        # Scanned in descending node name order, so the first best score is the tie winner.
+        nodes = [pymemcache_node(a) for a in self._addresses]
+        by_address = sorted(range(self._n), key=nodes.__getitem__, reverse=True)
         self._by_address = tuple(by_address)
-        self._prefixes = tuple(self._addresses[i].encode("utf-8") + b"-" for i in by_address)
+        self._prefixes = tuple(nodes[i].encode("utf-8") + b"-" for i in by_address)
         weights = self._weights
         self._scale: tuple[int, ...] | None = (
             tuple(weights[i] for i in by_address) if len(set(weights)) > 1 else None
@@ -479,6 +549,17 @@ class Rendezvous(HashTable):
         ranked = sorted(range(self._n), key=scores.__getitem__, reverse=True)  # stable
         by_address = self._by_address
         return (by_address[r] for r in ranked)
+
+
+def pymemcache_node(address: str) -> str:
+    """The name pymemcache's ``HashClient`` hashes for ``address`` (``host:port``):
+    ``"%s:%s" % (host, port)`` of its parsed ``(host, port)``, so an IPv6 host has no
+    brackets: ``[::1]:11211`` -> ``::1:11211``; other addresses are unchanged."""
+    if address.startswith("["):
+        host, sep, port = address[1:].rpartition("]:")
+        if sep:
+            return f"{host}:{port}"
+    return address
 
 
 def ketama_digests(weight: int, total: int, n: int) -> int:

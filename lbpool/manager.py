@@ -109,6 +109,7 @@ class Backend:
         self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
         # key-affinity strategies: the key's owner, then its fallbacks (_affinity.py)
         self._placement: Placement | None = None
+        self._index: dict[Pool, int] = {}  # pool -> its position in pools, swapped with it
 
     @property
     def strategy(self) -> str:
@@ -160,6 +161,7 @@ class Backend:
             pools.append(pool)
         # one assignment each, no switch in between: callers see old or new, never half
         self.pools = pools
+        self._index = {pool: i for i, pool in enumerate(pools)}
         self._only = pools[0] if len(pools) == 1 else None
         self._balancer = make_balancer(_balancing(config.strategy), pools)
         self._follow_placement(config, pools)
@@ -174,8 +176,12 @@ class Backend:
                 self._placement = None
             return
         if self._placement is None:
-            self._placement = Placement(self.name)
+            self._placement = Placement(self.name, self._members)
         self._placement.update(config.strategy, pools, config.balance.hash_fallback)
+
+    def _members(self) -> dict[Pool, int]:
+        """Key-affinity pickers' view of the pools now (even after a strategy switch)."""
+        return self._index
 
     def stop_rebuilds(self) -> None:
         """End a key table build in progress (closing, or the backend was removed)."""

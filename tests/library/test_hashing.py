@@ -9,9 +9,11 @@ to the key's hash) the test says so and checks the C behaviour instead.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import islice
@@ -29,6 +31,7 @@ from lbpool.hashing import (
     RingHash,
     build_table,
     ketama_digests,
+    pymemcache_node,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,6 +159,23 @@ def test_rendezvous_places_keys_as_pymemcache_pure(n_keys: int) -> None:
         assert table.addresses[table.owner(key)] == ref.get_node(key), key
 
 
+def test_rendezvous_ipv6_nodes_are_named_as_pymemcache_names_them() -> None:
+    """pymemcache's HashClient names a server ``"%s:%s" % (host, port)``: ``::1:11211``
+    for ``[::1]:11211``. Placement of IPv6 (and mixed) fleets matches its own."""
+    rendezvous = pytest.importorskip("pymemcache.client.rendezvous")
+    from pymemcache.client.base import normalize_server_spec
+
+    addresses = [f"[2001:db8::{i:x}]:11211" for i in range(1, 9)]
+    addresses += ["[::1]:11211", "[::1]:11212", "10.0.0.1:11211", "cache.example:11211"]
+    table = Rendezvous([(a, 1) for a in addresses])
+    nodes = ["%s:%s" % normalize_server_spec(a) for a in addresses]  # noqa: UP031
+    assert nodes[8] == "::1:11211"
+    assert nodes == [pymemcache_node(a) for a in addresses]
+    ref = rendezvous.RendezvousHash(list(nodes))
+    for key in keys(3_000, "user"):
+        assert nodes[table.owner(key)] == ref.get_node(key), key
+
+
 def test_rendezvous_tie_goes_to_greatest_address_as_pymemcache() -> None:
     rendezvous = pytest.importorskip("pymemcache.client.rendezvous")
     addresses = ["10.0.0.2:1", "10.0.0.10:1", "10.0.0.9:1"]
@@ -215,6 +235,67 @@ def test_maglev_weights_are_honoured() -> None:
     counts = Counter(table.owner(k) for k in keys(120_000))
     for i, (_, w) in enumerate(servers):
         assert counts[i] / 120_000 == pytest.approx(w / total_w, rel=0.05)
+
+
+def _maglev_by_turns(servers: Servers, size: int) -> list[int]:
+    """The weighted maglev population written as Envoy does: turn by turn, every member
+    visited in address order, skipped while ``turn * w < target`` (slow, for reference)."""
+    addresses = [a for a, _ in servers]
+    members = sorted(range(len(servers)), key=addresses.__getitem__)
+    digests = [hashlib.blake2b(addresses[i].encode(), digest_size=16).digest() for i in members]
+    offsets = [int.from_bytes(d[:8], "little") % size for d in digests]
+    skips = [int.from_bytes(d[8:], "little") % (size - 1) + 1 for d in digests]
+    weights = [servers[i][1] for i in members]
+    nexts, targets, table = [0] * len(members), [0] * len(members), [-1] * size
+    filled, turn = 0, 0
+    while filled < size:
+        turn += 1
+        for j, i in enumerate(members):
+            if turn * weights[j] < targets[j]:
+                continue
+            targets[j] += max(weights)
+            c = (offsets[j] + nexts[j] * skips[j]) % size
+            while table[c] >= 0:
+                nexts[j] += 1
+                c = (offsets[j] + nexts[j] * skips[j]) % size
+            table[c] = i
+            nexts[j] += 1
+            filled += 1
+            if filled == size:
+                break
+    return table
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [(1, 2, 3), (5, 1, 1, 1), (1, 1, 10_000), (7, 3)],
+    ids=["1-2-3", "5-1-1-1", "1-1-10000", "7-3"],
+)
+def test_maglev_weighted_table_is_the_turn_by_turn_one(weights: tuple[int, ...]) -> None:
+    """Jumping to the next turn a member claims in builds the very table the turn loop
+    builds (the loop costs O(turns x members); with 1:10,000 that was 13 s at 1,000)."""
+    servers = [(f"10.0.0.{i}:11211", weights[i % len(weights)]) for i in range(12)]
+    assert Maglev(servers, size=10_007)._table == _maglev_by_turns(servers, 10_007)
+
+
+def test_maglev_extreme_weight_ratio_builds_fast_and_pauses() -> None:
+    """1,000 servers, one of weight 10,000: the skipped members cost nothing and the
+    work between pauses stays bounded (was 13.5 s and a 107 ms gap)."""
+    servers = [*fleet(999), ("10.0.9.9:11211", 10_000)]
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def pause() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    started = time.perf_counter()
+    table = Maglev(servers, pause=pause)
+    took = time.perf_counter() - started
+    assert took < 3.0, took
+    assert max(gaps) < 0.02, max(gaps)
+    assert table.slots()[-1] / table.size == pytest.approx(10_000 / 10_999, rel=0.01)
 
 
 def test_maglev_ignores_listing_order() -> None:
@@ -315,6 +396,17 @@ def test_other_key_types_are_a_type_error(table10: HashTable, bad: object) -> No
         table10.owner(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="key must be str or bytes"):
         list(table10.order(bad))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", ["\ud800", "ok-\udfff", json.loads('"\\ud83d"')])
+def test_a_str_without_utf8_is_a_value_error_never_a_crash(table10: HashTable, key: str) -> None:
+    """A lone surrogate (``json.loads`` of untrusted input makes one): mmh3 5.3.1 crashed
+    the process when given such a str; every strategy hashes bytes, and says why not."""
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8") as info:
+        table10.owner(key)
+    assert type(info.value) is ValueError
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+        list(table10.order(key))
 
 
 def test_breaker_open_moves_only_that_servers_keys(table10: HashTable) -> None:

@@ -7,7 +7,10 @@ key's own order when the owner cannot serve, count, and survive reloads and rebu
 
 from __future__ import annotations
 
+import json
+import random
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
 from time import monotonic
 from typing import Any
@@ -158,6 +161,27 @@ def test_a_key_of_the_wrong_type_is_refused_before_anything_changes(
     assert manager.stats().backends["kv"].servers[echo_server.address].acquired == 0
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_key_without_utf8_is_a_value_error_before_anything_changes(
+    echo_server: EchoServer, manager_of: Callable[..., PoolManager], strategy: str
+) -> None:
+    """A lone surrogate from untrusted JSON: ValueError naming ``key`` (its type is
+    right, its value has no UTF-8), raised before an ad-hoc pool is made or a wait
+    begins; maglev used to crash the process (mmh3 given the str)."""
+    manager = manager_of([echo_server.address], strategy)
+    key = json.loads('{"user": "\\ud800"}')["user"]
+    for call in (manager.get, manager.acquire):
+        with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+            call("kv", key=key)
+        with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+            call("127.0.0.1:1", key=key)  # would make an ad-hoc pool
+    with pytest.raises(ValueError, match="key must be encodable as UTF-8"):
+        manager.owner("kv", key)
+    assert "" not in manager.stats().backends
+    assert manager.stats().backends["kv"].servers[echo_server.address].acquired == 0
+    assert served(manager, "user:\u00e9")[1] == 0  # other non-ASCII keys still work
+
+
 # ----------------------------------------------------------------------- fallback
 
 
@@ -276,14 +300,17 @@ def test_a_reload_removing_the_owner_moves_only_its_keys(
     assert placement is not None
     old = placement._current
     manager.reload(config([a for a in addresses if a != gone], strategy))
-    # reload never yields: the rebuild has not run, the old table still routes; the
-    # removed owner is skipped, so its keys (only) go to their next server
-    assert placement.building and placement._current is old
+    # maglev: reload never yields, the rebuild has not run, the old table still routes;
+    # the removed owner is skipped, so its keys (only) go to their next server. Small
+    # ring_hash and rendezvous tables are built inline: the new table is in place, and
+    # it places the removed owner's keys on their next server too.
+    inline = strategy != "maglev"
+    assert placement.building is not inline and (placement._current is old) is not inline
     second = fallbacks(strategy, addresses, KEYS)
     for key in KEYS:
         want = second[key] if owners[key] == gone else owners[key]
-        assert manager.owner("kv", key) == want  # never yields: the old table answers
-    assert placement._current is old
+        assert manager.owner("kv", key) == want  # never yields
+    assert (placement._current is old) is not inline
     assert placement.wait_built(10)
     moved_others = 0
     for key in KEYS:
@@ -310,6 +337,199 @@ def test_a_reload_to_a_hashing_strategy_waits_for_the_first_table(
     assert manager.backends["kv"]._placement is None
     with manager.get("kv") as conn:  # no key needed any more
         assert conn.rank == 0
+
+
+def _key_past(addresses: list[str], cut: int) -> tuple[str, list[int]]:
+    """A key whose owner and first fallback are both at index >= ``cut``."""
+    table = build_table("maglev", [(a, 1) for a in addresses])
+    for i in range(10_000):
+        order = list(table.order(f"k{i}"))
+        if order[0] >= cut and order[1] >= cut:
+            return f"k{i}", order
+    raise AssertionError("no such key")
+
+
+def test_a_waiter_across_a_switch_to_round_robin_gets_a_current_server(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    """A keyed acquisition waiting on its owner when a reload removes the owner and its
+    next server and switches to round_robin: it is served by a server of the new config
+    (its picker used to map the stopped placement's indices onto the new pools:
+    IndexError, or an unrelated server)."""
+    addresses = [s.address for s in echo_fleet(5)]
+    cfg = config(addresses, "maglev", pool={"max_size": 1, "acquire_timeout": 3})
+    manager = make_manager(cfg)
+    built(manager)
+    key, _ = _key_past(addresses, 2)
+    held = manager.get("kv", key=key)
+    waiter = gevent.spawn(served, manager, key, 3)
+    gevent.sleep(0.05)
+    assert manager.stats().backends["kv"].servers[held.address].waiting == 1
+    new = addresses[:2]
+    cfg = config(new, "round_robin", pool={"max_size": 1, "acquire_timeout": 3})
+    manager.reload(cfg)
+    address, _rank = waiter.get(timeout=3)
+    assert address in new
+    held.release()
+
+
+def test_a_waiter_for_a_first_table_wakes_when_the_placement_stops(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    addresses = [s.address for s in echo_fleet(3)]
+    manager = make_manager(config(addresses, "round_robin"))
+    manager.reload(config(addresses, "maglev"))  # the first table: ~0.1 s to build
+    placement = manager.backends["kv"]._placement
+    assert placement is not None and placement.building
+    waiter = gevent.spawn(served, manager, "user:1", 5)
+    gevent.sleep(0)
+    manager.reload(config(addresses[1:], "round_robin"))
+    started = monotonic()
+    address, _rank = waiter.get(timeout=5)
+    assert monotonic() - started < 0.05  # at once, not after a build or the deadline
+    assert address in addresses[1:]
+
+
+def _keyed_load(
+    manager: PoolManager, current: dict[str, Any], stop: Event, n: int
+) -> tuple[Counter[str], list[int]]:
+    """``n`` greenlets of keyed round trips until ``stop``: (errors by kind and text,
+    [acquisitions served, served by a server in neither the config in force when the
+    acquisition began nor the one when it returned])."""
+    errors: Counter[str] = Counter()
+    counts = [0, 0]
+
+    def worker(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            before = current["servers"]
+            try:
+                with manager.get("kv", key=f"user:{w}:{i % 97}") as conn:
+                    counts[0] += 1
+                    if conn.address not in current["servers"] | before:
+                        counts[1] += 1
+                    conn.sendall(b"x")
+                    assert recv_exact(conn, 1) == b"x"
+            except Exception as exc:
+                errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
+            gevent.sleep(0)
+
+    current["workers"] = [gevent.spawn(worker, w) for w in range(n)]
+    return errors, counts
+
+
+def test_a_reload_storm_under_keyed_load_never_names_a_stale_server(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    """50 keyed greenlets while reloads add and remove servers, change weights and switch
+    between every strategy: no error at all (an in-flight picker used to map a stale
+    index onto the new pools: IndexError, or an unrelated server), and every
+    acquisition is served by a server of the config in force when it began or when it
+    returned. (Not "when it returned" alone: a pool removed while an acquisition waits
+    in it can still hand that waiter a connection, with any strategy: pool.py.)"""
+    addresses = [s.address for s in echo_fleet(8)]
+    rng = random.Random(1)
+    strategies = [*STRATEGIES, "round_robin"]
+
+    def cfg(strategy: str, chosen: list[str]) -> dict[str, Any]:
+        servers = [{"address": a, "weight": rng.choice([1, 1, 2, 5])} for a in chosen]
+        return config(servers, strategy, pool={"acquire_timeout": 2})  # type: ignore[arg-type]
+
+    manager = make_manager(cfg("maglev", addresses[:4]))
+    built(manager)
+    current: dict[str, Any] = {"servers": set(addresses[:4])}
+    stop = Event()
+    errors, counts = _keyed_load(manager, current, stop, 50)
+    for _ in range(25):
+        gevent.sleep(rng.uniform(0.02, 0.08))
+        chosen = rng.sample(addresses, rng.randint(2, 8))
+        manager.reload(cfg(rng.choice(strategies), chosen))
+        current["servers"] = set(chosen)
+    stop.set()
+    gevent.joinall(current["workers"], timeout=5)
+    assert not errors, errors
+    assert counts[0] > 500 and counts[1] == 0, counts
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_disjoint_replacement_under_load_serves_every_key(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    make_manager: Callable[..., PoolManager],
+    strategy: str,
+) -> None:
+    """A reload replacing every server (a redeploy to new hosts) under 50 keyed
+    greenlets: while the new table is pending, keys go to the new servers by rendezvous
+    score; no BackendUnavailable (it was an outage until the table was built)."""
+    fleet = [s.address for s in echo_fleet(8)]
+    old, new = fleet[:4], fleet[4:]
+    manager = make_manager(config(old, strategy, pool={"acquire_timeout": 2}))
+    built(manager)
+    current: dict[str, Any] = {"servers": set(old)}
+    stop = Event()
+    errors, counts = _keyed_load(manager, current, stop, 50)
+    gevent.sleep(0.1)
+    manager.reload(config(new, strategy, pool={"acquire_timeout": 2}))
+    current["servers"] = set(new)
+    placement = manager.backends["kv"]._placement
+    assert placement is not None
+    owners = {manager.owner("kv", f"user:{i}") for i in range(200)}  # never LookupError
+    assert owners <= set(new) and len(owners) > 1
+    assert placement.wait_built(10)
+    gevent.sleep(0.1)
+    stop.set()
+    gevent.joinall(current["workers"], timeout=5)
+    assert not errors, errors
+    assert counts[0] > 100 and counts[1] == 0, counts
+
+
+def test_a_reload_storm_does_not_starve_the_table(
+    echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
+) -> None:
+    """maglev reloads every 30 ms (a build takes ~0.1-0.3 s) under load: builds are not
+    killed, so tables keep swapping in during the storm, and the table's membership
+    equals the config's soon after it ends (it used to stay at the first one)."""
+    addresses = [s.address for s in echo_fleet(6)]
+
+    def cfg(weight: int) -> dict[str, Any]:
+        servers = [
+            {"address": a, "weight": weight if i == 0 else 1} for i, a in enumerate(addresses)
+        ]
+        return config(servers, "maglev")  # type: ignore[arg-type]
+
+    manager = make_manager(cfg(1))
+    built(manager)
+    placement = manager.backends["kv"]._placement
+    assert placement is not None
+    current: dict[str, Any] = {"servers": set(addresses)}
+    stop = Event()
+    errors, _counts = _keyed_load(manager, current, stop, 20)
+    swaps = 0
+    last = placement._current
+    deadline = monotonic() + 1.5
+    weight = 1
+    while monotonic() < deadline:
+        weight = weight % 3 + 1
+        manager.reload(cfg(weight))
+        for _ in range(3):
+            gevent.sleep(0.01)
+            if placement._current is not last:
+                swaps += 1
+                last = placement._current
+    ended = monotonic()
+    assert swaps >= 1
+    assert placement.wait_built(5)
+    took = monotonic() - ended
+    assert placement._current is not None
+    table = placement._current[0]
+    assert dict(zip(table.addresses, table.weights, strict=True)) == {
+        a: weight if i == 0 else 1 for i, a in enumerate(addresses)
+    }
+    print(f"storm: {swaps} swaps in 1.5 s; caught up {took * 1000:.0f} ms after it ended")
+    assert took < 2.0
+    stop.set()
+    gevent.joinall(current["workers"], timeout=5)
+    assert not errors, errors
 
 
 def test_close_ends_a_rebuild_in_progress(
