@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         print(f"{args.config}: no backends configured; nothing to probe")
         return 0
-    gevent.joinall(jobs, timeout=limit + 1.0)  # each step is bounded; this bounds the lot
+    gevent.joinall(jobs, timeout=limit + 5.0)  # each step is bounded; this bounds the lot
     gevent.killall(jobs, block=True, timeout=1.0)
     rows: list[list[str]] = []
     down = 0
     for job in jobs:
-        if job.successful():
-            backend, address, up, latency, result = job.value
+        if job.successful() and isinstance(job.value, tuple):  # a killed job's value
+            backend, address, up, latency, result = job.value  # is its GreenletExit
         else:
             backend, address, up, latency = "?", "?", False, "-"
             result = f"probe failed: {job.exception!r}" if job.exception else "probe timed out"
