@@ -23,6 +23,10 @@ import pytest
 from lbpool.cli import bench
 from lbpool.cli.bench import report
 
+# The shared quick run measures for fixed times and builds 1,000-server tables: on a
+# loaded 2-core machine (CI with CPU hogs) it takes well over the default 60 s.
+pytestmark = pytest.mark.timeout(300)
+
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 LBPOOL = ("lbpool.Pool", "manager.get")
 
