@@ -62,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         print(f"{args.config}: no backends configured; nothing to probe")
         return 0
-    gevent.joinall(jobs, timeout=limit + 5.0)  # each step is bounded; this bounds the lot
+    deadline = monotonic() + limit + 5.0  # each step is bounded; this bounds the lot
+    while not all(job.dead for job in jobs):  # joinall may return early on a stray switch
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            break
+        gevent.joinall(jobs, timeout=remaining)
     gevent.killall(jobs, block=True, timeout=1.0)
     rows: list[list[str]] = []
     down = 0
