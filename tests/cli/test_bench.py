@@ -63,7 +63,6 @@ def _no_nan(x: Any) -> None:
             _no_nan(v)
 
 
-@pytest.mark.timeout(60)
 def test_quick_json_structure(quick: tuple[dict[str, Any], Path | None]) -> None:
     result, _ = quick
     assert set(result) >= {"meta", "scenarios", "observations"}
