@@ -73,13 +73,28 @@ def new_lbpool_greenlets() -> list[gevent.Greenlet]:
 
 
 def settle(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
-    """Poll ``predicate`` (with gc + hub turns) until true or ``timeout``: for closes
-    that gevent completes on a later loop iteration, which nothing can be waited on for."""
+    """Poll ``predicate`` (with hub turns) until true or ``timeout``: for closes that
+    gevent completes on a later loop iteration, which nothing can be waited on for.
+
+    A full ``gc.collect()`` (for sockets only garbage still holds) runs at most every
+    ``_GC_EVERY`` seconds, and once more before giving up: in a test process one takes
+    tens of milliseconds, all of it inside the hub, so collecting on every poll would
+    starve the very traffic a test is waiting on."""
     deadline = monotonic() + timeout
+    collected = monotonic()
+    gc.collect()
     while True:
-        gc.collect()
         if predicate():
             return True
-        if monotonic() >= deadline:
-            return False
+        now = monotonic()
+        if now >= deadline:
+            gc.collect()
+            return predicate()
+        if now - collected >= _GC_EVERY:
+            gc.collect()
+            collected = monotonic()
+            continue
         gevent.sleep(0.01)
+
+
+_GC_EVERY = 0.25
