@@ -234,6 +234,13 @@ class Pool(ThreadBound):
         free slot to dial into with nobody ahead)? Never yields."""
         return bool(self._idle) or (self._size < self._max_size and not self._waiters)
 
+    def only_dialing(self) -> bool:
+        """Is every slot a dial in progress (no connection open, so nothing can come back
+        to a queue here but what those dials bring)? A server whose connects never
+        complete looks like this; the manager queues a caller here only if no other
+        server is better placed. Never yields."""
+        return self._size > 0 and self._pending >= self._size
+
     def get(self, timeout: float | None = None) -> PooledConnection:
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+import gevent
 import pytest
+from gevent import socket as gsocket
 from gevent.event import Event
 
 import lbpool.dial
@@ -193,3 +195,57 @@ def test_name_with_an_unreachable_first_address(
         conn.discard()  # next one dials again
     assert pool.stats().dial_failures == 0
     pool.close()
+
+
+def invariant_holds(pool: Pool) -> bool:
+    s = pool.stats()
+    return s.size == s.idle + s.in_use + s.pending
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_active", "weighted", "random"])
+def test_no_queue_behind_dials_that_never_complete_while_another_server_can_serve(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    black_hole: Address,
+    strategy: str,
+    no_fd_leak: None,
+) -> None:
+    """Three servers, max_size 1: one refuses connects, one's only slot is a dial to a
+    black hole (it will not complete for 20 s), one is momentarily full (its connection
+    in use). A caller with 3 s, whichever server the strategy picks first and wherever
+    failover then leads it, must queue where a release can serve it -- not behind the
+    dial -- and be served as soon as the connection in use comes back."""
+    good = echo_server_factory()
+    with gsocket.socket() as closed_port:  # bound, not listening: connects are refused
+        closed_port.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed_port.getsockname()[1]}"
+        hole = str(black_hole)
+        manager = make_manager(
+            {
+                "backends": {
+                    "b": {
+                        "strategy": strategy,
+                        "servers": [refused, hole, good.address],
+                        "pool": {"min_idle": 0, "max_size": 1},
+                        "dial": {"timeout": 20},
+                        "breaker": {"failure_threshold": 1000},
+                    }
+                }
+            }
+        )
+        pools = {p.name: p for p in manager.backends["b"].pools}
+        dialing = gevent.spawn(pools[hole].acquire, 25)  # its one slot: a hanging dial
+        assert settle(lambda: pools[hole].stats().pending == 1, 5)
+        held = pools[good.address].acquire(timeout=5)
+        for _ in range(6):
+            caller = gevent.spawn(timed_get, manager, 3)
+            assert settle(lambda: sum(p.stats().waiting for p in pools.values()) == 1, 5)
+            assert pools[hole].stats().waiting == 0  # queued where a release can serve it
+            held.release()
+            served, took = caller.get(timeout=5)
+            assert served == good.address and took < 1 + SLACK, (served, took)
+            held = pools[good.address].acquire(timeout=5)
+        held.release()
+        dialing.kill(block=True, timeout=5)
+        assert all(invariant_holds(p) for p in pools.values())
+        assert pools[hole].breaker.failure_count == 0  # no caller was charged for it
