@@ -212,20 +212,27 @@ def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget:
 def _run_setup(setup: SetupHook, sock: Any, deadline: float) -> None:
     """Run the hook within what is left of the dial's budget: the socket's timeout
     bounds its I/O, a timer of our own anything else it blocks on (a lock, a queue).
-    Running out raises ``TimeoutError``, so the dial fails; a caller's own
-    ``gevent.Timeout`` passes through untouched."""
+    Running out raises ``TimeoutError``, so the dial fails -- also when the hook caught
+    our timer and went on (``except BaseException``): it returned late, and a late
+    hook is a failed dial whatever it returns. A caller's own ``gevent.Timeout``
+    passes through untouched. (A hook that swallows timeouts can still hold the
+    greenlet it runs in: the pool runs hooked dials as errands, so no caller waits
+    for one past its deadline.)"""
     remaining = max(deadline - monotonic(), 1e-6)
     sock.settimeout(remaining)
     timer = gevent.Timeout(remaining)
     timer.start()
     try:
         setup(sock)
+        overran = not timer.pending  # the timer fired, and the hook swallowed it
     except gevent.Timeout as exc:
         if exc is not timer:
             raise
-        raise TimeoutError(f"setup hook did not finish within {fmt_seconds(remaining)}") from None
+        overran = True
     finally:
         timer.close()
+    if overran:
+        raise TimeoutError(f"setup hook did not finish within {fmt_seconds(remaining)}")
 
 
 def dial(

@@ -136,8 +136,9 @@ def check_health(sock: socket.socket, config: HealthCheckConfig) -> None:
     ``expect`` bytes, plus, for a line protocol (``send`` ending in a newline and
     ``expect`` not), the rest of that line; bytes beyond it make the connection
     unhealthy. The hook is called with the socket; any exception from it means
-    unhealthy. The whole check is bounded by ``config.timeout``, and the socket's
-    previous timeout is restored. A no-op when neither ``send`` nor ``hook`` is set.
+    unhealthy. The whole check is bounded by ``config.timeout`` (a hook that swallows
+    the timer and returns late fails it), and the socket's previous timeout is
+    restored. A no-op when neither ``send`` nor ``hook`` is set.
     """
     send, expect, hook = config.send, config.expect, config.hook
     if send is None and hook is None:
@@ -157,6 +158,8 @@ def check_health(sock: socket.socket, config: HealthCheckConfig) -> None:
                 raise
             except Exception as exc:
                 raise Unhealthy(f"health hook failed: {type(exc).__name__}: {exc}") from exc
+            if not timer.pending:  # the timer fired and the hook swallowed it: too late
+                raise Unhealthy(f"health check timed out after {fmt_seconds(limit)}")
     except gevent.Timeout as exc:
         if exc is not timer:
             raise

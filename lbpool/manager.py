@@ -49,6 +49,7 @@ BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
 _NOTHING: frozenset[int] = frozenset()
+_NO_ERRORS: Mapping[Pool, BaseException] = {}
 _MAX_ADHOC_ALIASES = 4096
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
 
@@ -240,21 +241,38 @@ class Backend:
         except (DialError, PoolClosed, PoolExhausted) as exc:
             return self._failover(start, timeout, {pool: exc}, picker)
 
-    def _instead_of_full(self, idx: int, full: Pool) -> Pool:
-        """``full`` could only queue the caller: another eligible server that can
-        serve at once, if one of two probed at random can, else ``full``.
+    def _instead_of_full(
+        self, idx: int, full: Pool, tried: Mapping[Pool, BaseException] = _NO_ERRORS
+    ) -> Pool:
+        """``full`` could only queue the caller: another eligible server (not in
+        ``tried``) that can serve at once, if one of two probed at random can, else
+        ``full`` -- unless every slot of ``full`` is a dial in progress: a queue there
+        is served only by dials that may never complete (a black hole holds them for
+        ``dial.timeout``), so the caller queues instead on a probed server with open
+        connections, whose releases will come.
 
         The probe leaves the strategy's own state alone (asking the balancer would
         move a round-robin cursor, and every caller would then queue on one server),
         and its cost does not grow with the backend. Never yields."""
         pools = self.pools
         others = len(pools) - 1
-        for _ in range(min(2, others)):
-            j = _probe.randrange(others)
+        if others < 1:
+            return full
+        queue_at = full
+        first = _probe.randrange(others)
+        # two distinct others (with two, both): the second a random step past the first
+        probes = (
+            (first, (first + 1 + _probe.randrange(others - 1)) % others) if others > 1 else (first,)
+        )
+        for j in probes:
             pool = pools[j + 1 if j >= idx else j]
-            if eligible(pool.breaker) and pool.can_serve_now():
+            if pool in tried or not eligible(pool.breaker):
+                continue
+            if pool.can_serve_now():
                 return pool
-        return full
+            if queue_at is full and not pool.only_dialing() and full.only_dialing():
+                queue_at = pool
+        return queue_at
 
     def _failover(
         self,
@@ -283,6 +301,8 @@ class Backend:
                     f"backend {self.name!r}: no connection within {limit:.3g}s "
                     f"(failed: {', '.join(p.name for p in errors) or 'none'})"
                 )
+            if picker is None and not pool.can_serve_now():  # as in _acquire
+                pool = self._instead_of_full(idx, pool, errors)
             try:
                 return pool.acquire(remaining)
             except (DialError, PoolClosed, PoolExhausted) as exc:

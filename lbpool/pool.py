@@ -68,6 +68,9 @@ def _nothing() -> None:
 
 # The longest an at-rest pool's upkeep sleeps before looking again anyway.
 _MAX_REST = 60.0
+# How long past its budget a caller waits for a dial errand before calling it overrun
+# (scheduling slack: a dial that ran out of time is reaching its verdict by then).
+_OVERRUN_GRACE = 0.25
 
 
 class _Errand:
@@ -234,6 +237,13 @@ class Pool(ThreadBound):
         free slot to dial into with nobody ahead)? Never yields."""
         return bool(self._idle) or (self._size < self._max_size and not self._waiters)
 
+    def only_dialing(self) -> bool:
+        """Is every slot a dial in progress (no connection open, so nothing can come back
+        to a queue here but what those dials bring)? A server whose connects never
+        complete looks like this; the manager queues a caller here only if no other
+        server is better placed. Never yields."""
+        return self._size > 0 and self._pending >= self._size
+
     def get(self, timeout: float | None = None) -> PooledConnection:
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)
@@ -390,7 +400,7 @@ class Pool(ThreadBound):
             self._unreserve()
             self._timeouts += 1
             raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
-        if remaining >= self._verdict_time(trial):
+        if remaining >= self._verdict_time(trial) and not self._hooked(trial):
             conn = self._open(trial)
         else:
             conn = self._dial_errand(trial, remaining)
@@ -398,6 +408,12 @@ class Pool(ThreadBound):
             self._retire(conn, "discarded")
             raise PoolClosed(f"{self.name}: pool closed while dialing")
         return conn
+
+    def _hooked(self, trial: int) -> bool:
+        """Does this dial run user code (the ``setup`` hook; a trial's health ``hook``)?
+        Such code may catch the timer that bounds it (``except BaseException``) and run
+        on, so it never runs in the caller's greenlet: always as an errand."""
+        return self._setup is not None or (trial != 0 and self.health_config.hook is not None)
 
     def _verdict_time(self, trial: int) -> float:
         """The longest a dial (with a trial's check) takes to reach its verdict."""
@@ -407,16 +423,28 @@ class Pool(ThreadBound):
         return limit
 
     def _dial_errand(self, trial: int, remaining: float) -> _Conn:
-        """Dial in an errand greenlet; wait for it at most ``remaining``."""
+        """Dial in an errand greenlet; wait for it at most ``remaining`` -- and no
+        longer than its verdict should take: a dial still running then is overrunning
+        (a hook swallowed its timer), so the caller leaves with a ``DialError`` and
+        fails over while time is left. The errand goes on alone to its own verdict (a
+        hook that returns late is a failed dial, counted then), so nothing is counted
+        twice."""
         errand = _Errand()
         g = gevent.spawn(self._run_dial_errand, errand, trial)
         self._dialers.add(g)
-        result = self._await_errand(errand, g, remaining)
+        verdict = self._verdict_time(trial) + _OVERRUN_GRACE
+        result = self._await_errand(errand, g, min(remaining, verdict))
         if isinstance(result, _Conn):
             self._held -= 1
             return result
         if isinstance(result, DialError):
             raise result
+        if result is None and remaining > verdict:  # overrunning: it goes on alone
+            raise DialError(
+                self.name,
+                f"dial overran dial.timeout {self.dial_config.timeout:.3g}s "
+                "(a hook did not return in time); it goes on alone",
+            )
         if result is None:  # still dialing: it goes on alone
             self._timeouts += 1
             raise PoolTimeout(
@@ -624,18 +652,22 @@ class Pool(ThreadBound):
 
         The peek finds a peer that closed (servers close idle connections routinely:
         not charged) or sent unexpected bytes. A configured check that fails counts
-        against the breaker, as an error on a connection in use. With ``remaining``
-        (a caller's time left) shorter than the check's timeout, the check runs as an
-        errand the caller waits for at most ``remaining``; if it gives up, the check
-        goes on to its verdict. The connection belongs to no one while it is checked,
-        so an interruption closes it and frees its slot rather than losing it.
+        against the breaker, as an error on a connection in use. For a caller (with
+        ``remaining``, its time left) the check runs as an errand when it may outlast
+        the caller (``remaining`` shorter than its timeout) or runs a hook (which may
+        swallow the check's timer); the caller waits for it at most ``remaining`` and
+        the check's timeout; if it gives up, the check goes on to its verdict. The
+        connection belongs to no one while it is checked, so an interruption closes it
+        and frees its slot rather than losing it.
         """
         if not peek_alive(conn.sock):
             _log.debug("%s: idle connection found closed or dirty", self.name)
             self._retire(conn, "unhealthy")
             return False
         if self._check_configured:
-            if remaining is not None and remaining < self.health_config.timeout:
+            if remaining is not None and (
+                remaining < self.health_config.timeout or self.health_config.hook is not None
+            ):  # may outlast the caller; a hook may swallow the check's timer and run on
                 return self._check_errand(conn, remaining)
             self._held += 1
             try:
@@ -665,7 +697,10 @@ class Pool(ThreadBound):
         self._held += 1  # until the check's verdict, or its caller takes it
         g = gevent.spawn(self._run_check_errand, errand, conn)
         self._dialers.add(g)
-        if self._await_errand(errand, g, remaining) is conn:
+        # no longer than the check should take: one still running is overrunning (its
+        # hook swallowed the timer); it goes on alone to its verdict
+        wait = min(remaining, self.health_config.timeout + _OVERRUN_GRACE)
+        if self._await_errand(errand, g, wait) is conn:
             self._held -= 1
             return True
         return False

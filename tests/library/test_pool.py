@@ -25,10 +25,11 @@ from lbpool import (
     PoolTimeout,
 )
 from lbpool.breaker import Breaker
-from lbpool.config import BreakerConfig, HealthCheckConfig
+from lbpool.config import BreakerConfig, DialConfig, HealthCheckConfig
 from lbpool.connection import PooledConnection, _Conn
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
+from tests.support.leaks import settle
 from tests.support.procs import ProcessEchoServer
 
 
@@ -293,7 +294,10 @@ def test_borrow_check_runs_configured_check(server: EchoServer, no_fd_leak: None
     bad.close()
 
 
-def test_killed_during_borrow_check_frees_slot(server: EchoServer, no_fd_leak: None) -> None:
+def test_killed_during_borrow_check_loses_no_slot(server: EchoServer, no_fd_leak: None) -> None:
+    """A check that runs a hook runs as an errand (the hook may swallow its timer): a
+    caller killed meanwhile leaves the connection to the check, which keeps it counted
+    (pending) until its verdict and then hands it on."""
     gate = Event()
     entered = Event()
 
@@ -308,12 +312,15 @@ def test_killed_during_borrow_check_frees_slot(server: EchoServer, no_fd_leak: N
         upkeep=False,
     )
     pool.acquire().release()
-    g = gevent.spawn(pool.acquire, 30)  # time for the whole check: it runs in the caller
+    g = gevent.spawn(pool.acquire, 30)
     assert entered.wait(5)
     g.kill()
     s = pool.stats()
-    assert (s.size, s.idle, s.in_use) == (0, 0, 0)
+    assert (s.size, s.idle, s.in_use, s.pending) == (1, 0, 0, 1)  # still under its check
     gate.set()
+    assert settle(lambda: pool.stats().idle == 1, 5)  # passed: handed on, not lost
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.pending) == (1, 1, 0, 0)
     pool.close()
 
 
@@ -440,24 +447,34 @@ def test_close_forces_after_timeout(server: EchoServer, no_fd_leak: None) -> Non
 
 
 def test_killed_dial_leaves_no_socket_or_slot(server: EchoServer, no_fd_leak: None) -> None:
+    """A dial with a setup hook runs as an errand: a caller killed meanwhile leaves it
+    to its verdict (here the hook runs out of dial.timeout: a failed dial), which
+    frees the slot and closes the socket."""
     entered = Event()
 
     def hang(sock: object) -> None:
         entered.set()
         gevent.sleep(30)
 
-    pool = Pool(server.address, pool=PoolConfig(min_idle=0, max_size=1), setup=hang, upkeep=False)
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=1),
+        dial=DialConfig(timeout=0.5),
+        setup=hang,
+        upkeep=False,
+    )
     g = gevent.spawn(pool.acquire, 10)
     assert entered.wait(5)
     g.kill()
-    s = pool.stats()
-    assert (s.size, s.pending) == (0, 0)
+    assert pool.stats().pending == 1  # the dial goes on alone
+    assert settle(lambda: pool.stats().size == 0, 5)
+    assert (pool.stats().pending, pool.stats().dial_failures) == (0, 1)
     entered.clear()
     g2 = gevent.spawn(pool.acquire, 10)  # the slot is free again: this one dials too
     assert entered.wait(5)
     g2.kill()
+    pool.close()  # kills the errand: its socket closed, its slot freed
     assert pool.stats().size == 0
-    pool.close()
 
 
 def test_use_from_another_os_thread_is_refused(server: EchoServer, no_fd_leak: None) -> None:

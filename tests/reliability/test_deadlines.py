@@ -14,12 +14,14 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+import gevent
 import pytest
+from gevent import socket as gsocket
 from gevent.event import Event
 
 import lbpool.dial
 from lbpool import DialError, PoolManager, PoolTimeout
-from lbpool.config import Address, DialConfig, PoolConfig
+from lbpool.config import Address, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import settle
@@ -192,4 +194,199 @@ def test_name_with_an_unreachable_first_address(
         assert recv_exact(conn, 2) == b"hi"
         conn.discard()  # next one dials again
     assert pool.stats().dial_failures == 0
+    pool.close()
+
+
+def invariant_holds(pool: Pool) -> bool:
+    s = pool.stats()
+    return s.size == s.idle + s.in_use + s.pending
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_active", "weighted", "random"])
+def test_no_queue_behind_dials_that_never_complete_while_another_server_can_serve(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    black_hole: Address,
+    strategy: str,
+    no_fd_leak: None,
+) -> None:
+    """Three servers, max_size 1: one refuses connects, one's only slot is a dial to a
+    black hole (it will not complete for 20 s), one is momentarily full (its connection
+    in use). A caller with 3 s, whichever server the strategy picks first and wherever
+    failover then leads it, must queue where a release can serve it -- not behind the
+    dial -- and be served as soon as the connection in use comes back."""
+    good = echo_server_factory()
+    with gsocket.socket() as closed_port:  # bound, not listening: connects are refused
+        closed_port.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{closed_port.getsockname()[1]}"
+        hole = str(black_hole)
+        manager = make_manager(
+            {
+                "backends": {
+                    "b": {
+                        "strategy": strategy,
+                        "servers": [refused, hole, good.address],
+                        "pool": {"min_idle": 0, "max_size": 1},
+                        "dial": {"timeout": 20},
+                        "breaker": {"failure_threshold": 1000},
+                    }
+                }
+            }
+        )
+        pools = {p.name: p for p in manager.backends["b"].pools}
+        dialing = gevent.spawn(pools[hole].acquire, 25)  # its one slot: a hanging dial
+        assert settle(lambda: pools[hole].stats().pending == 1, 5)
+        held = pools[good.address].acquire(timeout=5)
+        for _ in range(6):
+            caller = gevent.spawn(timed_get, manager, 3)
+            assert settle(lambda: sum(p.stats().waiting for p in pools.values()) == 1, 5)
+            assert pools[hole].stats().waiting == 0  # queued where a release can serve it
+            held.release()
+            served, took = caller.get(timeout=5)
+            assert served == good.address and took < 1 + SLACK, (served, took)
+            held = pools[good.address].acquire(timeout=5)
+        held.release()
+        dialing.kill(block=True, timeout=5)
+        assert all(invariant_holds(p) for p in pools.values())
+        assert pools[hole].breaker.failure_count == 0  # no caller was charged for it
+
+
+class SwallowingHook:
+    """A hostile hook: waits on ``gate`` and swallows every exception thrown into it
+    (the dial's or check's timer, a caller's ``gevent.Timeout``) until the gate opens
+    or ``limit`` passes; only sockets to ``port`` (None: every socket) are held."""
+
+    def __init__(self, port: int | None = None, limit: float = 8.0) -> None:
+        self.port = port
+        self.limit = limit
+        self.gate = Event()
+        self.swallowed = Event()
+        self.done = Event()
+
+    def __call__(self, sock: Any) -> None:
+        if self.port is not None and sock.getpeername()[1] != self.port:
+            return
+        end = monotonic() + self.limit
+        while not self.gate.is_set() and monotonic() < end:
+            try:
+                self.gate.wait(end - monotonic())
+            except BaseException:  # hostile on purpose
+                self.swallowed.set()
+        self.done.set()
+
+
+def test_setup_hook_that_swallows_its_timeout_cannot_hold_the_caller(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    """A setup hook catches the dial's timer and goes on waiting. The caller (5 s,
+    dial.timeout 0.3 s) leaves with a DialError soon after the dial's budget, not when
+    the hook returns; the late hook is a failed dial, its socket closed, its slot freed.
+    The same hook returning within the budget after a short-deadline caller left: its
+    connection goes to the idle stack."""
+    server = echo_server_factory()
+    hook = SwallowingHook()
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2),
+        dial=DialConfig(timeout=0.3),
+        setup=hook,
+        upkeep=False,
+    )
+    start = monotonic()
+    with pytest.raises(DialError, match="overran"):
+        pool.acquire(timeout=5)
+    assert monotonic() - start < 0.3 + SLACK
+    assert hook.swallowed.wait(5) and not hook.done.is_set()  # still running, alone
+    s = pool.stats()
+    assert (s.size, s.pending) == (1, 1), s  # its slot is held until it ends
+    hook.gate.set()
+    assert hook.done.wait(5)
+    assert settle(lambda: pool.stats().dial_failures == 1, 5)  # late: a failed dial
+    s = pool.stats()
+    assert (s.size, s.idle, s.pending) == (0, 0, 0), s
+    # within the dial's budget, after the caller left: the connection is kept
+    pool.dial_config = DialConfig(timeout=5)
+    hook.gate.clear()
+    hook.done.clear()
+    start = monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.acquire(timeout=0.2)
+    assert monotonic() - start < 0.2 + SLACK
+    hook.gate.set()
+    assert hook.done.wait(5)
+    assert settle(lambda: pool.stats().idle == 1, 5)
+    s = pool.stats()
+    assert (s.size, s.pending, s.dial_failures) == (1, 0, 1), s
+    assert invariant_holds(pool)
+    pool.close()
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_active", "weighted", "random"])
+def test_swallowing_setup_hook_on_one_server_callers_fail_over_on_time(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    strategy: str,
+    no_fd_leak: None,
+) -> None:
+    """The hook holds dials to one server past dial.timeout (swallowing its timer):
+    whichever server a caller picks first, it is served by the other one within the
+    dial's budget plus slack, never held until the hook lets go."""
+    stuck, good = echo_server_factory(), echo_server_factory()
+    hook = SwallowingHook(port=stuck.port)
+    manager = make_manager(
+        {
+            "backends": {
+                "b": {
+                    "strategy": strategy,
+                    "servers": [stuck.address, good.address],
+                    "pool": {"min_idle": 0, "max_size": 4},
+                    "dial": {"timeout": 0.3},
+                    "breaker": {"failure_threshold": 1000},
+                    "setup": hook,
+                }
+            }
+        }
+    )
+    for _ in range(4):
+        start = monotonic()
+        with manager.get("b", timeout=5) as conn:
+            assert conn.address == good.address
+        assert monotonic() - start < 0.3 + SLACK
+    hook.gate.set()
+    pools = manager.backends["b"].pools
+    assert settle(lambda: all(p.stats().pending == 0 for p in pools), 5)
+    assert all(invariant_holds(p) for p in pools)
+    assert pools[0].stats().idle == 0  # every late hook was a failed dial, closed
+
+
+def test_health_hook_that_swallows_its_timeout_cannot_hold_a_borrow(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    """A borrow check's hook catches the check's timer and goes on waiting. The caller
+    (5 s, check timeout 0.3 s) gives up on that connection soon after the check's
+    timeout and is served by a new one; the late hook fails its connection (closed,
+    counted unhealthy), and every slot is accounted for."""
+    server = echo_server_factory()
+    hook = SwallowingHook()
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
+        health_check=HealthCheckConfig(hook=hook, timeout=0.3),
+        upkeep=False,
+    )
+    first = pool.acquire(timeout=5)  # a new connection is not checked
+    first.release()
+    start = monotonic()
+    conn = pool.acquire(timeout=5)  # the idle one is checked: the hook holds it
+    assert monotonic() - start < 0.3 + SLACK
+    assert hook.swallowed.is_set() and not hook.done.is_set()
+    s = pool.stats()
+    assert (s.size, s.in_use, s.pending) == (2, 1, 1), s  # one lent, one under check
+    hook.gate.set()
+    assert hook.done.wait(5)
+    assert settle(lambda: pool.stats().closed["unhealthy"] == 1, 5)
+    conn.release()
+    s = pool.stats()
+    assert (s.size, s.idle, s.pending) == (1, 1, 0), s
+    assert invariant_holds(pool)
     pool.close()
