@@ -22,6 +22,7 @@ from gevent.event import Event
 from lbpool import BackendUnavailable, PoolManager
 from lbpool.hashing import build_table
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.leaks import settle
 
 STRATEGIES = ["maglev", "ring_hash", "rendezvous"]
 KEYS = [f"user:{i}" for i in range(300)]
@@ -322,6 +323,51 @@ def test_a_reload_removing_the_owner_moves_only_its_keys(
         assert moved_others <= 0.05 * len(KEYS)
     else:
         assert moved_others == 0
+
+
+@pytest.mark.parametrize("release", ["just_before", "just_after"])
+@pytest.mark.parametrize("strategy", ["rendezvous", "ring_hash"])
+def test_a_reload_removing_the_owner_moves_its_queued_caller_to_the_new_owner(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+    release: str,
+) -> None:
+    """A caller queued on a key's owner when a reload removes it is served by the key's
+    new owner within its deadline, never by the removed server, whether the owner's
+    connection came back just before the reload (handed, the caller not awake yet) or
+    just after (its drain not started yet); the removed server's connection closes.
+    (Tables of 3 servers are built inline: ``owner`` after the reload is the new one.)"""
+    addresses = [s.address for s in echo_fleet(3)]
+    manager = manager_of(addresses, strategy, pool={"max_size": 1})
+    gone = addresses[0]
+    key = next(k for k in KEYS if manager.owner("kv", k) == gone)
+    held = manager.acquire("kv", key=key)
+    assert held.address == gone  # the owner is full: a caller of the key queues on it
+    got: dict[str, Any] = {}
+
+    def caller() -> None:
+        with manager.get("kv", timeout=5, key=key) as conn:
+            got["address"], got["rank"] = conn.address, conn.rank
+            conn.sendall(b"ping")
+            got["echo"] = recv_exact(conn, 4)
+
+    g = gevent.spawn(caller)
+    removed = manager.backends["kv"].pools[0]
+    assert removed.name == gone
+    assert settle(lambda: removed.stats().waiting == 1, timeout=5)
+    if release == "just_before":  # handed to the caller, which has not woken yet
+        held.release()
+    manager.reload(config(addresses[1:], strategy, pool={"max_size": 1}))
+    new_owner = manager.owner("kv", key)
+    assert new_owner != gone
+    if release == "just_after":
+        held.release()
+    g.join(5)
+    assert g.successful(), g.exception
+    assert got["address"] == new_owner and got["echo"] == b"ping"
+    assert settle(lambda: removed.closed and removed.stats().size == 0, timeout=5)
+    assert removed.stats().closed["discarded"] + removed.stats().closed["idle"] == 1
 
 
 def test_a_reload_to_a_hashing_strategy_waits_for_the_first_table(
