@@ -15,7 +15,7 @@ the pools it was built from -- and swaps the pair in one assignment when a build
 finishes. Small builds run inline in ``update``; the others in a build loop greenlet
 that is never killed by a membership change: each build finishes and swaps, and the
 loop then builds the latest membership (changes coalesce). maglev's table takes
-0.1-0.3 s of CPU, so the build pauses (``_Pacer``) for a full turn of the hub's loop
+0.1-0.3 s of CPU, so the build pauses (``lbpool._pacing``) for a full turn of the hub's loop
 every few milliseconds. Until a new table is in place acquisitions use the old one over
 the backend's current pools (``members()``, read live, so a removed server is skipped
 at once and a stopped placement never names a stale position), then the current members
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
+from lbpool._pacing import Pacer
 from lbpool.balance import eligible
 from lbpool.errors import BackendUnavailable, LbpoolError, PoolTimeout
 from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, _key_bytes, build_table
@@ -56,29 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["KeyOrder", "Placement", "Tally", "check_key", "is_hashing"]
 
 _log = logging.getLogger("lbpool")
-
-# A build's pause between chunks, taken once a slice of CPU has gone by: a short timed
-# sleep, so the hub's loop takes a full turn (timers, I/O). ``gevent.sleep(0)`` only
-# requeues the builder behind the ready callbacks; measured at 1,000 servers it left
-# 30 ms (maglev) to 240 ms (ring_hash) between a 1 ms ticker's wake-ups; this leaves
-# ~10 ms (test_manager_hashing.py), and a slice keeps the pauses few (a pause per chunk
-# made a maglev build six times longer).
-_SLICE_SECONDS = 0.005
-_PAUSE_SECONDS = 0.0001
-
-
-class _Pacer:
-    """``pause`` for one build: yields to the hub at most once per ``_SLICE_SECONDS``."""
-
-    __slots__ = ("_last",)
-
-    def __init__(self) -> None:
-        self._last = _monotonic()
-
-    def __call__(self) -> None:
-        if _monotonic() - self._last >= _SLICE_SECONDS:
-            gevent.sleep(_PAUSE_SECONDS)
-            self._last = _monotonic()
 
 
 def is_hashing(strategy: str) -> bool:
@@ -115,7 +93,7 @@ class Tally:
 
 
 # Builds done inline, in ``update`` (never yielding), because they finish within one
-# ``_SLICE_SECONDS`` and so would not have paused anyway; the new table then routes at
+# ``SLICE_SECONDS`` and so would not have paused anyway; the new table then routes at
 # once, with no pending window. rendezvous: one prefix per server, ~0.5 ms at 1,000
 # servers: always. ring_hash: ~0.2 ms per server (40 MD5s, 160 points to sort), so up
 # to 16 servers (~3-4 ms). maglev: >= ~100 ms at any size (its 131,071 slots), never.
@@ -186,15 +164,13 @@ class Placement:
             while not self._stopped and self._current_gen < self._wanted_gen:
                 gen = self._wanted_gen
                 strategy, pools = self._wanted
-                if not self._build(gen, strategy, pools, _Pacer()):
+                if not self._build(gen, strategy, pools, Pacer()):
                     return  # logged; the next change tries again
         finally:
             if self._builder is gevent.getcurrent():
                 self._builder = None
 
-    def _build(
-        self, gen: int, strategy: str, pools: tuple[Pool, ...], pause: _Pacer | None
-    ) -> bool:
+    def _build(self, gen: int, strategy: str, pools: tuple[Pool, ...], pause: Pacer | None) -> bool:
         try:
             table = build_table(strategy, [(p.name, p.weight) for p in pools], pause=pause)
         except Exception:  # the config was validated: a bug, but never a dead backend

@@ -8,7 +8,10 @@ sleeps until woken. ``on_demand`` (called by an acquisition that had to wait or
 dial) wakes a loop at rest, not one already ticking, or a busy pool would run a
 pass per slow acquisition; ``wake`` wakes it whatever it is doing.
 
-Imports nothing from lbpool (pools are typed by a protocol). ``on_demand``,
+A pass over a big fleet pauses every slice (``lbpool._pacing``, which imports nothing
+from lbpool either), so a thousand pools do not hold the hub for one pass.
+
+Imports nothing from lbpool but ``_pacing`` (pools are typed by a protocol). ``on_demand``,
 ``wake`` and ``abandon`` never yield; ``stop`` may (it joins the greenlet).
 """
 
@@ -20,6 +23,8 @@ from typing import Protocol
 
 import gevent
 from gevent.event import Event
+
+from lbpool._pacing import Pacer
 
 __all__ = ["Keepable", "Upkeep"]
 
@@ -76,15 +81,17 @@ class Upkeep:
 
     def _run(self) -> None:
         while not self._stopped:
+            self._wake.clear()  # before the pass: a wake during it (a pause) gets another
             pools = self.pools()
+            pause = Pacer()
             for pool in pools:
                 try:
                     pool.run_upkeep()
                 except Exception:  # never let one pool's bad hook stop the others
                     _log.exception("%s: upkeep failed", pool.name)
+                pause()
             due = min((p.upkeep_due() for p in pools), default=None)
             busy_tick = min((p.config.upkeep_interval for p in pools), default=0.0)
             self._resting = due is None or due > busy_tick
-            self._wake.clear()
             self._wake.wait(due)
             self._resting = False

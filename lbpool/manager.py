@@ -20,6 +20,7 @@ import gevent
 
 from lbpool._affinity import Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound
+from lbpool._pacing import Pacer
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, eligible, make_balancer
@@ -63,6 +64,28 @@ class Picker(Protocol):
 def _balancing(strategy: str) -> str:
     """The balancer a backend keeps: its own, or (key-affinity) an unused round_robin."""
     return "round_robin" if is_hashing(strategy) else strategy
+
+
+def _discard(fresh: Mapping[str, Pool]) -> None:
+    """Close pools made ahead but never used: never yields (no connection, no greenlet)."""
+    for pool in fresh.values():
+        pool.close(0)
+
+
+def _close_all(
+    pools: list[Pool], timeout: float | None, keep: Callable[[gevent.Greenlet], object]
+) -> None:
+    """Close ``pools`` (lending stopped already), pausing every slice (``Pacer``): each
+    with nothing in use at once (the bulk of a big fleet: no greenlet each); each other
+    one in a greenlet of its own, given to ``keep`` at once, that closes its idle
+    connections now and in-use ones as they come back, the rest after ``timeout``."""
+    pause = Pacer()
+    for pool in pools:
+        if pool.active == 0:
+            pool.close(0)  # idle connections only: never yields
+        else:
+            keep(gevent.spawn(pool.close, timeout))
+        pause()
 
 
 def _coerce_config(config: ConfigSource) -> Config:
@@ -116,8 +139,7 @@ class Backend:
     def strategy(self) -> str:
         return self.config.strategy
 
-    def _new_pool(self, server: ServerConfig) -> Pool:
-        cfg = self.config
+    def _new_pool(self, server: ServerConfig, cfg: BackendConfig) -> Pool:
         pool = Pool(
             server.address,
             pool=cfg.pool,
@@ -141,15 +163,35 @@ class Backend:
             except Exception:
                 _log.exception("breaker listener failed")
 
-    def _apply(self, config: BackendConfig) -> list[Pool]:
-        """Make the pools match ``config``; returns the pools that were removed."""
+    def _fresh_pools(self, config: BackendConfig, pause: Pacer) -> dict[str, Pool]:
+        """The pools ``_apply(config)`` will add, made ahead of it, with a ``pause`` after
+        each (so it may yield): nobody sees them until ``_apply``. Interrupted, it closes
+        what it made (fresh pools: nothing to wait for)."""
+        have = {p.name for p in self.pools}
+        fresh: dict[str, Pool] = {}
+        try:
+            for server in config.servers:
+                address = str(server.address)
+                if address not in have and address not in fresh:
+                    fresh[address] = self._new_pool(server, config)
+                    pause()
+        except BaseException:
+            _discard(fresh)
+            raise
+        return fresh
+
+    def _apply(self, config: BackendConfig, fresh: dict[str, Pool] | None = None) -> list[Pool]:
+        """Make the pools match ``config`` (taking new ones from ``fresh``, made by
+        ``_fresh_pools``); returns the pools that were removed. Never yields."""
         self.config = config
         old = {p.name: p for p in self.pools}
+        fresh = dict(fresh or {})
         pools: list[Pool] = []
         for server in config.servers:
-            pool = old.pop(str(server.address), None)
+            address = str(server.address)
+            pool = old.pop(address, None)
             if pool is None:
-                pool = self._new_pool(server)
+                pool = fresh.pop(address, None) or self._new_pool(server, config)
             else:
                 pool.reconfigure(
                     pool=config.pool,
@@ -166,6 +208,7 @@ class Backend:
         self._only = pools[0] if len(pools) == 1 else None
         self._balancer = make_balancer(_balancing(config.strategy), pools)
         self._follow_placement(config, pools)
+        _discard(fresh)  # made for a server that a reload in between added already
         return list(old.values())
 
     def _follow_placement(self, config: BackendConfig, pools: list[Pool]) -> None:
@@ -334,7 +377,12 @@ class PoolManager(ThreadBound):
         self.config = _coerce_config(config)
         self._backends: dict[str, Backend] = {}
         self._adhoc: dict[str, Backend] = {}
-        self._draining: dict[Pool, gevent.Greenlet] = {}
+        # pools a reload removed, closing as their connections come back; the greenlets
+        # that close them (one per reload, and one per pool with connections in use)
+        self._draining: set[Pool] = set()
+        self._drainers: set[gevent.Greenlet] = set()
+        self._reloads = 0  # reload calls begun: a reload applies only if none after it has
+        self._applied = 0  # the reload whose config is in place
         self._listeners: list[BreakerChange] = []
         self._closing = False
         self._closed = False
@@ -344,10 +392,21 @@ class PoolManager(ThreadBound):
         # wakes it (on_demand) when at rest, as do new pools, reload and close
         self._upkeep = Upkeep(self._all_pools)
         self._on_demand = self._upkeep.on_demand
-        for name, bcfg in self.config.backends.items():
-            backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
-            backend._apply(bcfg)
-            self._backends[name] = backend
+        # a big fleet's pools are made in slices (Pacer): nobody can see this manager yet
+        pause = Pacer()
+        made: list[tuple[Backend, dict[str, Pool]]] = []
+        try:
+            for name, bcfg in self.config.backends.items():
+                backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
+                made.append((backend, backend._fresh_pools(bcfg, pause)))
+        except BaseException:  # interrupted: leave nothing behind
+            for _, fresh in made:
+                _discard(fresh)
+            self._upkeep.stop()
+            raise
+        for backend, fresh in made:
+            backend._apply(backend.config, fresh)
+            self._backends[backend.name] = backend
 
     def add_breaker_listener(self, listener: BreakerChange) -> None:
         """Call ``listener(backend, address, old, new)`` on every breaker state change
@@ -473,36 +532,75 @@ class PoolManager(ThreadBound):
         """Apply a new config live: add, drain removed servers, re-tune the rest.
 
         Callers in flight keep working: a removed server stops taking acquisitions
-        (its waiters fail over to the backend's other servers) and its in-use
-        connections close as they come back.
+        (its waiters fail over to the backend's other servers, and none is handed its
+        connection) and its in-use connections close as they come back.
+
+        A big reload (hundreds of new servers) makes its new pools in slices, yielding
+        to the hub between them; the switch itself is one step that never yields, so
+        callers see the old membership or the new one, never a mix. Of reloads that
+        overlap so, the one called last wins (an earlier one returns without applying).
         """
         self._check_owner()
         if self._closing:
             raise PoolClosed("the manager is closed")
         new = _coerce_config(config)
+        self._reloads += 1
+        mine = self._reloads
+        pause = Pacer()
+        made: list[tuple[Backend, dict[str, Pool]]] = []
+        try:
+            for name, bcfg in new.backends.items():
+                backend = self._backends.get(name) or Backend(
+                    name, bcfg, listeners=self._listeners, on_demand=self._on_demand
+                )  # a new backend is not seen before the switch
+                made.append((backend, backend._fresh_pools(bcfg, pause)))
+        except BaseException:
+            for _, fresh in made:
+                _discard(fresh)
+            raise
+        if self._closing or self._applied > mine:  # closed, or a later reload applied
+            for _, fresh in made:
+                _discard(fresh)
+            if self._closing:
+                raise PoolClosed("the manager is closed")
+            return
+        # the switch: from here on nothing yields
+        self._applied = mine
         removed: list[Pool] = []
         for name in list(self._backends):
             if name not in new.backends:
                 self._backends[name].stop_rebuilds()
                 removed.extend(self._backends.pop(name).pools)
-        for name, bcfg in new.backends.items():
-            backend = self._backends.get(name)
-            if backend is None:
-                backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
-                self._backends[name] = backend
-            removed.extend(backend._apply(bcfg))
+        for backend, fresh in made:
+            current = self._backends.get(backend.name)
+            if current is not None:  # (an earlier reload may have added it while we made ours)
+                backend = current
+            self._backends[backend.name] = backend
+            removed.extend(backend._apply(new.backends[backend.name], fresh))
         for key, backend in list(self._adhoc.items()):
             if key == backend.name:
                 removed.extend(backend._apply(self._adhoc_config(key)))
         self.config = new
-        for pool in removed:
-            self._drain(pool)
+        for pool in removed:  # in the same step: no waiter is handed a removed server
+            pool.stop_lending()
+        self._drain(removed)
         self._upkeep.wake()
 
-    def _drain(self, pool: Pool) -> None:
-        g = gevent.spawn(pool.close, _DRAIN_TIMEOUT)
-        self._draining[pool] = g
-        g.link(lambda _g: self._draining.pop(pool, None))
+    def _drain(self, pools: list[Pool]) -> None:
+        """Close removed ``pools`` (lending stopped) off the caller's path: one greenlet
+        closes the idle ones in slices; a pool with connections in use closes them as
+        they come back, for up to ``_DRAIN_TIMEOUT``. Never yields."""
+        self._draining = {p for p in self._draining if not p._closed}  # forget closed ones
+        if pools:
+            self._draining.update(pools)
+            self._keep_drainer(gevent.spawn(self._drain_all, pools))  # one, not one a pool
+
+    def _drain_all(self, pools: list[Pool]) -> None:
+        _close_all(pools, _DRAIN_TIMEOUT, self._keep_drainer)
+
+    def _keep_drainer(self, g: gevent.Greenlet) -> None:
+        self._drainers.add(g)
+        g.link(self._drainers.discard)
 
     # -- closing ------------------------------------------------------------------
     def close(self, timeout: float | None = 5.0) -> None:
@@ -525,16 +623,19 @@ class PoolManager(ThreadBound):
             self._backends.clear()
             self._adhoc.clear()
         self._upkeep.stop()  # dies at once: its handlers never block
-        closers = [gevent.spawn(p.close, timeout) for p in self._closing_pools]
+        for pool in self._closing_pools:  # waiters everywhere fail at once
+            pool.stop_lending()
+        closers: list[gevent.Greenlet] = []
         try:
+            _close_all(self._closing_pools, timeout, closers.append)
             gevent.joinall(closers)
         finally:
             gevent.killall(closers, block=True)  # only if we were interrupted
-        draining = dict(self._draining)
-        gevent.killall(list(draining.values()), block=True)
-        for pool in draining:
+        gevent.killall(list(self._drainers), block=True)
+        for pool in list(self._draining):
             pool.close(0)  # what the drain had not closed yet, now
         self._draining.clear()
+        self._drainers.clear()
         self._closed = True
 
     def _refusal(self, used_from: int) -> str:

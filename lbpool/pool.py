@@ -325,6 +325,9 @@ class Pool(ThreadBound):
         if isinstance(outcome, _Conn):  # the common case: a connection handed over
             conn = outcome
             self._handed -= 1
+            if self._closing:  # handed before a close began (a reload removed the server)
+                self._retire(conn, "discarded")
+                raise PoolClosed(f"{self.name}: pool closed while waiting")
             self._waits_served += 1
             self._hits += 1
             conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
@@ -340,6 +343,9 @@ class Pool(ThreadBound):
                 f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
             )
         if outcome is PERMIT:
+            if self._closing:  # as above: dial nothing for a pool that is closing
+                self._unreserve()
+                raise PoolClosed(f"{self.name}: pool closed while waiting")
             lent = self._lend_new(deadline)
             self._waits_served += 1
             return lent
@@ -881,6 +887,20 @@ class Pool(ThreadBound):
         if self._closing and self._size == 0:
             self._drained.set()
 
+    def stop_lending(self) -> None:
+        """Close's first step, never yielding: refuse new acquisitions, hand nothing more
+        to anyone (a connection that comes back is closed; a waiter already handed one
+        but not awake yet closes it instead of using it), wake waiters with
+        ``PoolClosed``, close idle connections. A manager takes it in the same step as a
+        reload removes the server, so its waiters fail over at once; ``close`` does the
+        rest (dials in flight, in-use connections)."""
+        self._check_owner()
+        self._closing = True
+        self._waiters.hand_all(CLOSED)
+        self._waiters.stop_timer()
+        while self._idle:
+            self._retire(self._idle.pop(), "idle")
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters with ``PoolClosed``, close idle
         connections now and in-use ones as they come back; after ``timeout`` close
@@ -894,10 +914,7 @@ class Pool(ThreadBound):
         current = gevent.getcurrent()
         if self._upkeep is not None:
             self._upkeep.stop()
-        self._waiters.hand_all(CLOSED)
-        self._waiters.stop_timer()
-        while self._idle:
-            self._retire(self._idle.pop(), "idle")
+        self.stop_lending()
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)

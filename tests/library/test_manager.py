@@ -754,3 +754,48 @@ def test_bad_timeout_is_refused_by_wait_ready_and_close(
     manager.wait_ready(timeout=5)
     with manager.get("b", timeout=10**400) as conn:  # too large for a float: for ever
         conn.sendall(b"x")
+
+
+@pytest.mark.parametrize("release", ["just_before", "just_after"])
+def test_reload_fails_a_removed_servers_waiter_over_never_hands_it_that_server(
+    servers: Callable[..., CountingServer],
+    make_manager: Callable[..., PoolManager],
+    release: str,
+) -> None:
+    """A caller queued on a server a reload removes is failed over to the servers left,
+    within its deadline: never handed the removed server's connection, whether that
+    came back just before the reload (handed, its waiter not awake yet) or just after
+    (the drain not started yet); the removed server's connection then closes."""
+    a, b = servers(), servers()
+    manager = make_manager(config([a.address, b.address], pool={"max_size": 1}))
+    held = {}
+    for _ in range(2):
+        conn = manager.acquire("svc")
+        held[conn.address] = conn
+    assert set(held) == {a.address, b.address}  # both full: the next caller queues
+    got: dict[str, Any] = {}
+
+    def waiter() -> None:
+        with manager.get("svc", timeout=5) as conn:
+            got["address"] = conn.address
+            conn.sendall(b"ping")
+            got["echo"] = conn.recv(4)
+
+    w = gevent.spawn(waiter)
+    pools = {p.name: p for p in manager.backends["svc"].pools}
+    assert settle(lambda: any(p.stats().waiting for p in pools.values()), timeout=5)
+    gone = next(name for name, p in pools.items() if p.stats().waiting)
+    kept = a.address if gone == b.address else b.address
+    if release == "just_before":  # handed to the waiter, which has not woken yet
+        held[gone].release()
+    manager.reload(config([kept], pool={"max_size": 1}))
+    if release == "just_after":
+        held[gone].release()
+    held[kept].release()  # the server left can serve it now
+    w.join(5)
+    assert w.successful(), w.exception
+    assert got == {"address": kept, "echo": b"ping"}
+    removed = pools[gone]
+    assert settle(lambda: removed.stats().size == 0 and removed.closed, timeout=5)
+    gone_server = a if gone == a.address else b
+    assert settle(lambda: not gone_server._clients, timeout=5)  # its connection closed

@@ -7,12 +7,13 @@ key's own order when the owner cannot serve, count, and survive reloads and rebu
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
-from time import monotonic
+from time import monotonic, thread_time
 from typing import Any
 
 import gevent
@@ -22,6 +23,7 @@ from gevent.event import Event
 from lbpool import BackendUnavailable, PoolManager
 from lbpool.hashing import build_table
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.leaks import settle
 
 STRATEGIES = ["maglev", "ring_hash", "rendezvous"]
 KEYS = [f"user:{i}" for i in range(300)]
@@ -324,6 +326,51 @@ def test_a_reload_removing_the_owner_moves_only_its_keys(
         assert moved_others == 0
 
 
+@pytest.mark.parametrize("release", ["just_before", "just_after"])
+@pytest.mark.parametrize("strategy", ["rendezvous", "ring_hash"])
+def test_a_reload_removing_the_owner_moves_its_queued_caller_to_the_new_owner(
+    echo_fleet: Callable[[int], list[EchoServer]],
+    manager_of: Callable[..., PoolManager],
+    strategy: str,
+    release: str,
+) -> None:
+    """A caller queued on a key's owner when a reload removes it is served by the key's
+    new owner within its deadline, never by the removed server, whether the owner's
+    connection came back just before the reload (handed, the caller not awake yet) or
+    just after (its drain not started yet); the removed server's connection closes.
+    (Tables of 3 servers are built inline: ``owner`` after the reload is the new one.)"""
+    addresses = [s.address for s in echo_fleet(3)]
+    manager = manager_of(addresses, strategy, pool={"max_size": 1})
+    gone = addresses[0]
+    key = next(k for k in KEYS if manager.owner("kv", k) == gone)
+    held = manager.acquire("kv", key=key)
+    assert held.address == gone  # the owner is full: a caller of the key queues on it
+    got: dict[str, Any] = {}
+
+    def caller() -> None:
+        with manager.get("kv", timeout=5, key=key) as conn:
+            got["address"], got["rank"] = conn.address, conn.rank
+            conn.sendall(b"ping")
+            got["echo"] = recv_exact(conn, 4)
+
+    g = gevent.spawn(caller)
+    removed = manager.backends["kv"].pools[0]
+    assert removed.name == gone
+    assert settle(lambda: removed.stats().waiting == 1, timeout=5)
+    if release == "just_before":  # handed to the caller, which has not woken yet
+        held.release()
+    manager.reload(config(addresses[1:], strategy, pool={"max_size": 1}))
+    new_owner = manager.owner("kv", key)
+    assert new_owner != gone
+    if release == "just_after":
+        held.release()
+    g.join(5)
+    assert g.successful(), g.exception
+    assert got["address"] == new_owner and got["echo"] == b"ping"
+    assert settle(lambda: removed.closed and removed.stats().size == 0, timeout=5)
+    assert removed.stats().closed["discarded"] + removed.stats().closed["idle"] == 1
+
+
 def test_a_reload_to_a_hashing_strategy_waits_for_the_first_table(
     echo_fleet: Callable[[int], list[EchoServer]], make_manager: Callable[..., PoolManager]
 ) -> None:
@@ -543,40 +590,101 @@ def test_close_ends_a_rebuild_in_progress(
     assert not placement.building  # and the conftest finalizer finds no lbpool greenlet
 
 
-def test_a_rebuild_at_1000_servers_keeps_the_hub_responsive(
-    make_manager: Callable[..., PoolManager],
-) -> None:
-    """A maglev rebuild (1,000 servers) yields often: no ticker gap over 50 ms.
+class _Ticker:
+    """A 1 ms ticker greenlet: the longest gaps between its wake-ups, in wall time and
+    in this thread's CPU time, and the CPU time the interpreter's GC took within each.
 
-    Nothing is dialed (min_idle 0, no acquisition): the servers need not exist.
-    """
-    addresses = [f"127.0.0.{1 + i // 250}:{20000 + i}" for i in range(1000)]
-    manager = make_manager(config(addresses, "maglev"))
-    built(manager)
-    gaps: list[float] = []
-    stop = Event()
+    CPU time is what the hub was held for; wall time adds whatever other processes
+    (two CPU hogs on two cores) took from us. A gen-2 collection is one pause over the
+    whole process's heap (pytest's included) that a library cannot slice: it is
+    reported, and subtracted from the gap it fell in."""
 
-    def tick() -> None:
-        last = monotonic()
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.wall = self.cpu = self.cpu_not_gc = self.gc_pause = 0.0
+        self.ticks = 0
+        self._gc = 0.0  # CPU time in GC so far
+        self._gc_start = 0.0
+        self._stop = Event()
+        self._greenlet: gevent.Greenlet[..., None] | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = thread_time()
+        else:
+            took = thread_time() - self._gc_start
+            self._gc += took
+            self.gc_pause = max(self.gc_pause, took)
+
+    def _run(self) -> None:
+        last, last_cpu, last_gc = monotonic(), thread_time(), self._gc
+        while not self._stop.is_set():
             gevent.sleep(0.001)
-            now = monotonic()
-            gaps.append(now - last)
-            last = now
+            now, cpu, in_gc = monotonic(), thread_time(), self._gc
+            self.ticks += 1
+            self.wall = max(self.wall, now - last)
+            self.cpu = max(self.cpu, cpu - last_cpu)
+            self.cpu_not_gc = max(self.cpu_not_gc, cpu - last_cpu - (in_gc - last_gc))
+            last, last_cpu, last_gc = now, cpu, in_gc
 
-    manager.reload(config(addresses[1:], "maglev"))  # one server leaves
-    placement = manager.backends["kv"]._placement
-    assert placement is not None and placement.building
-    ticker = gevent.spawn(tick)
-    started = monotonic()
-    assert placement.wait_built(20)
-    took = monotonic() - started
-    stop.set()
-    ticker.join(1)
-    longest = max(gaps)
-    print(f"maglev rebuild, 999 servers: {took * 1000:.0f} ms, longest gap {longest * 1000:.1f} ms")
-    assert len(gaps) > 10
-    assert longest < 0.05
+    def __enter__(self) -> _Ticker:
+        gc.callbacks.append(self._on_gc)
+        self._greenlet = gevent.spawn(self._run)
+        gevent.sleep(0.005)  # ticking
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._greenlet is not None
+        self._greenlet.join(2)
+        gc.callbacks.remove(self._on_gc)
+
+    def __str__(self) -> str:
+        return (
+            f"longest gap {self.wall * 1000:.1f} ms wall, {self.cpu * 1000:.1f} ms CPU, "
+            f"{self.cpu_not_gc * 1000:.1f} ms CPU outside GC (longest GC pause "
+            f"{self.gc_pause * 1000:.1f} ms), {self.ticks} ticks"
+        )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_1000_servers_in_a_manager_keep_the_hub_responsive(
+    make_manager: Callable[..., PoolManager], strategy: str
+) -> None:
+    """Building a manager of 1,000 servers, reloading one away, and reloading all of them
+    for 1,000 others, each with its key table (re)built: a ticker greenlet is never held
+    up long. Every long step is paced (pools made, drained and kept in slices, tables
+    built in slices): the bound is on CPU time outside GC, which two CPU hogs do not
+    inflate; wall time and GC pauses are printed (``-s``). Nothing is dialed (min_idle 0,
+    no acquisition): the servers need not exist.
+
+    What is left in one step: parsing the config (pydantic, ~10-25 ms for 1,000 servers)
+    and the switch (re-tuning the servers kept, the new balancer and table signature,
+    ~5-10 ms), hence 50 ms rather than the 20 ms a slice would allow.
+    """
+    first = [f"127.0.0.{1 + i // 250}:{20000 + i}" for i in range(1000)]
+    other = [f"127.0.1.{1 + i // 250}:{20000 + i}" for i in range(1000)]
+    steps: dict[str, _Ticker] = {}
+    with _Ticker() as ticker:
+        manager = make_manager(config(first, strategy))
+        built(manager)
+    steps["made"] = ticker
+    with _Ticker() as ticker:
+        manager.reload(config(first[1:], strategy))  # one server leaves
+        built(manager)
+    steps["one left"] = ticker
+    with _Ticker() as ticker:
+        manager.reload(config(other, strategy))  # all replaced: 1,000 made, 999 drained
+        built(manager)
+        drainers = list(manager._drainers)
+        gevent.joinall(drainers, timeout=10)
+        assert all(g.dead for g in drainers)
+    steps["all replaced"] = ticker
+    assert list(manager.stats().backends["kv"].servers) == other
+    for step, ticker in steps.items():
+        print(f"{strategy}, 1,000 servers, {step}: {ticker}")
+    for step, ticker in steps.items():
+        assert ticker.ticks >= 1, step
+        assert ticker.cpu_not_gc < 0.05, (step, str(ticker))
 
 
 # -------------------------------------------------------------------------- stats

@@ -1,0 +1,43 @@
+"""Pacing long work so the hub keeps turning: a ``Pacer`` yields once per slice of CPU.
+
+Work that grows with a fleet (a maglev table, a reload's new pools, a drain's closes)
+calls its ``Pacer`` between small steps; once ``SLICE_SECONDS`` of wall time have gone
+by since the last pause, it pauses: a short timed sleep, so the hub's loop takes a full
+turn (timers, I/O), where ``gevent.sleep(0)`` would only requeue the worker behind the
+ready callbacks. Measured at 1,000 servers: a maglev build with ``sleep(0)`` left 30 ms
+between a 1 ms ticker's wake-ups, ring_hash 240 ms; a timed pause leaves about a slice.
+
+A pacer never pauses in the hub itself (a hub callback may not block) and, made with
+``pauses=False``, never at all: its caller then promised not to yield. Work shorter than
+a slice never pauses, so a small reload stays one step.
+
+Imports nothing from lbpool. ``__call__`` may yield (see above).
+"""
+
+from __future__ import annotations
+
+from time import monotonic as _monotonic
+
+import gevent
+from gevent.hub import get_hub
+
+__all__ = ["PAUSE_SECONDS", "SLICE_SECONDS", "Pacer"]
+
+SLICE_SECONDS = 0.005  # work between pauses; few pauses (one per step made a build 6x longer)
+PAUSE_SECONDS = 0.0001  # a timed sleep: the loop's full turn, not just its callbacks
+
+
+class Pacer:
+    """``pause()`` for one piece of work: yields to the hub at most once a slice."""
+
+    __slots__ = ("_last", "_pauses")
+
+    def __init__(self, pauses: bool = True) -> None:
+        self._last = _monotonic()
+        # in the hub (a callback) a sleep is refused: such a caller cannot be paced
+        self._pauses = pauses and gevent.getcurrent() is not get_hub()
+
+    def __call__(self) -> None:
+        if self._pauses and _monotonic() - self._last >= SLICE_SECONDS:
+            gevent.sleep(PAUSE_SECONDS)
+            self._last = _monotonic()
