@@ -281,7 +281,8 @@ class BackendConfig(_Model):
         cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
     ) -> tuple[ServerConfig, ...]:
         """Exactly one of ``servers`` and ``discover`` (``()`` stands for "not given":
-        the default; an explicit empty list is still "must list at least one")."""
+        the default; an explicit empty list is "must list at least one" without
+        ``discover``, and accepted with it)."""
         given = value != ()
         if "discover" not in info.data:  # discover itself was invalid: said there
             return handler(value) if given else ()
@@ -292,7 +293,7 @@ class BackendConfig(_Model):
                     "missing: give servers (a list) or discover (follow DNS), one of the two",
                 )
             return handler(value)  # type: ignore[no-any-return]
-        if given:
+        if value not in ((), []):  # an empty list is how a dumped config says "none"
             raise PydanticCustomError(
                 "servers_and_discover",
                 "give servers or discover, not both (discover finds the servers in DNS)",
