@@ -528,12 +528,18 @@ class Discovery:
             self._greenlet = gevent.spawn(self._run)
         return self
 
-    def stop(self) -> None:
+    def stop(self, block: bool = True) -> None:
         """Kill the loop and wait for it (a resolution in flight closes its socket).
-        May yield; calling it twice is harmless."""
-        greenlet, self._greenlet = self._greenlet, None
-        if greenlet is not None:
+        May yield; calling it twice is harmless. ``block=False`` never yields: the
+        loop dies at the hub's next turn (the way to stop it from its own callback)."""
+        greenlet = self._greenlet
+        if greenlet is None:
+            return
+        if block and greenlet is not gevent.getcurrent():
             greenlet.kill(block=True)
+            self._greenlet = None
+        else:  # kept: a later blocking stop() joins it
+            greenlet.kill(block=False)
 
     def refresh_now(self) -> None:
         """Resolve again now instead of at the next tick. Never yields."""

@@ -3,6 +3,16 @@
 A ``Backend`` is a named group of per-server ``Pool``s and a balancer; the manager
 maps names (and ad-hoc ``host:port`` strings, like urllib3's PoolManager) to
 backends, runs one upkeep greenlet for all pools, and applies live reloads.
+
+Membership: a backend's servers are its ``servers:`` list, or (``discover:``) the last
+good DNS answer of its ``Discovery`` runner (one greenlet per discovered backend,
+owned by the manager); then, with ``subset:``, the subset of them this process uses
+(``lbpool.subset``, recomputed whenever the membership changes). Each good answer is
+applied by ``Backend._apply`` and ``PoolManager._drain``, the path ``reload`` takes:
+new servers get pools (warmed by the upkeep), removed ones drain, unchanged ones keep
+their connections and breakers. A failed resolution changes nothing. Until the first
+answer a discovered backend has no server: ``acquire`` waits for the first resolution
+within its deadline, then raises ``BackendUnavailable`` naming the discovery error.
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ from types import TracebackType
 from typing import Any, Protocol, Union
 
 import gevent
+from gevent.event import Event
 
+from lbpool import _ownership
 from lbpool._affinity import Placement, check_key, is_hashing
-from lbpool._ownership import ThreadBound
+from lbpool._ownership import ThreadBound, get_ident
 from lbpool._pacing import Pacer
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
@@ -28,11 +40,13 @@ from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import PooledConnection
+from lbpool.discovery import Discovery, Servers
 from lbpool.errors import (
     BackendUnavailable,
     ConfigError,
     ConfigProblem,
     DialError,
+    DiscoveryError,
     PoolClosed,
     PoolExhausted,
     PoolTimeout,
@@ -40,7 +54,8 @@ from lbpool.errors import (
 )
 from lbpool.hashing import Key
 from lbpool.pool import Pool
-from lbpool.stats import BackendStats, ManagerStats, ServerStats
+from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
+from lbpool.subset import subset
 
 _log = logging.getLogger("lbpool")
 _probe = random.Random()  # where a full server looks for one that can serve
@@ -129,11 +144,17 @@ class Backend:
         self._on_demand = on_demand
         self.pools: list[Pool] = []
         self.closed = False  # set by the manager's close(): waiters then get PoolClosed
+        self.closed_event = Event()  # set with it: wakes a wait for discovery's first answer
         self._only: Pool | None = None  # the one server of a one-server backend
         self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
         # key-affinity strategies: the key's owner, then its fallbacks (_affinity.py)
         self._placement: Placement | None = None
         self._index: dict[Pool, int] = {}  # pool -> its position in pools, swapped with it
+        # the membership before subsetting: config.servers, or (discover:) the last good
+        # DNS answer -- kept across a reload that switches to discover until it answers
+        self._base: tuple[ServerConfig, ...] = config.servers
+        self.discovery: Discovery | None = None  # discover: the manager's runner for it
+        self.discovery_error: DiscoveryError | None = None  # its last failure, as raised
 
     @property
     def strategy(self) -> str:
@@ -170,7 +191,8 @@ class Backend:
         have = {p.name for p in self.pools}
         fresh: dict[str, Pool] = {}
         try:
-            for server in config.servers:
+            base = config.servers if config.discover is None else self._base
+            for server in self._subset(base, config):
                 address = str(server.address)
                 if address not in have and address not in fresh:
                     fresh[address] = self._new_pool(server, config)
@@ -184,10 +206,12 @@ class Backend:
         """Make the pools match ``config`` (taking new ones from ``fresh``, made by
         ``_fresh_pools``); returns the pools that were removed. Never yields."""
         self.config = config
+        if config.discover is None:
+            self._base = config.servers
         old = {p.name: p for p in self.pools}
         fresh = dict(fresh or {})
         pools: list[Pool] = []
-        for server in config.servers:
+        for server in self._subset(self._base, config):
             address = str(server.address)
             pool = old.pop(address, None)
             if pool is None:
@@ -210,6 +234,53 @@ class Backend:
         self._follow_placement(config, pools)
         _discard(fresh)  # made for a server that a reload in between added already
         return list(old.values())
+
+    def _subset(
+        self, servers: tuple[ServerConfig, ...], config: BackendConfig
+    ) -> tuple[ServerConfig, ...]:
+        """The servers this process uses under ``config``: all of them, or (``subset:``)
+        its subset."""
+        sub = config.subset
+        if sub is None or sub.size >= len(servers):
+            return servers
+        pairs = [(str(server.address), server.weight) for server in servers]
+        kept = {address for address, _ in subset(pairs, sub.size, sub.client_id)}
+        return tuple(server for server in servers if str(server.address) in kept)
+
+    def _discovered(self, servers: Servers) -> bool:
+        """Take a good DNS answer as the membership; False if it is the one in use.
+        Never yields (``_apply`` follows, by the manager)."""
+        base = tuple(
+            ServerConfig.model_validate({"address": address, "weight": weight})
+            for address, weight in servers
+        )
+        if base == self._base and self.pools:
+            return False
+        self._base = base
+        return True
+
+    def _await_discovery(self, timeout: float | None) -> float:
+        """No server yet, discovery has not answered: wait for its first resolution
+        within the deadline; the time left. ``BackendUnavailable`` naming the discovery
+        error when it failed (or had not ended by the deadline)."""
+        discovery = self.discovery
+        assert discovery is not None
+        limit = self.config.pool.acquire_timeout if timeout is None else timeout
+        start = _monotonic()
+        if discovery.last_error is None:  # the first resolution is under way
+            gevent.wait([discovery.attempted, self.closed_event], timeout=limit, count=1)
+        if self.pools:
+            return max(0.0, limit - (_monotonic() - start))
+        if self.closed:
+            raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+        error = self.discovery_error
+        if discovery.last_error is None or error is None:
+            error = DiscoveryError(
+                "timeout",
+                f"{discovery.target}: no answer yet within {limit:.3g}s "
+                "(the first resolution is still running)",
+            )
+        raise BackendUnavailable(self.name, {"discovery": error}, {"discovery": "no answer"})
 
     def _follow_placement(self, config: BackendConfig, pools: list[Pool]) -> None:
         """Key-affinity: keep the placement in step with ``pools``; never yields (a
@@ -251,6 +322,8 @@ class Backend:
         """
         if timeout is not None:  # before anything changes, on every path
             timeout = valid_timeout(timeout, f"backend {self.name!r}")
+        if not self.pools and self.discovery is not None:  # DNS has not answered yet
+            timeout = self._await_discovery(timeout)
         placement = self._placement
         if placement is None:
             return self._acquire(timeout, None)
@@ -367,7 +440,18 @@ class Backend:
         servers = {p.name: p.stats() for p in self.pools}
         if self._placement is not None:
             servers = self._placement.annotate(servers)
-        return BackendStats(name=self.name, strategy=self.strategy, servers=servers)
+        d = self.discovery
+        discovery = None
+        if d is not None:
+            discovery = DiscoveryStats(
+                servers=tuple(address for address, _ in d.servers),
+                last_refresh=d.last_refresh,
+                last_error=d.last_error,
+                failures=d.failures,
+            )
+        return BackendStats(
+            name=self.name, strategy=self.strategy, servers=servers, discovery=discovery
+        )
 
 
 class PoolManager(ThreadBound):
@@ -387,6 +471,8 @@ class PoolManager(ThreadBound):
         self._closing = False
         self._closed = False
         self._closing_pools: list[Pool] = []
+        self._closed_event = Event()  # set by close(): wakes wait_ready's discovery wait
+        self._retired: list[Discovery] = []  # stopped without waiting: close() joins them
         self._bind_to_current_thread()
         # one greenlet keeps every pool; a pool's acquisition that had to wait or dial
         # wakes it (on_demand) when at rest, as do new pools, reload and close
@@ -407,6 +493,7 @@ class PoolManager(ThreadBound):
         for backend, fresh in made:
             backend._apply(backend.config, fresh)
             self._backends[backend.name] = backend
+            self._follow_dns(backend)
 
     def add_breaker_listener(self, listener: BreakerChange) -> None:
         """Call ``listener(backend, address, old, new)`` on every breaker state change
@@ -432,6 +519,8 @@ class PoolManager(ThreadBound):
         """
         if key is not None:
             check_key(key)  # before anything changes (an ad-hoc pool made, a wait begun)
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
+            self._check_owner()
         backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
         return backend.acquire(timeout, key)
 
@@ -441,6 +530,8 @@ class PoolManager(ThreadBound):
         """Acquire a connection to ``name``; give it back with ``release()``/``discard()``."""
         if key is not None:
             check_key(key)
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
+            self._check_owner()
         backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
         return backend.acquire(timeout, key)
 
@@ -506,6 +597,20 @@ class PoolManager(ThreadBound):
         if timeout is not None:
             timeout = valid_timeout(timeout, "wait_ready")
         self._check_owner()
+        start = _monotonic()
+        for name, backend in list(self._backends.items()):
+            d = backend.discovery
+            if d is None or d.answered.is_set():
+                continue
+            left = None if timeout is None else max(0.0, timeout - (_monotonic() - start))
+            gevent.wait([d.answered, self._closed_event], timeout=left, count=1)
+            if self._closing:
+                raise PoolClosed("the manager is closed")
+            if not d.answered.is_set():
+                why = d.last_error or "the first resolution is still running"
+                raise PoolTimeout(f"not ready: backend {name!r}: discovery has no answer: {why}")
+        if timeout is not None:
+            timeout = max(0.0, timeout - (_monotonic() - start))
         pools = self._all_pools()
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
         try:
@@ -570,6 +675,7 @@ class PoolManager(ThreadBound):
         for name in list(self._backends):
             if name not in new.backends:
                 self._backends[name].stop_rebuilds()
+                self._retire(self._backends[name])
                 removed.extend(self._backends.pop(name).pools)
         for backend, fresh in made:
             current = self._backends.get(backend.name)
@@ -577,13 +683,12 @@ class PoolManager(ThreadBound):
                 backend = current
             self._backends[backend.name] = backend
             removed.extend(backend._apply(new.backends[backend.name], fresh))
+            self._follow_dns(backend)
         for key, backend in list(self._adhoc.items()):
             if key == backend.name:
                 removed.extend(backend._apply(self._adhoc_config(key)))
         self.config = new
-        for pool in removed:  # in the same step: no waiter is handed a removed server
-            pool.stop_lending()
-        self._drain(removed)
+        self._retire_pools(removed)  # in the same step: no waiter is handed a removed server
         self._upkeep.wake()
 
     def _drain(self, pools: list[Pool]) -> None:
@@ -602,6 +707,100 @@ class PoolManager(ThreadBound):
         self._drainers.add(g)
         g.link(self._drainers.discard)
 
+    def _retire_pools(self, removed: list[Pool]) -> None:
+        """Pools a membership change removed: lending stops now (no waiter is handed a
+        removed server), then they drain. Never yields."""
+        for pool in removed:
+            pool.stop_lending()
+        self._drain(removed)
+
+    # -- discovery ----------------------------------------------------------------
+    def _follow_dns(self, backend: Backend) -> None:
+        """Give ``backend`` the discovery runner its config asks for (a new one when the
+        target or the nameservers changed: it keeps serving the servers it has until the
+        new one answers), or none. Never yields."""
+        want = backend.config.discover
+        runner = backend.discovery
+        if want is None:
+            self._retire(backend)
+            return
+        nameservers = want.parsed_nameservers()
+        if runner is not None and (runner.target, runner.nameservers) == (
+            want.target,
+            nameservers,
+        ):
+            if (runner.refresh, runner.timeout) != (want.refresh, want.timeout):
+                runner.refresh, runner.timeout = want.refresh, want.timeout
+                runner.refresh_now()  # the new period starts now, not after the old one
+            return
+        self._retire(backend)
+        self._start_discovery(backend)
+
+    def _start_discovery(self, backend: Backend, inherit: Discovery | None = None) -> None:
+        want = backend.config.discover
+        assert want is not None
+        runner = Discovery(
+            want.target,
+            refresh=want.refresh,
+            timeout=want.timeout,
+            nameservers=want.parsed_nameservers(),
+            name=backend.name,
+        )
+        if inherit is not None:  # a forked child: the parent's last good set, until ours
+            runner.servers, runner.last_refresh = inherit.servers, inherit.last_refresh
+            for flag in ("answered", "attempted"):
+                if getattr(inherit, flag).is_set():
+                    getattr(runner, flag).set()
+
+        def answer(servers: Servers) -> None:
+            self._discovered(backend, runner, servers)
+
+        def error(exc: DiscoveryError) -> None:
+            if backend.discovery is runner:
+                backend.discovery_error = exc
+            self._discovered(backend, runner, None)
+
+        runner.on_answer, runner.on_error = answer, error
+        backend.discovery, backend.discovery_error = runner, None
+        runner.start()
+
+    def _retire(self, backend: Backend) -> None:
+        """Stop ``backend``'s runner without waiting (close() joins it). Never yields."""
+        runner, backend.discovery = backend.discovery, None
+        if runner is not None:
+            runner.stop(block=False)
+            self._retired = [r for r in self._retired if r.running]
+            self._retired.append(runner)
+
+    def _discovered(self, backend: Backend, runner: Discovery, servers: Servers | None) -> None:
+        """A resolution of ``runner`` ended (``servers`` None: it failed, the last good
+        set stays): apply a good answer as ``reload`` applies a server list."""
+        if self._closing or backend.discovery is not runner:
+            return  # a runner retired by reload, close or a fork: its answer is stale
+        if self._fork_gen != _ownership._fork_generation:
+            self._check_owner()  # a forked child: start fresh, with a runner of its own
+            return
+        if servers is None or not backend._discovered(servers):
+            return
+        self._retire_pools(backend._apply(backend.config))
+        self._upkeep.wake()  # new pools: warm them to min_idle
+
+    def _start_fresh_after_fork(self) -> None:
+        """In a forked child: resolve with runners of our own (the parent's, copied
+        into this process, are stopped); a random subset is drawn again (this process
+        has its own seed). The pools start fresh themselves, on first use."""
+        super()._start_fresh_after_fork()
+        for backend in list(self._backends.values()):
+            inherited = backend.discovery
+            if inherited is not None:
+                backend.discovery = None
+                inherited.stop(block=False)
+                self._start_discovery(backend, inherit=inherited)
+            sub = backend.config.subset
+            if sub is not None and sub.client_id is None:
+                self._retire_pools(backend._apply(backend.config))
+        self._upkeep.wake()
+
     # -- closing ------------------------------------------------------------------
     def close(self, timeout: float | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters, close idle connections now and in-use
@@ -617,14 +816,20 @@ class PoolManager(ThreadBound):
         if not self._closing:
             self._closing = True
             self._closing_pools = self._all_pools()
+            self._closed_event.set()
             for backend in [*self._backends.values(), *self._adhoc.values()]:
                 backend.closed = True
+                backend.closed_event.set()
                 backend.stop_rebuilds()
+                self._retire(backend)
             self._backends.clear()
             self._adhoc.clear()
         self._upkeep.stop()  # dies at once: its handlers never block
         for pool in self._closing_pools:  # waiters everywhere fail at once
             pool.stop_lending()
+        for runner in self._retired:
+            runner.stop()  # a resolution in flight closes its socket
+        self._retired.clear()
         closers: list[gevent.Greenlet] = []
         try:
             _close_all(self._closing_pools, timeout, closers.append)

@@ -22,6 +22,12 @@ Exported (``lbpool_`` prefix):
   ``wait_time_max_seconds`` (the longest single wait so far) and ``breaker_state``
   (0 closed, 1 half_open, 2 open).
 
+- per discovered backend (``discover:``; label ``backend`` only): gauges
+  ``discovery_servers`` (servers in the last good answer), ``discovery_up`` (1 while
+  the last resolution succeeded, 0 during an outage), ``discovery_last_refresh_timestamp_seconds``
+  (UNIX time of the last good answer; absent before one) and the counter
+  ``discovery_failures_total`` (failed resolutions);
+
 - histogram: ``acquire_wait_seconds`` — every acquisition is one observation (0 when
   it did not queue), bucketed by the pool as it happens (``ServerStats.wait_buckets``).
 
@@ -41,7 +47,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from lbpool.stats import CLOSE_REASONS, ManagerStats, ServerStats
+from lbpool.stats import CLOSE_REASONS, DiscoveryStats, ManagerStats, ServerStats
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -128,6 +134,26 @@ class LbpoolCollector:
             "Time an acquisition waited in the queue for a connection (0 if it did not).",
             labels=label,
         )
+        fam["discovery_servers"] = GaugeMetricFamily(
+            self._name("discovery_servers"),
+            "Servers in the last good DNS answer of a discovered backend.",
+            labels=["backend"],
+        )
+        fam["discovery_up"] = GaugeMetricFamily(
+            self._name("discovery_up"),
+            "1 while the backend's last DNS resolution succeeded, else 0.",
+            labels=["backend"],
+        )
+        fam["discovery_last_refresh"] = GaugeMetricFamily(
+            self._name("discovery_last_refresh_timestamp_seconds"),
+            "UNIX time of the backend's last good DNS answer.",
+            labels=["backend"],
+        )
+        fam["discovery_failures"] = CounterMetricFamily(
+            self._name("discovery_failures"),
+            "Failed DNS resolutions of a discovered backend (the last good set was kept).",
+            labels=["backend"],
+        )
         return fam
 
     def describe(self) -> Iterator[Any]:
@@ -140,7 +166,18 @@ class LbpoolCollector:
         for backend_name, backend in stats.backends.items():
             for address, server in backend.servers.items():
                 self._add(fam, [backend_name, address], server)
+            if backend.discovery is not None:
+                self._add_discovery(fam, backend_name, backend.discovery)
         yield from fam.values()
+
+    @staticmethod
+    def _add_discovery(fam: dict[str, Any], backend: str, d: DiscoveryStats) -> None:
+        fam["discovery_servers"].add_metric([backend], float(len(d.servers)))
+        up = d.last_error is None and d.last_refresh is not None
+        fam["discovery_up"].add_metric([backend], 1.0 if up else 0.0)
+        if d.last_refresh is not None:
+            fam["discovery_last_refresh"].add_metric([backend], d.last_refresh)
+        fam["discovery_failures"].add_metric([backend], float(d.failures))
 
     @staticmethod
     def _add(fam: dict[str, Any], labels: list[str], s: ServerStats) -> None:

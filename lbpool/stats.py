@@ -56,17 +56,38 @@ class ServerStats:
 
 
 @dataclass(frozen=True)
+class DiscoveryStats:
+    """A discovered backend's DNS state (``discover:``; see ``lbpool.discovery``)."""
+
+    servers: tuple[str, ...]  # the last good answer, host:port (before any subset)
+    last_refresh: float | None  # UNIX time of the last good answer; None before one
+    last_error: str | None  # the last failure's message; None since a good answer
+    failures: int  # failed resolutions since start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "servers": list(self.servers),
+            "last_refresh": self.last_refresh,
+            "last_error": self.last_error,
+            "failures": self.failures,
+        }
+
+
+@dataclass(frozen=True)
 class BackendStats:
-    """A backend: its strategy and its servers' stats, keyed by address."""
+    """A backend: its strategy and its servers' stats, keyed by address;
+    ``discovery``: its DNS state, None for a backend with a static server list."""
 
     name: str
     strategy: str
     servers: Mapping[str, ServerStats] = field(default_factory=dict)
+    discovery: DiscoveryStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "servers": {addr: s.to_dict() for addr, s in self.servers.items()},
+            "discovery": None if self.discovery is None else self.discovery.to_dict(),
         }
 
 

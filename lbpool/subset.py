@@ -26,7 +26,7 @@ Balance: when ``size`` divides the number of servers, each round hands every ser
 exactly one client, so over clients 0..M-1 (any M) the clients per server differ by
 at most one. When it does not, each round leaves ``len % size`` servers out -- a
 different few each round -- so the spread grows slowly with the number of rounds
-(measured in tests/library/test_subset.py; documented in docs/subsetting.md).
+(measured in tests/library/test_subset.py; documented in docs/reliability.md).
 Churn: while ``len // size`` is unchanged, an added or removed server changes about
 half the clients' subsets, by one server each; when ``len // size`` changes, rounds
 regroup and most subsets change (the SRE scheme's known cost).

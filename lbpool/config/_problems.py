@@ -22,9 +22,11 @@ from lbpool.config.models import (
     Config,
     DefaultsConfig,
     DialConfig,
+    DiscoverConfig,
     HealthCheckConfig,
     PoolConfig,
     ServerConfig,
+    SubsetConfig,
     TLSConfig,
 )
 from lbpool.config.types import Loc, _dotted, _show
@@ -34,6 +36,8 @@ from lbpool.errors import ConfigProblem
 _NESTED: dict[tuple[type[BaseModel], str], type[BaseModel]] = {
     (Config, "defaults"): DefaultsConfig,
     (DialConfig, "tls"): TLSConfig,
+    (BackendConfig, "discover"): DiscoverConfig,
+    (BackendConfig, "subset"): SubsetConfig,
 }
 for _owner in (DefaultsConfig, BackendConfig):
     _NESTED[(_owner, "pool")] = PoolConfig

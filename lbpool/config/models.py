@@ -14,6 +14,9 @@ anything. The YAML form::
         strategy: least_active
         servers: [127.0.0.1:7001, {address: 127.0.0.1:7002, weight: 2}]
         pool: {max_size: 20}
+      fleet:                       # servers followed in DNS instead of listed
+        discover: {dns: "fleet.internal:11211", refresh: 30s, timeout: 2s}
+        subset: {size: 10, client_id: 3}   # use at most 10 of them
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -45,6 +49,7 @@ from lbpool.config.types import (
     PositiveDuration,
     _show,
 )
+from lbpool.discovery import Target, parse_nameservers, parse_target
 
 
 class _Model(BaseModel):
@@ -194,17 +199,121 @@ Strategy: TypeAlias = Literal[
 ]
 
 
+_HASHING = ("maglev", "ring_hash", "rendezvous")
+
+
+class DiscoverConfig(_Model):
+    """A backend's servers followed in DNS (``lbpool.discovery``): exactly one of
+    ``dns: name:port`` (every A/AAAA address, that port) or ``srv: _svc._proto.name``."""
+
+    dns: str | None = None
+    srv: str | None = None
+    refresh: PositiveDuration = 30.0  # resolve again this often (during an outage too)
+    timeout: PositiveDuration = 2.0  # bounds one whole resolution
+    # "host:port" IP literals (a bare IP: port 53); None: the system's (/etc/resolv.conf)
+    nameservers: tuple[str, ...] | None = None
+
+    @field_validator("dns", "srv")
+    @classmethod
+    def _valid_target(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            try:
+                parse_target(**{str(info.field_name): value})
+            except ValueError as exc:  # "dns: expected ...": the path names the field
+                raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return value
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            parse_nameservers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DiscoverConfig:
+        if (self.dns is None) == (self.srv is None):
+            raise PydanticCustomError(
+                "discover_target",
+                "give exactly one of dns (name:port) or srv (_service._proto.name)",
+            )
+        return self
+
+    @property
+    def target(self) -> Target:
+        """What to resolve, parsed."""
+        return parse_target(dns=self.dns, srv=self.srv)
+
+    def parsed_nameservers(self) -> tuple[tuple[str, int], ...] | None:
+        """``(ip, port)`` pairs, or None for the system's."""
+        return None if self.nameservers is None else parse_nameservers(self.nameservers)
+
+
+class SubsetConfig(_Model):
+    """Use at most ``size`` of the backend's servers (``lbpool.subset``): with
+    ``client_id``, the SRE book's deterministic subsetting; without, a random subset
+    stable for the life of the process."""
+
+    size: AtLeastOne
+    client_id: Count | None = None
+
+
 class BackendConfig(_Model):
-    """A named group of servers with fully resolved settings (defaults merged in)."""
+    """A named group of servers with fully resolved settings (defaults merged in).
+
+    ``servers`` (a static list) or ``discover`` (DNS): exactly one of the two."""
 
     strategy: Strategy = "round_robin"
-    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1)]  # no duplicate address
+    discover: DiscoverConfig | None = None
+    # no duplicate address; () for a discovered backend (its servers come from DNS)
+    servers: Annotated[tuple[ServerConfig, ...], Field(min_length=1, validate_default=True)] = ()
+    subset: SubsetConfig | None = None
     pool: PoolConfig = PoolConfig()
     dial: DialConfig = DialConfig()
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
     balance: BalanceConfig = BalanceConfig()
     setup: Hook | None = None  # "package.module:function" run on each new socket
+
+    @field_validator("servers", mode="wrap")
+    @classmethod
+    def _servers_or_discover(
+        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> tuple[ServerConfig, ...]:
+        """Exactly one of ``servers`` and ``discover`` (``()`` stands for "not given":
+        the default; an explicit empty list is "must list at least one" without
+        ``discover``, and accepted with it)."""
+        given = value != ()
+        if "discover" not in info.data:  # discover itself was invalid: said there
+            return handler(value) if given else ()
+        if info.data["discover"] is None:
+            if not given:
+                raise PydanticCustomError(
+                    "missing_servers",
+                    "missing: give servers (a list) or discover (follow DNS), one of the two",
+                )
+            return handler(value)  # type: ignore[no-any-return]
+        if value not in ((), []):  # an empty list is how a dumped config says "none"
+            raise PydanticCustomError(
+                "servers_and_discover",
+                "give servers or discover, not both (discover finds the servers in DNS)",
+            )
+        return ()
+
+    @field_validator("subset")
+    @classmethod
+    def _subset_not_hashing(
+        cls, value: SubsetConfig | None, info: ValidationInfo
+    ) -> SubsetConfig | None:
+        strategy = info.data.get("strategy")
+        if value is not None and strategy in _HASHING:
+            raise PydanticCustomError(
+                "subset_with_hashing",
+                "cannot be used with strategy {strategy}: a key-affinity backend places "
+                "keys over every server (remove subset or pick another strategy)",
+                {"strategy": strategy},
+            )
+        return value
 
     @field_validator("servers")
     @classmethod

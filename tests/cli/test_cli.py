@@ -22,6 +22,7 @@ import yaml
 import lbpool
 from lbpool.cli import demo, main
 from lbpool.testing import EchoServer
+from tests.support.dns_server import DNSServer
 from tests.support.leaks import live_greenlets, settle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,6 +306,50 @@ def test_probe_plain_text_without_rich(
     out = capsys.readouterr().out
     assert "backend  server" in out  # the plain table's header
     assert "no health check configured" in out
+
+
+def discovery_probe_config(tmp_path: Path, nameserver: str) -> Path:
+    path = tmp_path / "probe.yaml"
+    path.write_text(
+        "backends:\n  fleet:\n"
+        "    discover: {srv: _echo._tcp.fleet.test, timeout: 500ms,"
+        f" nameservers: [{nameserver}]}}\n"
+        "    dial: {timeout: 1s}\n"
+    )
+    return path
+
+
+def test_probe_resolves_discovered_backends(
+    tmp_path: Path, two_servers: list[EchoServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with DNSServer() as dns:
+        dns.zone[("_echo._tcp.fleet.test", "SRV")] = [
+            f"10 1 {s.port} s{i}.fleet.test." for i, s in enumerate(two_servers)
+        ]
+        for i in range(2):
+            dns.zone[(f"s{i}.fleet.test", "A")] = ["127.0.0.1"]
+        code = main(["probe", str(discovery_probe_config(tmp_path, dns.address))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (row,) = [line for line in out.splitlines() if "srv _echo._tcp.fleet.test" in line]
+    assert "ok" in row and "2:" in row, row
+    for server in two_servers:
+        assert server.address in row
+        assert any(re.search(r"\bup\b", r) for r in rows_of(out, server.address) if r != row)
+    assert "2 of 2 servers up" in out
+
+
+def test_probe_unresolved_discovery_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with DNSServer() as dns:
+        dns.mode = "servfail"
+        code = main(["probe", str(discovery_probe_config(tmp_path, dns.address))])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    (row,) = [line for line in out.splitlines() if "srv _echo._tcp.fleet.test" in line]
+    assert "failed" in row and "SERVFAIL" in row, row
+    assert "did not resolve" in out
 
 
 def test_probe_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,6 +133,24 @@ def test_echo_client() -> None:
     assert "Traceback" not in result.stderr
 
 
+# ------------------------------------------------------------------ dns_discovery.py
+
+
+def test_dns_discovery() -> None:
+    result = run_example("dns_discovery.py")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert re.search(r"^  c added: pools \[a b c\], requests served: .*\bc [1-9]", out, re.M), out
+    assert re.search(r"^  outage: pools \[a b c\]", out, re.M), out
+    assert re.search(r"failures=[1-9]\d*, last_error='srv .*no reply", out), out
+    assert re.search(r"^  after: pools \[c d\], requests served: .*\bd [1-9]", out, re.M), out
+    assert "a and b: open connections 0 and 0" in out
+    assert "discovery: servers=2, last_error=None" in out
+    assert re.search(r"^\d+ requests in [\d.]+s, 0 failed$", out, re.M), out
+    assert out.rstrip().endswith("done")
+    assert "Traceback" not in result.stderr
+
+
 # ------------------------------------------------------------------ wsgi_app.py
 
 

@@ -598,7 +598,7 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ("    dial: [1]\n", "dial", 4, "must be a mapping"),
         # unknown keys, everywhere
         ("    pool:\n      max_sise: 3\n", "pool.max_sise", 5, "did you mean 'max_size'"),
-        ("    colour: blue\n", "colour", 4, "unknown key (allowed: strategy, servers, pool"),
+        ("    colour: blue\n", "colour", 4, "allowed: strategy, discover, servers, subset, pool"),
         ("    dial:\n      tls: {verfy: false}\n", "dial.tls.verfy", 5, "unknown key"),
         ("    servers: [{address: 'h:1', wieght: 2}]\n", "servers.0.wieght", 4, "unknown key"),
     ],

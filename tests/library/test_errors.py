@@ -13,6 +13,7 @@ from lbpool.errors import (
     ConfigProblem,
     ConnectionReleased,
     DialError,
+    DiscoveryError,
     LbpoolError,
     PoolClosed,
     PoolExhausted,
@@ -40,6 +41,7 @@ EVERY_ERROR = [
     PoolClosed("the manager is closed"),
     DialError("127.0.0.1:7001", "connection refused"),
     ConnectionReleased("used after release"),
+    DiscoveryError("timeout", "dns fleet.test:80: A fleet.test: 10.0.0.2:53 gave no reply"),
     _unavailable(),
 ]
 
