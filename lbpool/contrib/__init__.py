@@ -5,4 +5,7 @@ by ``import lbpool``:
 
 - ``lbpool.contrib.redis`` (extra ``redis``): a redis-py ``ConnectionPool`` whose
   connections are borrowed from an lbpool backend, and the ``handshake`` setup hook.
+- ``lbpool.contrib.pymemcache`` (extra ``memcache``): a ``HashClient``-like memcached
+  client whose keys are routed by an lbpool key-affinity backend and whose protocol is
+  pymemcache's.
 """

@@ -231,3 +231,37 @@ def test_a_peer_that_breaks_mid_run_is_dropped_and_reported(
     assert "gsocketpool" not in result["scenarios"]["A"]["results"]
     assert "boom" in result["meta"]["peers_missing"]["gsocketpool"]
     assert "lbpool.Pool" in result["scenarios"]["A"]["results"]
+
+
+def test_scenario_r_redis_py_is_opt_in_and_reports_three_pools() -> None:
+    """``--scenarios R``: redis-py GETs over lbpool.contrib.redis, redis-py's
+    ConnectionPool and BlockingConnectionPool, same run; not part of the default set."""
+    assert "R" not in bench.Settings().scenarios and "R" not in bench.QUICK.scenarios
+    code, out, _ = _main(["--scenarios", "R", "--rounds", "1", "--quick", "--json"])
+    assert code == 0
+    r = json.loads(out)["scenarios"]["R"]
+    if "skipped" in r:  # redis-py or redis-server missing: said so, not failed
+        assert "not installed" in r["skipped"]
+        pytest.skip(r["skipped"])
+    assert set(r["results"]) == {
+        "lbpool.contrib.redis",
+        "redis.ConnectionPool",
+        "redis.BlockingConnectionPool",
+    }
+    for kind, row in r["results"].items():
+        assert _finite_positive(row["ops_per_s"]), kind
+        assert row["errors"] == {}, kind
+        assert _finite_positive(row["x_connection_pool"]) and _finite_positive(
+            row["x_blocking_pool"]
+        )
+    assert _finite_positive(r["x_connection_pool"]) and _finite_positive(r["x_blocking_pool"])
+    assert r["greenlets"] == 50 and r["value_bytes"] == 100
+
+
+def test_scenario_r_skips_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lbpool.cli.bench import peers
+
+    monkeypatch.setattr(peers, "redis_missing", lambda: "redis-server is not installed (test)")
+    code, out, _ = _main(["--scenarios", "R", "--rounds", "1", "--quick", "-q"])
+    assert code == 0
+    assert "skipped" in out and "redis-server is not installed (test)" in out

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.memcached_server import MemcachedServers, needs_memcached
 from tests.support.redis_server import RedisServers, needs_redis_server
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -39,6 +40,28 @@ def test_the_redis_py_snippet_runs_verbatim(tmp_path: Path) -> None:
         reads = namespace["reads"]
         assert reads.get("k") is None  # authenticated, on db 1 of either server
         assert int(reads.client_info()["db"]) == 1
+    finally:
+        if "manager" in namespace:
+            namespace["manager"].close()
+        servers.stop_all()
+
+
+@pytest.mark.memcached
+@needs_memcached
+def test_the_pymemcache_snippet_runs_verbatim() -> None:
+    pytest.importorskip("pymemcache")
+    code = snippet("With pymemcache")
+    placeholders = re.findall(r'"127\.0\.0\.1:(\d+)"', code)
+    assert len(placeholders) == 3, code
+    servers = MemcachedServers()
+    namespace: dict[str, Any] = {}
+    try:
+        for port in placeholders:
+            server = servers.start()
+            code = code.replace(f'"127.0.0.1:{port}"', f'"{server.address}"')
+        exec(compile(code, f"{README}:With pymemcache", "exec"), namespace)
+        mc = namespace["mc"]
+        assert mc.get_many(["user:42", "user:43"]) == {"user:42": b"ada"}
     finally:
         if "manager" in namespace:
             namespace["manager"].close()

@@ -27,6 +27,7 @@ OPTIONAL = (
     "generic_connection_pool",
     "gsocketpool",
     "redis",
+    "pymemcache",
     "gunicorn",
     # a core dependency, but only discovery uses it, and it imports it when it resolves
     "dns",

@@ -35,6 +35,7 @@ from lbpool.cli.bench.scenarios import (
     FLOOR_A,
     HASHING,
     MANAGER,
+    OPT_IN,
     POOL,
     QUICK,
     SCENARIOS,
@@ -59,6 +60,7 @@ from lbpool.cli.bench.scenarios import (
     ratio,
     rounded,
     scenario_e,
+    scenario_r,
     warm,
 )
 from lbpool.testing import EchoServer
@@ -197,6 +199,11 @@ def run(
             progress(verbose, "scenario E (failover)")
             with _quiet_lbpool_logs():  # the breaker's warnings are the point here
                 e_result = scenario_e(s, verbose)
+        r_result: dict[str, Any] | None = None
+        if "R" in s.scenarios:
+            progress(verbose, "scenario R (redis-py GET over lbpool and redis-py's pools)")
+            with _quiet_lbpool_logs():
+                r_result = scenario_r(s, verbose)
         h_placement = None
         if "H" in s.scenarios:
             progress(verbose, "scenario H (key placement: balance, disruption)")
@@ -215,6 +222,8 @@ def run(
         scen["E"] = e_result
     if h_placement is not None:
         scen["H"]["placement"] = h_placement
+    if r_result is not None:
+        scen["R"] = r_result
     result: dict[str, Any] = {
         "meta": {
             "command": command,
@@ -360,7 +369,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help="comma-separated subset of A,B,C,D,E (default: all)",
+        help=(
+            "comma-separated subset of A,B,C,D,E,H (default: all of them), and R: redis-py "
+            "GET over lbpool vs redis-py's pools (needs redis-py and redis-server; only "
+            "when named)"
+        ),
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -374,10 +387,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def settings_from_args(ns: argparse.Namespace) -> Settings:
     base = QUICK if ns.quick else Settings()
     wanted = tuple(x.strip().upper() for x in ns.scenarios.split(",") if x.strip())
-    bad = [x for x in wanted if x not in SCENARIOS]
+    known = (*SCENARIOS, *OPT_IN)
+    bad = [x for x in wanted if x not in known]
     if bad or not wanted:
         raise ValueError(
-            f"--scenarios: unknown {', '.join(bad) or '(none)'}; choose from A,B,C,D,E,H"
+            f"--scenarios: unknown {', '.join(bad) or '(none)'}; choose from {','.join(known)}"
         )
     rounds = base.rounds if ns.rounds is None else ns.rounds
     if rounds < 1:
@@ -385,7 +399,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return replace(
         base,
         rounds=rounds,
-        scenarios=tuple(x for x in SCENARIOS if x in wanted),
+        scenarios=tuple(x for x in known if x in wanted),
         peers=not ns.no_peers,
         profile=ns.profile,
     )

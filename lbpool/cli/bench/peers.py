@@ -43,6 +43,7 @@ from gevent.thread import get_ident as _g_get_ident
 
 __all__ = [
     "PEERS",
+    "REDIS_IMPLS",
     "Adapter",
     "CoopCondition",
     "FloorPool",
@@ -51,6 +52,9 @@ __all__ = [
     "cooperative_threading",
     "make_adapter",
     "peer_versions",
+    "redis_client",
+    "redis_missing",
+    "redis_server",
     "timeout_probe",
     "unpatched_handoff_probe",
 ]
@@ -654,3 +658,118 @@ def unpatched_handoff_probe(kind: str, address: str, wait: float = 0.3) -> dict[
         "elapsed_s": round(elapsed, 4),
         "error": error,
     }
+
+
+# -- scenario R: redis-py over lbpool against redis-py's own pools -------------------
+#
+# redis-py dials with the ``socket`` module and guards its pools with ``threading``
+# locks. The bench runs unpatched, so while scenario R runs ``redis.connection`` gets
+# what ``monkey.patch_all()`` would give it (gevent's socket module, cooperative
+# ``threading``), and ``BlockingConnectionPool`` a gevent ``LifoQueue``: the way
+# redis-py runs in a gevent worker. lbpool's pool needs none of it (its sockets are
+# gevent's already).
+
+REDIS_IMPLS = ("lbpool.contrib.redis", "redis.ConnectionPool", "redis.BlockingConnectionPool")
+
+
+def redis_missing() -> str | None:
+    """Why scenario R cannot run here, or None."""
+    import shutil
+
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis-py is not installed (pip install 'lbpool[redis]')"
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (e.g. apt-get install redis-server)"
+    return None
+
+
+@contextlib.contextmanager
+def redis_server(timeout: float = 15.0) -> Iterator[str]:
+    """A ``redis-server`` on a free loopback port, no persistence; yields its address
+    once it says it is ready; stopped (and reaped) on exit."""
+    import shutil
+
+    from gevent import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise PeerMissing("redis-server is not installed")
+    for _ in range(3):
+        with socket.socket() as probe:  # bind-then-close: may be taken before redis binds
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        drain = None
+        try:
+            ready = False
+            with gevent.Timeout(timeout, False):
+                for line in proc.stdout:
+                    if "Ready to accept connections" in line:
+                        ready = True
+                        break
+            if ready:
+                drain = gevent.spawn(lambda p=proc: [None for _ in p.stdout])
+                yield f"127.0.0.1:{port}"
+                return
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            if drain is not None:
+                drain.join(timeout=2)
+                drain.kill()
+            proc.stdout.close()
+    raise RuntimeError("redis-server did not start (3 tries)")
+
+
+@contextlib.contextmanager
+def redis_client(kind: str, address: str, size: int, timeout: float) -> Iterator[Any]:
+    """A ``redis.Redis`` for ``kind`` (one of ``REDIS_IMPLS``) on ``address``:
+    lbpool's pool and redis-py's ``BlockingConnectionPool`` hold at most ``size``
+    connections; redis-py's ``ConnectionPool`` is unbounded (bounded, it raises instead
+    of waiting). RESP2 for all three."""
+    import gevent.queue
+    import redis
+    import redis.connection
+
+    from lbpool.contrib.redis import ConnectionPool as LbpoolRedisPool
+    from lbpool.manager import PoolManager
+
+    host, port = _split(address)
+    module: Any = redis.connection  # its ``socket`` is an import, not an export
+    blocking_pool: Any = redis.BlockingConnectionPool  # untyped __init__
+    saved_socket = module.socket
+    manager = None
+    pool: Any = None
+    with cooperative_threading(redis.connection):
+        module.socket = gsocket
+        try:
+            if kind == REDIS_IMPLS[0]:
+                manager = PoolManager(
+                    {"backends": {"redis": {"servers": [address], "pool": {
+                        "max_size": size, "min_idle": 1, "acquire_timeout": timeout}}}}
+                )  # fmt: skip
+                pool = LbpoolRedisPool(manager, "redis", protocol=2)
+            elif kind == REDIS_IMPLS[1]:
+                pool = redis.ConnectionPool(host=host, port=port, protocol=2)
+            elif kind == REDIS_IMPLS[2]:
+                pool = blocking_pool(
+                    host=host, port=port, protocol=2, max_connections=size, timeout=timeout,
+                    queue_class=gevent.queue.LifoQueue,
+                )  # fmt: skip
+            else:
+                raise ValueError(f"unknown redis implementation {kind!r}")
+            client = redis.Redis(connection_pool=pool)
+            try:
+                yield client
+            finally:
+                client.close()
+                pool.disconnect()
+        finally:
+            module.socket = saved_socket
+            if manager is not None:
+                manager.close(timeout=5)

@@ -127,6 +127,33 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     rows,
                 )
             )
+    if "R" in scen:
+        r = scen["R"]
+        if "skipped" in r:
+            tables.append(("R  redis-py GET: skipped", ["why"], [[r["skipped"]]]))
+        else:
+            rows = [
+                [
+                    k,
+                    _fmt(v["ops_per_s"]),
+                    _fmt(v["x_connection_pool"], 3),
+                    _fmt(v["x_blocking_pool"], 3),
+                    _fmt(v["latency_us"]["p50"], 1),
+                    _fmt(v["latency_us"]["p99"], 1),
+                    _fmt(v["latency_us"]["max"], 1),
+                    str(sum(v["errors"].values())),
+                ]
+                for k, v in r["results"].items()
+            ]
+            tables.append(
+                (
+                    f"R  redis-py GET of {r['value_bytes']} B: {r['greenlets']} greenlets, "
+                    f"max {r['max_size']} connections ({r['note']})",
+                    ["pool", "GET/s", "x ConnectionPool", "x Blocking", "p50 us", "p99 us",
+                     "max us", "errors"],
+                    rows,
+                )
+            )  # fmt: skip
     if "E" in scen:
         e = scen["E"]
         rows = [[k, json.dumps(v) if isinstance(v, dict) else _fmt(v, 3)] for k, v in e.items()]

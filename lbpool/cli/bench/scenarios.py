@@ -46,9 +46,12 @@ import gevent
 from lbpool.cli.bench import peers
 from lbpool.testing import EchoServer, recv_exact
 
-__all__ = ["QUICK", "SCENARIOS", "Settings"]
+__all__ = ["OPT_IN", "QUICK", "SCENARIOS", "Settings"]
 
-SCENARIOS = ("A", "B", "C", "D", "E", "H")
+SCENARIOS = ("A", "B", "C", "D", "E", "H")  # what a plain ``lbpool bench`` runs
+# Run only when named (``--scenarios R``): R needs redis-py and a redis-server binary,
+# and would lengthen every run, --quick included.
+OPT_IN = ("R",)
 SIZE = 10  # max_size of every pool
 FLOOR_A = "deque"
 FLOOR = "floor"
@@ -93,6 +96,9 @@ class Settings:
     probe_greenlets: int = 100
     h_balance_keys: int = 1_000_000
     h_disruption_keys: int = 100_000
+    r_seconds: float = 0.5  # scenario R: GETs timed per implementation per round
+    r_greenlets: int = 50
+    r_value: int = 100  # bytes
     profile: bool = False
 
 
@@ -111,6 +117,7 @@ QUICK = Settings(
     probe_greenlets=60,
     h_balance_keys=20_000,
     h_disruption_keys=10_000,
+    r_seconds=0.15,
 )
 
 
@@ -481,6 +488,102 @@ def measure_h_placement(s: Settings) -> dict[str, Any]:
         "disruption_keys": s.h_disruption_keys,
         "ideal_moved": rounded(1 / H_SERVERS, 5),
         "results": out,
+    }
+
+
+# -- scenario R: redis-py over lbpool ----------------------------------------------
+
+
+def _r_round(client: Any, greenlets: int, seconds: float, key: str) -> dict[str, Any]:
+    """``greenlets`` greenlets GET ``key`` through ``client`` for ``seconds``."""
+    deadline = perf_counter() + seconds
+    counts = [0] * greenlets
+    lats: list[float] = []
+    errors: dict[str, int] = {}
+
+    def worker(i: int) -> None:
+        now = perf_counter
+        get = client.get
+        t0 = now()
+        while t0 < deadline:
+            try:
+                get(key)
+            except Exception as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                t0 = now()
+                continue
+            t1 = now()
+            lats.append(t1 - t0)
+            if t1 <= deadline:
+                counts[i] += 1
+            t0 = t1
+
+    jobs = [gevent.spawn(worker, i) for i in range(greenlets)]
+    gevent.joinall(jobs, timeout=seconds + 30)
+    gevent.killall(jobs, timeout=5)
+    return {
+        "ops_per_s": sum(counts) / seconds,
+        "dist": _dist_us(lats),
+        "errors": errors,
+    }
+
+
+def scenario_r(s: Settings, verbose: bool) -> dict[str, Any]:
+    """GET of a ``r_value``-byte value by ``r_greenlets`` greenlets through redis-py,
+    over ``lbpool.contrib.redis`` and over redis-py's ``ConnectionPool`` and
+    ``BlockingConnectionPool``, interleaved over ``s.rounds`` rounds against one
+    loopback ``redis-server`` started here. ``{"skipped": why}`` when redis-py or
+    redis-server is missing."""
+    why = peers.redis_missing()
+    if why is not None:
+        progress(verbose, f"scenario R skipped: {why}")
+        return {"skipped": why}
+    impls = list(peers.REDIS_IMPLS)
+    per_round: dict[str, list[dict[str, Any]]] = {k: [] for k in impls}
+    key = "bench:r"
+    with peers.redis_server() as address:
+        with peers.redis_client(impls[1], address, SIZE, ACQUIRE_TIMEOUT) as client:
+            client.set(key, b"v" * s.r_value)
+        for r in range(s.rounds):
+            progress(verbose, f"scenario R round {r + 1}/{s.rounds}")
+            k = r % len(impls)
+            for kind in impls[k:] + impls[:k]:
+                with peers.redis_client(kind, address, SIZE, ACQUIRE_TIMEOUT) as client:
+                    # warm: as many connections as the pool will open for the greenlets
+                    warmers = [gevent.spawn(client.get, key) for _ in range(s.r_greenlets)]
+                    gevent.joinall(warmers, timeout=30, raise_error=True)
+                    per_round[kind].append(_r_round(client, s.r_greenlets, s.r_seconds, key))
+    lb, plain, blocking = impls
+    results: dict[str, Any] = {}
+    for kind, rs in per_round.items():
+        rate = [x["ops_per_s"] for x in rs]
+        row: dict[str, Any] = {
+            "ops_per_s": rounded(median(rate), 0),
+            "latency_us": {
+                q: rounded(median([x["dist"][q] for x in rs]), 1) for q in ("p50", "p99", "max")
+            },
+            "errors": {
+                name: sum(x["errors"].get(name, 0) for x in rs)
+                for name in sorted({n for x in rs for n in x["errors"]})
+            },
+            "rounds": [rounded(v, 0) for v in rate],
+        }
+        for ref, name in ((plain, "x_connection_pool"), (blocking, "x_blocking_pool")):
+            row[name] = rounded(
+                median([ratio(a, b) for a, b in zip(rate, (x["ops_per_s"] for x in per_round[ref]),
+                                                    strict=True)]),
+                3,
+            )  # fmt: skip
+        results[kind] = row
+    return {
+        "greenlets": s.r_greenlets,
+        "value_bytes": s.r_value,
+        "max_size": SIZE,
+        "note": f"{plain} is unbounded (bounded, it raises instead of waiting)",
+        "results": results,
+        # lbpool's GETs per second over each redis-py pool's, median of same-round ratios
+        "x_connection_pool": results[lb]["x_connection_pool"],
+        "x_blocking_pool": results[lb]["x_blocking_pool"],
     }
 
 
