@@ -38,7 +38,7 @@ from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.testing import EchoServer, FaultProxy, recv_exact
 from tests.support.leaks import live_greenlets, settle
 
-ACQUIRE_TIMEOUT = 2.0  # longer than IO_TIMEOUT: a caller queued behind stalled connections outlives them
+ACQUIRE_TIMEOUT = 2.0  # > IO_TIMEOUT: a caller queued behind stalled connections outlives them
 WAIT_SLACK = 0.5  # allowed beyond the acquire timeout (scheduling on a loaded 2-core box)
 IO_TIMEOUT = 0.8  # the client's own socket timeout for one round trip (a starved
 #   2-core box can delay a healthy reply by a few hundred ms: that is not a fault)
