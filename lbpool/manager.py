@@ -81,6 +81,11 @@ def _balancing(strategy: str) -> str:
     return "round_robin" if is_hashing(strategy) else strategy
 
 
+def _tuning(config: BackendConfig) -> tuple[Any, ...]:
+    """What ``Pool.reconfigure`` and ``Breaker.reconfigure`` take from a backend config."""
+    return (config.pool, config.dial, config.health_check, config.setup, config.breaker)
+
+
 def _discard(fresh: Mapping[str, Pool]) -> None:
     """Close pools made ahead but never used: never yields (no connection, no greenlet)."""
     for pool in fresh.values():
@@ -205,7 +210,10 @@ class Backend:
     def _apply(self, config: BackendConfig, fresh: dict[str, Pool] | None = None) -> list[Pool]:
         """Make the pools match ``config`` (taking new ones from ``fresh``, made by
         ``_fresh_pools``); returns the pools that were removed. Never yields."""
-        self.config = config
+        prev, self.config = self.config, config
+        # a server kept under unchanged settings needs no re-tuning (a reload of a big
+        # fleet that only adds or removes servers then switches in a few milliseconds)
+        same = prev is config or _tuning(prev) == _tuning(config)
         if config.discover is None:
             self._base = config.servers
         old = {p.name: p for p in self.pools}
@@ -216,7 +224,7 @@ class Backend:
             pool = old.pop(address, None)
             if pool is None:
                 pool = fresh.pop(address, None) or self._new_pool(server, config)
-            else:
+            elif not same or pool.weight != server.weight:
                 pool.reconfigure(
                     pool=config.pool,
                     dial=config.dial,
