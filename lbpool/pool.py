@@ -139,6 +139,7 @@ class Pool(ThreadBound):
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
         self._last_dial_error: BaseException | None = None
+        self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
@@ -584,7 +585,7 @@ class Pool(ThreadBound):
             watcher = conn.watcher
             if watcher is None:
                 watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
-            watcher.start(self._stirred, conn)
+            watcher.start(self._on_stirred, conn)
 
     def _clean(self, conn: _Conn) -> bool:
         """Undo what a borrower changed (DESIGN 16): the socket's timeout back to the
@@ -618,7 +619,7 @@ class Pool(ThreadBound):
         watcher = conn.watcher
         if watcher is None:
             watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
-        watcher.start(self._stirred, conn)
+        watcher.start(self._on_stirred, conn)
 
     def _stirred(self, conn: _Conn) -> None:
         """The read watcher of an idle connection fired (run by the hub): the server
