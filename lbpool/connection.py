@@ -2,11 +2,20 @@
 
 A new handle is made for every borrow and is cut from its socket on ``release()`` or
 ``discard()``: a stale reference can then never write into a socket that now belongs
-to another caller; every use raises ``ConnectionReleased`` instead.
+to another caller; every use raises ``ConnectionReleased`` instead. File objects made
+by the handle's ``makefile()`` read and write through the handle, so they stop with it
+(they report themselves closed: ``ValueError`` like any closed file).
+
+A borrow starts clean (DESIGN 16): a borrower who changed the socket's timeout (the
+handle's ``settimeout``) or had the raw socket in hand (``.sock``) marks the connection
+``dirty``, and the pool restores what it set before the next borrow. A clean borrow
+pays nothing for it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
@@ -28,10 +37,30 @@ class _Owner(Protocol):
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None: ...
 
 
-class _Conn:
-    """One open socket owned by a pool, across all its borrows."""
+# ``_Conn.dirty`` bits: what a borrower may have changed on the socket
+TIMEOUT_CHANGED = 1  # the handle's settimeout()
+SOCK_EXPOSED = 2  # the raw socket was handed out (``.sock``): anything may have changed
 
-    __slots__ = ("checked_at", "created_at", "expires_at", "last_used_at", "sock", "uses")
+
+class _Conn:
+    """One open socket owned by a pool, across all its borrows.
+
+    ``watcher``: the pool's read watcher on the socket (a gevent ``io`` watcher, made
+    on the first rest), active exactly while the connection sits idle, so bytes or
+    EOF arriving then are seen at once. ``dirty``: what the current borrower changed
+    (``TIMEOUT_CHANGED``, ``SOCK_EXPOSED``), for the pool to restore on return.
+    """
+
+    __slots__ = (
+        "checked_at",
+        "created_at",
+        "dirty",
+        "expires_at",
+        "last_used_at",
+        "sock",
+        "uses",
+        "watcher",
+    )
 
     def __init__(self, sock: socket.socket, now: float, expires_at: float) -> None:
         self.sock = sock
@@ -40,9 +69,67 @@ class _Conn:
         self.checked_at = now
         self.expires_at = expires_at
         self.uses = 0
+        self.dirty = 0
+        self.watcher: Any = None
 
     def close(self) -> None:
-        close_quietly(self.sock)
+        """Stop the watcher and close the socket for good: a file object made on the
+        raw socket (``conn.sock.makefile()``) would otherwise keep the descriptor open
+        (the socket's io references) and go on working; it gets ``OSError`` instead."""
+        watcher = self.watcher
+        if watcher is not None:
+            self.watcher = None
+            watcher.stop()
+            watcher.close()
+        sock: Any = self.sock
+        close_quietly(sock)
+        real_close = getattr(sock, "_real_close", None)
+        if real_close is not None and getattr(sock, "_io_refs", 0) > 0:
+            with contextlib.suppress(Exception):
+                real_close()
+
+
+class _BorrowIO(io.RawIOBase):
+    """The raw file under ``PooledConnection.makefile``: reads and writes go through
+    the handle, so the file ends with the borrow (``closed`` once the handle is
+    released, discarded or its pool force-closed it). As ``socket.SocketIO``, a
+    socket without a timeout left (non-blocking, or timed out) reads as None."""
+
+    def __init__(self, handle: PooledConnection, mode: str) -> None:
+        super().__init__()
+        self._handle = handle
+        self._reading = "r" in mode
+        self._writing = "w" in mode
+
+    @property
+    def closed(self) -> bool:
+        return self._handle._conn is None or super().closed
+
+    def readable(self) -> bool:
+        self._checkClosed()
+        return self._reading
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return self._writing
+
+    def readinto(self, b: Any) -> int | None:
+        self._checkClosed()
+        try:
+            return self._handle.recv_into(b)
+        except BlockingIOError:
+            return None
+
+    def write(self, b: Any) -> int | None:
+        self._checkClosed()
+        try:
+            return self._handle.send(b)
+        except BlockingIOError:
+            return None
+
+    def fileno(self) -> int:
+        self._checkClosed()
+        return self._handle.sock.fileno()
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
@@ -91,12 +178,19 @@ class PooledConnection:
         return conn
 
     def _refuse(self) -> NoReturn:
-        raise ConnectionReleased(f"{self.address}: connection used after release")
+        raise ConnectionReleased(
+            f"{self.address}: connection used after release (or after its pool closed)"
+        )
 
     # -- identity and bookkeeping -------------------------------------------------
     @property
     def sock(self) -> socket.socket:
-        return self._live().sock
+        """The raw socket (gevent's, or its SSL socket). What a borrower changes on it
+        (timeout, blocking mode, ``TCP_NODELAY``) is restored when the borrow ends;
+        other socket options it sets stay. Never close it: ``discard()`` does."""
+        conn = self._live()
+        conn.dirty |= SOCK_EXPOSED
+        return conn.sock
 
     @property
     def created_at(self) -> float:
@@ -141,12 +235,54 @@ class PooledConnection:
             self._refuse()
         return conn.sock.recv_into(buffer, nbytes, flags)
 
-    def makefile(self, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        sock: Any = self._live().sock
-        return sock.makefile(mode, *args, **kwargs)
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: int | None = None,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> Any:
+        """A file object on this borrow, as ``socket.makefile`` (modes ``r``, ``w``,
+        ``b`` combined), whose reads and writes go through the handle: once the borrow
+        ends it is closed (``ValueError``, as any closed file) and can never touch
+        the socket again, whoever borrows it next. Flush before releasing: bytes
+        still buffered then are dropped."""
+        self._live()
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        reading, writing, binary = "r" in mode, "w" in mode, "b" in mode
+        if not reading and not writing:
+            reading = True
+        raw = _BorrowIO(self, ("r" if reading else "") + ("w" if writing else ""))
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if not binary:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if binary:
+            return buffer
+        text = io.TextIOWrapper(buffer, encoding, errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
 
     def settimeout(self, value: float | None) -> None:
-        self._live().sock.settimeout(value)
+        """Set the socket's timeout for this borrow (seconds, 0 non-blocking, None
+        blocking); the next borrow starts with the pool's (None) again."""
+        conn = self._live()
+        conn.sock.settimeout(value)
+        conn.dirty |= TIMEOUT_CHANGED
 
     # -- giving it back -----------------------------------------------------------
     def release(self) -> None:

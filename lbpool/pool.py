@@ -51,11 +51,18 @@ from lbpool._waiters import (
 from lbpool.breaker import Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
-from lbpool.connection import PooledConnection, _Conn, _is_network_error
+from lbpool.connection import (
+    SOCK_EXPOSED,
+    PooledConnection,
+    _Conn,
+    _is_network_error,
+)
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
+
+_READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
 _log = logging.getLogger("lbpool")
 
@@ -132,6 +139,7 @@ class Pool(ThreadBound):
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
         self._last_dial_error: BaseException | None = None
+        self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
@@ -267,6 +275,7 @@ class Pool(ThreadBound):
         deadline = 0.0  # made on the first borrow check (the uncontended path needs none)
         while idle:
             conn = idle.pop()
+            conn.watcher.stop()  # off the idle stack: no longer watched (_rest starts it)
             now = _monotonic()
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
@@ -275,7 +284,7 @@ class Pool(ThreadBound):
                 if not deadline:
                     deadline = now + (self._acquire_timeout if timeout is None else timeout)
                 elif now >= deadline:
-                    idle.append(conn)  # unchecked, untouched: past the deadline, not taken
+                    self._rest(conn)  # unchecked, untouched: past the deadline, not taken
                     break
                 if not self._borrow_check(conn, deadline - now):
                     continue
@@ -555,6 +564,8 @@ class Pool(ThreadBound):
         except KeyError:  # force-closed by close(), or inherited across fork
             conn.close()
             return
+        if conn.dirty and not self._clean(conn):
+            return
         now = _monotonic()
         conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
@@ -569,8 +580,69 @@ class Pool(ThreadBound):
             self._handed += 1
             w.outcome = conn
             self._hub.loop.run_callback(w.switch, None)
-        else:
+        else:  # _rest, inlined (bench A)
             self._idle.append(conn)
+            watcher = conn.watcher
+            if watcher is None:
+                watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
+            watcher.start(self._on_stirred, conn)
+
+    def _clean(self, conn: _Conn) -> bool:
+        """Undo what a borrower changed (DESIGN 16): the socket's timeout back to the
+        pool's (None: blocking, cooperative); a socket that was handed out raw also gets
+        the pool's ``TCP_NODELAY`` again. False (and the connection retired) when the
+        socket is broken or was closed under its borrower. Only for a ``dirty`` one: a
+        clean borrow pays nothing."""
+        dirty = conn.dirty
+        conn.dirty = 0
+        sock = conn.sock
+        try:
+            if sock.fileno() < 0:
+                raise OSError("socket closed by its borrower")
+            sock.settimeout(None)
+            if (
+                dirty & SOCK_EXPOSED
+                and self.dial_config.tcp_nodelay
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+            ):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, ValueError) as exc:
+            _log.debug("%s: returned connection could not be reset: %s", self.name, exc)
+            self._retire(conn, "discarded")
+            return False
+        return True
+
+    def _rest(self, conn: _Conn) -> None:
+        """Put ``conn`` on the idle stack, watched: bytes or EOF arriving while it
+        rests retire it (``_stirred``). Never yields."""
+        self._idle.append(conn)
+        watcher = conn.watcher
+        if watcher is None:
+            watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
+        watcher.start(self._on_stirred, conn)
+
+    def _stirred(self, conn: _Conn) -> None:
+        """The read watcher of an idle connection fired (run by the hub): the server
+        sent bytes nobody asked for, closed, or reset, so it must not be lent (DESIGN
+        16; as Go's HTTP transport keeps a read on every idle connection). A peek
+        (one non-blocking call) tells a spurious wake-up or a TLS protocol record (a
+        session ticket, absorbed) from that. Not charged to the breaker: servers close
+        idle connections routinely. Never yields."""
+        if get_ident() != self._thread_id:  # a forked child's inherited watcher
+            with contextlib.suppress(Exception):
+                self._check_owner()  # starts fresh: closes what the parent held
+            return
+        if peek_alive(conn.sock):
+            return
+        try:
+            self._idle.remove(conn)
+        except ValueError:  # not idle after all: nothing to do but stop watching
+            if conn.watcher is not None:
+                conn.watcher.stop()
+            return
+        _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
+        self._retire(conn, "unhealthy")
+        self.on_demand()  # min_idle may need a refill
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
@@ -646,7 +718,7 @@ class Pool(ThreadBound):
                 self._handed += 1  # in use from now on, though its waiter is not awake yet
                 waiters.hand(conn)
             else:
-                self._idle.append(conn)
+                self._rest(conn)
                 self._changed.set()
         while waiters and self._size < self._max_size:
             self._reserve()
@@ -808,6 +880,7 @@ class Pool(ThreadBound):
                 self._idle.remove(conn)
             except ValueError:  # borrowed meanwhile
                 continue
+            conn.watcher.stop()  # off the idle stack: its check reads the socket
             if self._borrow_check(conn):
                 self._hand_on(conn)
 
@@ -923,7 +996,8 @@ class Pool(ThreadBound):
             self._drained.wait(timeout)
         for conn in list(self._busy):
             _log.warning("%s: closing a connection still in use at close()", self.name)
-            del self._busy[conn]
+            handle = self._busy.pop(conn)
+            handle._conn = None  # its holder (and its makefile objects) can't use it now
             self._retire(conn, "discarded")
         self._closed = True
 

@@ -1,5 +1,7 @@
 """Property-based: the pool's invariants hold at every step of any interleaving of
-acquire, release, discard, wait, timeout, kill and close."""
+acquire, release, discard, wait, timeout, kill, borrow and background checks, and
+close -- and ``size == idle + in_use + pending`` at every greenlet switch in between
+(a tracer checks it on each one: a connection under a check is counted as pending)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import greenlet
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from lbpool import Pool, PoolClosed, PoolConfig, PoolTimeout
+from lbpool import HealthCheckConfig, Pool, PoolClosed, PoolConfig, PoolTimeout
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
 from tests.support.leaks import fd_count
@@ -43,7 +46,7 @@ def settle(pool: Pool | None = None, rounds: int = 5) -> None:
         gevent.sleep(0)
     if pool is not None:
         with gevent.Timeout(2, False):
-            while pool._pending:
+            while pool._pending or pool._held:
                 gevent.sleep(0.0005)
         for _ in range(rounds):
             gevent.sleep(0)
@@ -58,8 +61,13 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool = Pool(
             server.address,
             pool=PoolConfig(min_idle=0, max_size=MAX_SIZE, acquire_timeout=5, check_after=1000),
+            # a round trip, so a check yields: other rules' steps interleave with it
+            health_check=HealthCheckConfig(send="PING\r\n", expect="+PONG", timeout=2),
             upkeep=False,
         )
+        self.checkers: list[gevent.Greenlet] = []
+        self.violations: list[str] = []
+        self._previous_trace = greenlet.settrace(self._trace)
         self.held: list[Any] = []
         self.waiters: dict[int, gevent.Greenlet] = {}
         self.seq = 0
@@ -67,6 +75,17 @@ class PoolMachine(RuleBasedStateMachine):
         self.closed = False
 
     # -- helpers -----------------------------------------------------------------
+    def _trace(self, event: str, args: Any) -> None:
+        """On every greenlet switch: the sizes add up (as ``stats()`` adds them)."""
+        pool = self.pool
+        if event in ("switch", "throw") and not pool._closing:
+            counted = len(pool._idle) + len(pool._busy) + pool._handed
+            counted += pool._pending + pool._held
+            if pool._size != counted and len(self.violations) < 5:
+                self.violations.append(f"size {pool._size} != {counted}: {pool!r}")
+        if self._previous_trace is not None:
+            self._previous_trace(event, args)
+
     def _spawn_waiter(self, timeout: float) -> None:
         seq = self.seq
         self.seq += 1
@@ -156,6 +175,19 @@ class PoolMachine(RuleBasedStateMachine):
         self.interrupt_waiter(j, exc)
 
     @rule()
+    def check_on_next_borrow(self) -> None:
+        """The idle connections are due a check: the next borrows run it (and yield)."""
+        for conn in self.pool._idle:
+            conn.checked_at = float("-inf")
+
+    @rule()
+    def background_check(self) -> None:
+        """Upkeep's check of every idle connection, in its own greenlet, left running:
+        the next rules' steps interleave with it."""
+        self.checkers.append(gevent.spawn(self.pool._check_idle, float("inf")))
+        gevent.sleep(0)
+
+    @rule()
     def let_time_pass(self) -> None:
         gevent.sleep(0.003)
         settle(self.pool)
@@ -171,6 +203,7 @@ class PoolMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------
     @invariant()
     def sizes_add_up(self) -> None:
+        assert not self.violations, self.violations
         s = self.pool.stats()
         assert s.size <= MAX_SIZE, s
         if not self.closed:
@@ -194,6 +227,8 @@ class PoolMachine(RuleBasedStateMachine):
                 )
 
     def teardown(self) -> None:
+        greenlet.settrace(self._previous_trace)
+        gevent.joinall(self.checkers, timeout=2)
         for g in self.waiters.values():
             g.kill(block=False)
         settle(self.pool)
