@@ -665,6 +665,8 @@ class Pool(ThreadBound):
             self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
         self._hand_on()
+        if len(self._idle) < self.config.min_idle and not self._closing:
+            self.on_demand()  # below min_idle: upkeep should refill (a pass now if at rest)
 
     def _hand_on(self, conn: _Conn | None = None) -> None:
         """The one place capacity goes to waiters: ``conn`` (unlent) to the oldest
