@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+from time import monotonic
 from types import SimpleNamespace
+from typing import Any
 
 import gevent
 import pytest
 
+from lbpool import PoolManager
 from lbpool._upkeep import Upkeep
+from lbpool.pool import Pool
+from lbpool.testing import EchoServer
 from tests.support.leaks import settle
 
 
@@ -80,15 +87,6 @@ def test_abandon_ends_the_loop_after_its_pass_without_yielding() -> None:
 
 
 # -- on real sockets: upkeep survives anything, and stays cheap (DESIGN 19, 20) ----------
-
-import socket  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from time import monotonic  # noqa: E402
-from typing import Any  # noqa: E402
-
-from lbpool import PoolManager  # noqa: E402
-from lbpool.pool import Pool  # noqa: E402
-from lbpool.testing import EchoServer  # noqa: E402
 
 WAIT = 10.0  # bound on every wait below (two CPU hogs may slow a round trip a lot)
 
