@@ -17,9 +17,11 @@ within its deadline, then raises ``BackendUnavailable`` naming the discovery err
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
@@ -140,11 +142,15 @@ class Backend:
         *,
         adhoc: bool = False,
         listeners: list[BreakerChange] | None = None,
-        on_demand: Callable[[], object] | None = None,
+        on_demand: Callable[[Pool], object] | None = None,
+        on_unused: Callable[[Pool], object] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.adhoc = adhoc
+        self._on_unused = on_unused  # an ad-hoc backend's: its pool unused for idle_timeout
+        self.aliases: list[str] = []  # an ad-hoc backend's other spellings, cached by the manager
+        self.uses_seen = -1  # an ad-hoc backend's acquisitions when last looked at for eviction
         self._listeners = listeners if listeners is not None else []
         self._on_demand = on_demand
         self.pools: list[Pool] = []
@@ -179,7 +185,8 @@ class Backend:
         )
         pool.owner_kind = "manager"
         if self._on_demand is not None:
-            pool.on_demand = self._on_demand
+            pool.on_demand = functools.partial(self._on_demand, pool)
+        pool.on_unused = self._on_unused
         return pool
 
     def _breaker_changed(self, breaker: Breaker, old: str, new: str) -> None:
@@ -468,7 +475,9 @@ class PoolManager(ThreadBound):
     def __init__(self, config: ConfigSource = None) -> None:
         self.config = _coerce_config(config)
         self._backends: dict[str, Backend] = {}
-        self._adhoc: dict[str, Backend] = {}
+        self._adhoc: dict[str, Backend] = {}  # every spelling of an ad-hoc name -> its backend
+        # the ad-hoc backends by canonical name, oldest first (adhoc.max_pools bounds it)
+        self._adhoc_order: OrderedDict[str, Backend] = OrderedDict()
         # pools a reload removed, closing as their connections come back; the greenlets
         # that close them (one per reload, and one per pool with connections in use)
         self._draining: set[Pool] = set()
@@ -565,19 +574,65 @@ class PoolManager(ThreadBound):
         key = str(address)
         backend = self._adhoc.get(key)
         if backend is None:
+            self._make_room()
             backend = Backend(
                 key,
                 self._adhoc_config(key),
                 adhoc=True,
                 listeners=self._listeners,
                 on_demand=self._on_demand,
+                on_unused=self._unused_adhoc,
             )
             backend._apply(backend.config)
             self._adhoc[key] = backend
-            self._upkeep.wake()  # it may be asleep with nothing to keep
-        if len(self._adhoc) < _MAX_ADHOC_ALIASES:  # other spellings of the address, cached;
-            self._adhoc[name] = backend  # bounded, as names may come from untrusted input
+            self._adhoc_order[key] = backend
+            for pool in backend.pools:
+                self._upkeep.schedule(pool)  # a pass for it alone: warm it to min_idle
+        if name != key and len(self._adhoc) < _MAX_ADHOC_ALIASES:  # other spellings,
+            self._adhoc[name] = backend  # cached; bounded, as names may come from untrusted input
+            backend.aliases.append(name)
         return backend
+
+    def _make_room(self) -> None:
+        """Before a new ad-hoc name: at ``adhoc.max_pools`` names, forget the least
+        recently used one with nothing in use (second chance: one used since it was
+        last looked at goes to the back). If every one is in use, the bound is
+        exceeded for now rather than fail a caller. Never yields."""
+        order = self._adhoc_order
+        for _ in range(len(order)):
+            if len(order) < self.config.adhoc.max_pools:
+                return
+            key, backend = next(iter(order.items()))
+            uses = sum(p._hits + p._misses + p._timeouts + p._shed for p in backend.pools)
+            busy = any(p.active or p._waiters for p in backend.pools)
+            if busy or uses != backend.uses_seen:
+                backend.uses_seen = uses
+                order.move_to_end(key)
+                continue
+            self._forget_adhoc(backend)
+
+    def _unused_adhoc(self, pool: Pool) -> None:
+        """Upkeep found ad-hoc ``pool`` unused for its ``idle_timeout``: close and forget
+        its name. Never yields."""
+        backend = self._adhoc_order.get(pool.name)
+        if backend is not None and pool in backend.pools:
+            self._forget_adhoc(backend)
+        else:  # not ours any more (a race with close or a reload): stop keeping it
+            self._upkeep.forget(pool)
+
+    def _forget_adhoc(self, backend: Backend) -> None:
+        """Drop an ad-hoc name and its spellings; its pools stop lending now and drain
+        (nothing in use: they close at once). Never yields."""
+        self._adhoc_order.pop(backend.name, None)
+        for name in [backend.name, *backend.aliases]:
+            if self._adhoc.get(name) is backend:
+                del self._adhoc[name]
+        backend.closed = True
+        backend.closed_event.set()
+        for pool in backend.pools:
+            self._upkeep.forget(pool)
+        _log.debug("ad-hoc pool %s forgotten (unused, or adhoc.max_pools reached)", backend.name)
+        self._retire_pools(list(backend.pools))
 
     def _adhoc_config(self, address: str) -> BackendConfig:
         d = self.config.defaults
@@ -832,6 +887,7 @@ class PoolManager(ThreadBound):
                 self._retire(backend)
             self._backends.clear()
             self._adhoc.clear()
+            self._adhoc_order.clear()
         self._upkeep.stop()  # dies at once: its handlers never block
         for pool in self._closing_pools:  # waiters everywhere fail at once
             pool.stop_lending()

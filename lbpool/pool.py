@@ -73,8 +73,16 @@ def _nothing() -> None:
     """``on_demand`` of a pool no upkeep keeps."""
 
 
-# The longest an at-rest pool's upkeep sleeps before looking again anyway.
+# The longest an at-rest pool with idle connections goes without an upkeep pass.
 _MAX_REST = 60.0
+# Refill dials in flight per pool: like HikariCP or database/sql, connections are added
+# a few at a time (each that succeeds starts the next), so a large min_idle neither
+# floods the hub with greenlets nor keeps dialing a server whose breaker opened.
+_REFILL_DIALS = 4
+# Background health checks in flight per pool (each an errand with its own deadline,
+# health_check.timeout): a server whose connections stop answering ties up at most
+# these, and never the upkeep loop.
+_BACKGROUND_CHECKS = 2
 # How long past its budget a caller waits for a dial errand before calling it overrun
 # (scheduling slack: a dial that ran out of time is reaching its verdict by then).
 _OVERRUN_GRACE = 0.25
@@ -130,6 +138,7 @@ class Pool(ThreadBound):
         self._held = 0
         self._handed = 0  # connections handed to a waiter that has not woken yet
         self._refilling = 0  # of which: upkeep refills
+        self._checking = 0  # background checks in flight (errands), at most _BACKGROUND_CHECKS
         self._closing = False
         self._closed = False
         self._drained = Event()
@@ -140,6 +149,11 @@ class Pool(ThreadBound):
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
         self._last_dial_error: BaseException | None = None
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
+        # an ad-hoc pool's: called by upkeep once the pool is unused for idle_timeout
+        # (the manager then closes and forgets it); None: kept for good
+        self.on_unused: Callable[[Pool], object] | None = None
+        self._uses_seen = 0  # acquisitions counted when upkeep last looked ...
+        self._used_at = _monotonic()  # ... and when it last saw a change, or use in progress
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
@@ -224,6 +238,7 @@ class Pool(ThreadBound):
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = self._held = 0
+        self._checking = self._uses_seen = 0
         self._drained = Event()
         self._changed = Event()
         self._reset_counters()
@@ -496,7 +511,7 @@ class Pool(ThreadBound):
     def _run_dial_errand(self, errand: _Errand, trial: int) -> object:
         try:
             try:
-                conn = self._open(trial)
+                conn = self._open(trial, errand=True)
             except DialError as exc:
                 return exc
             if errand.detached:
@@ -507,7 +522,7 @@ class Pool(ThreadBound):
         finally:
             self._dialers.discard(gevent.getcurrent())
 
-    def _open(self, trial: int) -> _Conn:
+    def _open(self, trial: int, errand: bool = False) -> _Conn:
         """Dial into a slot reserved in ``_size`` and ``_pending``, within ``dial.timeout``;
         any failure frees it.
 
@@ -515,9 +530,23 @@ class Pool(ThreadBound):
         checked; a successful one ends a streak of dial failures. A half-open trial
         (``trial``: its token) closes the breaker only once the configured check passes
         on the new connection; an interrupted one gives back the trial.
+
+        ``errand``: this greenlet is the pool's own (a refill, a dial errand), so
+        nothing but ``close()`` interrupts it from outside: whatever else a hook raises
+        (``gevent.Timeout`` of its own, ``GreenletExit``) is a failed dial, a
+        ``DialError`` (DESIGN 20).
         """
         try:
-            sock = _dial(self.address, self.dial_config, setup=self._setup)
+            try:
+                sock = _dial(self.address, self.dial_config, setup=self._setup)
+            except DialError:
+                raise
+            except BaseException as exc:
+                if not errand or self._closing:
+                    raise
+                raise DialError(
+                    self.name, f"setup hook raised {type(exc).__name__}: {exc}"
+                ) from exc
         except BaseException as exc:
             failed = isinstance(exc, DialError)
             if failed:
@@ -528,7 +557,7 @@ class Pool(ThreadBound):
             self._unreserve(exc if failed else None, trial, dial=True)
             raise
         if trial and self._check_configured:
-            self._check_trial(sock, trial)
+            self._check_trial(sock, trial, errand)
         self._pending -= 1
         breaker = self.breaker
         if trial:
@@ -538,10 +567,18 @@ class Pool(ThreadBound):
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now))
 
-    def _check_trial(self, sock: socket.socket, trial: int) -> None:
-        """The configured check on a half-open trial's new connection: its verdict."""
+    def _check_trial(self, sock: socket.socket, trial: int, errand: bool = False) -> None:
+        """The configured check on a half-open trial's new connection: its verdict.
+        (``errand``: as for ``_open``, whatever a hook raises is a failed check.)"""
         try:
-            check_health(sock, self.health_config)
+            try:
+                check_health(sock, self.health_config)
+            except (Unhealthy, OSError):
+                raise
+            except BaseException as exc:
+                if not errand or self._closing:
+                    raise
+                raise Unhealthy(f"health hook raised {type(exc).__name__}: {exc}") from exc
         except (Unhealthy, OSError) as exc:
             close_quietly(sock)
             self._dial_failures += 1
@@ -700,6 +737,8 @@ class Pool(ThreadBound):
             self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
         self._hand_on()
+        if len(self._idle) < self.config.min_idle and not self._closing:
+            self.on_demand()  # below min_idle: upkeep should refill (a pass now if at rest)
 
     def _hand_on(self, conn: _Conn | None = None) -> None:
         """The one place capacity goes to waiters: ``conn`` (unlent) to the oldest
@@ -784,13 +823,20 @@ class Pool(ThreadBound):
         return False
 
     def _run_check_errand(self, errand: _Errand, conn: _Conn) -> _Conn | None:
+        """A check in a greenlet of the pool's own: nothing but ``close()`` interrupts
+        it from outside, so whatever else a hook raises (``gevent.Timeout`` of its own,
+        ``GreenletExit``) fails the check (DESIGN 20)."""
         try:
             try:
                 failure = self._run_check(conn)
-            except BaseException:
-                self._held -= 1
-                self._retire(conn, "unhealthy")
-                raise
+            except BaseException as exc:
+                if self._closing:  # killed by close()
+                    self._held -= 1
+                    self._retire(conn, "unhealthy")
+                    raise
+                _log.info("%s: health hook raised %s", self.name, type(exc).__name__)
+                failure = Unhealthy(f"health hook raised {type(exc).__name__}: {exc}")
+                failure.__cause__ = exc
             if failure is not None:
                 self._held -= 1
                 self._retire(conn, "unhealthy", failure)
@@ -807,16 +853,17 @@ class Pool(ThreadBound):
     # -- upkeep -------------------------------------------------------------------
     def _start_upkeep(self) -> None:
         """A standalone pool's own upkeep greenlet (lbpool._upkeep, as the manager's)."""
-        self._upkeep = Upkeep(lambda: (self,))
-        self.on_demand = self._upkeep.on_demand
+        upkeep = self._upkeep = Upkeep(lambda: (self,))
+        self.on_demand = lambda: upkeep.on_demand(self)
 
     def upkeep_due(self) -> float:
-        """Seconds until upkeep has something to do here.
+        """Seconds until upkeep has something to do here (infinite: nothing until an
+        acquisition calls ``on_demand``).
 
-        While the pool is busy (connections lent, callers waiting, dials running, fewer
-        than ``min_idle`` idle) that is every ``upkeep_interval``. At rest it is the
-        next idle connection's expiry or check, so an idle pool costs no wake-ups; the
-        first acquisition that has to wait or dial calls ``on_demand`` and upkeep resumes.
+        While the pool is busy (connections lent, callers waiting, dials or checks
+        running, fewer than ``min_idle`` idle) that is every ``upkeep_interval``. At
+        rest it is the next idle connection's expiry or check (an ad-hoc pool's: also
+        the end of its ``idle_timeout`` unused), so an idle pool costs no wake-ups.
         """
         cfg = self.config
         if self._closing:
@@ -829,27 +876,47 @@ class Pool(ThreadBound):
             or len(self._idle) < cfg.min_idle
         ):
             return cfg.upkeep_interval
-        interval = self.health_config.interval
-        expire_idle = len(self._idle) > cfg.min_idle
-        due = min(interval, cfg.idle_timeout, _MAX_REST)
         now = _monotonic()
-        for conn in self._idle:
-            due = min(due, conn.expires_at - now, conn.checked_at + interval - now)
-            if expire_idle:
-                due = min(due, conn.last_used_at + cfg.idle_timeout - now)
+        due = float("inf")
+        if self.on_unused is not None:
+            due = self._used_at + cfg.idle_timeout - now
+        if self._idle:
+            interval = self.health_config.interval
+            expire_idle = len(self._idle) > cfg.min_idle
+            due = min(due, interval, cfg.idle_timeout, _MAX_REST)
+            for conn in self._idle:
+                due = min(due, conn.expires_at - now, conn.checked_at + interval - now)
+                if expire_idle:
+                    due = min(due, conn.last_used_at + cfg.idle_timeout - now)
         return max(due, cfg.upkeep_interval)
 
     def run_upkeep(self) -> None:
-        """One pass: expire idle and old connections, check idle ones, warn of leaks,
-        refill to ``min_idle``. Called by the pool's own greenlet or the manager's."""
+        """One pass: expire idle and old connections, start checks of idle ones, warn
+        of leaks, start refills to ``min_idle``; an ad-hoc pool unused for its
+        ``idle_timeout`` is handed to ``on_unused`` instead. Never waits on the server
+        (checks and dials are errands). Called by the pool's own greenlet or the
+        manager's."""
         self._check_owner()
         if self._closing:
             return
         now = _monotonic()
+        if self.on_unused is not None and self._unused(now):
+            self.on_unused(self)
+            return
         self._expire_idle(now)
         self._warn_leaks(now)
         self._check_idle(now)
         self.fill()
+
+    def _unused(self, now: float) -> bool:
+        """Has nobody tried to acquire here, nor held a connection, for ``idle_timeout``?
+        (Acquisitions are counted anyway; comparing counts costs the borrow path nothing.)"""
+        uses = self._hits + self._misses + self._timeouts + self._shed
+        if uses != self._uses_seen or self.active or self._waiters:
+            self._uses_seen = uses
+            self._used_at = now
+            return False
+        return now - self._used_at >= self.config.idle_timeout
 
     def _expire_idle(self, now: float) -> None:
         cfg = self.config
@@ -870,19 +937,42 @@ class Pool(ThreadBound):
         idle.extend(keep)
 
     def _check_idle(self, now: float) -> None:
-        """Check each idle connection not checked for ``health_check.interval``; one at
-        a time and off the stack, so no caller can borrow it mid-check."""
+        """Check each idle connection not checked for ``health_check.interval``: the
+        free peek here; a configured check off the stack (no caller can borrow it
+        mid-check) as an errand, at most ``_BACKGROUND_CHECKS`` at a time, each bounded
+        by ``health_check.timeout``. The rest wait for a later pass. Never yields."""
         interval = self.health_config.interval
         for conn in [c for c in self._idle if now - c.checked_at >= interval]:
             if self._closing:
                 return
+            if not peek_alive(conn.sock):
+                with contextlib.suppress(ValueError):
+                    self._idle.remove(conn)
+                    _log.debug("%s: idle connection found closed or dirty", self.name)
+                    self._retire(conn, "unhealthy")
+                continue
+            if not self._check_configured:
+                conn.checked_at = now
+                continue
+            if self._checking >= _BACKGROUND_CHECKS:
+                continue
             try:
                 self._idle.remove(conn)
             except ValueError:  # borrowed meanwhile
                 continue
             conn.watcher.stop()  # off the idle stack: its check reads the socket
-            if self._borrow_check(conn):
-                self._hand_on(conn)
+            self._held += 1  # until the check's verdict
+            self._checking += 1
+            errand = _Errand()
+            errand.detached = True  # nobody waits: it hands on what passes
+            g = gevent.spawn(self._background_check, errand, conn)
+            self._dialers.add(g)
+
+    def _background_check(self, errand: _Errand, conn: _Conn) -> None:
+        try:
+            self._run_check_errand(errand, conn)
+        finally:
+            self._checking -= 1
 
     def _warn_leaks(self, now: float) -> None:
         threshold = self._leak_threshold
@@ -901,11 +991,13 @@ class Pool(ThreadBound):
                 handle.stack = None  # warn once per borrow
 
     def fill(self) -> int:
-        """Start concurrent dials up to ``min_idle`` idle connections; returns how many."""
+        """Start dials towards ``min_idle`` idle connections, at most ``_REFILL_DIALS``
+        in flight (each that succeeds starts the next; none while the breaker is open
+        but for its one half-open trial); returns how many it started. Never yields."""
         if self._closing:
             return 0
         need = self.config.min_idle - len(self._idle) - self._refilling
-        need = min(need, self._max_size - self._size)
+        need = min(need, self._max_size - self._size, _REFILL_DIALS - self._refilling)
         started = 0
         breaker = self.breaker
         for _ in range(max(need, 0)):
@@ -924,17 +1016,21 @@ class Pool(ThreadBound):
         return started
 
     def _refill_one(self, trial: int) -> None:
+        ok = False
         try:
             try:
-                conn = self._open(trial)
+                conn = self._open(trial, errand=True)
             except DialError as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
                 return
             self._hand_on(conn)
+            ok = True
         finally:
             self._refilling -= 1
             self._dialers.discard(gevent.getcurrent())
             self._changed.set()
+        if ok:
+            self.fill()  # the next, a few at a time (a failure waits for the next pass)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``min_idle`` connections are open; ``PoolTimeout`` otherwise."""

@@ -40,6 +40,7 @@ from lbpool.config._yaml import (
     _load_yaml,
 )
 from lbpool.config.models import (
+    AdhocConfig,
     BackendConfig,
     BalanceConfig,
     BreakerConfig,
@@ -70,6 +71,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_YAML_NODES",
     "Address",
+    "AdhocConfig",
     "BackendConfig",
     "BalanceConfig",
     "BreakerConfig",

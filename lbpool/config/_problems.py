@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from lbpool.config._merge import _Merge
 from lbpool.config.models import (
+    AdhocConfig,
     BackendConfig,
     BalanceConfig,
     BreakerConfig,
@@ -35,6 +36,7 @@ from lbpool.errors import ConfigProblem
 #: (model, field) -> the model of that section: which keys are allowed where.
 _NESTED: dict[tuple[type[BaseModel], str], type[BaseModel]] = {
     (Config, "defaults"): DefaultsConfig,
+    (Config, "adhoc"): AdhocConfig,
     (DialConfig, "tls"): TLSConfig,
     (BackendConfig, "discover"): DiscoverConfig,
     (BackendConfig, "subset"): SubsetConfig,

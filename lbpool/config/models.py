@@ -340,6 +340,17 @@ class DefaultsConfig(_Model):
     balance: BalanceConfig = BalanceConfig()
 
 
+class AdhocConfig(_Model):
+    """Pools for ``host:port`` names not in the config (``manager.get("10.0.0.5:6379")``).
+
+    Each uses the ``defaults`` sections; one unused for its ``idle_timeout`` is closed
+    and forgotten. Beyond ``max_pools`` names, the least recently used pool with
+    nothing in use is closed to make room (as urllib3's PoolManager ``num_pools``).
+    """
+
+    max_pools: AtLeastOne = 1024
+
+
 class Config(_Model):
     """The whole configuration: ``defaults`` plus named ``backends`` (may be empty).
 
@@ -349,6 +360,7 @@ class Config(_Model):
 
     defaults: DefaultsConfig = DefaultsConfig()
     backends: dict[BackendName, BackendConfig] = Field(default_factory=dict)
+    adhoc: AdhocConfig = AdhocConfig()  # host:port pools not in the config
 
     @model_validator(mode="before")
     @classmethod

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
+from time import monotonic
 from types import SimpleNamespace
+from typing import Any
 
 import gevent
 import pytest
 
+from lbpool import PoolManager
 from lbpool._upkeep import Upkeep
+from lbpool.pool import Pool
+from lbpool.testing import EchoServer
 from tests.support.leaks import settle
 
 
@@ -77,3 +84,295 @@ def test_abandon_ends_the_loop_after_its_pass_without_yielding() -> None:
     assert not upkeep.greenlet.dead  # not waited for
     assert settle(lambda: upkeep.greenlet.dead, 5)
     assert pool.passes == 1
+
+
+# -- on real sockets: upkeep survives anything, and stays cheap (DESIGN 19, 20) ----------
+
+WAIT = 10.0  # bound on every wait below (two CPU hogs may slow a round trip a lot)
+
+
+def _raise_timeout(sock: Any) -> None:
+    with gevent.Timeout(0.01):  # the hook's own timer around a slow call
+        gevent.sleep(5)
+
+
+def _raise_exit(sock: Any) -> None:
+    raise gevent.GreenletExit
+
+
+HOSTILE = {"timeout": _raise_timeout, "greenlet_exit": _raise_exit}
+
+
+def _pool(manager: PoolManager, name: str) -> Pool:
+    return manager.backends[name].pools[0]
+
+
+@pytest.mark.parametrize("raised", sorted(HOSTILE))
+def test_a_health_hook_raising_base_exception_fails_its_check_not_upkeep(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    no_fd_leak: None,
+    raised: str,
+) -> None:
+    """A background check whose hook raises gevent.Timeout (of its own) or GreenletExit
+    counts its connection unhealthy; upkeep goes on refilling, so the server is dialed
+    again and again, and another pool is still kept."""
+    bad, good = echo_server_factory(), echo_server_factory()
+    pool_cfg = {"min_idle": 1, "upkeep_interval": 0.02, "check_after": 60}
+    manager = make_manager(
+        {
+            "backends": {
+                "bad": {
+                    "servers": [bad.address],
+                    "pool": pool_cfg,
+                    "health_check": {"hook": HOSTILE[raised], "interval": 0.05},
+                    "breaker": {"failure_threshold": 1000},
+                },
+                "good": {"servers": [good.address], "pool": pool_cfg},
+            }
+        }
+    )
+    manager.wait_ready(timeout=WAIT)
+    # each check fails, its connection closes, the refill dials a new one: again and again
+    bad.wait_accepted(4, timeout=WAIT)
+    assert not manager._upkeep.greenlet.dead
+    assert settle(lambda: _pool(manager, "bad").stats().closed["unhealthy"] >= 3, WAIT)
+    # and the other pool is still kept: a discarded connection is replaced
+    manager.get("good").discard()
+    good.wait_accepted(2, timeout=WAIT)
+    assert settle(lambda: _pool(manager, "good").stats().idle == 1, WAIT)
+
+
+def _setup_timeout(sock: Any) -> None:
+    _raise_timeout(sock)
+
+
+@pytest.mark.parametrize("raised", sorted(HOSTILE))
+def test_a_setup_hook_raising_base_exception_fails_the_refill_dial(
+    make_manager: Callable[..., PoolManager],
+    echo_server: EchoServer,
+    no_fd_leak: None,
+    raised: str,
+) -> None:
+    """A refill whose setup hook raises gevent.Timeout or GreenletExit is a failed dial:
+    counted (the breaker sees it), the slot freed, and upkeep tries again later."""
+    manager = make_manager(
+        {
+            "backends": {
+                "svc": {
+                    "servers": [echo_server.address],
+                    "pool": {"min_idle": 1, "upkeep_interval": 0.02},
+                    "setup": HOSTILE[raised],
+                    "breaker": {"failure_threshold": 1000},
+                }
+            }
+        }
+    )
+    pool = _pool(manager, "svc")
+    assert settle(lambda: pool.stats().dial_failures >= 3, WAIT), pool.stats()
+    s = pool.stats()
+    assert s.size == s.pending  # nothing leaked: only refills in flight hold slots
+    assert not manager._upkeep.greenlet.dead
+
+
+def _hang_on_timeout(sock: Any) -> None:
+    try:
+        gevent.sleep(30)
+    except gevent.Timeout:  # swallows the check's timer and goes on
+        gevent.sleep(30)
+
+
+@pytest.mark.parametrize("hung", ["silent_server", "swallowing_hook"])
+def test_one_hung_server_does_not_delay_another_pools_upkeep(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    no_fd_leak: None,
+    hung: str,
+) -> None:
+    """Background checks of a server that stopped answering (or whose hook swallows
+    the check's timer) run as errands: another pool with upkeep_interval 100 ms is
+    back at min_idle long before those checks end (each takes 20 s here; the upkeep
+    used to wait for them one after the other)."""
+    slow, fast = echo_server_factory(), echo_server_factory()
+    check: dict[str, Any] = (
+        {"send": "PING\r\n", "expect": "+PONG", "timeout": 20, "interval": 0.1}
+        if hung == "silent_server"
+        else {"hook": _hang_on_timeout, "timeout": 0.05, "interval": 0.1}
+    )
+    manager = make_manager(
+        {
+            "backends": {
+                "slow": {
+                    "servers": [slow.address],
+                    "pool": {"min_idle": 3, "max_size": 3, "check_after": 60},
+                    "health_check": check,
+                },
+                "fast": {
+                    "servers": [fast.address],
+                    "pool": {"min_idle": 2, "upkeep_interval": 0.1},
+                },
+            }
+        }
+    )
+    manager.wait_ready(timeout=WAIT)
+    slow_pool, fast_pool = _pool(manager, "slow"), _pool(manager, "fast")
+    slow.mode = "silent"
+    assert settle(lambda: slow_pool.stats().pending >= 1, WAIT)  # checks under way
+    held = [manager.get("fast") for _ in range(2)]
+    for conn in held:
+        conn.discard()
+    start = monotonic()
+    assert settle(lambda: fast_pool.stats().idle == 2, WAIT), fast_pool.stats()
+    took = monotonic() - start
+    assert took < 5, took  # a hung check takes 20 s; generous for loaded machines
+    assert slow_pool.stats().pending <= 2  # at most _BACKGROUND_CHECKS per pool
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+class _Ticker:
+    """The longest gap between a 1 ms ticker's wake-ups: how long the hub was held."""
+
+    def __init__(self) -> None:
+        self.gap = 0.0
+        self.greenlet = gevent.spawn(self._run)
+
+    def _run(self) -> None:
+        last = monotonic()
+        while True:
+            gevent.sleep(0.001)
+            now = monotonic()
+            self.gap = max(self.gap, now - last)
+            last = now
+
+    def stop(self) -> float:
+        self.greenlet.kill()
+        return self.gap
+
+
+def test_a_huge_min_idle_dials_a_few_at_a_time_and_stops_at_the_open_breaker(
+    make_manager: Callable[..., PoolManager], no_fd_leak: None
+) -> None:
+    """min_idle 100,000 against a refusing port: refills go a few at a time, so the hub
+    is never held (the gap of a 1 ms ticker stays small) and dialing stops once the
+    breaker opens (failure_threshold 5): at most the dials already in flight follow."""
+    address = f"127.0.0.1:{_free_port()}"
+    ticker = _Ticker()
+    try:
+        manager = make_manager(
+            {
+                "backends": {
+                    "svc": {
+                        "servers": [address],
+                        "pool": {"min_idle": 100_000, "max_size": 100_000},
+                        "breaker": {"failure_threshold": 5, "recovery_timeout": 60},
+                    }
+                }
+            }
+        )
+        pool = _pool(manager, "svc")
+        assert settle(lambda: pool.breaker.state == "open" and pool.stats().size == 0, WAIT)
+        gevent.sleep(0.2)
+    finally:
+        gap = ticker.stop()
+    print(f"hub gap with min_idle 100,000: {gap * 1000:.1f} ms")
+    assert gap < 0.5, gap  # generous (two CPU hogs); measured about 3 ms
+    assert pool.stats().dial_failures <= 5 + 4  # threshold + the dials in flight
+
+
+def test_refill_keeps_a_few_dials_in_flight_until_min_idle(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    manager = make_manager(
+        {
+            "backends": {
+                "svc": {
+                    "servers": [echo_server.address],
+                    "pool": {"min_idle": 40, "max_size": 40, "upkeep_interval": 60},
+                }
+            }
+        }
+    )
+    pool = _pool(manager, "svc")
+    most = 0
+
+    def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, pool.stats().pending)
+            gevent.sleep(0)
+
+    watcher = gevent.spawn(watch)
+    try:  # one pass (the next is 60 s away): each refill that succeeds starts the next
+        assert settle(lambda: pool.stats().idle == 40, WAIT), pool.stats()
+    finally:
+        watcher.kill()
+    assert 1 <= most <= 4, most
+
+
+# -- ad-hoc host:port pools --------------------------------------------------------------
+
+
+def test_an_unused_adhoc_pool_is_closed_and_forgotten(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    manager = make_manager(
+        {"defaults": {"pool": {"min_idle": 1, "idle_timeout": 0.3, "upkeep_interval": 0.05}}}
+    )
+    with manager.get(echo_server.address) as conn:
+        conn.sendall(b"hi")
+    assert manager.stats().backends[""].servers
+    assert settle(lambda: not manager._adhoc, WAIT)  # forgotten, spellings and all
+    assert settle(lambda: echo_server.active == 0, WAIT)  # its sockets closed
+    assert "" not in manager.stats().backends
+    with manager.get(echo_server.address) as conn:  # a later use makes a new pool
+        conn.sendall(b"hi")
+
+
+def test_adhoc_pools_are_bounded_by_max_pools(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    no_fd_leak: None,
+) -> None:
+    servers = [echo_server_factory() for _ in range(5)]
+    manager = make_manager({"adhoc": {"max_pools": 3}, "defaults": {"pool": {"min_idle": 1}}})
+    held = manager.get(servers[0].address)  # in use: never the one evicted
+    for server in servers[1:]:
+        manager.get(server.address).release()
+    kept = manager.stats().backends[""].servers
+    assert len(kept) == 3, list(kept)
+    assert servers[0].address in kept and servers[4].address in kept
+    assert settle(lambda: servers[1].active == 0 and servers[2].active == 0, WAIT)
+    held.release()
+
+
+def test_a_new_adhoc_name_costs_no_pass_over_the_pools_at_rest(
+    make_manager: Callable[..., PoolManager], monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    """200 ad-hoc names at rest; one more gets a pass of its own, not one over all."""
+    server = EchoServer(host="0.0.0.0").start()  # reached as 127.0.0.x: distinct names
+    try:
+        manager = make_manager({"defaults": {"pool": {"min_idle": 0}}})
+        for i in range(200):
+            manager.get(f"127.0.{i // 250}.{i % 250 + 1}:{server.port}").release()
+        passes: list[str] = []
+        real = Pool.run_upkeep
+
+        def counting(pool: Pool) -> None:
+            passes.append(pool.name)
+            real(pool)
+
+        gevent.sleep(0.2)  # the passes their first use asked for
+        monkeypatch.setattr(Pool, "run_upkeep", counting)
+        manager.get(f"127.0.1.1:{server.port}").release()
+        gevent.sleep(0.2)
+        assert len(passes) < 20, len(passes)  # used to be a pass over all 201
+        manager.close()
+    finally:
+        server.stop()

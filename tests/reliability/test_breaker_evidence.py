@@ -10,6 +10,7 @@ time, ended only by its own outcome.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,7 +195,10 @@ def test_failed_checks_count_against_the_breaker(
         conn = pool.acquire(timeout=5)
         conn.discard()
     else:
-        pool.run_upkeep()
+        pool.run_upkeep()  # starts the check as an errand: wait for its verdict
+        deadline = time.monotonic() + 5
+        while pool.stats().closed["unhealthy"] == 0 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
     assert pool.stats().closed["unhealthy"] == 1
     assert breaker.failure_count == 1
     pool.close()

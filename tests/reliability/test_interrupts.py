@@ -429,13 +429,18 @@ def refill_dialer(pool: Pool) -> gevent.Greenlet:
 def test_interrupt_during_refill_dial(
     server: EchoServer, no_fd_leak: None, kind: str, trial: bool
 ) -> None:
+    """A refill dial runs in a greenlet of the pool's own, which nothing but close()
+    interrupts from outside: whatever else arrives there (a GreenletExit, a
+    gevent.Timeout) is its setup hook's doing (DESIGN 20), so it is a failed dial --
+    the slot is freed, a trial ends failed, the failure counts -- and upkeep goes on."""
     gate = Gate()
     manager = PoolManager(
         config(
             [server.address],
             pool={"min_idle": 1},
             setup=gate,
-            breaker={"failure_threshold": 1, "recovery_timeout": 0.05},
+            # closed: one failure must not open it (the follower is served after it)
+            breaker={"failure_threshold": 1 if trial else 2, "recovery_timeout": 0.05},
         )
     )
     pool = the_pool(manager)
@@ -463,14 +468,17 @@ def test_interrupt_during_refill_dial(
         dialer.kill(gevent.Timeout(), block=True, timeout=WAIT)
     assert dialer.dead
     assert pool._refilling == 0
-    assert not pool.breaker.trial_in_flight  # an interrupted trial is abandoned
+    assert not pool.breaker.trial_in_flight  # the trial ended, failed
     s = pool.stats()
+    assert s.dial_failures == 1, s  # counted as a failed dial
     gate.open.set()
     if follower is not None:
         assert (s.size, s.pending, s.waiting) == (1, 1, 0), s  # the slot: a permit to it
         conn = follower.served()
     else:
         assert (s.size, s.pending) == (0, 0), s
+        assert s.breaker_state == "open"  # the failed trial re-opened it
+        assert settle(lambda: pool.breaker.state == "half_open", WAIT)
         conn = manager.acquire("svc")  # the next caller may run the trial
     round_trip(conn)
     assert pool.breaker.state == "closed"
