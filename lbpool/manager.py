@@ -160,6 +160,11 @@ class Backend:
     def strategy(self) -> str:
         return self.config.strategy
 
+    def _where(self) -> tuple[str | None, str | None]:
+        """``(address, backend)`` of this backend's errors: an ad-hoc ``host:port`` names
+        its server and no backend; a configured backend its name and no one server."""
+        return (self.name, None) if self.adhoc else (None, self.name)
+
     def _new_pool(self, server: ServerConfig, cfg: BackendConfig) -> Pool:
         pool = Pool(
             server.address,
@@ -272,7 +277,7 @@ class Backend:
         if self.pools:
             return max(0.0, limit - (_monotonic() - start))
         if self.closed:
-            raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+            raise PoolClosed(f"backend {self.name!r}: the manager is closed", *self._where())
         error = self.discovery_error
         if discovery.last_error is None or error is None:
             error = DiscoveryError(
@@ -405,7 +410,9 @@ class Backend:
             idx = (self._balancer if picker is None else picker).pick(tried)
             if idx is None:
                 if self.closed:
-                    raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+                    raise PoolClosed(
+                        f"backend {self.name!r}: the manager is closed", *self._where()
+                    )
                 shed = [e for e in errors.values() if isinstance(e, PoolExhausted)]
                 if shed and len(shed) == len(errors):
                     raise shed[-1]  # every server full, none failed
@@ -415,7 +422,8 @@ class Backend:
             if remaining <= 0:
                 raise PoolTimeout(
                     f"backend {self.name!r}: no connection within {limit:.3g}s "
-                    f"(failed: {', '.join(p.name for p in errors) or 'none'})"
+                    f"(failed: {', '.join(p.name for p in errors) or 'none'})",
+                    *self._where(),
                 )
             if picker is None and not pool.can_serve_now():  # as in _acquire
                 pool = self._instead_of_full(idx, pool, errors)
@@ -608,7 +616,9 @@ class PoolManager(ThreadBound):
                 raise PoolClosed("the manager is closed")
             if not d.answered.is_set():
                 why = d.last_error or "the first resolution is still running"
-                raise PoolTimeout(f"not ready: backend {name!r}: discovery has no answer: {why}")
+                raise PoolTimeout(
+                    f"not ready: backend {name!r}: discovery has no answer: {why}", None, name
+                )
         if timeout is not None:
             timeout = max(0.0, timeout - (_monotonic() - start))
         pools = self._all_pools()

@@ -260,7 +260,7 @@ class Pool(ThreadBound):
         if timeout is not None:  # checked first, on every path: nothing has changed yet
             timeout = valid_timeout(timeout, self.name)
         if self._closing:
-            raise PoolClosed(f"{self.name}: pool is closed")
+            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
         idle = self._idle
         if idle and not self.breaker.is_closed:
             self._drop_idle()  # not while the breaker is not closed: a trial is a dial
@@ -290,14 +290,18 @@ class Pool(ThreadBound):
 
     def _acquire_slow(self, timeout: float | None, deadline: float) -> PooledConnection:
         if self._closing:  # closed during a borrow check
-            raise PoolClosed(f"{self.name}: pool is closed")
+            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
         self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
         if not deadline:
             deadline = start + (self._acquire_timeout if timeout is None else timeout)
         elif start >= deadline:  # borrow checks used up the time
             self._timeouts += 1
-            raise PoolTimeout(f"{self.name}: acquire deadline passed during borrow checks")
+            raise PoolTimeout(
+                f"{self.name}: acquire deadline passed during borrow checks",
+                self.name,
+                self.backend,
+            )
         if self._size < self._max_size and not self._waiters:
             self._reserve()
             return self._lend_new(deadline)
@@ -305,7 +309,9 @@ class Pool(ThreadBound):
             self._shed += 1
             raise PoolExhausted(
                 f"{self.name}: {len(self._waiters)} callers already wait "
-                f"(max_waiting {self._max_waiting}); shed"
+                f"(max_waiting {self._max_waiting}); shed",
+                self.name,
+                self.backend,
             )
         return self._wait(start, deadline)
 
@@ -327,7 +333,7 @@ class Pool(ThreadBound):
             self._handed -= 1
             if self._closing:  # handed before a close began (a reload removed the server)
                 self._retire(conn, "discarded")
-                raise PoolClosed(f"{self.name}: pool closed while waiting")
+                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
             self._waits_served += 1
             self._hits += 1
             conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
@@ -340,18 +346,22 @@ class Pool(ThreadBound):
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
-                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
+                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)",
+                self.name,
+                self.backend,
             )
         if outcome is PERMIT:
             if self._closing:  # as above: dial nothing for a pool that is closing
                 self._unreserve()
-                raise PoolClosed(f"{self.name}: pool closed while waiting")
+                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
             lent = self._lend_new(deadline)
             self._waits_served += 1
             return lent
         if outcome is BROKEN:
             raise DialError(self.name, "circuit breaker opened while waiting")
-        raise PoolClosed(f"{self.name}: pool closed while waiting")  # outcome is CLOSED
+        raise PoolClosed(
+            f"{self.name}: pool closed while waiting", self.name, self.backend
+        )  # outcome is CLOSED
 
     def _abandon(self, w: Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
@@ -405,14 +415,18 @@ class Pool(ThreadBound):
                 breaker.abandon_trial(trial)
             self._unreserve()
             self._timeouts += 1
-            raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
+            raise PoolTimeout(
+                f"{self.name}: acquire deadline passed before a dial could start",
+                self.name,
+                self.backend,
+            )
         if remaining >= self._verdict_time(trial) and not self._hooked(trial):
             conn = self._open(trial)
         else:
             conn = self._dial_errand(trial, remaining)
         if self._closing:
             self._retire(conn, "discarded")
-            raise PoolClosed(f"{self.name}: pool closed while dialing")
+            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
         return conn
 
     def _hooked(self, trial: int) -> bool:
@@ -455,10 +469,12 @@ class Pool(ThreadBound):
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: acquire deadline passed while dialing "
-                f"(the dial goes on, up to dial.timeout {self.dial_config.timeout:.3g}s)"
+                f"(the dial goes on, up to dial.timeout {self.dial_config.timeout:.3g}s)",
+                self.name,
+                self.backend,
             )
         if isinstance(result, gevent.GreenletExit):  # killed by close()
-            raise PoolClosed(f"{self.name}: pool closed while dialing")
+            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
         raise cast(BaseException, result)
 
     def _await_errand(self, errand: _Errand, g: gevent.Greenlet, remaining: float) -> object:
@@ -870,7 +886,7 @@ class Pool(ThreadBound):
         deadline = _monotonic() + limit
         while len(self._idle) + len(self._busy) < self.config.min_idle:
             if self._closing:
-                raise PoolClosed(f"{self.name}: pool is closed")
+                raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
             self._changed.clear()
             self.fill()
             remaining = deadline - _monotonic()
@@ -879,7 +895,9 @@ class Pool(ThreadBound):
                 last = f"; last dial error: {err}" if err else ""
                 raise PoolTimeout(
                     f"{self.name}: {len(self._idle)} of min_idle {self.config.min_idle} "
-                    f"connections ready within {limit:.3g}s{last}"
+                    f"connections ready within {limit:.3g}s{last}",
+                    self.name,
+                    self.backend,
                 )
 
     # -- closing ------------------------------------------------------------------

@@ -799,3 +799,55 @@ def test_reload_fails_a_removed_servers_waiter_over_never_hands_it_that_server(
     assert settle(lambda: removed.stats().size == 0 and removed.closed, timeout=5)
     gone_server = a if gone == a.address else b
     assert settle(lambda: not gone_server._clients, timeout=5)  # its connection closed
+
+
+# -- errors name where they happened (DESIGN, Errors) ----------------------------------------
+
+
+def test_pool_errors_carry_address_and_backend_at_every_raise_site(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+) -> None:
+    """``PoolTimeout``, ``PoolExhausted`` and ``PoolClosed`` say which server (or None)
+    and which backend (or None: an ad-hoc ``host:port``, the manager as a whole)."""
+    a, adhoc = echo_server_factory(), echo_server_factory()
+    pool_cfg = {"min_idle": 0, "max_size": 1, "max_waiting": 1}
+    manager = make_manager(
+        {"defaults": {"pool": pool_cfg}, "backends": {"b": {"servers": [a.address]}}}
+    )
+    pool = manager.backends["b"].pools[0]
+    held = manager.acquire("b")
+    with pytest.raises(PoolTimeout) as timed_out:  # the pool's own wait
+        pool.acquire(timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (a.address, "b")
+    with pytest.raises(PoolTimeout) as timed_out:  # through the manager: the same pool
+        manager.acquire("b", timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (a.address, "b")
+    queued = gevent.spawn(pool.acquire, 10)
+    assert settle(lambda: pool.stats().waiting == 1, 5)
+    with pytest.raises(lbpool.PoolExhausted) as shed:
+        pool.acquire(timeout=1)
+    assert (shed.value.address, shed.value.backend) == (a.address, "b")
+    held.release()
+    queued.get(timeout=5).release()
+    adhoc_held = manager.acquire(adhoc.address)
+    with pytest.raises(PoolTimeout) as timed_out:
+        manager.acquire(adhoc.address, timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (adhoc.address, None)
+    adhoc_pool = manager.stats().backends[""].servers[adhoc.address]
+    assert adhoc_pool.backend is None
+    adhoc_held.release()
+    waiting = gevent.spawn(pool.acquire, 10)  # a waiter woken by close
+    blocker = manager.acquire("b")
+    assert settle(lambda: pool.stats().waiting == 1, 5)
+    manager.close(timeout=0)
+    with pytest.raises(PoolClosed) as closed:
+        waiting.get(timeout=5)
+    assert (closed.value.address, closed.value.backend) == (a.address, "b")
+    with pytest.raises(PoolClosed) as closed:  # the pool itself, closed
+        pool.acquire(timeout=1)
+    assert (closed.value.address, closed.value.backend) == (a.address, "b")
+    with pytest.raises(PoolClosed) as closed:  # the manager as a whole
+        manager.acquire("b", timeout=1)
+    assert (closed.value.address, closed.value.backend) == (None, None)
+    blocker.release()
