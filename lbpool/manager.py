@@ -103,6 +103,18 @@ def _close_all(
         pause()
 
 
+def _check_name(name: object) -> None:
+    """A backend name is a str (a configured name, or a ``host:port``); an unhashable
+    one is a ``TypeError`` naming the argument, raised before anything changes (a
+    hashable non-str is simply unknown: ``UnknownBackend``). Never yields."""
+    try:
+        hash(name)
+    except TypeError:
+        raise TypeError(
+            f"name must be a str (a backend name or 'host:port'), got a {type(name).__name__}"
+        ) from None
+
+
 def _coerce_config(config: ConfigSource) -> Config:
     if config is None:
         return parse_config({})
@@ -529,7 +541,11 @@ class PoolManager(ThreadBound):
             check_key(key)  # before anything changes (an ad-hoc pool made, a wait begun)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        try:
+            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument
+            raise
         return backend.acquire(timeout, key)
 
     def acquire(
@@ -540,7 +556,11 @@ class PoolManager(ThreadBound):
             check_key(key)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        try:
+            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument
+            raise
         return backend.acquire(timeout, key)
 
     def owner(self, name: str, key: Key) -> str:
@@ -549,6 +569,7 @@ class PoolManager(ThreadBound):
         ``ValueError`` if the backend does not route by key. Waits only for a backend's
         first key table (built in the background at construction or reload)."""
         check_key(key)
+        _check_name(name)
         backend = self._backends.get(name)
         if backend is None:
             raise UnknownBackend(name, list(self._backends))

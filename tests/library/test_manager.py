@@ -851,3 +851,24 @@ def test_pool_errors_carry_address_and_backend_at_every_raise_site(
         manager.acquire("b", timeout=1)
     assert (closed.value.address, closed.value.backend) == (None, None)
     blocker.release()
+
+
+@pytest.mark.parametrize("bad", [["svc"], {"svc": 1}, {"svc"}], ids=["list", "dict", "set"])
+def test_unhashable_name_is_a_clear_type_error_and_changes_nothing(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    bad: object,
+) -> None:
+    a = echo_server_factory()
+    manager = make_manager({"backends": {"svc": {"servers": [a.address]}}})
+    before = manager.stats().to_dict()
+    for call in (manager.get, manager.acquire):
+        with pytest.raises(TypeError, match=r"name must be a str .* got a " + type(bad).__name__):
+            call(bad, timeout=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="name must be a str"):
+        manager.owner(bad, "k")  # type: ignore[arg-type]
+    assert manager.stats().to_dict() == before  # no ad-hoc pool, nothing counted
+    with pytest.raises(UnknownBackend):  # hashable but not a name: simply unknown
+        manager.get(("127.0.0.1", 1), timeout=1)  # type: ignore[arg-type]
+    with manager.get("svc", timeout=5) as conn:
+        conn.sendall(b"x")
