@@ -36,7 +36,7 @@ import gevent
 from gevent.event import Event
 
 from lbpool._net import close_quietly
-from lbpool._ownership import ThreadBound, get_ident
+from lbpool._ownership import Forked, ThreadBound, fork_generation, get_ident
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import (
     BROKEN,
@@ -131,6 +131,10 @@ class Pool(ThreadBound):
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
+        # sockets of dials and checks in flight, whoever runs them (a caller, an errand,
+        # upkeep): close() closes them, ending the dial or check at once; a forked child
+        # closes its copies, so nothing copied from the parent reads the parent's replies
+        self._in_flight: set[Any] = set()
         self._last_dial_error: BaseException | None = None
         self._reset_counters()
         self._bind_to_current_thread()
@@ -203,6 +207,33 @@ class Pool(ThreadBound):
             f"thread {self._thread_id}, used from {used_from}); use one per OS thread"
         )
 
+    def _at_fork_in_child(self) -> None:
+        """Right after a fork, in the child: close our copies of every socket someone may
+        be blocked on -- dials and checks in flight, connections lent (a request in
+        flight) -- so a greenlet copied from the parent wakes with an error instead of
+        reading the parent's reply. Closing a copy sends nothing (no ``shutdown``): the
+        parent's sockets are untouched. What those greenlets do next is cut short by
+        ``_forked_since`` before it touches this pool. Never yields."""
+        for sock in list(self._in_flight):
+            close_quietly(sock)
+        self._in_flight.clear()
+        for conn in self._busy:
+            conn.close()
+
+    def _forked_since(self, generation: int) -> bool:
+        """Is this a forked child's copy of work started in ``generation``? Never yields."""
+        return generation != fork_generation()
+
+    def _forked(self, conn: _Conn | None = None) -> Forked:
+        """Abandon a copy of the parent's work: close our copy of ``conn`` (sends
+        nothing) and touch nothing else; the error to raise. Never yields."""
+        if conn is not None:
+            conn.close()
+        return Forked(
+            f"{self.name}: the process forked while this was in flight; a child never "
+            "continues its parent's dials, checks or waits"
+        )
+
     def _start_fresh_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without disturbing them.
 
@@ -213,6 +244,7 @@ class Pool(ThreadBound):
         self._idle.clear()
         self._busy.clear()
         self._dialers.clear()
+        self._in_flight.clear()
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = self._held = 0
@@ -279,6 +311,11 @@ class Pool(ThreadBound):
                     break
                 if not self._borrow_check(conn, deadline - now):
                     continue
+                if self._closing:  # closed while we checked: lend nothing after close()
+                    self._retire(conn, "discarded")
+                    raise PoolClosed(
+                        f"{self.name}: pool closed during a borrow check", self.name, self.backend
+                    )
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
@@ -316,12 +353,17 @@ class Pool(ThreadBound):
         return self._wait(start, deadline)
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
+        generation = fork_generation()
         w = self._waiters.join(deadline)
         try:
             outcome = w.wait()
         except BaseException:
+            if self._forked_since(generation):
+                raise self._forked() from None
             self._abandon(w)
             raise
+        if self._forked_since(generation):  # a wait copied into a forked child
+            raise self._forked(outcome if isinstance(outcome, _Conn) else None)
         now = _monotonic()
         waited = now - start
         self._wait_total += waited
@@ -480,11 +522,17 @@ class Pool(ThreadBound):
     def _await_errand(self, errand: _Errand, g: gevent.Greenlet, remaining: float) -> object:
         """The errand's result, or None if it is still running after ``remaining`` (it is
         then detached: it hands on what it gets). Interrupted: detached likewise."""
+        generation = fork_generation()
         try:
             g.join(remaining)
         except BaseException:
+            if self._forked_since(generation):
+                raise self._forked() from None
             self._detach(errand, g)
             raise
+        if self._forked_since(generation):  # a caller copied into a forked child
+            value = g.value if g.dead and g.successful() else None
+            raise self._forked(value if isinstance(value, _Conn) else None)
         if g.dead:
             return g.value if g.successful() else g.exception
         errand.detached = True
@@ -504,7 +552,7 @@ class Pool(ThreadBound):
         try:
             try:
                 conn = self._open(trial)
-            except DialError as exc:
+            except (DialError, Forked, PoolClosed) as exc:
                 return exc
             if errand.detached:
                 self._hand_on(conn)
@@ -523,19 +571,30 @@ class Pool(ThreadBound):
         (``trial``: its token) closes the breaker only once the configured check passes
         on the new connection; an interrupted one gives back the trial.
         """
+        generation = fork_generation()
         try:
-            sock = _dial(self.address, self.dial_config, setup=self._setup)
+            sock = _dial(self.address, self.dial_config, setup=self._setup, track=self._in_flight)
         except BaseException as exc:
-            failed = isinstance(exc, DialError)
+            if self._forked_since(generation):  # the parent's dial, copied: abandon it
+                raise self._forked() from exc
+            # a dial ended by close() (which closed its socket) is no verdict on the server
+            failed = isinstance(exc, DialError) and not self._closing
             if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
             elif trial:
                 self.breaker.abandon_trial(trial)
             self._unreserve(exc if failed else None, trial, dial=True)
+            if isinstance(exc, DialError) and self._closing:
+                raise PoolClosed(
+                    f"{self.name}: pool closed while dialing", self.name, self.backend
+                ) from exc
             raise
+        if self._forked_since(generation):  # it connected in the child: not ours either
+            close_quietly(sock)
+            raise self._forked()
         if trial and self._check_configured:
-            self._check_trial(sock, trial)
+            self._check_trial(sock, trial, generation)
         self._pending -= 1
         breaker = self.breaker
         if trial:
@@ -545,22 +604,30 @@ class Pool(ThreadBound):
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now))
 
-    def _check_trial(self, sock: socket.socket, trial: int) -> None:
-        """The configured check on a half-open trial's new connection: its verdict."""
+    def _check_trial(self, sock: socket.socket, trial: int, generation: int) -> None:
+        """The configured check on a half-open trial's new connection: its verdict (a
+        failure is a failed dial; an interruption gives the trial back)."""
+        self._in_flight.add(sock)
         try:
             check_health(sock, self.health_config)
-        except (Unhealthy, OSError) as exc:
+        except BaseException as exc:
+            self._in_flight.discard(sock)
             close_quietly(sock)
+            if self._forked_since(generation):
+                raise self._forked() from None
+            if not isinstance(exc, (Unhealthy, OSError)):  # interrupted
+                self.breaker.abandon_trial(trial)
+                self._unreserve()
+                raise
             self._dial_failures += 1
             err = DialError(self.name, f"trial connection failed its health check: {exc}")
             self._last_dial_error = err
             self._unreserve(exc, trial, dial=True)
             raise err from exc
-        except BaseException:
+        self._in_flight.discard(sock)
+        if self._forked_since(generation):
             close_quietly(sock)
-            self.breaker.abandon_trial(trial)
-            self._unreserve()
-            raise
+            raise self._forked()
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
@@ -639,7 +706,8 @@ class Pool(ThreadBound):
 
     def _slot_gone(self, failure: BaseException | None, trial: int = 0, dial: bool = False) -> None:
         self._size -= 1  # the only decrement: every slot leaves through here
-        if failure is not None:  # counted before the slot moves: a listener sees exact stats
+        if failure is not None and not self._closing:  # counted before the slot moves: a
+            # listener sees exact stats (a closing pool's verdicts no longer matter)
             # trial None: an error on a connection in use cannot end a trial in flight
             self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
@@ -691,13 +759,18 @@ class Pool(ThreadBound):
                 remaining < self.health_config.timeout or self.health_config.hook is not None
             ):  # may outlast the caller; a hook may swallow the check's timer and run on
                 return self._check_errand(conn, remaining)
+            generation = fork_generation()
             self._held += 1
             try:
                 failure = self._run_check(conn)
             except BaseException:
+                if self._forked_since(generation):
+                    raise self._forked(conn) from None
                 self._held -= 1
                 self._retire(conn, "unhealthy")
                 raise
+            if self._forked_since(generation):  # a check copied into a forked child
+                raise self._forked(conn)
             self._held -= 1
             if failure is not None:
                 self._retire(conn, "unhealthy", failure)
@@ -706,12 +779,17 @@ class Pool(ThreadBound):
         return True
 
     def _run_check(self, conn: _Conn) -> BaseException | None:
-        """The configured check, bounded by ``health_check.timeout``: its failure or None."""
+        """The configured check, bounded by ``health_check.timeout``: its failure or None.
+        Its socket is in flight meanwhile (``close()`` ends the check by closing it)."""
+        sock = conn.sock
+        self._in_flight.add(sock)
         try:
-            check_health(conn.sock, self.health_config)
+            check_health(sock, self.health_config)
         except (Unhealthy, OSError) as exc:
             _log.info("%s: health check failed: %s", self.name, exc)
             return exc
+        finally:
+            self._in_flight.discard(sock)
         return None
 
     def _check_errand(self, conn: _Conn, remaining: float) -> bool:
@@ -728,13 +806,20 @@ class Pool(ThreadBound):
         return False
 
     def _run_check_errand(self, errand: _Errand, conn: _Conn) -> _Conn | None:
+        generation = fork_generation()
         try:
             try:
                 failure = self._run_check(conn)
             except BaseException:
+                if self._forked_since(generation):
+                    self._forked(conn)
+                    return None
                 self._held -= 1
                 self._retire(conn, "unhealthy")
                 raise
+            if self._forked_since(generation):  # copied into a forked child: abandon
+                self._forked(conn)
+                return None
             if failure is not None:
                 self._held -= 1
                 self._retire(conn, "unhealthy", failure)
@@ -790,9 +875,12 @@ class Pool(ThreadBound):
         if self._closing:
             return
         now = _monotonic()
-        self._expire_idle(now)
-        self._warn_leaks(now)
-        self._check_idle(now)
+        try:
+            self._expire_idle(now)
+            self._warn_leaks(now)
+            self._check_idle(now)
+        except Forked:  # a pass copied into a forked child: the child's own comes next
+            return
         self.fill()
 
     def _expire_idle(self, now: float) -> None:
@@ -867,17 +955,21 @@ class Pool(ThreadBound):
         return started
 
     def _refill_one(self, trial: int) -> None:
+        generation = fork_generation()
         try:
             try:
                 conn = self._open(trial)
-            except DialError as exc:
+            except (DialError, PoolClosed) as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
+                return
+            except Forked:  # the parent's refill, copied into a forked child: abandoned
                 return
             self._hand_on(conn)
         finally:
-            self._refilling -= 1
-            self._dialers.discard(gevent.getcurrent())
-            self._changed.set()
+            if not self._forked_since(generation):  # a child's pool counts only its own
+                self._refilling -= 1
+                self._dialers.discard(gevent.getcurrent())
+                self._changed.set()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``min_idle`` connections are open; ``PoolTimeout`` otherwise."""
@@ -936,6 +1028,8 @@ class Pool(ThreadBound):
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)
+        for sock in list(self._in_flight):  # a caller's own dial or check: ended now
+            close_quietly(sock)
         self._note_drained()
         if self._size > 0:
             self._drained.wait(timeout)
