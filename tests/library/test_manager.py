@@ -872,3 +872,34 @@ def test_unhashable_name_is_a_clear_type_error_and_changes_nothing(
         manager.get(("127.0.0.1", 1), timeout=1)  # type: ignore[arg-type]
     with manager.get("svc", timeout=5) as conn:
         conn.sendall(b"x")
+
+
+def test_close_ends_a_borrow_check_in_flight_and_lends_nothing_after(
+    make_manager: Callable[..., PoolManager],
+) -> None:
+    """A caller's borrow check (send/expect, run inline) in flight when ``close(0)``
+    returns: the check is ended, the caller gets ``PoolClosed`` and its connection is
+    closed -- nothing is lent after close() returned."""
+    server = EchoServer(delay=1.0).start()
+    try:
+        manager = make_manager(
+            {
+                "backends": {
+                    "b": {
+                        "servers": [server.address],
+                        "pool": {"min_idle": 0, "check_after": 0, "acquire_timeout": 10},
+                        "health_check": {"send": "PING\r\n", "expect": "+PONG", "timeout": 5},
+                    }
+                }
+            }
+        )
+        manager.acquire("b").release()  # one idle connection, checked on its next borrow
+        pool = manager.backends["b"].pools[0]
+        caller = gevent.spawn(manager.acquire, "b", 10)
+        assert settle(lambda: pool.stats().pending == 1, 5)  # its check waits for the reply
+        manager.close(timeout=0)
+        caller.join(5)
+        assert isinstance(caller.exception, PoolClosed), caller.value
+        assert pool.stats().size == 0
+    finally:
+        server.stop()
