@@ -211,7 +211,11 @@ class Placement:
             self._built.wait(max(0.0, deadline - _monotonic()))
             current = self._current
             if current is None and not self._stopped:
-                raise PoolTimeout(f"backend {self.backend!r}: no key table within {limit:.3g}s")
+                raise PoolTimeout(
+                    f"backend {self.backend!r}: no key table within {limit:.3g}s",
+                    None,
+                    self.backend,
+                )
         return current
 
     def _others(self, current: _Table | None) -> _Extras:

@@ -24,7 +24,7 @@ from gevent.monkey import get_original
 
 from lbpool.errors import LbpoolError
 
-__all__ = ["ThreadBound", "get_ident"]
+__all__ = ["Forked", "ThreadBound", "fork_generation", "get_ident"]
 
 get_ident: Callable[[], int] = get_original("_thread", "get_ident")
 """The real OS thread id, even when ``threading`` is monkey-patched."""
@@ -33,12 +33,25 @@ _fork_generation = 0  # bumped in every forked child
 _bound: weakref.WeakSet[ThreadBound] = weakref.WeakSet()  # poisoned at fork
 
 
+class Forked(LbpoolError):
+    """Raised in a forked child to a copy of work its parent had in flight (a dial, a
+    check, a wait), which the child abandons: it never continues the parent's work."""
+
+
+def fork_generation() -> int:
+    """How many forks this process descends from: work in flight compares the value it
+    started with, to find out it is a forked child's copy. Never yields."""
+    return _fork_generation
+
+
 def _after_fork_in_child() -> None:
-    """Send every bound object's next use down ``_check_owner``, which starts it fresh."""
+    """Send every bound object's next use down ``_check_owner``, which starts it fresh;
+    let each abandon, now, what its parent had in flight (``_at_fork_in_child``)."""
     global _fork_generation
     _fork_generation += 1
     for obj in list(_bound):
         obj._thread_id = -1
+        obj._at_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -72,6 +85,11 @@ class ThreadBound:
     def _start_fresh_after_fork(self) -> None:
         """In a forked child: forget what the parent held. The default only rebinds."""
         self._bind_to_current_thread()
+
+    def _at_fork_in_child(self) -> None:
+        """Called in a forked child right after the fork, before any greenlet runs, so
+        nothing copied from the parent can resume on the parent's sockets. Must not
+        yield (no greenlet may switch inside ``os.fork``). The default does nothing."""
 
     def _refusal(self, used_from: int) -> str:
         """The wrong-thread message."""

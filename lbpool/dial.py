@@ -128,10 +128,14 @@ def _interleave(infos: list[AddrInfo]) -> list[AddrInfo]:
     return out
 
 
-def _attempt(info: AddrInfo, config: DialConfig, deadline: float) -> Any:
+def _attempt(
+    info: AddrInfo, config: DialConfig, deadline: float, track: set[Any] | None = None
+) -> Any:
     """One connect to one resolved address, bounded by the dial's deadline."""
     family, type_, proto, _canon, sockaddr = info
     sock = gsocket.socket(family, type_, proto)
+    if track is not None:
+        track.add(sock)
     try:
         if family in (socket.AF_INET, socket.AF_INET6):
             if config.tcp_nodelay:
@@ -142,23 +146,35 @@ def _attempt(info: AddrInfo, config: DialConfig, deadline: float) -> Any:
         sock.connect(sockaddr)
     except BaseException:
         close_quietly(sock)
+        if track is not None:
+            track.discard(sock)
         raise
     return sock
 
 
 def _attempt_into(
-    info: AddrInfo, config: DialConfig, deadline: float, results: gqueue.Queue[Any]
+    info: AddrInfo,
+    config: DialConfig,
+    deadline: float,
+    results: gqueue.Queue[Any],
+    track: set[Any] | None,
 ) -> None:
     """An attempt in a race: its socket or its OSError goes to ``results``."""
     try:
-        sock = _attempt(info, config, deadline)
+        sock = _attempt(info, config, deadline, track)
     except OSError as exc:
         results.put((False, exc))
     else:
         results.put((True, sock))
 
 
-def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget: float) -> Any:
+def _connect(
+    infos: list[AddrInfo],
+    config: DialConfig,
+    deadline: float,
+    budget: float,
+    track: set[Any] | None = None,
+) -> Any:
     """Connect to one of the resolved addresses (IPv4 and IPv6 alike) by the deadline.
 
     One address: connected inline. Several: Happy Eyeballs (RFC 8305): the attempts are
@@ -167,7 +183,7 @@ def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget:
     costs a quarter of a second, not the whole ``dial.timeout``.
     """
     if len(infos) == 1:
-        return _attempt(infos[0], config, deadline)
+        return _attempt(infos[0], config, deadline, track)
     results: gqueue.Queue[Any] = gqueue.Queue()
     waiting = _interleave(infos)
     attempts: list[gevent.Greenlet] = []
@@ -178,7 +194,7 @@ def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget:
         while True:
             if start_next and waiting:
                 info = waiting.pop(0)
-                attempts.append(gevent.spawn(_attempt_into, info, config, deadline, results))
+                attempts.append(gevent.spawn(_attempt_into, info, config, deadline, results, track))
                 running += 1
             start_next = False
             if not running:
@@ -204,6 +220,8 @@ def _connect(infos: list[AddrInfo], config: DialConfig, deadline: float, budget:
             ok, value = results.get_nowait()
             if ok:
                 close_quietly(value)
+                if track is not None:
+                    track.discard(value)
     if last_exc is None or running:
         last_exc = TimeoutError(f"connect timed out after {fmt_seconds(budget)}")
     raise last_exc
@@ -241,12 +259,18 @@ def dial(
     *,
     timeout: float | None = None,
     setup: SetupHook | None = None,
+    track: set[Any] | None = None,
 ) -> socket.socket:
     """Open a connected, configured (and TLS-wrapped, set-up) socket to *address*.
 
     The socket comes back in blocking mode (timeout ``None``): cooperative under
     gevent, it blocks only the calling greenlet. Raises ``DialError`` (``from`` the
     cause) on any failure, with nothing left open.
+
+    ``track``: a set that holds every socket of this dial while it is in flight
+    (connect attempts, the TLS wrapper, the setup hook's socket), emptied of them when
+    the dial ends either way, so its owner can end the dial from another greenlet by
+    closing them (``Pool.close``; a forked child abandoning its parent's dials).
     """
     host, port = unbracket(address[0]), int(address[1])
     name = format_address(host, port)
@@ -259,13 +283,16 @@ def dial(
     stage = "connect"
     try:
         infos = resolve(host, port, budget)
-        sock = _connect(infos, config, deadline, budget)
+        sock = _connect(infos, config, deadline, budget, track)
         if config.tls is not None:
             stage = "tls-config"
             ctx = make_ssl_context(config.tls)
             stage = "tls"
             sni = config.tls.server_hostname or host
             wrapped = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
+            if track is not None:
+                track.discard(sock)
+                track.add(wrapped)
             sock = wrapped  # the plain socket is detached now; the wrapper owns the fd
             sock.settimeout(max(deadline - monotonic(), 1e-6))
             sock.do_handshake()
@@ -275,6 +302,8 @@ def dial(
         sock.settimeout(None)
     except Exception as exc:
         close_quietly(sock)
+        if track is not None:
+            track.discard(sock)
         if stage == "connect":
             reason = _connect_reason(exc, budget)
         elif stage == "tls-config":
@@ -287,5 +316,9 @@ def dial(
         raise DialError(name, reason) from exc
     except BaseException:
         close_quietly(sock)
+        if track is not None:
+            track.discard(sock)
         raise
+    if track is not None:
+        track.discard(sock)
     return cast(socket.socket, sock)

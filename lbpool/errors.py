@@ -7,8 +7,9 @@ Several errors also subclass the builtin a caller would naturally catch
 that handle ``ConnectionError`` (or ``OSError``) handle lbpool's failures to connect.
 
 Every error pickles and unpickles to an equal message (errors cross process
-boundaries: multiprocessing, logging handlers): those whose constructor takes more
-than the message define ``__reduce__`` with their constructor's arguments.
+boundaries: multiprocessing, logging handlers): each defines ``__reduce__`` with its
+constructor's arguments and its attributes (any set after construction included), for
+every pickle protocol from 2.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class ConfigError(LbpoolError, ValueError):
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
 
-    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[ConfigProblem, ...]]]:
-        return (type(self), (self.problems,))
+    def __reduce__(
+        self,
+    ) -> tuple[type[ConfigError], tuple[tuple[ConfigProblem, ...]], dict[str, object]]:
+        return (type(self), (self.problems,), dict(vars(self)))
 
 
 class UnknownBackend(LbpoolError, KeyError):
@@ -63,15 +66,34 @@ class UnknownBackend(LbpoolError, KeyError):
         return f"unknown backend {self.name!r} (configured: {known}; or give a host:port)"
 
 
-class PoolTimeout(LbpoolError, TimeoutError):
+class _PoolError(LbpoolError):
+    """An error about one pool or backend: ``address`` (the server's ``host:port``, or
+    None when no one server is meant) and ``backend`` (its name, or None: an ad-hoc
+    ``host:port`` pool, or the manager as a whole)."""
+
+    def __init__(
+        self, message: str = "", address: str | None = None, backend: str | None = None
+    ) -> None:
+        self.address = address
+        self.backend = backend
+        super().__init__(message)
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[_PoolError], tuple[str, str | None, str | None], dict[str, object]]:
+        message = str(self.args[0]) if self.args else ""
+        return (type(self), (message, self.address, self.backend), dict(vars(self)))
+
+
+class PoolTimeout(_PoolError, TimeoutError):
     """No connection could be had within the acquire timeout."""
 
 
-class PoolExhausted(LbpoolError):
+class PoolExhausted(_PoolError):
     """``max_waiting`` callers already wait for this server: shed at once."""
 
 
-class PoolClosed(LbpoolError):
+class PoolClosed(_PoolError):
     """The pool or manager is closed or closing."""
 
 
@@ -90,8 +112,8 @@ class DialError(LbpoolError, ConnectionError):
     def __str__(self) -> str:
         return f"{self.address}: {self.reason}"
 
-    def __reduce__(self) -> tuple[type[DialError], tuple[str, str]]:
-        return (type(self), (self.address, self.reason))
+    def __reduce__(self) -> tuple[type[DialError], tuple[str, str], dict[str, object]]:
+        return (type(self), (self.address, self.reason), dict(vars(self)))
 
 
 class DiscoveryError(LbpoolError):
@@ -115,8 +137,8 @@ class DiscoveryError(LbpoolError):
     def __str__(self) -> str:
         return self.message
 
-    def __reduce__(self) -> tuple[type[DiscoveryError], tuple[str, str]]:
-        return (type(self), (self.kind, self.message))
+    def __reduce__(self) -> tuple[type[DiscoveryError], tuple[str, str], dict[str, object]]:
+        return (type(self), (self.kind, self.message), dict(vars(self)))
 
 
 class ConnectionReleased(LbpoolError):
@@ -164,12 +186,13 @@ class BackendUnavailable(LbpoolError, ConnectionError):
     ) -> tuple[
         type[BackendUnavailable],
         tuple[str, dict[str, BaseException | None], dict[str, str], dict[str, float]],
+        dict[str, object],
     ]:
         # The per-server errors go along; one that cannot pickle travels as its text.
-        return (
-            type(self),
-            (self.backend, _picklable(self.errors), self.states, self.retry_in),
-        )
+        errors = _picklable(self.errors)
+        state = dict(vars(self))
+        state["errors"] = errors
+        return (type(self), (self.backend, errors, self.states, self.retry_in), state)
 
 
 def _picklable(errors: Mapping[str, BaseException | None]) -> dict[str, BaseException | None]:

@@ -110,6 +110,18 @@ def _close_all(
         pause()
 
 
+def _check_name(name: object) -> None:
+    """A backend name is a str (a configured name, or a ``host:port``); an unhashable
+    one is a ``TypeError`` naming the argument, raised before anything changes (a
+    hashable non-str is simply unknown: ``UnknownBackend``). Never yields."""
+    try:
+        hash(name)
+    except TypeError:
+        raise TypeError(
+            f"name must be a str (a backend name or 'host:port'), got a {type(name).__name__}"
+        ) from None
+
+
 def _coerce_config(config: ConfigSource) -> Config:
     if config is None:
         return parse_config({})
@@ -170,6 +182,11 @@ class Backend:
     @property
     def strategy(self) -> str:
         return self.config.strategy
+
+    def _where(self) -> tuple[str | None, str | None]:
+        """``(address, backend)`` of this backend's errors: an ad-hoc ``host:port`` names
+        its server and no backend; a configured backend its name and no one server."""
+        return (self.name, None) if self.adhoc else (None, self.name)
 
     def _new_pool(self, server: ServerConfig, cfg: BackendConfig) -> Pool:
         pool = Pool(
@@ -287,7 +304,7 @@ class Backend:
         if self.pools:
             return max(0.0, limit - (_monotonic() - start))
         if self.closed:
-            raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+            raise PoolClosed(f"backend {self.name!r}: the manager is closed", *self._where())
         error = self.discovery_error
         if discovery.last_error is None or error is None:
             error = DiscoveryError(
@@ -420,7 +437,9 @@ class Backend:
             idx = (self._balancer if picker is None else picker).pick(tried)
             if idx is None:
                 if self.closed:
-                    raise PoolClosed(f"backend {self.name!r}: the manager is closed")
+                    raise PoolClosed(
+                        f"backend {self.name!r}: the manager is closed", *self._where()
+                    )
                 shed = [e for e in errors.values() if isinstance(e, PoolExhausted)]
                 if shed and len(shed) == len(errors):
                     raise shed[-1]  # every server full, none failed
@@ -430,7 +449,8 @@ class Backend:
             if remaining <= 0:
                 raise PoolTimeout(
                     f"backend {self.name!r}: no connection within {limit:.3g}s "
-                    f"(failed: {', '.join(p.name for p in errors) or 'none'})"
+                    f"(failed: {', '.join(p.name for p in errors) or 'none'})",
+                    *self._where(),
                 )
             if picker is None and not pool.can_serve_now():  # as in _acquire
                 pool = self._instead_of_full(idx, pool, errors)
@@ -538,7 +558,11 @@ class PoolManager(ThreadBound):
             check_key(key)  # before anything changes (an ad-hoc pool made, a wait begun)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        try:
+            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument
+            raise
         return backend.acquire(timeout, key)
 
     def acquire(
@@ -549,7 +573,11 @@ class PoolManager(ThreadBound):
             check_key(key)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        try:
+            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument
+            raise
         return backend.acquire(timeout, key)
 
     def owner(self, name: str, key: Key) -> str:
@@ -558,6 +586,7 @@ class PoolManager(ThreadBound):
         ``ValueError`` if the backend does not route by key. Waits only for a backend's
         first key table (built in the background at construction or reload)."""
         check_key(key)
+        _check_name(name)
         backend = self._backends.get(name)
         if backend is None:
             raise UnknownBackend(name, list(self._backends))
@@ -671,7 +700,9 @@ class PoolManager(ThreadBound):
                 raise PoolClosed("the manager is closed")
             if not d.answered.is_set():
                 why = d.last_error or "the first resolution is still running"
-                raise PoolTimeout(f"not ready: backend {name!r}: discovery has no answer: {why}")
+                raise PoolTimeout(
+                    f"not ready: backend {name!r}: discovery has no answer: {why}", None, name
+                )
         if timeout is not None:
             timeout = max(0.0, timeout - (_monotonic() - start))
         pools = self._all_pools()

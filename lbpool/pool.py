@@ -36,7 +36,7 @@ import gevent
 from gevent.event import Event
 
 from lbpool._net import close_quietly
-from lbpool._ownership import ThreadBound, get_ident
+from lbpool._ownership import Forked, ThreadBound, fork_generation, get_ident
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import (
     BROKEN,
@@ -147,6 +147,10 @@ class Pool(ThreadBound):
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
+        # sockets of dials and checks in flight, whoever runs them (a caller, an errand,
+        # upkeep): close() closes them, ending the dial or check at once; a forked child
+        # closes its copies, so nothing copied from the parent reads the parent's replies
+        self._in_flight: set[Any] = set()
         self._last_dial_error: BaseException | None = None
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         # an ad-hoc pool's: called by upkeep once the pool is unused for idle_timeout
@@ -225,6 +229,33 @@ class Pool(ThreadBound):
             f"thread {self._thread_id}, used from {used_from}); use one per OS thread"
         )
 
+    def _at_fork_in_child(self) -> None:
+        """Right after a fork, in the child: close our copies of every socket someone may
+        be blocked on -- dials and checks in flight, connections lent (a request in
+        flight) -- so a greenlet copied from the parent wakes with an error instead of
+        reading the parent's reply. Closing a copy sends nothing (no ``shutdown``): the
+        parent's sockets are untouched. What those greenlets do next is cut short by
+        ``_forked_since`` before it touches this pool. Never yields."""
+        for sock in list(self._in_flight):
+            close_quietly(sock)
+        self._in_flight.clear()
+        for conn in self._busy:
+            conn.close()
+
+    def _forked_since(self, generation: int) -> bool:
+        """Is this a forked child's copy of work started in ``generation``? Never yields."""
+        return generation != fork_generation()
+
+    def _forked(self, conn: _Conn | None = None) -> Forked:
+        """Abandon a copy of the parent's work: close our copy of ``conn`` (sends
+        nothing) and touch nothing else; the error to raise. Never yields."""
+        if conn is not None:
+            conn.close()
+        return Forked(
+            f"{self.name}: the process forked while this was in flight; a child never "
+            "continues its parent's dials, checks or waits"
+        )
+
     def _start_fresh_after_fork(self) -> None:
         """In a forked child: forget the parent's connections without disturbing them.
 
@@ -235,6 +266,7 @@ class Pool(ThreadBound):
         self._idle.clear()
         self._busy.clear()
         self._dialers.clear()
+        self._in_flight.clear()
         for conn in inherited:
             conn.close()
         self._size = self._pending = self._refilling = self._handed = self._held = 0
@@ -283,7 +315,7 @@ class Pool(ThreadBound):
         if timeout is not None:  # checked first, on every path: nothing has changed yet
             timeout = valid_timeout(timeout, self.name)
         if self._closing:
-            raise PoolClosed(f"{self.name}: pool is closed")
+            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
         idle = self._idle
         if idle and not self.breaker.is_closed:
             self._drop_idle()  # not while the breaker is not closed: a trial is a dial
@@ -303,6 +335,11 @@ class Pool(ThreadBound):
                     break
                 if not self._borrow_check(conn, deadline - now):
                     continue
+                if self._closing:  # closed while we checked: lend nothing after close()
+                    self._retire(conn, "discarded")
+                    raise PoolClosed(
+                        f"{self.name}: pool closed during a borrow check", self.name, self.backend
+                    )
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
@@ -314,14 +351,18 @@ class Pool(ThreadBound):
 
     def _acquire_slow(self, timeout: float | None, deadline: float) -> PooledConnection:
         if self._closing:  # closed during a borrow check
-            raise PoolClosed(f"{self.name}: pool is closed")
+            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
         self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
         if not deadline:
             deadline = start + (self._acquire_timeout if timeout is None else timeout)
         elif start >= deadline:  # borrow checks used up the time
             self._timeouts += 1
-            raise PoolTimeout(f"{self.name}: acquire deadline passed during borrow checks")
+            raise PoolTimeout(
+                f"{self.name}: acquire deadline passed during borrow checks",
+                self.name,
+                self.backend,
+            )
         if self._size < self._max_size and not self._waiters:
             self._reserve()
             return self._lend_new(deadline)
@@ -329,17 +370,24 @@ class Pool(ThreadBound):
             self._shed += 1
             raise PoolExhausted(
                 f"{self.name}: {len(self._waiters)} callers already wait "
-                f"(max_waiting {self._max_waiting}); shed"
+                f"(max_waiting {self._max_waiting}); shed",
+                self.name,
+                self.backend,
             )
         return self._wait(start, deadline)
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
+        generation = fork_generation()
         w = self._waiters.join(deadline)
         try:
             outcome = w.wait()
         except BaseException:
+            if self._forked_since(generation):
+                raise self._forked() from None
             self._abandon(w)
             raise
+        if self._forked_since(generation):  # a wait copied into a forked child
+            raise self._forked(outcome if isinstance(outcome, _Conn) else None)
         now = _monotonic()
         waited = now - start
         self._wait_total += waited
@@ -351,7 +399,7 @@ class Pool(ThreadBound):
             self._handed -= 1
             if self._closing:  # handed before a close began (a reload removed the server)
                 self._retire(conn, "discarded")
-                raise PoolClosed(f"{self.name}: pool closed while waiting")
+                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
             self._waits_served += 1
             self._hits += 1
             conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
@@ -364,18 +412,22 @@ class Pool(ThreadBound):
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
-                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)"
+                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)",
+                self.name,
+                self.backend,
             )
         if outcome is PERMIT:
             if self._closing:  # as above: dial nothing for a pool that is closing
                 self._unreserve()
-                raise PoolClosed(f"{self.name}: pool closed while waiting")
+                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
             lent = self._lend_new(deadline)
             self._waits_served += 1
             return lent
         if outcome is BROKEN:
             raise DialError(self.name, "circuit breaker opened while waiting")
-        raise PoolClosed(f"{self.name}: pool closed while waiting")  # outcome is CLOSED
+        raise PoolClosed(
+            f"{self.name}: pool closed while waiting", self.name, self.backend
+        )  # outcome is CLOSED
 
     def _abandon(self, w: Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
@@ -429,14 +481,18 @@ class Pool(ThreadBound):
                 breaker.abandon_trial(trial)
             self._unreserve()
             self._timeouts += 1
-            raise PoolTimeout(f"{self.name}: acquire deadline passed before a dial could start")
+            raise PoolTimeout(
+                f"{self.name}: acquire deadline passed before a dial could start",
+                self.name,
+                self.backend,
+            )
         if remaining >= self._verdict_time(trial) and not self._hooked(trial):
             conn = self._open(trial)
         else:
             conn = self._dial_errand(trial, remaining)
         if self._closing:
             self._retire(conn, "discarded")
-            raise PoolClosed(f"{self.name}: pool closed while dialing")
+            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
         return conn
 
     def _hooked(self, trial: int) -> bool:
@@ -479,20 +535,28 @@ class Pool(ThreadBound):
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: acquire deadline passed while dialing "
-                f"(the dial goes on, up to dial.timeout {self.dial_config.timeout:.3g}s)"
+                f"(the dial goes on, up to dial.timeout {self.dial_config.timeout:.3g}s)",
+                self.name,
+                self.backend,
             )
         if isinstance(result, gevent.GreenletExit):  # killed by close()
-            raise PoolClosed(f"{self.name}: pool closed while dialing")
+            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
         raise cast(BaseException, result)
 
     def _await_errand(self, errand: _Errand, g: gevent.Greenlet, remaining: float) -> object:
         """The errand's result, or None if it is still running after ``remaining`` (it is
         then detached: it hands on what it gets). Interrupted: detached likewise."""
+        generation = fork_generation()
         try:
             g.join(remaining)
         except BaseException:
+            if self._forked_since(generation):
+                raise self._forked() from None
             self._detach(errand, g)
             raise
+        if self._forked_since(generation):  # a caller copied into a forked child
+            value = g.value if g.dead and g.successful() else None
+            raise self._forked(value if isinstance(value, _Conn) else None)
         if g.dead:
             return g.value if g.successful() else g.exception
         errand.detached = True
@@ -512,7 +576,7 @@ class Pool(ThreadBound):
         try:
             try:
                 conn = self._open(trial, errand=True)
-            except DialError as exc:
+            except (DialError, Forked, PoolClosed) as exc:
                 return exc
             if errand.detached:
                 self._hand_on(conn)
@@ -536,28 +600,41 @@ class Pool(ThreadBound):
         (``gevent.Timeout`` of its own, ``GreenletExit``) is a failed dial, a
         ``DialError`` (DESIGN 20).
         """
+        generation = fork_generation()
         try:
             try:
-                sock = _dial(self.address, self.dial_config, setup=self._setup)
+                sock = _dial(
+                    self.address, self.dial_config, setup=self._setup, track=self._in_flight
+                )
             except DialError:
                 raise
             except BaseException as exc:
-                if not errand or self._closing:
+                if not errand or self._closing or self._forked_since(generation):
                     raise
                 raise DialError(
                     self.name, f"setup hook raised {type(exc).__name__}: {exc}"
                 ) from exc
         except BaseException as exc:
-            failed = isinstance(exc, DialError)
+            if self._forked_since(generation):  # the parent's dial, copied: abandon it
+                raise self._forked() from exc
+            # a dial ended by close() (which closed its socket) is no verdict on the server
+            failed = isinstance(exc, DialError) and not self._closing
             if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
             elif trial:
                 self.breaker.abandon_trial(trial)
             self._unreserve(exc if failed else None, trial, dial=True)
+            if isinstance(exc, DialError) and self._closing:
+                raise PoolClosed(
+                    f"{self.name}: pool closed while dialing", self.name, self.backend
+                ) from exc
             raise
+        if self._forked_since(generation):  # it connected in the child: not ours either
+            close_quietly(sock)
+            raise self._forked()
         if trial and self._check_configured:
-            self._check_trial(sock, trial, errand)
+            self._check_trial(sock, trial, generation, errand)
         self._pending -= 1
         breaker = self.breaker
         if trial:
@@ -567,30 +644,40 @@ class Pool(ThreadBound):
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now))
 
-    def _check_trial(self, sock: socket.socket, trial: int, errand: bool = False) -> None:
-        """The configured check on a half-open trial's new connection: its verdict.
-        (``errand``: as for ``_open``, whatever a hook raises is a failed check.)"""
+    def _check_trial(
+        self, sock: socket.socket, trial: int, generation: int, errand: bool = False
+    ) -> None:
+        """The configured check on a half-open trial's new connection: its verdict (a
+        failure is a failed dial; an interruption gives the trial back). ``errand``: as
+        for ``_open``, whatever a hook raises is a failed check."""
+        self._in_flight.add(sock)
         try:
             try:
                 check_health(sock, self.health_config)
             except (Unhealthy, OSError):
                 raise
             except BaseException as exc:
-                if not errand or self._closing:
+                if not errand or self._closing or self._forked_since(generation):
                     raise
                 raise Unhealthy(f"health hook raised {type(exc).__name__}: {exc}") from exc
-        except (Unhealthy, OSError) as exc:
+        except BaseException as exc:
+            self._in_flight.discard(sock)
             close_quietly(sock)
+            if self._forked_since(generation):
+                raise self._forked() from None
+            if not isinstance(exc, (Unhealthy, OSError)):  # interrupted
+                self.breaker.abandon_trial(trial)
+                self._unreserve()
+                raise
             self._dial_failures += 1
             err = DialError(self.name, f"trial connection failed its health check: {exc}")
             self._last_dial_error = err
             self._unreserve(exc, trial, dial=True)
             raise err from exc
-        except BaseException:
+        self._in_flight.discard(sock)
+        if self._forked_since(generation):
             close_quietly(sock)
-            self.breaker.abandon_trial(trial)
-            self._unreserve()
-            raise
+            raise self._forked()
 
     # -- giving back ----------------------------------------------------------------
     def _return(self, conn: _Conn) -> None:
@@ -732,7 +819,8 @@ class Pool(ThreadBound):
 
     def _slot_gone(self, failure: BaseException | None, trial: int = 0, dial: bool = False) -> None:
         self._size -= 1  # the only decrement: every slot leaves through here
-        if failure is not None:  # counted before the slot moves: a listener sees exact stats
+        if failure is not None and not self._closing:  # counted before the slot moves: a
+            # listener sees exact stats (a closing pool's verdicts no longer matter)
             # trial None: an error on a connection in use cannot end a trial in flight
             self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
@@ -786,13 +874,18 @@ class Pool(ThreadBound):
                 remaining < self.health_config.timeout or self.health_config.hook is not None
             ):  # may outlast the caller; a hook may swallow the check's timer and run on
                 return self._check_errand(conn, remaining)
+            generation = fork_generation()
             self._held += 1
             try:
                 failure = self._run_check(conn)
             except BaseException:
+                if self._forked_since(generation):
+                    raise self._forked(conn) from None
                 self._held -= 1
                 self._retire(conn, "unhealthy")
                 raise
+            if self._forked_since(generation):  # a check copied into a forked child
+                raise self._forked(conn)
             self._held -= 1
             if failure is not None:
                 self._retire(conn, "unhealthy", failure)
@@ -801,12 +894,17 @@ class Pool(ThreadBound):
         return True
 
     def _run_check(self, conn: _Conn) -> BaseException | None:
-        """The configured check, bounded by ``health_check.timeout``: its failure or None."""
+        """The configured check, bounded by ``health_check.timeout``: its failure or None.
+        Its socket is in flight meanwhile (``close()`` ends the check by closing it)."""
+        sock = conn.sock
+        self._in_flight.add(sock)
         try:
-            check_health(conn.sock, self.health_config)
+            check_health(sock, self.health_config)
         except (Unhealthy, OSError) as exc:
             _log.info("%s: health check failed: %s", self.name, exc)
             return exc
+        finally:
+            self._in_flight.discard(sock)
         return None
 
     def _check_errand(self, conn: _Conn, remaining: float) -> bool:
@@ -825,11 +923,16 @@ class Pool(ThreadBound):
     def _run_check_errand(self, errand: _Errand, conn: _Conn) -> _Conn | None:
         """A check in a greenlet of the pool's own: nothing but ``close()`` interrupts
         it from outside, so whatever else a hook raises (``gevent.Timeout`` of its own,
-        ``GreenletExit``) fails the check (DESIGN 20)."""
+        ``GreenletExit``) fails the check (DESIGN 20). Copied into a forked child, it
+        is abandoned."""
+        generation = fork_generation()
         try:
             try:
                 failure = self._run_check(conn)
             except BaseException as exc:
+                if self._forked_since(generation):
+                    self._forked(conn)
+                    return None
                 if self._closing:  # killed by close()
                     self._held -= 1
                     self._retire(conn, "unhealthy")
@@ -837,6 +940,9 @@ class Pool(ThreadBound):
                 _log.info("%s: health hook raised %s", self.name, type(exc).__name__)
                 failure = Unhealthy(f"health hook raised {type(exc).__name__}: {exc}")
                 failure.__cause__ = exc
+            if self._forked_since(generation):  # copied into a forked child: abandon
+                self._forked(conn)
+                return None
             if failure is not None:
                 self._held -= 1
                 self._retire(conn, "unhealthy", failure)
@@ -903,9 +1009,12 @@ class Pool(ThreadBound):
         if self.on_unused is not None and self._unused(now):
             self.on_unused(self)
             return
-        self._expire_idle(now)
-        self._warn_leaks(now)
-        self._check_idle(now)
+        try:
+            self._expire_idle(now)
+            self._warn_leaks(now)
+            self._check_idle(now)
+        except Forked:  # a pass copied into a forked child: the child's own comes next
+            return
         self.fill()
 
     def _unused(self, now: float) -> bool:
@@ -969,10 +1078,12 @@ class Pool(ThreadBound):
             self._dialers.add(g)
 
     def _background_check(self, errand: _Errand, conn: _Conn) -> None:
+        generation = fork_generation()
         try:
             self._run_check_errand(errand, conn)
         finally:
-            self._checking -= 1
+            if not self._forked_since(generation):  # a child's pool counts only its own
+                self._checking -= 1
 
     def _warn_leaks(self, now: float) -> None:
         threshold = self._leak_threshold
@@ -1017,18 +1128,22 @@ class Pool(ThreadBound):
 
     def _refill_one(self, trial: int) -> None:
         ok = False
+        generation = fork_generation()
         try:
             try:
                 conn = self._open(trial, errand=True)
-            except DialError as exc:
+            except (DialError, PoolClosed) as exc:
                 _log.debug("%s: refill dial failed: %s", self.name, exc)
+                return
+            except Forked:  # the parent's refill, copied into a forked child: abandoned
                 return
             self._hand_on(conn)
             ok = True
         finally:
-            self._refilling -= 1
-            self._dialers.discard(gevent.getcurrent())
-            self._changed.set()
+            if not self._forked_since(generation):  # a child's pool counts only its own
+                self._refilling -= 1
+                self._dialers.discard(gevent.getcurrent())
+                self._changed.set()
         if ok:
             self.fill()  # the next, a few at a time (a failure waits for the next pass)
 
@@ -1039,7 +1154,7 @@ class Pool(ThreadBound):
         deadline = _monotonic() + limit
         while len(self._idle) + len(self._busy) < self.config.min_idle:
             if self._closing:
-                raise PoolClosed(f"{self.name}: pool is closed")
+                raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
             self._changed.clear()
             self.fill()
             remaining = deadline - _monotonic()
@@ -1048,7 +1163,9 @@ class Pool(ThreadBound):
                 last = f"; last dial error: {err}" if err else ""
                 raise PoolTimeout(
                     f"{self.name}: {len(self._idle)} of min_idle {self.config.min_idle} "
-                    f"connections ready within {limit:.3g}s{last}"
+                    f"connections ready within {limit:.3g}s{last}",
+                    self.name,
+                    self.backend,
                 )
 
     # -- closing ------------------------------------------------------------------
@@ -1087,6 +1204,8 @@ class Pool(ThreadBound):
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)
+        for sock in list(self._in_flight):  # a caller's own dial or check: ended now
+            close_quietly(sock)
         self._note_drained()
         if self._size > 0:
             self._drained.wait(timeout)

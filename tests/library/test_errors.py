@@ -36,8 +36,8 @@ def _unavailable() -> BackendUnavailable:
 EVERY_ERROR = [
     ConfigError([ConfigProblem("config.yaml", 3, "backends.cache.pool.max_size", "bad")]),
     UnknownBackend("nope", ["cache", "api"]),
-    PoolTimeout("cache: no connection within 0.5s"),
-    PoolExhausted("cache: 10 callers already wait"),
+    PoolTimeout("127.0.0.1:7001: no connection within 0.5s", "127.0.0.1:7001", "cache"),
+    PoolExhausted("127.0.0.1:7001: 10 callers already wait", "127.0.0.1:7001", None),
     PoolClosed("the manager is closed"),
     DialError("127.0.0.1:7001", "connection refused"),
     ConnectionReleased("used after release"),
@@ -46,12 +46,54 @@ EVERY_ERROR = [
 ]
 
 
+def _comparable(value: object) -> object:
+    """Exceptions compare by identity: compare them by type and text (recursively)."""
+    if isinstance(value, BaseException):
+        return (type(value), str(value))
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_comparable(v) for v in value)
+    return value
+
+
+PROTOCOLS = range(2, pickle.HIGHEST_PROTOCOL + 1)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("error", EVERY_ERROR, ids=lambda e: type(e).__name__)
-def test_every_error_pickles_to_an_equal_message(error: LbpoolError) -> None:
-    copy = pickle.loads(pickle.dumps(error))
+def test_every_error_pickles_to_an_equal_message(error: LbpoolError, protocol: int) -> None:
+    copy = pickle.loads(pickle.dumps(error, protocol))
     assert type(copy) is type(error)
     assert str(copy) == str(error)
     assert copy.args == error.args
+    assert _comparable(vars(copy)) == _comparable(vars(error))  # every attribute too
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("cls", [PoolTimeout, PoolExhausted, PoolClosed])
+def test_pool_errors_carry_address_and_backend_through_pickle(
+    cls: type[PoolClosed], protocol: int
+) -> None:
+    for address, backend in [("10.0.0.1:11211", "cache"), ("10.0.0.1:11211", None), (None, None)]:
+        error = cls("it went wrong", address, backend)
+        assert (error.address, error.backend) == (address, backend)
+        copy = pickle.loads(pickle.dumps(error, protocol))
+        assert (copy.address, copy.backend, str(copy)) == (address, backend, "it went wrong")
+    bare = cls("text only")
+    assert (bare.address, bare.backend) == (None, None)  # None where not applicable
+    if cls is PoolTimeout:
+        assert isinstance(bare, TimeoutError)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_attributes_set_after_raising_survive_pickle(protocol: int) -> None:
+    """State added to an error after it was made (by a handler, a wrapper) travels too."""
+    for error in EVERY_ERROR:
+        error = pickle.loads(pickle.dumps(error))  # a private copy to annotate
+        error.note_from_handler = "retry later"  # type: ignore[attr-defined]
+        copy = pickle.loads(pickle.dumps(error, protocol))
+        assert getattr(copy, "note_from_handler", None) == "retry later", type(error)
 
 
 def test_every_public_error_is_covered_here() -> None:

@@ -792,3 +792,107 @@ def test_reload_fails_a_removed_servers_waiter_over_never_hands_it_that_server(
     assert settle(lambda: removed.stats().size == 0 and removed.closed, timeout=5)
     gone_server = a if gone == a.address else b
     assert settle(lambda: not gone_server._clients, timeout=5)  # its connection closed
+
+
+# -- errors name where they happened (DESIGN, Errors) ----------------------------------------
+
+
+def test_pool_errors_carry_address_and_backend_at_every_raise_site(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+) -> None:
+    """``PoolTimeout``, ``PoolExhausted`` and ``PoolClosed`` say which server (or None)
+    and which backend (or None: an ad-hoc ``host:port``, the manager as a whole)."""
+    a, adhoc = echo_server_factory(), echo_server_factory()
+    pool_cfg = {"min_idle": 0, "max_size": 1, "max_waiting": 1}
+    manager = make_manager(
+        {"defaults": {"pool": pool_cfg}, "backends": {"b": {"servers": [a.address]}}}
+    )
+    pool = manager.backends["b"].pools[0]
+    held = manager.acquire("b")
+    with pytest.raises(PoolTimeout) as timed_out:  # the pool's own wait
+        pool.acquire(timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (a.address, "b")
+    with pytest.raises(PoolTimeout) as timed_out:  # through the manager: the same pool
+        manager.acquire("b", timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (a.address, "b")
+    queued = gevent.spawn(pool.acquire, 10)
+    assert settle(lambda: pool.stats().waiting == 1, 5)
+    with pytest.raises(lbpool.PoolExhausted) as shed:
+        pool.acquire(timeout=1)
+    assert (shed.value.address, shed.value.backend) == (a.address, "b")
+    held.release()
+    queued.get(timeout=5).release()
+    adhoc_held = manager.acquire(adhoc.address)
+    with pytest.raises(PoolTimeout) as timed_out:
+        manager.acquire(adhoc.address, timeout=0.05)
+    assert (timed_out.value.address, timed_out.value.backend) == (adhoc.address, None)
+    adhoc_pool = manager.stats().backends[""].servers[adhoc.address]
+    assert adhoc_pool.backend is None
+    adhoc_held.release()
+    waiting = gevent.spawn(pool.acquire, 10)  # a waiter woken by close
+    blocker = manager.acquire("b")
+    assert settle(lambda: pool.stats().waiting == 1, 5)
+    manager.close(timeout=0)
+    with pytest.raises(PoolClosed) as closed:
+        waiting.get(timeout=5)
+    assert (closed.value.address, closed.value.backend) == (a.address, "b")
+    with pytest.raises(PoolClosed) as closed:  # the pool itself, closed
+        pool.acquire(timeout=1)
+    assert (closed.value.address, closed.value.backend) == (a.address, "b")
+    with pytest.raises(PoolClosed) as closed:  # the manager as a whole
+        manager.acquire("b", timeout=1)
+    assert (closed.value.address, closed.value.backend) == (None, None)
+    blocker.release()
+
+
+@pytest.mark.parametrize("bad", [["svc"], {"svc": 1}, {"svc"}], ids=["list", "dict", "set"])
+def test_unhashable_name_is_a_clear_type_error_and_changes_nothing(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    bad: object,
+) -> None:
+    a = echo_server_factory()
+    manager = make_manager({"backends": {"svc": {"servers": [a.address]}}})
+    before = manager.stats().to_dict()
+    for call in (manager.get, manager.acquire):
+        with pytest.raises(TypeError, match=r"name must be a str .* got a " + type(bad).__name__):
+            call(bad, timeout=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="name must be a str"):
+        manager.owner(bad, "k")  # type: ignore[arg-type]
+    assert manager.stats().to_dict() == before  # no ad-hoc pool, nothing counted
+    with pytest.raises(UnknownBackend):  # hashable but not a name: simply unknown
+        manager.get(("127.0.0.1", 1), timeout=1)  # type: ignore[arg-type]
+    with manager.get("svc", timeout=5) as conn:
+        conn.sendall(b"x")
+
+
+def test_close_ends_a_borrow_check_in_flight_and_lends_nothing_after(
+    make_manager: Callable[..., PoolManager],
+) -> None:
+    """A caller's borrow check (send/expect, run inline) in flight when ``close(0)``
+    returns: the check is ended, the caller gets ``PoolClosed`` and its connection is
+    closed -- nothing is lent after close() returned."""
+    server = EchoServer(delay=1.0).start()
+    try:
+        manager = make_manager(
+            {
+                "backends": {
+                    "b": {
+                        "servers": [server.address],
+                        "pool": {"min_idle": 0, "check_after": 0, "acquire_timeout": 10},
+                        "health_check": {"send": "PING\r\n", "expect": "+PONG", "timeout": 5},
+                    }
+                }
+            }
+        )
+        manager.acquire("b").release()  # one idle connection, checked on its next borrow
+        pool = manager.backends["b"].pools[0]
+        caller = gevent.spawn(manager.acquire, "b", 10)
+        assert settle(lambda: pool.stats().pending == 1, 5)  # its check waits for the reply
+        manager.close(timeout=0)
+        caller.join(5)
+        assert isinstance(caller.exception, PoolClosed), caller.value
+        assert pool.stats().size == 0
+    finally:
+        server.stop()

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.os
 import pytest
 
@@ -322,3 +323,191 @@ def test_monkey_patched_threads_are_greenlets_and_may_use_the_manager() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("OK")
+
+
+# -- work in flight at the fork (DESIGN 21) ---------------------------------------------------
+
+
+def run_in_child_parent_blocked(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """As ``run_in_child``, but the parent's hub is blocked (a plain blocking read) while
+    the child runs: nothing of the parent's moves, so a reply on a socket both processes
+    share is there for the child to take -- whatever the child's copies would do to the
+    parent's work, they do it, deterministically."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            try:
+                report = child()
+            except BaseException as exc:
+                report = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(w, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    try:
+        while chunk := os.read(r, 65536):  # blocks the parent's hub on purpose
+            data += chunk
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    result: dict[str, Any] = json.loads(data)
+    assert "error" not in result, result["error"]
+    return result
+
+
+def pool_counts(pool: Any) -> dict[str, int]:
+    st = pool.stats()
+    return {
+        "size": st.size,
+        "idle": st.idle,
+        "in_use": st.in_use,
+        "pending": st.pending,
+        "refilling": pool._refilling,
+        "handed": pool._handed,
+        "held": pool._held,
+    }
+
+
+def assert_exact(counts: dict[str, int]) -> None:
+    assert all(v >= 0 for v in counts.values()), counts
+    assert counts["size"] == counts["idle"] + counts["in_use"] + counts["pending"], counts
+
+
+IN_FLIGHT = [
+    "refill_dial_setup_hook",
+    "caller_dial_setup_hook",
+    "borrow_check",
+    "borrow_check_hook",
+    "background_check",
+    "handoff_to_waiter",
+]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+@pytest.mark.parametrize("kind", IN_FLIGHT)
+def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
+    make_manager: Callable[..., PoolManager], no_fd_leak: None, kind: str
+) -> None:
+    """Whatever the parent had in flight at the fork -- a refill's or a caller's dial
+    (its setup hook waiting for the server's reply), a borrow check (inline, or a hook's
+    errand), a background check, a connection handed to a waiter not yet awake -- the
+    child's copy is abandoned: it reads nothing from the parent's socket, puts nothing
+    into the child's pool (whose counts stay exact), and the parent's work completes
+    on a healthy server as if there had been no fork."""
+    delay = 0.0 if kind == "handoff_to_waiter" else 0.5  # the reply comes after the fork
+    server = ProcessEchoServer(delay=delay)
+    try:
+        sent = gevent.event.Event()
+
+        def ping(sock: Any) -> None:  # a setup or health hook waiting for the reply
+            sock.sendall(b"PING\r\n")
+            sent.set()
+            if recv_exact(sock, 7) != b"+PONG\r\n":
+                raise ConnectionError("bad reply")
+
+        pool_cfg: dict[str, Any] = {"min_idle": 0, "max_size": 2, "acquire_timeout": 10}
+        svc: dict[str, Any] = {"servers": [server.address], "pool": pool_cfg}
+        svc["dial"] = {"timeout": 10}
+        if kind.endswith("setup_hook"):
+            svc["setup"] = ping
+        if kind == "refill_dial_setup_hook":
+            pool_cfg["min_idle"] = 1
+        if kind.startswith("borrow_check") or kind == "background_check":
+            pool_cfg["check_after"] = 0.0 if kind.startswith("borrow") else 300.0
+            check: dict[str, Any] = {"timeout": 10, "interval": 300}
+            if kind == "borrow_check_hook":
+                check["hook"] = ping
+            else:
+                check.update(send="PING\r\n", expect="+PONG")
+            if kind == "background_check":
+                check["interval"] = 0.2
+            svc["health_check"] = check
+        if kind == "handoff_to_waiter":
+            pool_cfg["max_size"] = 1
+        manager = make_manager({"backends": {"svc": svc}})
+        pool = manager.backends["svc"].pools[0]
+        parent_ports: set[int] = set()
+        got: list[Any] = []
+
+        def borrow() -> None:
+            conn = manager.acquire("svc", timeout=10)
+            got.append(conn)
+
+        if kind.startswith("borrow_check") or kind == "background_check":
+            warm = manager.acquire("svc")  # one idle connection to check
+            parent_ports.add(local_port(warm))
+            warm.release()
+        task = None
+        if kind == "refill_dial_setup_hook":
+            assert sent.wait(10)
+        elif kind == "caller_dial_setup_hook":
+            task = gevent.spawn(borrow)
+            assert sent.wait(10)
+        elif kind == "borrow_check_hook":
+            sent.clear()
+            task = gevent.spawn(borrow)
+            assert sent.wait(10)
+        elif kind in ("borrow_check", "background_check"):
+            if kind == "borrow_check":
+                task = gevent.spawn(borrow)
+            assert settle(lambda: pool.stats().pending == 1, 10)  # the check runs
+        else:  # handoff: the waiter is handed the connection, and the fork comes at once
+            holder = manager.acquire("svc")
+            parent_ports.add(local_port(holder))
+            task = gevent.spawn(borrow)
+            assert settle(lambda: pool.stats().waiting == 1, 10)
+        before = pool_counts(pool)
+        if kind == "handoff_to_waiter":
+            holder.release()  # handed, the waiter not awake yet: no switch until the fork
+        parent_ports |= {local_port(c) for c in pool._idle}
+
+        def child() -> dict[str, Any]:
+            gevent.sleep(1.5)  # every copied greenlet runs; the server's reply arrives
+            abandoned = pool_counts(pool)
+            copies_got = len(got)
+            with manager.get("svc", timeout=10) as conn:  # the child's own connection
+                port = local_port(conn)
+                round_trip(conn, b"child")
+            return {
+                "abandoned": abandoned,
+                "own": pool_counts(pool),
+                "port": port,
+                "copies_got": copies_got,
+            }
+
+        result = run_in_child_parent_blocked(child)
+        assert_exact(result["abandoned"])
+        assert_exact(result["own"])
+        assert result["own"]["idle"] >= 1, result
+        assert result["port"] not in parent_ports, result
+        assert result["copies_got"] == 0, result  # the copied borrow was lent nothing
+        # the parent's work in flight completes, undisturbed
+        if task is not None:
+            task.join(15)
+            assert task.successful(), task.exception
+            conn = got[0]
+            round_trip(conn, b"parent")
+            conn.release()
+        if kind == "refill_dial_setup_hook":
+            assert settle(lambda: pool.stats().idle == 1, 15)
+            with manager.get("svc", timeout=10) as conn:
+                assert conn.uses == 1  # the refill's connection: it got its reply
+                round_trip(conn, b"parent")
+        if kind == "background_check":
+            assert settle(lambda: pool.stats().pending == 0, 15)
+            with manager.get("svc", timeout=10) as conn:
+                assert local_port(conn) in parent_ports  # the checked one, still good
+                round_trip(conn, b"parent")
+        st = pool.stats()
+        assert st.dial_failures == 0 and st.closed["unhealthy"] == 0, (before, st)
+        assert pool.breaker.failure_count == 0
+        assert_exact(pool_counts(pool))
+        manager.close(timeout=5)
+    finally:
+        server.stop()

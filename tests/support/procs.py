@@ -23,7 +23,7 @@ _SERVER = textwrap.dedent(
     from gevent.fileobject import FileObjectThread
     from lbpool.testing import EchoServer
 
-    server = EchoServer().start()
+    server = EchoServer(delay=float(sys.argv[1])).start()
     print(server.address, flush=True)
     # stop when the test closes our stdin (or dies): never outlive it
     FileObjectThread(sys.stdin.buffer).read()
@@ -33,15 +33,19 @@ _SERVER = textwrap.dedent(
 
 
 class ProcessEchoServer:
-    """An ``EchoServer`` on ``127.0.0.1:0`` in a child process; ``stop()`` ends it.
+    """An ``EchoServer`` on ``127.0.0.1:0`` in a child process (``delay``: seconds it
+    waits before each reply); ``stop()`` ends it.
 
     The child exits by itself when its stdin closes, so a test process that dies takes
     its servers with it.
     """
 
-    def __init__(self, start_timeout: float = 20.0) -> None:
+    def __init__(self, start_timeout: float = 20.0, delay: float = 0.0) -> None:
         self._proc = Popen(
-            [sys.executable, "-c", _SERVER], stdin=PIPE, stdout=PIPE, stderr=subprocess.DEVNULL
+            [sys.executable, "-c", _SERVER, str(delay)],
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=subprocess.DEVNULL,
         )
         try:
             with gevent.Timeout(start_timeout, TimeoutError("echo server process did not start")):
