@@ -80,7 +80,10 @@ def _keepalive_sockopt(sock: Any, setting: str) -> int:
 
 @pytest.mark.parametrize("tls", [False, True])
 def test_keepalive_tuning_reaches_the_socket(
-    echo_server: EchoServer, tls_echo_server: EchoServer, tls_certs: TLSCerts, tls: bool,
+    echo_server: EchoServer,
+    tls_echo_server: EchoServer,
+    tls_certs: TLSCerts,
+    tls: bool,
     no_fd_leak: None,
 ) -> None:
     config = DialConfig(keepalive_idle=61, keepalive_interval=7.2, keepalive_count=4)
