@@ -819,9 +819,8 @@ def test_counters_are_exact_under_a_scripted_workload(server: EchoServer, no_fd_
     a.release()  # handed to the patient waiter
     c = patient.get(timeout=5)
     b.discard()  # not a release: counted in closed
-    with pytest.raises(RuntimeError):
-        with pool.get():  # a redial into b's slot; an exception discards it
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), pool.get():  # a redial into b's slot ...
+        raise RuntimeError("boom")  # ... discarded by the exception
     c.release()
     for _ in range(3):
         pool.acquire().release()
