@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Callable
@@ -128,6 +129,57 @@ def _interleave(infos: list[AddrInfo]) -> list[AddrInfo]:
     return out
 
 
+# dial.keepalive_* -> the TCP socket option that carries it, where the platform has one:
+# Linux, Windows and the BSDs name the idle time TCP_KEEPIDLE; macOS calls it
+# TCP_KEEPALIVE (and has TCP_KEEPINTVL/TCP_KEEPCNT since 10.8).
+_KEEPALIVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "keepalive_idle": ("TCP_KEEPIDLE", "TCP_KEEPALIVE"),
+    "keepalive_interval": ("TCP_KEEPINTVL",),
+    "keepalive_count": ("TCP_KEEPCNT",),
+}
+_warned: set[str] = set()  # settings already reported as unsupported here: once each
+
+
+def _keepalive_option(setting: str) -> int | None:
+    """The socket option number for ``setting`` on this platform, or None."""
+    for name in _KEEPALIVE_OPTIONS[setting]:
+        option = getattr(socket, name, None)
+        if option is not None:
+            return int(option)
+    return None
+
+
+def _warn_once(setting: str, why: str) -> None:
+    if setting not in _warned:
+        _warned.add(setting)
+        _log.warning("dial.%s is ignored: %s", setting, why)
+
+
+def _tune_keepalive(sock: Any, config: DialConfig) -> None:
+    """Set ``dial.keepalive_idle``/``_interval``/``_count`` (whole seconds, rounded up).
+
+    A platform without the option, or a kernel that refuses the value, costs a WARNING
+    on logger ``lbpool`` (once per setting and process), never the dial: the socket
+    keeps the OS default, which is what the setting's absence means anyway.
+    """
+    for setting, value in (
+        ("keepalive_idle", config.keepalive_idle),
+        ("keepalive_interval", config.keepalive_interval),
+        ("keepalive_count", config.keepalive_count),
+    ):
+        if value is None:
+            continue
+        option = _keepalive_option(setting)
+        if option is None:
+            names = " or ".join(_KEEPALIVE_OPTIONS[setting])
+            _warn_once(setting, f"this platform has no {names} (the OS default applies)")
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(value)))
+        except OSError as exc:
+            _warn_once(setting, f"the kernel refused {value:g}: {exc.strerror or exc}")
+
+
 def _attempt(
     info: AddrInfo, config: DialConfig, deadline: float, track: set[Any] | None = None
 ) -> Any:
@@ -142,6 +194,7 @@ def _attempt(
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if config.keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                _tune_keepalive(sock, config)
         sock.settimeout(max(deadline - monotonic(), 1e-6))
         sock.connect(sockaddr)
     except BaseException:

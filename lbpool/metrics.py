@@ -15,10 +15,12 @@ Exported (``lbpool_`` prefix):
 - counters: ``acquired_total``, ``hits_total``, ``misses_total``, ``timeouts_total``,
   ``shed_total``, ``dial_failures_total``, ``breaker_trips_total``,
   ``owner_hits_total`` and ``fallback_hits_total`` (key-affinity backends: served as the
-  key's owner, as a fallback),
+  key's owner, as a fallback), ``waits_total`` (acquisitions that queued),
+  ``released_total`` (clean releases; discards are in ``closed_total``),
   ``closed_total{reason}`` (idle, lifetime, unhealthy, error, discarded) and
   ``wait_time_seconds_total`` (time callers spent queued for a connection);
 - gauges: ``size``, ``idle``, ``in_use``, ``pending``, ``waiting``, ``max_size``,
+  ``max_in_use`` (the peak in use since the pool started),
   ``wait_time_max_seconds`` (the longest single wait so far) and ``breaker_state``
   (0 closed, 1 half_open, 2 open).
 
@@ -71,6 +73,8 @@ _COUNTERS = (
     ("breaker_trips", "breaker_trips", "Circuit breaker closed -> open transitions."),
     ("owner_hits", "owner_hits", "Key-affinity acquisitions served as the key's owner."),
     ("fallback_hits", "fallback_hits", "Key-affinity acquisitions served as a fallback."),
+    ("waits", "waits", "Acquisitions that queued for a connection (served or not)."),
+    ("released", "released", "Connections given back cleanly (release, end of a with block)."),
 )
 _GAUGES = (
     ("size", "size", "Open connections plus dials in progress."),
@@ -79,6 +83,7 @@ _GAUGES = (
     ("pending", "pending", "Dials in progress."),
     ("waiting", "waiting", "Callers queued for a connection."),
     ("max_size", "max_size", "The configured max_size of the pool."),
+    ("max_in_use", "max_in_use", "The most connections in use at once since the pool started."),
 )
 
 

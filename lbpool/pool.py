@@ -35,6 +35,7 @@ from typing import Any, cast
 import gevent
 from gevent.event import Event
 
+from lbpool._demand import DemandWindow
 from lbpool._net import close_quietly
 from lbpool._ownership import Forked, ThreadBound, fork_generation, get_ident
 from lbpool._upkeep import Upkeep
@@ -103,7 +104,9 @@ class Pool(ThreadBound):
 
     ``max_size`` bounds open connections plus dials in progress. Waiters are served
     first come, first served, by direct handoff. Idle connections are reused last in,
-    first out, so the coldest ones age out above ``min_idle``.
+    first out, so the coldest ones age out above ``min_idle``; at most ``max_idle`` are
+    kept (a connection coming back beyond it is closed at once, reason ``idle``).
+    ``min_idle: auto`` keeps as many open as the recent peak in use (``lbpool._demand``).
     """
 
     def __init__(
@@ -178,6 +181,12 @@ class Pool(ThreadBound):
         self.health_config = health_check
         self._setup = setup
         self._max_size = pool.max_size
+        # idle never exceeds max_size anyway, so "no limit" costs the same compare
+        self._max_idle = pool.max_size if pool.max_idle is None else pool.max_idle
+        self._auto = pool.min_idle == "auto"
+        self._min_idle = 0 if pool.min_idle == "auto" else pool.min_idle
+        # min_idle auto: one bucket of the demand window per idle_timeout (> 0)
+        self._demand_span = max(pool.idle_timeout, pool.upkeep_interval)
         self._max_waiting = pool.max_waiting
         self._acquire_timeout = pool.acquire_timeout
         self._check_after = pool.check_after
@@ -200,9 +209,12 @@ class Pool(ThreadBound):
         """
         self._check_owner()
         self._set_config(pool, dial, health_check, setup)
+        self._demand.span = self._demand_span
         self.weight = weight
         while self._size > self._max_size and self._idle:
             self._retire(self._idle.popleft(), "discarded")
+        while len(self._idle) > self._max_idle:
+            self._retire(self._idle.popleft(), "idle")
         self._hand_on()  # a larger max_size: waiters may dial now
 
     def _expiry(self, now: float) -> float:
@@ -219,6 +231,13 @@ class Pool(ThreadBound):
         self._wait_max = 0.0
         self._wait_counts = [0] * (len(WAIT_BUCKETS) + 1)  # queued waits, by bucket
         self._waits_served = 0
+        self._waits = 0  # acquisitions that queued (served, timed out or failed)
+        self._released = 0  # clean releases: handles given back with release()
+        # most connections in use at once (lent + handed) since the demand window's
+        # current bucket began; with _demand.seen, the peak since start. Bumped where
+        # in use grows (a borrow, a dial lent, a handoff to a waiter): an int compare.
+        self._peak = 0
+        self._demand = DemandWindow(self._demand_span, _monotonic())
         self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)
 
     # -- ownership: one OS thread, one process ------------------------------------
@@ -343,7 +362,11 @@ class Pool(ThreadBound):
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
-            self._busy[conn] = handle
+            busy = self._busy
+            busy[conn] = handle
+            in_use = len(busy) + self._handed
+            if in_use > self._peak:
+                self._peak = in_use
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
@@ -378,6 +401,7 @@ class Pool(ThreadBound):
 
     def _wait(self, start: float, deadline: float) -> PooledConnection:
         generation = fork_generation()
+        self._waits += 1
         w = self._waiters.join(deadline)
         try:
             outcome = w.wait()
@@ -446,6 +470,7 @@ class Pool(ThreadBound):
         conn.uses += 1
         handle = PooledConnection(self, conn, now)
         self._busy[conn] = handle
+        self._note_in_use()
         if self._leak_threshold is not None:
             handle.stack = "".join(traceback.format_stack()[:-2])
         return handle
@@ -688,6 +713,7 @@ class Pool(ThreadBound):
         except KeyError:  # force-closed by close(), or inherited across fork
             conn.close()
             return
+        self._released += 1
         if conn.dirty and not self._clean(conn):
             return
         now = _monotonic()
@@ -704,12 +730,14 @@ class Pool(ThreadBound):
             self._handed += 1
             w.outcome = conn
             self._hub.loop.run_callback(w.switch, None)
-        else:  # _rest, inlined (bench A)
+        elif len(self._idle) < self._max_idle:  # _rest, inlined (bench A)
             self._idle.append(conn)
             watcher = conn.watcher
             if watcher is None:
                 watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
             watcher.start(self._on_stirred, conn)
+        else:  # max_idle kept already: close it now rather than after idle_timeout
+            self._retire(conn, "idle")
 
     def _clean(self, conn: _Conn) -> bool:
         """Undo what a borrower changed (DESIGN 16): the socket's timeout back to the
@@ -825,8 +853,8 @@ class Pool(ThreadBound):
             self.breaker.record_failure(failure, trial or None, dial=dial)
             self._suspect_idle()
         self._hand_on()
-        if len(self._idle) < self.config.min_idle and not self._closing:
-            self.on_demand()  # below min_idle: upkeep should refill (a pass now if at rest)
+        if not self._closing and self._refill_need() > 0:
+            self.on_demand()  # below what upkeep keeps: a refill (a pass now if at rest)
 
     def _hand_on(self, conn: _Conn | None = None) -> None:
         """The one place capacity goes to waiters: ``conn`` (unlent) to the oldest
@@ -844,12 +872,22 @@ class Pool(ThreadBound):
             if waiters:
                 self._handed += 1  # in use from now on, though its waiter is not awake yet
                 waiters.hand(conn)
-            else:
+                self._note_in_use()
+            elif len(self._idle) < self._max_idle:
                 self._rest(conn)
                 self._changed.set()
+            else:  # max_idle kept already (comes back here with conn None)
+                self._retire(conn, "idle")
+                return
         while waiters and self._size < self._max_size:
             self._reserve()
             waiters.hand(PERMIT)
+
+    def _note_in_use(self) -> None:
+        """In use just grew (off the fast path): keep the peak. Never yields."""
+        in_use = len(self._busy) + self._handed
+        if in_use > self._peak:
+            self._peak = in_use
 
     # -- health -------------------------------------------------------------------
     def _borrow_check(self, conn: _Conn, remaining: float | None = None) -> bool:
@@ -969,26 +1007,25 @@ class Pool(ThreadBound):
         While the pool is busy (connections lent, callers waiting, dials or checks
         running, fewer than ``min_idle`` idle) that is every ``upkeep_interval``. At
         rest it is the next idle connection's expiry or check (an ad-hoc pool's: also
-        the end of its ``idle_timeout`` unused), so an idle pool costs no wake-ups.
+        the end of its ``idle_timeout`` unused; for ``min_idle: auto``, the end of the
+        demand bucket whose close may shrink the pool), so an idle pool costs no
+        wake-ups; the first acquisition that has to wait or dial calls ``on_demand``
+        and upkeep resumes.
         """
         cfg = self.config
         if self._closing:
             return float("inf")
-        if (
-            self._busy
-            or self._waiters
-            or self._pending
-            or self._held
-            or len(self._idle) < cfg.min_idle
-        ):
+        if self._busy or self._waiters or self._pending or self._held or self._refill_need() > 0:
             return cfg.upkeep_interval
         now = _monotonic()
         due = float("inf")
         if self.on_unused is not None:
             due = self._used_at + cfg.idle_timeout - now
+        if self._auto and self._demand.can_fall(self._peak):
+            due = min(due, self._demand.next_roll - now)
         if self._idle:
             interval = self.health_config.interval
-            expire_idle = len(self._idle) > cfg.min_idle
+            expire_idle = self._above_min_idle()
             due = min(due, interval, cfg.idle_timeout, _MAX_REST)
             for conn in self._idle:
                 due = min(due, conn.expires_at - now, conn.checked_at + interval - now)
@@ -1009,6 +1046,8 @@ class Pool(ThreadBound):
         if self.on_unused is not None and self._unused(now):
             self.on_unused(self)
             return
+        if self._auto:  # close the demand buckets that ended: the target may fall
+            self._peak = self._demand.roll(self._peak, len(self._busy) + self._handed, now)
         try:
             self._expire_idle(now)
             self._warn_leaks(now)
@@ -1027,18 +1066,40 @@ class Pool(ThreadBound):
             return False
         return now - self._used_at >= self.config.idle_timeout
 
+    # -- what the upkeep keeps: min_idle idle, or (auto) the recent peak open ----------
+    def _auto_target(self) -> int:
+        """``min_idle: auto``: connections to keep open -- the recent peak in use
+        (``lbpool._demand``: over the last 3 to 4 ``idle_timeout``), at least 1, at most
+        ``max_size``. Never yields."""
+        return min(max(1, self._demand.recent(self._peak)), self._max_size)
+
+    def _refill_need(self) -> int:
+        """Dials the upkeep should start now (breaker aside): up to ``min_idle`` idle,
+        or (auto) up to the target open; never beyond ``max_size`` or ``max_idle``."""
+        idle = len(self._idle) + self._refilling
+        need = self._auto_target() - self._size if self._auto else self._min_idle - idle
+        return min(need, self._max_size - self._size, self._max_idle - idle)
+
+    def _above_min_idle(self) -> bool:
+        """Could an idle connection be closed for idling without going below what the
+        upkeep keeps?"""
+        if self._auto:
+            return self._size > self._auto_target()
+        return len(self._idle) > self._min_idle
+
     def _expire_idle(self, now: float) -> None:
         cfg = self.config
         keep: deque[_Conn] = deque()
         idle = self._idle
+        auto = self._auto
+        target = self._auto_target() if auto else 0
         # oldest first: the bottom of the LIFO stack
         while idle:
             conn = idle.popleft()
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
-            elif (
-                now - conn.last_used_at >= cfg.idle_timeout
-                and len(idle) + len(keep) >= cfg.min_idle
+            elif now - conn.last_used_at >= cfg.idle_timeout and (
+                self._size > target if auto else len(idle) + len(keep) >= self._min_idle
             ):
                 self._retire(conn, "idle")
             else:
@@ -1102,13 +1163,14 @@ class Pool(ThreadBound):
                 handle.stack = None  # warn once per borrow
 
     def fill(self) -> int:
-        """Start dials towards ``min_idle`` idle connections, at most ``_REFILL_DIALS``
-        in flight (each that succeeds starts the next; none while the breaker is open
-        but for its one half-open trial); returns how many it started. Never yields."""
+        """Start dials towards ``min_idle`` idle connections (``auto``: towards the
+        recent peak in use, open), within ``max_size`` and ``max_idle``, at most
+        ``_REFILL_DIALS`` in flight (each that succeeds starts the next; none while the
+        breaker is open but for its one half-open trial); returns how many it started.
+        Never yields."""
         if self._closing:
             return 0
-        need = self.config.min_idle - len(self._idle) - self._refilling
-        need = min(need, self._max_size - self._size, _REFILL_DIALS - self._refilling)
+        need = min(self._refill_need(), _REFILL_DIALS - self._refilling)
         started = 0
         breaker = self.breaker
         for _ in range(max(need, 0)):
@@ -1147,12 +1209,20 @@ class Pool(ThreadBound):
         if ok:
             self.fill()  # the next, a few at a time (a failure waits for the next pass)
 
+    def _ready_target(self) -> int:
+        """Open connections ``wait_ready`` waits for: ``min_idle``, or (auto) the
+        target as far as ``max_idle`` lets the idle ones reach it."""
+        if not self._auto:
+            return self._min_idle
+        return min(self._auto_target(), len(self._busy) + self._handed + self._max_idle)
+
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until ``min_idle`` connections are open; ``PoolTimeout`` otherwise."""
+        """Block until ``min_idle`` connections are open (``auto``: its current target,
+        at least 1); ``PoolTimeout`` otherwise."""
         self._check_owner()
         limit = self._acquire_timeout if timeout is None else valid_timeout(timeout, self.name)
         deadline = _monotonic() + limit
-        while len(self._idle) + len(self._busy) < self.config.min_idle:
+        while len(self._idle) + len(self._busy) < self._ready_target():
             if self._closing:
                 raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
             self._changed.clear()
@@ -1161,8 +1231,9 @@ class Pool(ThreadBound):
             if remaining <= 0 or not self._changed.wait(remaining):
                 err = self._last_dial_error
                 last = f"; last dial error: {err}" if err else ""
+                want = f"auto ({self._ready_target()})" if self._auto else self._min_idle
                 raise PoolTimeout(
-                    f"{self.name}: {len(self._idle)} of min_idle {self.config.min_idle} "
+                    f"{self.name}: {len(self._idle)} of min_idle {want} "
                     f"connections ready within {limit:.3g}s{last}",
                     self.name,
                     self.backend,
@@ -1252,6 +1323,9 @@ class Pool(ThreadBound):
             draining=self._closing,
             wait_count=observed + self._wait_counts[-1],
             wait_buckets=buckets,
+            max_in_use=max(self._demand.seen, self._peak),
+            waits=self._waits,
+            released=self._released,
         )
 
     def __repr__(self) -> str:

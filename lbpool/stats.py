@@ -47,6 +47,12 @@ class ServerStats:
     # a fallback (another server owned the key); 0 for the other strategies.
     owner_hits: int = 0
     fallback_hits: int = 0
+    # Since the pool started: the most connections in use at once; acquisitions that
+    # queued for a connection (served or not); clean releases (``release()``, the end
+    # of a ``with`` block). Discards are counted in ``closed``.
+    max_in_use: int = 0
+    waits: int = 0
+    released: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -151,6 +151,22 @@ def plain_line(rec: Record, stats: ManagerStats) -> str:
     return f"[{headline(rec)}] " + " ".join(parts)
 
 
+def pool_usage(stats: ManagerStats) -> str:
+    """One line on how hard the pools were pressed: acquisitions that queued, that
+    dialed on the request path, and the most connections one server had in use."""
+    servers = stats.servers()
+    acquired = sum(s.acquired for s in servers)
+    waits = sum(s.waits for s in servers)
+    dialed = sum(s.misses for s in servers)
+    peak = max(servers, key=lambda s: s.max_in_use, default=None)
+    share = f" ({100 * waits / acquired:.1f}%)" if acquired else ""
+    top = f"; most in use at once: {peak.max_in_use} of {peak.max_size}" if peak else ""
+    return (
+        f"pools: {acquired:,} acquisitions, {waits:,} waited for a connection{share}, "
+        f"{dialed:,} dialed on the request path{top}"
+    )
+
+
 def summary(rec: Record) -> None:
     """Print the run's outcome: totals, errors, latency, requests per server, breaker
     transitions, and whether the outage was survived."""
@@ -215,6 +231,8 @@ def summary(rec: Record) -> None:
     if rec.final_stats is not None:
         trips = sum(s.breaker_trips for s in rec.final_stats.servers())
     print(f"breaker trips (closed -> open): {trips}")
+    if rec.final_stats is not None:
+        print(pool_usage(rec.final_stats))
 
     outage = rec.outage
     if outage is not None and outage.killed_at is not None:

@@ -56,11 +56,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: ``min_idle: auto``: the pool keeps as many connections open as the recent peak in use
+#: (``lbpool._demand``).
+MinIdle: TypeAlias = Count | Literal["auto"]
+
+
 class PoolConfig(_Model):
     """Sizing and lifetime of one server's pool."""
 
-    min_idle: Count = 1  # kept open and ready by the upkeep
+    # kept open and ready by the upkeep; "auto": as many open as the recent peak in use
+    min_idle: MinIdle = 1
     max_size: AtLeastOne = Field(default=10, validate_default=True)  # counting dials in progress
+    # at most this many idle; a release beyond it closes the connection (None: max_size)
+    max_idle: Count | None = Field(default=None, validate_default=True)
     max_waiting: Count = 0  # callers allowed to wait; 0: unbounded, else shed (PoolExhausted)
     acquire_timeout: Duration = 5.0  # then PoolTimeout
     idle_timeout: Duration = 300.0  # close idle connections above min_idle after this
@@ -69,6 +77,18 @@ class PoolConfig(_Model):
     check_after: Duration = 1.0  # on borrow, check a connection idle this long
     upkeep_interval: PositiveDuration = 1.0  # how often the upkeep runs while busy
     leak_threshold: OptionalDuration = None  # warn, with the stack, when held longer
+
+    @field_validator("min_idle", mode="before")
+    @classmethod
+    def _min_idle_count_or_auto(cls, value: object) -> object:
+        """One clear message for both forms (not one per branch of the union)."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number >= 0 or 'auto', got {_show(value)}")
+        if value < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {_show(value)}")
+        return value
 
     @field_validator("lifetime_jitter", mode="before")
     @classmethod
@@ -83,6 +103,27 @@ class PoolConfig(_Model):
         min_idle = info.data.get("min_idle")
         if isinstance(min_idle, int) and value < min_idle:
             raise PydanticCustomError("min_idle_over_max_size", "must be >= min_idle")
+        return value
+
+    @field_validator("max_idle")
+    @classmethod
+    def _max_idle_between(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        min_idle = info.data.get("min_idle")
+        if isinstance(min_idle, int) and value < min_idle:
+            raise PydanticCustomError(
+                "max_idle_below_min_idle",
+                "must be >= min_idle ({min_idle}): the upkeep keeps min_idle open",
+                {"min_idle": min_idle},
+            )
+        max_size = info.data.get("max_size")
+        if isinstance(max_size, int) and value > max_size:
+            raise PydanticCustomError(
+                "max_idle_over_max_size",
+                "must be <= max_size ({max_size})",
+                {"max_size": max_size},
+            )
         return value
 
 
@@ -103,13 +144,46 @@ class TLSConfig(_Model):
         return value
 
 
+#: The kernel's ranges for the keepalive tuning (Linux: MAX_TCP_KEEPIDLE/KEEPINTVL,
+#: MAX_TCP_KEEPCNT); a value outside would fail every dial, so the config refuses it.
+KEEPALIVE_MAX_SECONDS = 32767
+KEEPALIVE_MAX_COUNT = 127
+
+
 class DialConfig(_Model):
     """How a connection is opened: timeout, TCP options, TLS."""
 
     timeout: PositiveDuration = 2.0  # connect timeout
     tcp_nodelay: Flag = True
     keepalive: Flag = True
+    # TCP keepalive tuning (lbpool.dial); None: the OS default (Linux: 7200 s, 75 s, 9).
+    # Whole seconds on the wire (a fraction is rounded up); needs keepalive: true.
+    keepalive_idle: OptionalDuration = None  # TCP_KEEPIDLE: idle time before the first probe
+    keepalive_interval: OptionalDuration = None  # TCP_KEEPINTVL: between unanswered probes
+    keepalive_count: Count | None = None  # TCP_KEEPCNT: unanswered probes, then the peer is dead
     tls: TLSConfig | None = None  # None: plain TCP; true: TLS with the defaults
+
+    @field_validator("keepalive_idle", "keepalive_interval", "keepalive_count")
+    @classmethod
+    def _keepalive_tuning(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return value
+        if info.data.get("keepalive") is False:
+            raise PydanticCustomError(
+                "keepalive_off",
+                "requires keepalive: true (set it to null where keepalive is off)",
+            )
+        if info.field_name == "keepalive_count":
+            top, unit = KEEPALIVE_MAX_COUNT, ""
+        else:
+            top, unit = KEEPALIVE_MAX_SECONDS, "s"
+        if not 1 <= value <= top:
+            raise PydanticCustomError(
+                "keepalive_range",
+                "must be between 1{unit} and {top}{unit} (the kernel's range)",
+                {"unit": unit, "top": top},
+            )
+        return value
 
     @field_validator("tls", mode="before")
     @classmethod

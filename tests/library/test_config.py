@@ -536,6 +536,23 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
             "must be >= min_idle",
         ),
         ("    pool:\n      max_size: 2.5\n", "pool.max_size", 5, "whole number"),
+        ("    pool:\n      min_idle: often\n", "pool.min_idle", 5, "a whole number >= 0 or 'auto'"),
+        ("    pool:\n      min_idle: 1.5\n", "pool.min_idle", 5, "a whole number >= 0 or 'auto'"),
+        ("    pool:\n      min_idle: true\n", "pool.min_idle", 5, "a whole number >= 0 or 'auto'"),
+        (
+            "    pool:\n      min_idle: 3\n      max_idle: 2\n",
+            "pool.max_idle",
+            6,
+            "must be >= min_idle (3)",
+        ),
+        (
+            "    pool:\n      max_size: 4\n      max_idle: 5\n",
+            "pool.max_idle",
+            6,
+            "must be <= max_size (4)",
+        ),
+        ("    pool:\n      max_idle: -1\n", "pool.max_idle", 5, "must be >= 0"),
+        ("    pool:\n      max_idle: auto\n", "pool.max_idle", 5, "whole number"),
         ("    pool:\n      max_size: many\n", "pool.max_size", 5, "whole number"),
         ("    pool:\n      max_size: true\n", "pool.max_size", 5, "whole number"),
         ("    pool:\n      lifetime_jitter: 1.5\n", "pool.lifetime_jitter", 5, "must be <= 1"),
@@ -596,6 +613,23 @@ def test_hook_of_wrong_type(tmp_path: Path) -> None:
         ("    dial:\n      tcp_nodelay: maybe\n", "dial.tcp_nodelay", 5, "true or false"),
         ("    dial:\n      tls: {key_file: k.pem}\n", "dial.tls.key_file", 5, "requires cert_file"),
         ("    dial: [1]\n", "dial", 4, "must be a mapping"),
+        (
+            "    dial:\n      keepalive: false\n      keepalive_idle: 5m\n",
+            "dial.keepalive_idle",
+            6,
+            "requires keepalive: true",
+        ),
+        (
+            "    dial:\n      keepalive: false\n      keepalive_count: 3\n",
+            "dial.keepalive_count",
+            6,
+            "requires keepalive: true",
+        ),
+        ("    dial:\n      keepalive_idle: 500ms\n", "dial.keepalive_idle", 5, "between 1s and"),
+        ("    dial:\n      keepalive_interval: 10h\n", "dial.keepalive_interval", 5, "32767s"),
+        ("    dial:\n      keepalive_interval: soon\n", "dial.keepalive_interval", 5, "duration"),
+        ("    dial:\n      keepalive_count: 0\n", "dial.keepalive_count", 5, "between 1 and 127"),
+        ("    dial:\n      keepalive_count: 128\n", "dial.keepalive_count", 5, "between 1 and"),
         # unknown keys, everywhere
         ("    pool:\n      max_sise: 3\n", "pool.max_sise", 5, "did you mean 'max_size'"),
         ("    colour: blue\n", "colour", 4, "allowed: strategy, discover, servers, subset, pool"),
@@ -620,6 +654,39 @@ def test_min_idle_over_max_size_message_matches_design(tmp_path: Path) -> None:
     path, err = load_errors(tmp_path, text)
     assert str(err) == f"{path}:6: backends.cache.pool.max_size: must be >= min_idle"
     assert isinstance(err, ValueError) and isinstance(err, LbpoolError)
+
+
+def test_min_idle_auto_max_idle_and_keepalive_tuning_load(tmp_path: Path) -> None:
+    text = """\
+defaults:
+  pool: {min_idle: auto, max_idle: 4}
+  dial: {keepalive_idle: 5m, keepalive_interval: 30s, keepalive_count: 5}
+backends:
+  cache:
+    servers: [127.0.0.1:7001]
+    pool: {max_size: 6}
+  quiet:
+    servers: [127.0.0.1:7002]
+    pool: {min_idle: 2, max_idle: 2}
+    dial: {keepalive: false, keepalive_idle: null, keepalive_interval: null, keepalive_count: null}
+"""
+    config = load_config(write(tmp_path, text))
+    cache = config.backends["cache"]
+    assert (cache.pool.min_idle, cache.pool.max_idle, cache.pool.max_size) == ("auto", 4, 6)
+    assert (cache.dial.keepalive_idle, cache.dial.keepalive_interval) == (300.0, 30.0)
+    assert cache.dial.keepalive_count == 5
+    quiet = config.backends["quiet"]
+    assert (quiet.pool.min_idle, quiet.pool.max_idle) == (2, 2)
+    assert not quiet.dial.keepalive and quiet.dial.keepalive_idle is None
+    assert PoolConfig().max_idle is None and DialConfig().keepalive_idle is None
+    # auto has no fixed floor to compare max_idle with: any max_idle up to max_size
+    assert PoolConfig(min_idle="auto", max_idle=0).max_idle == 0
+
+
+def test_max_idle_below_min_idle_names_the_field(tmp_path: Path) -> None:
+    text = BACKEND + "    pool:\n      min_idle: 3\n      max_idle: 1\n"
+    path, err = load_errors(tmp_path, text)
+    assert str(err).startswith(f"{path}:6: backends.cache.pool.max_idle: must be >= min_idle (3)")
 
 
 def test_top_level_and_defaults_validation(tmp_path: Path) -> None:

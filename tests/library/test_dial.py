@@ -70,6 +70,81 @@ def test_dial_options_can_be_turned_off(echo_server: EchoServer, no_fd_leak: Non
 
 
 @pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+def _keepalive_sockopt(sock: Any, setting: str) -> int:
+    option = lbpool.dial._keepalive_option(setting)
+    if option is None:
+        pytest.skip(f"this platform has no socket option for dial.{setting}")
+    value: int = sock.getsockopt(socket.IPPROTO_TCP, option)
+    return value
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_keepalive_tuning_reaches_the_socket(
+    echo_server: EchoServer,
+    tls_echo_server: EchoServer,
+    tls_certs: TLSCerts,
+    tls: bool,
+    no_fd_leak: None,
+) -> None:
+    config = DialConfig(keepalive_idle=61, keepalive_interval=7.2, keepalive_count=4)
+    server = echo_server
+    if tls:
+        config = DialConfig(
+            keepalive_idle=61,
+            keepalive_interval=7.2,
+            keepalive_count=4,
+            tls=TLSConfig(ca_file=tls_certs.ca_file),
+        )
+        server = tls_echo_server
+    sock = dial(addr(server), config)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert _keepalive_sockopt(sock, "keepalive_idle") == 61
+        assert _keepalive_sockopt(sock, "keepalive_interval") == 8  # whole seconds, up
+        assert _keepalive_sockopt(sock, "keepalive_count") == 4
+        roundtrip(sock)
+    finally:
+        sock.close()
+
+
+def test_keepalive_tuning_left_unset_keeps_the_os_default(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    with gsocket.socket() as fresh:
+        defaults = {s: _keepalive_sockopt(fresh, s) for s in lbpool.dial._KEEPALIVE_OPTIONS}
+    sock = dial(addr(echo_server), DialConfig(keepalive_count=3))
+    try:
+        assert _keepalive_sockopt(sock, "keepalive_count") == 3
+        assert _keepalive_sockopt(sock, "keepalive_idle") == defaults["keepalive_idle"]
+        assert _keepalive_sockopt(sock, "keepalive_interval") == defaults["keepalive_interval"]
+    finally:
+        sock.close()
+
+
+def test_keepalive_tuning_missing_on_the_platform_is_logged_once(
+    echo_server: EchoServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_fd_leak: None,
+) -> None:
+    # a platform without TCP_KEEPCNT: the dial succeeds, the setting is reported once
+    monkeypatch.setitem(lbpool.dial._KEEPALIVE_OPTIONS, "keepalive_count", ("TCP_NO_SUCH_OPT",))
+    monkeypatch.setattr(lbpool.dial, "_warned", set())
+    config = DialConfig(keepalive_idle=30, keepalive_count=4)
+    with caplog.at_level("WARNING", logger="lbpool"):
+        for _ in range(3):
+            sock = dial(addr(echo_server), config)
+            try:
+                assert _keepalive_sockopt(sock, "keepalive_idle") == 30
+                roundtrip(sock)
+            finally:
+                sock.close()
+    notes = [r for r in caplog.records if "keepalive_count" in r.getMessage()]
+    assert len(notes) == 1
+    assert "TCP_NO_SUCH_OPT" in notes[0].getMessage()
+    assert not [r for r in caplog.records if "keepalive_idle" in r.getMessage()]
+
+
 def test_dial_ipv6(no_fd_leak: None, echo_server_factory: Callable[..., EchoServer]) -> None:
     server = echo_server_factory(host="::1")
     assert server.address == f"[::1]:{server.port}"

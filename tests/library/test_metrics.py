@@ -82,6 +82,9 @@ def test_exposition_matches_stats(manager: lbpool.PoolManager, servers: list[Ech
         assert value(samples, "lbpool_breaker_state", **labels) == 0
         assert value(samples, "lbpool_breaker_trips_total", **labels) == 0
         assert value(samples, "lbpool_wait_time_seconds_total", **labels) == 0
+        assert value(samples, "lbpool_waits_total", **labels) == s.waits == 0
+        assert value(samples, "lbpool_released_total", **labels) == s.released == s.acquired
+        assert value(samples, "lbpool_max_in_use", **labels) == s.max_in_use == 1
         for reason in ("idle", "lifetime", "unhealthy", "error", "discarded"):
             assert value(samples, "lbpool_closed_total", reason=reason, **labels) == 0
     assert sum(s.acquired for s in stats.backends["cache"].servers.values()) == 10
@@ -92,6 +95,9 @@ def test_exposition_matches_stats(manager: lbpool.PoolManager, servers: list[Ech
     assert "# TYPE lbpool_in_use gauge" in text
     assert "# TYPE lbpool_closed_total counter" in text
     assert "# TYPE lbpool_breaker_state gauge" in text
+    assert "# TYPE lbpool_waits_total counter" in text
+    assert "# TYPE lbpool_released_total counter" in text
+    assert "# TYPE lbpool_max_in_use gauge" in text
 
 
 def test_breaker_state_trips_and_close_reasons(
@@ -141,6 +147,10 @@ def test_wait_time_is_exported(servers: list[EchoServer]) -> None:
         assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="10.0", **labels) == 2
         assert value(samples, "lbpool_acquire_wait_seconds_bucket", le="+Inf", **labels) == 2
         assert value(samples, "lbpool_acquire_wait_seconds_sum", **labels) >= 0.04
+        # the usage counters: one wait, two clean releases, one in use at most
+        assert value(samples, "lbpool_waits_total", **labels) == 1
+        assert value(samples, "lbpool_released_total", **labels) == 2
+        assert value(samples, "lbpool_max_in_use", **labels) == 1
 
 
 def test_register_does_not_take_a_snapshot() -> None:

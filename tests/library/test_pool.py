@@ -590,6 +590,7 @@ def _state(pool: Pool) -> tuple[object, ...]:
         pool._handed,
         sorted(c.uses for c in pool._busy),
         [c.uses for c in pool._idle],
+        s.max_in_use,
     )
 
 
@@ -621,9 +622,12 @@ def test_fast_acquire_matches_lend(server: EchoServer, no_fd_leak: None) -> None
         assert _state(fast) == _state(canon)
 
 
+@pytest.mark.parametrize("max_idle", [None, 0])
 @pytest.mark.parametrize("waiting", [True, False])
-def test_fast_return_matches_hand_on(server: EchoServer, no_fd_leak: None, waiting: bool) -> None:
-    fast, canon = (make_pool(server, max_size=1) for _ in range(2))
+def test_fast_return_matches_hand_on(
+    server: EchoServer, no_fd_leak: None, waiting: bool, max_idle: int | None
+) -> None:
+    fast, canon = (make_pool(server, max_size=1, max_idle=max_idle) for _ in range(2))
     with fast, canon:
         held = {pool: pool.acquire() for pool in (fast, canon)}
         waiters = []
@@ -647,6 +651,9 @@ def test_fast_return_matches_hand_on(server: EchoServer, no_fd_leak: None, waiti
             assert _state(fast) == _state(canon)
             for g in waiters:
                 g.value.release()
+        elif max_idle == 0:  # closed at once, on both paths
+            assert not fast._idle and not canon._idle
+            assert fast.stats().closed["idle"] == canon.stats().closed["idle"] == 1
         else:
             assert list(fast._idle) == [conn_fast] and list(canon._idle) == [conn]
 
@@ -714,4 +721,217 @@ def test_bad_timeout_is_refused_before_any_change(
     assert monotonic() - start < 0.1 + 0.5
     blocker.release()
     assert_consistent(pool)
+    pool.close()
+
+
+# -- max_idle, min_idle: auto, counters (issue 13) ------------------------------------
+
+
+def test_max_idle_closes_a_release_beyond_it_at_once(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=4, max_idle=2, idle_timeout=3600)
+    held = [pool.acquire() for _ in range(4)]
+    server.wait_active(4)
+    for conn in held:
+        conn.release()
+    server.wait_active(2)  # the server sees two closes now, not after idle_timeout
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.closed["idle"], s.released) == (2, 2, 0, 2, 4)
+    with pool.get(), pool.get():  # the two kept are reused
+        pass
+    assert pool.stats().misses == 4 and server.connections_accepted == 4
+    pool.close()
+
+
+def test_max_idle_does_not_close_what_a_waiter_takes(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=2, max_idle=0)
+    a, b = pool.acquire(), pool.acquire()
+    waiter = gevent.spawn(pool.acquire, 5)
+    gevent.sleep(0)
+    a.release()  # handed straight to the waiter: max_idle counts idle ones only
+    c = waiter.get(timeout=5)
+    assert c.uses == 2 and pool.stats().closed["idle"] == 0
+    b.release()
+    c.release()
+    server.wait_active(0)
+    assert pool.stats().closed["idle"] == 2
+    pool.close()
+
+
+def test_max_idle_on_the_handoff_path_of_a_killed_waiter(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """A connection handed to a waiter killed before it woke goes back through
+    ``_hand_on`` (not ``_return``): max_idle holds there too."""
+    pool = make_pool(server, max_size=2, max_idle=1)
+    a, b = pool.acquire(), pool.acquire()
+    waiter = gevent.spawn(pool.acquire, 5)
+    gevent.sleep(0)
+    a.release()  # handed to the waiter, not awake yet
+    b.release()  # nobody waits: idle (the one allowed)
+    throw_now(waiter, gevent.GreenletExit())  # its handed connection is passed on
+    server.wait_active(1)
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.closed["idle"]) == (1, 1, 0, 1)
+    assert_consistent(pool)
+    pool.close()
+
+
+def test_lowering_max_idle_by_reconfigure_closes_the_surplus(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    pool = make_pool(server, max_size=4)
+    for conn in [pool.acquire() for _ in range(4)]:
+        conn.release()
+    pool.reconfigure(
+        pool=PoolConfig(min_idle=0, max_size=4, max_idle=1),
+        dial=DialConfig(),
+        health_check=HealthCheckConfig(),
+    )
+    server.wait_active(1)
+    assert pool.stats().closed["idle"] == 3
+    pool.close()
+
+
+def test_refill_stops_at_max_idle(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, min_idle="auto", max_size=6, max_idle=2)
+    held = [pool.acquire() for _ in range(5)]
+    for conn in held[:3]:
+        conn.discard()
+    # auto wants 5 open (the peak in use); 2 are in use, and 2 idle is the most kept
+    assert pool.fill() == 2
+    pool.wait_ready(timeout=5)
+    assert pool.fill() == 0
+    assert pool.stats().idle == 2
+    for conn in held[3:]:
+        conn.release()
+    assert pool.stats().closed["idle"] == 2
+    pool.close()
+
+
+def test_counters_are_exact_under_a_scripted_workload(server: EchoServer, no_fd_leak: None) -> None:
+    pool = make_pool(server, max_size=2)
+    a, b = pool.acquire(), pool.acquire()  # two dials: in use 2
+    patient = gevent.spawn(pool.acquire, 5)
+    hasty = gevent.spawn(pool.acquire, 0.05)
+    gevent.sleep(0)
+    with pytest.raises(PoolTimeout):
+        hasty.get(timeout=5)  # a wait that timed out is still a wait
+    a.release()  # handed to the patient waiter
+    c = patient.get(timeout=5)
+    b.discard()  # not a release: counted in closed
+    with pytest.raises(RuntimeError), pool.get():  # a redial into b's slot ...
+        raise RuntimeError("boom")  # ... discarded by the exception
+    c.release()
+    for _ in range(3):
+        pool.acquire().release()
+    s = pool.stats()
+    assert (s.max_in_use, s.waits, s.released, s.timeouts) == (2, 2, 5, 1)
+    assert (s.acquired, s.closed["discarded"], s.closed["error"]) == (7, 1, 1)
+    # every acquisition ends as a release, a discard, or is still in use
+    assert s.acquired == s.released + s.closed["discarded"] + s.closed["error"] + s.in_use
+    d = s.to_dict()
+    assert (d["max_in_use"], d["waits"], d["released"]) == (2, 2, 5)
+    held = [pool.acquire() for _ in range(2)]
+    assert pool.stats().max_in_use == 2
+    for conn in held:
+        conn.release()
+    pool.close()
+
+
+def test_max_in_use_counts_connections_handed_to_sleeping_waiters(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    pool = make_pool(server, max_size=3)
+    a, b, c = (pool.acquire() for _ in range(3))
+    waiter = gevent.spawn(pool.acquire, 5)
+    gevent.sleep(0)
+    a.release()  # handed over, waiter asleep: still in use
+    b.release()  # idle
+    d = pool.acquire()  # in use now: c, d and the handed one
+    assert pool.stats().max_in_use == 3
+    e = waiter.get(timeout=5)
+    for conn in (c, d, e):
+        conn.release()
+    assert pool.stats().max_in_use == 3
+    pool.close()
+
+
+def _burst(pool: Pool, workers: int, rounds: int) -> int:
+    """``workers`` greenlets, each borrowing ``rounds`` times for a round trip, all at
+    once; returns how many of those acquisitions dialed on the request path."""
+    before = pool.stats().misses
+
+    def work() -> None:
+        for _ in range(rounds):
+            with pool.get(timeout=5) as conn:
+                conn.sendall(b"x")
+                assert conn.recv(1) == b"x"
+
+    jobs = [gevent.spawn(work) for _ in range(workers)]
+    gevent.joinall(jobs, timeout=20, raise_error=True)
+    assert all(job.dead for job in jobs)
+    return pool.stats().misses - before
+
+
+def test_min_idle_auto_keeps_a_periodic_burst_off_the_dialing_path(no_fd_leak: None) -> None:
+    """Bursts of 6 concurrent borrowers, 0.9 s apart, idle_timeout 0.5 s. ``min_idle: 1``
+    lets the quiet spell close all but one, so every burst dials most of its 6;
+    ``auto`` remembers the peak (3 to 4 idle_timeouts) and keeps 6 open, so only the
+    first burst dials. Both pools run side by side on real sockets."""
+    workers, rounds, bursts, gap = 6, 12, 4, 0.9
+    servers = {mode: EchoServer().start() for mode in ("auto", 1)}
+    pools = {
+        mode: Pool(
+            servers[mode].address,
+            pool=PoolConfig(
+                min_idle=mode, max_size=8, idle_timeout=0.5, upkeep_interval=0.05, check_after=60
+            ),
+        )
+        for mode in servers
+    }
+    try:
+        for pool in pools.values():
+            pool.wait_ready(timeout=5)
+        dialed: dict[object, list[int]] = {mode: [] for mode in pools}
+        for n in range(bursts):
+            if n:
+                gevent.sleep(gap)
+            runs = {m: gevent.spawn(_burst, p, workers, rounds) for m, p in pools.items()}
+            for mode, run in runs.items():
+                dialed[mode].append(run.get(timeout=30))
+        total = workers * rounds * bursts
+        auto, fixed = dialed["auto"], dialed[1]
+        assert sum(auto) / total < 0.05, dialed
+        assert sum(auto[1:]) <= 1, dialed  # after the first burst: (almost) never
+        assert all(d >= workers // 2 for d in fixed[1:]), dialed  # most of each burst
+        s = pools["auto"].stats()
+        assert s.max_in_use == workers and s.acquired == total
+    finally:
+        for mode, pool in pools.items():
+            pool.close()
+            servers[mode].stop()
+
+
+def test_min_idle_auto_falls_when_demand_falls_and_refills_to_the_peak(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle="auto", max_size=8, idle_timeout=0.2, upkeep_interval=0.02),
+    )
+    pool.wait_ready(timeout=5)
+    assert pool.stats().size == 1  # no demand seen yet: one, as min_idle 1
+    held = [pool.acquire() for _ in range(5)]
+    for conn in held[:4]:
+        conn.discard()  # four of the peak's connections lost ...
+    server.wait_accepted(9, timeout=5)  # ... and the upkeep dials them back
+    server.wait_active(5, timeout=5)
+    assert pool.stats().misses == 4  # the warm one, then 4 dials; refills are not misses
+    held[4].release()
+    start = monotonic()
+    server.wait_active(1, timeout=10)  # then the quiet window passes: back to one
+    # the peak is kept at least 3 idle_timeouts (a bucket ends every idle_timeout)
+    assert monotonic() - start >= 0.6 - 0.05
+    s = pool.stats()
+    assert (s.size, s.max_in_use) == (1, 5)
     pool.close()

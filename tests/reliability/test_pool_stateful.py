@@ -73,6 +73,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.seq = 0
         self.served: list[int] = []
         self.closed = False
+        self.releases = 0  # clean releases of a lent connection, before any close
+        self.peak = 0  # the most in use seen at an invariant check
 
     # -- helpers -----------------------------------------------------------------
     def _trace(self, event: str, args: Any) -> None:
@@ -130,6 +132,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         conn = self.held.pop(i % len(self.held))
         if how == "release":
+            self.releases += not self.closed  # after a close it was force-closed already
             conn.release()
         elif how == "discard":
             conn.discard()
@@ -151,8 +154,9 @@ class PoolMachine(RuleBasedStateMachine):
         if not self.held:
             return
         conn = self.held.pop(i % len(self.held))
+        self.releases += not self.closed
         conn.release()
-        conn.release()
+        conn.release()  # a no-op: not counted twice
         settle(self.pool)
 
     @rule(i=st.integers(min_value=0), exc=st.sampled_from(["kill", "timeout"]))
@@ -210,6 +214,17 @@ class PoolMachine(RuleBasedStateMachine):
             assert s.size == s.idle + s.in_use + s.pending, s
             assert len(self.pool._busy) == len(self.held), (s, len(self.held))
             assert s.waiting == len(self._queued_seqs()), s
+
+    @invariant()
+    def usage_counters_add_up(self) -> None:
+        s = self.pool.stats()
+        self.peak = max(self.peak, s.in_use)
+        assert self.peak <= s.max_in_use <= MAX_SIZE, (self.peak, s)
+        assert s.waiting <= s.waits <= self.seq, s  # each caller queues at most once
+        assert s.released == self.releases, (self.releases, s)
+        if not self.closed:  # every borrow ends released or discarded, or is in use
+            ended = s.released + s.closed["discarded"] + s.closed["error"]
+            assert s.acquired == ended + len(self.pool._busy), s
 
     @invariant()
     def first_come_first_served(self) -> None:
