@@ -47,6 +47,7 @@ from lbpool.errors import (
     ConfigProblem,
     DialError,
     DiscoveryError,
+    LbpoolError,
     PoolClosed,
     PoolExhausted,
     PoolTimeout,
@@ -413,7 +414,10 @@ class Backend:
                 if left <= 0 or not budget.try_retry():
                     raise
                 tries += 1
-                conn = self._acquire_again(left, key, conn)  # its error chains to exc
+                try:
+                    conn = self._acquire_again(left, key, conn)
+                except LbpoolError as again:  # the retry could not be made: say why it was
+                    raise again from exc
 
     def _acquire_again(
         self, timeout: float, key: Key | None, failed: PooledConnection
@@ -639,7 +643,7 @@ class PoolManager(ThreadBound):
           asks for the key again (its owner, or its fallback per ``hash_fallback``).
           Otherwise the error propagates, the same exception object. If a retry's
           acquisition fails, its error (``BackendUnavailable``, ``PoolTimeout`` ...)
-          propagates, chained to the network error.
+          propagates, its ``__cause__`` the network error.
         - ``fn`` raises anything else (a ``gevent.Timeout`` or kill included: the
           caller's own cancellation): the connection is discarded as ``with conn:``
           discards it, and the exception propagates; never retried.
