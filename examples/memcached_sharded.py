@@ -9,7 +9,7 @@ protocol spoken over the borrowed connection. 10,000 keys are SET, then read bac
 many greenlets; midway one memcached is killed. Its keys fall back to their next server
 in the key's own order (``conn.rank`` 1): a cache miss there, refilled the way a
 cache-aside client does; no other key moves and no request fails (a request whose
-connection died is retried once on a fresh acquisition, which falls back).
+connection died is retried once by ``manager.call`` on a fresh acquisition, which falls back).
 """
 
 from __future__ import annotations
@@ -103,18 +103,21 @@ RETRIED = Counter[str]()
 
 def request(manager: lbpool.PoolManager, key: str, fn: Any, *args: Any) -> tuple[Any, str, int]:
     """``fn(conn, key, *args)`` on the key's server: (result, server, rank). A dead
-    connection is discarded (its breaker hears of it) and the request retried once."""
-    for attempt in (1, 2):
-        with manager.get("cache", key=key) as conn:
-            conn.settimeout(2.0)
-            try:
-                return fn(conn, key, *args), conn.address, conn.rank
-            except OSError as exc:
-                conn.discard(exc)
-                if attempt == 2:
-                    raise
-                RETRIED[type(exc).__name__] += 1
-    raise AssertionError("unreachable")
+    connection is discarded (its breaker hears of it) and the request retried once by
+    ``manager.call``, on the key's owner again or, if it tripped, its fallback."""
+    died: list[BaseException] = []
+
+    def attempt(conn: lbpool.PooledConnection) -> tuple[Any, str, int]:
+        if died:
+            RETRIED[type(died[-1]).__name__] += 1
+        conn.settimeout(2.0)
+        try:
+            return fn(conn, key, *args), conn.address, conn.rank
+        except OSError as exc:
+            died.append(exc)
+            raise
+
+    return manager.call("cache", attempt, key=key)
 
 
 # ------------------------------------------------------------------ memcached processes

@@ -121,28 +121,25 @@ def command(manager: lbpool.PoolManager, target: str, *args: str | bytes | int) 
     """Run one command on ``target`` (a backend or host:port); returns (server, reply).
 
     A dead connection is discarded (which tells its server's breaker) and the command
-    retried once on a fresh acquisition; error replies are raised after release.
+    retried once by ``manager.call`` on a fresh acquisition; error replies are raised
+    after release.
     """
-    for attempt in (1, 2):
-        conn = manager.acquire(target)
+    died: list[BaseException] = []
+
+    def attempt(conn: lbpool.PooledConnection) -> tuple[str, Any]:
+        if died:
+            RETRIED[type(died[-1]).__name__] += 1
+        conn.settimeout(2.0)
         try:
-            conn.settimeout(2.0)
-            value = call(conn, *args)
+            return conn.address, call(conn, *args)
         except OSError as exc:
-            conn.discard(exc)
-            if attempt == 2:
-                raise
-            RETRIED[type(exc).__name__] += 1
-            continue
-        except BaseException as exc:
-            conn.discard(exc)
+            died.append(exc)
             raise
-        address = conn.address
-        conn.release()
-        if isinstance(value, RedisError):
-            raise value
-        return address, value
-    raise AssertionError("unreachable")
+
+    address, value = manager.call(target, attempt)
+    if isinstance(value, RedisError):
+        raise value
+    return address, value
 
 
 # ------------------------------------------------------------------ redis-server processes

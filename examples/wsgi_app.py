@@ -39,30 +39,21 @@ StartResponse = Callable[..., Any]
 
 
 def echo_once(manager: lbpool.PoolManager, message: bytes) -> tuple[str, bytes]:
-    """One request/response through the pool, retried once if the connection died."""
-    for attempt in (1, 2):
-        conn = manager.acquire("echo", timeout=1.0)
-        try:
-            conn.settimeout(2.0)
-            conn.sendall(message)
-            reply = b""
-            while len(reply) < len(message):
-                chunk = conn.recv(len(message) - len(reply))
-                if not chunk:
-                    raise ConnectionError("server closed the connection")
-                reply += chunk
-        except OSError as exc:
-            conn.discard(exc)  # closes it and tells that server's breaker
-            if attempt == 2:
-                raise
-            continue
-        except BaseException as exc:
-            conn.discard(exc)
-            raise
-        address = conn.address
-        conn.release()
-        return address, reply
-    raise AssertionError("unreachable")
+    """One request/response through the pool; ``manager.call`` retries it on a fresh
+    connection if the connection died in flight (an echo is safe to repeat)."""
+
+    def exchange(conn: lbpool.PooledConnection) -> tuple[str, bytes]:
+        conn.settimeout(2.0)
+        conn.sendall(message)
+        reply = b""
+        while len(reply) < len(message):
+            chunk = conn.recv(len(message) - len(reply))
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            reply += chunk
+        return conn.address, reply
+
+    return manager.call("echo", exchange, timeout=1.0)
 
 
 def make_app(

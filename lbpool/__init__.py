@@ -16,6 +16,7 @@ from lbpool.config import (
     DialConfig,
     HealthCheckConfig,
     PoolConfig,
+    RetryConfig,
     ServerConfig,
     TLSConfig,
     load_config,
@@ -37,6 +38,7 @@ from lbpool.errors import (
 )
 from lbpool.manager import Backend, PoolManager
 from lbpool.pool import Pool
+from lbpool.retry import RetryBudget
 from lbpool.stats import BackendStats, ManagerStats, ServerStats
 
 __version__ = "0.1.0"
@@ -68,6 +70,8 @@ __all__ = [
     "PoolManager",
     "PoolTimeout",
     "PooledConnection",
+    "RetryBudget",
+    "RetryConfig",
     "ServerConfig",
     "ServerStats",
     "TLSConfig",

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, TypeVar, Union
 
 import gevent
 from gevent.event import Event
@@ -41,7 +41,7 @@ from lbpool.balance import Balancer, eligible, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
 from lbpool.config import parse_address as _parse_address
-from lbpool.connection import PooledConnection
+from lbpool.connection import PooledConnection, _is_network_error
 from lbpool.discovery import Discovery, Servers
 from lbpool.errors import (
     BackendUnavailable,
@@ -49,6 +49,7 @@ from lbpool.errors import (
     ConfigProblem,
     DialError,
     DiscoveryError,
+    LbpoolError,
     PoolClosed,
     PoolExhausted,
     PoolTimeout,
@@ -56,6 +57,7 @@ from lbpool.errors import (
 )
 from lbpool.hashing import Key
 from lbpool.pool import Pool
+from lbpool.retry import RetryBudget
 from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
 from lbpool.subset import subset
 
@@ -63,6 +65,7 @@ _log = logging.getLogger("lbpool")
 _probe = random.Random()  # where a full server looks for one that can serve
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
+T = TypeVar("T")
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
@@ -156,6 +159,7 @@ class Backend:
         listeners: list[BreakerChange] | None = None,
         on_demand: Callable[[Pool], object] | None = None,
         on_unused: Callable[[Pool], object] | None = None,
+        budget: RetryBudget | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -178,6 +182,8 @@ class Backend:
         self._base: tuple[ServerConfig, ...] = config.servers
         self.discovery: Discovery | None = None  # discover: the manager's runner for it
         self.discovery_error: DiscoveryError | None = None  # its last failure, as raised
+        # call()'s retry budget and counters; ad-hoc backends share the manager's one
+        self.budget = budget if budget is not None else RetryBudget(config.retry)
 
     @property
     def strategy(self) -> str:
@@ -235,6 +241,8 @@ class Backend:
         """Make the pools match ``config`` (taking new ones from ``fresh``, made by
         ``_fresh_pools``); returns the pools that were removed. Never yields."""
         prev, self.config = self.config, config
+        if prev.retry != config.retry:
+            self.budget.reconfigure(config.retry)
         # a server kept under unchanged settings needs no re-tuning (a reload of a big
         # fleet that only adds or removes servers then switches in a few milliseconds)
         same = prev is config or _tuning(prev) == _tuning(config)
@@ -370,15 +378,21 @@ class Backend:
             raise
         return order.served(conn)
 
-    def _acquire(self, timeout: float | None, picker: Picker | None) -> PooledConnection:
+    def _acquire(
+        self, timeout: float | None, picker: Picker | None, avoid: Pool | None = None
+    ) -> PooledConnection:
         """Borrow from the server ``picker`` names (None: the balancer, read at each
         pick, as a reload may replace it); fail over when a dial fails or the server is
         full (a full server is not a failed one: its breaker is not charged). One
-        deadline, ``timeout``, bounds the whole of it."""
+        deadline, ``timeout``, bounds the whole of it. ``avoid`` (a retry's failed
+        server) is picked first only when no other server is eligible."""
         start = _monotonic()
         pool = self._only
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
-            idx = (self._balancer if picker is None else picker).pick(_NOTHING)
+            chooser = self._balancer if picker is None else picker
+            idx = None if avoid is None else chooser.pick(self._other_than(avoid))
+            if idx is None:
+                idx = chooser.pick(_NOTHING)
             if idx is None:
                 return self._failover(start, timeout, {}, picker)
             pool = self.pools[idx]
@@ -388,6 +402,58 @@ class Backend:
             return pool.acquire(timeout)
         except (DialError, PoolClosed, PoolExhausted) as exc:
             return self._failover(start, timeout, {pool: exc}, picker)
+
+    def _other_than(self, pool: Pool) -> AbstractSet[int]:
+        """The pick exclusion that keeps away from ``pool`` (if it is still a member)."""
+        i = self._index.get(pool)
+        return _NOTHING if i is None else frozenset((i,))
+
+    def call(
+        self,
+        fn: Callable[[PooledConnection], T],
+        key: Key | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """``fn(conn)`` on a borrowed connection, retried on a fresh one when the
+        connection died in flight; see ``PoolManager.call``."""
+        if timeout is not None:  # before anything is counted
+            timeout = valid_timeout(timeout, f"backend {self.name!r}")
+        budget = self.budget
+        budget.called()
+        limit = self.config.pool.acquire_timeout if timeout is None else timeout
+        deadline = _monotonic() + limit
+        conn = self.acquire(limit, key)
+        tries = 1
+        while True:
+            try:
+                with conn:  # released after fn returns; discarded (with the error) if it raises
+                    return fn(conn)
+            except Exception as exc:
+                # retried: a network error (the connection died in flight), while attempts,
+                # the deadline and the budget allow; the budget is asked last, so it only
+                # counts retries that would otherwise have been made
+                if not _is_network_error(exc) or tries >= self.config.retry.attempts or self.closed:
+                    raise
+                left = deadline - _monotonic()
+                if left <= 0 or not budget.try_retry():
+                    raise
+                tries += 1
+                try:
+                    conn = self._acquire_again(left, key, conn)
+                except LbpoolError as again:  # the retry could not be made: say why it was
+                    raise again from exc
+
+    def _acquire_again(
+        self, timeout: float, key: Key | None, failed: PooledConnection
+    ) -> PooledConnection:
+        """A retry's acquisition: a key-affinity backend asks for the key again (its
+        owner, or its fallback per ``hash_fallback`` if the owner can no longer serve);
+        the other strategies avoid the server that just failed when another is
+        eligible."""
+        if self._placement is not None or not self.pools:
+            return self.acquire(timeout, key)
+        owner = failed._owner
+        return self._acquire(timeout, None, owner if isinstance(owner, Pool) else None)
 
     def _instead_of_full(
         self, idx: int, full: Pool, tried: Mapping[Pool, BaseException] = _NO_ERRORS
@@ -484,8 +550,15 @@ class Backend:
                 last_error=d.last_error,
                 failures=d.failures,
             )
+        budget = self.budget
         return BackendStats(
-            name=self.name, strategy=self.strategy, servers=servers, discovery=discovery
+            name=self.name,
+            strategy=self.strategy,
+            servers=servers,
+            discovery=discovery,
+            calls=budget.calls,
+            retries=budget.retries,
+            retries_denied=budget.retries_denied,
         )
 
 
@@ -510,6 +583,8 @@ class PoolManager(ThreadBound):
         self._closing_pools: list[Pool] = []
         self._closed_event = Event()  # set by close(): wakes wait_ready's discovery wait
         self._retired: list[Discovery] = []  # stopped without waiting: close() joins them
+        # call()'s retry budget for every ad-hoc host:port (their stats' backend "")
+        self._adhoc_budget = RetryBudget(self.config.defaults.retry)
         self._bind_to_current_thread()
         # one greenlet keeps every pool; a pool's acquisition that had to wait or dial
         # wakes it (on_demand) when at rest, as do new pools, reload and close
@@ -580,6 +655,51 @@ class PoolManager(ThreadBound):
             raise
         return backend.acquire(timeout, key)
 
+    def call(
+        self,
+        name: str,
+        fn: Callable[[PooledConnection], T],
+        *,
+        key: Key | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Return ``fn(conn)`` on a connection borrowed from ``name`` (a backend or an
+        ad-hoc ``host:port``; ``key`` as for ``get``), retrying when the connection
+        dies in flight. For idempotent requests: a retried request may have reached
+        the server before its connection died.
+
+        - ``fn`` returns: the connection is released, its result returned.
+        - ``fn`` raises a network error (``OSError`` -- reset, EOF as
+          ``ConnectionError``, ``socket.timeout`` -- that is not one of lbpool's own
+          errors): the connection is discarded with it (the server's breaker hears of
+          it) and ``fn`` is called again on a fresh acquisition while the backend's
+          ``retry.attempts`` (tries in all, the first included), the deadline and its
+          retry budget (``retry.budget_percent`` of calls over 10 s plus
+          ``retry.min_per_second``; ``lbpool.retry``) allow. The retry avoids the
+          server that just failed when another is eligible; a key-affinity backend
+          asks for the key again (its owner, or its fallback per ``hash_fallback``).
+          Otherwise the error propagates, the same exception object. If a retry's
+          acquisition fails, its error (``BackendUnavailable``, ``PoolTimeout`` ...)
+          propagates, its ``__cause__`` the network error.
+        - ``fn`` raises anything else (a ``gevent.Timeout`` or kill included: the
+          caller's own cancellation): the connection is discarded as ``with conn:``
+          discards it, and the exception propagates; never retried.
+
+        One deadline, ``timeout`` (None: the backend's ``acquire_timeout``), starts
+        at the call and bounds every acquisition; time spent in ``fn`` counts against
+        it, and no retry starts after it passed. ``fn``'s own I/O is bounded by the
+        socket timeout it sets. Counted per backend in stats: ``calls``,
+        ``retries``, ``retries_denied``.
+        """
+        if key is not None:
+            check_key(key)  # before anything changes (an ad-hoc pool made, a call counted)
+        if timeout is not None:
+            timeout = valid_timeout(timeout, f"call {name!r}")
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
+            self._check_owner()
+        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        return backend.call(fn, key, timeout)
+
     def owner(self, name: str, key: Key) -> str:
         """The key's owner in backend ``name`` by placement, ``host:port``: breakers are
         ignored and nothing is borrowed (``conn.address`` says who actually served).
@@ -611,6 +731,7 @@ class PoolManager(ThreadBound):
                 listeners=self._listeners,
                 on_demand=self._on_demand,
                 on_unused=self._unused_adhoc,
+                budget=self._adhoc_budget,
             )
             backend._apply(backend.config)
             self._adhoc[key] = backend
@@ -673,6 +794,7 @@ class PoolManager(ThreadBound):
                 "breaker": d.breaker,
                 "health_check": d.health_check,
                 "balance": d.balance,
+                "retry": d.retry,
             }
         )
 
@@ -723,7 +845,15 @@ class PoolManager(ThreadBound):
             for backend in self._adhoc.values():
                 for pool in backend.pools:
                     servers[pool.name] = pool.stats()
-            backends[""] = BackendStats(name="", strategy="round_robin", servers=servers)
+            budget = self._adhoc_budget
+            backends[""] = BackendStats(
+                name="",
+                strategy="round_robin",
+                servers=servers,
+                calls=budget.calls,
+                retries=budget.retries,
+                retries_denied=budget.retries_denied,
+            )
         return ManagerStats(backends=backends)
 
     # -- reload -------------------------------------------------------------------
@@ -782,6 +912,7 @@ class PoolManager(ThreadBound):
             if key == backend.name:
                 removed.extend(backend._apply(self._adhoc_config(key)))
         self.config = new
+        self._adhoc_budget.reconfigure(new.defaults.retry)
         self._retire_pools(removed)  # in the same step: no waiter is handed a removed server
         self._upkeep.wake()
 

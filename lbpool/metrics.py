@@ -30,6 +30,10 @@ Exported (``lbpool_`` prefix):
   (UNIX time of the last good answer; absent before one) and the counter
   ``discovery_failures_total`` (failed resolutions);
 
+- per backend (label ``backend`` only; ``""`` for the ad-hoc host:port ones): counters
+  ``calls_total`` (``manager.call`` invocations), ``retries_total`` (the retries they
+  made) and ``retries_denied_total`` (retries the retry budget refused);
+
 - histogram: ``acquire_wait_seconds`` — every acquisition is one observation (0 when
   it did not queue), bucketed by the pool as it happens (``ServerStats.wait_buckets``).
 
@@ -49,7 +53,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from lbpool.stats import CLOSE_REASONS, DiscoveryStats, ManagerStats, ServerStats
+from lbpool.stats import CLOSE_REASONS, BackendStats, DiscoveryStats, ManagerStats, ServerStats
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -75,6 +79,12 @@ _COUNTERS = (
     ("fallback_hits", "fallback_hits", "Key-affinity acquisitions served as a fallback."),
     ("waits", "waits", "Acquisitions that queued for a connection (served or not)."),
     ("released", "released", "Connections given back cleanly (release, end of a with block)."),
+)
+# (BackendStats field, metric name without lbpool_ / _total, help): label ``backend`` only
+_BACKEND_COUNTERS = (
+    ("calls", "calls", "manager.call invocations."),
+    ("retries", "retries", "Retries manager.call made after a connection died in flight."),
+    ("retries_denied", "retries_denied", "Retries the backend's retry budget refused."),
 )
 _GAUGES = (
     ("size", "size", "Open connections plus dials in progress."),
@@ -159,6 +169,8 @@ class LbpoolCollector:
             "Failed DNS resolutions of a discovered backend (the last good set was kept).",
             labels=["backend"],
         )
+        for field, name, doc in _BACKEND_COUNTERS:
+            fam[field] = CounterMetricFamily(self._name(name), doc, labels=["backend"])
         return fam
 
     def describe(self) -> Iterator[Any]:
@@ -173,7 +185,13 @@ class LbpoolCollector:
                 self._add(fam, [backend_name, address], server)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
+            self._add_backend(fam, backend_name, backend)
         yield from fam.values()
+
+    @staticmethod
+    def _add_backend(fam: dict[str, Any], backend: str, b: BackendStats) -> None:
+        for field, _, _ in _BACKEND_COUNTERS:
+            fam[field].add_metric([backend], float(getattr(b, field)))
 
     @staticmethod
     def _add_discovery(fam: dict[str, Any], backend: str, d: DiscoveryStats) -> None:

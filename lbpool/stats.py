@@ -82,18 +82,28 @@ class DiscoveryStats:
 @dataclass(frozen=True)
 class BackendStats:
     """A backend: its strategy and its servers' stats, keyed by address;
-    ``discovery``: its DNS state, None for a backend with a static server list."""
+    ``discovery``: its DNS state, None for a backend with a static server list.
+
+    ``calls``, ``retries``, ``retries_denied``: ``manager.call`` invocations, the
+    retries they made, and the retries the backend's retry budget refused (counts
+    since start; for the ad-hoc ``""`` backend, over every host:port called)."""
 
     name: str
     strategy: str
     servers: Mapping[str, ServerStats] = field(default_factory=dict)
     discovery: DiscoveryStats | None = None
+    calls: int = 0
+    retries: int = 0
+    retries_denied: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "servers": {addr: s.to_dict() for addr, s in self.servers.items()},
             "discovery": None if self.discovery is None else self.discovery.to_dict(),
+            "calls": self.calls,
+            "retries": self.retries,
+            "retries_denied": self.retries_denied,
         }
 
 

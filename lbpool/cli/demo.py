@@ -7,10 +7,10 @@ the same port, so the breaker opening, the traffic moving to the other servers, 
 half-open trial and the recovery can all be watched. It ends by itself with a summary.
 
 The client side is the pattern we recommend (see ``echo_request``): lbpool fails over
-between servers while *acquiring*; a request whose connection dies *in flight* is the
-caller's to retry, once, on a freshly acquired connection, after discarding the dead
-one (which also tells that server's breaker). Done that way, no request fails while
-another server could serve it.
+between servers while *acquiring*; a request whose connection dies *in flight* is
+retried by ``manager.call`` on a fresh acquisition, after discarding the dead
+connection (which also tells that server's breaker). Done that way, no request fails
+while another server could serve it.
 
 What the demo shows, the live table and the summary, is ``_demo_report``'s: this
 module writes a ``Record`` as the run goes, and that module reads it.
@@ -114,34 +114,31 @@ def echo_request(
 ) -> str:
     """Send ``payload``, read the echo; return the address of the server that answered.
 
-    Errors while *acquiring* (``BackendUnavailable``, ``PoolTimeout``...) are final:
-    lbpool already tried every eligible server within the acquire timeout. A network
-    error on the acquired connection (the server died under us) discards it, which
-    closes it and counts against that server's breaker, and the request is retried
-    once on a freshly acquired connection. A wrong reply is a bug, not retried.
+    Through ``manager.call``: errors while *acquiring* (``BackendUnavailable``,
+    ``PoolTimeout``...) are final: lbpool already tried every eligible server within
+    the deadline. A network error on the acquired connection (the server died under
+    us) discards it, which closes it and counts against that server's breaker, and
+    the request is retried on a fresh acquisition (the backend's ``retry`` config:
+    once, within the retry budget); ``on_retry`` hears the error that killed the
+    previous attempt as the retry starts. A wrong reply is a bug, not retried.
     """
-    for attempt in (1, 2):
-        conn = manager.acquire(backend)
+    died: list[BaseException] = []
+
+    def attempt(conn: PooledConnection) -> str:
+        if died and on_retry is not None:
+            on_retry(died[-1])
+        conn.settimeout(io_timeout)
         try:
-            conn.settimeout(io_timeout)
             conn.sendall(payload)
             reply = _recv_exact(conn, len(payload))
-            if reply != payload:
-                raise ValueError(f"{conn.address}: echo mismatch: {reply[:32]!r}")
         except OSError as exc:  # reset, broken pipe, EOF, timeout: this connection is dead
-            conn.discard(exc)
-            if attempt == 2:
-                raise
-            if on_retry is not None:
-                on_retry(exc)
-            continue
-        except BaseException as exc:
-            conn.discard(exc)
+            died.append(exc)
             raise
-        address = conn.address
-        conn.release()
-        return address
-    raise AssertionError("unreachable")  # pragma: no cover
+        if reply != payload:
+            raise ValueError(f"{conn.address}: echo mismatch: {reply[:32]!r}")
+        return conn.address
+
+    return manager.call(backend, attempt)
 
 
 def _kind(exc: BaseException) -> str:

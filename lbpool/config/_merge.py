@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from lbpool.config.types import Loc
 
 #: The sections a backend inherits from ``defaults``.
-_SECTIONS = ("pool", "dial", "breaker", "health_check", "balance")
+_SECTIONS = ("pool", "dial", "breaker", "health_check", "balance", "retry")
 #: Validation context flag: the data is merged already (``Config`` must not merge again).
 _MERGED_CONTEXT = "lbpool.config.defaults_merged"
 

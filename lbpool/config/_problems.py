@@ -26,6 +26,7 @@ from lbpool.config.models import (
     DiscoverConfig,
     HealthCheckConfig,
     PoolConfig,
+    RetryConfig,
     ServerConfig,
     SubsetConfig,
     TLSConfig,
@@ -47,6 +48,7 @@ for _owner in (DefaultsConfig, BackendConfig):
     _NESTED[(_owner, "breaker")] = BreakerConfig
     _NESTED[(_owner, "health_check")] = HealthCheckConfig
     _NESTED[(_owner, "balance")] = BalanceConfig
+    _NESTED[(_owner, "retry")] = RetryConfig
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:

@@ -8,7 +8,7 @@ A backend's sections are merged over ``defaults`` key by key before validation, 
 ``BackendConfig`` holds fully resolved settings and the rest of lbpool never merges
 anything. The YAML form::
 
-    defaults: {pool: ..., dial: ..., breaker: ..., health_check: ..., balance: ...}
+    defaults: {pool: ..., dial: ..., breaker: ..., health_check: ..., balance: ..., retry: ...}
     backends:
       cache:
         strategy: least_active
@@ -267,6 +267,24 @@ class BalanceConfig(_Model):
     hash_fallback: HashFallback = "next"
 
 
+class RetryConfig(_Model):
+    """``manager.call``'s retry of a request whose connection died in flight, and the
+    budget that bounds retries (``lbpool.retry``: Finagle's and Envoy's retry budgets)."""
+
+    attempts: AtLeastOne = 2  # tries in all, the first included; 1 = no retry
+    # retries at most this share of the calls made over 10 s (0 to 1000, as Finagle's
+    # percentCanRetry) ...
+    budget_percent: Annotated[float, Field(ge=0.0, le=1000.0)] = 20.0
+    min_per_second: Count = 10  # ... plus this many a second (a new budget holds as many)
+
+    @field_validator("budget_percent", mode="before")
+    @classmethod
+    def _percent_is_number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number between 0 and 1000, got {_show(value)}")
+        return value
+
+
 #: The last three are key-affinity strategies (``lbpool.hashing``): ``get()`` needs ``key=``.
 Strategy: TypeAlias = Literal[
     "round_robin", "least_active", "weighted", "random", "maglev", "ring_hash", "rendezvous"
@@ -347,6 +365,7 @@ class BackendConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
     balance: BalanceConfig = BalanceConfig()
+    retry: RetryConfig = RetryConfig()
     setup: Hook | None = None  # "package.module:function" run on each new socket
 
     @field_validator("servers", mode="wrap")
@@ -412,6 +431,7 @@ class DefaultsConfig(_Model):
     breaker: BreakerConfig = BreakerConfig()
     health_check: HealthCheckConfig = HealthCheckConfig()
     balance: BalanceConfig = BalanceConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 class AdhocConfig(_Model):

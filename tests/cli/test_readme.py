@@ -66,3 +66,29 @@ def test_the_pymemcache_snippet_runs_verbatim() -> None:
         if "manager" in namespace:
             namespace["manager"].close()
         servers.stop_all()
+
+
+def test_the_retries_snippet_runs_verbatim() -> None:
+    """Two echo servers, the first behind a proxy that resets every connection as it
+    is used: the call is retried on the second and answers."""
+    from lbpool.testing import EchoServer, FaultProxy
+
+    code = snippet("Retries")
+    placeholders = re.findall(r'"127\.0\.0\.1:(\d+)"', code)
+    assert len(placeholders) == 2, code
+    with EchoServer() as a, EchoServer() as b, FaultProxy(a.address) as dying:
+        dying.close_after(0)  # every connection to it dies at its first reply
+        for port, server in zip(placeholders, [dying, b], strict=True):
+            code = code.replace(f'"127.0.0.1:{port}"', f'"{server.address}"')
+        namespace: dict[str, Any] = {}
+        try:
+            for _ in range(2):  # the first call lands on either server
+                exec(compile(code, f"{README}:Retries", "exec"), namespace)
+                assert namespace["reply"] == b"+PONG\r\n"
+                if namespace["stats"].retries:
+                    break
+                namespace["manager"].close()
+            assert namespace["stats"].retries == 1
+        finally:
+            if "manager" in namespace:
+                namespace["manager"].close()

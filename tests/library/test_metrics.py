@@ -218,3 +218,33 @@ def test_importing_lbpool_does_not_import_prometheus_client() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_call_counters_are_exported_per_backend(
+    manager: lbpool.PoolManager, servers: list[EchoServer]
+) -> None:
+    def fail(conn: lbpool.PooledConnection) -> None:
+        raise ConnectionResetError("the connection died in flight")  # a network error
+
+    manager.call("cache", lambda conn: echo_on(conn))
+    with pytest.raises(ConnectionResetError):
+        manager.call("cache", fail)  # tried twice (attempts: 2)
+    manager.call(servers[0].address, lambda conn: echo_on(conn))
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    text = generate_latest(registry).decode()
+    samples = parse(text)
+    stats = manager.stats()
+    assert (stats.backends["cache"].calls, stats.backends["cache"].retries) == (2, 1)
+    for backend in ("cache", ""):
+        b = stats.backends[backend]
+        assert value(samples, "lbpool_calls_total", backend=backend) == b.calls
+        assert value(samples, "lbpool_retries_total", backend=backend) == b.retries
+        assert value(samples, "lbpool_retries_denied_total", backend=backend) == b.retries_denied
+    assert value(samples, "lbpool_calls_total", backend="") == 1
+    assert "# TYPE lbpool_retries_denied_total counter" in text
+
+
+def echo_on(conn: lbpool.PooledConnection, data: bytes = b"ping") -> None:
+    conn.sendall(data)
+    assert recv_exact(conn, len(data)) == data

@@ -621,21 +621,22 @@ def scenario_e(s: Settings, verbose: bool) -> dict[str, Any]:
             if t0 >= stop_at:
                 return
             address: str | None = None
+            tries = 0
+
+            def attempt(conn: Any) -> None:
+                nonlocal address, tries
+                tries += 1
+                if tries > 1:
+                    retried.append(monotonic())
+                address = conn.address
+                conn.sendall(payload)
+                recv_exact(conn, len(payload))
+
             try:
-                # the recommended client pattern: a request whose connection dies in
-                # flight is retried once on a fresh acquisition (the `with` discarded
-                # the dead one and told the server's breaker)
-                for attempt in (1, 2):
-                    try:
-                        with manager.get("e", 2.0) as conn:
-                            address = conn.address
-                            conn.sendall(payload)
-                            recv_exact(conn, len(payload))
-                        break
-                    except OSError:
-                        if attempt == 2:
-                            raise
-                        retried.append(monotonic())
+                # the recommended client: manager.call retries a request whose
+                # connection died in flight on a fresh acquisition (after discarding
+                # the dead one, which tells the server's breaker), within one deadline
+                manager.call("e", attempt, timeout=2.0)
             except Exception as exc:
                 failed.append(
                     {
