@@ -179,7 +179,7 @@ class PooledConnection:
 
     def _refuse(self) -> NoReturn:
         raise ConnectionReleased(
-            f"{self.address}: connection used after release (or after its pool closed)"
+            f"{self.address}: connection used after release or discard"
         )
 
     # -- identity and bookkeeping -------------------------------------------------

@@ -1282,8 +1282,9 @@ class Pool(ThreadBound):
             self._drained.wait(timeout)
         for conn in list(self._busy):
             _log.warning("%s: closing a connection still in use at close()", self.name)
-            handle = self._busy.pop(conn)
-            handle._conn = None  # its holder (and its makefile objects) can't use it now
+            del self._busy[conn]
+            # its socket is closed: its holder (and its makefile objects) get an OSError,
+            # as from any connection that dropped mid-request, which ``with`` discards
             self._retire(conn, "discarded")
         self._closed = True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from time import monotonic
 from typing import Any
 
@@ -24,6 +24,7 @@ from lbpool import BackendUnavailable, ConfigError, PoolManager, PoolTimeout
 from lbpool.subset import deterministic_subset
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.dns_server import DNSServer, Zone
+from tests.support.procs import ProcessEchoServer
 
 REFRESH = 0.1  # the issue's scenario uses 30 s in production; 0.1 s keeps the suite fast
 SRV = "_echo._tcp.svc.test"
@@ -35,7 +36,7 @@ def dns_server() -> Iterator[DNSServer]:
         yield server
 
 
-def srv_zone(servers: list[EchoServer]) -> Zone:
+def srv_zone(servers: Sequence[EchoServer | ProcessEchoServer]) -> Zone:
     """One SRV record per server (target ``sN.svc.test`` -> 127.0.0.1, the server's port)."""
     zone: Zone = {(SRV, "SRV"): []}
     for server in servers:
@@ -617,11 +618,14 @@ def test_discovered_backend_config_round_trips() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_runs_its_own_discovery(
     make_manager: Callable[..., PoolManager],
-    echo_server: EchoServer,
+    process_echo_server: ProcessEchoServer,
     dns_server: DNSServer,
 ) -> None:
     """The child resolves with a runner of its own (the parent's copy is stopped) and
-    applies answers the parent's DNS server gives it; the parent's runner goes on."""
+    applies answers the parent's DNS server gives it; the parent's runner goes on.
+    (The echo server runs in a process of its own: a listener of the forking process
+    would be copied into the child, which could accept or close what is the parent's.)"""
+    echo_server = process_echo_server
     from tests.reliability.test_fork_thread import run_in_child
 
     dns_server.zone = srv_zone([echo_server])

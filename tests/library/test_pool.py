@@ -30,7 +30,7 @@ from lbpool.connection import PooledConnection, _Conn
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
 from tests.support.leaks import settle
-from tests.support.procs import ProcessEchoServer
+from tests.support.procs import ProcessEchoServer, reap_child
 
 
 def make_pool(server: EchoServer | ProcessEchoServer, **pool_kw: object) -> Pool:
@@ -538,7 +538,7 @@ def test_fork_child_never_uses_parent_connection(
                 break
             result += chunk
     os.close(r)
-    os.waitpid(pid, 0)
+    reap_child(pid)
     assert result[:1] == b"\x00", result
     child_port = int.from_bytes(result[1:3], "big")
     assert child_port not in parent_ports  # the child dialed its own connection

@@ -20,6 +20,7 @@ from lbpool.subset import (
     stable_shuffle,
     subset,
 )
+from tests.support.procs import reap_child
 
 
 def servers(n: int) -> list[str]:
@@ -187,7 +188,7 @@ def test_a_forked_child_draws_its_own_seed() -> None:
         child = os.read(read, 64)
     finally:
         os.close(read)
-        os.waitpid(pid, 0)
+        reap_child(pid)
     assert len(child) == 16 and child != parent
     assert process_seed() == parent
 

@@ -159,7 +159,12 @@ def test_error_on_an_old_connection_does_not_end_the_trial_in_flight(
     if driver == "caller":
         trial = gevent.spawn(pool.acquire, 5)
     else:
-        pool.config = pool.config.model_copy(update={"min_idle": 1})
+        pool.reconfigure(
+            pool=pool.config.model_copy(update={"min_idle": 1}),
+            dial=pool.dial_config,
+            health_check=pool.health_config,
+            setup=setup,
+        )
         assert pool.fill() == 1
     assert entered.wait(5)  # the trial dial is in flight, parked in its setup hook
     second.discard(ConnectionResetError("late error from before the breaker opened"))

@@ -31,7 +31,7 @@ import pytest
 from lbpool import LbpoolError, PoolManager
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import live_greenlets, settle
-from tests.support.procs import ProcessEchoServer
+from tests.support.procs import ProcessEchoServer, reap_child
 
 
 def config(addresses: list[str], **pool: Any) -> dict[str, Any]:
@@ -93,8 +93,8 @@ def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
                 data += chunk
     finally:
         os.close(r)
-        _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        status = reap_child(pid)
+    assert status is None or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0), status
     result: dict[str, Any] = json.loads(data)
     assert "error" not in result, result["error"]
     return result
@@ -354,8 +354,8 @@ def run_in_child_parent_blocked(child: Callable[[], dict[str, Any]]) -> dict[str
             data += chunk
     finally:
         os.close(r)
-        _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        status = reap_child(pid)
+    assert status is None or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0), status
     result: dict[str, Any] = json.loads(data)
     assert "error" not in result, result["error"]
     return result

@@ -9,6 +9,7 @@ there is exactly one listener, owned by a process that never forks.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,7 @@ class ProcessEchoServer:
             self.stop()
             raise
         self.address = line.decode().strip()
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def stop(self, timeout: float = 10.0) -> None:
         proc = self._proc
@@ -80,3 +82,15 @@ class ProcessEchoServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def reap_child(pid: int) -> int | None:
+    """``os.waitpid(pid, 0)``'s status of a forked child, or None when it was reaped
+    already: once a test in this process used ``gevent.subprocess`` (servers in
+    processes of their own do), gevent's SIGCHLD watcher reaps every child that exits,
+    and a plain ``waitpid`` then fails with ``ECHILD``. Callers judge the child by what
+    it reported (a pipe), and by the status when there is one."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None
