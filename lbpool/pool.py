@@ -48,7 +48,7 @@ from lbpool._waiters import (
     WaitQueue,
     valid_timeout,
 )
-from lbpool.breaker import Breaker
+from lbpool.breaker import PANIC_DIAL, Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import PooledConnection, _Conn, _is_network_error
@@ -248,12 +248,15 @@ class Pool(ThreadBound):
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)
 
-    def acquire(self, timeout: float | None = None) -> PooledConnection:
+    def acquire(self, timeout: float | None = None, *, panic: bool = False) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
 
         One deadline bounds all of it: each borrow check gets at most the time left
         (and past the deadline no further idle connection is taken), the wait, the
         dial with its setup hook (and, for a half-open trial, its check).
+
+        ``panic`` (the manager's panic mode, ``balance.panic_threshold``): dial even if
+        the breaker refuses; that dial is the breaker's verdict (``PANIC_DIAL``).
         """
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
@@ -286,9 +289,11 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
-        return self._acquire_slow(timeout, deadline)
+        return self._acquire_slow(timeout, deadline, panic)
 
-    def _acquire_slow(self, timeout: float | None, deadline: float) -> PooledConnection:
+    def _acquire_slow(
+        self, timeout: float | None, deadline: float, panic: bool = False
+    ) -> PooledConnection:
         if self._closing:  # closed during a borrow check
             raise PoolClosed(f"{self.name}: pool is closed")
         self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
@@ -300,16 +305,16 @@ class Pool(ThreadBound):
             raise PoolTimeout(f"{self.name}: acquire deadline passed during borrow checks")
         if self._size < self._max_size and not self._waiters:
             self._reserve()
-            return self._lend_new(deadline)
+            return self._lend_new(deadline, panic)
         if self._max_waiting and len(self._waiters) >= self._max_waiting:
             self._shed += 1
             raise PoolExhausted(
                 f"{self.name}: {len(self._waiters)} callers already wait "
                 f"(max_waiting {self._max_waiting}); shed"
             )
-        return self._wait(start, deadline)
+        return self._wait(start, deadline, panic)
 
-    def _wait(self, start: float, deadline: float) -> PooledConnection:
+    def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
         w = self._waiters.join(deadline)
         try:
             outcome = w.wait()
@@ -346,7 +351,7 @@ class Pool(ThreadBound):
             if self._closing:  # as above: dial nothing for a pool that is closing
                 self._unreserve()
                 raise PoolClosed(f"{self.name}: pool closed while waiting")
-            lent = self._lend_new(deadline)
+            lent = self._lend_new(deadline, panic)
             self._waits_served += 1
             return lent
         if outcome is BROKEN:
@@ -374,32 +379,36 @@ class Pool(ThreadBound):
             handle.stack = "".join(traceback.format_stack()[:-2])
         return handle
 
-    def _lend_new(self, deadline: float) -> PooledConnection:
+    def _lend_new(self, deadline: float, panic: bool = False) -> PooledConnection:
         """Dial into a slot already counted in ``_size`` and lend the result."""
-        conn = self._dial_reserved(deadline - _monotonic())
+        conn = self._dial_reserved(deadline - _monotonic(), panic)
         self._misses += 1
         return self._lend(conn, conn.created_at)
 
     # -- dialing ------------------------------------------------------------------
-    def _dial_reserved(self, remaining: float) -> _Conn:
+    def _dial_reserved(self, remaining: float, panic: bool = False) -> _Conn:
         """For an acquisition: ask the breaker, mind the deadline, then ``_open``.
 
         A dial that may outlast the caller's deadline runs in its own greenlet (an
         errand): the caller waits for it at most ``remaining`` and, if it gives up, the
         dial goes on to its verdict -- a failure counts against the breaker, a
         connection is handed on -- so a server whose connects never complete is judged
-        on ``dial.timeout`` whatever its callers' deadlines.
+        on ``dial.timeout`` whatever its callers' deadlines. ``panic``: a dial the
+        breaker refuses goes through anyway, as its verdict (token ``PANIC_DIAL``).
         """
         breaker = self.breaker
         trial = 0
         if not breaker.is_closed:
-            if not breaker.allow_dial():
+            if breaker.allow_dial():
+                trial = breaker.trial_token
+            elif panic:
+                trial = PANIC_DIAL
+            else:
                 self._unreserve()
                 raise DialError(
                     self.name,
                     f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
                 )
-            trial = breaker.trial_token
         if remaining <= 0:
             if trial:
                 breaker.abandon_trial(trial)
@@ -522,10 +531,12 @@ class Pool(ThreadBound):
             self._check_trial(sock, trial)
         self._pending -= 1
         breaker = self.breaker
-        if trial:
+        if trial:  # a half-open trial's token, or PANIC_DIAL: closes the breaker
             breaker.record_success(trial)
         elif breaker._failure_count:
             breaker.record_dial_success()
+        if breaker.rate is not None:  # failure_rate: a successful dial is a success
+            breaker.count_success()
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now))
 
@@ -560,6 +571,8 @@ class Pool(ThreadBound):
         breaker = self.breaker
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success(None)  # None: not a half-open trial's verdict
+        if breaker.rate is not None:  # failure_rate: a clean use is a success
+            breaker.count_success()
         if now >= conn.expires_at:
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:

@@ -76,18 +76,23 @@ class DiscoveryStats:
 @dataclass(frozen=True)
 class BackendStats:
     """A backend: its strategy and its servers' stats, keyed by address;
-    ``discovery``: its DNS state, None for a backend with a static server list."""
+    ``discovery``: its DNS state, None for a backend with a static server list;
+    ``panic``: in panic mode now (``balance.panic_threshold``)."""
 
     name: str
     strategy: str
     servers: Mapping[str, ServerStats] = field(default_factory=dict)
     discovery: DiscoveryStats | None = None
+    # panic mode now: fewer than balance.panic_threshold of the servers are eligible,
+    # so picks ignore health (a dial to an open server is its verdict)
+    panic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
             "servers": {addr: s.to_dict() for addr, s in self.servers.items()},
             "discovery": None if self.discovery is None else self.discovery.to_dict(),
+            "panic": self.panic,
         }
 
 

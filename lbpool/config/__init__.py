@@ -47,9 +47,11 @@ from lbpool.config.models import (
     DefaultsConfig,
     DialConfig,
     DiscoverConfig,
+    FailureRateConfig,
     HealthCheckConfig,
     PoolConfig,
     ServerConfig,
+    SlowStartConfig,
     SubsetConfig,
     TLSConfig,
 )
@@ -61,6 +63,7 @@ from lbpool.config.types import (
     _show,
     parse_address,
     parse_duration,
+    parse_share,
 )
 from lbpool.errors import ConfigError, ConfigProblem
 
@@ -78,16 +81,19 @@ __all__ = [
     "DialConfig",
     "DiscoverConfig",
     "Duration",
+    "FailureRateConfig",
     "HealthCheckConfig",
     "Hook",
     "PoolConfig",
     "ServerConfig",
+    "SlowStartConfig",
     "SubsetConfig",
     "TLSConfig",
     "load_config",
     "parse_address",
     "parse_config",
     "parse_duration",
+    "parse_share",
 ]
 
 
