@@ -195,6 +195,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     """
 
     is_closed: bool
+    closes: int  # transitions to closed: connections dialed before the last one are stale
     rate: FailureRate | None  # the failure-rate window; None when failure_rate is off
     trips: int  # closed -> open transitions; re-opening after a failed trial is not a trip
     # the package's attributes, typed (it ships no hints)
@@ -237,6 +238,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         # dials): a successful dial does not end it, only a clean use does
         self._in_use_streak = False
         self.is_closed = True
+        self.closes = 0
         self.trips = 0
         self._rate_config = config.failure_rate
         self.rate = None if config.failure_rate is None else FailureRate(config.failure_rate, clock)
@@ -481,6 +483,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             )
 
     def _close(self) -> None:
+        self.closes += 1
         if self.rate is not None:
             self.rate.clear()  # a fresh window: old failures must not re-trip it
         self._failure_count = 0

@@ -31,10 +31,13 @@ class _Owner(Protocol):
 class _Conn:
     """One open socket owned by a pool, across all its borrows."""
 
-    __slots__ = ("checked_at", "created_at", "expires_at", "last_used_at", "sock", "uses")
+    __slots__ = ("checked_at", "created_at", "era", "expires_at", "last_used_at", "sock", "uses")
 
-    def __init__(self, sock: socket.socket, now: float, expires_at: float) -> None:
+    def __init__(self, sock: socket.socket, now: float, expires_at: float, era: int = 0) -> None:
         self.sock = sock
+        # the breaker's ``closes`` when it was dialed: an error on a connection from
+        # before the breaker last closed is evidence about the old outage, not counted
+        self.era = era
         self.created_at = now
         self.last_used_at = now
         self.checked_at = now

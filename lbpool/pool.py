@@ -58,6 +58,8 @@ from lbpool.health import Unhealthy, check_health, peek_alive
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _log = logging.getLogger("lbpool")
+# checked_at of a connection the server's failure made suspect: checked before reuse
+_SUSPECT = float("-inf")
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -538,7 +540,7 @@ class Pool(ThreadBound):
         if breaker.rate is not None:  # failure_rate: a successful dial is a success
             breaker.count_success()
         now = _monotonic()
-        return _Conn(sock, now, self._expiry(now))
+        return _Conn(sock, now, self._expiry(now), breaker.closes)
 
     def _check_trial(self, sock: socket.socket, trial: int) -> None:
         """The configured check on a half-open trial's new connection: its verdict."""
@@ -567,7 +569,11 @@ class Pool(ThreadBound):
             conn.close()
             return
         now = _monotonic()
-        conn.last_used_at = conn.checked_at = now
+        # in use when the server failed us (_suspect_idle): check it before reuse
+        suspect = conn.checked_at == _SUSPECT
+        conn.last_used_at = now
+        if not suspect:
+            conn.checked_at = now
         breaker = self.breaker
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success(None)  # None: not a half-open trial's verdict
@@ -577,6 +583,10 @@ class Pool(ThreadBound):
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
             self._retire(conn, "discarded")
+        elif (suspect or not self._check_after) and not peek_alive(conn.sock):
+            # reset while in use (a reply read before the RST does not make it alive),
+            # or check_after 0 ("check every reuse"), which a hand-off is too
+            self._retire(conn, "unhealthy")
         elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
             w = self._waiters.popleft()
             self._handed += 1
@@ -592,10 +602,16 @@ class Pool(ThreadBound):
             conn.close()
             return
         failure = exc if _is_network_error(exc) else None
+        if failure is not None and conn.era != self.breaker.closes:
+            # dialed before the breaker last closed (a trial or a panic dial closed it):
+            # its error is the old outage's, already judged; not a new failure
+            self._suspect_idle()
+            failure = None
         self._retire(conn, "discarded" if exc is None else "error", failure)
 
     def _suspect_idle(self) -> None:
         """The server just failed us: check each idle connection before its next use,
+        and each one in use when it comes back (before it is handed to a waiter),
         however recently it was used (a dead server's idle sockets look fine until
         someone reads from them). If that failure opened the breaker, the server is
         given up for now: idle connections close and waiters are told to fail over."""
@@ -604,7 +620,9 @@ class Pool(ThreadBound):
             self._waiters.hand_all(BROKEN)
             return
         for conn in self._idle:
-            conn.checked_at = float("-inf")
+            conn.checked_at = _SUSPECT
+        for conn in self._busy:  # a reply read before a reset does not make it alive
+            conn.checked_at = _SUSPECT
 
     def _drop_idle(self) -> None:
         idle = self._idle
