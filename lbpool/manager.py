@@ -449,12 +449,15 @@ class Backend:
         pool = self._only
         panic = False
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
-            panic = bool(self._not_closed) and self.in_panic()
-            idx = self._picker(picker, panic).pick(_NOTHING)
+            if self._not_closed and self.in_panic():  # an empty list while all are closed
+                panic = True
+                idx = self._picker(picker, True).pick(_NOTHING)
+            else:
+                idx = (self._balancer if picker is None else picker).pick(_NOTHING)
+                if self._warming and picker is None and idx is not None:
+                    idx = self._warmed(idx, _NOTHING)
             if idx is None:
                 return self._failover(start, timeout, {}, picker)
-            if self._warming and picker is None and not panic:
-                idx = self._warmed(idx, _NOTHING)
             pool = self.pools[idx]
             if picker is None and not pool.can_serve_now():  # a key keeps to its owner
                 pool = self._instead_of_full(idx, pool)
@@ -510,7 +513,7 @@ class Backend:
         while True:
             pools = self.pools  # re-read: a reload may have swapped them
             tried = {i for i, p in enumerate(pools) if p in errors}
-            panic = bool(self._not_closed) and self.in_panic()
+            panic = self.in_panic()
             idx = self._picker(picker, panic).pick(tried)
             if idx is None:
                 if self.closed:

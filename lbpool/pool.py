@@ -569,21 +569,19 @@ class Pool(ThreadBound):
             conn.close()
             return
         now = _monotonic()
-        # in use when the server failed us (_suspect_idle): check it before reuse
-        suspect = conn.checked_at == _SUSPECT
-        conn.last_used_at = now
-        if not suspect:
-            conn.checked_at = now
+        checked = conn.checked_at  # _SUSPECT: in use when the server failed us
+        conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success(None)  # None: not a half-open trial's verdict
-        if breaker.rate is not None:  # failure_rate: a clean use is a success
-            breaker.count_success()
+        rate = breaker.rate  # failure_rate: a clean use is a success (breaker closed)
+        if rate is not None and breaker.is_closed:
+            rate.success()
         if now >= conn.expires_at:
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
             self._retire(conn, "discarded")
-        elif (suspect or not self._check_after) and not peek_alive(conn.sock):
+        elif (checked == _SUSPECT or not self._check_after) and not peek_alive(conn.sock):
             # reset while in use (a reply read before the RST does not make it alive),
             # or check_after 0 ("check every reuse"), which a hand-off is too
             self._retire(conn, "unhealthy")
