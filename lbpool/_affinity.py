@@ -307,14 +307,14 @@ class KeyOrder:
 
     ``pick(exclude)`` walks forward through the key's order (never back: a server skipped
     or tried is not offered again within this acquisition) and returns the next server
-    that is a member *now*, not in ``exclude`` and eligible, as its position in the
-    backend's pools now (read at the pick, in the same step as the caller reads
-    ``Backend.pools``). Servers no longer members are passed over uncounted: the rank
-    and ``limit`` (1 for ``hash_fallback: none``, -1 for no limit) count current
-    members, so the owner is what ``owner()`` says.
+    that is a member *now*, not in ``exclude`` and eligible (or any, with ``panic``
+    set), as its position in the backend's pools now (read at the pick, in the same
+    step as the caller reads ``Backend.pools``). Servers no longer members are passed
+    over uncounted: the rank and ``limit`` (1 for ``hash_fallback: none``, -1 for no
+    limit) count current members, so the owner is what ``owner()`` says.
     """
 
-    __slots__ = ("_left", "_placement", "_rank", "_seen", "_walk", "owner")
+    __slots__ = ("_left", "_placement", "_rank", "_seen", "_walk", "owner", "panic")
 
     def __init__(self, placement: Placement, walk: Iterator[Pool], limit: int) -> None:
         self._placement = placement
@@ -323,6 +323,9 @@ class KeyOrder:
         self._seen = 0  # current members of the key's order walked so far
         self._rank = 0  # the position of the last server offered
         self.owner: Pool | None = None  # the key's owner, once walked
+        # the backend is in panic mode: breakers are ignored (the key's owner is tried
+        # even when open, as Envoy's ring_hash and maglev do in panic)
+        self.panic = False
 
     def pick(self, exclude: Set[int] = frozenset()) -> int | None:
         index = self._placement._members()  # live: a reload may have changed the pools
@@ -337,7 +340,7 @@ class KeyOrder:
             self._seen = rank + 1
             if rank == 0:
                 self.owner = pool
-            if j in exclude or not eligible(pool.breaker):
+            if j in exclude or not (self.panic or eligible(pool.breaker)):
                 continue
             self._rank = rank
             return j

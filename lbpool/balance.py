@@ -10,6 +10,11 @@ common case costs one attribute read, ``breaker.is_closed``.
 On reload, build a new balancer with ``make_balancer``: there is no ``update``; a new
 balancer restarts its rotation, which is harmless.
 
+Panic mode (``balance.panic_threshold``, as Envoy's panic threshold) picks with the same
+strategy over ``ignoring_health(members)``: the same members seen through a view whose
+breaker always reads closed, so a pick there ignores health and the picks over healthy
+members cost nothing more.
+
 Picks never yield, so a balancer is safe among greenlets of one hub. Every loop is
 bounded by the number of members (or a fixed number of random draws), so a pick never
 spins, whatever the breakers and ``exclude`` say.
@@ -35,6 +40,7 @@ __all__ = [
     "RoundRobin",
     "Weighted",
     "eligible",
+    "ignoring_health",
     "make_balancer",
 ]
 
@@ -70,6 +76,45 @@ def _trial_open(breaker: Breaker) -> bool:
 def eligible(breaker: Breaker) -> bool:
     """May a new acquisition be routed to this breaker's server?"""
     return breaker.is_closed or _trial_open(breaker)
+
+
+class _AlwaysClosed:
+    """A breaker stand-in that reads closed: what a panic-mode pick sees."""
+
+    __slots__ = ()
+    is_closed = True
+    state = "closed"
+    trial_in_flight = False
+
+
+_ALWAYS_CLOSED = _AlwaysClosed()
+
+
+class _HealthBlind:
+    """A member seen with its breaker ignored (panic mode); activity and weight live."""
+
+    __slots__ = ("_member",)
+
+    def __init__(self, member: Member) -> None:
+        self._member = member
+
+    @property
+    def active(self) -> int:
+        return self._member.active
+
+    @property
+    def weight(self) -> int:
+        return self._member.weight
+
+    @property
+    def breaker(self) -> Breaker:
+        return _ALWAYS_CLOSED  # type: ignore[return-value]  # duck-typed: is_closed, state
+
+
+def ignoring_health(members: Sequence[Member]) -> list[Member]:
+    """``members`` (same order) whose breakers read closed: build a panic-mode balancer
+    on them, and its picks ignore health while activity and weights stay live."""
+    return [_HealthBlind(m) for m in members]
 
 
 class Balancer(ABC):

@@ -11,7 +11,12 @@ and its context-manager/decorator use, and fix what a connection pool needs:
   which breaks sub-second timeouts);
 * no global registry: breakers of different managers never share state, whatever their
   names (``CircuitBreakerMonitor.register`` is never called);
-* a listener sees every state change, and opening/closing is logged on ``lbpool``.
+* a listener sees every state change, and opening/closing is logged on ``lbpool``;
+* optionally (``failure_rate``) it also opens on a failure *rate*: over a sliding
+  window, at least ``min_requests`` outcomes and a failed share of ``threshold``
+  (``FailureRate``: ten buckets of counts in preallocated lists, so recording an
+  outcome allocates nothing). Successes are clean uses and successful dials
+  (``count_success``), failures every ``record_failure``; consecutive counting stays.
 
 Which exceptions count as failures is the caller's decision: the pool calls
 ``record_failure`` only for dial and network errors, never for application errors.
@@ -42,10 +47,11 @@ import circuitbreaker
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
 
 if TYPE_CHECKING:
-    from lbpool.config import BreakerConfig
+    from lbpool.config import BreakerConfig, FailureRateConfig
 
 __all__ = [
     "ANY_TRIAL",
+    "PANIC_DIAL",
     "STATE_CLOSED",
     "STATE_HALF_OPEN",
     "STATE_OPEN",
@@ -53,6 +59,7 @@ __all__ = [
     "BreakerListener",
     "BreakerState",
     "CircuitBreakerError",
+    "FailureRate",
 ]
 
 logger = logging.getLogger("lbpool")
@@ -75,6 +82,110 @@ _MAX_BACKOFF_LEVEL = 64
 # cannot end a trial in flight.
 ANY_TRIAL: Final[int] = -1
 
+# ``trial=`` of a panic-mode dial's verdict (the manager's panic mode let a dial through
+# to a server whose breaker refused it): success closes the breaker; failure is counted
+# and changes nothing else (an open breaker keeps its wait, not doubled).
+PANIC_DIAL: Final[int] = -2
+
+# Buckets of a failure-rate window: the window slides by a tenth of itself.
+RATE_BUCKETS: Final[int] = 10
+
+
+class FailureRate:
+    """Outcomes over a sliding window: ``RATE_BUCKETS`` buckets of (ok, failed) counts.
+
+    The window is ``window`` seconds, cut into ten buckets of ``window / 10``; the
+    buckets older than the window are zeroed as the clock moves on, so the counts
+    cover between 90% and 100% of ``window`` (the current bucket is partial). Ints in
+    two preallocated lists and two running totals: recording allocates nothing and
+    costs one clock read (Hystrix's and resilience4j's time-based sliding window).
+    Never yields.
+    """
+
+    __slots__ = (
+        "_bad",
+        "_clock",
+        "_epoch",
+        "_failed",
+        "_ok",
+        "_total",
+        "_width",
+        "min_requests",
+        "threshold",
+    )
+
+    def __init__(self, config: FailureRateConfig, clock: Callable[[], float]) -> None:
+        self.threshold = float(config.threshold)
+        self.min_requests = config.min_requests
+        self._width = float(config.window) / RATE_BUCKETS
+        self._clock = clock
+        self._ok = [0] * RATE_BUCKETS
+        self._bad = [0] * RATE_BUCKETS
+        self._total = 0  # outcomes in the window (ok + failed)
+        self._failed = 0
+        self._epoch = int(clock() / self._width)  # the current bucket's number
+
+    @property
+    def outcomes(self) -> int:
+        """Outcomes recorded in the window now (stale buckets are dropped first)."""
+        self._slide(int(self._clock() / self._width))
+        return self._total
+
+    @property
+    def failed(self) -> int:
+        """Failed outcomes in the window now."""
+        self._slide(int(self._clock() / self._width))
+        return self._failed
+
+    def _slide(self, epoch: int) -> None:
+        """Move the window to bucket number ``epoch``: zero the buckets it passed."""
+        steps = epoch - self._epoch
+        if not steps:
+            return
+        ok = self._ok
+        bad = self._bad
+        if steps >= RATE_BUCKETS or steps < 0:  # all stale (or the clock went back)
+            for k in range(RATE_BUCKETS):
+                ok[k] = bad[k] = 0
+            self._total = self._failed = 0
+        else:
+            for e in range(self._epoch + 1, epoch + 1):
+                k = e % RATE_BUCKETS
+                self._total -= ok[k] + bad[k]
+                self._failed -= bad[k]
+                ok[k] = bad[k] = 0
+        self._epoch = epoch
+
+    def success(self) -> None:
+        """Count a success in the current bucket."""
+        epoch = int(self._clock() / self._width)
+        if epoch != self._epoch:
+            self._slide(epoch)
+        self._ok[epoch % RATE_BUCKETS] += 1
+        self._total += 1
+
+    def failure(self) -> bool:
+        """Count a failure; True when the window now says open (enough outcomes, and
+        the failed share at or above ``threshold``)."""
+        epoch = int(self._clock() / self._width)
+        if epoch != self._epoch:
+            self._slide(epoch)
+        self._bad[epoch % RATE_BUCKETS] += 1
+        self._total += 1
+        self._failed += 1
+        return self._total >= self.min_requests and self._failed >= self.threshold * self._total
+
+    def clear(self) -> None:
+        """Forget every outcome (the breaker opened or closed: a new window starts)."""
+        self._slide(self._epoch + RATE_BUCKETS)
+        self._epoch = int(self._clock() / self._width)
+
+    def __repr__(self) -> str:
+        return (
+            f"<FailureRate {self._failed}/{self._total} failed, opens at "
+            f"{self.threshold:.0%} of >= {self.min_requests}>"
+        )
+
 
 class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no type hints
     """One server's breaker: opens on consecutive failures, then probes with one trial.
@@ -84,6 +195,8 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     """
 
     is_closed: bool
+    closes: int  # transitions to closed: connections dialed before the last one are stale
+    rate: FailureRate | None  # the failure-rate window; None when failure_rate is off
     trips: int  # closed -> open transitions; re-opening after a failed trial is not a trip
     # the package's attributes, typed (it ships no hints)
     _name: str
@@ -125,7 +238,10 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         # dials): a successful dial does not end it, only a clean use does
         self._in_use_streak = False
         self.is_closed = True
+        self.closes = 0
         self.trips = 0
+        self._rate_config = config.failure_rate
+        self.rate = None if config.failure_rate is None else FailureRate(config.failure_rate, clock)
 
     # ------------------------------------------------------------------ reading
 
@@ -191,7 +307,8 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         return self._trial_in_flight and trial != ANY_TRIAL and trial != self._trial_token
 
     def record_success(self, trial: int | None = ANY_TRIAL) -> None:
-        """A success: resets the failure count; in half-open, closes the breaker.
+        """A success: resets the failure count; in half-open, closes the breaker (as does
+        a panic-mode dial's success, ``trial=PANIC_DIAL``, open or half-open).
 
         A success while still open comes from a call admitted before the breaker
         opened; it is stale and ignored (only a trial may close the breaker), as is,
@@ -202,6 +319,9 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             self._last_failure = None
             self._in_use_streak = False
             return
+        if trial == PANIC_DIAL:
+            self.record_panic_success()
+            return
         if self._state == STATE_OPEN:
             self._promote()
             if self._state == STATE_OPEN:
@@ -209,6 +329,24 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         if self._not_the_trial(trial):
             return
         self._close()
+
+    def record_panic_success(self) -> None:
+        """A dial let through by the backend's panic mode (the breaker open, or half-open
+        with its trial taken) succeeded: that is its verdict, the breaker closes. (Its
+        failure is an ordinary ``record_failure`` with no trial: counted, and the open
+        breaker keeps its wait, not doubled.)"""
+        if self.is_closed:
+            return
+        if self._state == STATE_OPEN:
+            self._promote()
+        self._close()
+
+    def count_success(self) -> None:
+        """A clean use or a successful dial, for the failure rate (no-op when it is off
+        or the breaker is not closed). The pool calls it only when ``rate`` is set."""
+        rate = self.rate
+        if rate is not None and self.is_closed:
+            rate.success()
 
     def record_dial_success(self) -> None:
         """A dial succeeded (outside a trial): it ends a streak of dial failures, but not
@@ -229,14 +367,19 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         with no trial in flight, any failure) re-opens with the recovery timeout
         doubled, up to ``max_recovery_timeout``; a failure that is not the trial in
         flight's is counted and changes nothing else. While open, failures are counted
-        but do not extend the wait (they come from calls admitted earlier).
+        but do not extend the wait (they come from calls admitted earlier); so is a
+        panic-mode dial's failure (``trial=PANIC_DIAL``), open or half-open.
         """
         self._last_failure = exc
         self._failure_count += 1
         if not dial:
             self._in_use_streak = True
+        if trial == PANIC_DIAL and not self.is_closed:
+            return  # a panic-mode dial: its failure keeps the breaker as it is
         if self.is_closed:
-            if self._failure_count >= self._failure_threshold:
+            rate = self.rate
+            by_rate = rate is not None and rate.failure()
+            if self._failure_count >= self._failure_threshold or by_rate:
                 self._open(trip=True)
             return
         if self._state == STATE_OPEN:
@@ -279,6 +422,10 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         self._base_recovery_timeout = float(config.recovery_timeout)
         self._max_recovery_timeout = float(config.max_recovery_timeout)
         self._recovery_timeout = self._backed_off_timeout()
+        if config.failure_rate != self._rate_config:  # a new window for new settings
+            self._rate_config = config.failure_rate
+            rate = config.failure_rate
+            self.rate = None if rate is None else FailureRate(rate, self._clock)
 
     # ------------------------------------------------------------------ transitions
 
@@ -295,7 +442,26 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     def _open(self, *, trip: bool) -> None:
         self._opened = self._clock()
         self._trial_in_flight = False
-        if trip:
+        rate = self.rate
+        if trip and rate is not None and self._failure_count < self._failure_threshold:
+            failed, total = rate._failed, rate._total
+            rate.clear()
+            self.trips += 1
+            self._transition(
+                STATE_OPEN,
+                logging.WARNING,
+                "breaker %s opened: %d of the last %d outcomes failed (failure_rate "
+                "threshold %.3g) (last: %r); retry in %.3gs",
+                self._name,
+                failed,
+                total,
+                rate.threshold,
+                self._last_failure,
+                self._recovery_timeout,
+            )
+        elif trip:
+            if rate is not None:
+                rate.clear()
             self.trips += 1
             self._transition(
                 STATE_OPEN,
@@ -317,6 +483,9 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             )
 
     def _close(self) -> None:
+        self.closes += 1
+        if self.rate is not None:
+            self.rate.clear()  # a fresh window: old failures must not re-trip it
         self._failure_count = 0
         self._last_failure = None
         self._in_use_streak = False
@@ -368,12 +537,14 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         verdict on the service: the trial, if any, is abandoned.
         """
         if exc_type is None:
+            self.count_success()
             self.record_success()
         elif self.is_failure(exc_type, exc):
             self.record_failure(exc)
         elif not issubclass(exc_type, Exception):
             self.abandon_trial()
         else:
+            self.count_success()
             self.record_success()
 
     def decorate(self, function: Callable[..., Any]) -> Callable[..., Any]:

@@ -55,6 +55,7 @@ class _Conn:
         "checked_at",
         "created_at",
         "dirty",
+        "era",
         "expires_at",
         "last_used_at",
         "sock",
@@ -62,8 +63,11 @@ class _Conn:
         "watcher",
     )
 
-    def __init__(self, sock: socket.socket, now: float, expires_at: float) -> None:
+    def __init__(self, sock: socket.socket, now: float, expires_at: float, era: int = 0) -> None:
         self.sock = sock
+        # the breaker's ``closes`` when it was dialed: an error on a connection from
+        # before the breaker last closed is evidence about the old outage, not counted
+        self.era = era
         self.created_at = now
         self.last_used_at = now
         self.checked_at = now
@@ -178,9 +182,7 @@ class PooledConnection:
         return conn
 
     def _refuse(self) -> NoReturn:
-        raise ConnectionReleased(
-            f"{self.address}: connection used after release or discard"
-        )
+        raise ConnectionReleased(f"{self.address}: connection used after release or discard")
 
     # -- identity and bookkeeping -------------------------------------------------
     @property

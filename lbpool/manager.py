@@ -13,6 +13,23 @@ new servers get pools (warmed by the upkeep), removed ones drain, unchanged ones
 their connections and breakers. A failed resolution changes nothing. Until the first
 answer a discovered backend has no server: ``acquire`` waits for the first resolution
 within its deadline, then raises ``BackendUnavailable`` naming the discovery error.
+
+Resilience policies (``balance:``), both off the hot path while every breaker is
+closed and no server is warming:
+
+* panic mode (``panic_threshold``, Envoy's panic threshold): while fewer than that
+  share of a backend's servers are eligible, picks ignore health (a second balancer
+  of the same strategy over ``ignoring_health(pools)``; key-affinity backends walk the
+  key's own order ignoring health, as Envoy's ring_hash and maglev do) and a dial to
+  an open server goes through as its breaker's verdict (``PANIC_DIAL``). Which
+  breakers are not closed is tracked from their transitions (``_not_closed``), so a
+  pick costs one truth test until one opens.
+* slow start (``slow_start``, Envoy's slow start, aggression 1): a server that joins
+  (reload, discovery) or whose breaker closes is *warming* for ``window``; the
+  strategy's pick of a warming server stands with probability
+  ``max(min_weight, elapsed / window)``, else the pick moves on to another server, so
+  its share grows linearly to its full share. Not for key-affinity strategies (a
+  ``ConfigError``).
 """
 
 from __future__ import annotations
@@ -32,12 +49,12 @@ import gevent
 from gevent.event import Event
 
 from lbpool import _ownership
-from lbpool._affinity import Placement, check_key, is_hashing
+from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound, get_ident
 from lbpool._pacing import Pacer
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
-from lbpool.balance import Balancer, eligible, make_balancer
+from lbpool.balance import Balancer, eligible, ignoring_health, make_balancer
 from lbpool.breaker import Breaker
 from lbpool.config import BackendConfig, Config, ServerConfig, load_config, parse_config
 from lbpool.config import parse_address as _parse_address
@@ -174,6 +191,13 @@ class Backend:
         self.closed_event = Event()  # set with it: wakes a wait for discovery's first answer
         self._only: Pool | None = None  # the one server of a one-server backend
         self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
+        # panic mode's balancer: the same strategy over the pools with health ignored
+        self._panic_balancer: Balancer = self._balancer
+        # pools whose breaker is not closed, kept from breaker transitions: while it is
+        # empty, there is no panic and a pick costs nothing more
+        self._not_closed: list[Pool] = []
+        # slow start: warming pool -> when it joined or its breaker closed (monotonic)
+        self._warming: dict[Pool, float] = {}
         # key-affinity strategies: the key's owner, then its fallbacks (_affinity.py)
         self._placement: Placement | None = None
         self._index: dict[Pool, int] = {}  # pool -> its position in pools, swapped with it
@@ -213,6 +237,11 @@ class Backend:
         return pool
 
     def _breaker_changed(self, breaker: Breaker, old: str, new: str) -> None:
+        self._not_closed = [p for p in self.pools if not p.breaker.is_closed]
+        if new == "closed" and self.config.balance.slow_start is not None:
+            for pool in self.pools:  # a recovered server warms up again
+                if pool.breaker is breaker:
+                    self._warming[pool] = _monotonic()
         for listener in list(self._listeners):
             try:
                 listener("" if self.adhoc else self.name, breaker.name, old, new)
@@ -266,14 +295,72 @@ class Backend:
                 )
                 pool.breaker.reconfigure(config.breaker)
             pools.append(pool)
+        self._follow_slow_start(config, pools)
         # one assignment each, no switch in between: callers see old or new, never half
         self.pools = pools
         self._index = {pool: i for i, pool in enumerate(pools)}
         self._only = pools[0] if len(pools) == 1 else None
         self._balancer = make_balancer(_balancing(config.strategy), pools)
+        self._panic_balancer = (
+            make_balancer(_balancing(config.strategy), ignoring_health(pools))
+            if config.balance.panic_threshold
+            else self._balancer
+        )
+        self._not_closed = [p for p in pools if not p.breaker.is_closed]
         self._follow_placement(config, pools)
         _discard(fresh)  # made for a server that a reload in between added already
         return list(old.values())
+
+    def _follow_slow_start(self, config: BackendConfig, pools: list[Pool]) -> None:
+        """Slow start: servers that join a backend that had servers warm up from now;
+        removed ones stop warming. Never yields."""
+        if config.balance.slow_start is None:
+            self._warming.clear()
+            return
+        if self._warming:
+            kept = set(pools)
+            self._warming = {p: t for p, t in self._warming.items() if p in kept}
+        if self.pools:  # the first membership (construction, DNS's first answer): no ramp
+            now = _monotonic()
+            had = set(self.pools)
+            for pool in pools:
+                if pool not in had:
+                    self._warming[pool] = now
+
+    def in_panic(self) -> bool:
+        """Panic mode: fewer than ``balance.panic_threshold`` of the servers are
+        eligible (breaker closed, or half-open with its trial free). Never yields;
+        costs one truth test while every breaker is closed."""
+        bad = self._not_closed
+        if not bad:
+            return False
+        share = self.config.balance.panic_threshold
+        n = len(self.pools)
+        if not share or not n:
+            return False
+        ok = n - len(bad)
+        for pool in bad:
+            if eligible(pool.breaker):
+                ok += 1
+        return ok < share * n
+
+    def _warmed(self, idx: int, exclude: AbstractSet[int]) -> int:
+        """Slow start: the strategy picked ``idx``; a warming server keeps the pick with
+        probability ``max(min_weight, elapsed / window)`` (Envoy's slow start mode with
+        aggression 1), else another server takes it. Never yields."""
+        pool = self.pools[idx]
+        since = self._warming.get(pool)
+        slow = self.config.balance.slow_start
+        if since is None or slow is None:
+            return idx
+        elapsed = (_monotonic() - since) / slow.window
+        if elapsed >= 1.0:
+            del self._warming[pool]  # warm: full share from now on
+            return idx
+        if _probe.random() < max(slow.min_weight, elapsed):
+            return idx
+        other = self._balancer.pick({*exclude, idx})
+        return idx if other is None else other
 
     def _subset(
         self, servers: tuple[ServerConfig, ...], config: BackendConfig
@@ -378,8 +465,15 @@ class Backend:
             raise
         return order.served(conn)
 
+    def _picker(self, picker: KeyOrder | None, panic: bool) -> Picker:
+        """The balancer (panic: the one that ignores health), or the key's order."""
+        if picker is None:
+            return self._panic_balancer if panic else self._balancer
+        picker.panic = panic
+        return picker
+
     def _acquire(
-        self, timeout: float | None, picker: Picker | None, avoid: Pool | None = None
+        self, timeout: float | None, picker: KeyOrder | None, avoid: Pool | None = None
     ) -> PooledConnection:
         """Borrow from the server ``picker`` names (None: the balancer, read at each
         pick, as a reload may replace it); fail over when a dial fails or the server is
@@ -388,17 +482,26 @@ class Backend:
         server) is picked first only when no other server is eligible."""
         start = _monotonic()
         pool = self._only
+        panic = False
         if pool is None or not pool.breaker.is_closed:  # one closed server: no pick needed
-            chooser = self._balancer if picker is None else picker
+            if self._not_closed and self.in_panic():  # an empty list while all are closed
+                panic = True
+                chooser: Picker = self._picker(picker, True)
+            else:
+                chooser = self._balancer if picker is None else picker
             idx = None if avoid is None else chooser.pick(self._other_than(avoid))
             if idx is None:
                 idx = chooser.pick(_NOTHING)
+            if not panic and self._warming and picker is None and idx is not None:
+                idx = self._warmed(idx, _NOTHING)
             if idx is None:
                 return self._failover(start, timeout, {}, picker)
             pool = self.pools[idx]
             if picker is None and not pool.can_serve_now():  # a key keeps to its owner
                 pool = self._instead_of_full(idx, pool)
         try:
+            if panic:
+                return pool.acquire(timeout, panic=True)
             return pool.acquire(timeout)
         except (DialError, PoolClosed, PoolExhausted) as exc:
             return self._failover(start, timeout, {pool: exc}, picker)
@@ -493,14 +596,15 @@ class Backend:
         start: float,
         timeout: float | None,
         errors: dict[Pool, BaseException],
-        picker: Picker | None,
+        picker: KeyOrder | None,
     ) -> PooledConnection:
         limit = self.config.pool.acquire_timeout if timeout is None else timeout
         deadline = start + limit
         while True:
             pools = self.pools  # re-read: a reload may have swapped them
             tried = {i for i, p in enumerate(pools) if p in errors}
-            idx = (self._balancer if picker is None else picker).pick(tried)
+            panic = self.in_panic()
+            idx = self._picker(picker, panic).pick(tried)
             if idx is None:
                 if self.closed:
                     raise PoolClosed(
@@ -518,9 +622,14 @@ class Backend:
                     f"(failed: {', '.join(p.name for p in errors) or 'none'})",
                     *self._where(),
                 )
+            if self._warming and picker is None and not panic:
+                idx = self._warmed(idx, tried)
+                pool = pools[idx]
             if picker is None and not pool.can_serve_now():  # as in _acquire
                 pool = self._instead_of_full(idx, pool, errors)
             try:
+                if panic:
+                    return pool.acquire(remaining, panic=True)
                 return pool.acquire(remaining)
             except (DialError, PoolClosed, PoolExhausted) as exc:
                 errors[pool] = exc
@@ -559,6 +668,7 @@ class Backend:
             calls=budget.calls,
             retries=budget.retries,
             retries_denied=budget.retries_denied,
+            panic=self.in_panic(),
         )
 
 

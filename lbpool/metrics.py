@@ -24,6 +24,9 @@ Exported (``lbpool_`` prefix):
   ``wait_time_max_seconds`` (the longest single wait so far) and ``breaker_state``
   (0 closed, 1 half_open, 2 open).
 
+- per backend (label ``backend`` only): gauge ``panic`` (1 while the backend is in
+  panic mode, ``balance.panic_threshold``: picks ignore health);
+
 - per discovered backend (``discover:``; label ``backend`` only): gauges
   ``discovery_servers`` (servers in the last good answer), ``discovery_up`` (1 while
   the last resolution succeeded, 0 during an outage), ``discovery_last_refresh_timestamp_seconds``
@@ -149,6 +152,12 @@ class LbpoolCollector:
             "Time an acquisition waited in the queue for a connection (0 if it did not).",
             labels=label,
         )
+        fam["panic"] = GaugeMetricFamily(
+            self._name("panic"),
+            "1 while the backend is in panic mode (too few eligible servers: picks "
+            "ignore health), else 0.",
+            labels=["backend"],
+        )
         fam["discovery_servers"] = GaugeMetricFamily(
             self._name("discovery_servers"),
             "Servers in the last good DNS answer of a discovered backend.",
@@ -183,6 +192,7 @@ class LbpoolCollector:
         for backend_name, backend in stats.backends.items():
             for address, server in backend.servers.items():
                 self._add(fam, [backend_name, address], server)
+            fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
             self._add_backend(fam, backend_name, backend)

@@ -49,7 +49,7 @@ from lbpool._waiters import (
     WaitQueue,
     valid_timeout,
 )
-from lbpool.breaker import Breaker
+from lbpool.breaker import PANIC_DIAL, Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import (
@@ -66,6 +66,8 @@ from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
 _log = logging.getLogger("lbpool")
+# checked_at of a connection the server's failure made suspect: checked before reuse
+_SUSPECT = float("-inf")
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -322,12 +324,15 @@ class Pool(ThreadBound):
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)
 
-    def acquire(self, timeout: float | None = None) -> PooledConnection:
+    def acquire(self, timeout: float | None = None, *, panic: bool = False) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
 
         One deadline bounds all of it: each borrow check gets at most the time left
         (and past the deadline no further idle connection is taken), the wait, the
         dial with its setup hook (and, for a half-open trial, its check).
+
+        ``panic`` (the manager's panic mode, ``balance.panic_threshold``): dial even if
+        the breaker refuses; that dial is the breaker's verdict (``PANIC_DIAL``).
         """
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
@@ -370,9 +375,11 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = "".join(traceback.format_stack()[:-1])
             return handle
-        return self._acquire_slow(timeout, deadline)
+        return self._acquire_slow(timeout, deadline, panic)
 
-    def _acquire_slow(self, timeout: float | None, deadline: float) -> PooledConnection:
+    def _acquire_slow(
+        self, timeout: float | None, deadline: float, panic: bool = False
+    ) -> PooledConnection:
         if self._closing:  # closed during a borrow check
             raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
         self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
@@ -388,7 +395,7 @@ class Pool(ThreadBound):
             )
         if self._size < self._max_size and not self._waiters:
             self._reserve()
-            return self._lend_new(deadline)
+            return self._lend_new(deadline, panic)
         if self._max_waiting and len(self._waiters) >= self._max_waiting:
             self._shed += 1
             raise PoolExhausted(
@@ -397,9 +404,9 @@ class Pool(ThreadBound):
                 self.name,
                 self.backend,
             )
-        return self._wait(start, deadline)
+        return self._wait(start, deadline, panic)
 
-    def _wait(self, start: float, deadline: float) -> PooledConnection:
+    def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
         generation = fork_generation()
         self._waits += 1
         w = self._waiters.join(deadline)
@@ -444,7 +451,7 @@ class Pool(ThreadBound):
             if self._closing:  # as above: dial nothing for a pool that is closing
                 self._unreserve()
                 raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
-            lent = self._lend_new(deadline)
+            lent = self._lend_new(deadline, panic)
             self._waits_served += 1
             return lent
         if outcome is BROKEN:
@@ -475,32 +482,36 @@ class Pool(ThreadBound):
             handle.stack = "".join(traceback.format_stack()[:-2])
         return handle
 
-    def _lend_new(self, deadline: float) -> PooledConnection:
+    def _lend_new(self, deadline: float, panic: bool = False) -> PooledConnection:
         """Dial into a slot already counted in ``_size`` and lend the result."""
-        conn = self._dial_reserved(deadline - _monotonic())
+        conn = self._dial_reserved(deadline - _monotonic(), panic)
         self._misses += 1
         return self._lend(conn, conn.created_at)
 
     # -- dialing ------------------------------------------------------------------
-    def _dial_reserved(self, remaining: float) -> _Conn:
+    def _dial_reserved(self, remaining: float, panic: bool = False) -> _Conn:
         """For an acquisition: ask the breaker, mind the deadline, then ``_open``.
 
         A dial that may outlast the caller's deadline runs in its own greenlet (an
         errand): the caller waits for it at most ``remaining`` and, if it gives up, the
         dial goes on to its verdict -- a failure counts against the breaker, a
         connection is handed on -- so a server whose connects never complete is judged
-        on ``dial.timeout`` whatever its callers' deadlines.
+        on ``dial.timeout`` whatever its callers' deadlines. ``panic``: a dial the
+        breaker refuses goes through anyway, as its verdict (token ``PANIC_DIAL``).
         """
         breaker = self.breaker
         trial = 0
         if not breaker.is_closed:
-            if not breaker.allow_dial():
+            if breaker.allow_dial():
+                trial = breaker.trial_token
+            elif panic:
+                trial = PANIC_DIAL
+            else:
                 self._unreserve()
                 raise DialError(
                     self.name,
                     f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
                 )
-            trial = breaker.trial_token
         if remaining <= 0:
             if trial:
                 breaker.abandon_trial(trial)
@@ -662,12 +673,14 @@ class Pool(ThreadBound):
             self._check_trial(sock, trial, generation, errand)
         self._pending -= 1
         breaker = self.breaker
-        if trial:
+        if trial:  # a half-open trial's token, or PANIC_DIAL: closes the breaker
             breaker.record_success(trial)
         elif breaker._failure_count:
             breaker.record_dial_success()
+        if breaker.rate is not None:  # failure_rate: a successful dial is a success
+            breaker.count_success()
         now = _monotonic()
-        return _Conn(sock, now, self._expiry(now))
+        return _Conn(sock, now, self._expiry(now), breaker.closes)
 
     def _check_trial(
         self, sock: socket.socket, trial: int, generation: int, errand: bool = False
@@ -717,14 +730,22 @@ class Pool(ThreadBound):
         if conn.dirty and not self._clean(conn):
             return
         now = _monotonic()
+        checked = conn.checked_at  # _SUSPECT: in use when the server failed us
         conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
         if breaker._failure_count:  # a clean use ends a streak of failures
             breaker.record_success(None)  # None: not a half-open trial's verdict
+        rate = breaker.rate  # failure_rate: a clean use is a success (breaker closed)
+        if rate is not None and breaker.is_closed:
+            rate.success()
         if now >= conn.expires_at:
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
             self._retire(conn, "discarded")
+        elif (checked == _SUSPECT or not self._check_after) and not peek_alive(conn.sock):
+            # reset while in use (a reply read before the RST does not make it alive),
+            # or check_after 0 ("check every reuse"), which a hand-off is too
+            self._retire(conn, "unhealthy")
         elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
             w = self._waiters.popleft()
             self._handed += 1
@@ -803,10 +824,16 @@ class Pool(ThreadBound):
             conn.close()
             return
         failure = exc if _is_network_error(exc) else None
+        if failure is not None and conn.era != self.breaker.closes:
+            # dialed before the breaker last closed (a trial or a panic dial closed it):
+            # its error is the old outage's, already judged; not a new failure
+            self._suspect_idle()
+            failure = None
         self._retire(conn, "discarded" if exc is None else "error", failure)
 
     def _suspect_idle(self) -> None:
         """The server just failed us: check each idle connection before its next use,
+        and each one in use when it comes back (before it is handed to a waiter),
         however recently it was used (a dead server's idle sockets look fine until
         someone reads from them). If that failure opened the breaker, the server is
         given up for now: idle connections close and waiters are told to fail over."""
@@ -815,7 +842,9 @@ class Pool(ThreadBound):
             self._waiters.hand_all(BROKEN)
             return
         for conn in self._idle:
-            conn.checked_at = float("-inf")
+            conn.checked_at = _SUSPECT
+        for conn in self._busy:  # a reply read before a reset does not make it alive
+            conn.checked_at = _SUSPECT
 
     def _drop_idle(self) -> None:
         idle = self._idle

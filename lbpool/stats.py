@@ -82,7 +82,8 @@ class DiscoveryStats:
 @dataclass(frozen=True)
 class BackendStats:
     """A backend: its strategy and its servers' stats, keyed by address;
-    ``discovery``: its DNS state, None for a backend with a static server list.
+    ``discovery``: its DNS state, None for a backend with a static server list;
+    ``panic``: in panic mode now (``balance.panic_threshold``).
 
     ``calls``, ``retries``, ``retries_denied``: ``manager.call`` invocations, the
     retries they made, and the retries the backend's retry budget refused (counts
@@ -95,6 +96,9 @@ class BackendStats:
     calls: int = 0
     retries: int = 0
     retries_denied: int = 0
+    # panic mode now: fewer than balance.panic_threshold of the servers are eligible,
+    # so picks ignore health (a dial to an open server is its verdict)
+    panic: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +108,7 @@ class BackendStats:
             "calls": self.calls,
             "retries": self.retries,
             "retries_denied": self.retries_denied,
+            "panic": self.panic,
         }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -63,10 +64,23 @@ def recv_exact(sock: Any, size: int) -> bytes:
 
 
 def _reset(sock: Any) -> None:
-    """Close with SO_LINGER 0: the kernel sends an RST instead of a FIN."""
+    """Close with SO_LINGER 0: the kernel sends an RST instead of a FIN -- at once.
+
+    gevent defers closing a socket's descriptor while a greenlet waits on it (the pump
+    reading it always does) until the hub's next turn, so the RST would go out only
+    then, and a client could still finish a round trip on a connection "reset" before
+    it. Detaching drops the event-loop watchers now; the descriptor is closed here.
+    """
     with contextlib.suppress(OSError, ValueError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    close_quietly(sock)
+    try:
+        fd = sock.detach()
+    except (OSError, ValueError, AttributeError):
+        close_quietly(sock)
+        return
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _shutdown_close(sock: Any) -> None:
@@ -357,6 +371,9 @@ class FaultProxy(_LoopbackServer):
     - ``close_after(n)``: close each connection (FIN, both sides) once it delivered
       ``n`` more bytes to its client (counted from accept for new ones, from the call
       for open ones): "the server died mid-reply"; ``None`` lifts it;
+    - ``reset_every(n)``: RST the connection instead of forwarding every ``n``-th
+      request (a chunk from a client, counted across connections): "a server that
+      fails one request in n"; ``None`` lifts it;
     - ``refuse()``: close the listener, so connects are refused (open ones live on);
     - ``recover()``: undo all of the above (re-listen on the same port, release held data).
 
@@ -381,6 +398,8 @@ class FaultProxy(_LoopbackServer):
         self._flowing.set()
         self._reset_new = False
         self._close_after: int | None = None
+        self._reset_every: int | None = None
+        self._requests = 0  # chunks from clients, counted for reset_every
 
     def start(self) -> FaultProxy:
         """Start listening; returns self."""
@@ -432,6 +451,14 @@ class FaultProxy(_LoopbackServer):
                 link.close()
         self._changes.notify()
 
+    def reset_every(self, n: int | None) -> None:
+        """RST the connection instead of forwarding every ``n``-th chunk a client sends
+        (counted across connections, from this call); ``None`` lifts it."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError("reset_every needs an int n >= 1 (or None)")
+        self._reset_every = n
+        self._requests = 0
+
     def refuse(self) -> None:
         """Close the listener: new connects are refused until ``recover()``."""
         self._close_listener()
@@ -441,6 +468,7 @@ class FaultProxy(_LoopbackServer):
         self._latency = 0.0
         self._reset_new = False
         self._close_after = None
+        self._reset_every = None
         for link in list(self._links):
             link.budget = None
         self._flowing.set()
@@ -505,6 +533,12 @@ class FaultProxy(_LoopbackServer):
                         dst.shutdown(socket.SHUT_WR)  # pass the half-close on
                     return
                 self._flowing.wait()
+                every = self._reset_every
+                if every is not None and not to_client:
+                    self._requests += 1
+                    if self._requests % every == 0:
+                        link.close(reset=True)
+                        return
                 if self._latency > 0:
                     gevent.sleep(self._latency)
                 budget = link.budget if to_client else None

@@ -48,10 +48,12 @@ from lbpool.config.models import (
     DefaultsConfig,
     DialConfig,
     DiscoverConfig,
+    FailureRateConfig,
     HealthCheckConfig,
     PoolConfig,
     RetryConfig,
     ServerConfig,
+    SlowStartConfig,
     SubsetConfig,
     TLSConfig,
 )
@@ -63,6 +65,7 @@ from lbpool.config.types import (
     _show,
     parse_address,
     parse_duration,
+    parse_share,
 )
 from lbpool.errors import ConfigError, ConfigProblem
 
@@ -81,17 +84,20 @@ __all__ = [
     "DialConfig",
     "DiscoverConfig",
     "Duration",
+    "FailureRateConfig",
     "HealthCheckConfig",
     "Hook",
     "PoolConfig",
     "RetryConfig",
     "ServerConfig",
+    "SlowStartConfig",
     "SubsetConfig",
     "TLSConfig",
     "load_config",
     "parse_address",
     "parse_config",
     "parse_duration",
+    "parse_share",
 ]
 
 

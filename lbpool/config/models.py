@@ -47,6 +47,7 @@ from lbpool.config.types import (
     Hook,
     OptionalDuration,
     PositiveDuration,
+    Share,
     _show,
 )
 from lbpool.discovery import Target, parse_nameservers, parse_target
@@ -195,10 +196,20 @@ class DialConfig(_Model):
         return value
 
 
+class FailureRateConfig(_Model):
+    """``breaker.failure_rate``: also open when, over the sliding ``window``, at least
+    ``min_requests`` outcomes were seen and the failed share reached ``threshold``."""
+
+    threshold: Annotated[Share, Field(gt=0.0)]  # 0.5 or "50%"; 0 would open on anything
+    min_requests: AtLeastOne = 20  # fewer outcomes in the window: no verdict by rate
+    window: PositiveDuration = 10.0  # sliding, in 10 buckets
+
+
 class BreakerConfig(_Model):
     """When a server's circuit breaker opens and how long it stays open."""
 
     failure_threshold: AtLeastOne = 5  # consecutive dial failures that open it
+    failure_rate: FailureRateConfig | None = None  # None: consecutive failures only
     recovery_timeout: PositiveDuration = 30.0  # open -> half-open: one trial at a time
     # each failed trial doubles the wait, up to this
     max_recovery_timeout: Duration = Field(default=300.0, validate_default=True)
@@ -259,12 +270,26 @@ class ServerConfig(_Model):
         )
 
 
+class SlowStartConfig(_Model):
+    """``balance.slow_start``: a joining or recovered server's share grows linearly from
+    ``min_weight`` of its full share to all of it over ``window`` (Envoy's slow start
+    mode, aggression 1)."""
+
+    window: PositiveDuration = 30.0
+    min_weight: Share = 0.1  # 0.1 or "10%"
+
+
 class BalanceConfig(_Model):
-    """How a backend's strategy treats its servers (more keys come with issue 16)."""
+    """How a backend's strategy treats its servers."""
 
     # key-affinity strategies: when a key's owner cannot serve, ``next`` takes the key's
     # next server in its own order; ``none`` raises BackendUnavailable instead
     hash_fallback: HashFallback = "next"
+    # below this share of eligible servers, pick across all of them (Envoy's panic
+    # threshold): a dial to an open server is then its verdict; 0 turns it off
+    panic_threshold: Share = 0.5
+    # None: a new or recovered server gets its full share at once
+    slow_start: SlowStartConfig | None = None
 
 
 class RetryConfig(_Model):
@@ -404,6 +429,20 @@ class BackendConfig(_Model):
                 "subset_with_hashing",
                 "cannot be used with strategy {strategy}: a key-affinity backend places "
                 "keys over every server (remove subset or pick another strategy)",
+                {"strategy": strategy},
+            )
+        return value
+
+    @field_validator("balance")
+    @classmethod
+    def _slow_start_not_hashing(cls, value: BalanceConfig, info: ValidationInfo) -> BalanceConfig:
+        strategy = info.data.get("strategy")
+        if value.slow_start is not None and strategy in _HASHING:
+            raise PydanticCustomError(
+                "slow_start_with_hashing",
+                "slow_start cannot be used with strategy {strategy}: a key-affinity "
+                "backend sends each key to its owner, whatever its share (set "
+                "slow_start: null for this backend, or pick another strategy)",
                 {"strategy": strategy},
             )
         return value

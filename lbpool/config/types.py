@@ -121,6 +121,42 @@ Count = Annotated[int, Strict(), Field(ge=0)]
 AtLeastOne = Annotated[int, Strict(), Field(ge=1)]
 Flag = Annotated[bool, Strict()]
 
+
+# ----------------------------------------------------------------------------- shares
+
+_SHARE_HINT = "(use a number such as 0.5, or a percent such as 50%)"
+
+
+def parse_share(value: object) -> float:
+    """A share from 0 to 1: a number (``0.5``) or a percent string (``"50%"``).
+
+    Raises ``ValueError`` (with a message fit for a user) for anything else, and for a
+    share outside [0, 1]; the models narrow the range further where 0 means nothing.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"invalid share {_show(value)} {_SHARE_HINT}")
+    if isinstance(value, str):
+        text = value.strip()
+        percent = text.endswith("%")
+        try:
+            share = float(text[:-1] if percent else text)
+        except ValueError:
+            raise ValueError(f"invalid share {_show(value)} {_SHARE_HINT}") from None
+        if percent:
+            share /= 100.0
+    else:
+        try:
+            share = float(value)
+        except OverflowError:
+            raise ValueError(f"invalid share {_show(value)}: too large") from None
+    if not math.isfinite(share) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"must be between 0 and 1 (0% and 100%), got {_show(value)}")
+    return share
+
+
+#: A share in [0, 1], given as a number or a percent string (``50%``).
+Share = Annotated[float, BeforeValidator(parse_share)]
+
 # ------------------------------------------------------------------------- addresses
 
 

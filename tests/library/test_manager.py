@@ -261,7 +261,12 @@ def test_breaker_half_open_lets_exactly_one_trial(servers: Callable[..., Countin
     srv = servers()
     port_addr = srv.address
     srv.stop()
-    cfg = config([port_addr], breaker={"failure_threshold": 2, "recovery_timeout": 0.3})
+    # panic mode off: with one server, panic would let every caller dial the open one
+    cfg = config(
+        [port_addr],
+        breaker={"failure_threshold": 2, "recovery_timeout": 0.3},
+        balance={"panic_threshold": 0},
+    )
     with PoolManager(cfg) as manager:
         for _ in range(2):
             with pytest.raises(BackendUnavailable):
