@@ -237,6 +237,9 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         # the streak of failures includes an error on a connection in use (not only
         # dials): a successful dial does not end it, only a clean use does
         self._in_use_streak = False
+        # the last failure was a failed dial: evidence that dials fail now, so panic
+        # mode lets none through until a trial's verdict (see ``panic_may_dial``)
+        self._dial_failed_last = False
         self.is_closed = True
         self.closes = 0
         self.trips = 0
@@ -330,6 +333,17 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             return
         self._close()
 
+    @property
+    def panic_may_dial(self) -> bool:
+        """May the backend's panic mode let a dial through to this (open) server? Not
+        when its last failure was a failed dial: that is evidence the server cannot be
+        dialed now (down, refusing, black-holed), and such a server is left to its
+        half-open trial; so a backend whose every server is known down fails at once
+        (DESIGN: "every breaker open: ``get`` fails at once"), while one whose breakers
+        opened on errors of connections in use (a network blip resetting every
+        connection) is dialed, each dial the verdict."""
+        return not self._dial_failed_last
+
     def record_panic_success(self) -> None:
         """A dial let through by the backend's panic mode (the breaker open, or half-open
         with its trial taken) succeeded: that is its verdict, the breaker closes. (Its
@@ -372,6 +386,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         """
         self._last_failure = exc
         self._failure_count += 1
+        self._dial_failed_last = dial
         if not dial:
             self._in_use_streak = True
         if trial == PANIC_DIAL and not self.is_closed:
@@ -489,6 +504,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         self._failure_count = 0
         self._last_failure = None
         self._in_use_streak = False
+        self._dial_failed_last = False
         self._backoff_level = 0
         self._recovery_timeout = self._base_recovery_timeout
         self._trial_in_flight = False

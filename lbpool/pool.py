@@ -504,13 +504,15 @@ class Pool(ThreadBound):
         if not breaker.is_closed:
             if breaker.allow_dial():
                 trial = breaker.trial_token
-            elif panic:
+            elif panic and breaker.panic_may_dial:
                 trial = PANIC_DIAL
             else:
                 self._unreserve()
+                last = breaker.last_failure
                 raise DialError(
                     self.name,
-                    f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s",
+                    f"circuit breaker {breaker.state}, retry in {breaker.retry_in():.1f}s"
+                    + ("" if last is None else f" (last failure: {last})"),
                 )
         if remaining <= 0:
             if trial:

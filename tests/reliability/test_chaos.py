@@ -446,9 +446,10 @@ def test_flapping_server(chaos: Callable[..., Run], cycles: int) -> None:
 
 @pytest.mark.parametrize("cycles", SCALES)
 def test_every_server_down_then_back(chaos: Callable[..., Run], cycles: int) -> None:
-    # panic mode off: this is the breaker's own contract (every breaker open: fail at
-    # once); with panic, dials go through to open servers (test_resilience.py)
-    run = chaos(balance={"panic_threshold": 0})
+    # panic mode on (the default): the first acquisition after the breakers opened on
+    # reset connections dials each server once (refused: evidence they cannot be
+    # dialed); from then on, every breaker open and known down, ``get`` fails at once
+    run = chaos()
     steady(0.2)
     for _ in range(cycles):
         run.cluster.kill(0, 1, 2)

@@ -177,8 +177,44 @@ def test_blip_every_connection_reset(cluster: Any, make_manager: Any, panic: flo
 
 
 def test_panic_dial_failure_keeps_the_wait(cluster: Any, make_manager: Any) -> None:
-    """In panic mode a dial to an open server that fails keeps it open without doubling
-    its wait; the backend reports ``panic``."""
+    """In panic mode a dial to an open server is its verdict: one that fails keeps the
+    breaker open without doubling its wait (and, evidence that it cannot be dialed, no
+    further panic dial goes there), one that succeeds closes it; the backend reports
+    ``panic`` meanwhile."""
+    c = cluster(2)
+    manager = make_manager(
+        _config(
+            c.addresses,
+            pool={"min_idle": 0},
+            breaker={"failure_threshold": 1, "recovery_timeout": 30},
+        )
+    )
+    backend = manager.backends["svc"]
+    held = [manager.acquire("svc", timeout=2) for _ in range(2)]
+    assert {conn.address for conn in held} == set(c.addresses)
+    for conn in held:  # errors on connections in use: both open, dials may be fine
+        conn.discard(ConnectionResetError("reset by peer"))
+    assert all(p.breaker.state == "open" for p in backend.pools)
+    assert backend.in_panic()
+    assert manager.stats().backends["svc"].panic is True
+    assert manager.stats().to_dict()["backends"]["svc"]["panic"] is True
+    c.proxies[0].refuse()
+    failures = backend.pools[0].stats().dial_failures
+    with manager.acquire("svc", timeout=2) as conn:  # each dial is the verdict
+        assert conn.address == c.addresses[1]
+    first = backend.pools[0]
+    assert first.stats().dial_failures == failures + 1  # its panic dial was refused ...
+    assert first.breaker.state == "open"
+    assert first.breaker.recovery_timeout == 30  # ... not doubled by it
+    assert not first.breaker.panic_may_dial  # and not dialed again in panic
+    assert backend.pools[1].breaker.is_closed
+    assert not backend.in_panic()  # one of two eligible: not below 50%
+
+
+def test_panic_dials_no_server_known_down(cluster: Any, make_manager: Any) -> None:
+    """Every breaker open on failed dials (the servers refuse): panic mode has no
+    server that may be fine, so ``get`` fails at once, dialing nothing (DESIGN: every
+    breaker open, fail at once)."""
     c = cluster(2)
     manager = make_manager(
         _config(
@@ -194,19 +230,16 @@ def test_panic_dial_failure_keeps_the_wait(cluster: Any, make_manager: Any) -> N
             manager.acquire("svc", timeout=2)
     backend = manager.backends["svc"]
     assert backend.in_panic()
-    assert manager.stats().backends["svc"].panic is True
-    assert manager.stats().to_dict()["backends"]["svc"]["panic"] is True
-    for pool in backend.pools:
-        assert pool.breaker.state == "open"
-        assert pool.breaker.recovery_timeout == 30  # not doubled by panic dials
     failures = [p.stats().dial_failures for p in backend.pools]
-    c.proxies[1].recover()
-    with manager.acquire("svc", timeout=2) as conn:  # the dial is the verdict
-        assert conn.address == c.addresses[1]
-    assert backend.pools[1].breaker.is_closed
-    assert backend.pools[0].breaker.state == "open"
-    assert sum(p.stats().dial_failures for p in backend.pools) >= sum(failures)
-    assert not backend.in_panic()  # one of two eligible: not below 50%
+    for proxy in c.proxies:
+        proxy.recover()
+    start = monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        manager.acquire("svc", timeout=2)
+    assert monotonic() - start < 0.5
+    assert [p.stats().dial_failures for p in backend.pools] == failures  # nothing dialed
+    assert "refused" in str(info.value).lower()  # the last failure is named
+    assert all(p.breaker.recovery_timeout == 30 for p in backend.pools)
 
 
 # -- failure rate -----------------------------------------------------------------------------
