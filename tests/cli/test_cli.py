@@ -121,6 +121,7 @@ def test_check_prints_the_normalized_config(
         "failure_threshold": 5,
         "recovery_timeout": 30.0,
         "max_recovery_timeout": 300.0,
+        "failure_rate": None,  # off unless configured
     }
     assert cache["servers"][0] == {"address": "127.0.0.1:7001", "weight": 1}
     assert data["defaults"]["dial"]["timeout"] == 2.0
@@ -147,10 +148,11 @@ def test_check_prints_the_key_affinity_keys(
     )
     assert main(["check", str(path)]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
-    assert data["defaults"]["balance"] == {"hash_fallback": "none"}
+    defaults = {"panic_threshold": 0.5, "slow_start": None}  # the rest of balance, filled in
+    assert data["defaults"]["balance"] == {"hash_fallback": "none", **defaults}
     assert data["backends"]["sessions"]["strategy"] == "maglev"
-    assert data["backends"]["sessions"]["balance"] == {"hash_fallback": "next"}
-    assert data["backends"]["cache"]["balance"] == {"hash_fallback": "none"}
+    assert data["backends"]["sessions"]["balance"] == {"hash_fallback": "next", **defaults}
+    assert data["backends"]["cache"]["balance"] == {"hash_fallback": "none", **defaults}
 
 
 def test_check_reports_every_mistake_with_line_and_path(tmp_path: Path) -> None:
