@@ -21,6 +21,7 @@ queue, its outcomes and its timer are ``lbpool._waiters``; the upkeep loop is
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -152,6 +153,7 @@ class Pool(ThreadBound):
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
+        self._unstarted: dict[gevent.Greenlet, Callable[[], None]] = {}  # see _spawn_own
         # sockets of dials and checks in flight, whoever runs them (a caller, an errand,
         # upkeep): close() closes them, ending the dial or check at once; a forked child
         # closes its copies, so nothing copied from the parent reads the parent's replies
@@ -287,6 +289,7 @@ class Pool(ThreadBound):
         self._idle.clear()
         self._busy.clear()
         self._dialers.clear()
+        self._unstarted = {}
         self._in_flight.clear()
         for conn in inherited:
             conn.close()
@@ -554,8 +557,9 @@ class Pool(ThreadBound):
         hook that returns late is a failed dial, counted then), so nothing is counted
         twice."""
         errand = _Errand()
-        g = gevent.spawn(self._run_dial_errand, errand, trial)
-        self._dialers.add(g)
+        g = self._spawn_own(
+            functools.partial(self._undo_dial, trial), self._run_dial_errand, errand, trial
+        )
         verdict = self._verdict_time(trial) + _OVERRUN_GRACE
         result = self._await_errand(errand, g, min(remaining, verdict))
         if isinstance(result, _Conn):
@@ -609,6 +613,38 @@ class Pool(ThreadBound):
         elif g.successful() and isinstance(g.value, _Conn):
             self._held -= 1
             self._hand_on(g.value)
+
+    def _spawn_own(
+        self, undo: Callable[[], None], run: Callable[..., Any], *args: Any
+    ) -> gevent.Greenlet:
+        """Start a greenlet of the pool's own (an errand, a refill, a background check),
+        kept in ``_dialers`` for ``close()`` to kill. ``undo`` gives back what was
+        reserved for it (a slot, a trial, a connection off the idle stack) should it be
+        killed before it ever ran: gevent then never runs its body, so its own
+        ``finally`` cannot. Never yields."""
+        g = gevent.spawn(self._run_own, run, args)
+        self._dialers.add(g)
+        self._unstarted[g] = undo
+        return g
+
+    def _run_own(self, run: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        self._unstarted.pop(gevent.getcurrent(), None)  # running: its body accounts now
+        return run(*args)
+
+    def _undo_dial(self, trial: int) -> None:
+        if trial:
+            self.breaker.abandon_trial(trial)
+        self._unreserve()
+
+    def _undo_refill(self, trial: int) -> None:
+        self._refilling -= 1
+        self._undo_dial(trial)
+
+    def _undo_check(self, conn: _Conn, background: bool) -> None:
+        if background:
+            self._checking -= 1
+        self._held -= 1
+        self._retire(conn, "unhealthy")
 
     def _run_dial_errand(self, errand: _Errand, trial: int) -> object:
         try:
@@ -979,8 +1015,9 @@ class Pool(ThreadBound):
     def _check_errand(self, conn: _Conn, remaining: float) -> bool:
         errand = _Errand()
         self._held += 1  # until the check's verdict, or its caller takes it
-        g = gevent.spawn(self._run_check_errand, errand, conn)
-        self._dialers.add(g)
+        g = self._spawn_own(
+            functools.partial(self._undo_check, conn, False), self._run_check_errand, errand, conn
+        )
         # no longer than the check should take: one still running is overrunning (its
         # hook swallowed the timer); it goes on alone to its verdict
         wait = min(remaining, self.health_config.timeout + _OVERRUN_GRACE)
@@ -1166,8 +1203,12 @@ class Pool(ThreadBound):
             self._checking += 1
             errand = _Errand()
             errand.detached = True  # nobody waits: it hands on what passes
-            g = gevent.spawn(self._background_check, errand, conn)
-            self._dialers.add(g)
+            self._spawn_own(
+                functools.partial(self._undo_check, conn, True),
+                self._background_check,
+                errand,
+                conn,
+            )
 
     def _background_check(self, errand: _Errand, conn: _Conn) -> None:
         generation = fork_generation()
@@ -1212,8 +1253,7 @@ class Pool(ThreadBound):
                 trial = breaker.trial_token
             self._reserve()
             self._refilling += 1
-            g = gevent.spawn(self._refill_one, trial)
-            self._dialers.add(g)
+            self._spawn_own(functools.partial(self._undo_refill, trial), self._refill_one, trial)
             started += 1
             if trial:
                 break
@@ -1306,6 +1346,9 @@ class Pool(ThreadBound):
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
             gevent.killall(dialers, block=True)
+        unstarted, self._unstarted = self._unstarted, {}
+        for undo in unstarted.values():  # killed before they ran: give back their part
+            undo()
         for sock in list(self._in_flight):  # a caller's own dial or check: ended now
             close_quietly(sock)
         self._note_drained()

@@ -935,3 +935,38 @@ def test_min_idle_auto_falls_when_demand_falls_and_refills_to_the_peak(
     s = pool.stats()
     assert (s.size, s.max_in_use) == (1, 5)
     pool.close()
+
+
+# -- close() right after the pool started greenlets of its own ------------------------
+
+
+@pytest.mark.parametrize("work", ["refills", "background_checks"])
+def test_close_before_its_own_greenlets_ran_gives_everything_back(
+    echo_server: EchoServer, no_fd_leak: None, work: str
+) -> None:
+    """A refill or background check is a greenlet of the pool's own, counted (a slot,
+    a connection off the idle stack) when spawned; ``close()`` right after, with no
+    switch in between, kills it before it ever ran -- gevent then never runs its body,
+    so the pool gives back what was counted for it: nothing stays counted, no socket
+    stays open, and close returns at once instead of waiting out its timeout."""
+    check = HealthCheckConfig(send="ping\n", expect="ping", interval=0.05)
+    pool = Pool(
+        echo_server.address,
+        pool=PoolConfig(min_idle=2, max_size=4),
+        health_check=check,
+        upkeep=False,
+    )
+    if work == "refills":
+        assert pool.fill() == 2  # two refill greenlets, not yet run
+    else:
+        pool.wait_ready(5)
+        gevent.sleep(0.06)  # past health_check.interval: both idle ones are due
+        pool.run_upkeep()  # two background checks, not yet run
+        assert pool.stats().idle == 0
+    assert pool.stats().pending >= 2  # (upkeep also starts refills for the checked ones)
+    start = monotonic()
+    pool.close(timeout=5)
+    assert monotonic() - start < 2  # nothing left to wait for
+    st = pool.stats()
+    assert (st.size, st.idle, st.in_use, st.pending) == (0, 0, 0, 0), st
+    assert settle(lambda: echo_server.active == 0, 5)
