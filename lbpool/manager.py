@@ -846,6 +846,7 @@ class PoolManager(ThreadBound):
             backend._apply(backend.config)
             self._adhoc[key] = backend
             self._adhoc_order[key] = backend
+            self._hand_over()  # its server's old pool may still drain
             for pool in backend.pools:
                 self._upkeep.schedule(pool)  # a pass for it alone: warm it to min_idle
         if name != key and len(self._adhoc) < _MAX_ADHOC_ALIASES:  # other spellings,
@@ -1034,6 +1035,37 @@ class PoolManager(ThreadBound):
         if pools:
             self._draining.update(pools)
             self._keep_drainer(gevent.spawn(self._drain_all, pools))  # one, not one a pool
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """DESIGN 22, ``max_size`` per server across reloads: each draining pool's slots
+        (connections still in use, dials in flight) count against the pool that serves
+        its server now -- same backend, same address; a server removed and added back
+        gets a fresh pool, which opens only what the draining one leaves free, and
+        each slot that comes back is its again (``Pool._bequeath``). Run after every
+        membership change (reload, discovery answer, a new ad-hoc name, a fork's
+        subset redrawn), so the link follows the server to its newest pool. Never
+        yields; costs one pass over the draining pools (few: they close as their
+        connections come back)."""
+        if not self._draining:
+            return
+        serving: dict[str, dict[str, Pool]] = {}  # backend -> address -> its pool
+        for old in self._draining:
+            if old._closed:
+                continue
+            heir: Pool | None = None
+            if old.backend is None:  # an ad-hoc host:port
+                adhoc = self._adhoc_order.get(old.name)
+                heir = adhoc.pools[0] if adhoc is not None and adhoc.pools else None
+            elif old.backend in self._backends:
+                if old.backend not in serving:
+                    pools = self._backends[old.backend].pools
+                    serving[old.backend] = {p.name: p for p in pools}
+                heir = serving[old.backend].get(old.name)
+            if heir is old or (heir is not None and heir._closing):
+                heir = None
+            if heir is not old._heir:
+                old._bequeath(heir)
 
     def _drain_all(self, pools: list[Pool]) -> None:
         _close_all(pools, _DRAIN_TIMEOUT, self._keep_drainer)

@@ -131,6 +131,12 @@ class Pool(ThreadBound):
         self.weight = weight
         self.owner_kind = "pool"  # named in the wrong-thread error; "manager" when managed
         self.breaker = breaker if breaker is not None else Breaker(self.name, BreakerConfig())
+        # DESIGN 22: slots still held at this server by pools a reload removed (draining);
+        # they count against max_size here until they come back (_inherit, _bequeath)
+        self._inherited = 0
+        # a draining pool: the pool now serving its server, told as each slot comes back
+        self._heir: Pool | None = None
+        self._heir_gen = 0  # the fork generation the link was made in (a child drops it)
         self._set_config(
             pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup
         )
@@ -184,7 +190,7 @@ class Pool(ThreadBound):
         self.dial_config = dial
         self.health_config = health_check
         self._setup = setup
-        self._max_size = pool.max_size
+        self._max_size = pool.max_size - self._inherited  # the slots this pool may open
         # idle never exceeds max_size anyway, so "no limit" costs the same compare
         self._max_idle = pool.max_size if pool.max_idle is None else pool.max_idle
         self._auto = pool.min_idle == "auto"
@@ -295,6 +301,8 @@ class Pool(ThreadBound):
             conn.close()
         self._size = self._pending = self._refilling = self._handed = self._held = 0
         self._checking = self._uses_seen = 0
+        self._heir, self._inherited = None, 0  # the parent's draining pools are not ours
+        self._max_size = self.config.max_size
         self._drained = Event()
         self._changed = Event()
         self._reset_counters()
@@ -446,7 +454,8 @@ class Pool(ThreadBound):
             self._timeouts += 1
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
-                f"({len(self._busy)} in use, {self._max_size} max, {len(self._waiters)} waiting)",
+                f"({len(self._busy)} in use, {self.config.max_size} max, "
+                f"{len(self._waiters)} waiting)",
                 self.name,
                 self.backend,
             )
@@ -914,6 +923,8 @@ class Pool(ThreadBound):
 
     def _slot_gone(self, failure: BaseException | None, trial: int = 0, dial: bool = False) -> None:
         self._size -= 1  # the only decrement: every slot leaves through here
+        if self._heir is not None:  # a draining pool: the slot is its heir's again
+            self._pass_slot()
         if failure is not None and not self._closing:  # counted before the slot moves: a
             # listener sees exact stats (a closing pool's verdicts no longer matter)
             # trial None: an error on a connection in use cannot end a trial in flight
@@ -949,6 +960,48 @@ class Pool(ThreadBound):
         while waiters and self._size < self._max_size:
             self._reserve()
             waiters.hand(PERMIT)
+
+    # -- a server removed and added back (DESIGN 22; none of these yields) ----------
+    def _bequeath(self, heir: Pool | None) -> None:
+        """A draining pool (lending stopped): count its open slots (connections still in
+        use, dials in flight) against ``heir``'s ``max_size``, the pool now serving the
+        same server (None: none does), until each comes back. Replaces an earlier heir.
+
+        Why count rather than revive this pool: a stopped pool has already failed its
+        waiters and killed its dials, and its closer is waiting on it; handing it back
+        to callers would race all of that. A fresh pool that counts what is still out
+        keeps ``max_size`` with one integer and one link. Never yields."""
+        self._check_owner()
+        if heir is not None:
+            heir._check_owner()  # a forked child starts fresh before counting anything
+        old, self._heir, self._heir_gen = self._heir, heir, fork_generation()
+        if old is not None and not self._forked_since(self._heir_gen):
+            old._inherit(-self._size)
+        if heir is not None:
+            heir._inherit(self._size)
+
+    def _pass_slot(self) -> None:
+        """One of a draining pool's slots came back: its heir may open one more."""
+        heir = self._heir
+        assert heir is not None
+        if self._forked_since(self._heir_gen):  # a forked child's copy: the heir starts fresh
+            self._heir = None
+            return
+        heir._inherit(-1)
+
+    def _inherit(self, slots: int) -> None:
+        """``slots`` more (fewer, if negative) held at our server by draining pools. More:
+        idle connections beyond what is left close now (in-use ones as they come back);
+        fewer: waiters get the freed slots to dial into, and a refill may start."""
+        self._inherited += slots
+        self._max_size = self.config.max_size - self._inherited
+        if slots > 0:
+            while self._size > self._max_size and self._idle:
+                self._retire(self._idle.popleft(), "discarded")
+            return
+        self._hand_on()
+        if not self._closing and self._refill_need() > 0:
+            self.on_demand()
 
     def _note_in_use(self) -> None:
         """In use just grew (off the fast path): keep the peak. Never yields."""
@@ -1394,7 +1447,7 @@ class Pool(ThreadBound):
             wait_time_max=self._wait_max,
             breaker_state=breaker.state,
             breaker_trips=breaker.trips,
-            max_size=self._max_size,
+            max_size=self.config.max_size,
             draining=self._closing,
             wait_count=observed + self._wait_counts[-1],
             wait_buckets=buckets,

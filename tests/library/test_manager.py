@@ -23,8 +23,9 @@ from lbpool import (
     PoolTimeout,
     UnknownBackend,
 )
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import settle
+from tests.support.net import PeakEchoServer
 
 
 class CountingServer:
@@ -794,6 +795,61 @@ def test_reload_fails_a_removed_servers_waiter_over_never_hands_it_that_server(
     assert settle(lambda: removed.stats().size == 0 and removed.closed, timeout=5)
     gone_server = a if gone == a.address else b
     assert settle(lambda: not gone_server._clients, timeout=5)  # its connection closed
+
+
+# -- max_size per server across reloads (DESIGN 22) -----------------------------------------
+
+
+@pytest.mark.parametrize("readds", [1, 2])
+def test_max_size_holds_when_a_server_is_removed_and_added_back(
+    make_manager: Callable[..., PoolManager], readds: int, no_fd_leak: None
+) -> None:
+    """``max_size: 2``, two connections in use; a reload removes the server and another
+    adds it back (``readds`` 2: twice, so the first new pool is itself removed while the
+    first one still drains). The new pool counts the draining pool's in-use connections:
+    never more than 2 connections are open to the server, and callers are served as the
+    old ones come back."""
+    srv, other = PeakEchoServer().start(), EchoServer().start()
+    try:
+        pool_cfg = {"max_size": 2, "acquire_timeout": 10}
+        manager = make_manager(config([srv.address], pool=pool_cfg))
+        held = [manager.acquire("svc") for _ in range(2)]
+        srv.wait_active(2)
+        for _ in range(readds):
+            manager.reload(config([other.address], pool=pool_cfg))
+            manager.reload(config([srv.address], pool=pool_cfg))
+        fresh = manager.backends["svc"].pools[0]
+        served: list[str] = []
+        go = Event()
+
+        def caller() -> None:
+            with manager.get("svc", timeout=10) as conn:
+                conn.sendall(b"ping")
+                assert recv_exact(conn, 4) == b"ping"
+                served.append(conn.address)
+                go.wait(10)  # held: the next caller needs a slot
+
+        def queued_or_holding() -> int:
+            st = fresh.stats()
+            return st.waiting + len(served)
+
+        callers = [gevent.spawn(caller) for _ in range(3)]
+        assert settle(lambda: queued_or_holding() == 3, timeout=5), fresh.stats()
+        assert srv.peak <= 2, f"{srv.peak} connections were open at once (max_size 2)"
+        assert fresh.stats().waiting == 3  # nothing dialed past max_size
+        for conn in held:
+            conn.release()  # each closes (its pool drains) and frees a slot here
+        assert settle(lambda: len(served) == 2, timeout=5), fresh.stats()
+        go.set()
+        gevent.joinall(callers, timeout=10)
+        assert all(c.successful() for c in callers), [c.exception for c in callers]
+        assert served == [srv.address] * 3
+        assert srv.peak <= 2, f"{srv.peak} connections were open at once (max_size 2)"
+        st = fresh.stats()
+        assert (st.size, st.max_size) == (2, 2)  # both slots its own again
+    finally:
+        srv.stop()
+        other.stop()
 
 
 # -- errors name where they happened (DESIGN, Errors) ----------------------------------------

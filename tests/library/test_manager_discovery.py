@@ -24,6 +24,7 @@ from lbpool import BackendUnavailable, ConfigError, PoolManager, PoolTimeout
 from lbpool.subset import deterministic_subset
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.dns_server import DNSServer, Zone
+from tests.support.net import PeakEchoServer
 from tests.support.procs import ProcessEchoServer
 
 REFRESH = 0.1  # the issue's scenario uses 30 s in production; 0.1 s keeps the suite fast
@@ -192,6 +193,46 @@ def test_records_change_under_traffic_with_an_outage(
         f"{served_in_outage} during the {outage} s outage, 0 failed"
     )
     assert c_delay < REFRESH + 2.0  # one refresh, plus resolution, dial and CPU-hog slack
+
+
+def test_max_size_holds_when_dns_drops_a_server_and_brings_it_back(
+    make_manager: Callable[..., PoolManager], dns_server: DNSServer, no_fd_leak: None
+) -> None:
+    """DESIGN 22 through discovery: ``max_size: 2``, two connections in use; DNS drops
+    the server and brings it back. Its new pool counts the draining one's connections:
+    never more than 2 open to it at once; the callers queued are served as they return."""
+    srv, other = PeakEchoServer().start(), EchoServer().start()
+    try:
+        pool = {"min_idle": 0, "max_size": 2, "acquire_timeout": 10}
+        dns_server.zone = srv_zone([srv])
+        manager = make_manager(discover_config(dns_server, pool=pool))
+        held = [manager.acquire("svc", timeout=5) for _ in range(2)]
+        for zone in ([other], [srv]):
+            dns_server.zone = srv_zone(zone)
+            wait_until(lambda z=zone: members(manager) == {z[0].address}, 5, "applied")
+        fresh = manager.backends["svc"].pools[0]
+        served: list[str] = []
+        go = Event()
+
+        def caller() -> None:
+            with manager.get("svc", timeout=10) as conn:
+                round_trip(conn)
+                served.append(conn.address)
+                go.wait(10)
+
+        callers = [gevent.spawn(caller) for _ in range(3)]
+        wait_until(lambda: fresh.stats().waiting + len(served) == 3, 5, "callers queued")
+        assert srv.peak <= 2, f"{srv.peak} connections open at once (max_size 2)"
+        for conn in held:
+            conn.release()
+        wait_until(lambda: len(served) == 2, 5, "two callers served")
+        go.set()
+        gevent.joinall(callers, timeout=10)
+        assert all(c.successful() for c in callers), [c.exception for c in callers]
+        assert srv.peak <= 2, f"{srv.peak} connections open at once (max_size 2)"
+    finally:
+        srv.stop()
+        other.stop()
 
 
 def test_unchanged_servers_keep_connections_and_breakers(

@@ -265,6 +265,17 @@ class ManagerMachine(RuleBasedStateMachine):
             assert s.size <= s.max_size or (s.idle == 0 and s.pending == 0), s
             if pool not in live:  # removed by a reload: draining
                 assert s.draining and s.idle == 0 and s.waiting == 0, s
+        if self.closed:
+            return
+        for pool in live:  # DESIGN 22: per server, draining pools' slots count too
+            s = pool.stats()
+            draining = sum(
+                p.stats().size for p in self.pools if p not in live and p.name == s.address
+            )
+            assert pool._inherited == draining, (pool._inherited, draining, s)
+            # above max_size only by connections in use when a reload shrank it or
+            # removed and added the server back: nothing idle, nothing dialing
+            assert s.size + draining <= s.max_size or (s.idle == 0 and s.pending == 0), s
 
     @invariant()
     def model_matches(self) -> None:
@@ -277,7 +288,8 @@ class ManagerMachine(RuleBasedStateMachine):
         for pool in self.live_pools():
             s = pool.stats()
             if s.waiting:  # nobody waits while a slot or an idle connection is free
-                assert s.size >= s.max_size and s.idle == 0, s
+                # (slots a draining pool of the same server still holds are not free)
+                assert s.size + pool._inherited >= s.max_size and s.idle == 0, s
 
     @invariant()
     def released_handles_are_dead(self) -> None:

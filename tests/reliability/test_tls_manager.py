@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from time import monotonic
 from typing import Any
 
 import gevent
@@ -18,7 +19,7 @@ import pytest
 from gevent import ssl as gssl
 from gevent.event import Event
 
-from lbpool import BackendUnavailable, DialError, PoolManager
+from lbpool import BackendUnavailable, DialError, PoolClosed, PoolManager
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.interrupt import no_switch
 from tests.support.leaks import settle
@@ -271,3 +272,29 @@ def test_tls_server_restarted_mid_traffic(
         gevent.joinall(workers, timeout=5)
         assert all(g.dead for g in workers)
     assert failures == []
+
+
+def test_close_ends_a_tls_handshake_in_flight(
+    tls_certs: TLSCerts,
+    make_manager: Any,
+    echo_server_factory: Any,
+    no_fd_leak: None,
+) -> None:
+    """``close(timeout=0)`` while a caller's dial is in its TLS handshake (the server
+    accepts TCP, reads the ClientHello and never answers): the handshake's socket is
+    closed at once, so the caller gets ``PoolClosed`` now, not after ``dial.timeout``
+    (10 s here), and no fd is left."""
+    silent = echo_server_factory(mode="silent")  # plain TCP: the handshake never ends
+    cfg = config(silent.address, {"ca_file": tls_certs.ca_file}, acquire_timeout=30)
+    cfg["backends"]["secure"]["dial"]["timeout"] = 10
+    manager = make_manager(cfg)
+    caller = gevent.spawn(manager.acquire, "secure")
+    silent.wait_received(1, timeout=5)  # the ClientHello is in: the caller is handshaking
+    assert not caller.ready()
+    started = monotonic()
+    manager.close(timeout=0)
+    caller.join(15)
+    ended = monotonic() - started
+    assert caller.ready()
+    assert isinstance(caller.exception, PoolClosed), repr(caller.exception)
+    assert ended < 1.0, f"the caller ended {ended:.2f} s after close() (dial.timeout 10 s)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from gevent import socket as gsocket
 
 from lbpool.config import Address
+from lbpool.testing import EchoServer
 
 
 def connect(address: str, timeout: float = 2.0) -> Any:
@@ -66,3 +68,34 @@ def black_hole_listener() -> Iterator[Address | None]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+class PeakEchoServer(EchoServer):
+    """An ``EchoServer`` that records the most client connections open at once.
+
+    Counted at each accept, from the server's side, and only connections whose client
+    has not closed them: a client's close puts its FIN in our socket's queue before
+    its next connect() returns (loopback), so a peek that reads EOF tells a connection
+    the client closed from one our handler has not yet seen end. Without that, a slot
+    freed and redialed at once would look like one connection too many.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.peak = 0
+
+    def _handle(self, sock: Any, peer: Any) -> None:
+        live = 1 + sum(1 for client in list(self._clients) if not _client_closed(client))
+        self.peak = max(self.peak, live)
+        super()._handle(sock, peer)
+
+
+def _client_closed(sock: Any) -> bool:
+    """Has the peer of server-side ``sock`` closed it (EOF or reset queued)? Never blocks
+    (the stdlib ``select`` with timeout 0, not gevent's: nothing here may yield)."""
+    try:
+        if not select.select([sock.fileno()], [], [], 0)[0]:
+            return False  # nothing queued: open
+        return bool(sock.recv(1, socket.MSG_PEEK) == b"")
+    except (OSError, ValueError):
+        return True  # reset, or closed on our side
