@@ -287,6 +287,16 @@ def _stale(sock: Any) -> tuple[bool, OSError | None]:
     return (True, None)  # b"": EOF; a byte: a reply nobody waits for
 
 
+def _unread(parser: Any) -> bool:
+    """Has ``parser`` buffered bytes nobody has read? redis-py's Python parsers keep
+    them in a ``SocketBuffer`` (checked without I/O); another parser (hiredis) is asked
+    ``can_read(0)``, which may also look at the socket."""
+    unread = getattr(getattr(parser, "_buffer", None), "unread_bytes", None)
+    if unread is not None:
+        return bool(unread())
+    return bool(parser.can_read(0))
+
+
 class Connection(redis.connection.Connection):
     """A redis-py connection whose socket is an lbpool lease, held while borrowed.
 
@@ -354,9 +364,11 @@ class Connection(redis.connection.Connection):
             except (BackendUnavailable, DialError, PoolClosed, PoolExhausted) as exc:
                 raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
             try:
-                stale, error = _stale(lease.sock)
+                # redis-py changes nothing on the socket but its timeout: the return
+                # restores that, and need not re-set TCP_NODELAY (a system call).
+                sock = lease._timed_sock(self.socket_timeout)
+                stale, error = _stale(sock)
                 if not stale:
-                    lease.settimeout(self.socket_timeout)
                     break
                 fresh = lease.created_at >= started  # dialed for us (lbpool's clock)
             except BaseException as exc:
@@ -379,7 +391,7 @@ class Connection(redis.connection.Connection):
         host, _, port = lease.address.rpartition(":")
         self.host = host
         self.port = int(port)
-        return lease.sock
+        return sock
 
     def on_connect(self) -> None:
         """Nothing to say to the server: lbpool's setup hook (``handshake``) did it once,
@@ -466,14 +478,17 @@ class Connection(redis.connection.Connection):
 
     def _give_back(self) -> None:
         """The pool's ``release``: return the lease, or discard it when the stream is
-        not clean (unread bytes, EOF) or redis-py asked for a reconnect."""
+        not clean (bytes the parser read that nobody asked for) or redis-py asked for a
+        reconnect. Bytes (or an EOF) still in the kernel are not looked for here -- no
+        system call on the release path, as redis-py's own pools make none: the next
+        borrow's peek (``_connect``), or lbpool's idle watcher, finds them."""
         lease = self._lease
         if lease is None:
             return
         try:
             dirty = (
                 self._shut
-                or self._parser.can_read(0)
+                or _unread(self._parser)
                 or (hasattr(self, "should_reconnect") and self.should_reconnect())
             )
         except Exception:  # EOF or a socket error while looking
