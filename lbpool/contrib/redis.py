@@ -30,8 +30,10 @@ A redis-py ``Connection`` here is a light wrapper that holds an lbpool lease
   connecting, a lease whose socket is already readable (the server closed it while it
   sat idle, or bytes are waiting) is discarded -- the breaker hears only of a socket
   error, not of an EOF -- and another taken (a bounded number of times).
-- ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper
-  has unread bytes or was marked for reconnect: then it is discarded.
+- ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper's
+  parser holds unread bytes or it was marked for reconnect: then it is discarded. Like
+  redis-py's own pools, the release makes no system call; bytes or an EOF still in the
+  kernel are found by the next borrow's check (above) or lbpool's idle watcher.
 - ``conn.disconnect()`` -- what redis-py does on a network error, a timeout, an
   interrupted read, or to drop a pubsub/monitor connection -- discards the lease
   (``discard(exc)``, with the network error when there was one: the ``error`` redis-py
