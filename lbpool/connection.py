@@ -286,6 +286,16 @@ class PooledConnection:
         conn.sock.settimeout(value)
         conn.dirty |= TIMEOUT_CHANGED
 
+    def _timed_sock(self, value: float | None) -> socket.socket:
+        """``settimeout(value)``, then the raw socket *without* marking it exposed: for
+        lbpool's own adapters (``lbpool.contrib.redis``) whose code on the socket
+        changes nothing but its timeout, so the return restores the timeout and skips
+        re-setting ``TCP_NODELAY`` (a ``setsockopt`` system call per borrow)."""
+        conn = self._live()
+        conn.sock.settimeout(value)
+        conn.dirty |= TIMEOUT_CHANGED
+        return conn.sock
+
     # -- giving it back -----------------------------------------------------------
     def release(self) -> None:
         """Return the connection to its pool; a second call is a no-op."""

@@ -30,8 +30,10 @@ A redis-py ``Connection`` here is a light wrapper that holds an lbpool lease
   connecting, a lease whose socket is already readable (the server closed it while it
   sat idle, or bytes are waiting) is discarded -- the breaker hears only of a socket
   error, not of an EOF -- and another taken (a bounded number of times).
-- ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper
-  has unread bytes or was marked for reconnect: then it is discarded.
+- ``release(conn)`` gives the lease back to lbpool (``release()``), unless the wrapper's
+  parser holds unread bytes or it was marked for reconnect: then it is discarded. Like
+  redis-py's own pools, the release makes no system call; bytes or an EOF still in the
+  kernel are found by the next borrow's check (above) or lbpool's idle watcher.
 - ``conn.disconnect()`` -- what redis-py does on a network error, a timeout, an
   interrupted read, or to drop a pubsub/monitor connection -- discards the lease
   (``discard(exc)``, with the network error when there was one: the ``error`` redis-py
@@ -287,6 +289,16 @@ def _stale(sock: Any) -> tuple[bool, OSError | None]:
     return (True, None)  # b"": EOF; a byte: a reply nobody waits for
 
 
+def _unread(parser: Any) -> bool:
+    """Has ``parser`` buffered bytes nobody has read? redis-py's Python parsers keep
+    them in a ``SocketBuffer`` (checked without I/O); another parser (hiredis) is asked
+    ``can_read(0)``, which may also look at the socket."""
+    unread = getattr(getattr(parser, "_buffer", None), "unread_bytes", None)
+    if unread is not None:
+        return bool(unread())
+    return bool(parser.can_read(0))
+
+
 class Connection(redis.connection.Connection):
     """A redis-py connection whose socket is an lbpool lease, held while borrowed.
 
@@ -354,9 +366,11 @@ class Connection(redis.connection.Connection):
             except (BackendUnavailable, DialError, PoolClosed, PoolExhausted) as exc:
                 raise RedisConnectionError(f"{self._host_error()}: {exc}") from exc
             try:
-                stale, error = _stale(lease.sock)
+                # redis-py changes nothing on the socket but its timeout: the return
+                # restores that, and need not re-set TCP_NODELAY (a system call).
+                sock = lease._timed_sock(self.socket_timeout)
+                stale, error = _stale(sock)
                 if not stale:
-                    lease.settimeout(self.socket_timeout)
                     break
                 fresh = lease.created_at >= started  # dialed for us (lbpool's clock)
             except BaseException as exc:
@@ -379,7 +393,7 @@ class Connection(redis.connection.Connection):
         host, _, port = lease.address.rpartition(":")
         self.host = host
         self.port = int(port)
-        return lease.sock
+        return sock
 
     def on_connect(self) -> None:
         """Nothing to say to the server: lbpool's setup hook (``handshake``) did it once,
@@ -466,14 +480,17 @@ class Connection(redis.connection.Connection):
 
     def _give_back(self) -> None:
         """The pool's ``release``: return the lease, or discard it when the stream is
-        not clean (unread bytes, EOF) or redis-py asked for a reconnect."""
+        not clean (bytes the parser read that nobody asked for) or redis-py asked for a
+        reconnect. Bytes (or an EOF) still in the kernel are not looked for here -- no
+        system call on the release path, as redis-py's own pools make none: the next
+        borrow's peek (``_connect``), or lbpool's idle watcher, finds them."""
         lease = self._lease
         if lease is None:
             return
         try:
             dirty = (
                 self._shut
-                or self._parser.can_read(0)
+                or _unread(self._parser)
                 or (hasattr(self, "should_reconnect") and self.should_reconnect())
             )
         except Exception:  # EOF or a socket error while looking

@@ -4,6 +4,7 @@ MULTI/EXEC, pubsub, a replica killed under load, and errors mapped to redis-py's
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -413,3 +414,31 @@ def test_a_replica_killed_under_50_greenlets_loses_no_read(
     stats = manager.stats().backends["replicas"].servers
     assert stats[r2.address].breaker_state == "open"
     assert stats[r1.address].in_use == 0 and stats[r2.address].in_use == 0
+
+
+def test_a_release_discards_unread_replies_and_leaves_the_socket_as_lbpool_set_it(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """A connection whose parser holds a reply nobody read is discarded at release (no
+    system call looks for it); a clean one goes back with lbpool's socket settings (no
+    timeout, TCP_NODELAY on) whatever socket_timeout the redis-py side used."""
+    server = redis_servers.start()
+    manager = make_manager(_config(server.address, [server.address], min_idle=0, check_after="1h"))
+    pool = ConnectionPool(manager, "primary", socket_timeout=7)
+    client = redis.Redis(connection_pool=pool)
+    assert client.get("k") is None
+    with manager.acquire("primary") as lease:
+        assert lease.sock.gettimeout() is None
+        assert lease.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+    conn = pool.get_connection()
+    conn.send_packed_command(conn.pack_commands([("PING",), ("PING",)]))
+    assert conn.read_response() == b"PONG"  # the first reply
+    pool.release(conn)  # the second reply is unread (in the parser's buffer or the kernel)
+    assert conn.lease is None
+    stats = manager.stats().backends["primary"].servers[server.address]
+    assert stats.in_use == 0
+    assert client.ping() is True  # whichever check found it, no command sees the stray reply
+    stats = manager.stats().backends["primary"].servers[server.address]
+    assert stats.closed.get("discarded", 0) + stats.closed.get("unhealthy", 0) == 1
+    assert stats.closed.get("error", 0) == 0
