@@ -890,9 +890,9 @@ def test_billion_laughs_is_refused_quickly(yaml_parser: str, tmp_path: Path) -> 
     for i in range(1, 10):
         refs = ",".join([f"*a{i - 1}"] * 9)
         lines.append(f"a{i}: &a{i} [{refs}]")
-    started = time.monotonic()
+    started = time.process_time()  # CPU time: immune to the machine's load
     _, err = load_errors(tmp_path, "\n".join(lines) + "\n")
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert "aliases" in str(err) and "nodes" in str(err)
 
 
@@ -917,9 +917,9 @@ def test_recursive_alias_is_refused(yaml_parser: str, tmp_path: Path) -> None:
     ids=["flow-lists", "flow-maps", "block-maps", "block-seqs", "via-aliases"],
 )
 def test_deep_nesting_is_refused_quickly(yaml_parser: str, tmp_path: Path, text: str) -> None:
-    started = time.monotonic()
+    started = time.process_time()  # CPU time: what the parser spends, not the machine's load
     _, err = load_errors(tmp_path, text)
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert f"nested more than {MAX_DEPTH} levels" in str(err)
     assert err.problems[0].line is not None
 
@@ -991,10 +991,10 @@ def test_brackets_in_scalars_and_comments_are_not_nesting(
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
     path.write_text("# " + "x" * MAX_FILE_BYTES + "\n")
-    started = time.monotonic()
+    started = time.process_time()  # CPU time: immune to the machine's load
     with pytest.raises(ConfigError, match="larger than") as info:
         load_config(path)
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert str(path) in str(info.value)
 
 
@@ -1012,10 +1012,10 @@ def test_hostile_python_data_is_refused() -> None:
     bomb: list[Any] = ["lol"] * 10
     for _ in range(8):
         bomb = [bomb] * 10
-    started = time.monotonic()
+    started = time.process_time()  # CPU time: immune to the machine's load
     with pytest.raises(ConfigError):
         parse_config({"backends": {"b": {"servers": bomb}}})
-    assert time.monotonic() - started < 2.0
+    assert time.process_time() - started < 2.0
 
 
 # ------------------------------------------------------------------ property based

@@ -434,7 +434,7 @@ def test_a_waiter_for_a_first_table_wakes_when_the_placement_stops(
     manager.reload(config(addresses[1:], "round_robin"))
     started = monotonic()
     address, _rank = waiter.get(timeout=5)
-    assert monotonic() - started < 0.05  # at once, not after a build or the deadline
+    assert monotonic() - started < 1.0  # at once, not after the 5 s deadline
     assert address in addresses[1:]
 
 

@@ -201,14 +201,14 @@ def test_latency_applies_to_open_connections(
 ) -> None:
     sock = client(proxy.address)
     assert echoes(sock)
-    proxy.latency(0.05)
+    proxy.latency(0.3)
     started = monotonic()
     assert echoes(sock)
-    assert monotonic() - started >= 0.09  # once each way
+    assert monotonic() - started >= 0.59  # once each way
     proxy.recover()
     started = monotonic()
     assert echoes(sock)
-    assert monotonic() - started < 0.05
+    assert monotonic() - started < 0.3  # no added latency (with room for a loaded box)
 
 
 def test_blackhole_stalls_new_and_open_connections(

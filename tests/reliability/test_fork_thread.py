@@ -121,6 +121,15 @@ def test_fork_child_never_uses_parent_connections(
     adhoc.release()
     for conn in warm:
         conn.release()
+    # the parent's upkeep settles first (refills to min_idle, each counted as pending
+    # until it lands): the comparison below is of the fork's effect, not of upkeep
+    assert settle(
+        lambda: all(
+            p.stats().pending == 0 and p.stats().idle >= min_idle
+            for p in manager.backends["svc"].pools
+        ),
+        10,
+    )
     before = manager.stats().to_dict()
     idle_ports = {  # every idle connection the parent holds (refills included)
         conn.sock.getsockname()[1] for pool in manager.backends["svc"].pools for conn in pool._idle
