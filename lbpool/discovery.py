@@ -18,12 +18,17 @@ de-duplicated tuple of ``(address, weight)``, address ``host:port`` or ``[v6]:po
   carries them, else by querying the same nameservers), with the record's port and
   weight. Weight 0 ("pick rarely", RFC 2782) becomes 1, lbpool's minimum weight; an
   address reached through two records keeps the larger weight. A target ``.`` (the
-  service is not offered) is skipped; so is a target that does not exist (NXDOMAIN)
-  or has no address, as a stale record pointing at a deleted host must not block
-  every later update. Any other failure of a target fails the resolution.
+  service is not offered) is skipped; so is a record with port 0 (no server listens
+  there), and a target that does not exist (NXDOMAIN) or has no address, as a stale
+  record pointing at a deleted host must not block every later update. An answer
+  left with no usable target fails (``empty``). Any other failure of a target fails
+  the resolution.
 
-Names are absolute: no search list is applied (write the full name, e.g.
-``redis.default.svc.cluster.local``). CNAME chains in a reply are followed.
+Names are checked as dnspython encodes them (``dns.name.from_text``: IDNA, label and
+name lengths) when the target is parsed, so a name no query could carry is a config
+error, not a failure at every refresh. Names are absolute: no search list is applied
+(write the full name, e.g. ``redis.default.svc.cluster.local``). CNAME chains in a reply
+are followed.
 
 Nameservers: ``host:port`` IP literals (a bare IP means port 53); by default the
 system's (``/etc/resolv.conf``, read by dnspython at each resolution; none there
@@ -134,6 +139,16 @@ def _check_name(text: str, field: str) -> str:
         raise ValueError(f"{field}: {text!r} is not a valid DNS name")
     if len(name) > 253:
         raise ValueError(f"{field}: {text!r} is longer than 253 characters")
+    # Encoded as every query will encode it (IDNA for non-ASCII labels; the wire
+    # limits of 63 per label and 255 in all): a name dnspython refuses is refused here.
+    import dns.name
+
+    try:
+        dns.name.from_text(name + ".")
+    except Exception as exc:  # IDNAException, LabelTooLong, NameTooLong, ...
+        raise ValueError(
+            f"{field}: {text!r} is not a valid DNS name ({type(exc).__name__})"
+        ) from None
     return name
 
 
@@ -195,19 +210,31 @@ def resolve(
     timeout: float = 5.0,
 ) -> Servers:
     """Resolve ``target`` within ``timeout`` seconds (the whole resolution); see the
-    module docstring. Raises ``DiscoveryError``. May yield."""
+    module docstring. Raises ``DiscoveryError``. May yield. SRV targets skipped are
+    logged at INFO."""
+    servers, skipped = _resolve(target, nameservers, timeout)
+    if skipped:
+        _log.info("discovery %s: skipped SRV targets: %s", target, ", ".join(skipped))
+    return servers
+
+
+def _resolve(
+    target: Target, nameservers: Sequence[Nameserver] | None, timeout: float
+) -> tuple[Servers, tuple[str, ...]]:
+    """``resolve``, and the SRV targets it skipped (``"host:port (why)"``), sorted."""
     if timeout <= 0:
         raise ValueError("timeout must be > 0")
     ask = _Asker(tuple(nameservers) if nameservers else system_nameservers(), timeout)
+    skipped: list[str] = []
     try:
         if target.kind == "dns":
             assert target.port is not None
             found = {(a, 1) for a in _addresses(ask, target.name, target.port)}
         else:
-            found = _srv(ask, target)
+            found = _srv(ask, target, skipped)
     except DiscoveryError as exc:
         raise DiscoveryError(exc.kind, f"{target}: {exc.message}") from None
-    return _ordered(found)
+    return _ordered(found), tuple(sorted(set(skipped)))
 
 
 def _ordered(found: Iterable[tuple[str, int]]) -> Servers:
@@ -236,7 +263,8 @@ def _addresses(ask: _Asker, name: str, port: int) -> list[str]:
     return found
 
 
-def _srv(ask: _Asker, target: Target) -> set[tuple[str, int]]:
+def _srv(ask: _Asker, target: Target, skipped: list[str]) -> set[tuple[str, int]]:
+    """The addresses of ``target``'s SRV records; what it skips goes to ``skipped``."""
     import dns.rdatatype
     from dns.rdtypes.IN.SRV import SRV
 
@@ -255,9 +283,11 @@ def _srv(ask: _Asker, target: Target) -> set[tuple[str, int]]:
             key = rrset.name.to_text(omit_final_dot=True).lower()
             carried.setdefault(key, []).extend(r.address for r in rrset)
     found: set[tuple[str, int]] = set()
-    skipped: list[str] = []
     for record in chosen:
         host = record.target.to_text(omit_final_dot=True)
+        if not 1 <= record.port <= 65535:  # port 0: nothing to connect to
+            skipped.append(f"{host}:{record.port} (port 0)")
+            continue
         weight = max(1, record.weight)  # 0 ("rarely") -> lbpool's minimum weight
         ips = carried.get(host.lower())
         if ips:
@@ -272,9 +302,7 @@ def _srv(ask: _Asker, target: Target) -> set[tuple[str, int]]:
             continue
         found.update((address, weight) for address in addresses)
     if not found:
-        raise DiscoveryError("empty", f"no SRV target has an address: {', '.join(skipped)}")
-    if skipped:
-        _log.info("discovery %s: skipped targets without address: %s", target, skipped)
+        raise DiscoveryError("empty", f"no usable SRV target: {', '.join(skipped)}")
     return found
 
 
@@ -468,14 +496,18 @@ class Discovery:
     """Resolves ``target`` at once, then every ``refresh`` seconds, on one greenlet.
 
     Every good answer goes to ``on_answer(servers)`` (identical ones too: applying
-    one is the callback's to make idempotent, and a failed application is retried
-    by the next answer); every failure to ``on_error(exc)``, the last good answer
-    being kept. An exception from a callback is logged on ``lbpool`` and the loop
-    goes on. ``refresh`` is measured from the start of one resolution to the next.
+    one is the callback's to make idempotent); every failure to ``on_error(exc)``,
+    the last good answer being kept. An answer ``on_answer`` raises for could not be
+    applied: it counts as a failed resolution (``malformed``, the exception named in
+    ``last_error``, logged like any failure) and the next answer tries again. An
+    exception from ``on_error`` is logged on ``lbpool`` and the loop goes on.
+    ``refresh`` is measured from the start of one resolution to the next. Failures
+    log a WARNING when an outage starts and DEBUG while it lasts; skipped SRV
+    targets a WARNING when that set changes, DEBUG otherwise.
 
-    State (read any time; written only by the loop, before the callbacks run):
-    ``servers`` (the last good answer; () before the first), ``last_refresh`` (UNIX
-    time of the last good answer, or None), ``last_error`` (the last failure's
+    State (read any time; written only by the loop): ``servers`` (the last good
+    answer, set once ``on_answer`` took it; () before the first), ``last_refresh``
+    (UNIX time of the last good answer, or None), ``last_error`` (the last failure's
     message, None since a good answer), ``failures`` (failed resolutions since
     start). ``attempted`` is set once the first resolution ended (either way),
     ``answered`` once a good answer came: ``wait(timeout)`` waits for the latter.
@@ -508,6 +540,7 @@ class Discovery:
         self.attempted = Event()
         self.answered = Event()
         self._wake = Event()  # refresh_now: cut the sleep short
+        self._skipped: tuple[str, ...] = ()  # SRV targets the last answer skipped
         self._greenlet: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
@@ -552,28 +585,53 @@ class Discovery:
     def resolve_once(self) -> None:
         """One resolution, applied to the state and passed to the callbacks. May yield."""
         try:
-            servers = resolve(self.target, nameservers=self.nameservers, timeout=self.timeout)
+            servers, skipped = _resolve(self.target, self.nameservers, self.timeout)
         except DiscoveryError as exc:
             self._failed(exc)
+            return
         except Exception as exc:  # a bug, not DNS: still keep the last good set
-            _log.exception("discovery %s: resolution raised", self.name)
-            self._failed(DiscoveryError("malformed", f"{self.target}: internal error: {exc!r}"))
-        else:
-            if self.last_error is not None:
-                _log.info("discovery %s: resolving again (%d servers)", self.name, len(servers))
-            self.servers = servers
-            self.last_refresh = time.time()
-            self.last_error = None
-            self.answered.set()
-            self.attempted.set()
-            if self.on_answer is not None:
-                self._call(self.on_answer, servers)
+            self._failed(
+                DiscoveryError("malformed", f"{self.target}: internal error: {exc!r}"), exc
+            )
+            return
+        if skipped:
+            level = logging.WARNING if skipped != self._skipped else logging.DEBUG
+            _log.log(level, "discovery %s: skipped SRV targets: %s", self.name, ", ".join(skipped))
+        self._skipped = skipped
+        if self.on_answer is not None:
+            try:
+                self.on_answer(servers)
+            except Exception as exc:  # e.g. an address the pools refuse: a failed refresh
+                self._failed(
+                    DiscoveryError(
+                        "malformed",
+                        f"{self.target}: the answer could not be applied: "
+                        f"{type(exc).__name__}: {exc}",
+                    ),
+                    exc,
+                )
+                return
+        if self.last_error is not None:
+            _log.info("discovery %s: resolving again (%d servers)", self.name, len(servers))
+        self.servers = servers
+        self.last_refresh = time.time()
+        self.last_error = None
+        self.answered.set()
+        self.attempted.set()
 
-    def _failed(self, exc: DiscoveryError) -> None:
+    def _failed(self, exc: DiscoveryError, cause: BaseException | None = None) -> None:
         # WARNING when an outage starts, DEBUG while it lasts: one line per refresh
-        # would flood the log for as long as DNS is down.
+        # would flood the log for as long as DNS is down. An unexpected ``cause`` (a
+        # bug) carries its traceback on that first line only.
         level = logging.WARNING if self.last_error is None else logging.DEBUG
-        _log.log(level, "discovery %s: %s (keeping %d servers)", self.name, exc, len(self.servers))
+        _log.log(
+            level,
+            "discovery %s: %s (keeping %d servers)",
+            self.name,
+            exc,
+            len(self.servers),
+            exc_info=cause if level == logging.WARNING else None,
+        )
         self.failures += 1
         self.last_error = str(exc)
         self.attempted.set()

@@ -206,6 +206,10 @@ class Backend:
         self._base: tuple[ServerConfig, ...] = config.servers
         self.discovery: Discovery | None = None  # discover: the manager's runner for it
         self.discovery_error: DiscoveryError | None = None  # its last failure, as raised
+        # set (and replaced by a fresh one) on every change of pools or runner: wakes a
+        # wait for discovery's first answer, which then looks again (a reload may have
+        # given servers, or a new runner whose events the waiter was not watching)
+        self.changed = Event()
         # call()'s retry budget and counters; ad-hoc backends share the manager's one
         self.budget = budget if budget is not None else RetryBudget(config.retry)
 
@@ -309,7 +313,13 @@ class Backend:
         self._not_closed = [p for p in pools if not p.breaker.is_closed]
         self._follow_placement(config, pools)
         _discard(fresh)  # made for a server that a reload in between added already
+        self.notify_change()
         return list(old.values())
+
+    def notify_change(self) -> None:
+        """Wake whoever waits on ``changed`` (they look again); never yields."""
+        changed, self.changed = self.changed, Event()
+        changed.set()
 
     def _follow_slow_start(self, config: BackendConfig, pools: list[Pool]) -> None:
         """Slow start: servers that join a backend that had servers warm up from now;
@@ -377,10 +387,15 @@ class Backend:
     def _discovered(self, servers: Servers) -> bool:
         """Take a good DNS answer as the membership; False if it is the one in use.
         Never yields (``_apply`` follows, by the manager)."""
-        base = tuple(
-            ServerConfig.model_validate({"address": address, "weight": weight})
-            for address, weight in servers
-        )
+        found: list[ServerConfig] = []
+        for address, weight in servers:
+            try:
+                found.append(ServerConfig.model_validate({"address": address, "weight": weight}))
+            except ValueError:  # pydantic's ValidationError is one
+                raise ValueError(
+                    f"DNS gave {address!r} (weight {weight}), which is not a usable server"
+                ) from None
+        base = tuple(found)
         if base == self._base and self.pools:
             return False
         self._base = base
@@ -388,18 +403,24 @@ class Backend:
 
     def _await_discovery(self, timeout: float | None) -> float:
         """No server yet, discovery has not answered: wait for its first resolution
-        within the deadline; the time left. ``BackendUnavailable`` naming the discovery
-        error when it failed (or had not ended by the deadline)."""
-        discovery = self.discovery
-        assert discovery is not None
+        within the deadline; the time left. A change meanwhile (a reload giving
+        servers, or another runner) wakes the wait, which looks again within the same
+        deadline. ``BackendUnavailable`` naming the discovery error when it failed (or
+        had not ended by the deadline)."""
         limit = self.config.pool.acquire_timeout if timeout is None else timeout
-        start = _monotonic()
-        if discovery.last_error is None:  # the first resolution is under way
-            gevent.wait([discovery.attempted, self.closed_event], timeout=limit, count=1)
-        if self.pools:
-            return max(0.0, limit - (_monotonic() - start))
-        if self.closed:
-            raise PoolClosed(f"backend {self.name!r}: the manager is closed", *self._where())
+        deadline = _monotonic() + limit
+        while True:
+            left = max(0.0, deadline - _monotonic())
+            if self.closed:
+                raise PoolClosed(f"backend {self.name!r}: the manager is closed", *self._where())
+            discovery = self.discovery
+            if self.pools or discovery is None:  # served, or no longer discovered
+                return left
+            if discovery.attempted.is_set() or left <= 0:
+                break
+            # the first resolution of this runner is under way
+            changed = self.changed
+            gevent.wait([discovery.attempted, changed, self.closed_event], timeout=left, count=1)
         error = self.discovery_error
         if discovery.last_error is None or error is None:
             error = DiscoveryError(
@@ -923,19 +944,25 @@ class PoolManager(ThreadBound):
             timeout = valid_timeout(timeout, "wait_ready")
         self._check_owner()
         start = _monotonic()
-        for name, backend in list(self._backends.items()):
-            d = backend.discovery
-            if d is None or d.answered.is_set():
-                continue
-            left = None if timeout is None else max(0.0, timeout - (_monotonic() - start))
-            gevent.wait([d.answered, self._closed_event], timeout=left, count=1)
+        while True:  # until no backend waits for DNS (a reload meanwhile: look again)
+            waiting = [
+                (name, b, b.discovery)
+                for name, b in self._backends.items()
+                if b.discovery is not None and not b.discovery.answered.is_set()
+            ]
             if self._closing:
                 raise PoolClosed("the manager is closed")
-            if not d.answered.is_set():
+            if not waiting:
+                break
+            name, backend, d = waiting[0]
+            left = None if timeout is None else max(0.0, timeout - (_monotonic() - start))
+            if left is not None and left <= 0:
                 why = d.last_error or "the first resolution is still running"
                 raise PoolTimeout(
                     f"not ready: backend {name!r}: discovery has no answer: {why}", None, name
                 )
+            changed = backend.changed
+            gevent.wait([d.answered, changed, self._closed_event], timeout=left, count=1)
         if timeout is not None:
             timeout = max(0.0, timeout - (_monotonic() - start))
         pools = self._all_pools()
@@ -1129,12 +1156,15 @@ class PoolManager(ThreadBound):
 
         runner.on_answer, runner.on_error = answer, error
         backend.discovery, backend.discovery_error = runner, None
+        backend.notify_change()
         runner.start()
 
     def _retire(self, backend: Backend) -> None:
-        """Stop ``backend``'s runner without waiting (close() joins it). Never yields."""
+        """Stop ``backend``'s runner without waiting (close() joins it); whoever waits
+        for its answer is woken to look again. Never yields."""
         runner, backend.discovery = backend.discovery, None
         if runner is not None:
+            backend.notify_change()
             runner.stop(block=False)
             self._retired = [r for r in self._retired if r.running]
             self._retired.append(runner)

@@ -455,12 +455,106 @@ def test_the_runner_survives_its_callbacks(
             assert answered.wait(3)
             dns_server.mode = "refused"
             deadline = monotonic() + 3
-            while discovery.failures < 2 and monotonic() < deadline:
+            while "REFUSED" not in (discovery.last_error or "") and monotonic() < deadline:
                 gevent.sleep(0.02)
             assert discovery.failures >= 2 and discovery.running
         finally:
             discovery.stop()
     messages = [r.getMessage() for r in caplog.records if r.name == "lbpool"]
     assert any("callback" in m and "raised" in m for m in messages)
-    assert any("REFUSED" in m and "keeping 3 servers" in m for m in messages)
+    # an answer on_answer raises for is a failed resolution (the outage's one WARNING)
+    assert any("could not be applied" in m and "apply failed" in m for m in messages)
+    assert "REFUSED" in (discovery.last_error or "") and discovery.servers == ()
     assert "Discovery dns web.test:80 [stopped]" in repr(discovery)
+
+
+def test_srv_records_with_port_0_are_dropped(dns_server: DNSServer) -> None:
+    dns_server.zone[("_db._tcp.test", "SRV")] = ["10 1 6379 db1.test.", "10 1 0 db1.test."]
+    assert ask(dns_server, srv="_db._tcp.test") == (("10.1.0.1:6379", 1), ("[fd00::11]:6379", 1))
+    dns_server.zone[("_db._tcp.test", "SRV")] = ["10 1 0 db1.test."]
+    with pytest.raises(DiscoveryError) as info:  # no usable target: a failed resolution
+        ask(dns_server, srv="_db._tcp.test")
+    assert info.value.kind == "empty" and "port 0" in str(info.value)
+
+
+def test_names_dnspython_cannot_encode_are_refused() -> None:
+    for bad in [{"dns": "\U0001f4a5.test:80"}, {"srv": "_a._tcp.\U0001f4a5.test"}]:
+        with pytest.raises(ValueError, match="not a valid DNS name"):
+            parse_target(**bad)
+    assert parse_target(dns="b\u00fccher.test:80").name == "b\u00fccher.test"  # IDNA encodes it
+
+
+def test_an_answer_that_cannot_be_applied_is_a_failed_resolution(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+
+    def refuse(servers: Servers) -> None:
+        raise ValueError("not a usable server")
+
+    discovery = runner(dns_server, recorder, refresh=0.05)
+    discovery.on_answer = refuse
+    with caplog.at_level(logging.DEBUG, logger="lbpool"):
+        discovery.start()
+        try:
+            assert recorder.wait_for(lambda: len(recorder.errors) >= 3)
+        finally:
+            discovery.stop()
+    assert not discovery.answered.is_set() and discovery.attempted.is_set()
+    assert discovery.servers == () and discovery.failures >= 3
+    assert "could not be applied" in (discovery.last_error or "")
+    assert "not a usable server" in (discovery.last_error or "")
+    assert all(e.kind == "malformed" for e in recorder.errors)
+    records = [r for r in caplog.records if r.name == "lbpool"]
+    assert not [r for r in records if r.levelno >= logging.ERROR]
+    assert len([r for r in records if r.levelno == logging.WARNING]) == 1  # once per outage
+
+
+def test_an_unexpected_resolution_error_warns_once_per_outage(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    discovery = Discovery(  # a name parse_target refuses: resolving it raises a non-DNS error
+        Target("dns", "\U0001f4a5.test", 80),
+        refresh=0.05,
+        timeout=0.2,
+        nameservers=parse_nameservers([dns_server.address]),
+        on_answer=recorder.on_answer,
+        on_error=recorder.on_error,
+    )
+    with caplog.at_level(logging.DEBUG, logger="lbpool"):
+        discovery.start()
+        try:
+            assert recorder.wait_for(lambda: len(recorder.errors) >= 3)
+        finally:
+            discovery.stop()
+    assert "internal error" in (discovery.last_error or "")
+    records = [r for r in caplog.records if r.name == "lbpool"]
+    assert not [r for r in records if r.levelno >= logging.ERROR]
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].exc_info is not None  # one traceback, not a storm
+
+
+def test_skipped_srv_targets_warn_once(
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    dns_server.zone[("_db._tcp.test", "SRV")] = ["10 1 6379 db1.test.", "10 1 0 db1.test."]
+    recorder = Recorder()
+    discovery = Discovery(
+        parse_target(srv="_db._tcp.test"),
+        refresh=0.05,
+        timeout=0.5,
+        nameservers=parse_nameservers([dns_server.address]),
+        on_answer=recorder.on_answer,
+        on_error=recorder.on_error,
+    )
+    with caplog.at_level(logging.DEBUG, logger="lbpool"):
+        discovery.start()
+        try:
+            assert recorder.wait_for(lambda: len(recorder.answers) >= 3)
+        finally:
+            discovery.stop()
+    assert discovery.servers == (("10.1.0.1:6379", 1), ("[fd00::11]:6379", 1))
+    assert discovery.last_error is None
+    warned = [r for r in caplog.records if r.name == "lbpool" and r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "port 0" in warned[0].getMessage()

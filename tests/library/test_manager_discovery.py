@@ -8,6 +8,7 @@ Waits are on events and bounded; margins are generous (the suite runs beside CPU
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -331,6 +332,33 @@ def test_backend_unavailable_when_dns_never_answers(
     assert monotonic() - start < 0.2 + 0.5
 
 
+def test_srv_port_0_is_dropped_and_an_unusable_answer_is_a_failure(
+    make_manager: Callable[..., PoolManager],
+    echo_server: EchoServer,
+    dns_server: DNSServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    zone = srv_zone([echo_server])
+    zone[(SRV, "SRV")].append(f"10 1 0 s{echo_server.port}.svc.test.")
+    dns_server.zone = zone
+    with caplog.at_level(logging.DEBUG, logger="lbpool"):
+        manager = make_manager(discover_config(dns_server))
+        manager.wait_ready(5)
+        assert members(manager) == {echo_server.address}
+        with manager.get("svc", timeout=5) as conn:
+            round_trip(conn)
+        stats = manager.stats().to_dict()["backends"]["svc"]["discovery"]
+        assert stats["servers"] == [echo_server.address] and stats["last_error"] is None
+        # only port 0 left: a failed resolution, the last good set kept
+        dns_server.zone[(SRV, "SRV")] = [f"10 1 0 s{echo_server.port}.svc.test."]
+        runner = manager.backends["svc"].discovery
+        assert runner is not None
+        wait_until(lambda: runner.last_error is not None, 5, "a failed resolution")
+        assert "port 0" in runner.last_error and runner.failures >= 1
+        assert members(manager) == {echo_server.address}
+    assert not [r for r in caplog.records if r.name == "lbpool" and r.levelno >= logging.ERROR]
+
+
 def test_backend_unavailable_names_nxdomain(
     make_manager: Callable[..., PoolManager], dns_server: DNSServer
 ) -> None:
@@ -373,6 +401,45 @@ def test_close_wakes_a_wait_for_the_first_answer(
     assert monotonic() - start < 3
     for job in waiters:
         assert isinstance(job.exception, lbpool.PoolClosed), job.exception
+
+
+@pytest.mark.parametrize("to", ["servers", "discover"])
+@pytest.mark.parametrize("waiter", ["get", "wait_ready"])
+def test_a_reload_wakes_a_wait_for_the_first_answer(
+    make_manager: Callable[..., PoolManager],
+    echo_server: EchoServer,
+    to: str,
+    waiter: str,
+) -> None:
+    """Waiting on a runner that a reload retires (DNS silent): the reload wakes the
+    wait, which goes on with the new membership within the caller's one deadline."""
+    with DNSServer() as silent, DNSServer(srv_zone([echo_server])) as good:
+        silent.mode = "silent"
+        manager = make_manager(discover_config(silent, timeout=30))
+        if waiter == "get":
+
+            def wait() -> str:
+                with manager.get("svc", timeout=30) as conn:
+                    round_trip(conn)
+                    return conn.address
+
+        else:
+
+            def wait() -> str:
+                manager.wait_ready(30)
+                return next(iter(members(manager)))
+
+        job = gevent.spawn(wait)
+        assert wait_until(lambda: bool(silent.queries), 5, "the first query") >= 0
+        new = (
+            {"backends": {"svc": {"servers": [echo_server.address]}}}
+            if to == "servers"
+            else discover_config(good)
+        )
+        manager.reload(new)
+        # woken by the reload, long before the 30 s deadline (before the fix they slept
+        # on the retired runner until it: gevent.Timeout here)
+        assert job.get(timeout=10) == echo_server.address
 
 
 # -- the hub is never blocked ----------------------------------------------------------
@@ -582,6 +649,16 @@ def test_random_subset_is_stable(
         ({"discover": {"dns": "a.test"}}, "backends.svc.discover.dns", "name:port"),
         ({"discover": {"dns": "10.0.0.1:80"}}, "backends.svc.discover.dns", "is an address"),
         ({"discover": {"srv": "a.test"}}, "backends.svc.discover.srv", "_service._proto"),
+        (
+            {"discover": {"dns": "\U0001f4a5.test:80"}},  # IDNA cannot encode it
+            "backends.svc.discover.dns",
+            "not a valid DNS name",
+        ),
+        (
+            {"discover": {"srv": "_a._tcp.\U0001f4a5.test"}},
+            "backends.svc.discover.srv",
+            "not a valid DNS name",
+        ),
         (
             {"discover": {"dns": "a.test:1", "nameservers": ["ns.test:53"]}},
             "backends.svc.discover.nameservers",
