@@ -61,7 +61,7 @@ from lbpool.connection import (
 )
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
-from lbpool.health import Unhealthy, check_health, peek_alive
+from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
@@ -819,6 +819,10 @@ class Pool(ThreadBound):
         elif (checked == _SUSPECT or not self._check_after) and not peek_alive(conn.sock):
             # reset while in use (a reply read before the RST does not make it alive),
             # or check_after 0 ("check every reuse"), which a hand-off is too
+            self._retire(conn, "unhealthy")
+        elif conn.tls and tls_unread(conn.sock):
+            # its borrower left bytes unread, decrypted already: the idle watcher would
+            # never see them (the fd is not readable), the next borrower would get them
             self._retire(conn, "unhealthy")
         elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
             w = self._waiters.popleft()
