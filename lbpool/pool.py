@@ -749,8 +749,8 @@ class Pool(ThreadBound):
             breaker.record_success(trial)
         elif breaker._failure_count:
             breaker.record_dial_success()
-        if breaker.rate is not None:  # failure_rate: a successful dial is a success
-            breaker.count_success()
+        # failure_rate counts request outcomes: a successful dial is none (it would
+        # dilute a server that accepts every connection and fails every request)
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now), breaker.closes)
 
