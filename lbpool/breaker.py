@@ -15,8 +15,11 @@ and its context-manager/decorator use, and fix what a connection pool needs:
 * optionally (``failure_rate``) it also opens on a failure *rate*: over a sliding
   window, at least ``min_requests`` outcomes and a failed share of ``threshold``
   (``FailureRate``: ten buckets of counts in preallocated lists, so recording an
-  outcome allocates nothing). Successes are clean uses and successful dials
-  (``count_success``), failures every ``record_failure``; consecutive counting stays.
+  outcome allocates nothing). Successes are clean uses (``count_success``), failures
+  every ``record_failure`` (network errors on connections in use, failed dials); a
+  successful dial is no outcome: it would dilute a server that accepts every
+  connection and fails every request (each failure brings a fresh dial, so half the
+  outcomes would be successes). Consecutive counting stays.
 
 Which exceptions count as failures is the caller's decision: the pool calls
 ``record_failure`` only for dial and network errors, never for application errors.
@@ -356,8 +359,9 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         self._close()
 
     def count_success(self) -> None:
-        """A clean use or a successful dial, for the failure rate (no-op when it is off
-        or the breaker is not closed). The pool calls it only when ``rate`` is set."""
+        """A clean use, for the failure rate (no-op when it is off or the breaker is not
+        closed). Not a successful dial: the rate counts request outcomes (see the
+        module's docstring). The pool calls it only when ``rate`` is set."""
         rate = self.rate
         if rate is not None and self.is_closed:
             rate.success()

@@ -24,6 +24,7 @@ from gevent import Timeout as _GeventTimeout
 
 from lbpool._net import close_quietly
 from lbpool.errors import ConnectionReleased, LbpoolError
+from lbpool.health import is_tls
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -59,12 +60,14 @@ class _Conn:
         "expires_at",
         "last_used_at",
         "sock",
+        "tls",
         "uses",
         "watcher",
     )
 
     def __init__(self, sock: socket.socket, now: float, expires_at: float, era: int = 0) -> None:
         self.sock = sock
+        self.tls = is_tls(sock)  # a TLS socket: its unread bytes are looked for on return
         # the breaker's ``closes`` when it was dialed: an error on a connection from
         # before the breaker last closed is evidence about the old outage, not counted
         self.era = era

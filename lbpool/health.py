@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import gevent
 from gevent import ssl as gssl
@@ -35,6 +35,22 @@ class Unhealthy(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def is_tls(sock: object) -> bool:
+    """Is ``sock`` a TLS socket (stdlib or gevent ``SSLSocket``)? Never yields."""
+    return isinstance(sock, _SSL_SOCKETS)
+
+
+def tls_unread(sock: socket.socket) -> bool:
+    """Does the TLS socket ``sock`` hold decrypted bytes nobody read (``pending()``)?
+    They sit in the SSL object's buffer, not the kernel's, so the fd never turns
+    readable and an idle watcher never sees them. A socket that cannot tell (closed)
+    counts as holding some. Never yields; one call into the SSL object."""
+    try:
+        return cast("ssl.SSLSocket", sock).pending() > 0
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def peek_alive(sock: socket.socket) -> bool:

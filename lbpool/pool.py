@@ -61,7 +61,7 @@ from lbpool.connection import (
 )
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
-from lbpool.health import Unhealthy, check_health, peek_alive
+from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
@@ -90,6 +90,9 @@ _BACKGROUND_CHECKS = 2
 # How long past its budget a caller waits for a dial errand before calling it overrun
 # (scheduling slack: a dial that ran out of time is reaching its verdict by then).
 _OVERRUN_GRACE = 0.25
+# close(): how long greenlets of the pool's own get to die when killed, if close's
+# timeout leaves no time (0, used up) or sets none; one still running then is abandoned
+_KILL_GRACE = 0.5
 
 
 class _Errand:
@@ -159,7 +162,12 @@ class Pool(ThreadBound):
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
         self._dialers: set[gevent.Greenlet] = set()  # refills and errands: close() kills them
-        self._unstarted: dict[gevent.Greenlet, Callable[[], None]] = {}  # see _spawn_own
+        # what each own greenlet holds, given back if close() kills it before it ran or
+        # abandons it (see _spawn_own); a greenlet's entry goes when its body has ended
+        self._own: dict[gevent.Greenlet, Callable[[], None]] = {}
+        # own greenlets that refused to die at close(): what they held is given back,
+        # so their bodies account for nothing more (_given_up)
+        self._abandoned: set[gevent.Greenlet] = set()
         # sockets of dials and checks in flight, whoever runs them (a caller, an errand,
         # upkeep): close() closes them, ending the dial or check at once; a forked child
         # closes its copies, so nothing copied from the parent reads the parent's replies
@@ -295,7 +303,8 @@ class Pool(ThreadBound):
         self._idle.clear()
         self._busy.clear()
         self._dialers.clear()
-        self._unstarted = {}
+        self._own = {}
+        self._abandoned = set()
         self._in_flight.clear()
         for conn in inherited:
             conn.close()
@@ -629,16 +638,27 @@ class Pool(ThreadBound):
         """Start a greenlet of the pool's own (an errand, a refill, a background check),
         kept in ``_dialers`` for ``close()`` to kill. ``undo`` gives back what was
         reserved for it (a slot, a trial, a connection off the idle stack) should it be
-        killed before it ever ran: gevent then never runs its body, so its own
-        ``finally`` cannot. Never yields."""
+        killed before it ever ran (gevent then never runs its body, so its own
+        ``finally`` cannot) or refuse to die (a hook that swallows ``GreenletExit``):
+        ``close()`` then abandons it, and ``_given_up`` keeps its body from giving
+        back anything twice. What it holds does not change kind while it can yield (a
+        dial's slot, a check's connection), so one ``undo`` serves its whole life.
+        Never yields."""
         g = gevent.spawn(self._run_own, run, args)
         self._dialers.add(g)
-        self._unstarted[g] = undo
+        self._own[g] = undo
         return g
 
     def _run_own(self, run: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        self._unstarted.pop(gevent.getcurrent(), None)  # running: its body accounts now
-        return run(*args)
+        try:
+            return run(*args)
+        finally:  # its body has accounted for what it held
+            self._own.pop(gevent.getcurrent(), None)
+
+    def _given_up(self) -> bool:
+        """Is this greenlet one ``close()`` abandoned (what it held given back already)?
+        Its body then closes what it gets and counts nothing. Never yields."""
+        return bool(self._abandoned) and gevent.getcurrent() in self._abandoned
 
     def _undo_dial(self, trial: int) -> None:
         if trial:
@@ -700,6 +720,8 @@ class Pool(ThreadBound):
         except BaseException as exc:
             if self._forked_since(generation):  # the parent's dial, copied: abandon it
                 raise self._forked() from exc
+            if self._given_up():  # close() gave back its slot and trial already
+                raise
             # a dial ended by close() (which closed its socket) is no verdict on the server
             failed = isinstance(exc, DialError) and not self._closing
             if failed:
@@ -718,14 +740,17 @@ class Pool(ThreadBound):
             raise self._forked()
         if trial and self._check_configured:
             self._check_trial(sock, trial, generation, errand)
+        if self._given_up():  # close() gave back its slot and trial: nothing to lend
+            close_quietly(sock)
+            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
         self._pending -= 1
         breaker = self.breaker
         if trial:  # a half-open trial's token, or PANIC_DIAL: closes the breaker
             breaker.record_success(trial)
         elif breaker._failure_count:
             breaker.record_dial_success()
-        if breaker.rate is not None:  # failure_rate: a successful dial is a success
-            breaker.count_success()
+        # failure_rate counts request outcomes: a successful dial is none (it would
+        # dilute a server that accepts every connection and fails every request)
         now = _monotonic()
         return _Conn(sock, now, self._expiry(now), breaker.closes)
 
@@ -750,6 +775,8 @@ class Pool(ThreadBound):
             close_quietly(sock)
             if self._forked_since(generation):
                 raise self._forked() from None
+            if self._given_up():  # close() gave back its slot and trial already
+                raise
             if not isinstance(exc, (Unhealthy, OSError)):  # interrupted
                 self.breaker.abandon_trial(trial)
                 self._unreserve()
@@ -792,6 +819,10 @@ class Pool(ThreadBound):
         elif (checked == _SUSPECT or not self._check_after) and not peek_alive(conn.sock):
             # reset while in use (a reply read before the RST does not make it alive),
             # or check_after 0 ("check every reuse"), which a hand-off is too
+            self._retire(conn, "unhealthy")
+        elif conn.tls and tls_unread(conn.sock):
+            # its borrower left bytes unread, decrypted already: the idle watcher would
+            # never see them (the fd is not readable), the next borrower would get them
             self._retire(conn, "unhealthy")
         elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
             w = self._waiters.popleft()
@@ -1092,6 +1123,8 @@ class Pool(ThreadBound):
                 if self._forked_since(generation):
                     self._forked(conn)
                     return None
+                if self._given_up():  # close() closed its connection and gave back its slot
+                    raise
                 if self._closing:  # killed by close()
                     self._held -= 1
                     self._retire(conn, "unhealthy")
@@ -1101,6 +1134,8 @@ class Pool(ThreadBound):
                 failure.__cause__ = exc
             if self._forked_since(generation):  # copied into a forked child: abandon
                 self._forked(conn)
+                return None
+            if self._given_up():  # close() closed its connection and gave back its slot
                 return None
             if failure is not None:
                 self._held -= 1
@@ -1268,7 +1303,8 @@ class Pool(ThreadBound):
         try:
             self._run_check_errand(errand, conn)
         finally:
-            if not self._forked_since(generation):  # a child's pool counts only its own
+            # a child's pool counts only its own; an abandoned one's was given back
+            if not self._forked_since(generation) and not self._given_up():
                 self._checking -= 1
 
     def _warn_leaks(self, now: float) -> None:
@@ -1327,7 +1363,8 @@ class Pool(ThreadBound):
             ok = True
         finally:
             if not self._forked_since(generation):  # a child's pool counts only its own
-                self._refilling -= 1
+                if not self._given_up():  # an abandoned one's was given back by close()
+                    self._refilling -= 1
                 self._dialers.discard(gevent.getcurrent())
                 self._changed.set()
         if ok:
@@ -1385,28 +1422,47 @@ class Pool(ThreadBound):
     def close(self, timeout: float | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters with ``PoolClosed``, close idle
         connections now and in-use ones as they come back; after ``timeout`` close
-        the rest. Returns as soon as everything is closed. A second call is a no-op."""
+        the rest. Returns as soon as everything is closed, and within ``timeout``
+        (DESIGN 10): dials and checks in flight end at once (their sockets closed);
+        a greenlet of the pool's own that will not die when killed (a hook that
+        swallows ``GreenletExit``) is abandoned after what is left of ``timeout``
+        (``_KILL_GRACE`` if none is left or set), what it held given back. A second
+        call is a no-op."""
         if self._closed:
             return
         if timeout is not None:
             timeout = valid_timeout(timeout, self.name)
         self._check_owner()  # refuses another OS thread; starts fresh in a forked child
+        deadline = None if timeout is None else _monotonic() + timeout
         self._closing = True
         current = gevent.getcurrent()
         if self._upkeep is not None:
             self._upkeep.stop()
         self.stop_lending()
+        for sock in list(self._in_flight):  # every dial or check in flight: ended now
+            close_quietly(sock)
         dialers = [g for g in self._dialers if g is not current]
         if dialers:
-            gevent.killall(dialers, block=True)
-        unstarted, self._unstarted = self._unstarted, {}
-        for undo in unstarted.values():  # killed before they ran: give back their part
-            undo()
-        for sock in list(self._in_flight):  # a caller's own dial or check: ended now
-            close_quietly(sock)
+            gevent.killall(dialers, block=False)
+            left = 0.0 if deadline is None else deadline - _monotonic()
+            gevent.joinall(dialers, timeout=left if left > 0 else _KILL_GRACE)
+        # what is still here never ran (killed before it started) or will not die
+        stuck = [g for g in self._own if g is not current and not g.dead]
+        if stuck:
+            _log.warning(
+                "%s: %d greenlet(s) of the pool (a dial or check running a hook) did not "
+                "end when close() killed them; abandoned, their sockets closed",
+                self.name,
+                len(stuck),
+            )
+            self._abandoned.update(stuck)
+        for g, undo in list(self._own.items()):
+            if g is not current:
+                del self._own[g]
+                undo()  # give back its slot, trial or connection
         self._note_drained()
         if self._size > 0:
-            self._drained.wait(timeout)
+            self._drained.wait(None if deadline is None else max(deadline - _monotonic(), 0))
         for conn in list(self._busy):
             _log.warning("%s: closing a connection still in use at close()", self.name)
             del self._busy[conn]

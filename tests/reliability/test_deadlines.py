@@ -260,12 +260,14 @@ class SwallowingHook:
         self.port = port
         self.limit = limit
         self.gate = Event()
+        self.entered = Event()
         self.swallowed = Event()
         self.done = Event()
 
     def __call__(self, sock: Any) -> None:
         if self.port is not None and sock.getpeername()[1] != self.port:
             return
+        self.entered.set()
         end = monotonic() + self.limit
         while not self.gate.is_set() and monotonic() < end:
             try:
@@ -390,3 +392,74 @@ def test_health_hook_that_swallows_its_timeout_cannot_hold_a_borrow(
     assert (s.size, s.idle, s.pending) == (1, 1, 0), s
     assert invariant_holds(pool)
     pool.close()
+
+
+@pytest.mark.parametrize("where", ["dial_errand", "refill", "borrow_check", "manager"])
+def test_close_abandons_a_greenlet_whose_hook_swallows_the_kill(
+    echo_server_factory: Callable[..., EchoServer],
+    make_manager: Callable[..., PoolManager],
+    where: str,
+    caplog: pytest.LogCaptureFixture,
+    no_fd_leak: None,
+) -> None:
+    """A hook (setup or health) that swallows every exception, ``GreenletExit`` too,
+    runs in a greenlet of the pool's own (a dial errand a caller left, an upkeep
+    refill, a borrow check). ``close(timeout=0.5)`` closes its socket, kills it, and
+    when it will not die abandons it, logged at WARNING naming the pool: close returns
+    within its timeout (not when the hook ends, 8 s later), with every slot given back;
+    when the hook ends at last, nothing is counted twice."""
+    server = echo_server_factory()
+    hook = SwallowingHook()
+    if where == "manager":
+        manager = make_manager(
+            {
+                "backends": {
+                    "b": {
+                        "servers": [server.address],
+                        "pool": {"min_idle": 0},
+                        "setup": hook,
+                        "dial": {"timeout": "1s"},
+                    }
+                }
+            }
+        )
+        with pytest.raises(PoolTimeout):
+            manager.acquire("b", timeout=0.2)
+        pool = manager._all_pools()[0]
+    else:
+        setup = hook if where in ("dial_errand", "refill") else None
+        pool = Pool(
+            server.address,
+            pool=PoolConfig(min_idle=1 if where == "refill" else 0, max_size=1, check_after=0),
+            dial=DialConfig(timeout=1),
+            health_check=HealthCheckConfig(hook=hook if setup is None else None, timeout=0.3),
+            setup=setup,
+            upkeep=where == "refill",
+        )
+        if where == "dial_errand":
+            with pytest.raises(PoolTimeout):
+                pool.acquire(timeout=0.2)
+        elif where == "borrow_check":
+            pool.acquire(timeout=5).release()  # a new connection is not checked
+            with pytest.raises(PoolTimeout):
+                pool.acquire(timeout=0.2)  # the idle one is checked: the hook holds it
+    assert hook.entered.wait(5) and not hook.done.is_set()
+    start = monotonic()
+    if where == "manager":
+        manager.close(timeout=0.5)
+    else:
+        pool.close(timeout=0.5)
+    assert monotonic() - start < 0.5 + SLACK  # the hook holds on for 8 s
+    assert not hook.done.is_set()
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.pending) == (0, 0, 0, 0), s
+    assert any(
+        r.levelname == "WARNING" and pool.name in r.getMessage() and "abandoned" in r.getMessage()
+        for r in caplog.records
+    )
+    hook.gate.set()  # the abandoned greenlet ends now: it must give back nothing twice
+    assert hook.done.wait(5)
+    assert settle(lambda: not pool._dialers, 5)
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.pending) == (0, 0, 0, 0), s
+    assert (pool._held, pool._refilling, pool._checking, pool._handed) == (0, 0, 0, 0)

@@ -275,6 +275,34 @@ def test_one_request_in_three_fails(cluster: Any, make_manager: Any, rate: bool)
         assert requests == 60
 
 
+def test_a_server_that_accepts_and_fails_every_request_opens_by_rate(
+    cluster: Any, make_manager: Any
+) -> None:
+    """Every request is reset: each failure discards its connection and the next request
+    dials a fresh one, which connects fine. Dial successes are no outcomes (they would
+    make the failed share about half, below a 60% threshold, and the breaker would
+    never open); the rate counts requests, all failed, so it opens after
+    ``min_requests``. ``failure_threshold`` is out of reach: it opens by rate alone."""
+    c = cluster(1)
+    breaker = {
+        "failure_threshold": 1000,
+        "recovery_timeout": 30,
+        "failure_rate": {"threshold": "60%", "min_requests": 20, "window": "10s"},
+    }
+    manager = make_manager(_config(c.addresses, breaker=breaker, balance={"panic_threshold": 0}))
+    manager.wait_ready(timeout=5)
+    c.proxies[0].reset_every(1)
+    br = manager.backends["svc"].pools[0].breaker
+    requests = 0
+    while br.is_closed and requests < 60:  # sequential: outcomes reach it in order
+        Traffic(manager, 0).request()
+        requests += 1
+    assert not br.is_closed, f"still closed after {requests} failed requests: {br!r}"
+    assert br.trips == 1
+    assert requests <= 21  # the 20th failed request opens it (one spare for a slow reset)
+    assert manager.backends["svc"].pools[0].stats().dial_failures == 0
+
+
 # -- slow start -------------------------------------------------------------------------------
 
 

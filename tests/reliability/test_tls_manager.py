@@ -298,3 +298,42 @@ def test_close_ends_a_tls_handshake_in_flight(
     assert caller.ready()
     assert isinstance(caller.exception, PoolClosed), repr(caller.exception)
     assert ended < 1.0, f"the caller ended {ended:.2f} s after close() (dial.timeout 10 s)"
+
+
+@pytest.mark.parametrize("path", ["idle", "handoff"])
+def test_tls_bytes_a_borrower_left_unread_never_reach_the_next(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, path: str, no_fd_leak: None
+) -> None:
+    """A reads 3 bytes of a 10-byte reply and releases: the other 7 sit decrypted in
+    the SSL object's buffer (``pending()``), where the idle watcher never sees them
+    (the fd is not readable) and, within ``check_after``, no borrow peek looks. The
+    connection is closed on return (``unhealthy``); B, next (from the idle stack or
+    waiting in the queue), gets a fresh connection and only its own reply."""
+    cfg = config(tls_echo_server.address, {"ca_file": tls_certs.ca_file}, max_size=1)
+    cfg["backends"]["secure"]["pool"]["check_after"] = 60
+    with PoolManager(cfg) as manager:
+        a = manager.acquire("secure")
+        a.settimeout(3)
+        a.sendall(b"0123456789")
+        assert recv_exact(a, 3) == b"012"
+        assert a._conn is not None
+        a.settimeout(None)  # only the unread bytes differ from a clean borrow
+        assert settle(lambda: a._conn is not None and a._conn.sock.pending() == 7, 3)
+        waiter = None
+        if path == "handoff":
+            waiter = gevent.spawn(manager.acquire, "secure", timeout=5)
+            assert settle(
+                lambda: (
+                    manager.stats().backends["secure"].servers[tls_echo_server.address].waiting == 1
+                ),
+                3,
+            )
+        a.release()
+        b = waiter.get(timeout=5) if waiter is not None else manager.acquire("secure")
+        with b:
+            assert b.uses == 1  # not A's connection
+            round_trip(b, b"abc")
+        s = manager.stats().backends["secure"].servers[tls_echo_server.address]
+        assert s.closed["unhealthy"] == 1
+        assert s.breaker_state == "closed"
+        assert s.size == s.idle + s.in_use + s.pending
