@@ -15,6 +15,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
+import lbpool.discovery
 from lbpool.discovery import (
     Discovery,
     DiscoveryError,
@@ -478,7 +479,16 @@ def test_srv_records_with_port_0_are_dropped(dns_server: DNSServer) -> None:
 
 
 def test_names_dnspython_cannot_encode_are_refused() -> None:
-    for bad in [{"dns": "\U0001f4a5.test:80"}, {"srv": "_a._tcp.\U0001f4a5.test"}]:
+    # (which unicode names IDNA refuses depends on the dnspython release and on whether
+    # the idna package is installed; a label over 63 octets and an empty label are
+    # refused by every release)
+    long_label = "a" * 64
+    bad_names = [
+        {"dns": f"{long_label}.test:80"},
+        {"srv": f"_a._tcp.{long_label}.test"},
+        {"dns": "a..test:80"},
+    ]
+    for bad in bad_names:
         with pytest.raises(ValueError, match="not a valid DNS name"):
             parse_target(**bad)
     assert parse_target(dns="b\u00fccher.test:80").name == "b\u00fccher.test"  # IDNA encodes it
@@ -511,11 +521,16 @@ def test_an_answer_that_cannot_be_applied_is_a_failed_resolution(
 
 
 def test_an_unexpected_resolution_error_warns_once_per_outage(
-    dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+    dns_server: DNSServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = Recorder()
-    discovery = Discovery(  # a name parse_target refuses: resolving it raises a non-DNS error
-        Target("dns", "\U0001f4a5.test", 80),
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug, not DNS")
+
+    monkeypatch.setattr(lbpool.discovery, "_resolve", broken)
+    discovery = Discovery(  # every resolution raises a non-DNS error
+        Target("dns", "a.test", 80),
         refresh=0.05,
         timeout=0.2,
         nameservers=parse_nameservers([dns_server.address]),
