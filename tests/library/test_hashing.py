@@ -280,19 +280,21 @@ def test_maglev_weighted_table_is_the_turn_by_turn_one(weights: tuple[int, ...])
 
 def test_maglev_extreme_weight_ratio_builds_fast_and_pauses() -> None:
     """1,000 servers, one of weight 10,000: the skipped members cost nothing and the
-    work between pauses stays bounded (was 13.5 s and a 107 ms gap)."""
+    work between pauses stays bounded (was 13.5 s and a 107 ms gap). Measured in CPU
+    time (``thread_time``): what the build holds the hub for, which CPU hogs do not
+    inflate (one pushed a wall-clock gap to 32 ms)."""
     servers = [*fleet(999), ("10.0.9.9:11211", 10_000)]
     gaps: list[float] = []
-    last = [time.perf_counter()]
+    last = [time.thread_time()]
 
     def pause() -> None:
-        now = time.perf_counter()
+        now = time.thread_time()
         gaps.append(now - last[0])
         last[0] = now
 
-    started = time.perf_counter()
+    started = time.thread_time()
     table = Maglev(servers, pause=pause)
-    took = time.perf_counter() - started
+    took = time.thread_time() - started
     assert took < 3.0, took
     assert max(gaps) < 0.02, max(gaps)
     assert table.slots()[-1] / table.size == pytest.approx(10_000 / 10_999, rel=0.01)
