@@ -37,6 +37,7 @@ import gevent
 from gevent.event import Event
 
 from lbpool._demand import DemandWindow
+from lbpool._hublag import WATCH_LAG, hub_lag
 from lbpool._net import close_quietly
 from lbpool._ownership import Forked, ThreadBound, fork_generation, get_ident
 from lbpool._upkeep import Upkeep
@@ -182,6 +183,7 @@ class Pool(ThreadBound):
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
+        self._hub_lag = hub_lag(self._hub.loop)  # seconds since the hub last polled
         self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
         if upkeep:
             self._start_upkeep()
@@ -317,6 +319,7 @@ class Pool(ThreadBound):
         self._reset_counters()
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
+        self._hub_lag = hub_lag(self._hub.loop)
         if self._upkeep is not None and not self._closing:
             self._upkeep.abandon()  # the parent's loop, inherited: ends after its pass
             self._start_upkeep()
@@ -384,6 +387,14 @@ class Pool(ThreadBound):
                     raise PoolClosed(
                         f"{self.name}: pool closed during a borrow check", self.name, self.backend
                     )
+            elif (
+                now - conn.last_used_at > WATCH_LAG
+                and self._hub_lag() > WATCH_LAG
+                and not peek_alive(conn.sock)
+            ):  # stirred while code held the hub, so its watcher could not run yet
+                _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
+                self._retire(conn, "unhealthy")
+                continue
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)

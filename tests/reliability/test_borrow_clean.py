@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.monkey
 import pytest
 from gevent.event import Event
 
@@ -358,3 +359,79 @@ def test_a_connection_under_check_counts_as_pending(
     s = pool.stats()
     assert (s.size, s.idle, s.in_use, s.pending) == (1, 1, 0, 0), s
     pool.close()
+
+
+# -- stirred while code held the hub ------------------------------------------------
+
+_blocking_sleep = gevent.monkey.get_original("time", "sleep")
+
+
+@pytest.fixture
+def plain_listener() -> Iterator[socket.socket]:
+    """A stdlib (blocking) listener the test drives by hand: its side of a connection
+    can write while the hub is held, which no server running on the hub can."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(BOUND)
+    yield listener
+    listener.close()
+
+
+@pytest.mark.parametrize("kind", ["bytes", "eof", "quiet"])
+def test_a_connection_stirred_while_the_hub_is_held_is_never_lent(
+    plain_listener: socket.socket, kind: str, no_fd_leak: None
+) -> None:
+    """The server writes (or closes) while code holds the hub, so the idle watcher has
+    had no poll to see it; the borrow right after peeks instead, and lends a fresh
+    connection. A quiet connection is still reused (the peek finds nothing)."""
+    host, port = plain_listener.getsockname()
+    pool = Pool(
+        f"{host}:{port}",
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=60),  # no borrow check
+        upkeep=False,
+    )
+    first = pool.acquire(BOUND)
+    server_side, _ = plain_listener.accept()
+    try:
+        first.release()
+        gevent.sleep(0.01)  # the hub polls once: the watcher is armed and quiet
+        if kind == "bytes":
+            server_side.sendall(b"PUSH\r\n")
+        elif kind == "eof":
+            server_side.shutdown(socket.SHUT_WR)
+        _blocking_sleep(0.05)  # CPU-bound code: no hub turn between the write and the borrow
+        second = pool.acquire(BOUND)
+        if kind == "quiet":
+            assert second.uses == 2  # the same connection, lent again
+        else:
+            assert second.uses == 1  # a fresh connection, not the stirred one
+            plain_listener.accept()[0].close()
+        second.release()
+        s = pool.stats()
+        assert s.closed["unhealthy"] == (0 if kind == "quiet" else 1)
+        assert s.breaker_state == "closed"
+        assert s.size == s.idle + s.in_use + s.pending
+    finally:
+        pool.close()
+        server_side.close()
+
+
+def test_hub_lag_follows_the_loops_last_poll() -> None:
+    """``hub_lag`` reads the loop's own clock: small right after a hub turn, at least a
+    stretch of code that held the hub after it; ``inf`` for a loop it cannot read."""
+    from lbpool._hublag import hub_lag
+
+    lag = hub_lag(gevent.get_hub().loop)
+    gevent.sleep(0.001)
+    _blocking_sleep(0.05)
+    held = lag()
+    assert held >= 0.05
+    gevent.sleep(0.001)
+    assert lag() < held  # the hub polled since
+
+    class Unreadable:
+        def update_now(self) -> None:
+            raise RuntimeError("no clock")
+
+    assert hub_lag(Unreadable())() == float("inf")

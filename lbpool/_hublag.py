@@ -1,0 +1,52 @@
+"""How long since the hub last polled for I/O: what an idle read watcher can vouch for.
+
+An idle connection's read watcher (``Pool._stirred``) sees bytes or EOF only when the
+hub polls. Code that holds the hub (CPU-bound work, a blocking call) delays that, so a
+connection can be stirred and not yet known to be. A borrow after such a stretch peeks
+instead of trusting the watcher (DESIGN 16); a borrow after a recent poll does not, so
+the common path makes no system call.
+
+The hub loop's cached time (``loop.now()``) is the time of its last poll: libev's
+``ev_now`` follows the wall clock, libuv's ``uv_now`` the monotonic one. Which one is
+found once, by comparing both with the loop's time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+# A borrow peeks when the connection has rested longer than this (seconds) and the hub
+# has not polled for longer than this: below it the watcher's view is as fresh as a
+# peek's would be (bytes can always be on the wire).
+WATCH_LAG = 0.001
+
+_MATCH = 60.0  # seconds: a clock this close to the loop's time is the one it follows
+
+
+def _always() -> float:
+    return float("inf")
+
+
+def hub_lag(loop: Any) -> Callable[[], float]:
+    """A function returning the seconds since ``loop`` (a gevent hub's loop) last
+    polled; it returns ``inf`` (so every long rest is peeked) when the loop's clock
+    matches neither the wall clock nor the monotonic one, or has no ``now()``."""
+    try:
+        loop.update_now()
+        now = loop.now
+        seen = float(now())
+    except Exception:  # an unusual loop: peek after every long rest, never fail here
+        return _always
+    for clock in (time.time, time.monotonic):
+        if abs(clock() - seen) < _MATCH:
+            return _lag(clock, now)
+    return _always
+
+
+def _lag(clock: Callable[[], float], loop_now: Callable[[], float]) -> Callable[[], float]:
+    def lag() -> float:
+        return clock() - loop_now()
+
+    return lag
