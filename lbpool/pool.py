@@ -36,6 +36,7 @@ from typing import Any, cast
 import gevent
 from gevent.event import Event
 
+from lbpool import _ownership
 from lbpool._demand import DemandWindow
 from lbpool._hublag import WATCH_LAG, hub_lag
 from lbpool._net import close_quietly
@@ -413,7 +414,8 @@ class Pool(ThreadBound):
     ) -> PooledConnection:
         if self._closing:  # closed during a borrow check
             raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
-        self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
+        if not self._waiters:  # with waiters, the first of them told upkeep already
+            self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
         if not deadline:
             deadline = start + (self._acquire_timeout if timeout is None else timeout)
@@ -438,7 +440,7 @@ class Pool(ThreadBound):
         return self._wait(start, deadline, panic)
 
     def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
-        generation = fork_generation()
+        generation = _ownership._fork_generation  # fork_generation(), inlined (bench B)
         self._waits += 1
         w = self._waiters.join(deadline)
         try:
@@ -448,7 +450,7 @@ class Pool(ThreadBound):
                 raise self._forked() from None
             self._abandon(w)
             raise
-        if self._forked_since(generation):  # a wait copied into a forked child
+        if generation != _ownership._fork_generation:  # a wait copied into a forked child
             raise self._forked(outcome if isinstance(outcome, _Conn) else None)
         now = _monotonic()
         waited = now - start
