@@ -41,7 +41,12 @@ Exported (``lbpool_`` prefix):
   it did not queue), bucketed by the pool as it happens (``ServerStats.wait_buckets``).
 
 Importing ``lbpool`` never imports ``prometheus_client``; importing this module does.
-A scrape only reads a snapshot, so it is safe from the metrics server's own thread.
+A scrape only reads a snapshot, so it is safe from the metrics server's own thread:
+there ``manager.stats()`` has the manager's hub take it (a callback, run between two
+greenlet steps, so never in the middle of a reload's switch), and the samples are made
+in the scrape thread. A scrape in the manager's own thread (``make_wsgi_app`` in a
+gevent server) makes its samples in slices of about 2 ms, yielding to the hub between
+them.
 """
 
 from __future__ import annotations
@@ -129,13 +134,7 @@ class LbpoolCollector:
         return f"{self.prefix}_{name}"
 
     def _snapshot(self) -> ManagerStats:
-        # Taken without a greenlet switch; from another OS thread a concurrent
-        # reload can change a dict mid-iteration: then simply take it again.
-        for _ in range(3):
-            try:
-                return self.manager.stats()
-            except RuntimeError:
-                continue
+        # manager.stats() from any thread: from a scrape thread, the manager's hub takes it
         return self.manager.stats()
 
     def _families(self) -> dict[str, Any]:

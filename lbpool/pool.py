@@ -39,7 +39,13 @@ from gevent.event import Event
 
 from lbpool._demand import DemandWindow
 from lbpool._net import close_quietly
-from lbpool._ownership import Forked, ThreadBound, fork_generation, get_ident
+from lbpool._ownership import (
+    Forked,
+    ThreadBound,
+    fork_generation,
+    get_ident,
+    read_from_any_thread,
+)
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import (
     BROKEN,
@@ -1478,6 +1484,13 @@ class Pool(ThreadBound):
 
     # -- stats --------------------------------------------------------------------
     def stats(self) -> ServerStats:
+        """This pool's numbers now, taken in one go (``size == idle + in_use +
+        pending``). From another OS thread, the pool's own hub takes it
+        (``read_from_any_thread``). Never yields."""
+        return read_from_any_thread(self, self._stats)
+
+    def _stats(self) -> ServerStats:
+        """``stats()`` in the owner thread. Never yields."""
         # one dict in ServerStats' field order, made its __dict__ (_server_stats): the
         # dataclass __init__ would cost several times more, 1,000 times per scrape
         breaker = self.breaker
@@ -1486,7 +1499,7 @@ class Pool(ThreadBound):
         counts = self._wait_counts
         if any(counts):  # cumulative: [observed, observed + counts[0], ..., every one]
             cumulative = list(_accumulate(counts, initial=observed))
-            buckets = dict(zip(WAIT_BUCKETS, cumulative[1:]))
+            buckets = dict(zip(WAIT_BUCKETS, cumulative[1:-1], strict=True))
             wait_count = cumulative[-1]
         else:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
             buckets = dict.fromkeys(WAIT_BUCKETS, observed)
