@@ -32,7 +32,6 @@ Which calls yield: ``Placement.update``, ``stop``, ``served``, ``KeyOrder.pick``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from time import monotonic as _monotonic
@@ -45,6 +44,7 @@ from lbpool._pacing import Pacer
 from lbpool.balance import eligible
 from lbpool.errors import BackendUnavailable, LbpoolError, PoolTimeout
 from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, _key_bytes, build_table
+from lbpool.stats import _server_stats_with
 
 if TYPE_CHECKING:
     from lbpool.connection import PooledConnection
@@ -296,7 +296,7 @@ class Placement:
         for address, stats in servers.items():
             tally = self.tallies.get(address)
             if tally is not None:
-                out[address] = dataclasses.replace(
+                out[address] = _server_stats_with(  # dataclasses.replace, faster
                     stats, owner_hits=tally.owner, fallback_hits=tally.fallback
                 )
         return out

@@ -9,6 +9,11 @@ every bound object's thread id, so a forked child's first use goes down
 ``_check_owner``, which starts the object fresh; a use from another OS thread is
 refused with an ``LbpoolError``.
 
+Reads from another OS thread (a metrics scrape served by ``start_http_server``'s
+thread) go through ``read_from_any_thread``: the owner's hub runs the read, as a
+callback, so it never interleaves with the owner's own work (a reload's switch, an
+acquisition half done).
+
 Imports only ``lbpool.errors``. Nothing here yields.
 """
 
@@ -17,17 +22,23 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from gevent.hub import get_hub
 from gevent.monkey import get_original
 
 from lbpool.errors import LbpoolError
 
-__all__ = ["Forked", "ThreadBound", "fork_generation", "get_ident"]
+__all__ = ["Forked", "ThreadBound", "fork_generation", "get_ident", "read_from_any_thread"]
+
+T = TypeVar("T")
 
 get_ident: Callable[[], int] = get_original("_thread", "get_ident")
 """The real OS thread id, even when ``threading`` is monkey-patched."""
+_allocate_lock: Callable[[], Any] = get_original("_thread", "allocate_lock")
+
+OWNER_HUB_WAIT = 2.0
+"""How long (seconds) ``read_from_any_thread`` waits for the owner's hub to answer."""
 
 _fork_generation = 0  # bumped in every forked child
 _bound: weakref.WeakSet[ThreadBound] = weakref.WeakSet()  # poisoned at fork
@@ -97,3 +108,53 @@ class ThreadBound:
             f"this object belongs to another thread (made in OS thread {self._thread_id}, "
             f"used from {used_from}); use one per OS thread"
         )
+
+
+def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
+    """``read()`` as ``obj``'s owner thread sees it, from any thread.
+
+    In the owner thread (or a forked child, which owns everything it inherited), call
+    it here. From another OS thread, have the owner's hub call it -- a callback
+    (``loop.run_callback_threadsafe``), so ``read`` must never yield -- and wait up to
+    ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the caller's hub:
+    this thread may have none). If the hub does not answer in time (the owner thread
+    blocked outside gevent, or gone), ``read`` is called here after all, as before:
+    then it is only as consistent as a read racing the owner can be, and a
+    ``RuntimeError`` from a dict changed mid-iteration is retried twice. Exceptions of
+    ``read`` are raised to the caller. Never yields (in the owner thread, ``read``
+    runs as it is).
+    """
+    if get_ident() == obj._thread_id or obj._fork_gen != _fork_generation:
+        return read()
+    done = _allocate_lock()
+    done.acquire()
+    outcome: list[tuple[bool, Any]] = []
+    abandoned = False
+
+    def in_hub() -> None:
+        if abandoned:
+            return
+        try:
+            outcome.append((True, read()))
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            outcome.append((False, exc))
+        finally:
+            done.release()
+
+    try:
+        obj._hub.loop.run_callback_threadsafe(in_hub)
+    except Exception:  # the owner's loop is destroyed: nobody else reads or writes
+        pass
+    else:
+        if done.acquire(timeout=OWNER_HUB_WAIT):
+            ok, value = outcome[0]
+            if ok:
+                return cast(T, value)
+            raise value
+        abandoned = True
+    for _ in range(2):
+        try:
+            return read()
+        except RuntimeError:  # a dict changed size under us: the owner is running
+            continue
+    return read()

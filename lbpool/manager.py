@@ -50,7 +50,7 @@ from gevent.event import Event
 
 from lbpool import _ownership
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
-from lbpool._ownership import ThreadBound, get_ident
+from lbpool._ownership import ThreadBound, get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
@@ -668,7 +668,7 @@ class Backend:
         return BackendUnavailable(self.name, by_addr, states, retry)
 
     def stats(self) -> BackendStats:
-        servers = {p.name: p.stats() for p in self.pools}
+        servers = {p.name: p._stats() for p in self.pools}
         if self._placement is not None:
             servers = self._placement.annotate(servers)
         d = self.discovery
@@ -977,12 +977,22 @@ class PoolManager(ThreadBound):
 
     # -- stats --------------------------------------------------------------------
     def stats(self) -> ManagerStats:
+        """Every backend's and server's numbers, taken in one go: no greenlet switch
+        while it is built, so the membership is one config's and each server's numbers
+        agree (``size == idle + in_use + pending``). From another OS thread (a metrics
+        scrape thread), the manager's own hub takes it, never in the middle of a
+        reload's switch (``read_from_any_thread``: the owner thread must run its hub
+        within 2 s, or the snapshot is read directly). Never yields."""
+        return read_from_any_thread(self, self._stats)
+
+    def _stats(self) -> ManagerStats:
+        """``stats()`` in the owner thread. Never yields."""
         backends = {name: b.stats() for name, b in self._backends.items()}
         if self._adhoc:
             servers: dict[str, ServerStats] = {}
             for backend in self._adhoc.values():
                 for pool in backend.pools:
-                    servers[pool.name] = pool.stats()
+                    servers[pool.name] = pool._stats()
             budget = self._adhoc_budget
             backends[""] = BackendStats(
                 name="",

@@ -41,22 +41,32 @@ Exported (``lbpool_`` prefix):
   it did not queue), bucketed by the pool as it happens (``ServerStats.wait_buckets``).
 
 Importing ``lbpool`` never imports ``prometheus_client``; importing this module does.
-A scrape only reads a snapshot, so it is safe from the metrics server's own thread.
+A scrape only reads a snapshot, so it is safe from the metrics server's own thread:
+there ``manager.stats()`` has the manager's hub take it (a callback, run between two
+greenlet steps, so never in the middle of a reload's switch), and the samples are made
+in the scrape thread. A scrape in the manager's own thread (``make_wsgi_app`` in a
+gevent server) makes its samples in slices of about 2 ms, yielding to the hub between
+them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+import gevent
+from greenlet import getcurrent
 from prometheus_client.core import (
     REGISTRY,
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.samples import Sample
 
-from lbpool.stats import CLOSE_REASONS, BackendStats, DiscoveryStats, ManagerStats, ServerStats
+from lbpool._ownership import get_ident
+from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, BackendStats, DiscoveryStats, ManagerStats
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -68,6 +78,19 @@ __all__ = ["BREAKER_STATE_VALUES", "LbpoolCollector", "register"]
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 _LABELS = ["backend", "server"]
+
+# A scrape in the manager's own thread makes its samples in slices of about this long
+# (seconds of work), yielding to the hub between them, checking the clock every
+# _SLICE_SERVERS servers.
+_SLICE_SECONDS = 0.002
+_SLICE_SERVERS = 50
+# The histogram's ``le`` label values (repr, as HistogramMetricFamily users write them)
+_LE_KEYS = {le: repr(le) for le in WAIT_BUCKETS}
+# Sample's fields after name, labels, value (timestamp, exemplar; native_histogram since
+# prometheus_client 0.20): optional, None by default in every release this supports.
+_SAMPLE_TAIL = tuple(Sample._field_defaults[f] for f in Sample._fields[3:])
+_new_tuple = tuple.__new__
+
 
 # (ServerStats field, metric name without lbpool_ / _total, help)
 _COUNTERS = (
@@ -111,13 +134,7 @@ class LbpoolCollector:
         return f"{self.prefix}_{name}"
 
     def _snapshot(self) -> ManagerStats:
-        # Taken without a greenlet switch; from another OS thread a concurrent
-        # reload can change a dict mid-iteration: then simply take it again.
-        for _ in range(3):
-            try:
-                return self.manager.stats()
-            except RuntimeError:
-                continue
+        # manager.stats() from any thread: from a scrape thread, the manager's hub takes it
         return self.manager.stats()
 
     def _families(self) -> dict[str, Any]:
@@ -187,16 +204,40 @@ class LbpoolCollector:
         yield from self._families().values()
 
     def collect(self) -> Iterator[Any]:
+        """The metric families of one snapshot (``manager.stats()``).
+
+        Called in the manager's own thread (an in-hub scrape), the snapshot is taken in
+        one go, then its samples are made in slices of about ``_SLICE_SECONDS`` of work,
+        yielding to the hub between them (the snapshot is immutable: no slice can see a
+        change). From another OS thread (``start_http_server``), ``manager.stats()``
+        has the manager's hub take the snapshot, and the samples are made here.
+        """
         fam = self._families()
         stats = self._snapshot()
+        may_yield = self._may_yield()
+        columns = _Columns(fam)
+        deadline = perf_counter() + _SLICE_SECONDS
         for backend_name, backend in stats.backends.items():
-            for address, server in backend.servers.items():
-                self._add(fam, [backend_name, address], server)
+            rows = [
+                ({"backend": backend_name, "server": address}, vars(server))
+                for address, server in backend.servers.items()
+            ]
+            for start in range(0, len(rows), _SLICE_SERVERS):
+                columns.add(rows[start : start + _SLICE_SERVERS])
+                if may_yield and perf_counter() >= deadline:
+                    gevent.sleep(0)  # let the hub run between slices
+                    deadline = perf_counter() + _SLICE_SECONDS
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
             self._add_backend(fam, backend_name, backend)
         yield from fam.values()
+
+    def _may_yield(self) -> bool:
+        """Whether this scrape runs in the manager's own thread, in a greenlet that may
+        switch (not the hub itself): then it yields between slices."""
+        manager = self.manager
+        return get_ident() == manager._thread_id and getcurrent() is not manager._hub
 
     @staticmethod
     def _add_backend(fam: dict[str, Any], backend: str, b: BackendStats) -> None:
@@ -212,20 +253,82 @@ class LbpoolCollector:
             fam["discovery_last_refresh"].add_metric([backend], d.last_refresh)
         fam["discovery_failures"].add_metric([backend], float(d.failures))
 
-    @staticmethod
-    def _add(fam: dict[str, Any], labels: list[str], s: ServerStats) -> None:
-        for field, _, _ in _COUNTERS:
-            fam[field].add_metric(labels, float(getattr(s, field)))
-        for reason in (*CLOSE_REASONS, *(r for r in s.closed if r not in CLOSE_REASONS)):
-            fam["closed"].add_metric([*labels, reason], float(s.closed.get(reason, 0)))
-        fam["wait_time_total"].add_metric(labels, float(s.wait_time_total))
-        for field, _, _ in _GAUGES:
-            fam[field].add_metric(labels, float(getattr(s, field)))
-        fam["wait_time_max"].add_metric(labels, float(s.wait_time_max))
-        fam["breaker_state"].add_metric(labels, float(BREAKER_STATE_VALUES.get(s.breaker_state, 2)))
-        buckets = [(repr(le), float(n)) for le, n in s.wait_buckets.items()]
-        buckets.append(("+Inf", float(s.wait_count)))
-        fam["acquire_wait"].add_metric(labels, buckets, sum_value=float(s.wait_time_total))
+
+class _Columns:
+    """Adds servers' samples to the families, column by column.
+
+    What ``add_metric`` would add, in the same order, but each ``Sample`` made by
+    ``tuple.__new__`` (as its own constructor does, without the keyword handling: three
+    times faster), and one labels dict shared by a server's samples; rows are
+    ``(labels, vars(server_stats))``. Never yields.
+    """
+
+    def __init__(self, fam: dict[str, Any]) -> None:
+        self.fam = fam
+        self.counters = [(fam[f].samples, fam[f].name + "_total", f) for f, _, _ in _COUNTERS]
+        self.gauges = [(fam[f].samples, fam[f].name, f) for f, _, _ in _GAUGES]
+        self.closed = fam["closed"].samples
+        self.closed_name = fam["closed"].name + "_total"
+
+    def add(self, rows: list[tuple[dict[str, str], dict[str, Any]]]) -> None:
+        fam, new, tail = self.fam, _new_tuple, _SAMPLE_TAIL
+        for out, name, field in self.counters:
+            out += [new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows]
+        closed, closed_name = self.closed, self.closed_name
+        for labels, d in rows:
+            got = d["closed"].get
+            reasons = (*CLOSE_REASONS, *(r for r in d["closed"] if r not in CLOSE_REASONS))
+            closed += [
+                new(Sample, (closed_name, {**labels, "reason": r}, float(got(r, 0)), *tail))
+                for r in reasons
+            ]
+        self._column("wait_time_total", "_total", rows, "wait_time_total")
+        for out, name, field in self.gauges:
+            out += [new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows]
+        self._column("wait_time_max", "", rows, "wait_time_max")
+        states = BREAKER_STATE_VALUES
+        fam["breaker_state"].samples += [
+            new(
+                Sample,
+                (
+                    fam["breaker_state"].name,
+                    labels,
+                    float(states.get(d["breaker_state"], 2)),
+                    *tail,
+                ),
+            )
+            for labels, d in rows
+        ]
+        hist = fam["acquire_wait"]
+        out, keys = hist.samples, _LE_KEYS
+        bucket, count, total = hist.name + "_bucket", hist.name + "_count", hist.name + "_sum"
+        for labels, d in rows:
+            b, srv = labels["backend"], labels["server"]
+            out += [
+                new(
+                    Sample,
+                    (
+                        bucket,
+                        {"backend": b, "server": srv, "le": keys.get(le) or repr(le)},
+                        float(n),
+                        *tail,
+                    ),
+                )
+                for le, n in d["wait_buckets"].items()
+            ]
+            n = float(d["wait_count"])
+            out.append(new(Sample, (bucket, {"backend": b, "server": srv, "le": "+Inf"}, n, *tail)))
+            out.append(new(Sample, (count, labels, n, *tail)))
+            out.append(new(Sample, (total, labels, float(d["wait_time_total"]), *tail)))
+
+    def _column(
+        self, key: str, suffix: str, rows: list[tuple[dict[str, str], dict[str, Any]]], field: str
+    ) -> None:
+        family = self.fam[key]
+        name, new, tail = family.name + suffix, _new_tuple, _SAMPLE_TAIL
+        family.samples += [
+            new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows
+        ]
 
 
 def register(

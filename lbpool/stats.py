@@ -2,17 +2,27 @@
 
 A snapshot is taken in one go (no greenlet switch while it is built), so its numbers
 are consistent with each other: ``size == idle + in_use + pending``.
+
+Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
+``ServerStats`` is made by ``_server_stats`` from a complete field dict, which becomes
+the instance's ``__dict__`` -- the frozen dataclass ``__init__`` would set its 27
+fields one ``object.__setattr__`` at a time, several times slower -- and ``to_dict``
+copies that dict instead of ``dataclasses.asdict`` (which deep-copies every value).
+The classes stay ordinary frozen dataclasses: ``ServerStats(...)``, ``fields()``,
+``replace()``, ``==`` and ``repr`` work as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 CLOSE_REASONS = ("idle", "lifetime", "unhealthy", "error", "discarded")
 # Upper bounds (seconds) of the acquire-wait histogram's buckets.
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# to_dict's JSON keys of the buckets (str(le)), made once
+_LE_KEYS = {le: str(le) for le in WAIT_BUCKETS}
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,39 @@ class ServerStats:
     released: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """Every field, in declaration order, as plain JSON-serialisable data: ``closed``
+        a dict, ``wait_buckets`` keyed by ``str(le)``. Never yields."""
+        data = dict(self.__dict__)  # a frozen dataclass keeps exactly its fields there
         data["closed"] = dict(self.closed)
-        data["wait_buckets"] = {str(le): n for le, n in self.wait_buckets.items()}
+        keys = _LE_KEYS
+        data["wait_buckets"] = {
+            keys[le] if le in keys else str(le): n for le, n in self.wait_buckets.items()
+        }
         return data
+
+
+_SERVER_FIELDS = tuple(f.name for f in fields(ServerStats))
+"""``ServerStats``'s field names in declaration order (what ``_server_stats`` needs)."""
+
+
+def _server_stats(values: dict[str, Any]) -> ServerStats:
+    """A ``ServerStats`` whose ``__dict__`` is ``values`` (taken over, not copied).
+
+    ``values`` must hold every field of ``_SERVER_FIELDS``, in that order, and nothing
+    else (tests check ``Pool.stats`` against ``ServerStats(**values)``); the caller
+    gives it up. Skips the dataclass ``__init__``: one step instead of 27. Never yields.
+    """
+    stats = object.__new__(ServerStats)
+    object.__setattr__(stats, "__dict__", values)
+    return stats
+
+
+def _server_stats_with(stats: ServerStats, **changes: Any) -> ServerStats:
+    """``dataclasses.replace(stats, **changes)`` without the dataclass ``__init__``;
+    ``changes`` must name fields. Never yields."""
+    values = dict(stats.__dict__)
+    values.update(changes)
+    return _server_stats(values)
 
 
 @dataclass(frozen=True)

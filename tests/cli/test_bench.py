@@ -284,3 +284,19 @@ def test_scenario_r_skips_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None
     code, out, _ = _main(["--scenarios", "R", "--rounds", "1", "--quick", "-q"])
     assert code == 0
     assert "skipped" in out and "redis-server is not installed (test)" in out
+
+
+def test_scenario_s_scale_is_opt_in_and_reports_every_operation() -> None:
+    assert "S" not in bench.Settings().scenarios and "S" not in bench.QUICK.scenarios
+    result = bench.run(replace(bench.QUICK, scenarios=("S",), rounds=1))
+    sc = result["scenarios"]["S"]
+    assert sc["servers"] == [10, 100, 1000] and sc["rounds"] == 1
+    ops = {"create", "wait_ready", "upkeep_pass", "stats", "to_dict", "collect", "adhoc_get"}
+    assert set(sc["results"]) == ops
+    for row in sc["results"].values():
+        for n in ("10", "100", "1000"):
+            assert row[n]["ms"] >= 0 and row[n]["hub_ms"] >= 0
+        assert row["x_1000_over_100"] > 0 and row["x_1000_over_10"] > 0
+    json.dumps(report.jsonable(result["scenarios"]))  # --json can write it
+    text = report.render_markdown(report.jsonable(result))
+    assert "S  scale" in text and "upkeep_pass" in text

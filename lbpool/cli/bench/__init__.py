@@ -61,6 +61,7 @@ from lbpool.cli.bench.scenarios import (
     rounded,
     scenario_e,
     scenario_r,
+    scenario_s,
     warm,
 )
 from lbpool.testing import EchoServer
@@ -204,6 +205,11 @@ def run(
             progress(verbose, "scenario R (redis-py GET over lbpool and redis-py's pools)")
             with _quiet_lbpool_logs():
                 r_result = scenario_r(s, verbose)
+        s_result: dict[str, Any] | None = None
+        if "S" in s.scenarios:
+            progress(verbose, "scenario S (scale: 10, 100, 1,000 servers)")
+            with _quiet_lbpool_logs():
+                s_result = scenario_s(s, verbose)
         h_placement = None
         if "H" in s.scenarios:
             progress(verbose, "scenario H (key placement: balance, disruption)")
@@ -224,6 +230,8 @@ def run(
         scen["H"]["placement"] = h_placement
     if r_result is not None:
         scen["R"] = r_result
+    if s_result is not None:
+        scen["S"] = s_result
     result: dict[str, Any] = {
         "meta": {
             "command": command,

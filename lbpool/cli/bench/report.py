@@ -154,6 +154,27 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     rows,
                 )
             )  # fmt: skip
+    if "S" in scen:
+        sc = scen["S"]
+        counts = [str(n) for n in sc["servers"]]
+        big, mid, small = counts[-1], counts[-2], counts[0]
+        rows = [
+            [
+                op,
+                *(f"{v[n]['ms']:.3g} / {v[n]['hub_ms']:.3g}" for n in counts),
+                _fmt(v[f"x_{big}_over_{mid}"], 2),
+                _fmt(v[f"x_{big}_over_{small}"], 2),
+            ]
+            for op, v in sc["results"].items()
+        ]
+        tables.append(
+            (
+                f"S  scale: ms / hub's longest stretch ms, median of {sc['rounds']} rounds"
+                f" ({sc['busy_connections']} connections in use)",
+                ["operation", *(f"{n} servers" for n in counts), f"{big}/{mid}", f"{big}/{small}"],
+                rows,
+            )
+        )
     if "E" in scen:
         e = scen["E"]
         rows = [[k, json.dumps(v) if isinstance(v, dict) else _fmt(v, 3)] for k, v in e.items()]

@@ -16,6 +16,13 @@ over rounds, and each ratio the median of *same-round* ratios:
 - D, balancing: the cost of one ``pick`` at 10/100/1,000 servers per strategy.
 - E, failover: three servers behind a manager, one stopped mid-run and started again
   on its port: requests that failed, and how long until traffic spreads back to it.
+- S, scale (opt-in: ``--scenarios S``): at 10, 100 and 1,000 configured servers
+  (loopback listening sockets; the kernel's backlog completes the few dials), the
+  manager's creation, ``wait_ready``, one upkeep pass over every pool while some
+  connections are in use, ``stats()``, ``to_dict()``, a Prometheus ``collect()`` and a
+  new ad-hoc name's first ``get``: wall ms and the hub's longest stretch (a ticker
+  greenlet's longest gap) per operation, median over rounds, with the 1,000/100 and
+  1,000/10 ratios. The hashing strategies' pick cost by server count is scenario H.
 
 Besides the numbers, ``observe`` measures each pool's behaviour (max connections
 held and opened against its limit, whether waiters are served in arrival order,
@@ -51,7 +58,7 @@ __all__ = ["OPT_IN", "QUICK", "SCENARIOS", "Settings"]
 SCENARIOS = ("A", "B", "C", "D", "E", "H")  # what a plain ``lbpool bench`` runs
 # Run only when named (``--scenarios R``): R needs redis-py and a redis-server binary,
 # and would lengthen every run, --quick included.
-OPT_IN = ("R",)
+OPT_IN = ("R", "S")
 SIZE = 10  # max_size of every pool
 FLOOR_A = "deque"
 FLOOR = "floor"
@@ -488,6 +495,134 @@ def measure_h_placement(s: Settings) -> dict[str, Any]:
         "disruption_keys": s.h_disruption_keys,
         "ideal_moved": rounded(1 / H_SERVERS, 5),
         "results": out,
+    }
+
+
+# -- scenario S: scale ------------------------------------------------------------
+
+S_OPS = ("create", "wait_ready", "upkeep_pass", "stats", "to_dict", "collect", "adhoc_get")
+S_PER_BACKEND = 100  # servers per backend (10 backends at 1,000 servers)
+S_BUSY = 10  # connections held while the upkeep pass and the snapshots are measured
+
+
+def _s_timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Run ``fn`` in a greenlet: (wall ms, the hub's longest stretch in ms, its result).
+
+    The stretch is a ticker greenlet's longest gap between two of its turns."""
+    longest = [0.0]
+    stop = [False]
+
+    def tick() -> None:
+        last = perf_counter()
+        while not stop[0]:
+            gevent.sleep(0)
+            now = perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0)
+    t0 = perf_counter()
+    value = gevent.spawn(fn).get()
+    wall = perf_counter() - t0
+    stop[0] = True
+    ticker.join()
+    return wall * 1e3, longest[0] * 1e3, value
+
+
+def _s_round(n: int, listeners: list[Any], spare: list[Any]) -> dict[str, dict[str, float]]:
+    import lbpool
+
+    addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners[:n]]
+    backends = {
+        f"s{i // S_PER_BACKEND}": {"servers": addresses[i : i + S_PER_BACKEND]}
+        for i in range(0, n, S_PER_BACKEND)
+    }
+    config = {"defaults": {"pool": {"min_idle": 0}}, "backends": backends}
+    out: dict[str, dict[str, float]] = {}
+
+    def record(op: str, fn: Callable[[], Any]) -> Any:
+        gc.collect()
+        wall, hub, value = _s_timed(fn)
+        out[op] = {"ms": wall, "hub_ms": hub}
+        return value
+
+    manager = record("create", lambda: lbpool.PoolManager(config))
+    held: list[Any] = []
+    try:
+        record("wait_ready", lambda: manager.wait_ready(30))
+        names = list(backends)
+        for i in range(S_BUSY):
+            held.append(manager.acquire(names[i % len(names)], timeout=10))
+        pools = manager._all_pools()
+        record("upkeep_pass", lambda: [p.run_upkeep() for p in pools])
+        stats = record("stats", manager.stats)
+        record("to_dict", stats.to_dict)
+        try:
+            import lbpool.metrics
+        except ImportError:  # prometheus_client is not installed
+            pass
+        else:
+            collector = lbpool.metrics.LbpoolCollector(manager)
+            record("collect", lambda: list(collector.collect()))
+        adhoc = f"127.0.0.1:{spare[0].getsockname()[1]}"
+
+        def first_get() -> None:
+            with manager.get(adhoc, timeout=10):
+                pass
+
+        record("adhoc_get", first_get)
+    finally:
+        for conn in held:
+            conn.release()
+        manager.close(timeout=5)
+    return out
+
+
+def scenario_s(s: Settings, verbose: bool) -> dict[str, Any]:
+    """Scenario S: each operation's cost at 10, 100 and 1,000 servers (see the module)."""
+    from gevent import socket as gsocket
+
+    listeners: list[Any] = []
+    spare: list[Any] = []
+    per: dict[int, dict[str, dict[str, list[float]]]] = {n: {} for n in SERVER_COUNTS}
+    try:
+        for group, count in ((listeners, max(SERVER_COUNTS)), (spare, 1)):
+            for _ in range(count):
+                sock = gsocket.socket()
+                sock.bind(("127.0.0.1", 0))
+                sock.listen(128)
+                group.append(sock)
+        for r in range(s.rounds):
+            for n in SERVER_COUNTS:
+                progress(verbose, f"  S round {r + 1}/{s.rounds}: {n} servers")
+                for op, v in _s_round(n, listeners, spare).items():
+                    for k, x in v.items():
+                        per[n].setdefault(op, {}).setdefault(k, []).append(x)
+    finally:
+        for sock in listeners + spare:
+            sock.close()
+    results: dict[str, Any] = {}
+    big, mid, small = SERVER_COUNTS[-1], SERVER_COUNTS[-2], SERVER_COUNTS[0]
+    for op in S_OPS:
+        if op not in per[big]:
+            continue
+        row: dict[str, Any] = {}
+        for n in SERVER_COUNTS:
+            row[str(n)] = {k: rounded(median(v), 3) for k, v in per[n][op].items()}
+        row[f"x_{big}_over_{mid}"] = rounded(
+            ratio(median(per[big][op]["ms"]), median(per[mid][op]["ms"])), 2
+        )
+        row[f"x_{big}_over_{small}"] = rounded(
+            ratio(median(per[big][op]["ms"]), median(per[small][op]["ms"])), 2
+        )
+        results[op] = row
+    return {
+        "unit": "ms (wall) and hub_ms (the hub's longest stretch), median over rounds",
+        "servers": list(SERVER_COUNTS),
+        "rounds": s.rounds,
+        "busy_connections": S_BUSY,
+        "results": results,
     }
 
 

@@ -1,0 +1,113 @@
+"""Snapshots at scale: ``Pool.stats`` made without the dataclass ``__init__`` is the same
+value, ``to_dict`` is what ``dataclasses.asdict`` gave, and stats / to_dict / a
+Prometheus collect at 1,000 servers keep the hub running (a ticker greenlet's longest
+gap; the real numbers are measured by ``lbpool bench --scenarios S``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from lbpool import PoolManager
+from lbpool.stats import _SERVER_FIELDS, ServerStats
+from lbpool.testing import EchoServer, recv_exact
+
+SERVERS = 1000
+
+
+def old_to_dict(s: ServerStats) -> dict[str, Any]:
+    """What ServerStats.to_dict returned before (dataclasses.asdict)."""
+    data = dataclasses.asdict(s)
+    data["closed"] = dict(s.closed)
+    data["wait_buckets"] = {str(le): n for le, n in s.wait_buckets.items()}
+    return data
+
+
+def test_pool_stats_is_a_plain_server_stats(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer
+) -> None:
+    config = {"backends": {"one": {"servers": [echo_server.address], "pool": {"max_size": 1}}}}
+    manager = make_manager(config)
+    conn = manager.acquire("one")
+    waiter = gevent.spawn(manager.acquire, "one", 5.0)
+    gevent.sleep(0.01)
+    conn.sendall(b"x")
+    assert recv_exact(conn, 1) == b"x"
+    conn.release()
+    waiter.get(timeout=5).discard(ValueError("done"))
+    s = manager.stats().backends["one"].servers[echo_server.address]
+    assert type(s) is ServerStats
+    assert tuple(vars(s)) == _SERVER_FIELDS  # every field, in declaration order
+    again = ServerStats(**vars(s))  # the dataclass __init__ makes the same value
+    assert again == s and repr(again) == repr(s)
+    assert s.to_dict() == old_to_dict(s) == again.to_dict()
+    assert list(s.to_dict()) == list(old_to_dict(s))
+    assert s.wait_count == 2 and s.waits == 1 and s.size == s.idle + s.in_use + s.pending
+    assert dataclasses.replace(s, owner_hits=3).owner_hits == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.size = 5  # type: ignore[misc]
+
+
+@pytest.fixture
+def fleet() -> Iterator[list[str]]:
+    """1,000 listening loopback sockets (min_idle 0: nothing dials them)."""
+    socks = []
+    try:
+        for _ in range(SERVERS):
+            s = gsocket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            socks.append(s)
+        yield [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def longest_gap(work: Callable[[], object]) -> float:
+    """Run ``work`` in a greenlet; the longest the hub let a ticker greenlet wait."""
+    gaps = [0.0]
+    stop = False
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not stop:
+            gevent.sleep(0)
+            now = time.perf_counter()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0)
+    gevent.spawn(work).get(timeout=60)
+    stop = True
+    ticker.get(timeout=5)
+    return gaps[0]
+
+
+def test_snapshots_at_1000_servers_keep_the_hub_running(
+    make_manager: Callable[..., PoolManager], fleet: list[str]
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    import lbpool.metrics
+
+    backends = {f"b{i}": {"servers": fleet[i * 100 : (i + 1) * 100]} for i in range(10)}
+    manager = make_manager({"defaults": {"pool": {"min_idle": 0}}, "backends": backends})
+    registry = prometheus_client.CollectorRegistry()
+    collector = lbpool.metrics.register(manager, registry)
+    stats = manager.stats()
+    assert len(stats.servers()) == SERVERS
+    assert all(s.size == s.idle + s.in_use + s.pending for s in stats.servers())
+    # generous: CI is loaded; the bench reports the real numbers (a few ms)
+    assert longest_gap(manager.stats) < 0.2
+    assert longest_gap(stats.to_dict) < 0.2
+    families: list[Any] = []
+    assert longest_gap(lambda: families.extend(collector.collect())) < 0.2
+    sizes = next(f for f in families if f.name == "lbpool_size")
+    assert len(sizes.samples) == SERVERS

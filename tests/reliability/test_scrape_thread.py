@@ -1,0 +1,210 @@
+"""A Prometheus scrape from the exporter's own OS thread, racing reloads.
+
+``prometheus_client.start_http_server`` serves scrapes from a real OS thread (in a
+process that is not monkey-patched). The collector's ``manager.stats()`` then has the
+manager's hub take the snapshot (``lbpool._ownership.read_from_any_thread``), so it is
+never read while a reload is half switched: every scrape shows one applied config's
+servers, never a mix, and every scrape succeeds.
+
+The tests are not monkey-patched: ``threading.Thread`` is a real OS thread here.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from lbpool import PoolManager
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import lbpool.metrics  # noqa: E402
+
+BACKENDS = ("a", "b", "c", "d")
+PER_BACKEND = 40
+RELOADS = 100  # bounded in count ...
+RELOAD_SECONDS = 12.0  # ... and in time
+
+
+@pytest.fixture
+def addresses() -> Iterator[list[str]]:
+    """Listening loopback sockets (nothing dials them: min_idle 0, no traffic)."""
+    socks = []
+    try:
+        for _ in range(3 * PER_BACKEND):
+            s = gsocket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            socks.append(s)
+        yield [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def configs(addresses: list[str]) -> list[dict[str, Any]]:
+    """Three configs whose memberships differ in every backend (a mix is visible)."""
+    out = []
+    for k in range(3):
+        servers = addresses[k * PER_BACKEND : (k + 1) * PER_BACKEND]
+        backends = {
+            name: {"servers": servers[i::2] if (i + k) % 2 else servers[: PER_BACKEND // 2 + i]}
+            for i, name in enumerate(BACKENDS)
+        }
+        out.append({"defaults": {"pool": {"min_idle": 0}}, "backends": backends})
+    return out
+
+
+def membership(config: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        (name, address) for name, b in config["backends"].items() for address in b["servers"]
+    )
+
+
+def scraped_membership(text: str) -> frozenset[tuple[str, str]]:
+    for family in text_string_to_metric_families(text):
+        if family.name == "lbpool_size":
+            return frozenset((s.labels["backend"], s.labels["server"]) for s in family.samples)
+    raise AssertionError("no lbpool_size family in the scrape")
+
+
+class Scraper:
+    """Scrapes ``registry`` in a real OS thread until stopped; keeps what it saw."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.seen: list[frozenset[tuple[str, str]]] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()  # not monkey-patched: a real OS-thread event
+        self.thread = threading.Thread(target=self.run, name="scraper", daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text = generate_latest(self.registry).decode()
+                self.seen.append(scraped_membership(text))
+            except BaseException as exc:
+                self.errors.append(exc)
+                return
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """A GIL switch every 10 us, so the scrape thread interleaves with the hub's work at
+    many more points than by default (5 ms): a read racing a reload would show."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_scrape_thread_never_sees_a_half_applied_reload(
+    make_manager: Callable[..., PoolManager],
+    addresses: list[str],
+    fast_switching: None,
+    no_fd_leak: None,
+) -> None:
+    cfgs = configs(addresses)
+    allowed = {membership(c) for c in cfgs}
+    assert len(allowed) == 3
+    manager = make_manager(cfgs[0])
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    scraper = Scraper(registry)
+    scraper.thread.start()
+    try:
+        deadline = time.monotonic() + RELOAD_SECONDS
+        reloads = 0
+        while reloads < RELOADS and time.monotonic() < deadline and not scraper.errors:
+            reloads += 1
+            manager.reload(cfgs[reloads % 3])
+            gevent.sleep(0.001)  # the hub runs: the scrape thread's requests are served
+        # a few scrapes of the last config, served while the hub idles
+        seen_before = len(scraper.seen)
+        wait_until = time.monotonic() + 10
+        while len(scraper.seen) < seen_before + 2 and time.monotonic() < wait_until:
+            gevent.sleep(0.01)
+    finally:
+        scraper.stop.set()
+        while scraper.thread.is_alive() and time.monotonic() < wait_until + 10:
+            gevent.sleep(0.01)  # its last scrape needs the hub
+        scraper.thread.join(1)
+    assert not scraper.thread.is_alive()
+    assert scraper.errors == []
+    assert len(scraper.seen) >= 3, len(scraper.seen)
+    mixed = [m for m in scraper.seen if m not in allowed]
+    assert mixed == [], f"{len(mixed)} of {len(scraper.seen)} scrapes saw a mix"
+    assert scraper.seen[-1] == membership(cfgs[reloads % 3])
+    manager.close(timeout=5)
+
+
+def test_stats_from_another_thread_is_taken_by_the_hub(
+    make_manager: Callable[..., PoolManager], addresses: list[str]
+) -> None:
+    """The snapshot is taken in the manager's thread (the hub runs the read), and an
+    error raised there reaches the reading thread."""
+    manager = make_manager(configs(addresses)[0])
+    taken_in: list[int] = []
+    original = manager._stats
+
+    def spy() -> Any:
+        taken_in.append(threading.get_ident())
+        return original()
+
+    manager._stats = spy  # type: ignore[method-assign]
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(manager.stats()))
+    t.start()
+    while t.is_alive():
+        gevent.sleep(0.005)  # the owner runs its hub, as any gevent app does
+    t.join(1)
+    assert taken_in == [threading.get_ident()]  # the owner thread, not the reader
+    assert out[0].to_dict() == manager.stats().to_dict()
+
+    def boom() -> Any:
+        raise ValueError("raised in the hub")
+
+    manager._stats = boom  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            manager.stats()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    while t.is_alive():
+        gevent.sleep(0.005)
+    t.join(1)
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+
+
+def test_stats_from_another_thread_while_the_owner_blocks_falls_back(
+    make_manager: Callable[..., PoolManager],
+    addresses: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An owner thread that does not run its hub (blocked outside gevent) does not hang
+    the reader: after ``OWNER_HUB_WAIT`` the snapshot is read directly."""
+    import lbpool._ownership
+
+    monkeypatch.setattr(lbpool._ownership, "OWNER_HUB_WAIT", 0.2)
+    manager = make_manager(configs(addresses)[1])
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(manager.stats()))
+    t.start()
+    t.join(10)  # a real, blocking join: this thread's hub does not run meanwhile
+    assert not t.is_alive()
+    assert out[0].to_dict() == manager.stats().to_dict()
+    gevent.sleep(0.01)  # the abandoned callback runs now and does nothing
