@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import gevent
 from gevent.hub import get_hub
 from gevent.monkey import get_original
 
@@ -114,15 +115,15 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     """``read()`` as ``obj``'s owner thread sees it, from any thread.
 
     In the owner thread (or a forked child, which owns everything it inherited), call
-    it here. From another OS thread, have the owner's hub call it -- a callback
-    (``loop.run_callback_threadsafe``), so ``read`` must never yield -- and wait up to
+    it here. From another OS thread, have the owner's hub run it in a greenlet of its
+    own (started by ``loop.run_callback_threadsafe``; ``read`` may pace itself with
+    short pauses, as a big ``manager.stats()`` does) and wait up to
     ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the caller's hub:
     this thread may have none). If the hub does not answer in time (the owner thread
     blocked outside gevent, or gone), ``read`` is called here after all, as before:
     then it is only as consistent as a read racing the owner can be, and a
     ``RuntimeError`` from a dict changed mid-iteration is retried twice. Exceptions of
-    ``read`` are raised to the caller. Never yields (in the owner thread, ``read``
-    runs as it is).
+    ``read`` are raised to the caller. In the owner thread ``read`` runs as it is.
     """
     if get_ident() == obj._thread_id or obj._fork_gen != _fork_generation:
         return read()
@@ -141,8 +142,12 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
         finally:
             done.release()
 
+    def start() -> None:  # a hub callback: the read gets a greenlet, so it may pace itself
+        if not abandoned:
+            gevent.spawn(in_hub)
+
     try:
-        obj._hub.loop.run_callback_threadsafe(in_hub)
+        obj._hub.loop.run_callback_threadsafe(start)
     except Exception:  # the owner's loop is destroyed: nobody else reads or writes
         pass
     else:

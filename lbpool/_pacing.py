@@ -30,14 +30,23 @@ PAUSE_SECONDS = 0.0001  # a timed sleep: the loop's full turn, not just its call
 class Pacer:
     """``pause()`` for one piece of work: yields to the hub at most once a slice."""
 
-    __slots__ = ("_last", "_pauses")
+    __slots__ = ("_last", "_pauses", "_slice")
 
-    def __init__(self, pauses: bool = True) -> None:
+    def __init__(self, pauses: bool = True, slice_seconds: float = SLICE_SECONDS) -> None:
         self._last = _monotonic()
+        self._slice = slice_seconds
         # in the hub (a callback) a sleep is refused: such a caller cannot be paced
         self._pauses = pauses and gevent.getcurrent() is not get_hub()
 
-    def __call__(self) -> None:
-        if self._pauses and _monotonic() - self._last >= SLICE_SECONDS:
+    @property
+    def pauses(self) -> bool:
+        """Whether this pacer ever pauses (False in the hub, or made with ``pauses=False``)."""
+        return self._pauses
+
+    def __call__(self) -> bool:
+        """Pause if a slice has gone by since the last pause; True if it paused."""
+        if self._pauses and _monotonic() - self._last >= self._slice:
             gevent.sleep(PAUSE_SECONDS)
             self._last = _monotonic()
+            return True
+        return False

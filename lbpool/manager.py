@@ -75,7 +75,14 @@ from lbpool.errors import (
 from lbpool.hashing import Key
 from lbpool.pool import Pool
 from lbpool.retry import RetryBudget
-from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
+from lbpool.stats import (
+    SNAPSHOT_SLICE_POOLS,
+    SNAPSHOT_SLICE_SECONDS,
+    BackendStats,
+    DiscoveryStats,
+    ManagerStats,
+    ServerStats,
+)
 from lbpool.subset import subset
 
 _log = logging.getLogger("lbpool")
@@ -89,6 +96,11 @@ BreakerChange = Callable[[str, str, str, str], None]
 _NOTHING: frozenset[int] = frozenset()
 _NO_ERRORS: Mapping[Pool, BaseException] = {}
 _MAX_ADHOC_ALIASES = 4096
+# stats(): a fleet above this many pools is snapshotted in slices of about this much
+# hub time, starting over (at most this many tries) if a reload lands in a pause
+_SNAPSHOT_SLICE_POOLS = SNAPSHOT_SLICE_POOLS
+_SNAPSHOT_SLICE_SECONDS = SNAPSHOT_SLICE_SECONDS
+_SNAPSHOT_ATTEMPTS = 3
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
 
 
@@ -667,8 +679,11 @@ class Backend:
             by_addr[pool.name] = err if err is not None else br.last_failure
         return BackendUnavailable(self.name, by_addr, states, retry)
 
-    def stats(self) -> BackendStats:
-        servers = {p.name: p._stats() for p in self.pools}
+    def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
+        """This backend's numbers; ``servers``: its servers' stats, already taken (in
+        the order of ``pools``). Never yields."""
+        if servers is None:
+            servers = {p.name: p._stats() for p in self.pools}
         if self._placement is not None:
             servers = self._placement.annotate(servers)
         d = self.discovery
@@ -977,31 +992,96 @@ class PoolManager(ThreadBound):
 
     # -- stats --------------------------------------------------------------------
     def stats(self) -> ManagerStats:
-        """Every backend's and server's numbers, taken in one go: no greenlet switch
-        while it is built, so the membership is one config's and each server's numbers
-        agree (``size == idle + in_use + pending``). From another OS thread (a metrics
-        scrape thread), the manager's own hub takes it, never in the middle of a
+        """Every backend's and server's numbers. The membership is one config's (never
+        a mix across a reload or a discovery answer) and each server's numbers are
+        taken in one step, so they agree (``size == idle + in_use + pending``).
+
+        Up to ``_SNAPSHOT_SLICE_POOLS`` pools it is taken in one go and never yields.
+        A bigger fleet's snapshot, taken from a greenlet, yields to the hub about every
+        ``_SNAPSHOT_SLICE_SECONDS`` (2 ms) so no caller stalls behind it; if the
+        membership changed meanwhile it starts over (twice at most, then one go).
+        Servers then are read at slightly different instants, as any Prometheus
+        scrape's series are. From another OS thread (a metrics scrape thread), the
+        manager's own hub takes it, in a greenlet of its own, never in the middle of a
         reload's switch (``read_from_any_thread``: the owner thread must run its hub
-        within 2 s, or the snapshot is read directly). Never yields."""
+        within 2 s, or the snapshot is read directly)."""
         return read_from_any_thread(self, self._stats)
 
     def _stats(self) -> ManagerStats:
-        """``stats()`` in the owner thread. Never yields."""
+        """``stats()`` in the owner thread: in slices when the fleet is big and the
+        caller may yield, else in one go."""
+        if self._pool_count() > _SNAPSHOT_SLICE_POOLS:
+            for _ in range(_SNAPSHOT_ATTEMPTS):
+                pause = Pacer(slice_seconds=_SNAPSHOT_SLICE_SECONDS)
+                if not pause.pauses:  # in the hub itself: one go
+                    break
+                snapshot = self._stats_in_slices(pause)
+                if snapshot is not None:
+                    return snapshot
+        return self._stats_at_once()
+
+    def _pool_count(self) -> int:
+        return sum(len(b.pools) for b in self._backends.values()) + len(self._adhoc_order)
+
+    def _membership(self) -> list[Any]:
+        """What a snapshot's consistency rests on: each backend with its pool list (a
+        reload or discovery answer swaps a backend's list, never edits it), and the
+        ad-hoc backends. Never yields."""
+        return [*((b, b.pools) for b in self._backends.values()), *self._adhoc_order.values()]
+
+    def _stats_in_slices(self, pause: Pacer) -> ManagerStats | None:
+        """The snapshot, yielding between servers once a slice has gone by; None if the
+        membership changed during a pause (the caller starts over). Each server's
+        numbers are one step; the backends' own numbers are read with their last
+        server, and nothing yields between the last check and the return."""
+        membership = self._membership()
+        backends: dict[str, BackendStats] = {}
+        for name, backend in list(self._backends.items()):
+            servers: dict[str, ServerStats] = {}
+            for pool in backend.pools:
+                if pause() and not self._same_membership(membership):
+                    return None
+                servers[pool.name] = pool._stats()
+            backends[name] = backend.stats(servers)
+        adhoc: dict[str, ServerStats] = {}
+        for backend in list(self._adhoc_order.values()):
+            for pool in backend.pools:
+                if pause() and not self._same_membership(membership):
+                    return None
+                adhoc[pool.name] = pool._stats()
+        if not self._same_membership(membership):  # no pause since the last check
+            return None
+        if adhoc:
+            backends[""] = self._adhoc_stats(adhoc)
+        return ManagerStats(backends=backends)
+
+    def _same_membership(self, membership: list[Any]) -> bool:
+        now = self._membership()
+        return len(now) == len(membership) and all(
+            a is b or (type(a) is tuple and a[0] is b[0] and a[1] is b[1])
+            for a, b in zip(now, membership, strict=True)
+        )
+
+    def _adhoc_stats(self, servers: dict[str, ServerStats]) -> BackendStats:
+        budget = self._adhoc_budget
+        return BackendStats(
+            name="",
+            strategy="round_robin",
+            servers=servers,
+            calls=budget.calls,
+            retries=budget.retries,
+            retries_denied=budget.retries_denied,
+        )
+
+    def _stats_at_once(self) -> ManagerStats:
+        """The snapshot in one go. Never yields."""
         backends = {name: b.stats() for name, b in self._backends.items()}
         if self._adhoc:
             servers: dict[str, ServerStats] = {}
             for backend in self._adhoc.values():
                 for pool in backend.pools:
                     servers[pool.name] = pool._stats()
-            budget = self._adhoc_budget
-            backends[""] = BackendStats(
-                name="",
-                strategy="round_robin",
-                servers=servers,
-                calls=budget.calls,
-                retries=budget.retries,
-                retries_denied=budget.retries_denied,
-            )
+            backends[""] = self._adhoc_stats(servers)
         return ManagerStats(backends=backends)
 
     # -- reload -------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Stats snapshots: plain frozen values, safe to hand to other code and to serialise.
 
-A snapshot is taken in one go (no greenlet switch while it is built), so its numbers
-are consistent with each other: ``size == idle + in_use + pending``.
+Each server's numbers are taken in one step, so they agree with each other:
+``size == idle + in_use + pending``; a snapshot's membership is one config's. A fleet
+of more than ``SNAPSHOT_SLICE_POOLS`` servers is snapshotted (``PoolManager.stats``)
+and converted (``ManagerStats.to_dict``) in slices of about ``SNAPSHOT_SLICE_SECONDS``
+of hub time when called from a greenlet, so no other greenlet stalls behind it.
 
 Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
 ``ServerStats`` is made by ``_server_stats`` from a complete field dict, which becomes
@@ -14,9 +17,16 @@ The classes stay ordinary frozen dataclasses: ``ServerStats(...)``, ``fields()``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from lbpool._pacing import Pacer
+
+# Snapshots of more than this many servers are taken (manager.stats) and converted
+# (to_dict) in slices of about this much hub time, yielding in between.
+SNAPSHOT_SLICE_POOLS = 200
+SNAPSHOT_SLICE_SECONDS = 0.002
 
 CLOSE_REASONS = ("idle", "lifetime", "unhealthy", "error", "discarded")
 # Upper bounds (seconds) of the acquire-wait histogram's buckets.
@@ -139,10 +149,19 @@ class BackendStats:
     # so picks ignore health (a dial to an open server is its verdict)
     panic: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, pause: Callable[[], object] | None = None) -> dict[str, Any]:
+        """Plain JSON-serialisable data; ``pause`` is called between servers (see
+        ``ManagerStats.to_dict``)."""
+        if pause is None:
+            servers = {addr: s.to_dict() for addr, s in self.servers.items()}
+        else:
+            servers = {}
+            for addr, s in self.servers.items():
+                pause()
+                servers[addr] = s.to_dict()
         return {
             "strategy": self.strategy,
-            "servers": {addr: s.to_dict() for addr, s in self.servers.items()},
+            "servers": servers,
             "discovery": None if self.discovery is None else self.discovery.to_dict(),
             "calls": self.calls,
             "retries": self.retries,
@@ -158,7 +177,14 @@ class ManagerStats:
     backends: Mapping[str, BackendStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backends": {name: b.to_dict() for name, b in self.backends.items()}}
+        """Plain JSON-serialisable data of the same shape. A snapshot is immutable, so
+        a big one's conversion (over ``SNAPSHOT_SLICE_POOLS`` servers), called from a
+        greenlet, yields to the hub about every ``SNAPSHOT_SLICE_SECONDS``: the result
+        is the same whenever it is made."""
+        pause: Callable[[], object] | None = None
+        if sum(len(b.servers) for b in self.backends.values()) > SNAPSHOT_SLICE_POOLS:
+            pause = Pacer(slice_seconds=SNAPSHOT_SLICE_SECONDS)
+        return {"backends": {name: b.to_dict(pause) for name, b in self.backends.items()}}
 
     def servers(self) -> list[ServerStats]:
         """Every server's stats, flattened, in backend then address order."""

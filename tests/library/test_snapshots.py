@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 from gevent import socket as gsocket
 
@@ -119,3 +120,124 @@ def test_snapshots_at_1000_servers_keep_the_hub_running(
     assert longest_gap(lambda: families.extend(collector.collect())) < 0.2
     sizes = next(f for f in families if f.name == "lbpool_size")
     assert len(sizes.samples) == SERVERS
+
+
+@pytest.fixture
+def sliced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fleet is "big" and every server ends a slice: each snapshot pauses at
+    every server, so a test sees slicing whatever the machine's speed."""
+    import lbpool.manager
+
+    monkeypatch.setattr(lbpool.manager, "_SNAPSHOT_SLICE_POOLS", 2)
+    monkeypatch.setattr(lbpool.manager, "_SNAPSHOT_SLICE_SECONDS", 0.0)
+
+
+def test_a_big_snapshot_lets_other_greenlets_run(
+    make_manager: Callable[..., PoolManager], fleet: list[str], sliced: None
+) -> None:
+    """Taken from a greenlet, a big fleet's snapshot yields between servers (a ticker
+    gets turns while it is taken); each server's numbers still agree."""
+    manager = make_manager(
+        {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": fleet[:50]}}}
+    )
+    turns = [0]
+    stop = False
+
+    def tick() -> None:
+        while not stop:
+            gevent.sleep(0)
+            turns[0] += 1
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0)
+    before = turns[0]
+    stats = gevent.spawn(manager.stats).get(timeout=30)
+    during = turns[0] - before
+    stop = True
+    ticker.get(timeout=5)
+    assert during >= 10, during  # one pause per server: the ticker ran between them
+    assert len(stats.servers()) == 50
+    assert all(s.size == s.idle + s.in_use + s.pending for s in stats.servers())
+    # from the hub itself (a callback) it cannot yield: one go, the same servers
+    done = gevent.event.AsyncResult()
+    gevent.get_hub().loop.run_callback(lambda: done.set(manager.stats()))
+    assert set(done.get(timeout=5).backends["b"].servers) == set(fleet[:50])
+
+
+def test_a_sliced_snapshot_never_mixes_two_memberships(
+    make_manager: Callable[..., PoolManager], fleet: list[str], sliced: None
+) -> None:
+    """Reloads land while snapshots pause: every snapshot's servers are exactly one
+    applied config's (a snapshot whose membership changed in a pause starts over)."""
+    import lbpool.manager
+
+    configs = [fleet[0:20], fleet[20:40], fleet[0:40], fleet[10:30]]
+
+    def config(servers: list[str]) -> dict[str, Any]:
+        return {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": servers}}}
+
+    manager = make_manager(config(configs[0]))
+    restarts = [0]
+    real = lbpool.manager.PoolManager._stats_in_slices
+
+    def counted(self: PoolManager, pause: Any) -> Any:
+        snapshot = real(self, pause)
+        restarts[0] += snapshot is None
+        return snapshot
+
+    lbpool.manager.PoolManager._stats_in_slices = counted  # type: ignore[method-assign]
+    try:
+        stop = False
+
+        def reloader() -> None:
+            i = 0
+            while not stop:
+                i += 1
+                manager.reload(config(configs[i % len(configs)]))
+                gevent.sleep(0.001)
+
+        g = gevent.spawn(reloader)
+        allowed = [set(c) for c in configs]
+        deadline = time.monotonic() + 20
+        seen = 0
+        while seen < 60 and time.monotonic() < deadline:
+            servers = set(manager.stats().backends["b"].servers)
+            assert servers in allowed, f"a mix of memberships: {sorted(servers)}"
+            seen += 1
+        stop = True
+        g.get(timeout=10)
+    finally:
+        lbpool.manager.PoolManager._stats_in_slices = real  # type: ignore[method-assign]
+    assert seen >= 10
+    assert restarts[0] >= 1  # the reloads did land inside snapshots
+
+
+def test_a_big_to_dict_lets_other_greenlets_run_and_gives_the_same_data(
+    make_manager: Callable[..., PoolManager], fleet: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lbpool.stats
+
+    manager = make_manager(
+        {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": fleet[:50]}}}
+    )
+    stats = manager.stats()
+    whole = stats.to_dict()  # 50 servers: one go
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 2)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_SECONDS", 0.0)
+    turns = [0]
+    stop = False
+
+    def tick() -> None:
+        while not stop:
+            gevent.sleep(0)
+            turns[0] += 1
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0)
+    before = turns[0]
+    sliced = gevent.spawn(stats.to_dict).get(timeout=30)
+    during = turns[0] - before
+    stop = True
+    ticker.get(timeout=5)
+    assert during >= 10, during
+    assert sliced == whole
