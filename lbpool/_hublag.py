@@ -29,10 +29,24 @@ def _always() -> float:
     return float("inf")
 
 
+_last: tuple[Any, Callable[[], float]] | None = None  # the last loop asked for, its lag
+
+
 def hub_lag(loop: Any) -> Callable[[], float]:
     """A function returning the seconds since ``loop`` (a gevent hub's loop) last
     polled; it returns ``inf`` (so every long rest is peeked) when the loop's clock
-    matches neither the wall clock nor the monotonic one, or has no ``now()``."""
+    matches neither the wall clock nor the monotonic one, or has no ``now()``. The
+    last loop's function is kept: a fleet's pools share their hub's."""
+    global _last
+    last = _last
+    if last is not None and last[0] is loop:
+        return last[1]
+    lag = _find_lag(loop)
+    _last = (loop, lag)
+    return lag
+
+
+def _find_lag(loop: Any) -> Callable[[], float]:
     try:
         loop.update_now()
         now = loop.now

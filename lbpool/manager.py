@@ -980,7 +980,12 @@ class PoolManager(ThreadBound):
             gevent.wait([d.answered, changed, self._closed_event], timeout=left, count=1)
         if timeout is not None:
             timeout = max(0.0, timeout - (_monotonic() - start))
-        pools = self._all_pools()
+        pause = Pacer()
+        pools = []
+        for pool in self._all_pools():  # a greenlet only for each pool still filling
+            pause()
+            if not pool.is_ready():
+                pools.append(pool)
         jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
         try:
             gevent.joinall(jobs)

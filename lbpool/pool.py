@@ -1397,6 +1397,11 @@ class Pool(ThreadBound):
             return self._min_idle
         return min(self._auto_target(), len(self._busy) + self._handed + self._max_idle)
 
+    def is_ready(self) -> bool:
+        """``min_idle`` connections are open now (what ``wait_ready`` waits for). Never
+        yields."""
+        return len(self._idle) + len(self._busy) >= self._ready_target()
+
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``min_idle`` connections are open (``auto``: its current target,
         at least 1); ``PoolTimeout`` otherwise."""
