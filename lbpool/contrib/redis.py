@@ -411,9 +411,10 @@ class Connection(redis.connection.Connection):
 
     def _stale_lease(self, sock: Any) -> tuple[bool, OSError | None]:
         """``_stale(sock)``, answered by a zero-timeout ``poll`` of the socket when it
-        is plain and not readable (the common case: no exception raised and caught, as
-        the ``MSG_PEEK`` of ``_stale`` needs for "nothing waiting"). One system call
-        either way; a readable socket is classified by ``_stale``."""
+        is plain and not readable: the common case costs that one system call and no
+        exception (the ``MSG_PEEK`` of ``_stale`` raises and catches ``BlockingIOError``
+        for "nothing waiting"). A readable socket (EOF, bytes or an error) is then
+        classified by ``_stale``'s peek; a TLS one goes to ``_stale`` directly."""
         if _poll_class is None or isinstance(sock, _SSL_SOCKETS):
             return _stale(sock)
         try:
