@@ -89,6 +89,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import select
 import socket
 import ssl
 import time
@@ -100,11 +101,14 @@ import redis.connection
 from gevent import Timeout as _GeventTimeout
 from gevent import getcurrent
 from gevent import ssl as _gssl
+from gevent.monkey import get_original
 from redis._parsers import Encoder, _RESP2Parser, _RESP3Parser
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from lbpool._ownership import fork_generation
 from lbpool.errors import (
     BackendUnavailable,
     DialError,
@@ -265,6 +269,16 @@ def _network_error(exc: BaseException | None) -> BaseException | None:
 _STALE_LIMIT = 10
 _SSL_SOCKETS = (ssl.SSLSocket, _gssl.SSLSocket)
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+# The stdlib's poll, even in a monkey-patched process: polled with timeout 0 only, so it
+# never blocks the hub; gevent's cooperative one would go through the hub for nothing.
+_poll_class: Callable[[], Any] | None = (
+    get_original("select", "poll") if hasattr(select, "poll") else None
+)
+_POLLIN = getattr(select, "POLLIN", 1)
+# What this redis-py has (per-session state a new socket starts afresh, in redis-py 8;
+# connections marked for reconnect): looked up once, not per borrow.
+_HAS_HIMPORT = hasattr(redis.connection.Connection, "_reset_himport_state")
+_HAS_SHOULD_RECONNECT = hasattr(redis.connection.Connection, "should_reconnect")
 
 
 def _stale(sock: Any) -> tuple[bool, OSError | None]:
@@ -318,7 +332,7 @@ class Connection(redis.connection.Connection):
         self._backend = backend
         self._lease: Any = None  # the PooledConnection while connected
         # The greenlet inside this connection's socket I/O (read_response,
-        # send_packed_command, can_read), if any; see _io.
+        # send_packed_command, can_read), if any; see read_response.
         self._io_greenlet: Any = None
         # A lease redis-py disconnected inside that I/O without saying why: the I/O call
         # discards it with the exception it raises (see disconnect).
@@ -326,10 +340,20 @@ class Connection(redis.connection.Connection):
         # The lease's socket was shut down by another greenlet's disconnect(): the
         # errors its owner then meets are ours, not the server's.
         self._shut = False
+        # The server the current lease is on, as _host_error says it (redis-py asks
+        # for it on every read): worked out once per server address, not per lease.
+        self._address = ""
+        self._lease_host = backend
+        self._lease_port = 0
+        self._where = f"lbpool backend {backend!r}"
+        # A poll object for the last socket peeked (see _stale_lease).
+        self._poll: Any = None
+        self._poll_fd = -1
         super().__init__(host=backend, port=0, **kwargs)
         # socket_connect_timeout (None unless given) bounds each acquisition; None: the
         # backend's acquire_timeout.
         self._acquire_timeout: float | None = kwargs.get("socket_connect_timeout")
+        self._resp3 = _is_resp3(self.protocol)
 
     @property
     def lease(self) -> Any:
@@ -345,8 +369,72 @@ class Connection(redis.connection.Connection):
 
     def _host_error(self) -> str:
         if self._lease is not None:
-            return f"{self.host}:{self.port} (lbpool backend {self._backend!r})"
+            return self._where
         return f"lbpool backend {self._backend!r}"
+
+    def connect(self) -> None:
+        """Borrow a lease unless this connection holds one; redis-py's pools call this
+        on every ``get_connection``. What redis-py's ``connect()`` does, through its
+        retry (``retry=`` in the pool's kwargs: a failed acquisition is retried, with
+        ``disconnect(error)`` between tries), without the closures it builds per call."""
+        if self._sock:
+            return
+        self.retry.call_with_retry(self._lease_up, self.disconnect)
+
+    def _lease_up(self) -> None:
+        """One try of ``connect()``: what redis-py's ``connect_check_health`` does --
+        take a socket (``_connect``: a lease), attach the parser (``on_connect``, or the
+        client's ``redis_connect_func``), run the connect callbacks (pubsub's
+        resubscribe)."""
+        try:
+            sock = self._connect()
+        except TimeoutError as exc:  # socket.timeout: as redis-py maps its dial's errors
+            raise RedisTimeoutError("Timeout connecting to server") from exc
+        except OSError as exc:
+            raise RedisConnectionError(self._error_message(exc)) from exc
+        self._sock = sock
+        try:
+            if self.redis_connect_func is None:
+                self._attach_parser()
+            else:  # redis-py calls it with the connection (its annotation says none)
+                connect_func: Any = self.redis_connect_func
+                connect_func(self)
+        except RedisError:
+            self.disconnect()
+            raise
+        if self._connect_callbacks:
+            self._connect_callbacks = [ref for ref in self._connect_callbacks if ref()]
+            for ref in self._connect_callbacks:
+                callback = ref()
+                if callback:
+                    callback(self)
+
+    def _stale_lease(self, sock: Any) -> tuple[bool, OSError | None]:
+        """``_stale(sock)``, answered by a zero-timeout ``poll`` of the socket when it
+        is plain and not readable: the common case costs that one system call and no
+        exception (the ``MSG_PEEK`` of ``_stale`` raises and catches ``BlockingIOError``
+        for "nothing waiting"). A readable socket (EOF, bytes or an error) is then
+        classified by ``_stale``'s peek; a TLS one goes to ``_stale`` directly."""
+        if _poll_class is None or isinstance(sock, _SSL_SOCKETS):
+            return _stale(sock)
+        try:
+            fd = sock.fileno()
+        except (OSError, ValueError, AttributeError):
+            return (True, None)  # closed
+        if fd < 0:
+            return (True, None)
+        poll = self._poll
+        if fd != self._poll_fd:
+            if poll is None:
+                poll = self._poll = _poll_class()
+            elif self._poll_fd >= 0:
+                poll.unregister(self._poll_fd)
+            self._poll_fd = -1
+            poll.register(fd, _POLLIN)  # an error or hang-up is reported as well
+            self._poll_fd = fd
+        if not poll.poll(0):
+            return (False, None)
+        return _stale(sock)  # EOF, bytes or an error: which one
 
     def _connect(self) -> Any:
         """Borrow a socket from the backend; redis-py calls this from ``connect()``.
@@ -369,7 +457,7 @@ class Connection(redis.connection.Connection):
                 # redis-py changes nothing on the socket but its timeout: the return
                 # restores that, and need not re-set TCP_NODELAY (a system call).
                 sock = lease._timed_sock(self.socket_timeout)
-                stale, error = _stale(sock)
+                stale, error = self._stale_lease(sock)
                 if not stale:
                     break
                 fresh = lease.created_at >= started  # dialed for us (lbpool's clock)
@@ -390,9 +478,14 @@ class Connection(redis.connection.Connection):
             )
         self._lease = lease
         self._shut = False
-        host, _, port = lease.address.rpartition(":")
-        self.host = host
-        self.port = int(port)
+        address = lease.address
+        if address != self._address:
+            host, _, port = address.rpartition(":")
+            self._lease_host, self._lease_port = host, int(port)
+            self._where = f"{address} (lbpool backend {self._backend!r})"
+            self._address = address
+        self.host = self._lease_host
+        self.port = self._lease_port
         return sock
 
     def on_connect(self) -> None:
@@ -404,9 +497,9 @@ class Connection(redis.connection.Connection):
         self._attach_parser()
 
     def _attach_parser(self) -> None:
-        if hasattr(self, "_reset_himport_state"):  # redis-py 8: per-session state
+        if _HAS_HIMPORT:  # redis-py 8: per-session state
             self._reset_himport_state()
-        if _is_resp3(self.protocol) and isinstance(self._parser, _RESP2Parser):
+        if self._resp3 and isinstance(self._parser, _RESP2Parser):
             self.set_parser(_RESP3Parser)  # as redis-py's on_connect does (5.x)
         self._parser.on_connect(self)
 
@@ -416,36 +509,54 @@ class Connection(redis.connection.Connection):
     # raise. So a lease disconnected inside them, without an ``error``, is discarded by
     # the call itself with what it raises -- never with whatever exception some caller
     # happens to be handling (``sys.exc_info()``), which may be about anything else.
-    def _io(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        outer, self._io_greenlet = self._io_greenlet, getcurrent()
-        try:
-            return call(*args, **kwargs)
-        except BaseException as exc:
-            self._settle(exc)
-            raise
-        finally:
-            self._io_greenlet = outer
-            self._settle(None)
-
+    # Each of the three is written out (not one helper taking the call): they run on
+    # every command.
     def _settle(self, exc: BaseException | None) -> None:
         lease, self._dropped = self._dropped, None
         if lease is not None:
             lease.discard(None if exc is None else _network_error(exc))
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        return self._io(super().read_response, *args, **kwargs)
+        outer, self._io_greenlet = self._io_greenlet, getcurrent()
+        try:
+            return super().read_response(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._io_greenlet = outer
+            if self._dropped is not None:
+                self._settle(None)
 
     def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        self._io(super().send_packed_command, *args, **kwargs)
+        outer, self._io_greenlet = self._io_greenlet, getcurrent()
+        try:
+            super().send_packed_command(*args, **kwargs)
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._io_greenlet = outer
+            if self._dropped is not None:
+                self._settle(None)
 
     def can_read(self, *args: Any, **kwargs: Any) -> bool:
-        return bool(self._io(super().can_read, *args, **kwargs))
+        outer, self._io_greenlet = self._io_greenlet, getcurrent()
+        try:
+            return bool(super().can_read(*args, **kwargs))
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._io_greenlet = outer
+            if self._dropped is not None:
+                self._settle(None)
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
         """Drop the lease: discarded into lbpool with the error that caused this, so a
         network error reaches the server's breaker. That error is the ``error`` redis-py
         passes, or, when redis-py passes none from inside this connection's own I/O,
-        the exception that I/O call raises (see ``_io``). Otherwise none: a disconnect
+        the exception that I/O call raises (see ``read_response``). Otherwise none: a disconnect
         while some unrelated exception is being handled charges no breaker.
 
         Called from another greenlet while this connection's owner is inside its I/O
@@ -491,7 +602,7 @@ class Connection(redis.connection.Connection):
             dirty = (
                 self._shut
                 or _unread(self._parser)
-                or (hasattr(self, "should_reconnect") and self.should_reconnect())
+                or (_HAS_SHOULD_RECONNECT and self.should_reconnect())
             )
         except Exception:  # EOF or a socket error while looking
             dirty = True
@@ -576,9 +687,12 @@ class ConnectionPool(redis.ConnectionPool):
         self._available_connections: list[Connection] = []
         self._in_use_connections: set[Connection] = set()
         self.pid = os.getpid()
+        self._generation = fork_generation()
 
     def _checkpid(self) -> None:
-        if self.pid != os.getpid():
+        # A fork bumps lbpool's fork generation (os.register_at_fork): compared without
+        # the getpid() system call redis-py's pools make twice per command.
+        if self._generation != fork_generation():
             self.reset()
 
     def make_connection(self) -> Connection:

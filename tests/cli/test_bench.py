@@ -252,9 +252,11 @@ def test_a_peer_that_breaks_mid_run_is_dropped_and_reported(
     assert "lbpool.Pool" in result["scenarios"]["A"]["results"]
 
 
-def test_scenario_r_redis_py_is_opt_in_and_reports_three_pools() -> None:
-    """``--scenarios R``: redis-py GETs over lbpool.contrib.redis, redis-py's
-    ConnectionPool and BlockingConnectionPool, same run; not part of the default set."""
+def test_scenario_r_redis_py_is_opt_in_and_reports_each_pool() -> None:
+    """``--scenarios R``: redis-py GETs over lbpool.contrib.redis (with the blocking
+    pool's connections, and with one per greenlet as the unbounded ConnectionPool
+    opens), redis-py's ConnectionPool and BlockingConnectionPool, same run; not part of
+    the default set. Each row says how fairly the greenlets were served."""
     assert "R" not in bench.Settings().scenarios and "R" not in bench.QUICK.scenarios
     code, out, _ = _main(["--scenarios", "R", "--rounds", "1", "--quick", "--json"])
     assert code == 0
@@ -264,6 +266,7 @@ def test_scenario_r_redis_py_is_opt_in_and_reports_three_pools() -> None:
         pytest.skip(r["skipped"])
     assert set(r["results"]) == {
         "lbpool.contrib.redis",
+        "lbpool.contrib.redis (max_size = greenlets)",
         "redis.ConnectionPool",
         "redis.BlockingConnectionPool",
     }
@@ -273,8 +276,28 @@ def test_scenario_r_redis_py_is_opt_in_and_reports_three_pools() -> None:
         assert _finite_positive(row["x_connection_pool"]) and _finite_positive(
             row["x_blocking_pool"]
         )
-    assert _finite_positive(r["x_connection_pool"]) and _finite_positive(r["x_blocking_pool"])
+        fair = row["fairness"]
+        assert 0 <= fair["min_share"] <= 1 <= fair["max_share"], kind
+        assert 0 <= fair["starved"] < r["greenlets"], kind
+        assert fair["overtakes_per_get"] >= 0 and fair["max_overtaken"] >= 0, kind
+    # the headline ratios compare pools with the same connections
+    lb = r["results"]["lbpool.contrib.redis"]
+    wide = r["results"]["lbpool.contrib.redis (max_size = greenlets)"]
+    assert r["x_blocking_pool"] == lb["x_blocking_pool"]
+    assert r["x_connection_pool"] == wide["x_connection_pool"]
     assert r["greenlets"] == 50 and r["value_bytes"] == 100
+
+
+def test_overtakes_counts_gets_finished_ahead_of_earlier_ones() -> None:
+    from lbpool.cli.bench.scenarios import _overtakes
+
+    assert _overtakes([]) == (0.0, 0)
+    # in order: nobody overtakes
+    assert _overtakes([(0, 1), (1, 2), (2, 3)]) == (0.0, 0)
+    # the first one waits while the two after it finish: overtaken twice
+    assert _overtakes([(0, 10), (1, 2), (2, 3)]) == (2 / 3, 2)
+    # ties in the end order are not overtakes
+    assert _overtakes([(0, 5), (1, 5)]) == (0.0, 0)
 
 
 def test_scenario_r_skips_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,13 +4,16 @@ MULTI/EXEC, pubsub, a replica killed under load, and errors mapped to redis-py's
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.os
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -19,6 +22,7 @@ from redis.retry import Retry
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.contrib.redis import ConnectionPool, handshake
 from lbpool.testing import FaultProxy
+from tests.support.procs import reap_child
 from tests.support.redis_server import RedisServer, RedisServers, needs_redis_server
 
 pytestmark = [pytest.mark.redis, needs_redis_server]
@@ -442,3 +446,54 @@ def test_a_release_discards_unread_replies_and_leaves_the_socket_as_lbpool_set_i
     stats = manager.stats().backends["primary"].servers[server.address]
     assert stats.closed.get("discarded", 0) + stats.closed.get("unhealthy", 0) == 1
     assert stats.closed.get("error", 0) == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_child_starts_its_pool_afresh(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """The pool notices a fork by lbpool's fork generation (no ``getpid`` per command):
+    the child forgets the wrappers the parent had out and serves its own commands on
+    its own connections, the parent's borrowed one left alone."""
+    server = redis_servers.start()
+    manager = make_manager(
+        {"backends": {"r": {"servers": [server.address], "pool": {"max_size": 4}}}}
+    )
+    pool = ConnectionPool(manager, "r", protocol=2)
+    client = redis.Redis(connection_pool=pool)
+    assert client.set("fork:k", "v") is True
+    held = pool.get_connection()  # out in the parent across the fork
+    parent_port = held.lease.sock.getsockname()[1]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        report = b"\xff"
+        try:
+            os.close(r)
+            ok = client.get("fork:k") == b"v"
+            # the parent's wrappers forgotten: one new one, released (no lease)
+            wrappers = pool._available_connections
+            fresh = not pool._in_use_connections and len(wrappers) == 1
+            report = bytes([0 if ok and fresh and wrappers[0].lease is None else 3])
+            report += bytes([int(pool._created_connections == 1)])
+        finally:
+            os.write(w, report)
+            os._exit(0)
+    os.close(w)
+    gevent.os.make_nonblocking(r)
+    result = b""
+    with gevent.Timeout(15):  # read without blocking the hub
+        while len(result) < 2:
+            chunk = gevent.os.nb_read(r, 2)
+            if not chunk:
+                break
+            result += chunk
+    os.close(r)
+    reap_child(pid)
+    assert result == b"\x00\x01", result
+    assert held in pool._in_use_connections  # the parent's pool is as it was
+    assert held.lease.sock.getsockname()[1] == parent_port
+    held.send_command("PING")
+    assert held.read_response() == b"PONG"
+    pool.release(held)
+    assert client.get("fork:k") == b"v"

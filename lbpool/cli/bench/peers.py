@@ -669,7 +669,15 @@ def unpatched_handoff_probe(kind: str, address: str, wait: float = 0.3) -> dict[
 # redis-py runs in a gevent worker. lbpool's pool needs none of it (its sockets are
 # gevent's already).
 
-REDIS_IMPLS = ("lbpool.contrib.redis", "redis.ConnectionPool", "redis.BlockingConnectionPool")
+# Each lbpool row has the connections of the redis-py pool it is compared with:
+# ``max_size`` the blocking pool's ``max_connections`` (the bench's SIZE), and
+# ``max_size`` one per greenlet, which is what the unbounded ``ConnectionPool`` opens.
+REDIS_IMPLS = (
+    "lbpool.contrib.redis",
+    "lbpool.contrib.redis (max_size = greenlets)",
+    "redis.ConnectionPool",
+    "redis.BlockingConnectionPool",
+)
 
 
 def redis_missing() -> str | None:
@@ -727,11 +735,14 @@ def redis_server(timeout: float = 15.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def redis_client(kind: str, address: str, size: int, timeout: float) -> Iterator[Any]:
+def redis_client(
+    kind: str, address: str, size: int, timeout: float, greenlets: int = 0
+) -> Iterator[Any]:
     """A ``redis.Redis`` for ``kind`` (one of ``REDIS_IMPLS``) on ``address``:
-    lbpool's pool and redis-py's ``BlockingConnectionPool`` hold at most ``size``
-    connections; redis-py's ``ConnectionPool`` is unbounded (bounded, it raises instead
-    of waiting). RESP2 for all three."""
+    ``lbpool.contrib.redis`` and redis-py's ``BlockingConnectionPool`` hold at most
+    ``size`` connections; ``lbpool.contrib.redis (max_size = greenlets)`` at most
+    ``greenlets``; redis-py's ``ConnectionPool`` is unbounded (bounded, it raises instead
+    of waiting; it opens one per greenlet). RESP2 for all."""
     import gevent.queue
     import redis
     import redis.connection
@@ -748,15 +759,16 @@ def redis_client(kind: str, address: str, size: int, timeout: float) -> Iterator
     with cooperative_threading(redis.connection):
         module.socket = gsocket
         try:
-            if kind == REDIS_IMPLS[0]:
+            if kind in REDIS_IMPLS[:2]:
+                max_size = size if kind == REDIS_IMPLS[0] else max(greenlets, 1)
                 manager = PoolManager(
                     {"backends": {"redis": {"servers": [address], "pool": {
-                        "max_size": size, "min_idle": 1, "acquire_timeout": timeout}}}}
+                        "max_size": max_size, "min_idle": 1, "acquire_timeout": timeout}}}}
                 )  # fmt: skip
                 pool = LbpoolRedisPool(manager, "redis", protocol=2)
-            elif kind == REDIS_IMPLS[1]:
-                pool = redis.ConnectionPool(host=host, port=port, protocol=2)
             elif kind == REDIS_IMPLS[2]:
+                pool = redis.ConnectionPool(host=host, port=port, protocol=2)
+            elif kind == REDIS_IMPLS[3]:
                 pool = blocking_pool(
                     host=host, port=port, protocol=2, max_connections=size, timeout=timeout,
                     queue_class=gevent.queue.LifoQueue,

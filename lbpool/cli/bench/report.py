@@ -141,16 +141,21 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                     _fmt(v["latency_us"]["p50"], 1),
                     _fmt(v["latency_us"]["p99"], 1),
                     _fmt(v["latency_us"]["max"], 1),
+                    _fmt(v["fairness"]["min_share"], 2),
+                    _fmt(v["fairness"]["starved"]),
+                    _fmt(v["fairness"]["overtakes_per_get"], 2),
                     str(sum(v["errors"].values())),
                 ]
                 for k, v in r["results"].items()
             ]
             tables.append(
                 (
-                    f"R  redis-py GET of {r['value_bytes']} B: {r['greenlets']} greenlets, "
-                    f"max {r['max_size']} connections ({r['note']})",
+                    f"R  redis-py GET of {r['value_bytes']} B: {r['greenlets']} greenlets "
+                    f"({r['note']}); lbpool x the pool with its connections: "
+                    f"{_fmt(r['x_blocking_pool'], 3)} Blocking, "
+                    f"{_fmt(r['x_connection_pool'], 3)} ConnectionPool",
                     ["pool", "GET/s", "x ConnectionPool", "x Blocking", "p50 us", "p99 us",
-                     "max us", "errors"],
+                     "max us", "min share", "starved", "overtakes/GET", "errors"],
                     rows,
                 )
             )  # fmt: skip

@@ -629,16 +629,51 @@ def scenario_s(s: Settings, verbose: bool) -> dict[str, Any]:
 # -- scenario R: redis-py over lbpool ----------------------------------------------
 
 
+def _overtakes(spans: list[tuple[float, float]]) -> tuple[float, int]:
+    """How often a GET finished before one that had started earlier (it overtook it):
+    (overtakes per GET, the most GETs that overtook a single one). ``spans`` are
+    (start, end) pairs; counted as inversions of the end order against the start order
+    with a Fenwick tree, O(n log n). With a first come, first served pool only GETs in
+    flight together overtake each other; a pool that lets a returning caller take its
+    connection straight back overtakes the callers it leaves waiting, over and over."""
+    n = len(spans)
+    if n < 2:
+        return (0.0, 0)
+    ends = sorted(range(n), key=lambda i: spans[i][1])
+    rank = [0] * n
+    for r, i in enumerate(ends):
+        rank[i] = r + 1
+    tree = [0] * (n + 1)
+    total = worst = 0
+    # latest start first: each GET counts the later-started ones that ended before it
+    for i in sorted(range(n), key=lambda i: spans[i][0], reverse=True):
+        r = rank[i] - 1
+        seen = 0
+        while r > 0:
+            seen += tree[r]
+            r -= r & -r
+        total += seen
+        worst = max(worst, seen)
+        r = rank[i]
+        while r <= n:
+            tree[r] += 1
+            r += r & -r
+    return (total / n, worst)
+
+
 def _r_round(client: Any, greenlets: int, seconds: float, key: str) -> dict[str, Any]:
-    """``greenlets`` greenlets GET ``key`` through ``client`` for ``seconds``."""
+    """``greenlets`` greenlets GET ``key`` through ``client`` for ``seconds``; the rate,
+    the latencies, and how fairly the greenlets were served (each one's GETs against
+    the mean, how many got none, overtakes)."""
     deadline = perf_counter() + seconds
     counts = [0] * greenlets
-    lats: list[float] = []
+    spans: list[tuple[float, float]] = []
     errors: dict[str, int] = {}
 
     def worker(i: int) -> None:
         now = perf_counter
         get = client.get
+        done = spans.append
         t0 = now()
         while t0 < deadline:
             try:
@@ -648,7 +683,7 @@ def _r_round(client: Any, greenlets: int, seconds: float, key: str) -> dict[str,
                 t0 = now()
                 continue
             t1 = now()
-            lats.append(t1 - t0)
+            done((t0, t1))
             if t1 <= deadline:
                 counts[i] += 1
             t0 = t1
@@ -656,18 +691,28 @@ def _r_round(client: Any, greenlets: int, seconds: float, key: str) -> dict[str,
     jobs = [gevent.spawn(worker, i) for i in range(greenlets)]
     gevent.joinall(jobs, timeout=seconds + 30)
     gevent.killall(jobs, timeout=5)
+    mean = sum(counts) / greenlets
+    per_get, worst = _overtakes(spans)
     return {
         "ops_per_s": sum(counts) / seconds,
-        "dist": _dist_us(lats),
+        "dist": _dist_us([b - a for a, b in spans]),
         "errors": errors,
+        "min_share": min(counts) / mean if mean else 0.0,
+        "max_share": max(counts) / mean if mean else 0.0,
+        "starved": sum(1 for c in counts if c == 0),
+        "overtakes_per_get": per_get,
+        "max_overtaken": worst,
     }
 
 
 def scenario_r(s: Settings, verbose: bool) -> dict[str, Any]:
     """GET of a ``r_value``-byte value by ``r_greenlets`` greenlets through redis-py,
-    over ``lbpool.contrib.redis`` and over redis-py's ``ConnectionPool`` and
+    over ``lbpool.contrib.redis`` (twice: ``max_size`` SIZE, as the blocking pool's
+    ``max_connections``, and ``max_size`` one per greenlet, what the unbounded
+    ``ConnectionPool`` opens) and over redis-py's ``ConnectionPool`` and
     ``BlockingConnectionPool``, interleaved over ``s.rounds`` rounds against one
-    loopback ``redis-server`` started here. ``{"skipped": why}`` when redis-py or
+    loopback ``redis-server`` started here. Each lbpool row's headline ratio is against
+    the redis-py pool with the same connections. ``{"skipped": why}`` when redis-py or
     redis-server is missing."""
     why = peers.redis_missing()
     if why is not None:
@@ -676,19 +721,20 @@ def scenario_r(s: Settings, verbose: bool) -> dict[str, Any]:
     impls = list(peers.REDIS_IMPLS)
     per_round: dict[str, list[dict[str, Any]]] = {k: [] for k in impls}
     key = "bench:r"
+    greenlets = s.r_greenlets
     with peers.redis_server() as address:
-        with peers.redis_client(impls[1], address, SIZE, ACQUIRE_TIMEOUT) as client:
+        with peers.redis_client(impls[2], address, SIZE, ACQUIRE_TIMEOUT) as client:
             client.set(key, b"v" * s.r_value)
         for r in range(s.rounds):
             progress(verbose, f"scenario R round {r + 1}/{s.rounds}")
             k = r % len(impls)
             for kind in impls[k:] + impls[:k]:
-                with peers.redis_client(kind, address, SIZE, ACQUIRE_TIMEOUT) as client:
+                with peers.redis_client(kind, address, SIZE, ACQUIRE_TIMEOUT, greenlets) as client:
                     # warm: as many connections as the pool will open for the greenlets
-                    warmers = [gevent.spawn(client.get, key) for _ in range(s.r_greenlets)]
+                    warmers = [gevent.spawn(client.get, key) for _ in range(greenlets)]
                     gevent.joinall(warmers, timeout=30, raise_error=True)
-                    per_round[kind].append(_r_round(client, s.r_greenlets, s.r_seconds, key))
-    lb, plain, blocking = impls
+                    per_round[kind].append(_r_round(client, greenlets, s.r_seconds, key))
+    lb, lb_wide, plain, blocking = impls
     results: dict[str, Any] = {}
     for kind, rs in per_round.items():
         rate = [x["ops_per_s"] for x in rs]
@@ -702,6 +748,15 @@ def scenario_r(s: Settings, verbose: bool) -> dict[str, Any]:
                 for name in sorted({n for x in rs for n in x["errors"]})
             },
             "rounds": [rounded(v, 0) for v in rate],
+            # fairness, medians over rounds: a greenlet's GETs / the mean (min, max),
+            # greenlets with no GET in a round, GETs finished ahead of an earlier one
+            "fairness": {
+                "min_share": rounded(median([x["min_share"] for x in rs]), 3),
+                "max_share": rounded(median([x["max_share"] for x in rs]), 3),
+                "starved": median([x["starved"] for x in rs]),
+                "overtakes_per_get": rounded(median([x["overtakes_per_get"] for x in rs]), 2),
+                "max_overtaken": median([x["max_overtaken"] for x in rs]),
+            },
         }
         for ref, name in ((plain, "x_connection_pool"), (blocking, "x_blocking_pool")):
             row[name] = rounded(
@@ -711,13 +766,17 @@ def scenario_r(s: Settings, verbose: bool) -> dict[str, Any]:
             )  # fmt: skip
         results[kind] = row
     return {
-        "greenlets": s.r_greenlets,
+        "greenlets": greenlets,
         "value_bytes": s.r_value,
         "max_size": SIZE,
-        "note": f"{plain} is unbounded (bounded, it raises instead of waiting)",
+        "note": (
+            f"{lb} and {blocking}: {SIZE} connections; {lb_wide}: {greenlets}; {plain} is "
+            f"unbounded and opens {greenlets} (bounded, it raises instead of waiting)"
+        ),
         "results": results,
-        # lbpool's GETs per second over each redis-py pool's, median of same-round ratios
-        "x_connection_pool": results[lb]["x_connection_pool"],
+        # lbpool's GETs per second over the redis-py pool with the same connections,
+        # median of same-round ratios
+        "x_connection_pool": results[lb_wide]["x_connection_pool"],
         "x_blocking_pool": results[lb]["x_blocking_pool"],
     }
 
