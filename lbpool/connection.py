@@ -295,8 +295,9 @@ class PooledConnection:
         changes nothing but its timeout, so the return restores the timeout and skips
         re-setting ``TCP_NODELAY`` (a ``setsockopt`` system call per borrow)."""
         conn = self._live()
-        conn.sock.settimeout(value)
-        conn.dirty |= TIMEOUT_CHANGED
+        if value is not None or conn.dirty:  # else it is None already: a borrow starts clean
+            conn.sock.settimeout(value)
+            conn.dirty |= TIMEOUT_CHANGED
         return conn.sock
 
     # -- giving it back -----------------------------------------------------------

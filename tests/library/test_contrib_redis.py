@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
+from lbpool.connection import SOCK_EXPOSED
 from lbpool.contrib.redis import ConnectionPool, handshake
 from lbpool.testing import FaultProxy
 from tests.support.procs import reap_child
@@ -446,6 +447,26 @@ def test_a_release_discards_unread_replies_and_leaves_the_socket_as_lbpool_set_i
     stats = manager.stats().backends["primary"].servers[server.address]
     assert stats.closed.get("discarded", 0) + stats.closed.get("unhealthy", 0) == 1
     assert stats.closed.get("error", 0) == 0
+
+
+def test_without_socket_timeout_a_lease_is_returned_clean(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """With no ``socket_timeout`` the wrapper leaves the socket as the borrow found it
+    (blocking, as lbpool lends it), so the return has nothing to restore; with one, the
+    timeout is set for the borrow and the next borrow starts without it."""
+    server = redis_servers.start()
+    manager = make_manager(_config(server.address, [server.address], min_idle=0, check_after="1h"))
+    for timeout, dirty in ((None, False), (7.0, True)):
+        pool = ConnectionPool(manager, "primary", socket_timeout=timeout)
+        conn = pool.get_connection()
+        conn.send_command("PING")
+        assert conn.read_response() == b"PONG"
+        assert conn.lease.sock.gettimeout() == timeout
+        assert bool(conn.lease._conn.dirty & ~SOCK_EXPOSED) is dirty
+        pool.release(conn)
+        with manager.acquire("primary") as lease:
+            assert lease.sock.gettimeout() is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
