@@ -449,9 +449,16 @@ class Pool(ThreadBound):
     def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
         generation = _ownership._fork_generation  # fork_generation(), inlined (bench B)
         self._waits += 1
-        w = self._waiters.join(deadline)
+        waiters = self._waiters
+        w = Waiter(self._hub)  # WaitQueue.join, inlined (bench B); test_fast_join_matches_join
+        w.outcome = WAITING
+        w.deadline = deadline
+        waiters.append(w)
+        if deadline < waiters._timer_at:
+            waiters._arm(deadline)
         try:
-            outcome = w.wait()
+            w.get()  # Waiter.wait, inlined: ``outcome`` is the one channel
+            outcome = w.outcome
         except BaseException:
             if self._forked_since(generation):
                 raise self._forked() from None

@@ -24,6 +24,7 @@ from lbpool import (
     PoolExhausted,
     PoolTimeout,
 )
+from lbpool._waiters import WAITING, Waiter
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, DialConfig, HealthCheckConfig
 from lbpool.connection import PooledConnection, _Conn
@@ -684,6 +685,32 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         assert fast._busy == {h_fast._conn: h_fast} and canon._busy == {conn: h_canon}
         h_fast.release()
         h_canon.release()
+
+
+def test_fast_join_matches_join(server: EchoServer, no_fd_leak: None) -> None:
+    """_wait inlines WaitQueue.join: the queued waiter, its outcome and deadline, and the
+    queue's timer are what join makes (the earliest deadline arms the timer, a later
+    one does not)."""
+    fast, canon = (make_pool(server, max_size=1) for _ in range(2))
+    with fast, canon:
+        held = {pool: pool.acquire() for pool in (fast, canon)}
+        fast_waiters = [gevent.spawn(fast.acquire, t) for t in (30.0, 60.0)]
+        gevent.sleep(0)
+        start = fast._waiters[0].deadline - 30.0
+        canon_waiters = [canon._waiters.join(start + t) for t in (30.0, 60.0)]
+        for f, c in zip(fast._waiters, canon._waiters, strict=True):
+            assert type(f) is type(c) is Waiter
+            assert f.outcome is c.outcome is WAITING
+            assert abs(f.deadline - c.deadline) < 1.0
+        assert fast._waiters._timer_at == fast._waiters[0].deadline
+        assert canon._waiters._timer_at == canon._waiters[0].deadline
+        assert fast._waiters._timer is not None and canon._waiters._timer is not None
+        for g in fast_waiters:
+            g.kill()
+        for w in canon_waiters:
+            canon._waiters.remove(w)
+        for pool in (fast, canon):
+            held[pool].release()
 
 
 # -- arguments are checked before anything changes (DESIGN 14) -------------------------
