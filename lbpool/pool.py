@@ -382,7 +382,8 @@ class Pool(ThreadBound):
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
                 continue
-            if now - conn.checked_at >= self._check_after:
+            rested = now - conn.checked_at  # since its last check or return
+            if rested >= self._check_after:
                 if not deadline:
                     deadline = now + (self._acquire_timeout if timeout is None else timeout)
                 elif now >= deadline:
@@ -396,9 +397,7 @@ class Pool(ThreadBound):
                         f"{self.name}: pool closed during a borrow check", self.name, self.backend
                     )
             elif (
-                now - conn.last_used_at > WATCH_LAG
-                and self._hub_lag() > WATCH_LAG
-                and not peek_alive(conn.sock)
+                rested > WATCH_LAG and self._hub_lag() > WATCH_LAG and not peek_alive(conn.sock)
             ):  # stirred while code held the hub, so its watcher could not run yet
                 _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
                 self._retire(conn, "unhealthy")
@@ -856,12 +855,14 @@ class Pool(ThreadBound):
             self._handed += 1
             w.outcome = conn
             self._hub.loop.run_callback(w.switch, None)
-        elif len(self._idle) < self._max_idle:  # _rest, inlined (bench A)
-            self._idle.append(conn)
-            watcher = conn.watcher
-            if watcher is None:
-                watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
-            watcher.start(self._on_stirred, conn)
+        elif len(idle := self._idle) < self._max_idle:  # _rest, inlined (bench A)
+            idle.append(conn)
+            try:
+                conn.watcher.start(self._on_stirred, conn)
+            except AttributeError:
+                if conn.watcher is not None:  # not its first rest: some other fault
+                    raise
+                self._watch(conn)
         else:  # max_idle kept already: close it now rather than after idle_timeout
             self._retire(conn, "idle")
 
@@ -894,9 +895,16 @@ class Pool(ThreadBound):
         """Put ``conn`` on the idle stack, watched: bytes or EOF arriving while it
         rests retire it (``_stirred``). Never yields."""
         self._idle.append(conn)
-        watcher = conn.watcher
-        if watcher is None:
-            watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
+        try:
+            conn.watcher.start(self._on_stirred, conn)
+        except AttributeError:
+            if conn.watcher is not None:  # not its first rest: some other fault
+                raise
+            self._watch(conn)
+
+    def _watch(self, conn: _Conn) -> None:
+        """Make ``conn``'s read watcher (on its first rest) and start it."""
+        watcher = conn.watcher = self._hub.loop.io(conn.sock.fileno(), _READ)
         watcher.start(self._on_stirred, conn)
 
     def _stirred(self, conn: _Conn) -> None:
