@@ -16,6 +16,7 @@ from typing import Any
 
 import gevent
 import gevent.monkey
+import gevent.socket
 import pytest
 from gevent.event import Event
 
@@ -435,3 +436,47 @@ def test_hub_lag_follows_the_loops_last_poll() -> None:
             raise RuntimeError("no clock")
 
     assert hub_lag(Unreadable())() == float("inf")
+
+
+@pytest.mark.parametrize("order", ["idle_first", "waker_first"])
+def test_a_borrower_woken_by_the_same_poll_is_not_lent_the_stirred_connection(
+    plain_listener: socket.socket, order: str, no_fd_leak: None
+) -> None:
+    """Code holds the hub while an idle connection gets EOF and another socket gets the
+    byte a greenlet waits for: the next poll sees both, and the woken greenlet may run
+    before the idle watcher does (libev runs a poll's watchers last in, first out).
+    It must not be lent the connection that poll found stirred."""
+    host, port = plain_listener.getsockname()
+    pool = Pool(f"{host}:{port}", pool=PoolConfig(min_idle=0, max_size=2), upkeep=False)
+    wake_local, wake_peer = socket.socketpair()
+    server_side: socket.socket | None = None
+    got: dict[str, Any] = {}
+
+    def borrower() -> None:
+        gevent.socket.wait_read(wake_local.fileno(), timeout=BOUND)
+        conn = pool.acquire(BOUND)
+        got["uses"] = conn.uses
+        conn.release()
+
+    try:
+        pool.acquire(BOUND).release()
+        server_side, _ = plain_listener.accept()
+        gevent.sleep(0.01)  # the connection rests, watched
+        g = gevent.spawn(borrower)
+        gevent.sleep(0.005)  # parked on its socket
+        if order == "idle_first":
+            server_side.close()
+            wake_peer.send(b"y")
+        else:
+            wake_peer.send(b"y")
+            server_side.close()
+        _blocking_sleep(0.02)  # the hub is held: both arrive before its next poll
+        g.get(timeout=BOUND)
+        assert got["uses"] == 1  # a fresh connection
+        plain_listener.accept()[0].close()
+    finally:
+        pool.close()
+        wake_local.close()
+        wake_peer.close()
+        if server_side is not None:
+            server_side.close()
