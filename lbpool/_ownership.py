@@ -114,9 +114,11 @@ class ThreadBound:
 def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     """``read()`` as ``obj``'s owner thread sees it, from any thread.
 
-    In the owner thread (or a forked child, which owns everything it inherited), call
-    it here. From another OS thread, have the owner's hub run it in a greenlet of its
-    own (started by ``loop.run_callback_threadsafe``; ``read`` may pace itself with
+    In the owner thread call it here; in a forked child, which owns everything it
+    inherited, first start ``obj`` fresh (``_check_owner``: the parent's connections
+    are not the child's), then call it. From another OS thread, have the owner's hub
+    run it in a greenlet of its own (started by ``loop.run_callback_threadsafe``;
+    ``read`` may pace itself with
     short pauses, as a big ``manager.stats()`` does) and wait up to
     ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the caller's hub:
     this thread may have none). If the hub does not answer in time (the owner thread
@@ -125,7 +127,10 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     ``RuntimeError`` from a dict changed mid-iteration is retried twice. Exceptions of
     ``read`` are raised to the caller. In the owner thread ``read`` runs as it is.
     """
-    if get_ident() == obj._thread_id or obj._fork_gen != _fork_generation:
+    if obj._fork_gen != _fork_generation:  # a forked child: start fresh, as any use does
+        obj._check_owner()
+        return read()
+    if get_ident() == obj._thread_id:
         return read()
     done = _allocate_lock()
     done.acquire()

@@ -1413,8 +1413,11 @@ class Pool(ThreadBound):
         return min(self._auto_target(), len(self._busy) + self._handed + self._max_idle)
 
     def is_ready(self) -> bool:
-        """``min_idle`` connections are open now (what ``wait_ready`` waits for). Never
-        yields."""
+        """``min_idle`` connections are open now (what ``wait_ready`` waits for); False
+        in a forked child not yet started fresh (what it holds is the parent's) or in
+        another OS thread. Never yields."""
+        if get_ident() != self._thread_id:  # -1 after a fork until started fresh
+            return False
         return len(self._idle) + len(self._busy) >= self._ready_target()
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -1524,6 +1527,8 @@ class Pool(ThreadBound):
 
     def _stats(self) -> ServerStats:
         """``stats()`` in the owner thread. Never yields."""
+        if self._fork_gen != _ownership._fork_generation:  # a forked child's first look
+            self._check_owner()  # starts fresh: the parent's connections are not ours
         # one dict in ServerStats' field order, made its __dict__ (_server_stats): the
         # dataclass __init__ would cost several times more, 1,000 times per scrape
         breaker = self.breaker

@@ -102,6 +102,41 @@ def run_in_child(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
+@pytest.mark.parametrize("first", ["wait_ready", "stats"])
+def test_a_forked_childs_first_wait_ready_or_stats_starts_it_fresh(
+    process_echo_servers: list[ProcessEchoServer],
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+    first: str,
+) -> None:
+    """gunicorn's preload pattern: the parent warms its pools, forks; the child's
+    ``wait_ready`` warms the child's own pools (not counting the parent's copies), and
+    a ``stats()`` before anything else shows the child's pools, not the parent's."""
+    a, _, _ = process_echo_servers
+    manager = make_manager(config([a.address], min_idle=2))
+    manager.wait_ready(timeout=5)
+    parent_ports = {conn.sock.getsockname()[1] for conn in manager.backends["svc"].pools[0]._idle}
+    assert len(parent_ports) == 2
+
+    def child() -> dict[str, Any]:
+        if first == "stats":
+            s = manager.stats().backends["svc"].servers[a.address]
+            seen = {"size": s.size, "idle": s.idle}
+        manager.wait_ready(timeout=5)
+        pool = manager.backends["svc"].pools[0]
+        ports = sorted(conn.sock.getsockname()[1] for conn in pool._idle)
+        report = {"ports": ports}
+        if first == "stats":
+            report.update(seen)
+        return report
+
+    result = run_in_child(child)
+    assert len(result["ports"]) == 2 and not set(result["ports"]) & parent_ports, result
+    if first == "stats":  # the child's own pool, before it dialed anything
+        assert (result["size"], result["idle"]) == (0, 0), result
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
 @pytest.mark.parametrize("min_idle", [0, 2], ids=["no_upkeep_refill", "upkeep_refills"])
 def test_fork_child_never_uses_parent_connections(
     process_echo_servers: list[ProcessEchoServer],
