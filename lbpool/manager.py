@@ -1013,9 +1013,10 @@ class PoolManager(ThreadBound):
         return read_from_any_thread(self, self._stats)
 
     def _stats(self) -> ManagerStats:
-        """``stats()`` in the owner thread: in slices when the fleet is big and the
-        caller may yield, else in one go."""
-        if self._pool_count() > _SNAPSHOT_SLICE_POOLS:
+        """``stats()``: in slices when the fleet is big and the caller, in the owner
+        thread, may yield; else in one go (the hub itself, or a scrape thread reading
+        directly after the owner's hub did not answer)."""
+        if self._pool_count() > _SNAPSHOT_SLICE_POOLS and get_ident() == self._thread_id:
             for _ in range(_SNAPSHOT_ATTEMPTS):
                 pause = Pacer(slice_seconds=_SNAPSHOT_SLICE_SECONDS)
                 if not pause.pauses:  # in the hub itself: one go

@@ -11,6 +11,7 @@ The tests are not monkey-patched: ``threading.Thread`` is a real OS thread here.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ import pytest
 from gevent import socket as gsocket
 
 from lbpool import PoolManager
+from tests.support.leaks import fd_count, settle
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -208,3 +210,42 @@ def test_stats_from_another_thread_while_the_owner_blocks_falls_back(
     assert not t.is_alive()
     assert out[0].to_dict() == manager.stats().to_dict()
     gevent.sleep(0.01)  # the abandoned callback runs now and does nothing
+
+
+def test_reads_from_threads_without_a_hub_make_none(
+    make_manager: Callable[..., PoolManager],
+    addresses: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_fd_leak: None,
+) -> None:
+    """A big snapshot read directly from a scrape thread (the owner's hub did not
+    answer) and a big snapshot's ``to_dict`` in a plain thread are not paced: pacing
+    there would make that thread a gevent hub and loop that nothing ever closes (two
+    descriptors per scrape, as ``start_http_server`` runs each scrape in a new thread)."""
+    import lbpool._ownership
+    import lbpool.manager
+    import lbpool.stats
+
+    monkeypatch.setattr(lbpool._ownership, "OWNER_HUB_WAIT", 0.05)
+    for module, prefix in ((lbpool.manager, "_"), (lbpool.stats, "")):
+        # every fleet is big, and every server ends a slice: a pause wherever one may be
+        monkeypatch.setattr(module, f"{prefix}SNAPSHOT_SLICE_POOLS", 2)
+        monkeypatch.setattr(module, f"{prefix}SNAPSHOT_SLICE_SECONDS", 0.0)
+    manager = make_manager(configs(addresses)[1])
+    snapshot = manager.stats()
+    expected = snapshot.to_dict()
+    out: list[Any] = []
+    gc.collect()
+    before = fd_count()  # here, not no_fd_leak's: the fixtures' sockets would hide a leak
+    for _ in range(3):
+        out.clear()
+        t = threading.Thread(target=lambda: out.append(manager.stats().to_dict()))
+        t.start()
+        t.join(10)  # blocks this thread's hub: the reader falls back to a direct read
+        assert not t.is_alive() and out == [expected]
+        t = threading.Thread(target=lambda: out.append(snapshot.to_dict()))
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and out[1] == expected
+        gevent.sleep(0.01)  # the abandoned callbacks run now and do nothing
+    assert settle(lambda: fd_count() <= before), (before, fd_count())
