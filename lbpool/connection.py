@@ -295,9 +295,10 @@ class PooledConnection:
         changes nothing but its timeout, so the return restores the timeout and skips
         re-setting ``TCP_NODELAY`` (a ``setsockopt`` system call per borrow)."""
         conn = self._live()
-        if value is not None or conn.dirty:  # else it is None already: a borrow starts clean
-            conn.sock.settimeout(value)
-            conn.dirty |= TIMEOUT_CHANGED
+        conn.sock.settimeout(value)
+        # marked even for None: the adapter may change the timeout on the socket later
+        # (redis-py's maintenance handler relaxes it directly), and the return restores it
+        conn.dirty |= TIMEOUT_CHANGED
         return conn.sock
 
     # -- giving it back -----------------------------------------------------------
