@@ -374,25 +374,15 @@ class Connection(redis.connection.Connection):
 
     def connect(self) -> None:
         """Borrow a lease unless this connection holds one; redis-py's pools call this
-        on every ``get_connection``. What redis-py's ``connect()`` does, through its
-        retry (``retry=`` in the pool's kwargs: a failed acquisition is retried, with
-        ``disconnect(error)`` between tries), without the closures it builds per call."""
+        on every ``get_connection``. What redis-py's ``connect()`` does: the socket (here
+        a lease) through its retry (``retry=`` in the pool's kwargs: a failed
+        acquisition is retried, with ``disconnect(error)`` between tries), then, once,
+        the parser (``on_connect``, or the client's ``redis_connect_func``) and the
+        connect callbacks (pubsub's resubscribe); without the closures it builds per
+        call."""
         if self._sock:
             return
-        self.retry.call_with_retry(self._lease_up, self.disconnect)
-
-    def _lease_up(self) -> None:
-        """One try of ``connect()``: what redis-py's ``connect_check_health`` does --
-        take a socket (``_connect``: a lease), attach the parser (``on_connect``, or the
-        client's ``redis_connect_func``), run the connect callbacks (pubsub's
-        resubscribe)."""
-        try:
-            sock = self._connect()
-        except TimeoutError as exc:  # socket.timeout: as redis-py maps its dial's errors
-            raise RedisTimeoutError("Timeout connecting to server") from exc
-        except OSError as exc:
-            raise RedisConnectionError(self._error_message(exc)) from exc
-        self._sock = sock
+        self._sock = self.retry.call_with_retry(self._lease_socket, self.disconnect)
         try:
             if self.redis_connect_func is None:
                 self._attach_parser()
@@ -408,6 +398,16 @@ class Connection(redis.connection.Connection):
                 callback = ref()
                 if callback:
                     callback(self)
+
+    def _lease_socket(self) -> Any:
+        """One try of the retried part of ``connect()``: a lease's socket, lbpool's
+        errors said as redis-py says its dial's."""
+        try:
+            return self._connect()
+        except TimeoutError as exc:  # socket.timeout: as redis-py maps its dial's errors
+            raise RedisTimeoutError("Timeout connecting to server") from exc
+        except OSError as exc:
+            raise RedisConnectionError(self._error_message(exc)) from exc
 
     def _stale_lease(self, sock: Any) -> tuple[bool, OSError | None]:
         """``_stale(sock)``, answered by a zero-timeout ``poll`` of the socket when it

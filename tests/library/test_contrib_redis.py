@@ -468,6 +468,31 @@ def test_a_timeout_the_redis_side_changes_never_reaches_the_next_borrower(
         assert lease.sock.gettimeout() is None
 
 
+def test_a_failing_connect_hook_is_not_retried_as_a_dial_is(
+    redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
+) -> None:
+    """As in redis-py, ``retry=`` covers getting the socket (here a lease), not what
+    runs on it once connected: a ``redis_connect_func`` that fails with a connection
+    error runs once, not once per retry, and the lease goes back."""
+    server = redis_servers.start()
+    manager = make_manager(_config(server.address, [server.address], min_idle=0))
+    pool = ConnectionPool(manager, "primary", retry=Retry(NoBackoff(), 3))
+    calls = []
+
+    def refuse(conn: Any) -> None:
+        calls.append(conn)
+        raise redis.ConnectionError("handshake refused")
+
+    conn = pool.make_connection()
+    conn.redis_connect_func = refuse
+    with pytest.raises(redis.ConnectionError):
+        conn.connect()
+    assert len(calls) == 1
+    assert conn.lease is None
+    stats = manager.stats().backends["primary"].servers[server.address]
+    assert stats.in_use == 0
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
 def test_a_forked_child_starts_its_pool_afresh(
     redis_servers: RedisServers, make_manager: Callable[..., PoolManager]
