@@ -122,6 +122,28 @@ def test_snapshots_at_1000_servers_keep_the_hub_running(
     assert len(sizes.samples) == SERVERS
 
 
+def turns_during(work: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``work`` in a greenlet: how many turns a ticker greenlet got meanwhile, and
+    what ``work`` returned."""
+    turns = [0]
+    stop = False
+
+    def tick() -> None:
+        while not stop:
+            gevent.sleep(0)
+            turns[0] += 1
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0)
+    before = turns[0]
+    try:
+        value = gevent.spawn(work).get(timeout=30)
+    finally:
+        stop = True
+        ticker.get(timeout=5)
+    return turns[0] - before, value
+
+
 @pytest.fixture
 def sliced(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every fleet is "big" and every server ends a slice: each snapshot pauses at
@@ -140,21 +162,7 @@ def test_a_big_snapshot_lets_other_greenlets_run(
     manager = make_manager(
         {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": fleet[:50]}}}
     )
-    turns = [0]
-    stop = False
-
-    def tick() -> None:
-        while not stop:
-            gevent.sleep(0)
-            turns[0] += 1
-
-    ticker = gevent.spawn(tick)
-    gevent.sleep(0)
-    before = turns[0]
-    stats = gevent.spawn(manager.stats).get(timeout=30)
-    during = turns[0] - before
-    stop = True
-    ticker.get(timeout=5)
+    during, stats = turns_during(manager.stats)
     assert during >= 10, during  # one pause per server: the ticker ran between them
     assert len(stats.servers()) == 50
     assert all(s.size == s.idle + s.in_use + s.pending for s in stats.servers())
@@ -224,20 +232,6 @@ def test_a_big_to_dict_lets_other_greenlets_run_and_gives_the_same_data(
     whole = stats.to_dict()  # 50 servers: one go
     monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 2)
     monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_SECONDS", 0.0)
-    turns = [0]
-    stop = False
-
-    def tick() -> None:
-        while not stop:
-            gevent.sleep(0)
-            turns[0] += 1
-
-    ticker = gevent.spawn(tick)
-    gevent.sleep(0)
-    before = turns[0]
-    sliced = gevent.spawn(stats.to_dict).get(timeout=30)
-    during = turns[0] - before
-    stop = True
-    ticker.get(timeout=5)
+    during, sliced = turns_during(stats.to_dict)
     assert during >= 10, during
     assert sliced == whole
