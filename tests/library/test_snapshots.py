@@ -14,11 +14,11 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
-from gevent import socket as gsocket
 
 from lbpool import PoolManager
 from lbpool.stats import _SERVER_FIELDS, ServerStats
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.net import listening_addresses
 
 SERVERS = 1000
 
@@ -59,17 +59,8 @@ def test_pool_stats_is_a_plain_server_stats(
 @pytest.fixture
 def fleet() -> Iterator[list[str]]:
     """1,000 listening loopback sockets (min_idle 0: nothing dials them)."""
-    socks = []
-    try:
-        for _ in range(SERVERS):
-            s = gsocket.socket()
-            s.bind(("127.0.0.1", 0))
-            s.listen(1)
-            socks.append(s)
-        yield [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    with listening_addresses(SERVERS) as addresses:
+        yield addresses
 
 
 def longest_gap(work: Callable[[], object]) -> float:

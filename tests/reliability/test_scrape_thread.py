@@ -20,10 +20,10 @@ from typing import Any
 
 import gevent
 import pytest
-from gevent import socket as gsocket
 
 from lbpool import PoolManager
 from tests.support.leaks import fd_count, settle
+from tests.support.net import listening_addresses
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -40,17 +40,8 @@ RELOAD_SECONDS = 12.0  # ... and in time
 @pytest.fixture
 def addresses() -> Iterator[list[str]]:
     """Listening loopback sockets (nothing dials them: min_idle 0, no traffic)."""
-    socks = []
-    try:
-        for _ in range(3 * PER_BACKEND):
-            s = gsocket.socket()
-            s.bind(("127.0.0.1", 0))
-            s.listen(1)
-            socks.append(s)
-        yield [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    with listening_addresses(3 * PER_BACKEND) as addresses:
+        yield addresses
 
 
 def configs(addresses: list[str]) -> list[dict[str, Any]]:

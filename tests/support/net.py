@@ -99,3 +99,20 @@ def _client_closed(sock: Any) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK) == b"")
     except (OSError, ValueError):
         return True  # reset, or closed on our side
+
+
+@contextlib.contextmanager
+def listening_addresses(count: int) -> Iterator[list[str]]:
+    """``count`` listening loopback sockets as ``host:port`` (a fleet nobody needs to
+    talk to: with ``min_idle`` 0 nothing dials them); closed on exit."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = gsocket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            socks.append(s)
+        yield [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
