@@ -101,6 +101,9 @@ _MAX_ADHOC_ALIASES = 4096
 _SNAPSHOT_SLICE_POOLS = SNAPSHOT_SLICE_POOLS
 _SNAPSHOT_SLICE_SECONDS = SNAPSHOT_SLICE_SECONDS
 _SNAPSHOT_ATTEMPTS = 3
+# breaker listeners running now (they run inside a pool's step, which must not yield:
+# a snapshot taken from one is not sliced)
+_in_listener = 0
 _DRAIN_TIMEOUT = 300.0  # a removed server's in-use connections get this long to come back
 
 
@@ -258,11 +261,16 @@ class Backend:
             for pool in self.pools:  # a recovered server warms up again
                 if pool.breaker is breaker:
                     self._warming[pool] = _monotonic()
-        for listener in list(self._listeners):
-            try:
-                listener("" if self.adhoc else self.name, breaker.name, old, new)
-            except Exception:
-                _log.exception("breaker listener failed")
+        global _in_listener
+        _in_listener += 1  # called from inside a pool's step: stats() there must not yield
+        try:
+            for listener in list(self._listeners):
+                try:
+                    listener("" if self.adhoc else self.name, breaker.name, old, new)
+                except Exception:
+                    _log.exception("breaker listener failed")
+        finally:
+            _in_listener -= 1
 
     def _fresh_pools(self, config: BackendConfig, pause: Pacer) -> dict[str, Pool]:
         """The pools ``_apply(config)`` will add, made ahead of it, with a ``pause`` after
@@ -1014,9 +1022,13 @@ class PoolManager(ThreadBound):
 
     def _stats(self) -> ManagerStats:
         """``stats()``: in slices when the fleet is big and the caller, in the owner
-        thread, may yield; else in one go (the hub itself, or a scrape thread reading
-        directly after the owner's hub did not answer)."""
-        if self._pool_count() > _SNAPSHOT_SLICE_POOLS and get_ident() == self._thread_id:
+        thread, may yield; else in one go (the hub itself, a breaker listener, or a
+        scrape thread reading directly after the owner's hub did not answer)."""
+        if (
+            self._pool_count() > _SNAPSHOT_SLICE_POOLS
+            and get_ident() == self._thread_id
+            and not _in_listener
+        ):
             for _ in range(_SNAPSHOT_ATTEMPTS):
                 pause = Pacer(slice_seconds=_SNAPSHOT_SLICE_SECONDS)
                 if not pause.pauses:  # in the hub itself: one go

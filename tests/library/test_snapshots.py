@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +16,7 @@ import gevent
 import gevent.event
 import pytest
 
-from lbpool import PoolManager
+from lbpool import LbpoolError, PoolManager
 from lbpool.stats import _SERVER_FIELDS, ServerStats
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.net import listening_addresses
@@ -226,3 +227,32 @@ def test_a_big_to_dict_lets_other_greenlets_run_and_gives_the_same_data(
     during, sliced = turns_during(stats.to_dict)
     assert during >= 10, during
     assert sliced == whole
+
+
+def test_a_breaker_listener_taking_a_big_snapshot_does_not_yield(
+    make_manager: Callable[..., PoolManager], fleet: list[str], sliced: None
+) -> None:
+    """A listener runs inside a pool's step (here a failed dial's), which must not
+    yield: a snapshot it takes is taken in one go, however big the fleet."""
+    with socket.socket() as probe:  # a port nothing listens on: the dial is refused
+        probe.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{probe.getsockname()[1]}"
+    manager = make_manager(
+        {
+            "defaults": {"pool": {"min_idle": 0}, "breaker": {"failure_threshold": 1}},
+            "backends": {"b": {"servers": fleet[:39]}, "down": {"servers": [refused]}},
+        }
+    )
+    other_ran: list[bool] = []
+    seen: list[tuple[bool, int]] = []
+
+    def listener(backend: str, server: str, old: str, new: str) -> None:
+        other = gevent.spawn(other_ran.append, True)  # runs only if the listener yields
+        snapshot = manager.stats()
+        seen.append((bool(other_ran), len(snapshot.servers())))
+        other.join(timeout=5)
+
+    manager.add_breaker_listener(listener)
+    with pytest.raises(LbpoolError):
+        manager.acquire("down", timeout=5)
+    assert seen and seen[0] == (False, 40), seen
