@@ -9,9 +9,10 @@ the common path makes no system call.
 The hub loop's cached time (``loop.now()``) is the time of its last poll: libev's
 ``ev_now`` follows the wall clock (which one is found once, by comparing clocks with
 the loop's time). A poll's watchers run one after another, so a greenlet woken by a
-poll may borrow before the idle watcher that the same poll fired has run: while
-libev's ``pendingcnt`` says watchers are still waiting, nothing is vouched for. A loop
-without that count (libuv) vouches for nothing: every long rest is peeked.
+poll may borrow before the idle watcher that the same poll fired has run: the borrow
+also asks that watcher whether it is ``pending`` (libev). A loop that is not libev
+(libuv: its watchers have no ``pending``) vouches for nothing: every long rest is
+peeked.
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ WATCH_LAG = 0.001
 _MATCH = 60.0  # seconds: a clock this close to the loop's time is the one it follows
 
 
-_INF = float("inf")
-
-
 def _always() -> float:
-    return _INF
+    return float("inf")
 
 
 _last: tuple[Any, Callable[[], float]] | None = None  # the last loop asked for, its lag
@@ -40,10 +38,10 @@ _last: tuple[Any, Callable[[], float]] | None = None  # the last loop asked for,
 
 def hub_lag(loop: Any) -> Callable[[], float]:
     """A function returning the seconds since ``loop`` (a gevent hub's loop) last
-    polled and ran every watcher that poll fired; ``inf`` while some have not run, and
-    always ``inf`` (so every long rest is peeked) for a loop without ``pendingcnt`` or
-    ``now()``, or whose clock matches neither the wall clock nor the monotonic one. The
-    last loop's function is kept: a fleet's pools share their hub's."""
+    polled; always ``inf`` (so every long rest is peeked) for a loop that is not
+    libev's (no ``pendingcnt``; its watchers have no ``pending``) or has no ``now()``,
+    or whose clock matches neither the wall clock nor the monotonic one. The last
+    loop's function is kept: a fleet's pools share their hub's."""
     global _last
     last = _last
     if last is not None and last[0] is loop:
@@ -60,7 +58,9 @@ def _find_lag(loop: Any) -> Callable[[], float]:
         seen = float(now())
     except Exception:  # an unusual loop: peek after every long rest, never fail here
         return _always
-    if not isinstance(getattr(loop, "pendingcnt", None), int):  # libuv: no such count
+    if not isinstance(getattr(loop, "pendingcnt", None), int):
+        # not libev (libuv): its watchers have no ``pending`` to ask, so every long
+        # rest is peeked
         return _always
     for clock in (time.time, time.monotonic):
         if abs(clock() - seen) < _MATCH:
@@ -72,10 +72,6 @@ def _lag(clock: Callable[[], float], loop: Any) -> Callable[[], float]:
     loop_now = loop.now
 
     def lag() -> float:
-        # watchers of the last poll still waiting to run (the borrower may be one that
-        # poll woke first): the connection's may be among them, so nothing is vouched
-        if loop.pendingcnt:
-            return _INF
         return clock() - float(loop_now())
 
     return lag

@@ -377,13 +377,15 @@ class Pool(ThreadBound):
         deadline = 0.0  # made on the first borrow check (the uncontended path needs none)
         while idle:
             conn = idle.pop()
-            conn.watcher.stop()  # off the idle stack: no longer watched (_rest starts it)
+            watcher = conn.watcher  # active while it rested; stopped below on every path
             now = _monotonic()
             if now >= conn.expires_at:
+                watcher.stop()
                 self._retire(conn, "lifetime")
                 continue
             rested = now - conn.checked_at  # since its last check or return
             if rested >= self._check_after:
+                watcher.stop()  # off the idle stack: its check reads the socket
                 if not deadline:
                     deadline = now + (self._acquire_timeout if timeout is None else timeout)
                 elif now >= deadline:
@@ -396,12 +398,17 @@ class Pool(ThreadBound):
                     raise PoolClosed(
                         f"{self.name}: pool closed during a borrow check", self.name, self.backend
                     )
-            elif (
-                rested > WATCH_LAG and self._hub_lag() > WATCH_LAG and not peek_alive(conn.sock)
-            ):  # stirred while code held the hub, so its watcher could not run yet
-                _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
-                self._retire(conn, "unhealthy")
-                continue
+            elif rested > WATCH_LAG and (self._hub_lag() > WATCH_LAG or watcher.pending):
+                # its watcher cannot vouch for it: code held the hub (no poll lately), or
+                # the last poll saw bytes or EOF and woke this borrower before the
+                # watcher's callback ran (libev runs a poll's watchers one by one)
+                watcher.stop()
+                if not peek_alive(conn.sock):
+                    _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
+                    self._retire(conn, "unhealthy")
+                    continue
+            else:
+                watcher.stop()  # off the idle stack: no longer watched (_rest starts it)
             self._hits += 1
             conn.uses += 1  # _lend, inlined (bench A); test_fast_acquire_matches_lend
             handle = PooledConnection(self, conn, now)
