@@ -10,11 +10,11 @@ every bound object's thread id, so a forked child's first use goes down
 refused with an ``LbpoolError``.
 
 Reads from another OS thread (a metrics scrape served by ``start_http_server``'s
-thread) go through ``read_from_any_thread``: the owner's hub runs the read, as a
-callback, so it never interleaves with the owner's own work (a reload's switch, an
-acquisition half done).
+thread) go through ``read_from_any_thread``: the owner's hub runs the read in a
+greenlet of its own, so it never interleaves with a step of the owner's own work (a
+reload's switch, an acquisition half done).
 
-Imports only ``lbpool.errors``. Nothing here yields.
+Imports only ``lbpool.errors``. Nothing here yields but the reads it is given.
 """
 
 from __future__ import annotations
@@ -118,10 +118,9 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     inherited, first start ``obj`` fresh (``_check_owner``: the parent's connections
     are not the child's), then call it. From another OS thread, have the owner's hub
     run it in a greenlet of its own (started by ``loop.run_callback_threadsafe``;
-    ``read`` may pace itself with
-    short pauses, as a big ``manager.stats()`` does) and wait up to
-    ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the caller's hub:
-    this thread may have none). If the hub does not answer in time (the owner thread
+    ``read`` may pace itself with short pauses, as a big ``manager.stats()`` does) and
+    wait up to ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the
+    caller's hub: this thread may have none). If the hub does not answer in time (the owner thread
     blocked outside gevent, or gone), ``read`` is called here after all, as before:
     then it is only as consistent as a read racing the owner can be, and a
     ``RuntimeError`` from a dict changed mid-iteration is retried twice. Exceptions of

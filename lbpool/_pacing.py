@@ -9,8 +9,8 @@ between a 1 ms ticker's wake-ups, ring_hash 240 ms; a timed pause leaves about a
 
 A pacer never pauses in the hub itself (a hub callback may not block) nor in a thread
 that has no hub (it never makes one), and, made with ``pauses=False``, never at all:
-its caller then promised not to yield. Work shorter than
-a slice never pauses, so a small reload stays one step.
+its caller then promised not to yield. Work shorter than a slice never pauses, so a
+small reload stays one step.
 
 Imports nothing from lbpool. ``__call__`` may yield (see above).
 """
@@ -50,7 +50,8 @@ class Pacer:
 
     @property
     def pauses(self) -> bool:
-        """Whether this pacer ever pauses (False in the hub, or made with ``pauses=False``)."""
+        """Whether this pacer ever pauses (False in the hub, in a thread without one, or
+        made with ``pauses=False``)."""
         return self._pauses
 
     def __call__(self) -> bool:
