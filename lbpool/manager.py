@@ -49,6 +49,7 @@ import gevent
 from gevent.event import Event
 
 from lbpool import _ownership
+from lbpool import stats as _stats_config  # SNAPSHOT_SLICE_*: read at each snapshot
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
 from lbpool._ownership import ThreadBound, get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
@@ -75,14 +76,7 @@ from lbpool.errors import (
 from lbpool.hashing import Key
 from lbpool.pool import Pool
 from lbpool.retry import RetryBudget
-from lbpool.stats import (
-    SNAPSHOT_SLICE_POOLS,
-    SNAPSHOT_SLICE_SECONDS,
-    BackendStats,
-    DiscoveryStats,
-    ManagerStats,
-    ServerStats,
-)
+from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
 from lbpool.subset import subset
 
 _log = logging.getLogger("lbpool")
@@ -96,10 +90,8 @@ BreakerChange = Callable[[str, str, str, str], None]
 _NOTHING: frozenset[int] = frozenset()
 _NO_ERRORS: Mapping[Pool, BaseException] = {}
 _MAX_ADHOC_ALIASES = 4096
-# stats(): a fleet above this many pools is snapshotted in slices of about this much
-# hub time, starting over (at most this many tries) if a reload lands in a pause
-_SNAPSHOT_SLICE_POOLS = SNAPSHOT_SLICE_POOLS
-_SNAPSHOT_SLICE_SECONDS = SNAPSHOT_SLICE_SECONDS
+# stats(): a sliced snapshot starts over at most this many times if a reload lands in
+# a pause (the slicing itself: lbpool.stats.SNAPSHOT_SLICE_POOLS / _SECONDS)
 _SNAPSHOT_ATTEMPTS = 3
 # breaker listeners running now (they run inside a pool's step, which must not yield:
 # a snapshot taken from one is not sliced)
@@ -1009,12 +1001,12 @@ class PoolManager(ThreadBound):
         a mix across a reload or a discovery answer) and each server's numbers are
         taken in one step, so they agree (``size == idle + in_use + pending``).
 
-        Up to ``_SNAPSHOT_SLICE_POOLS`` pools it is taken in one go and never yields.
-        A bigger fleet's snapshot, taken from a greenlet, yields to the hub about every
-        ``_SNAPSHOT_SLICE_SECONDS`` (2 ms) so no caller stalls behind it; if the
-        membership changed meanwhile it starts over (twice at most, then one go).
-        Servers then are read at slightly different instants, as any Prometheus
-        scrape's series are. From another OS thread (a metrics scrape thread), the
+        Up to ``lbpool.stats.SNAPSHOT_SLICE_POOLS`` (200) pools it is taken in one go
+        and never yields. A bigger fleet's snapshot, taken from a greenlet, yields to
+        the hub about every ``SNAPSHOT_SLICE_SECONDS`` (2 ms) so no caller stalls
+        behind it; if the membership changed meanwhile it starts over (twice at most,
+        then one go). Servers then are read at slightly different instants, as any
+        Prometheus scrape's series are. From another OS thread (a metrics scrape thread), the
         manager's own hub takes it, in a greenlet of its own, never in the middle of a
         reload's switch (``read_from_any_thread``: the owner thread must run its hub
         within 2 s, or the snapshot is read directly)."""
@@ -1025,12 +1017,12 @@ class PoolManager(ThreadBound):
         thread, may yield; else in one go (the hub itself, a breaker listener, or a
         scrape thread reading directly after the owner's hub did not answer)."""
         if (
-            self._pool_count() > _SNAPSHOT_SLICE_POOLS
+            self._pool_count() > _stats_config.SNAPSHOT_SLICE_POOLS
             and get_ident() == self._thread_id
             and not _in_listener
         ):
             for _ in range(_SNAPSHOT_ATTEMPTS):
-                pause = Pacer(slice_seconds=_SNAPSHOT_SLICE_SECONDS)
+                pause = Pacer(slice_seconds=_stats_config.SNAPSHOT_SLICE_SECONDS)
                 if not pause.pauses:  # in the hub itself: one go
                     break
                 snapshot = self._stats_in_slices(pause)

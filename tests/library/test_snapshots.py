@@ -140,10 +140,10 @@ def turns_during(work: Callable[[], Any]) -> tuple[int, Any]:
 def sliced(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every fleet is "big" and every server ends a slice: each snapshot pauses at
     every server, so a test sees slicing whatever the machine's speed."""
-    import lbpool.manager
+    import lbpool.stats
 
-    monkeypatch.setattr(lbpool.manager, "_SNAPSHOT_SLICE_POOLS", 2)
-    monkeypatch.setattr(lbpool.manager, "_SNAPSHOT_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 2)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_SECONDS", 0.0)
 
 
 def test_a_big_snapshot_lets_other_greenlets_run(

@@ -214,14 +214,12 @@ def test_reads_from_threads_without_a_hub_make_none(
     there would make that thread a gevent hub and loop that nothing ever closes (two
     descriptors per scrape, as ``start_http_server`` runs each scrape in a new thread)."""
     import lbpool._ownership
-    import lbpool.manager
     import lbpool.stats
 
     monkeypatch.setattr(lbpool._ownership, "OWNER_HUB_WAIT", 0.05)
-    for module, prefix in ((lbpool.manager, "_"), (lbpool.stats, "")):
-        # every fleet is big, and every server ends a slice: a pause wherever one may be
-        monkeypatch.setattr(module, f"{prefix}SNAPSHOT_SLICE_POOLS", 2)
-        monkeypatch.setattr(module, f"{prefix}SNAPSHOT_SLICE_SECONDS", 0.0)
+    # every fleet is big, and every server ends a slice: a pause wherever one may be
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 2)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_SECONDS", 0.0)
     manager = make_manager(configs(addresses)[1])
     snapshot = manager.stats()
     expected = snapshot.to_dict()
