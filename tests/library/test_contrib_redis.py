@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import gevent
-import gevent.os
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -22,7 +21,7 @@ from redis.retry import Retry
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.contrib.redis import ConnectionPool, handshake
 from lbpool.testing import FaultProxy
-from tests.support.procs import reap_child
+from tests.support.procs import read_child_report
 from tests.support.redis_server import RedisServer, RedisServers, needs_redis_server
 
 pytestmark = [pytest.mark.redis, needs_redis_server]
@@ -525,16 +524,7 @@ def test_a_forked_child_starts_its_pool_afresh(
             os.write(w, report)
             os._exit(0)
     os.close(w)
-    gevent.os.make_nonblocking(r)
-    result = b""
-    with gevent.Timeout(15):  # read without blocking the hub
-        while len(result) < 2:
-            chunk = gevent.os.nb_read(r, 2)
-            if not chunk:
-                break
-            result += chunk
-    os.close(r)
-    reap_child(pid)
+    result = read_child_report(r, pid, 15, size=2)
     assert result == b"\x00\x01", result
     assert held in pool._in_use_connections  # the parent's pool is as it was
     assert held.lease.sock.getsockname()[1] == parent_port

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from time import monotonic
 
 import gevent
-import gevent.os
 import pytest
 from gevent.event import Event
 
@@ -31,7 +30,7 @@ from lbpool.connection import PooledConnection, _Conn
 from lbpool.testing import EchoServer
 from tests.support.interrupt import throw_now
 from tests.support.leaks import settle
-from tests.support.procs import ProcessEchoServer, reap_child
+from tests.support.procs import ProcessEchoServer, read_child_report
 
 
 def make_pool(server: EchoServer | ProcessEchoServer, **pool_kw: object) -> Pool:
@@ -530,16 +529,7 @@ def test_fork_child_never_uses_parent_connection(
             os.write(w, report)
             os._exit(0)
     os.close(w)
-    gevent.os.make_nonblocking(r)
-    result = b""
-    with gevent.Timeout(10):  # read without blocking the hub
-        while len(result) < 3:
-            chunk = gevent.os.nb_read(r, 3)
-            if not chunk:
-                break
-            result += chunk
-    os.close(r)
-    reap_child(pid)
+    result = read_child_report(r, pid, 10, size=3)
     assert result[:1] == b"\x00", result
     child_port = int.from_bytes(result[1:3], "big")
     assert child_port not in parent_ports  # the child dialed its own connection

@@ -94,3 +94,24 @@ def reap_child(pid: int) -> int | None:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:
         return None
+
+
+def read_child_report(r: int, pid: int, timeout: float, size: int | None = None) -> bytes:
+    """What a forked child wrote to the pipe ``r`` (its read end; closed here), read
+    without blocking the hub until EOF or ``size`` bytes, bounded by ``timeout``; then
+    the child is reaped (``reap_child``)."""
+    import gevent.os
+
+    gevent.os.make_nonblocking(r)
+    data = b""
+    try:
+        with gevent.Timeout(timeout):
+            while size is None or len(data) < size:
+                chunk = gevent.os.nb_read(r, 65536 if size is None else size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(r)
+        reap_child(pid)
+    return data
