@@ -344,15 +344,33 @@ class Recorder:
         return True
 
 
-def runner(server: DNSServer, recorder: Recorder, **kwargs: float) -> Discovery:
+def runner(
+    server: DNSServer, recorder: Recorder, target: Target | None = None, **kwargs: float
+) -> Discovery:
     return Discovery(
-        parse_target(dns="web.test:80"),
+        parse_target(dns="web.test:80") if target is None else target,
         refresh=kwargs.get("refresh", 0.1),
         timeout=kwargs.get("timeout", 0.2),
         nameservers=parse_nameservers([server.address]),
         on_answer=recorder.on_answer,
         on_error=recorder.on_error,
     )
+
+
+def run_logged(
+    discovery: Discovery,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+    until: Callable[[], bool],
+) -> None:
+    """Run ``discovery`` with lbpool's log captured until ``until()`` (``recorder``'s
+    bounded wait), then stop it whatever happened."""
+    with caplog.at_level(logging.DEBUG, logger="lbpool"):
+        discovery.start()
+        try:
+            assert recorder.wait_for(until)
+        finally:
+            discovery.stop()
 
 
 def test_the_runner_follows_the_zone_and_keeps_the_last_good_set(
@@ -504,12 +522,7 @@ def test_an_answer_that_cannot_be_applied_is_a_failed_resolution(
 
     discovery = runner(dns_server, recorder, refresh=0.05)
     discovery.on_answer = refuse
-    with caplog.at_level(logging.DEBUG, logger="lbpool"):
-        discovery.start()
-        try:
-            assert recorder.wait_for(lambda: len(recorder.errors) >= 3)
-        finally:
-            discovery.stop()
+    run_logged(discovery, recorder, caplog, lambda: len(recorder.errors) >= 3)
     assert not discovery.answered.is_set() and discovery.attempted.is_set()
     assert discovery.servers == () and discovery.failures >= 3
     assert "could not be applied" in (discovery.last_error or "")
@@ -529,20 +542,9 @@ def test_an_unexpected_resolution_error_warns_once_per_outage(
         raise RuntimeError("a bug, not DNS")
 
     monkeypatch.setattr(lbpool.discovery, "_resolve", broken)
-    discovery = Discovery(  # every resolution raises a non-DNS error
-        Target("dns", "a.test", 80),
-        refresh=0.05,
-        timeout=0.2,
-        nameservers=parse_nameservers([dns_server.address]),
-        on_answer=recorder.on_answer,
-        on_error=recorder.on_error,
-    )
-    with caplog.at_level(logging.DEBUG, logger="lbpool"):
-        discovery.start()
-        try:
-            assert recorder.wait_for(lambda: len(recorder.errors) >= 3)
-        finally:
-            discovery.stop()
+    # every resolution raises a non-DNS error
+    discovery = runner(dns_server, recorder, Target("dns", "a.test", 80), refresh=0.05)
+    run_logged(discovery, recorder, caplog, lambda: len(recorder.errors) >= 3)
     assert "internal error" in (discovery.last_error or "")
     records = [r for r in caplog.records if r.name == "lbpool"]
     assert not [r for r in records if r.levelno >= logging.ERROR]
@@ -555,20 +557,9 @@ def test_skipped_srv_targets_warn_once(
 ) -> None:
     dns_server.zone[("_db._tcp.test", "SRV")] = ["10 1 6379 db1.test.", "10 1 0 db1.test."]
     recorder = Recorder()
-    discovery = Discovery(
-        parse_target(srv="_db._tcp.test"),
-        refresh=0.05,
-        timeout=0.5,
-        nameservers=parse_nameservers([dns_server.address]),
-        on_answer=recorder.on_answer,
-        on_error=recorder.on_error,
-    )
-    with caplog.at_level(logging.DEBUG, logger="lbpool"):
-        discovery.start()
-        try:
-            assert recorder.wait_for(lambda: len(recorder.answers) >= 3)
-        finally:
-            discovery.stop()
+    target = parse_target(srv="_db._tcp.test")
+    discovery = runner(dns_server, recorder, target, refresh=0.05, timeout=0.5)
+    run_logged(discovery, recorder, caplog, lambda: len(recorder.answers) >= 3)
     assert discovery.servers == (("10.1.0.1:6379", 1), ("[fd00::11]:6379", 1))
     assert discovery.last_error is None
     warned = [r for r in caplog.records if r.name == "lbpool" and r.levelno >= logging.WARNING]
