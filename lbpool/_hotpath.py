@@ -8,6 +8,11 @@ anything imports them) puts a finder first on ``sys.meta_path`` that answers, fo
 exactly these module names, with the ``.py`` file beside the compiled one.
 ``lbpool.testing.hot_path()`` reports which path is active, and why.
 
+An editable install (``pip install -e .``) builds the compiled modules beside their
+sources; a source edited after that build would go on running as the old compiled
+code. So a compiled module older than its ``.py`` (by more than ``STALE_AFTER``) is
+not used either: the pure sources run, with a warning naming the rebuild.
+
 Imports only the standard library; never imports mypy or anything compiled.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +36,34 @@ ENV_PURE = "LBPOOL_PURE_PYTHON"
 FORCE_PURE = os.environ.get(ENV_PURE, "") not in ("", "0")
 """The environment's choice, as read when lbpool was first imported."""
 
+STALE_AFTER = 2.0
+"""Seconds a source may be newer than its compiled module (the order an installer
+writes them in) before the compiled one counts as stale."""
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _stale() -> list[str]:
+    """The compiled modules whose ``.py`` was changed after they were built."""
+    stale = []
+    for name in COMPILED:
+        base = os.path.join(_PACKAGE_DIR, name.rpartition(".")[2])
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            try:
+                built = os.stat(base + suffix).st_mtime
+            except OSError:
+                continue
+            try:
+                if os.stat(base + ".py").st_mtime > built + STALE_AFTER:
+                    stale.append(name)
+            except OSError:
+                pass
+            break
+    return stale
+
+
+STALE = () if FORCE_PURE else tuple(_stale())
+"""The compiled modules found older than their sources when lbpool was imported."""
 
 
 class _PureFinder:
@@ -48,11 +81,19 @@ class _PureFinder:
 
 
 def install() -> None:
-    """With ``LBPOOL_PURE_PYTHON`` set, make the compiled names import as pure Python.
+    """With ``LBPOOL_PURE_PYTHON`` set, or a compiled module stale, make every compiled
+    name import as pure Python (all or none: the compiled ones share one library).
 
     Run at import (``lbpool/__init__.py`` imports this module first); idempotent."""
-    if FORCE_PURE and not any(isinstance(f, _PureFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PureFinder())
+    if not (FORCE_PURE or STALE) or any(isinstance(f, _PureFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _PureFinder())
+    if STALE:
+        logging.getLogger("lbpool").warning(
+            "lbpool: running the pure-Python %s: the compiled build is older than the "
+            "source (rebuild it: pip install -e .)",
+            ", ".join(STALE),
+        )
 
 
 install()
@@ -70,6 +111,8 @@ def hot_path() -> str:
         return "compiled"
     if FORCE_PURE:
         return f"pure ({ENV_PURE}=1)"
+    if STALE:
+        return f"pure (compiled build older than the source: {', '.join(STALE)})"
     if any(is_compiled(m) for m in modules):
         mixed = ", ".join(m.__name__ for m in modules if not is_compiled(m))
         return f"pure (partly: {mixed} not compiled)"

@@ -27,6 +27,7 @@ from lbpool.errors import ConnectionReleased, LbpoolError
 from lbpool.health import is_tls
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
     from typing_extensions import Self
 
 
@@ -216,13 +217,13 @@ class PooledConnection:
     # -- socket proxies -----------------------------------------------------------
     # (the I/O proxies read ``_conn`` inline rather than through ``_live()``: one frame
     # less on every send and receive)
-    def sendall(self, data: bytes, flags: int = 0) -> None:
+    def sendall(self, data: ReadableBuffer, flags: int = 0) -> None:
         conn = self._conn
         if conn is None:
             self._refuse()
         conn.sock.sendall(data, flags)
 
-    def send(self, data: bytes, flags: int = 0) -> int:
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
         conn = self._conn
         if conn is None:
             self._refuse()

@@ -101,3 +101,24 @@ def test_setup_compiles_exactly_the_modules_the_switch_covers() -> None:
     )
     names = tuple(p.removesuffix(".py").replace("/", ".") for p in paths)
     assert names == _hotpath.COMPILED
+
+
+def test_a_compiled_module_older_than_its_source_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable install's source edited after the build: the compiled module would
+    run the old code, so it counts as stale (and the pure source runs instead)."""
+    monkeypatch.setattr(_hotpath, "_PACKAGE_DIR", str(tmp_path))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _hotpath.COMPILED:
+        base = tmp_path / name.rpartition(".")[2]
+        Path(f"{base}.py").write_text("")
+        Path(f"{base}{suffix}").write_bytes(b"")
+        os.utime(f"{base}{suffix}", (1_000_000, 1_000_000))
+        os.utime(f"{base}.py", (1_000_001, 1_000_001))  # within STALE_AFTER: a fresh build
+    assert _hotpath._stale() == []
+    pool_py = tmp_path / "pool.py"
+    os.utime(pool_py, (1_000_000 + 60, 1_000_000 + 60))  # edited a minute after the build
+    assert _hotpath._stale() == ["lbpool.pool"]
+    pool_py.unlink()  # a wheel without sources: nothing to compare
+    assert _hotpath._stale() == []
