@@ -157,7 +157,9 @@ class PooledConnection:
     is unknown) and, for a network error, counts against the server's breaker.
     """
 
-    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "rank", "stack")
+    # no "__weakref__": the compiled (mypyc) class cannot have one, and both paths
+    # behave the same
+    __slots__ = ("_conn", "_owner", "acquired_at", "rank", "stack")
 
     stack: str | None  # where it was acquired; set only when leak detection is on
 

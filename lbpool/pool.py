@@ -137,6 +137,13 @@ class Pool(ThreadBound):
     ``min_idle: auto`` keeps as many open as the recent peak in use (``lbpool._demand``).
     """
 
+    # ThreadBound's fields, declared here too: compiled (mypyc), they are then fields of
+    # the instance's own struct; a Python base's are looked up by name, and the hot
+    # path reads ``_thread_id`` on every acquire and return
+    _thread_id: int
+    _fork_gen: int
+    _hub: Any
+
     def __init__(
         self,
         address: Address | str,
