@@ -23,8 +23,10 @@ COMPILED = ["lbpool/pool.py", "lbpool/connection.py"]
 
 
 def _fall_back(why: str) -> None:
-    first = " ".join(why.split())[:300] or "unknown error"
-    print(f"lbpool: building pure Python (hot path not compiled: {first})", file=sys.stderr)
+    why = " ".join(why.split()) or "unknown error"
+    if len(why) > 200:  # a compiler's whole command line: its start and its verdict
+        why = f"{why[:100]} ... {why[-90:]}"
+    print(f"lbpool: building pure Python (hot path not compiled: {why})", file=sys.stderr)
 
 
 def _compiled_modules() -> list[Any]:
