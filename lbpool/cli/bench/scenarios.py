@@ -24,7 +24,8 @@ over rounds, and each ratio the median of *same-round* ratios:
   greenlet's longest gap) and the operation's CPU ms (its own greenlet's run time
   over all its slices) per operation, median over rounds, with the 1,000/100 and
   1,000/10 ratios (of wall ms); and the "snapshot total": ``stats`` + ``to_dict`` +
-  ``collect`` CPU ms, summed per round. The hashing strategies' pick cost by server count is scenario H.
+  ``collect`` CPU ms, summed per round. The hashing strategies' pick cost by server
+  count is scenario H.
 
 Besides the numbers, ``observe`` measures each pool's behaviour (max connections
 held and opened against its limit, whether waiters are served in arrival order,
@@ -651,7 +652,8 @@ def scenario_s(s: Settings, verbose: bool) -> dict[str, Any]:
     total: dict[str, float] = {}
     if all(op in per[big] for op in S_SNAPSHOT_OPS):
         for n in SERVER_COUNTS:
-            sums = [sum(t) for t in zip(*(per[n][op]["cpu_ms"] for op in S_SNAPSHOT_OPS))]
+            rounds = [per[n][op]["cpu_ms"] for op in S_SNAPSHOT_OPS]
+            sums = [sum(t) for t in zip(*rounds, strict=True)]
             total[str(n)] = rounded(median(sums), 3)
     return {
         "unit": (
