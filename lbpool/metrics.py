@@ -1,8 +1,10 @@
 """Prometheus metrics for a ``PoolManager`` (the ``prometheus`` extra).
 
-A custom collector: every scrape takes one ``manager.stats()`` snapshot and exports
-each server's ``ServerStats`` with the labels ``backend`` and ``server`` (host:port
-pools that are not in the config have ``backend=""``)::
+A custom collector: every scrape takes one snapshot, as ``manager.stats()`` does (one
+config's membership, each server's numbers in one step), and exports each server's
+numbers -- what its ``ServerStats`` says, made from the pool's raw counters
+(``Pool._raw``) without building one -- with the labels ``backend`` and ``server``
+(host:port pools that are not in the config have ``backend=""``)::
 
     from prometheus_client import start_http_server
     import lbpool.metrics
@@ -42,11 +44,11 @@ Exported (``lbpool_`` prefix):
 
 Importing ``lbpool`` never imports ``prometheus_client``; importing this module does.
 A scrape only reads a snapshot, so it is safe from the metrics server's own thread:
-there ``manager.stats()`` has the manager's hub take it (a callback, run between two
-greenlet steps, so never in the middle of a reload's switch), and the samples are made
-in the scrape thread. A scrape in the manager's own thread (``make_wsgi_app`` in a
-gevent server) makes its samples in slices of about 2 ms, yielding to the hub between
-them.
+there the manager's hub takes it (``read_from_any_thread``, as for ``manager.stats()``:
+in a greenlet started by a hub callback, so never in the middle of a reload's switch),
+and the samples are made in the scrape thread. A scrape in the manager's own thread
+(``make_wsgi_app`` in a gevent server) makes its samples in slices of about 2 ms,
+yielding to the hub between them.
 """
 
 from __future__ import annotations

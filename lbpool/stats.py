@@ -7,12 +7,16 @@ and converted (``ManagerStats.to_dict``) in slices of about ``SNAPSHOT_SLICE_SEC
 of hub time when called from a greenlet, so no other greenlet stalls behind it.
 
 Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
-``ServerStats`` is made by ``_server_stats`` from a complete field dict, which becomes
-the instance's ``__dict__`` -- the frozen dataclass ``__init__`` would set its 27
-fields one ``object.__setattr__`` at a time, several times slower -- and ``to_dict``
-copies that dict instead of ``dataclasses.asdict`` (which deep-copies every value).
-The classes stay ordinary frozen dataclasses: ``ServerStats(...)``, ``fields()``,
-``replace()``, ``==`` and ``repr`` work as before.
+numbers are read in one step into one tuple (``Pool._raw``, fields ``RAW_FIELDS``);
+its ``ServerStats`` is made from that by ``_server_stats_from_raw`` as a complete
+field dict, which becomes the instance's ``__dict__`` -- the frozen dataclass
+``__init__`` would set its 27 fields one ``object.__setattr__`` at a time, several
+times slower -- and the Prometheus collector makes its samples from the tuples
+directly. ``to_dict`` copies that dict instead of ``dataclasses.asdict`` (which
+deep-copies every value). Dicts keyed by the buckets' floats are made from dict
+templates (``dict.fromkeys`` of a dict reuses the stored hashes; a float's is computed
+each time). The classes stay ordinary frozen dataclasses: ``ServerStats(...)``,
+``fields()``, ``replace()``, ``==`` and ``repr`` work as before.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 # to_dict's JSON keys of the buckets (str(le)), made once
 _LE_KEYS = {le: str(le) for le in WAIT_BUCKETS}
 _LE_STRS = tuple(_LE_KEYS.values())
+_LE_TEMPLATE = dict.fromkeys(_LE_STRS)  # dict.fromkeys(_LE_TEMPLATE, n): stored hashes
 # the buckets' keys as a dict: dict.fromkeys of a dict reuses its stored hashes (a
 # float's hash is computed each time: dict.fromkeys(WAIT_BUCKETS, n) costs 4-5x more)
 _BUCKET_KEYS = dict.fromkeys(WAIT_BUCKETS)
@@ -118,8 +123,11 @@ class ServerStats:
         data["closed"] = dict(self.closed)
         buckets = self.wait_buckets
         if tuple(buckets) == WAIT_BUCKETS:  # a pool's: keys the same floats, in order
-            # str keys keep their hashes: no float hashed again
-            data["wait_buckets"] = dict(zip(_LE_STRS, buckets.values(), strict=True))
+            counts = tuple(buckets.values())
+            if counts.count(counts[0]) == len(counts):  # never queued: one count
+                data["wait_buckets"] = dict.fromkeys(_LE_TEMPLATE, counts[0])
+            else:  # str keys keep their hashes: no float hashed again
+                data["wait_buckets"] = dict(zip(_LE_STRS, counts, strict=True))
         else:
             keys = _LE_KEYS
             data["wait_buckets"] = {
