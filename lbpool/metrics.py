@@ -48,7 +48,7 @@ there the manager's hub takes it (``read_from_any_thread``, as for ``manager.sta
 in a greenlet started by a hub callback, so never in the middle of a reload's switch),
 and the samples are made in the scrape thread. A scrape in the manager's own thread
 (``make_wsgi_app`` in a gevent server) makes its samples in slices of about 2 ms,
-yielding to the hub between them.
+with a short timed pause between them (``lbpool._pacing.Pacer``).
 """
 
 from __future__ import annotations
@@ -61,10 +61,8 @@ from itertools import cycle as _cycle
 from itertools import repeat as _repeat
 from operator import add as _add
 from operator import itemgetter
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-import gevent
 from greenlet import getcurrent
 from prometheus_client.core import (
     REGISTRY,
@@ -75,6 +73,7 @@ from prometheus_client.core import (
 from prometheus_client.samples import Sample
 
 from lbpool._ownership import get_ident
+from lbpool._pacing import Pacer
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, BackendStats, DiscoveryStats
 
 if TYPE_CHECKING:
@@ -89,8 +88,8 @@ BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 _LABELS = ["backend", "server"]
 
 # A scrape in the manager's own thread makes its samples in slices of about this long
-# (seconds of work), yielding to the hub between them, checking the clock every
-# _SLICE_SERVERS servers.
+# (seconds), pausing between them (Pacer), checking the clock every _SLICE_SERVERS
+# servers.
 _SLICE_SECONDS = 0.002
 _SLICE_SERVERS = 50
 # The histogram's ``le`` label values (repr, as HistogramMetricFamily users write them)
@@ -227,22 +226,22 @@ class LbpoolCollector:
         each pool's raw numbers (``Pool._raw``): no ``ServerStats`` is made.
 
         Called in the manager's own thread (an in-hub scrape), the snapshot is taken,
-        then its samples are made in slices of about ``_SLICE_SECONDS`` of work,
-        yielding to the hub between them (the snapshot is immutable: no slice can see a
-        change). From another OS thread (``start_http_server``), the manager's hub
+        then its samples are made in slices of about ``_SLICE_SECONDS`` of work, with a
+        short timed pause between them (``lbpool._pacing.Pacer``: the hub's loop takes
+        a full turn, timers and I/O included; the snapshot is immutable: no slice can
+        see a change). From another OS thread (``start_http_server``), the manager's hub
         takes the snapshot, and the samples are made here.
         """
         fam = self._families()
+        # made before the snapshot, which pauses on its own: the first check after it
+        # pauses at once (its last slice and a first one of samples are not one stretch)
+        pause = Pacer(pauses=self._may_yield(), slice_seconds=_SLICE_SECONDS)
         snapshot = self._snapshot()
-        may_yield = self._may_yield()
         columns = _Columns(fam)
-        deadline = perf_counter() + _SLICE_SECONDS
         for backend_name, (backend, raws, hits) in snapshot.items():
             for start in range(0, len(raws), _SLICE_SERVERS):
                 columns.add(backend_name, raws[start : start + _SLICE_SERVERS], hits)
-                if may_yield and perf_counter() >= deadline:
-                    gevent.sleep(0)  # let the hub run between slices
-                    deadline = perf_counter() + _SLICE_SECONDS
+                pause()  # a timed pause once a slice has gone by: the hub's full turn
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)

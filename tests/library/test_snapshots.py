@@ -411,3 +411,37 @@ def test_a_raw_snapshot_is_one_membership_and_sliced(
         stop = True
         g.get(timeout=10)
     assert seen >= 10
+
+
+def test_an_in_hub_collect_pauses_between_slices_and_exports_the_same(
+    make_manager: Callable[..., PoolManager],
+    fleet: list[str],
+    sliced: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape in the manager's own thread makes its samples in slices with timed
+    pauses between them (``Pacer``: timers and I/O run too, not only ready
+    greenlets); what it exports is what an unpaused collect exports."""
+    pytest.importorskip("prometheus_client")
+    import lbpool.metrics
+    import lbpool.stats
+
+    manager = make_manager(
+        {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": fleet[:50]}}}
+    )
+    collector = lbpool.metrics.LbpoolCollector(manager)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 1000)  # the snapshot: one go
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", 5)
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 0.0)
+    timer_fired = gevent.event.Event()
+    timer = gevent.get_hub().loop.timer(0.0)
+    timer.start(timer_fired.set)  # fires only in a full turn of the hub's loop
+    try:
+        during, paused = turns_during(lambda: list(collector.collect()))
+    finally:
+        timer.close()
+    assert during >= 10, during
+    assert timer_fired.is_set()
+    monkeypatch.setattr(lbpool.metrics.LbpoolCollector, "_may_yield", lambda self: False)
+    whole = list(collector.collect())
+    assert [(f.name, f.samples) for f in paused] == [(f.name, f.samples) for f in whole]
