@@ -84,7 +84,6 @@ _probe = random.Random()  # where a full server looks for one that can serve
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
 T = TypeVar("T")
-_T = TypeVar("_T")
 _S = TypeVar("_S")  # a snapshot's per-server value (ServerStats, a Pool._raw tuple)
 _B = TypeVar("_B")  # a snapshot's per-backend value
 RawBackend = tuple[BackendStats, list[tuple[Any, ...]], dict[str, tuple[int, int]]]
@@ -1056,7 +1055,7 @@ class PoolManager(ThreadBound):
 
         return self._paced(in_slices, at_once)
 
-    def _paced(self, in_slices: Callable[[Pacer], _T | None], at_once: Callable[[], _T]) -> _T:
+    def _paced(self, in_slices: Callable[[Pacer], T | None], at_once: Callable[[], T]) -> T:
         """``in_slices(pause)`` when the fleet is big and the caller, in the owner thread,
         may yield (starting over while it returns None, ``_SNAPSHOT_ATTEMPTS`` at most);
         else, or then, ``at_once()``."""

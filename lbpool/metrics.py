@@ -271,7 +271,7 @@ class LbpoolCollector:
 
 class _Columns:
     """Adds servers' samples to the families, column by column, from their
-    ``Pool._raw`` tuples (fields ``lbpool.stats.RAW_FIELDS``).
+    ``Pool._raw`` tuples (fields ``lbpool.stats._RAW_FIELDS``).
 
     What ``add_metric`` would add, in the same order, but made by C loops: the raw
     tuples transposed by ``zip``, each ``Sample`` made by ``tuple.__new__`` (what its

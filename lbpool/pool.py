@@ -1537,7 +1537,7 @@ class Pool(ThreadBound):
 
     def _raw(self) -> tuple[Any, ...]:
         """This pool's numbers, read in one step into one tuple (fields in the order of
-        ``lbpool.stats.RAW_FIELDS``): what ``ServerStats`` (``_server_stats_from_raw``)
+        ``lbpool.stats._RAW_FIELDS``): what ``ServerStats`` (``_server_stats_from_raw``)
         and the Prometheus collector are made from. ``closed`` is a copy, the wait
         counts a tuple (None while no acquisition ever queued: every one at 0 s). In
         the owner thread. Never yields."""

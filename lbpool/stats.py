@@ -7,7 +7,7 @@ and converted (``ManagerStats.to_dict``) in slices of about ``SNAPSHOT_SLICE_SEC
 of hub time when called from a greenlet, so no other greenlet stalls behind it.
 
 Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
-numbers are read in one step into one tuple (``Pool._raw``, fields ``RAW_FIELDS``);
+numbers are read in one step into one tuple (``Pool._raw``, fields ``_RAW_FIELDS``);
 its ``ServerStats`` is made from that by ``_server_stats_from_raw`` as a complete
 field dict, which becomes the instance's ``__dict__`` -- the frozen dataclass
 ``__init__`` would set its 27 fields one ``object.__setattr__`` at a time, several
@@ -49,7 +49,7 @@ _BUCKET_KEYS = dict.fromkeys(WAIT_BUCKETS)
 # samples. ``closed``: a copy of the pool's counts keyed by CLOSE_REASONS;
 # ``waits_served``: queued acquisitions that got a connection; ``wait_counts``: queued
 # waits per bucket (the last past WAIT_BUCKETS[-1]), None while none ever queued.
-RAW_FIELDS = (
+_RAW_FIELDS = (
     "address",
     "backend",
     "size",
@@ -153,7 +153,7 @@ def _server_stats(values: dict[str, Any]) -> ServerStats:
 
 
 def _server_stats_from_raw(raw: tuple[Any, ...]) -> ServerStats:
-    """The ``ServerStats`` of a pool's ``Pool._raw`` capture (fields ``RAW_FIELDS``):
+    """The ``ServerStats`` of a pool's ``Pool._raw`` capture (fields ``_RAW_FIELDS``):
     ``acquired`` is hits + misses; the histogram is cumulative, every acquisition that
     did not queue observed at 0 s. Takes the capture's ``closed`` copy over. Never
     yields."""

@@ -20,9 +20,9 @@ import pytest
 from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
 from lbpool.config import HealthCheckConfig, PoolConfig
 from lbpool.stats import (
+    _RAW_FIELDS,
     _SERVER_FIELDS,
     CLOSE_REASONS,
-    RAW_FIELDS,
     WAIT_BUCKETS,
     ServerStats,
     _server_stats_from_raw,
@@ -313,9 +313,9 @@ def check_capture(pool: Pool) -> ServerStats:
     yield between the reads); the capture owns its copies."""
     raw = pool._raw()
     expected = read_off(pool)
-    assert len(raw) == len(RAW_FIELDS)
-    assert raw[RAW_FIELDS.index("closed")] is not pool._closed_by
-    assert tuple(raw[RAW_FIELDS.index("closed")]) == CLOSE_REASONS  # the collector's order
+    assert len(raw) == len(_RAW_FIELDS)
+    assert raw[_RAW_FIELDS.index("closed")] is not pool._closed_by
+    assert tuple(raw[_RAW_FIELDS.index("closed")]) == CLOSE_REASONS  # the collector's order
     s = _server_stats_from_raw(raw)
     assert vars(s) == expected and tuple(vars(s)) == _SERVER_FIELDS
     assert s == pool.stats() == ServerStats(**expected)
