@@ -3,8 +3,9 @@
 A custom collector: every scrape takes one snapshot, as ``manager.stats()`` does (one
 config's membership, each server's numbers in one step), and exports each server's
 numbers -- what its ``ServerStats`` says, made from the pool's raw counters
-(``Pool._raw``) without building one -- with the labels ``backend`` and ``server``
-(host:port pools that are not in the config have ``backend=""``)::
+(``Pool._raw``) without building one, so a subclass's ``stats()`` override is not
+consulted -- with the labels ``backend`` and ``server`` (host:port pools that are
+not in the config have ``backend=""``)::
 
     from prometheus_client import start_http_server
     import lbpool.metrics
