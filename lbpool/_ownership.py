@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import gevent
+from gevent._hub_local import get_hub_if_exists
 from gevent.hub import get_hub
 from gevent.monkey import get_original
 
@@ -42,6 +44,8 @@ OWNER_HUB_WAIT = 2.0
 """How long (seconds) ``read_from_any_thread`` waits for the owner's hub to answer."""
 
 _fork_generation = 0  # bumped in every forked child
+_fork_thread = 0  # in a forked child: the OS thread that forked, the one it inherited
+_fork_hub: Any = None  # that thread's hub, if it had one when it forked
 _bound: weakref.WeakSet[ThreadBound] = weakref.WeakSet()  # poisoned at fork
 
 
@@ -59,8 +63,10 @@ def fork_generation() -> int:
 def _after_fork_in_child() -> None:
     """Send every bound object's next use down ``_check_owner``, which starts it fresh;
     let each abandon, now, what its parent had in flight (``_at_fork_in_child``)."""
-    global _fork_generation
+    global _fork_generation, _fork_thread, _fork_hub
     _fork_generation += 1
+    _fork_thread = get_ident()  # the hook runs in the thread that forked
+    _fork_hub = get_hub_if_exists()  # never makes one here
     for obj in list(_bound):
         obj._thread_id = -1
         obj._at_fork_in_child()
@@ -111,12 +117,23 @@ class ThreadBound:
         )
 
 
+def _fresh_then(obj: ThreadBound, read: Callable[[], T]) -> T:
+    """In a forked child, in the forking thread's hub: start ``obj`` fresh unless it
+    has been already, then ``read()``."""
+    if obj._fork_gen != _fork_generation:
+        obj._check_owner()
+    return read()
+
+
 def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     """``read()`` as ``obj``'s owner thread sees it, from any thread.
 
-    In the owner thread call it here; in a forked child, which owns everything it
-    inherited, first start ``obj`` fresh (``_check_owner``: the parent's connections
-    are not the child's), then call it. From another OS thread, have the owner's hub
+    In the owner thread call it here; in a forked child, whose forking thread owns
+    everything the child inherited, first start ``obj`` fresh (``_check_owner``: the
+    parent's connections are not the child's), then call it -- from the forking
+    thread here, from another thread of the child (an exporter started after the
+    fork) in the forking thread's hub, as below, so that thread keeps ``obj``; if that
+    hub does not answer, ``LbpoolError``. From another OS thread, have the owner's hub
     run it in a greenlet of its own (started by ``loop.run_callback_threadsafe``;
     ``read`` may pace itself with short pauses, as a big ``manager.stats()`` does) and
     wait up to ``OWNER_HUB_WAIT`` seconds for the answer on a real lock (never the
@@ -126,10 +143,15 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
     ``RuntimeError`` from a dict changed mid-iteration is retried twice. Exceptions of
     ``read`` are raised to the caller. In the owner thread ``read`` runs as it is.
     """
-    if obj._fork_gen != _fork_generation:  # a forked child: start fresh, as any use does
-        obj._check_owner()
-        return read()
-    if get_ident() == obj._thread_id:
+    hub, job = obj._hub, read
+    if obj._fork_gen != _fork_generation:  # a forked child's first look at obj
+        if get_ident() == _fork_thread or _fork_hub is None:
+            obj._check_owner()  # start fresh, as any use does: obj is this thread's now
+            return read()
+        # another thread of the child (an exporter started after the fork): the thread
+        # that forked keeps what it inherited, so its hub starts obj fresh and reads
+        hub, job = _fork_hub, partial(_fresh_then, obj, read)
+    elif get_ident() == obj._thread_id:
         return read()
     done = _allocate_lock()
     done.acquire()
@@ -140,7 +162,7 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
         if abandoned:
             return
         try:
-            outcome.append((True, read()))
+            outcome.append((True, job()))
         except BaseException as exc:  # handed to the waiting thread, raised there
             outcome.append((False, exc))
         finally:
@@ -151,7 +173,7 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
             gevent.spawn(in_hub)
 
     try:
-        obj._hub.loop.run_callback_threadsafe(start)
+        hub.loop.run_callback_threadsafe(start)
     except Exception:  # the owner's loop is destroyed: nobody else reads or writes
         pass
     else:
@@ -161,6 +183,11 @@ def read_from_any_thread(obj: ThreadBound, read: Callable[[], T]) -> T:
                 return cast(T, value)
             raise value
         abandoned = True
+    if obj._fork_gen != _fork_generation:  # not started fresh: only its owner may do that
+        raise LbpoolError(
+            f"{type(obj).__name__}: read from another thread of a forked child, whose "
+            f"forking thread's hub did not answer within {OWNER_HUB_WAIT:g}s"
+        )
     for _ in range(2):
         try:
             return read()

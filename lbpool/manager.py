@@ -84,6 +84,12 @@ _probe = random.Random()  # where a full server looks for one that can serve
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
 T = TypeVar("T")
+_S = TypeVar("_S")  # a snapshot's per-server value (ServerStats, a Pool._raw tuple)
+_B = TypeVar("_B")  # a snapshot's per-backend value
+RawBackend = tuple[BackendStats, list[tuple[Any, ...]], dict[str, tuple[int, int]]]
+"""A backend for the Prometheus collector (``PoolManager._raw_snapshot``): its
+``BackendStats`` without servers, its servers' ``Pool._raw`` tuples, and its
+key-affinity ``(owner_hits, fallback_hits)`` by address (empty for other strategies)."""
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
@@ -679,6 +685,20 @@ class Backend:
             by_addr[pool.name] = err if err is not None else br.last_failure
         return BackendUnavailable(self.name, by_addr, states, retry)
 
+    def _raw_stats(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
+        """``stats`` for the Prometheus collector: this backend's own numbers (a
+        ``BackendStats`` without servers), its servers' ``Pool._raw`` captures (in the
+        order of ``pools``) and, for a key-affinity backend, ``(owner_hits,
+        fallback_hits)`` by address. Never yields."""
+        hits: dict[str, tuple[int, int]] = {}
+        if self._placement is not None:
+            tallies = self._placement.tallies
+            for address in raws:
+                tally = tallies.get(address)
+                if tally is not None:
+                    hits[address] = (tally.owner, tally.fallback)
+        return (self.stats({}), list(raws.values()), hits)
+
     def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
         """This backend's numbers; ``servers``: its servers' stats, already taken (in
         the order of ``pools``). Never yields."""
@@ -1016,6 +1036,29 @@ class PoolManager(ThreadBound):
         """``stats()``: in slices when the fleet is big and the caller, in the owner
         thread, may yield; else in one go (the hub itself, a breaker listener, or a
         scrape thread reading directly after the owner's hub did not answer)."""
+        return self._paced(self._stats_in_slices, self._stats_at_once)
+
+    def _raw_snapshot(self) -> dict[str, RawBackend]:
+        """What the Prometheus collector exports, from any thread, taken as ``stats()``
+        is (one config's membership, each server in one step, sliced alike, by the
+        owner's hub): by backend name (``""``: the ad-hoc pools), ``Backend._raw_stats``.
+        Each server's numbers are ``Pool._raw``'s tuple, not a ``ServerStats``: the
+        collector's samples are made from those directly."""
+        return read_from_any_thread(self, self._raw_stats)
+
+    def _raw_stats(self) -> dict[str, RawBackend]:
+        def in_slices(pause: Pacer) -> dict[str, RawBackend] | None:
+            return self._capture(Pool._raw, Backend._raw_stats, self._adhoc_raw, pause)
+
+        def at_once() -> dict[str, RawBackend]:
+            return self._capture(Pool._raw, Backend._raw_stats, self._adhoc_raw, None) or {}
+
+        return self._paced(in_slices, at_once)
+
+    def _paced(self, in_slices: Callable[[Pacer], T | None], at_once: Callable[[], T]) -> T:
+        """``in_slices(pause)`` when the fleet is big and the caller, in the owner thread,
+        may yield (starting over while it returns None, ``_SNAPSHOT_ATTEMPTS`` at most);
+        else, or then, ``at_once()``."""
         if (
             self._pool_count() > _stats_config.SNAPSHOT_SLICE_POOLS
             and get_ident() == self._thread_id
@@ -1025,10 +1068,10 @@ class PoolManager(ThreadBound):
                 pause = Pacer(slice_seconds=_stats_config.SNAPSHOT_SLICE_SECONDS)
                 if not pause.pauses:  # in the hub itself: one go
                     break
-                snapshot = self._stats_in_slices(pause)
+                snapshot = in_slices(pause)
                 if snapshot is not None:
                     return snapshot
-        return self._stats_at_once()
+        return at_once()
 
     def _pool_count(self) -> int:
         return sum(len(b.pools) for b in self._backends.values()) + len(self._adhoc_order)
@@ -1041,29 +1084,44 @@ class PoolManager(ThreadBound):
 
     def _stats_in_slices(self, pause: Pacer) -> ManagerStats | None:
         """The snapshot, yielding between servers once a slice has gone by; None if the
-        membership changed during a pause (the caller starts over). Each server's
-        numbers are one step; the backends' own numbers are read with their last
-        server, and nothing yields between the last check and the return."""
-        membership = self._membership()
-        backends: dict[str, BackendStats] = {}
+        membership changed during a pause (the caller starts over)."""
+        backends = self._capture(Pool._stats, Backend.stats, self._adhoc_stats, pause)
+        return None if backends is None else ManagerStats(backends=backends)
+
+    def _capture(
+        self,
+        take: Callable[[Pool], _S],
+        view: Callable[[Backend, dict[str, _S]], _B],
+        adhoc_view: Callable[[dict[str, _S]], _B],
+        pause: Pacer | None,
+    ) -> dict[str, _B] | None:
+        """Every server's ``take(pool)`` by backend, each backend made ``view(backend,
+        servers by address)`` (the ad-hoc pools together: ``adhoc_view``, under
+        ``""``). With ``pause``, yields between servers once a slice has gone by and
+        returns None if the membership changed during a pause (the caller starts
+        over); each server's numbers are one step, a backend's own numbers are read
+        with its last server, and nothing yields between the last check and the
+        return. Without, in one go: never yields."""
+        membership = self._membership() if pause is not None else []
+        backends: dict[str, _B] = {}
         for name, backend in list(self._backends.items()):
-            servers: dict[str, ServerStats] = {}
+            servers: dict[str, _S] = {}
             for pool in backend.pools:
-                if pause() and not self._same_membership(membership):
+                if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                servers[pool.name] = pool._stats()
-            backends[name] = backend.stats(servers)
-        adhoc: dict[str, ServerStats] = {}
+                servers[pool.name] = take(pool)
+            backends[name] = view(backend, servers)
+        adhoc: dict[str, _S] = {}
         for backend in list(self._adhoc_order.values()):
             for pool in backend.pools:
-                if pause() and not self._same_membership(membership):
+                if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                adhoc[pool.name] = pool._stats()
-        if not self._same_membership(membership):  # no pause since the last check
+                adhoc[pool.name] = take(pool)
+        if pause is not None and not self._same_membership(membership):  # no pause since
             return None
         if adhoc:
-            backends[""] = self._adhoc_stats(adhoc)
-        return ManagerStats(backends=backends)
+            backends[""] = adhoc_view(adhoc)
+        return backends
 
     def _same_membership(self, membership: list[Any]) -> bool:
         now = self._membership()
@@ -1083,16 +1141,13 @@ class PoolManager(ThreadBound):
             retries_denied=budget.retries_denied,
         )
 
+    def _adhoc_raw(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
+        return (self._adhoc_stats({}), list(raws.values()), {})
+
     def _stats_at_once(self) -> ManagerStats:
         """The snapshot in one go. Never yields."""
-        backends = {name: b.stats() for name, b in self._backends.items()}
-        if self._adhoc:
-            servers: dict[str, ServerStats] = {}
-            for backend in self._adhoc.values():
-                for pool in backend.pools:
-                    servers[pool.name] = pool._stats()
-            backends[""] = self._adhoc_stats(servers)
-        return ManagerStats(backends=backends)
+        backends = self._capture(Pool._stats, Backend.stats, self._adhoc_stats, None)
+        return ManagerStats(backends=backends or {})
 
     # -- reload -------------------------------------------------------------------
     def reload(self, config: ConfigSource) -> None:

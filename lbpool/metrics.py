@@ -1,8 +1,11 @@
 """Prometheus metrics for a ``PoolManager`` (the ``prometheus`` extra).
 
-A custom collector: every scrape takes one ``manager.stats()`` snapshot and exports
-each server's ``ServerStats`` with the labels ``backend`` and ``server`` (host:port
-pools that are not in the config have ``backend=""``)::
+A custom collector: every scrape takes one snapshot, as ``manager.stats()`` does (one
+config's membership, each server's numbers in one step), and exports each server's
+numbers -- what its ``ServerStats`` says, made from the pool's raw counters
+(``Pool._raw``) without building one, so a subclass's ``stats()`` override is not
+consulted -- with the labels ``backend`` and ``server`` (host:port pools that are
+not in the config have ``backend=""``)::
 
     from prometheus_client import start_http_server
     import lbpool.metrics
@@ -42,20 +45,25 @@ Exported (``lbpool_`` prefix):
 
 Importing ``lbpool`` never imports ``prometheus_client``; importing this module does.
 A scrape only reads a snapshot, so it is safe from the metrics server's own thread:
-there ``manager.stats()`` has the manager's hub take it (a callback, run between two
-greenlet steps, so never in the middle of a reload's switch), and the samples are made
-in the scrape thread. A scrape in the manager's own thread (``make_wsgi_app`` in a
-gevent server) makes its samples in slices of about 2 ms, yielding to the hub between
-them.
+there the manager's hub takes it (``read_from_any_thread``, as for ``manager.stats()``:
+in a greenlet started by a hub callback, so never in the middle of a reload's switch),
+and the samples are made in the scrape thread. A scrape in the manager's own thread
+(``make_wsgi_app`` in a gevent server) makes its samples in slices of about 2 ms,
+with a short timed pause between them (``lbpool._pacing.Pacer``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from time import perf_counter
+from functools import partial
+from itertools import accumulate as _accumulate
+from itertools import chain
+from itertools import cycle as _cycle
+from itertools import repeat as _repeat
+from operator import add as _add
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-import gevent
 from greenlet import getcurrent
 from prometheus_client.core import (
     REGISTRY,
@@ -66,12 +74,13 @@ from prometheus_client.core import (
 from prometheus_client.samples import Sample
 
 from lbpool._ownership import get_ident
-from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, BackendStats, DiscoveryStats, ManagerStats
+from lbpool._pacing import Pacer
+from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, BackendStats, DiscoveryStats
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from lbpool.manager import PoolManager
+    from lbpool.manager import PoolManager, RawBackend
 
 __all__ = ["BREAKER_STATE_VALUES", "LbpoolCollector", "register"]
 
@@ -80,8 +89,8 @@ BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 _LABELS = ["backend", "server"]
 
 # A scrape in the manager's own thread makes its samples in slices of about this long
-# (seconds of work), yielding to the hub between them, checking the clock every
-# _SLICE_SERVERS servers.
+# (seconds), pausing between them (Pacer), checking the clock every _SLICE_SERVERS
+# servers.
 _SLICE_SECONDS = 0.002
 _SLICE_SERVERS = 50
 # The histogram's ``le`` label values (repr, as HistogramMetricFamily users write them)
@@ -89,7 +98,16 @@ _LE_KEYS = {le: repr(le) for le in WAIT_BUCKETS}
 # Sample's fields after name, labels, value (timestamp, exemplar; native_histogram since
 # prometheus_client 0.20): optional, None by default in every release this supports.
 _SAMPLE_TAIL = tuple(Sample._field_defaults[f] for f in Sample._fields[3:])
-_new_tuple = tuple.__new__
+# zip() arguments giving those, endlessly (the labels end each zip)
+_SAMPLE_TAILS = tuple(_repeat(v) for v in _SAMPLE_TAIL)
+# Sample(*fields) from one tuple, as its own constructor makes it (a C call)
+_new_sample = partial(tuple.__new__, Sample)
+# the histogram's ``le`` label values per server: the buckets', then +Inf
+_LE_LABELS = (*(_LE_KEYS[le] for le in WAIT_BUCKETS), "+Inf")
+# a pool's closed counts (keyed by CLOSE_REASONS, Pool._raw) in the order of CLOSE_REASONS
+_CLOSED_VALUES = itemgetter(*CLOSE_REASONS)
+_NO_HITS = (0, 0)
+_chain = chain.from_iterable
 
 
 # (ServerStats field, metric name without lbpool_ / _total, help)
@@ -133,9 +151,9 @@ class LbpoolCollector:
     def _name(self, name: str) -> str:
         return f"{self.prefix}_{name}"
 
-    def _snapshot(self) -> ManagerStats:
-        # manager.stats() from any thread: from a scrape thread, the manager's hub takes it
-        return self.manager.stats()
+    def _snapshot(self) -> dict[str, RawBackend]:
+        # from any thread: from a scrape thread, the manager's hub takes it (as stats())
+        return self.manager._raw_snapshot()
 
     def _families(self) -> dict[str, Any]:
         label = _LABELS
@@ -204,29 +222,27 @@ class LbpoolCollector:
         yield from self._families().values()
 
     def collect(self) -> Iterator[Any]:
-        """The metric families of one snapshot (``manager.stats()``).
+        """The metric families of one snapshot, taken as ``manager.stats()`` is (one
+        config's membership, each server's numbers in one step, sliced alike), but of
+        each pool's raw numbers (``Pool._raw``): no ``ServerStats`` is made.
 
-        Called in the manager's own thread (an in-hub scrape), the snapshot is taken in
-        one go, then its samples are made in slices of about ``_SLICE_SECONDS`` of work,
-        yielding to the hub between them (the snapshot is immutable: no slice can see a
-        change). From another OS thread (``start_http_server``), ``manager.stats()``
-        has the manager's hub take the snapshot, and the samples are made here.
+        Called in the manager's own thread (an in-hub scrape), the snapshot is taken,
+        then its samples are made in slices of about ``_SLICE_SECONDS`` of work, with a
+        short timed pause between them (``lbpool._pacing.Pacer``: the hub's loop takes
+        a full turn, timers and I/O included; the snapshot is immutable: no slice can
+        see a change). From another OS thread (``start_http_server``), the manager's hub
+        takes the snapshot, and the samples are made here.
         """
         fam = self._families()
-        stats = self._snapshot()
-        may_yield = self._may_yield()
+        # made before the snapshot, which pauses on its own: the first check after it
+        # pauses at once (its last slice and a first one of samples are not one stretch)
+        pause = Pacer(pauses=self._may_yield(), slice_seconds=_SLICE_SECONDS)
+        snapshot = self._snapshot()
         columns = _Columns(fam)
-        deadline = perf_counter() + _SLICE_SECONDS
-        for backend_name, backend in stats.backends.items():
-            rows = [
-                ({"backend": backend_name, "server": address}, vars(server))
-                for address, server in backend.servers.items()
-            ]
-            for start in range(0, len(rows), _SLICE_SERVERS):
-                columns.add(rows[start : start + _SLICE_SERVERS])
-                if may_yield and perf_counter() >= deadline:
-                    gevent.sleep(0)  # let the hub run between slices
-                    deadline = perf_counter() + _SLICE_SECONDS
+        for backend_name, (backend, raws, hits) in snapshot.items():
+            for start in range(0, len(raws), _SLICE_SERVERS):
+                columns.add(backend_name, raws[start : start + _SLICE_SERVERS], hits)
+                pause()  # a timed pause once a slice has gone by: the hub's full turn
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
@@ -255,80 +271,137 @@ class LbpoolCollector:
 
 
 class _Columns:
-    """Adds servers' samples to the families, column by column.
+    """Adds servers' samples to the families, column by column, from their
+    ``Pool._raw`` tuples (fields ``lbpool.stats._RAW_FIELDS``).
 
-    What ``add_metric`` would add, in the same order, but each ``Sample`` made by
-    ``tuple.__new__`` (as its own constructor does, without the keyword handling: three
-    times faster), and one labels dict shared by a server's samples; rows are
-    ``(labels, vars(server_stats))``. Never yields.
+    What ``add_metric`` would add, in the same order, but made by C loops: the raw
+    tuples transposed by ``zip``, each ``Sample`` made by ``tuple.__new__`` (what its
+    NamedTuple constructor does, without the keyword handling) over a ``zip`` of name,
+    labels and values; one labels dict shared by a server's samples (the histogram's
+    and ``closed``'s have their own). prometheus_client only reads a sample's labels
+    (its exposition sorts a copy of the items). Never yields.
     """
 
     def __init__(self, fam: dict[str, Any]) -> None:
         self.fam = fam
-        self.counters = [(fam[f].samples, fam[f].name + "_total", f) for f, _, _ in _COUNTERS]
-        self.gauges = [(fam[f].samples, fam[f].name, f) for f, _, _ in _GAUGES]
-        self.closed = fam["closed"].samples
-        self.closed_name = fam["closed"].name + "_total"
+        self.counters = {f: (fam[f].samples, fam[f].name + "_total") for f, _, _ in _COUNTERS}
+        self.gauges = {f: (fam[f].samples, fam[f].name) for f, _, _ in _GAUGES}
 
-    def add(self, rows: list[tuple[dict[str, str], dict[str, Any]]]) -> None:
-        fam, new, tail = self.fam, _new_tuple, _SAMPLE_TAIL
-        for out, name, field in self.counters:
-            out += [new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows]
-        closed, closed_name = self.closed, self.closed_name
-        for labels, d in rows:
-            got = d["closed"].get
-            reasons = (*CLOSE_REASONS, *(r for r in d["closed"] if r not in CLOSE_REASONS))
-            closed += [
-                new(Sample, (closed_name, {**labels, "reason": r}, float(got(r, 0)), *tail))
-                for r in reasons
-            ]
-        self._column("wait_time_total", "_total", rows, "wait_time_total")
-        for out, name, field in self.gauges:
-            out += [new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows]
-        self._column("wait_time_max", "", rows, "wait_time_max")
-        states = BREAKER_STATE_VALUES
-        fam["breaker_state"].samples += [
-            new(
-                Sample,
-                (
-                    fam["breaker_state"].name,
-                    labels,
-                    float(states.get(d["breaker_state"], 2)),
-                    *tail,
-                ),
-            )
-            for labels, d in rows
-        ]
-        hist = fam["acquire_wait"]
-        out, keys = hist.samples, _LE_KEYS
-        bucket, count, total = hist.name + "_bucket", hist.name + "_count", hist.name + "_sum"
-        for labels, d in rows:
-            b, srv = labels["backend"], labels["server"]
-            out += [
-                new(
-                    Sample,
-                    (
-                        bucket,
-                        {"backend": b, "server": srv, "le": keys.get(le) or repr(le)},
-                        float(n),
-                        *tail,
-                    ),
-                )
-                for le, n in d["wait_buckets"].items()
-            ]
-            n = float(d["wait_count"])
-            out.append(new(Sample, (bucket, {"backend": b, "server": srv, "le": "+Inf"}, n, *tail)))
-            out.append(new(Sample, (count, labels, n, *tail)))
-            out.append(new(Sample, (total, labels, float(d["wait_time_total"]), *tail)))
-
-    def _column(
-        self, key: str, suffix: str, rows: list[tuple[dict[str, str], dict[str, Any]]], field: str
+    def add(
+        self, backend: str, raws: list[tuple[Any, ...]], hits: dict[str, tuple[int, int]]
     ) -> None:
-        family = self.fam[key]
-        name, new, tail = family.name + suffix, _new_tuple, _SAMPLE_TAIL
-        family.samples += [
-            new(Sample, (name, labels, float(d[field]), *tail)) for labels, d in rows
-        ]
+        if not raws:
+            return
+        fam = self.fam
+        (
+            addresses,
+            _,
+            size,
+            idle,
+            in_use,
+            pending,
+            waiting,
+            hit,
+            miss,
+            timeouts,
+            shed,
+            dial_failures,
+            closed,
+            wait_total,
+            wait_max,
+            breaker_state,
+            breaker_trips,
+            max_size,
+            _,
+            served,
+            wait_counts,
+            max_in_use,
+            waits,
+            released,
+        ) = zip(*raws, strict=True)
+        labels = [{"backend": backend, "server": a} for a in addresses]
+        acquired = list(map(_add, hit, miss))
+        if hits:
+            owned = [hits.get(a, _NO_HITS) for a in addresses]
+            owner, fallback = [o for o, _ in owned], [f for _, f in owned]
+        else:
+            owner = fallback = [0] * len(addresses)
+        column = self._column
+        for field, values in (
+            ("acquired", acquired),
+            ("hits", hit),
+            ("misses", miss),
+            ("timeouts", timeouts),
+            ("shed", shed),
+            ("dial_failures", dial_failures),
+            ("breaker_trips", breaker_trips),
+            ("owner_hits", owner),
+            ("fallback_hits", fallback),
+            ("waits", waits),
+            ("released", released),
+        ):
+            column(*self.counters[field], labels, values)
+        family = fam["closed"]
+        column(
+            family.samples,
+            family.name + "_total",
+            [
+                {"backend": backend, "server": a, "reason": r}
+                for a in addresses
+                for r in CLOSE_REASONS
+            ],
+            _chain(map(_CLOSED_VALUES, closed)),
+        )
+        family = fam["wait_time_total"]
+        column(family.samples, family.name + "_total", labels, wait_total)
+        for field, values in (
+            ("size", size),
+            ("idle", idle),
+            ("in_use", in_use),
+            ("pending", pending),
+            ("waiting", waiting),
+            ("max_size", max_size),
+            ("max_in_use", max_in_use),
+        ):
+            column(*self.gauges[field], labels, values)
+        family = fam["wait_time_max"]
+        column(family.samples, family.name, labels, wait_max)
+        family = fam["breaker_state"]
+        states = BREAKER_STATE_VALUES.get
+        column(family.samples, family.name, labels, map(states, breaker_state, _repeat(2)))
+        # the histogram, per server: 13 buckets, +Inf, count, sum (cumulative; every
+        # acquisition that did not queue observed at 0 s)
+        hist = fam["acquire_wait"]
+        names = (
+            *(hist.name + "_bucket",) * (len(WAIT_BUCKETS) + 1),
+            hist.name + "_count",
+            hist.name + "_sum",
+        )
+        hist_labels: list[dict[str, str]] = []
+        hist_values: list[float] = []
+        for a, base, acq, srv, counts, total in zip(
+            addresses, labels, acquired, served, wait_counts, wait_total, strict=True
+        ):
+            hist_labels += [{"backend": backend, "server": a, "le": le} for le in _LE_LABELS]
+            hist_labels += (base, base)
+            observed = acq - srv
+            if counts is None:  # never queued: every acquisition at 0 s
+                hist_values += (observed,) * (len(WAIT_BUCKETS) + 2)
+            else:
+                cumulative = list(_accumulate(counts, initial=observed))
+                hist_values += cumulative[1:]
+                hist_values.append(cumulative[-1])
+            hist_values.append(total)
+        self._column(hist.samples, _cycle(names), hist_labels, hist_values)
+
+    @staticmethod
+    def _column(out: list[Any], name: Any, labels: list[dict[str, str]], values: Any) -> None:
+        """``out`` += a ``Sample(name, labels[i], float(values[i]))`` per label; ``name``
+        a string or an iterator of them."""
+        names = _repeat(name) if isinstance(name, str) else name
+        out += map(
+            _new_sample, zip(names, labels, map(float, values), *_SAMPLE_TAILS, strict=False)
+        )
 
 
 def register(

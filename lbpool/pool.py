@@ -30,7 +30,6 @@ import traceback
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from itertools import accumulate as _accumulate
 from time import monotonic as _monotonic
 from typing import Any, SupportsFloat, cast
 
@@ -71,7 +70,7 @@ from lbpool.connection import (
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
-from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats, _server_stats
+from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats, _server_stats_from_raw
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
@@ -1560,51 +1559,43 @@ class Pool(ThreadBound):
 
     def _stats(self) -> ServerStats:
         """``stats()`` in the owner thread. Never yields."""
+        return _server_stats_from_raw(self._raw())
+
+    def _raw(self) -> tuple[Any, ...]:
+        """This pool's numbers, read in one step into one tuple (fields in the order of
+        ``lbpool.stats._RAW_FIELDS``): what ``ServerStats`` (``_server_stats_from_raw``)
+        and the Prometheus collector are made from. ``closed`` is a copy, the wait
+        counts a tuple (None while no acquisition ever queued: every one at 0 s). In
+        the owner thread. Never yields."""
         if self._fork_gen != _ownership._fork_generation:  # a forked child's first look
             self._check_owner()  # starts fresh: the parent's connections are not ours
-        # one dict in ServerStats' field order, made its __dict__ (_server_stats): the
-        # dataclass __init__ would cost several times more, 1,000 times per scrape
         breaker = self.breaker
-        acquired = self._hits + self._misses
-        observed = acquired - self._waits_served  # acquisitions that did not queue: 0 s
-        counts = self._wait_counts
-        if any(counts):  # cumulative: [observed, observed + counts[0], ..., every one]
-            cumulative = list(_accumulate(counts, initial=observed))
-            buckets = dict(zip(WAIT_BUCKETS, cumulative[1:-1], strict=True))
-            wait_count = cumulative[-1]
-        else:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
-            buckets = dict.fromkeys(WAIT_BUCKETS, observed)
-            wait_count = observed
-        return _server_stats(
-            {
-                "address": self.name,
-                "backend": self.backend,
-                "size": self._size,
-                "idle": len(self._idle),
-                "in_use": len(self._busy) + self._handed,
-                "pending": self._pending + self._held,
-                "waiting": len(self._waiters),
-                "acquired": acquired,
-                "hits": self._hits,
-                "misses": self._misses,
-                "timeouts": self._timeouts,
-                "shed": self._shed,
-                "dial_failures": self._dial_failures,
-                "closed": dict(self._closed_by),
-                "wait_time_total": self._wait_total,
-                "wait_time_max": self._wait_max,
-                "breaker_state": breaker.state,
-                "breaker_trips": breaker.trips,
-                "max_size": self.config.max_size,
-                "draining": self._closing,
-                "wait_count": wait_count,
-                "wait_buckets": buckets,
-                "owner_hits": 0,
-                "fallback_hits": 0,
-                "max_in_use": max(self._demand.seen, self._peak),
-                "waits": self._waits,
-                "released": self._released,
-            }
+        seen, peak = self._demand.seen, self._peak
+        return (
+            self.name,
+            self.backend,
+            self._size,
+            len(self._idle),
+            len(self._busy) + self._handed,
+            self._pending + self._held,
+            len(self._waiters),
+            self._hits,
+            self._misses,
+            self._timeouts,
+            self._shed,
+            self._dial_failures,
+            self._closed_by.copy(),
+            self._wait_total,
+            self._wait_max,
+            breaker.state,
+            breaker.trips,
+            self.config.max_size,
+            self._closing,
+            self._waits_served,
+            tuple(self._wait_counts) if self._waits else None,  # no wait: no count moved
+            seen if seen > peak else peak,
+            self._waits,
+            self._released,
         )
 
     def __repr__(self) -> str:

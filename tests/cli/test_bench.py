@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import gevent
+import greenlet
 import pytest
 
 from lbpool.cli import bench
@@ -318,8 +320,40 @@ def test_scenario_s_scale_is_opt_in_and_reports_every_operation() -> None:
     assert set(sc["results"]) == ops
     for row in sc["results"].values():
         for n in ("10", "100", "1000"):
-            assert row[n]["ms"] >= 0 and row[n]["hub_ms"] >= 0
+            assert row[n]["ms"] >= 0 and row[n]["hub_ms"] >= 0 and row[n]["cpu_ms"] >= 0
         assert row["x_1000_over_100"] > 0 and row["x_1000_over_10"] > 0
+    # one round: the snapshot total is that round's stats + to_dict + collect cpu_ms
+    assert sc["snapshot_ops"] == ["stats", "to_dict", "collect"]
+    for n in ("10", "100", "1000"):
+        parts = sum(sc["results"][op][n]["cpu_ms"] for op in sc["snapshot_ops"])
+        assert sc["snapshot_total_cpu_ms"][n] == pytest.approx(parts, abs=0.01)
     json.dumps(report.jsonable(result["scenarios"]))  # --json can write it
     text = report.render_markdown(report.jsonable(result))
-    assert "S  scale" in text and "upkeep_pass" in text
+    assert "S  scale" in text and "upkeep_pass" in text and "snapshot total" in text
+
+
+def test_s_timed_counts_only_the_operations_own_run_time() -> None:
+    """cpu_ms sums the operation's greenlet's stretches (not the pauses between them,
+    where others run) and puts the previous greenlet trace function back."""
+    from lbpool.cli.bench.scenarios import _s_timed
+
+    events: list[str] = []
+
+    def previous(event: str, args: Any) -> None:
+        events.append(event)
+
+    def work() -> int:
+        for _ in range(3):
+            gevent.sleep(0.02)  # a pause: another greenlet's (the ticker's) turn
+        return 7
+
+    greenlet.settrace(previous)
+    try:
+        wall, hub, cpu, value = _s_timed(work)
+        assert greenlet.gettrace() is previous  # restored
+    finally:
+        greenlet.settrace(None)
+    assert value == 7
+    assert events  # the previous trace function was called meanwhile
+    assert 0 <= cpu < wall  # the 60 ms of sleeps are not the operation's run time
+    assert hub >= 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import pytest
@@ -13,7 +14,9 @@ from gevent import socket as gsocket
 from gevent.pywsgi import WSGIServer
 
 import lbpool
+from lbpool.stats import CLOSE_REASONS
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.leaks import settle
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app  # noqa: E402
@@ -248,3 +251,75 @@ def test_call_counters_are_exported_per_backend(
 def echo_on(conn: lbpool.PooledConnection, data: bytes = b"ping") -> None:
     conn.sendall(data)
     assert recv_exact(conn, len(data)) == data
+
+
+class ReferenceCollector(lbpool.metrics.LbpoolCollector):
+    """The plain way: ``manager.stats()``'s ``ServerStats``, exported one server at a
+    time with ``add_metric``: what the collector's raw, column-wise path must equal."""
+
+    def collect(self) -> Iterator[Any]:
+        fam = self._families()
+        stats = self.manager.stats()
+        for name, backend in stats.backends.items():
+            for address, s in backend.servers.items():
+                labels = [name, address]
+                for field, _, _ in lbpool.metrics._COUNTERS + lbpool.metrics._GAUGES:
+                    fam[field].add_metric(labels, float(getattr(s, field)))
+                for reason in CLOSE_REASONS:
+                    fam["closed"].add_metric([*labels, reason], float(s.closed[reason]))
+                fam["wait_time_total"].add_metric(labels, s.wait_time_total)
+                fam["wait_time_max"].add_metric(labels, s.wait_time_max)
+                states = lbpool.metrics.BREAKER_STATE_VALUES
+                fam["breaker_state"].add_metric(labels, float(states[s.breaker_state]))
+                buckets = [(repr(le), float(n)) for le, n in s.wait_buckets.items()]
+                fam["acquire_wait"].add_metric(
+                    labels, [*buckets, ("+Inf", float(s.wait_count))], s.wait_time_total
+                )
+            fam["panic"].add_metric([name], 1.0 if backend.panic else 0.0)
+            if backend.discovery is not None:
+                self._add_discovery(fam, name, backend.discovery)
+            self._add_backend(fam, name, backend)
+        yield from fam.values()
+
+
+def test_the_raw_column_path_exports_what_add_metric_would(
+    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mid-borrow, with a waiter, a discard, a key-affinity backend (owner hits) and an
+    ad-hoc pool: the same families, samples (name, labels, value, in order) and
+    exposition text as ``add_metric`` over ``manager.stats()``."""
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 1e9)  # no yield between the two
+    config = {
+        "defaults": {"pool": {"min_idle": 0, "max_size": 1}},
+        "backends": {
+            "cache": {"servers": [s.address for s in servers]},
+            "keyed": {"servers": [s.address for s in servers], "strategy": "maglev"},
+        },
+    }
+    with lbpool.PoolManager(config) as manager:
+        for key in (b"a", b"b", b"c"):
+            with manager.get("keyed", key=key, timeout=5):
+                pass
+        echo(manager, servers[0].address)  # ad-hoc: backend ""
+        held = [manager.acquire("cache", timeout=5) for _ in servers]
+        waiter = gevent.spawn(manager.acquire, "cache", 5)
+        assert settle(lambda: sum(s.waiting for s in manager.stats().servers()) == 1, 5)
+        try:
+            new, ref = lbpool.metrics.LbpoolCollector(manager), ReferenceCollector(manager)
+            got, expected = list(new.collect()), list(ref.collect())
+            assert [f.name for f in got] == [f.name for f in expected]
+            for f, e in zip(got, expected, strict=True):
+                assert f.samples == e.samples, f.name
+            owner = next(f for f in got if f.name == "lbpool_owner_hits")
+            assert sum(s.value for s in owner.samples) == 3
+            a, b = CollectorRegistry(), CollectorRegistry()
+            a.register(new)
+            b.register(ref)
+            assert generate_latest(a) == generate_latest(b)
+        finally:
+            held[0].discard(ValueError("done"))  # the waiter gets a fresh one
+            waiter.get(timeout=5).release()
+            for conn in held[1:]:
+                conn.release()
+        got, expected = list(new.collect()), list(ref.collect())
+        assert [f.samples for f in got] == [f.samples for f in expected]

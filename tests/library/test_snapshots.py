@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +17,18 @@ import gevent
 import gevent.event
 import pytest
 
-from lbpool import LbpoolError, PoolManager
-from lbpool.stats import _SERVER_FIELDS, ServerStats
+from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
+from lbpool.config import HealthCheckConfig, PoolConfig
+from lbpool.stats import (
+    _RAW_FIELDS,
+    _SERVER_FIELDS,
+    CLOSE_REASONS,
+    WAIT_BUCKETS,
+    ServerStats,
+    _server_stats_from_raw,
+)
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.leaks import settle
 from tests.support.net import listening_addresses
 
 SERVERS = 1000
@@ -256,3 +266,182 @@ def test_a_breaker_listener_taking_a_big_snapshot_does_not_yield(
     with pytest.raises(LbpoolError):
         manager.acquire("down", timeout=5)
     assert seen and seen[0] == (False, 40), seen
+
+
+# -- the raw capture (Pool._raw) that ServerStats and the collector are made from ----
+
+
+def read_off(pool: Pool) -> dict[str, Any]:
+    """A pool's numbers read straight off its attributes, as ``Pool.stats`` read them
+    before the raw capture: what ``_server_stats_from_raw(pool._raw())`` must equal."""
+    acquired = pool._hits + pool._misses
+    observed = acquired - pool._waits_served
+    cumulative = list(itertools.accumulate(pool._wait_counts, initial=observed))
+    return {
+        "address": pool.name,
+        "backend": pool.backend,
+        "size": pool._size,
+        "idle": len(pool._idle),
+        "in_use": len(pool._busy) + pool._handed,
+        "pending": pool._pending + pool._held,
+        "waiting": len(pool._waiters),
+        "acquired": acquired,
+        "hits": pool._hits,
+        "misses": pool._misses,
+        "timeouts": pool._timeouts,
+        "shed": pool._shed,
+        "dial_failures": pool._dial_failures,
+        "closed": dict(pool._closed_by),
+        "wait_time_total": pool._wait_total,
+        "wait_time_max": pool._wait_max,
+        "breaker_state": pool.breaker.state,
+        "breaker_trips": pool.breaker.trips,
+        "max_size": pool.config.max_size,
+        "draining": pool._closing,
+        "wait_count": cumulative[-1],
+        "wait_buckets": dict(zip(WAIT_BUCKETS, cumulative[1:-1], strict=True)),
+        "owner_hits": 0,
+        "fallback_hits": 0,
+        "max_in_use": max(pool._demand.seen, pool._peak),
+        "waits": pool._waits,
+        "released": pool._released,
+    }
+
+
+def check_capture(pool: Pool) -> ServerStats:
+    """The raw capture, the ServerStats made from it and the attributes agree (no
+    yield between the reads); the capture owns its copies."""
+    raw = pool._raw()
+    expected = read_off(pool)
+    assert len(raw) == len(_RAW_FIELDS)
+    assert raw[_RAW_FIELDS.index("closed")] is not pool._closed_by
+    assert tuple(raw[_RAW_FIELDS.index("closed")]) == CLOSE_REASONS  # the collector's order
+    s = _server_stats_from_raw(raw)
+    assert vars(s) == expected and tuple(vars(s)) == _SERVER_FIELDS
+    assert s == pool.stats() == ServerStats(**expected)
+    assert s.to_dict() == old_to_dict(s)
+    assert s.size == s.idle + s.in_use + s.pending, s
+    return s
+
+
+def test_the_raw_capture_agrees_with_server_stats_mid_borrow_mid_check_with_waiters(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    gate = gevent.event.Event()
+    entered = gevent.event.Event()
+
+    def blocking_check(sock: object) -> None:
+        entered.set()
+        gate.wait(10)
+
+    pool = Pool(
+        echo_server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
+        health_check=HealthCheckConfig(timeout=10).model_copy(update={"hook": blocking_check}),
+        upkeep=False,
+    )
+    try:
+        check_capture(pool)  # fresh: nothing counted, the histogram all zeros
+        a = pool.acquire()
+        b = pool.acquire()
+        b.release()
+        s = check_capture(pool)  # mid-borrow: one in use, one idle, nothing queued
+        assert (s.in_use, s.idle, s.wait_count, s.waits) == (1, 1, 2, 0)
+        checked = gevent.spawn(pool.acquire, 30)  # takes b: its borrow check blocks
+        assert entered.wait(5)
+        waiter = gevent.spawn(pool.acquire, 30)  # both slots taken: queues
+        assert settle(lambda: len(pool._waiters) == 1, 5)
+        s = check_capture(pool)  # mid-check (pending) with a waiter
+        assert (s.size, s.in_use, s.pending, s.waiting, s.waits) == (2, 1, 1, 1, 1)
+        gate.set()
+        c = checked.get(timeout=5)
+        a.release()  # handed to the waiter
+        d = waiter.get(timeout=5)
+        s = check_capture(pool)  # one wait served: the cumulative histogram
+        assert (s.in_use, s.waits, s.wait_count) == (2, 1, 4)
+        assert list(s.wait_buckets.values())[-1] == 4  # every wait under 10 s
+        with pytest.raises(PoolTimeout):  # a wait that times out: counted, not served
+            pool.acquire(timeout=0.01)
+        c.discard(ValueError("done"))
+        d.release()
+        s = check_capture(pool)
+        assert (s.timeouts, s.waits, s.size, s.idle) == (1, 2, 1, 1)
+        assert sum(s.closed.values()) == 1 and s.wait_count == 5
+    finally:
+        gate.set()
+        pool.close()
+
+
+def test_a_raw_snapshot_is_one_membership_and_sliced(
+    make_manager: Callable[..., PoolManager], fleet: list[str], sliced: None
+) -> None:
+    """The collector's snapshot (``_raw_snapshot``) is taken as ``stats()`` is: in
+    slices that let other greenlets run, each of one applied config's servers, with
+    each backend's numbers; reloads landing in its pauses never mix two."""
+    configs = [fleet[0:20], fleet[20:40], fleet[0:40], fleet[10:30]]
+
+    def config(servers: list[str]) -> dict[str, Any]:
+        return {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": servers}}}
+
+    manager = make_manager(config(configs[2]))
+    during, raw = turns_during(manager._raw_snapshot)
+    assert during >= 10, during
+    backend, raws, hits = raw["b"]
+    assert [r[0] for r in raws] == configs[2] and hits == {}
+    assert backend == dataclasses.replace(manager.stats().backends["b"], servers={})
+    stop = False
+
+    def reloader() -> None:
+        i = 0
+        while not stop:
+            i += 1
+            manager.reload(config(configs[i % len(configs)]))
+            gevent.sleep(0.001)
+
+    g = gevent.spawn(reloader)
+    allowed = [set(c) for c in configs]
+    try:
+        deadline = time.monotonic() + 20
+        seen = 0
+        while seen < 40 and time.monotonic() < deadline:
+            servers = {r[0] for r in manager._raw_snapshot()["b"][1]}
+            assert servers in allowed, f"a mix of memberships: {sorted(servers)}"
+            seen += 1
+    finally:
+        stop = True
+        g.get(timeout=10)
+    assert seen >= 10
+
+
+def test_an_in_hub_collect_pauses_between_slices_and_exports_the_same(
+    make_manager: Callable[..., PoolManager],
+    fleet: list[str],
+    sliced: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape in the manager's own thread makes its samples in slices with timed
+    pauses between them (``Pacer``: timers and I/O run too, not only ready
+    greenlets); what it exports is what an unpaused collect exports."""
+    pytest.importorskip("prometheus_client")
+    import lbpool.metrics
+    import lbpool.stats
+
+    manager = make_manager(
+        {"defaults": {"pool": {"min_idle": 0}}, "backends": {"b": {"servers": fleet[:50]}}}
+    )
+    collector = lbpool.metrics.LbpoolCollector(manager)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 1000)  # the snapshot: one go
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", 5)
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 0.0)
+    timer_fired = gevent.event.Event()
+    timer = gevent.get_hub().loop.timer(0.0)
+    timer.start(timer_fired.set)  # fires only in a full turn of the hub's loop
+    try:
+        during, paused = turns_during(lambda: list(collector.collect()))
+    finally:
+        timer.close()
+    assert during >= 10, during
+    assert timer_fired.is_set()
+    monkeypatch.setattr(lbpool.metrics.LbpoolCollector, "_may_yield", lambda self: False)
+    whole = list(collector.collect())
+    assert [(f.name, f.samples) for f in paused] == [(f.name, f.samples) for f in whole]

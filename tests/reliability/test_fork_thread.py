@@ -137,6 +137,86 @@ def test_a_forked_childs_first_wait_ready_or_stats_starts_it_fresh(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
+@pytest.mark.parametrize("read", ["stats", "collect"])
+def test_a_forked_childs_first_read_from_its_scrape_thread_leaves_it_to_the_forking_thread(
+    process_echo_servers: list[ProcessEchoServer],
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+    read: str,
+) -> None:
+    """gunicorn ``--preload`` with a metrics server started in ``post_fork``: the
+    child's first touch of the manager is a scrape from the child's own exporter
+    thread. The scrape sees the child's fresh pools, and the manager stays the forking
+    thread's (the one thread a child inherits): its next ``get`` works."""
+    a, _, _ = process_echo_servers
+    manager = make_manager(config([a.address], min_idle=1))
+    manager.wait_ready(timeout=5)
+    if read == "collect":
+        metrics = pytest.importorskip("lbpool.metrics")
+        collector = metrics.LbpoolCollector(manager)
+
+    def scrape() -> Any:
+        if read == "stats":
+            s = manager.stats().backends["svc"].servers[a.address]
+            return {"size": s.size, "idle": s.idle}
+        families = {f.name: f for f in collector.collect()}
+        return {"size": families["lbpool_size"].samples[0].value}
+
+    def child() -> dict[str, Any]:
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(scrape()))
+        t.start()
+        deadline = time.monotonic() + 10
+        while t.is_alive() and time.monotonic() < deadline:
+            gevent.sleep(0.005)  # this (the forking) thread's hub serves the read
+        t.join(1)
+        with manager.get("svc", timeout=5) as conn:
+            round_trip(conn, b"child")
+        return {"seen": out[0], "owner_is_me": manager._thread_id == threading.get_ident()}
+
+    result = run_in_child(child)
+    assert result["owner_is_me"], result
+    assert result["seen"]["size"] == 0, result  # the child's own pool, not the parent's
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_childs_scrape_thread_never_claims_the_manager_when_the_hub_is_blocked(
+    process_echo_servers: list[ProcessEchoServer],
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+) -> None:
+    """As above, but the forking thread blocks outside gevent while its exporter thread
+    scrapes: the scrape fails with an ``LbpoolError`` saying so (it may not start the
+    manager fresh for itself), and the forking thread still owns the manager."""
+    import lbpool._ownership as ownership
+
+    a, _, _ = process_echo_servers
+    manager = make_manager(config([a.address], min_idle=1))
+    manager.wait_ready(timeout=5)
+
+    def child() -> dict[str, Any]:
+        ownership.OWNER_HUB_WAIT = 0.2
+        out: list[Any] = []
+
+        def scrape() -> None:
+            try:
+                manager.stats()
+            except LbpoolError as exc:
+                out.append(str(exc))
+
+        t = threading.Thread(target=scrape)
+        t.start()
+        t.join(10)  # blocks this thread and its hub: nothing serves the read
+        with manager.get("svc", timeout=5) as conn:
+            round_trip(conn, b"child")
+        return {"errors": out, "owner_is_me": manager._thread_id == threading.get_ident()}
+
+    result = run_in_child(child)
+    assert result["owner_is_me"], result
+    assert len(result["errors"]) == 1 and "did not answer" in result["errors"][0], result
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
 @pytest.mark.parametrize("min_idle", [0, 2], ids=["no_upkeep_refill", "upkeep_refills"])
 def test_fork_child_never_uses_parent_connections(
     process_echo_servers: list[ProcessEchoServer],

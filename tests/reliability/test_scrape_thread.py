@@ -238,3 +238,38 @@ def test_reads_from_threads_without_a_hub_make_none(
         assert not t.is_alive() and out[1] == expected
         gevent.sleep(0.01)  # the abandoned callbacks run now and do nothing
     assert settle(lambda: fd_count() <= before), (before, fd_count())
+
+
+def test_a_collect_in_a_thread_whose_owner_blocks_falls_back_and_makes_no_hub(
+    make_manager: Callable[..., PoolManager],
+    addresses: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_fd_leak: None,
+) -> None:
+    """The collector's own snapshot (``_raw_snapshot``) from a scrape thread whose
+    owner's hub does not answer is read directly, in one go: the same samples as a
+    scrape in the owner's thread, and no hub or loop made in the scrape thread."""
+    import lbpool._ownership
+    import lbpool.stats
+
+    monkeypatch.setattr(lbpool._ownership, "OWNER_HUB_WAIT", 0.05)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_POOLS", 2)
+    monkeypatch.setattr(lbpool.stats, "SNAPSHOT_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", 5)
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 0.0)
+    manager = make_manager(configs(addresses)[1])
+    collector = lbpool.metrics.LbpoolCollector(manager)
+    expected = [(f.name, f.samples) for f in collector.collect()]
+    out: list[Any] = []
+    gc.collect()
+    before = fd_count()
+    for _ in range(3):
+        out.clear()
+        t = threading.Thread(
+            target=lambda: out.append([(f.name, f.samples) for f in collector.collect()])
+        )
+        t.start()
+        t.join(10)  # blocks this thread's hub: the scrape falls back to a direct read
+        assert not t.is_alive() and out == [expected]
+        gevent.sleep(0.01)  # the abandoned callback runs now and does nothing
+    assert settle(lambda: fd_count() <= before), (before, fd_count())

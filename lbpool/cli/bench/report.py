@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any
 
-from lbpool.cli.bench.scenarios import DIAL, FLOOR, LBPOOL
+from lbpool.cli.bench.scenarios import DIAL, FLOOR, LBPOOL, ratio
 
 __all__ = ["jsonable", "print_rich", "render_markdown", "render_plain", "write_plot"]
 
@@ -166,16 +166,29 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         rows = [
             [
                 op,
-                *(f"{v[n]['ms']:.3g} / {v[n]['hub_ms']:.3g}" for n in counts),
+                *(
+                    f"{v[n]['ms']:.3g} / {v[n]['hub_ms']:.3g} / {v[n].get('cpu_ms', 0):.3g}"
+                    for n in counts
+                ),
                 _fmt(v[f"x_{big}_over_{mid}"], 2),
                 _fmt(v[f"x_{big}_over_{small}"], 2),
             ]
             for op, v in sc["results"].items()
         ]
+        total = sc.get("snapshot_total_cpu_ms") or {}
+        if total:
+            rows.append(
+                [
+                    "snapshot total (" + " + ".join(sc["snapshot_ops"]) + "), cpu",
+                    *(f"{total[n]:.3g}" for n in counts),
+                    _fmt(ratio(total[big], total[mid]), 2),
+                    _fmt(ratio(total[big], total[small]), 2),
+                ]
+            )
         tables.append(
             (
-                f"S  scale: ms / hub's longest stretch ms, median of {sc['rounds']} rounds"
-                f" ({sc['busy_connections']} connections in use)",
+                f"S  scale: ms / hub's longest stretch ms / cpu ms, median of {sc['rounds']}"
+                f" rounds ({sc['busy_connections']} connections in use)",
                 ["operation", *(f"{n} servers" for n in counts), f"{big}/{mid}", f"{big}/{small}"],
                 rows,
             )

@@ -20,9 +20,12 @@ over rounds, and each ratio the median of *same-round* ratios:
   (loopback listening sockets; the kernel's backlog completes the few dials), the
   manager's creation, ``wait_ready``, one upkeep pass over every pool while some
   connections are in use, ``stats()``, ``to_dict()``, a Prometheus ``collect()`` and a
-  new ad-hoc name's first ``get``: wall ms and the hub's longest stretch (a ticker
-  greenlet's longest gap) per operation, median over rounds, with the 1,000/100 and
-  1,000/10 ratios. The hashing strategies' pick cost by server count is scenario H.
+  new ad-hoc name's first ``get``: wall ms, the hub's longest stretch (a ticker
+  greenlet's longest gap) and the operation's CPU ms (its own greenlet's run time
+  over all its slices) per operation, median over rounds, with the 1,000/100 and
+  1,000/10 ratios (of wall ms); and the "snapshot total": ``stats`` + ``to_dict`` +
+  ``collect`` CPU ms, summed per round. The hashing strategies' pick cost by server
+  count is scenario H.
 
 Besides the numbers, ``observe`` measures each pool's behaviour (max connections
 held and opened against its limit, whether waiters are served in arrival order,
@@ -45,10 +48,11 @@ import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from time import monotonic, perf_counter, perf_counter_ns
+from time import monotonic, perf_counter, perf_counter_ns, thread_time
 from typing import Any
 
 import gevent
+import greenlet
 
 from lbpool.cli.bench import peers
 from lbpool.testing import EchoServer, recv_exact
@@ -501,16 +505,27 @@ def measure_h_placement(s: Settings) -> dict[str, Any]:
 # -- scenario S: scale ------------------------------------------------------------
 
 S_OPS = ("create", "wait_ready", "upkeep_pass", "stats", "to_dict", "collect", "adhoc_get")
+# a scrape's snapshot work: its "snapshot total" is the sum of their cpu_ms
+S_SNAPSHOT_OPS = ("stats", "to_dict", "collect")
 S_PER_BACKEND = 100  # servers per backend (10 backends at 1,000 servers)
 S_BUSY = 10  # connections held while the upkeep pass and the snapshots are measured
 
 
-def _s_timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Run ``fn`` in a greenlet: (wall ms, the hub's longest stretch in ms, its result).
+def _s_timed(fn: Callable[[], Any]) -> tuple[float, float, float, Any]:
+    """Run ``fn`` in a greenlet: (wall ms, the hub's longest stretch in ms, cpu ms, its
+    result).
 
-    The stretch is a ticker greenlet's longest gap between two of its turns."""
+    The stretch is a ticker greenlet's longest gap between two of its turns. cpu ms is
+    the greenlet's own run time, summed over every stretch it ran (a sliced snapshot
+    runs in several): the thread's CPU time (``time.thread_time``) between each switch
+    into it and the next switch out, seen by a ``greenlet.settrace`` hook (the previous
+    one is called too, and put back afterwards). It leaves out the pauses between
+    slices, and time another process took the core."""
     longest = [0.0]
     stop = [False]
+    cpu = [0.0]
+    entered = [0.0]
+    measured: list[Any] = [None]
 
     def tick() -> None:
         last = perf_counter()
@@ -520,14 +535,30 @@ def _s_timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
             longest[0] = max(longest[0], now - last)
             last = now
 
+    def trace(event: str, args: Any) -> None:
+        if event in ("switch", "throw"):
+            origin, target = args
+            if target is measured[0]:
+                entered[0] = thread_time()
+            elif origin is measured[0]:
+                cpu[0] += thread_time() - entered[0]
+        if previous is not None:
+            previous(event, args)
+
     ticker = gevent.spawn(tick)
     gevent.sleep(0)
-    t0 = perf_counter()
-    value = gevent.spawn(fn).get()
-    wall = perf_counter() - t0
+    job = gevent.spawn(fn)
+    measured[0] = job
+    previous = greenlet.settrace(trace)
+    try:
+        t0 = perf_counter()
+        value = job.get()
+        wall = perf_counter() - t0
+    finally:
+        greenlet.settrace(previous)
     stop[0] = True
     ticker.join()
-    return wall * 1e3, longest[0] * 1e3, value
+    return wall * 1e3, longest[0] * 1e3, cpu[0] * 1e3, value
 
 
 def _s_round(n: int, listeners: list[Any], spare: list[Any]) -> dict[str, dict[str, float]]:
@@ -543,8 +574,8 @@ def _s_round(n: int, listeners: list[Any], spare: list[Any]) -> dict[str, dict[s
 
     def record(op: str, fn: Callable[[], Any]) -> Any:
         gc.collect()
-        wall, hub, value = _s_timed(fn)
-        out[op] = {"ms": wall, "hub_ms": hub}
+        wall, hub, cpu, value = _s_timed(fn)
+        out[op] = {"ms": wall, "hub_ms": hub, "cpu_ms": cpu}
         return value
 
     manager = record("create", lambda: lbpool.PoolManager(config))
@@ -617,12 +648,24 @@ def scenario_s(s: Settings, verbose: bool) -> dict[str, Any]:
             ratio(median(per[big][op]["ms"]), median(per[small][op]["ms"])), 2
         )
         results[op] = row
+    # stats + to_dict + collect: CPU ms per round (same-round sums), median over rounds
+    total: dict[str, float] = {}
+    if all(op in per[big] for op in S_SNAPSHOT_OPS):
+        for n in SERVER_COUNTS:
+            rounds = [per[n][op]["cpu_ms"] for op in S_SNAPSHOT_OPS]
+            sums = [sum(t) for t in zip(*rounds, strict=True)]
+            total[str(n)] = rounded(median(sums), 3)
     return {
-        "unit": "ms (wall) and hub_ms (the hub's longest stretch), median over rounds",
+        "unit": (
+            "ms (wall), hub_ms (the hub's longest stretch) and cpu_ms (the operation's "
+            "own greenlet's CPU time over all its slices), median over rounds"
+        ),
         "servers": list(SERVER_COUNTS),
         "rounds": s.rounds,
         "busy_connections": S_BUSY,
         "results": results,
+        "snapshot_ops": list(S_SNAPSHOT_OPS),
+        "snapshot_total_cpu_ms": total,
     }
 
 
