@@ -5,6 +5,8 @@ a circuit breaker per server, and routes ``manager.get("backend")`` across a
 backend's servers. See README.md for the quick start and the config reference.
 """
 
+# First: with LBPOOL_PURE_PYTHON=1 its import makes the compiled modules load as pure Python
+from lbpool import _hotpath  # noqa: F401
 from lbpool.breaker import Breaker
 from lbpool.config import (
     Address,

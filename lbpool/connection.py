@@ -27,6 +27,7 @@ from lbpool.errors import ConnectionReleased, LbpoolError
 from lbpool.health import is_tls
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
     from typing_extensions import Self
 
 
@@ -156,7 +157,9 @@ class PooledConnection:
     is unknown) and, for a network error, counts against the server's breaker.
     """
 
-    __slots__ = ("__weakref__", "_conn", "_owner", "acquired_at", "rank", "stack")
+    # no "__weakref__": the compiled (mypyc) class cannot have one, and both paths
+    # behave the same
+    __slots__ = ("_conn", "_owner", "acquired_at", "rank", "stack")
 
     stack: str | None  # where it was acquired; set only when leak detection is on
 
@@ -216,13 +219,13 @@ class PooledConnection:
     # -- socket proxies -----------------------------------------------------------
     # (the I/O proxies read ``_conn`` inline rather than through ``_live()``: one frame
     # less on every send and receive)
-    def sendall(self, data: bytes, flags: int = 0) -> None:
+    def sendall(self, data: ReadableBuffer, flags: int = 0) -> None:
         conn = self._conn
         if conn is None:
             self._refuse()
         conn.sock.sendall(data, flags)
 
-    def send(self, data: bytes, flags: int = 0) -> int:
+    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
         conn = self._conn
         if conn is None:
             self._refuse()

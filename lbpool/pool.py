@@ -31,7 +31,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from time import monotonic as _monotonic
-from typing import Any, cast
+from typing import Any, SupportsFloat, cast
 
 import gevent
 from gevent.event import Event
@@ -81,6 +81,19 @@ _SUSPECT = float("-inf")
 SetupHook = Callable[[socket.socket], object]
 
 
+_THIS_FILE = __file__  # the .py on the pure path; compiled, its frames do not exist
+
+
+def _caller_stack() -> str:
+    """The acquiring caller's stack (for the leak warning), ending in the caller's own
+    frame: this module's frames are left out (the compiled build has none to show)."""
+    frames = traceback.extract_stack()
+    end = len(frames)
+    while end and frames[end - 1].filename == _THIS_FILE:
+        end -= 1
+    return "".join(traceback.format_list(frames[:end]))
+
+
 def _nothing() -> None:
     """``on_demand`` of a pool no upkeep keeps."""
 
@@ -122,6 +135,13 @@ class Pool(ThreadBound):
     kept (a connection coming back beyond it is closed at once, reason ``idle``).
     ``min_idle: auto`` keeps as many open as the recent peak in use (``lbpool._demand``).
     """
+
+    # ThreadBound's fields, declared here too: compiled (mypyc), they are then fields of
+    # the instance's own struct; a Python base's are looked up by name, and the hot
+    # path reads ``_thread_id`` on every acquire and return
+    _thread_id: int
+    _fork_gen: int
+    _hub: Any
 
     def __init__(
         self,
@@ -350,11 +370,13 @@ class Pool(ThreadBound):
         server is better placed. Never yields."""
         return self._size > 0 and self._pending >= self._size
 
-    def get(self, timeout: float | None = None) -> PooledConnection:
+    def get(self, timeout: SupportsFloat | None = None) -> PooledConnection:
         """Acquire now; the handle releases itself at the end of a ``with`` block."""
         return self.acquire(timeout)
 
-    def acquire(self, timeout: float | None = None, *, panic: bool = False) -> PooledConnection:
+    def acquire(
+        self, timeout: SupportsFloat | None = None, *, panic: bool = False
+    ) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
 
         One deadline bounds all of it: each borrow check gets at most the time left
@@ -363,6 +385,10 @@ class Pool(ThreadBound):
 
         ``panic`` (the manager's panic mode, ``balance.panic_threshold``): dial even if
         the breaker refuses; that dial is the breaker's verdict (``PANIC_DIAL``).
+
+        ``timeout`` is typed ``SupportsFloat``, not ``float``, on every public method
+        here: mypyc's compiled build would convert a ``float`` argument (``True`` to
+        1.0) or refuse it unnamed before ``valid_timeout`` names what is wrong.
         """
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
@@ -417,7 +443,7 @@ class Pool(ThreadBound):
             if in_use > self._peak:
                 self._peak = in_use
             if self._leak_threshold is not None:
-                handle.stack = "".join(traceback.format_stack()[:-1])
+                handle.stack = _caller_stack()
             return handle
         return self._acquire_slow(timeout, deadline, panic)
 
@@ -489,7 +515,7 @@ class Pool(ThreadBound):
             handle = PooledConnection(self, conn, now)
             self._busy[conn] = handle
             if self._leak_threshold is not None:
-                handle.stack = "".join(traceback.format_stack()[:-1])
+                handle.stack = _caller_stack()
             return handle
         if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1
@@ -532,7 +558,7 @@ class Pool(ThreadBound):
         self._busy[conn] = handle
         self._note_in_use()
         if self._leak_threshold is not None:
-            handle.stack = "".join(traceback.format_stack()[:-2])
+            handle.stack = _caller_stack()
         return handle
 
     def _lend_new(self, deadline: float, panic: bool = False) -> PooledConnection:
@@ -1426,7 +1452,7 @@ class Pool(ThreadBound):
             return False
         return len(self._idle) + len(self._busy) >= self._ready_target()
 
-    def wait_ready(self, timeout: float | None = None) -> None:
+    def wait_ready(self, timeout: SupportsFloat | None = None) -> None:
         """Block until ``min_idle`` connections are open (``auto``: its current target,
         at least 1); ``PoolTimeout`` otherwise."""
         self._check_owner()
@@ -1468,7 +1494,7 @@ class Pool(ThreadBound):
         while self._idle:
             self._retire(self._idle.pop(), "idle")
 
-    def close(self, timeout: float | None = 5.0) -> None:
+    def close(self, timeout: SupportsFloat | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters with ``PoolClosed``, close idle
         connections now and in-use ones as they come back; after ``timeout`` close
         the rest. Returns as soon as everything is closed, and within ``timeout``

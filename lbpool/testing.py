@@ -34,9 +34,10 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
+from lbpool import _hotpath
 from lbpool._net import close_quietly, format_address, resolve, split_address, unbracket
 
-__all__ = ["EchoMode", "EchoServer", "FaultProxy", "recv_exact"]
+__all__ = ["EchoMode", "EchoServer", "FaultProxy", "hot_path", "recv_exact"]
 
 _log = logging.getLogger("lbpool")
 
@@ -46,6 +47,15 @@ _PING = b"PING\r\n"
 _PONG = b"+PONG\r\n"
 _CHUNK = 65536
 _STOP_GRACE = 2.0  # seconds given to handler greenlets to exit before stop() gives up
+
+
+def hot_path() -> str:
+    """Which hot path this process runs: ``"compiled"`` when ``lbpool.pool`` and
+    ``lbpool.connection`` are mypyc extension modules, else ``"pure (<why>)"``: why is
+    ``LBPOOL_PURE_PYTHON=1`` (set when lbpool was first imported), ``no compiled
+    modules installed`` (installed without a C build), or ``partly: <modules> not
+    compiled``. Behaviour is the same either way; only speed differs. Never yields."""
+    return _hotpath.hot_path()
 
 
 def recv_exact(sock: Any, size: int) -> bytes:

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lbpool import __version__
+from lbpool import __version__, _hotpath
 from lbpool.cli import check, demo, probe
 from lbpool.cli._tables import print_table, rich_console, rich_table
 
@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="lbpool: a gevent-native, multi-backend TCP connection pool manager.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__}, hot path {_hotpath.hot_path()}",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(

@@ -26,8 +26,8 @@ from lbpool import (
 from lbpool._waiters import WAITING, Waiter
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, DialConfig, HealthCheckConfig
-from lbpool.connection import PooledConnection, _Conn
-from lbpool.testing import EchoServer
+from lbpool.connection import _Conn
+from lbpool.testing import EchoServer, recv_exact
 from tests.support.interrupt import throw_now
 from tests.support.leaks import settle
 from tests.support.procs import ProcessEchoServer, read_child_report
@@ -86,6 +86,20 @@ def test_handle_refuses_use_after_release(server: EchoServer, no_fd_leak: None) 
     with pytest.raises(ConnectionReleased):
         other.send(b"x")
     assert pool.stats().size == 0
+    pool.close()
+
+
+def test_handle_sends_any_bytes_like_object(server: EchoServer, no_fd_leak: None) -> None:
+    """As a socket's: bytes, bytearray and memoryview (redis-py sends memoryviews),
+    on the compiled path as on the pure one (a ``bytes`` annotation made mypyc refuse
+    the others)."""
+    pool = make_pool(server)
+    with pool.acquire() as conn:
+        for data in (b"ab", bytearray(b"cd"), memoryview(b"xef")[1:]):
+            conn.sendall(data)
+            assert recv_exact(conn, 2) == bytes(data)
+            assert conn.send(data) == 2
+            assert recv_exact(conn, 2) == bytes(data)
     pool.close()
 
 
@@ -591,10 +605,6 @@ def _caller(stack: str | None) -> str:
     return stack.rstrip().splitlines()[-2].rsplit(" in ", 1)[1]
 
 
-def _lend_here(pool: Pool, conn: _Conn) -> PooledConnection:
-    return pool._lend(conn, monotonic())  # _lend drops its own frame and this one
-
-
 def test_fast_acquire_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
     fast, canon = (make_pool(server, leak_threshold=60) for _ in range(2))
     with fast, canon:
@@ -604,7 +614,7 @@ def test_fast_acquire_matches_lend(server: EchoServer, no_fd_leak: None) -> None
         h_fast = fast.acquire()  # the inlined _lend
         conn = canon._idle.pop()
         canon._hits += 1
-        h_canon = _lend_here(canon, conn)  # the canonical one
+        h_canon = canon._lend(conn, monotonic())  # the canonical one
         assert _state(fast) == _state(canon)
         assert fast._busy == {h_fast._conn: h_fast} and canon._busy == {conn: h_canon}
         assert _caller(h_fast.stack) == _caller(h_canon.stack) == "test_fast_acquire_matches_lend"
@@ -667,7 +677,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         canon._handed -= 1  # what _wait does around _lend
         canon._waits_served += 1
         canon._hits += 1
-        h_canon = _lend_here(canon, conn)  # the canonical one
+        h_canon = canon._lend(conn, monotonic())  # the canonical one
         assert _state(fast)[:8] == _state(canon)[:8]  # wait_count: _wait's own timing
         assert _state(fast)[9:] == _state(canon)[9:]
         assert fast._waits_served == canon._waits_served == 1

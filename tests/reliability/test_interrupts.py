@@ -1,8 +1,10 @@
 """Interruptions at every yield point of a manager acquisition, and none in release.
 
 Each test drives one acquisition (``manager.acquire("svc")``) until its greenlet is
-parked at one precise yield point -- found by walking the greenlet's frames, or by an
-Event a hook sets -- and then interrupts it there, with ``GreenletExit`` (a kill) or a
+parked at one precise yield point -- found by the pool's state (its waiter queue, its
+errands, its drain event: the compiled hot path has no Python frames) and, where
+there are Python frames, by walking them, or by an Event a hook sets -- and then
+interrupts it there, with ``GreenletExit`` (a kill) or a
 ``gevent.Timeout`` (the very timer object the caller armed, as gevent itself would
 throw it). Nothing here relies on a sleep landing at the right moment.
 
@@ -37,7 +39,7 @@ from gevent.event import Event
 
 from lbpool import ConnectionReleased, PoolClosed, PoolManager
 from lbpool.pool import Pool
-from lbpool.testing import EchoServer, FaultProxy, recv_exact
+from lbpool.testing import EchoServer, FaultProxy, hot_path, recv_exact
 from tests.support.interrupt import no_switch, throw_now
 from tests.support.leaks import new_lbpool_greenlets, settle
 from tests.support.tls import TLSCerts
@@ -59,8 +61,44 @@ def frames_of(g: greenlet.greenlet) -> list[str]:
 
 
 def wait_in(g: greenlet.greenlet, function: str) -> None:
-    """Block (polling, bounded) until ``g`` is suspended inside ``function``."""
+    """Block (polling, bounded) until ``g`` is suspended inside ``function`` (a Python
+    function: one of the pool's is found by the pool's state, ``wait_queued`` etc.)."""
     assert settle(lambda: function in frames_of(g), WAIT), (function, frames_of(g))
+
+
+# Compiled (mypyc) functions make no Python frames: in lbpool.pool's, a greenlet's
+# place is found by the pool's state alone; on the pure path, by its frames as well.
+COMPILED = hot_path() == "compiled"
+
+
+def in_pool_function(g: greenlet.greenlet, function: str) -> bool:
+    return COMPILED or function in frames_of(g)
+
+
+def pools_of(manager: PoolManager) -> list[Pool]:
+    return [pool for backend in manager.backends.values() for pool in backend.pools]
+
+
+def queued(manager: PoolManager, g: greenlet.greenlet) -> bool:
+    """Is ``g`` parked in a pool's waiter queue (``Pool._wait``)?"""
+    return any(w.greenlet is g for pool in pools_of(manager) for w in pool._waiters)
+
+
+def wait_queued(manager: PoolManager, g: greenlet.greenlet) -> None:
+    """Block (polling, bounded) until ``g`` is parked in ``Pool._wait``, queued."""
+    assert settle(lambda: queued(manager, g) and in_pool_function(g, "_wait"), WAIT), frames_of(g)
+
+
+def wait_for_errand(manager: PoolManager, g: greenlet.greenlet) -> None:
+    """Block (polling, bounded) until ``g`` is parked in ``Pool._await_errand``: not
+    queued, and joining a live errand of its pool (the join's link is the only one an
+    errand gets)."""
+
+    def parked() -> bool:
+        joined = any(e.has_links() and not e.dead for p in pools_of(manager) for e in p._dialers)
+        return joined and not g.dead and not queued(manager, g)
+
+    assert settle(lambda: parked() and in_pool_function(g, "_await_errand"), WAIT), frames_of(g)
 
 
 class Caller:
@@ -243,9 +281,9 @@ def test_interrupt_while_queued(server: EchoServer, no_fd_leak: None, kind: str)
     manager = PoolManager(config([server.address]))
     holder = manager.acquire("svc")
     victim = Caller(manager)
-    wait_in(victim.greenlet, "_wait")
+    wait_queued(manager, victim.greenlet)
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")
+    wait_queued(manager, follower.greenlet)
     assert the_pool(manager).stats().waiting == 2
     victim.interrupt(kind)
     assert the_pool(manager).stats().waiting == 1  # left no trace in the queue
@@ -267,9 +305,9 @@ def test_interrupt_after_handoff_before_wakeup(
     manager = PoolManager(config([server.address]))
     holder = manager.acquire("svc")
     victim = Caller(manager)
-    wait_in(victim.greenlet, "_wait")
+    wait_queued(manager, victim.greenlet)
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")
+    wait_queued(manager, follower.greenlet)
     if handed == "connection":
         holder.release()  # handed straight to the victim
     else:
@@ -294,7 +332,7 @@ def test_interrupt_during_connect(backlog: BacklogServer, no_fd_leak: None, kind
     victim = Caller(manager)
     wait_in(victim.greenlet, "_connect")  # lbpool.dial._connect, inside sock.connect
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")  # max_size 1: the dial in flight holds the slot
+    wait_queued(manager, follower.greenlet)  # max_size 1: the dial in flight holds the slot
     assert the_pool(manager).stats().pending == 1
     victim.interrupt(kind)
     backlog.unblock()
@@ -325,7 +363,7 @@ def test_interrupt_during_tls_handshake(tls_certs: TLSCerts, no_fd_leak: None, k
         victim = Caller(manager)
         wait_in(victim.greenlet, "do_handshake")
         follower = Caller(manager)
-        wait_in(follower.greenlet, "_wait")
+        wait_queued(manager, follower.greenlet)
         victim.interrupt(kind)
         proxy.recover()
         conn = follower.served()
@@ -344,9 +382,9 @@ def test_interrupt_during_setup_hook(server: EchoServer, no_fd_leak: None, kind:
     manager = PoolManager(config([server.address], setup=gate))
     victim = Caller(manager)
     gate.wait_entered()
-    wait_in(victim.greenlet, "_await_errand")
+    wait_for_errand(manager, victim.greenlet)
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")
+    wait_queued(manager, follower.greenlet)
     victim.interrupt(kind)
     s = the_pool(manager).stats()
     assert (s.size, s.pending, s.waiting) == (1, 1, 1), s  # the errand keeps its slot
@@ -378,7 +416,7 @@ def test_interrupt_during_borrow_send_expect(
     victim = Caller(manager)
     wait_in(victim.greenlet, "_recv_exact_prefix")
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")
+    wait_queued(manager, follower.greenlet)
     victim.interrupt(kind)
     s = the_pool(manager).stats()
     assert s.closed["unhealthy"] == 1  # the checked one is closed, not lost, not reused
@@ -404,9 +442,9 @@ def test_interrupt_during_borrow_health_hook(
     manager.acquire("svc").release()
     victim = Caller(manager)
     gate.wait_entered()
-    wait_in(victim.greenlet, "_await_errand")  # a check with a hook is an errand
+    wait_for_errand(manager, victim.greenlet)  # a check with a hook is an errand
     follower = Caller(manager)
-    wait_in(follower.greenlet, "_wait")
+    wait_queued(manager, follower.greenlet)
     victim.interrupt(kind)
     assert_consistent(manager)
     gate.open.set()
@@ -461,7 +499,7 @@ def test_interrupt_during_refill_dial(
     follower: Caller | None = None
     if not trial:  # (while the trial is in flight the server is not eligible: no queue)
         follower = Caller(manager)
-        wait_in(follower.greenlet, "_wait")  # max_size 1: the refill holds the slot
+        wait_queued(manager, follower.greenlet)  # max_size 1: the refill holds the slot
     if kind == "kill":
         dialer.kill(block=True, timeout=WAIT)
     else:
@@ -498,7 +536,7 @@ def test_interrupt_while_waiting_for_a_dial_errand(
     handed on to the idle stack), or is stopped by close -- no slot lost either way."""
     manager = PoolManager(config([backlog.address], pool={"acquire_timeout": 5}))
     victim = Caller(manager)
-    wait_in(victim.greenlet, "_await_errand")
+    wait_for_errand(manager, victim.greenlet)
     pool = the_pool(manager)
     assert len(pool._dialers) == 1
     victim.interrupt(kind)
@@ -533,7 +571,7 @@ def test_interrupt_while_waiting_for_a_check_errand(
     manager.acquire("svc").release()
     victim = Caller(manager)
     gate.wait_entered()
-    wait_in(victim.greenlet, "_await_errand")
+    wait_for_errand(manager, victim.greenlet)
     victim.interrupt(kind)
     pool = the_pool(manager)
     s = pool.stats()
@@ -601,7 +639,14 @@ def test_interrupt_during_close_drain_wait(server: EchoServer, no_fd_leak: None,
     closer = gevent.spawn(closing)
     # parked in close's drain wait: the pool refuses, its idle one is closed, and
     # close() is suspended waiting for the held connection to come back
-    assert settle(lambda: pool.closed and "close" in frames_of(closer), WAIT)
+    assert settle(
+        lambda: (
+            pool.closed
+            and pool._drained.linkcount() > 0  # close() waits on it, and nothing else does
+            and in_pool_function(closer, "close")
+        ),
+        WAIT,
+    )
     assert pool.stats().idle == 0
     if kind == "kill":
         closer.kill(block=True, timeout=WAIT)
@@ -627,7 +672,7 @@ def test_close_wakes_manager_waiters_with_pool_closed(
     manager = PoolManager(config([a.address, b.address]))
     held = [manager.acquire("svc"), manager.acquire("svc")]  # both servers full
     waiter = Caller(manager)
-    wait_in(waiter.greenlet, "_wait")
+    wait_queued(manager, waiter.greenlet)
     closer = gevent.spawn(manager.close, WAIT)
     assert waiter.greenlet.join(WAIT) is None or waiter.greenlet.dead
     for conn in held:
@@ -696,7 +741,7 @@ def test_release_never_yields(
     closer: gevent.Greenlet | None = None
     if case in ("handoff", "permit"):
         waiter = Caller(manager)
-        wait_in(waiter.greenlet, "_wait")
+        wait_queued(manager, waiter.greenlet)
     if case == "shrunk":
         manager.reload(config([a.address], pool={"max_size": 1}))
     if case == "removed_server":

@@ -64,7 +64,7 @@ from lbpool.cli.bench.scenarios import (
     scenario_s,
     warm,
 )
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, hot_path
 
 __all__ = ["QUICK", "SCENARIOS", "Settings", "main", "run", "settings_from_args"]
 
@@ -88,6 +88,7 @@ def _machine() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "gevent": getattr(gevent, "__version__", "?"),
         "platform": platform.platform(),
+        "hot_path": hot_path(),
     }
 
 

@@ -278,7 +278,7 @@ def _header(result: dict[str, Any]) -> str:
     return (
         f"lbpool bench: {rounds}{quick}, "
         f"{m['duration_s']:.1f}s; {mach['cpu']}, {mach['nproc']} CPUs, Python {mach['python']}, "
-        f"gevent {mach['gevent']}; peers: {peers_txt}"
+        f"gevent {mach['gevent']}, lbpool {mach.get('hot_path', '?')}; peers: {peers_txt}"
     )
 
 

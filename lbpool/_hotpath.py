@@ -1,0 +1,119 @@
+"""Which hot path runs: the mypyc-compiled modules, or their pure-Python sources.
+
+``setup.py`` compiles ``COMPILED`` with mypyc when it can (and installs the pure
+package when it cannot). ``LBPOOL_PURE_PYTHON=1`` in the environment, read once when
+``lbpool`` is first imported, forces the pure-Python sources even when compiled modules
+are installed: importing this module (``lbpool/__init__.py`` does it first, before
+anything imports them) puts a finder first on ``sys.meta_path`` that answers, for
+exactly these module names, with the ``.py`` file beside the compiled one.
+``lbpool.testing.hot_path()`` reports which path is active, and why.
+
+An editable install (``pip install -e .``) builds the compiled modules beside their
+sources; a source edited after that build would go on running as the old compiled
+code. So a compiled module older than its ``.py`` (by more than ``STALE_AFTER``) is
+not used either: the pure sources run, with a warning naming the rebuild.
+
+Imports only the standard library; never imports mypy or anything compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+# Keep in step with setup.py's COMPILED (tests/library/test_hotpath.py checks).
+COMPILED = ("lbpool.pool", "lbpool.connection")
+"""The modules setup.py compiles with mypyc."""
+
+ENV_PURE = "LBPOOL_PURE_PYTHON"
+"""Set to 1 (anything but empty or 0) to run the pure-Python modules."""
+
+FORCE_PURE = os.environ.get(ENV_PURE, "") not in ("", "0")
+"""The environment's choice, as read when lbpool was first imported."""
+
+STALE_AFTER = 2.0
+"""Seconds a source may be newer than its compiled module (the order an installer
+writes them in) before the compiled one counts as stale."""
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _stale() -> list[str]:
+    """The compiled modules whose ``.py`` was changed after they were built."""
+    stale = []
+    for name in COMPILED:
+        base = os.path.join(_PACKAGE_DIR, name.rpartition(".")[2])
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            try:
+                built = os.stat(base + suffix).st_mtime
+            except OSError:
+                continue
+            try:
+                if os.stat(base + ".py").st_mtime > built + STALE_AFTER:
+                    stale.append(name)
+            except OSError:
+                pass
+            break
+    return stale
+
+
+STALE = () if FORCE_PURE else tuple(_stale())
+"""The compiled modules found older than their sources when lbpool was imported."""
+
+
+class _PureFinder:
+    """A ``sys.meta_path`` finder that gives the ``.py`` spec for the compiled names."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name not in COMPILED:
+            return None
+        source = os.path.join(_PACKAGE_DIR, name.rpartition(".")[2] + ".py")
+        if not os.path.exists(source):
+            return None  # a wheel without sources: nothing pure to force
+        return importlib.util.spec_from_file_location(name, source)
+
+
+def install() -> None:
+    """With ``LBPOOL_PURE_PYTHON`` set, or a compiled module stale, make every compiled
+    name import as pure Python (all or none: the compiled ones share one library).
+
+    Run at import (``lbpool/__init__.py`` imports this module first); idempotent."""
+    if not (FORCE_PURE or STALE) or any(isinstance(f, _PureFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _PureFinder())
+    if STALE:
+        logging.getLogger("lbpool").warning(
+            "lbpool: running the pure-Python %s: the compiled build is older than the "
+            "source (rebuild it: pip install -e .)",
+            ", ".join(STALE),
+        )
+
+
+install()
+
+
+def is_compiled(module: ModuleType) -> bool:
+    """True when ``module`` was loaded from an extension module (a mypyc build)."""
+    return isinstance(getattr(module, "__loader__", None), importlib.machinery.ExtensionFileLoader)
+
+
+def hot_path() -> str:
+    """``"compiled"``, or ``"pure (<why>)"``: see ``lbpool.testing.hot_path``."""
+    modules = [sys.modules[name] for name in COMPILED]  # lbpool/__init__ imported them
+    if all(is_compiled(m) for m in modules):
+        return "compiled"
+    if FORCE_PURE:
+        return f"pure ({ENV_PURE}=1)"
+    if STALE:
+        return f"pure (compiled build older than the source: {', '.join(STALE)})"
+    if any(is_compiled(m) for m in modules):
+        mixed = ", ".join(m.__name__ for m in modules if not is_compiled(m))
+        return f"pure (partly: {mixed} not compiled)"
+    return "pure (no compiled modules installed)"

@@ -1,0 +1,124 @@
+"""The compiled hot path and its pure-Python twin (setup.py, lbpool/_hotpath.py).
+
+``LBPOOL_PURE_PYTHON=1`` must load the ``.py`` sources even when compiled modules are
+installed, and ``lbpool.testing.hot_path()`` must say which path runs. Each case runs
+in a fresh interpreter, since the variable is read at lbpool's first import.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.machinery
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lbpool
+from lbpool import _hotpath
+
+PACKAGE = Path(lbpool.__file__).parent
+ROOT = PACKAGE.parent
+
+_REPORT = (
+    "import json, sys, lbpool, lbpool.testing\n"
+    "print(json.dumps({\n"
+    "    'files': {m: sys.modules[m].__file__ for m in lbpool._hotpath.COMPILED},\n"
+    "    'hot_path': lbpool.testing.hot_path(),\n"
+    "    'build_tools': sorted(m for m in sys.modules\n"
+    "                          if m.split('.')[0] in ('mypy', 'mypyc', 'mypy_extensions',\n"
+    "                                                 'setuptools', 'librt')),\n"
+    "}))\n"
+)
+
+
+def _report(pure: str | None) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != _hotpath.ENV_PURE}
+    if pure is not None:
+        env[_hotpath.ENV_PURE] = pure
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report: dict[str, object] = json.loads(result.stdout)
+    return report
+
+
+def _compiled_installed() -> list[str]:
+    """The compiled modules installed beside the sources (mypyc's extension files)."""
+    return [
+        name
+        for name in _hotpath.COMPILED
+        if any(
+            (PACKAGE / (name.rpartition(".")[2] + suffix)).exists()
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        )
+    ]
+
+
+def test_pure_python_is_forced_by_the_environment_variable() -> None:
+    report = _report("1")
+    files = report["files"]
+    assert isinstance(files, dict)
+    assert all(str(f).endswith(".py") for f in files.values()), files
+    assert report["hot_path"] == "pure (LBPOOL_PURE_PYTHON=1)"
+    assert report["build_tools"] == []
+
+
+def test_without_the_variable_the_compiled_modules_run_when_installed() -> None:
+    installed = _compiled_installed()
+    for pure in (None, "0", ""):  # unset, or set to "no": the same
+        report = _report(pure)
+        assert report["build_tools"] == [], report  # import lbpool never loads mypy
+        files = report["files"]
+        assert isinstance(files, dict)
+        if not installed:
+            assert report["hot_path"] == "pure (no compiled modules installed)"
+            assert all(str(f).endswith(".py") for f in files.values()), files
+            continue
+        assert installed == list(_hotpath.COMPILED), installed  # all or none
+        assert report["hot_path"] == "compiled", report
+        suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+        assert all(str(f).endswith(suffixes) for f in files.values()), files
+    if not installed:
+        pytest.skip(
+            "no compiled module installed (built with LBPOOL_NO_COMPILE=1 or without a "
+            "C compiler): only the pure half ran"
+        )
+
+
+def test_setup_compiles_exactly_the_modules_the_switch_covers() -> None:
+    """setup.py's COMPILED (file paths) and lbpool/_hotpath.py's (module names) agree."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    paths = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets)
+    )
+    names = tuple(p.removesuffix(".py").replace("/", ".") for p in paths)
+    assert names == _hotpath.COMPILED
+
+
+def test_a_compiled_module_older_than_its_source_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editable install's source edited after the build: the compiled module would
+    run the old code, so it counts as stale (and the pure source runs instead)."""
+    monkeypatch.setattr(_hotpath, "_PACKAGE_DIR", str(tmp_path))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _hotpath.COMPILED:
+        base = tmp_path / name.rpartition(".")[2]
+        Path(f"{base}.py").write_text("")
+        Path(f"{base}{suffix}").write_bytes(b"")
+        os.utime(f"{base}{suffix}", (1_000_000, 1_000_000))
+        os.utime(f"{base}.py", (1_000_001, 1_000_001))  # within STALE_AFTER: a fresh build
+    assert _hotpath._stale() == []
+    pool_py = tmp_path / "pool.py"
+    os.utime(pool_py, (1_000_000 + 60, 1_000_000 + 60))  # edited a minute after the build
+    assert _hotpath._stale() == ["lbpool.pool"]
+    pool_py.unlink()  # a wheel without sources: nothing to compare
+    assert _hotpath._stale() == []
