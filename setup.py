@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any
 
 from setuptools import Extension, setup
@@ -22,7 +23,20 @@ from setuptools.command.build_ext import build_ext
 COMPILED = ["lbpool/pool.py", "lbpool/connection.py"]
 
 
+def _remove_in_tree_builds() -> None:
+    """Remove this interpreter's compiled modules from the source tree (an earlier
+    editable build's): a build that falls back must not leave them to be imported."""
+    package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lbpool")
+    names = [os.path.basename(p)[: -len(".py")] for p in COMPILED] + ["_hotpath__mypyc"]
+    for name in names:
+        for suffix in EXTENSION_SUFFIXES:
+            path = os.path.join(package, name + suffix)
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def _fall_back(why: str) -> None:
+    _remove_in_tree_builds()
     why = " ".join(why.split()) or "unknown error"
     if len(why) > 200:  # a compiler's whole command line: its start and its verdict
         why = f"{why[:100]} ... {why[-90:]}"

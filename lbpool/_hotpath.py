@@ -10,8 +10,9 @@ exactly these module names, with the ``.py`` file beside the compiled one.
 
 An editable install (``pip install -e .``) builds the compiled modules beside their
 sources; a source edited after that build would go on running as the old compiled
-code. So a compiled module older than its ``.py`` (by more than ``STALE_AFTER``) is
-not used either: the pure sources run, with a warning naming the rebuild.
+code. So compiled modules older than any of lbpool's ``.py`` files (by more than
+``STALE_AFTER``) are not used either, nor ones that fail to load (a build an
+interpreter refuses): the pure sources run, with a warning saying why.
 
 Imports only the standard library; never imports mypy or anything compiled.
 """
@@ -44,26 +45,38 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _stale() -> list[str]:
-    """The compiled modules whose ``.py`` was changed after they were built."""
-    stale = []
+    """The compiled modules, if any of lbpool's sources was changed after they were
+    built (else []): the compiled code has the types of every module it imports baked
+    in, so an edit anywhere in the package counts, not only in its own ``.py``."""
+    built = []
     for name in COMPILED:
         base = os.path.join(_PACKAGE_DIR, name.rpartition(".")[2])
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             try:
-                built = os.stat(base + suffix).st_mtime
+                built.append(os.stat(base + suffix).st_mtime)
             except OSError:
                 continue
-            try:
-                if os.stat(base + ".py").st_mtime > built + STALE_AFTER:
-                    stale.append(name)
-            except OSError:
-                pass
             break
-    return stale
+    if not built:
+        return []
+    oldest = min(built)
+    for root, _dirs, files in os.walk(_PACKAGE_DIR):
+        for file in files:
+            if file.endswith(".py"):
+                try:
+                    if os.stat(os.path.join(root, file)).st_mtime > oldest + STALE_AFTER:
+                        return list(COMPILED)
+                except OSError:
+                    pass
+    return []
 
 
 STALE = () if FORCE_PURE else tuple(_stale())
 """The compiled modules found older than their sources when lbpool was imported."""
+
+
+BROKEN = ""
+"""Why the compiled modules failed to load ("" when they loaded, or were not tried)."""
 
 
 class _PureFinder:
@@ -81,19 +94,52 @@ class _PureFinder:
 
 
 def install() -> None:
-    """With ``LBPOOL_PURE_PYTHON`` set, or a compiled module stale, make every compiled
-    name import as pure Python (all or none: the compiled ones share one library).
+    """With ``LBPOOL_PURE_PYTHON`` set, or the compiled modules stale, or failing to
+    load, make every compiled name import as pure Python (all or none: the compiled
+    ones share one library).
 
     Run at import (``lbpool/__init__.py`` imports this module first); idempotent."""
-    if not (FORCE_PURE or STALE) or any(isinstance(f, _PureFinder) for f in sys.meta_path):
+    global BROKEN
+    if any(isinstance(f, _PureFinder) for f in sys.meta_path):
         return
+    if not (FORCE_PURE or STALE):
+        BROKEN = _load_compiled()
+        if not BROKEN:
+            return
     sys.meta_path.insert(0, _PureFinder())
     if STALE:
         logging.getLogger("lbpool").warning(
-            "lbpool: running the pure-Python %s: the compiled build is older than the "
-            "source (rebuild it: pip install -e .)",
-            ", ".join(STALE),
+            "lbpool: running the pure-Python hot path: the compiled build is older than "
+            "the source (rebuild it: pip install -e .)"
         )
+    elif BROKEN:
+        logging.getLogger("lbpool").warning(
+            "lbpool: running the pure-Python hot path: the compiled modules failed to load (%s)",
+            BROKEN,
+        )
+
+
+def _load_compiled() -> str:
+    """Import the compiled modules now, if there are any; "" when they load (or there
+    are none), else why not -- and then every lbpool module imported meanwhile is
+    forgotten, so the pure sources load cleanly (e.g. a build for an interpreter that
+    refuses one of its types at import)."""
+    if not any(
+        os.path.exists(os.path.join(_PACKAGE_DIR, name.rpartition(".")[2] + suffix))
+        for name in COMPILED
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    ):
+        return ""
+    before = set(sys.modules)
+    try:
+        for name in COMPILED:
+            importlib.import_module(name)
+    except Exception as exc:
+        for name in set(sys.modules) - before:
+            if name.startswith("lbpool.") and name != __name__:
+                del sys.modules[name]
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 install()
@@ -112,7 +158,9 @@ def hot_path() -> str:
     if FORCE_PURE:
         return f"pure ({ENV_PURE}=1)"
     if STALE:
-        return f"pure (compiled build older than the source: {', '.join(STALE)})"
+        return "pure (compiled build older than the source)"
+    if BROKEN:
+        return f"pure (compiled modules failed to load: {BROKEN})"
     if any(is_compiled(m) for m in modules):
         mixed = ", ".join(m.__name__ for m in modules if not is_compiled(m))
         return f"pure (partly: {mixed} not compiled)"

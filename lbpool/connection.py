@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gevent import Timeout as _GeventTimeout
 
+from lbpool._borrowio import _BorrowIO
 from lbpool._net import close_quietly
 from lbpool.errors import ConnectionReleased, LbpoolError
 from lbpool.health import is_tls
@@ -97,47 +98,8 @@ class _Conn:
                 real_close()
 
 
-class _BorrowIO(io.RawIOBase):
-    """The raw file under ``PooledConnection.makefile``: reads and writes go through
-    the handle, so the file ends with the borrow (``closed`` once the handle is
-    released, discarded or its pool force-closed it). As ``socket.SocketIO``, a
-    socket without a timeout left (non-blocking, or timed out) reads as None."""
-
-    def __init__(self, handle: PooledConnection, mode: str) -> None:
-        super().__init__()
-        self._handle = handle
-        self._reading = "r" in mode
-        self._writing = "w" in mode
-
-    @property
-    def closed(self) -> bool:
-        return self._handle._conn is None or super().closed
-
-    def readable(self) -> bool:
-        self._checkClosed()
-        return self._reading
-
-    def writable(self) -> bool:
-        self._checkClosed()
-        return self._writing
-
-    def readinto(self, b: Any) -> int | None:
-        self._checkClosed()
-        try:
-            return self._handle.recv_into(b)
-        except BlockingIOError:
-            return None
-
-    def write(self, b: Any) -> int | None:
-        self._checkClosed()
-        try:
-            return self._handle.send(b)
-        except BlockingIOError:
-            return None
-
-    def fileno(self) -> int:
-        self._checkClosed()
-        return self._handle.sock.fileno()
+# a copy would be a second handle its release() does not cut (DESIGN 16)
+_NOT_COPIED = "a PooledConnection is one borrow: it cannot be copied or pickled"
 
 
 def _is_network_error(exc: BaseException | None) -> bool:
@@ -330,6 +292,15 @@ class PooledConnection:
             except LbpoolError:  # refused (another OS thread): nothing changed, keep it
                 self._conn = conn
                 raise
+
+    def __copy__(self) -> NoReturn:
+        raise TypeError(_NOT_COPIED)
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        raise TypeError(_NOT_COPIED)
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        raise TypeError(_NOT_COPIED)
 
     def __enter__(self) -> Self:
         return self

@@ -11,6 +11,7 @@ import ast
 import importlib.machinery
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,13 +104,19 @@ def test_setup_compiles_exactly_the_modules_the_switch_covers() -> None:
     assert names == _hotpath.COMPILED
 
 
-def test_a_compiled_module_older_than_its_source_is_not_used(
+def test_compiled_modules_older_than_any_source_are_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An editable install's source edited after the build: the compiled module would
-    run the old code, so it counts as stale (and the pure source runs instead)."""
+    """An editable install's source edited after the build: the compiled modules would
+    run the old code (or the old types of a module they import), so they count as
+    stale when any of lbpool's sources is newer (and the pure sources run instead)."""
     monkeypatch.setattr(_hotpath, "_PACKAGE_DIR", str(tmp_path))
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (tmp_path / "config").mkdir()
+    others = [tmp_path / "breaker.py", tmp_path / "config" / "models.py"]
+    for path in others:
+        path.write_text("")
+        os.utime(path, (1_000_000, 1_000_000))
     for name in _hotpath.COMPILED:
         base = tmp_path / name.rpartition(".")[2]
         Path(f"{base}.py").write_text("")
@@ -117,8 +124,40 @@ def test_a_compiled_module_older_than_its_source_is_not_used(
         os.utime(f"{base}{suffix}", (1_000_000, 1_000_000))
         os.utime(f"{base}.py", (1_000_001, 1_000_001))  # within STALE_AFTER: a fresh build
     assert _hotpath._stale() == []
-    pool_py = tmp_path / "pool.py"
-    os.utime(pool_py, (1_000_000 + 60, 1_000_000 + 60))  # edited a minute after the build
-    assert _hotpath._stale() == ["lbpool.pool"]
-    pool_py.unlink()  # a wheel without sources: nothing to compare
+    for edited in [tmp_path / "pool.py", *others]:
+        os.utime(edited, (1_000_000 + 60, 1_000_000 + 60))  # edited a minute after
+        assert _hotpath._stale() == list(_hotpath.COMPILED), edited
+        os.utime(edited, (1_000_000, 1_000_000))
     assert _hotpath._stale() == []
+
+
+def test_compiled_modules_that_fail_to_load_fall_back_to_pure(tmp_path: Path) -> None:
+    """A build the interpreter refuses at import (a type Python 3.12 rejects, a
+    corrupt file): lbpool runs pure, says why, and works."""
+    copy = tmp_path / "lbpool"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _hotpath.COMPILED:
+        (copy / (name.rpartition(".")[2] + suffix)).write_bytes(b"not a shared library")
+    script = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n" + _REPORT + "import lbpool\n"
+        "from lbpool.testing import EchoServer\n"
+        "with EchoServer() as s:\n"
+        "    p = lbpool.Pool(s.address)\n"
+        "    with p.acquire() as c:\n"
+        "        c.sendall(b'ok'); assert c.recv(2) == b'ok'\n"
+        "    p.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != _hotpath.ENV_PURE}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.splitlines()[0])
+    assert report["hot_path"].startswith("pure (compiled modules failed to load: "), report
+    assert all(
+        str(f).startswith(str(copy)) and str(f).endswith(".py") for f in report["files"].values()
+    ), report
+    assert "failed to load" in result.stderr  # the warning says so

@@ -89,6 +89,27 @@ def test_handle_refuses_use_after_release(server: EchoServer, no_fd_leak: None) 
     pool.close()
 
 
+def test_handle_cannot_be_copied_or_pickled(server: EchoServer, no_fd_leak: None) -> None:
+    """A copy of a handle would be a second handle to the same borrow, one that its
+    ``release()`` does not cut: it could write into the next borrower's stream."""
+    import copy
+    import pickle
+
+    pool = make_pool(server)
+    conn = pool.acquire()
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="one borrow"):
+            attempt(conn)
+    conn.release()
+    other = pool.acquire()
+    with pytest.raises(TypeError, match="one borrow"):
+        copy.copy(conn)  # released: still nothing to copy
+    other.sendall(b"mine")
+    assert recv_exact(other, 4) == b"mine"
+    other.release()
+    pool.close()
+
+
 def test_handle_sends_any_bytes_like_object(server: EchoServer, no_fd_leak: None) -> None:
     """As a socket's: bytes, bytearray and memoryview (redis-py sends memoryviews),
     on the compiled path as on the pure one (a ``bytes`` annotation made mypyc refuse
