@@ -42,6 +42,40 @@ def old_to_dict(s: ServerStats) -> dict[str, Any]:
     return data
 
 
+def one_config_each(
+    manager: PoolManager,
+    configs: list[list[str]],
+    config: Callable[[list[str]], dict[str, Any]],
+    membership: Callable[[], set[str]],
+    count: int,
+) -> int:
+    """Reload through ``configs`` over and over while taking ``membership()`` up to
+    ``count`` times (20 s at most): each must be exactly one config's servers. Returns
+    how many were taken; the reloading greenlet has ended."""
+    stop = False
+
+    def reloader() -> None:
+        i = 0
+        while not stop:
+            i += 1
+            manager.reload(config(configs[i % len(configs)]))
+            gevent.sleep(0.001)
+
+    g = gevent.spawn(reloader)
+    allowed = [set(c) for c in configs]
+    seen = 0
+    try:
+        deadline = time.monotonic() + 20
+        while seen < count and time.monotonic() < deadline:
+            servers = membership()
+            assert servers in allowed, f"a mix of memberships: {sorted(servers)}"
+            seen += 1
+    finally:
+        stop = True
+        g.get(timeout=10)
+    return seen
+
+
 def test_pool_stats_is_a_plain_server_stats(
     make_manager: Callable[..., PoolManager], echo_server: EchoServer
 ) -> None:
@@ -197,25 +231,9 @@ def test_a_sliced_snapshot_never_mixes_two_memberships(
 
     lbpool.manager.PoolManager._stats_in_slices = counted  # type: ignore[method-assign]
     try:
-        stop = False
-
-        def reloader() -> None:
-            i = 0
-            while not stop:
-                i += 1
-                manager.reload(config(configs[i % len(configs)]))
-                gevent.sleep(0.001)
-
-        g = gevent.spawn(reloader)
-        allowed = [set(c) for c in configs]
-        deadline = time.monotonic() + 20
-        seen = 0
-        while seen < 60 and time.monotonic() < deadline:
-            servers = set(manager.stats().backends["b"].servers)
-            assert servers in allowed, f"a mix of memberships: {sorted(servers)}"
-            seen += 1
-        stop = True
-        g.get(timeout=10)
+        seen = one_config_each(
+            manager, configs, config, lambda: set(manager.stats().backends["b"].servers), 60
+        )
     finally:
         lbpool.manager.PoolManager._stats_in_slices = real  # type: ignore[method-assign]
     assert seen >= 10
@@ -389,27 +407,9 @@ def test_a_raw_snapshot_is_one_membership_and_sliced(
     backend, raws, hits = raw["b"]
     assert [r[0] for r in raws] == configs[2] and hits == {}
     assert backend == dataclasses.replace(manager.stats().backends["b"], servers={})
-    stop = False
-
-    def reloader() -> None:
-        i = 0
-        while not stop:
-            i += 1
-            manager.reload(config(configs[i % len(configs)]))
-            gevent.sleep(0.001)
-
-    g = gevent.spawn(reloader)
-    allowed = [set(c) for c in configs]
-    try:
-        deadline = time.monotonic() + 20
-        seen = 0
-        while seen < 40 and time.monotonic() < deadline:
-            servers = {r[0] for r in manager._raw_snapshot()["b"][1]}
-            assert servers in allowed, f"a mix of memberships: {sorted(servers)}"
-            seen += 1
-    finally:
-        stop = True
-        g.get(timeout=10)
+    seen = one_config_each(
+        manager, configs, config, lambda: {r[0] for r in manager._raw_snapshot()["b"][1]}, 40
+    )
     assert seen >= 10
 
 
