@@ -31,8 +31,12 @@ def _remove_in_tree_builds() -> None:
     for name in names:
         for suffix in EXTENSION_SUFFIXES:
             path = os.path.join(package, name + suffix)
-            if os.path.exists(path):
+            try:
                 os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # read-only: say so, build on
+                print(f"lbpool: could not remove the earlier build {path}: {exc}", file=sys.stderr)
 
 
 def _fall_back(why: str) -> None:

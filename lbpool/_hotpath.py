@@ -10,8 +10,8 @@ exactly these module names, with the ``.py`` file beside the compiled one.
 
 An editable install (``pip install -e .``) builds the compiled modules beside their
 sources; a source edited after that build would go on running as the old compiled
-code. So compiled modules older than any of lbpool's ``.py`` files (by more than
-``STALE_AFTER``) are not used either, nor ones that fail to load (a build an
+code. So in a source tree, compiled modules older than any of lbpool's ``.py`` files
+(by more than ``STALE_AFTER``) are not used either, nor ones that fail to load (a build an
 interpreter refuses): the pure sources run, with a warning saying why.
 
 Imports only the standard library; never imports mypy or anything compiled.
@@ -71,7 +71,12 @@ def _stale() -> list[str]:
     return []
 
 
-STALE = () if FORCE_PURE else tuple(_stale())
+IN_TREE = os.path.exists(os.path.join(os.path.dirname(_PACKAGE_DIR), "setup.py"))
+"""lbpool runs from its source tree (an editable install, or a checkout on the path),
+where a source can be edited after the build; an installed wheel's files are written
+in no particular order, so their times say nothing."""
+
+STALE = () if FORCE_PURE or not IN_TREE else tuple(_stale())
 """The compiled modules found older than their sources when lbpool was imported."""
 
 
@@ -137,7 +142,12 @@ def _load_compiled() -> str:
     except Exception as exc:
         for name in set(sys.modules) - before:
             if name.startswith("lbpool.") and name != __name__:
-                del sys.modules[name]
+                module = sys.modules.pop(name)
+                parent, _, child = name.rpartition(".")
+                # the import system set it on its package too: ``from lbpool import
+                # stats`` would take that old module without importing anything
+                if getattr(sys.modules.get(parent), child, None) is module:
+                    delattr(sys.modules[parent], child)
         return f"{type(exc).__name__}: {exc}"
     return ""
 

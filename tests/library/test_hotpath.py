@@ -131,14 +131,23 @@ def test_compiled_modules_older_than_any_source_are_not_used(
     assert _hotpath._stale() == []
 
 
-def test_compiled_modules_that_fail_to_load_fall_back_to_pure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_tree", [False, True], ids=["installed", "source_tree"])
+def test_compiled_modules_that_fail_to_load_fall_back_to_pure(
+    tmp_path: Path, in_tree: bool
+) -> None:
     """A build the interpreter refuses at import (a type Python 3.12 rejects, a
-    corrupt file): lbpool runs pure, says why, and works."""
+    corrupt file): lbpool runs pure, says why, and works. Its files are older than the
+    sources: that makes it stale only in a source tree (a ``setup.py`` beside the
+    package); an installed package's file times say nothing."""
     copy = tmp_path / "lbpool"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    if in_tree:
+        (tmp_path / "setup.py").write_text("")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     for name in _hotpath.COMPILED:
-        (copy / (name.rpartition(".")[2] + suffix)).write_bytes(b"not a shared library")
+        built = copy / (name.rpartition(".")[2] + suffix)
+        built.write_bytes(b"not a shared library")
+        os.utime(built, (1_000_000, 1_000_000))  # long before the sources
     script = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
@@ -156,8 +165,64 @@ def test_compiled_modules_that_fail_to_load_fall_back_to_pure(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.splitlines()[0])
-    assert report["hot_path"].startswith("pure (compiled modules failed to load: "), report
+    why = "older than the source" if in_tree else "failed to load"
+    assert why in report["hot_path"], report
     assert all(
         str(f).startswith(str(copy)) and str(f).endswith(".py") for f in report["files"].values()
     ), report
-    assert "failed to load" in result.stderr  # the warning says so
+    assert why in result.stderr  # the warning says so
+
+
+def test_a_compiled_module_refused_after_its_imports_leaves_no_old_module_bound(
+    tmp_path: Path,
+) -> None:
+    """The Python 3.12 case: a compiled module refused at the end of its import, after
+    the modules it imports were loaded. The fallback drops those too, from
+    ``sys.modules`` and from their package, so every later import (``from lbpool
+    import stats`` in the manager) binds the modules that run, not dropped copies."""
+    copy = tmp_path / "lbpool"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in _hotpath.COMPILED:  # present, so the compiled load is tried
+        (copy / (name.rpartition(".")[2] + suffix)).write_bytes(b"")
+    script = f"""
+import importlib.machinery, importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, {str(tmp_path)!r})
+
+class Refused(importlib.machinery.SourceFileLoader):
+    def exec_module(self, module):
+        super().exec_module(module)  # every import of lbpool.pool done
+        raise TypeError("refused at the end of its import")
+
+class Stand_in:  # the "compiled" modules: connection loads, pool is refused
+    def find_spec(self, name, path=None, target=None):
+        if name not in ("lbpool.connection", "lbpool.pool"):
+            return None
+        source = {str(copy)!r} + "/" + name.rpartition(".")[2] + ".py"
+        loader = (Refused if name == "lbpool.pool" else importlib.machinery.SourceFileLoader)(
+            name, source
+        )
+        return importlib.util.spec_from_file_location(name, source, loader=loader)
+
+sys.meta_path.insert(0, Stand_in())
+import lbpool, lbpool.manager, lbpool.testing
+stale = [
+    name for name, module in sys.modules.items()
+    if name.startswith("lbpool.") and getattr(lbpool, name.split(".")[1], None) is not None
+    and name.count(".") == 1 and getattr(lbpool, name.split(".")[1]) is not module
+]
+assert not stale, stale
+assert lbpool.manager._ownership is sys.modules["lbpool._ownership"]
+assert lbpool.manager._stats_config is sys.modules["lbpool.stats"]
+assert lbpool.manager.Pool is sys.modules["lbpool.pool"].Pool
+print(lbpool.testing.hot_path())
+"""
+    env = {k: v for k, v in os.environ.items() if k != _hotpath.ENV_PURE}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == (
+        "pure (compiled modules failed to load: TypeError: refused at the end of its import)"
+    ), result.stdout
