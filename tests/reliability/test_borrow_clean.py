@@ -318,6 +318,7 @@ def test_idle_watcher_refills_min_idle(echo_server: EchoServer, no_fd_leak: None
     pool = Pool(echo_server.address, pool=PoolConfig(min_idle=1, max_size=2))
     pool.wait_ready(BOUND)
     first = pool._idle[0]
+    echo_server.wait_accepted(1, BOUND)  # dialed is not accepted yet: on a starved box
     echo_server._close_connections()  # the server drops every client (FIN)
     assert _until(lambda: pool.stats().closed["unhealthy"] == 1)
     assert _until(lambda: len(pool._idle) == 1 and pool._idle[0] is not first)

@@ -419,7 +419,8 @@ def _sqlalchemy(address: str, size: int, timeout: float) -> Iterator[Adapter]:
                 notes=["QueuePool(creator, pool_size, max_overflow=0, reset_on_return=None)"],
             )
         finally:
-            pool.dispose()
+            with gevent.Timeout(5.0, False):  # bounded, as _gcp's close (its queue's lock)
+                pool.dispose()
 
 
 def _fairy_socket(fairy: Any) -> Any:
@@ -486,7 +487,10 @@ def _gcp(address: str, size: int, timeout: float) -> Iterator[Adapter]:
                 notes=["threading.ConnectionPool, min_idle=max_size=total_max_size"],
             )
         finally:
-            pool.close(timeout=1.0)
+            # bounded: a worker killed at the end of a contended round can leave the
+            # pool's lock held, and its close() would wait for it for ever
+            with gevent.Timeout(5.0, False):
+                pool.close(timeout=1.0)
 
 
 @contextlib.contextmanager
