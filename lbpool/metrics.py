@@ -54,7 +54,7 @@ with a short timed pause between them (``lbpool._pacing.Pacer``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from itertools import accumulate as _accumulate
 from itertools import chain
@@ -75,7 +75,13 @@ from prometheus_client.samples import Sample
 
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
-from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, BackendStats, DiscoveryStats
+from lbpool.stats import (
+    _RAW_FIELDS,
+    CLOSE_REASONS,
+    WAIT_BUCKETS,
+    BackendStats,
+    DiscoveryStats,
+)
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -293,54 +299,20 @@ class _Columns:
         if not raws:
             return
         fam = self.fam
-        (
-            addresses,
-            _,
-            size,
-            idle,
-            in_use,
-            pending,
-            waiting,
-            hit,
-            miss,
-            timeouts,
-            shed,
-            dial_failures,
-            closed,
-            wait_total,
-            wait_max,
-            breaker_state,
-            breaker_trips,
-            max_size,
-            _,
-            served,
-            wait_counts,
-            max_in_use,
-            waits,
-            released,
-        ) = zip(*raws, strict=True)
+        col: dict[str, Sequence[Any]] = dict(
+            zip(_RAW_FIELDS, zip(*raws, strict=True), strict=True)
+        )  # by field
+        addresses = col["address"]
         labels = [{"backend": backend, "server": a} for a in addresses]
-        acquired = list(map(_add, hit, miss))
+        col["acquired"] = acquired = list(map(_add, col["hits"], col["misses"]))
         if hits:
             owned = [hits.get(a, _NO_HITS) for a in addresses]
-            owner, fallback = [o for o, _ in owned], [f for _, f in owned]
+            col["owner_hits"], col["fallback_hits"] = [o for o, _ in owned], [f for _, f in owned]
         else:
-            owner = fallback = [0] * len(addresses)
+            col["owner_hits"] = col["fallback_hits"] = [0] * len(addresses)
         column = self._column
-        for field, values in (
-            ("acquired", acquired),
-            ("hits", hit),
-            ("misses", miss),
-            ("timeouts", timeouts),
-            ("shed", shed),
-            ("dial_failures", dial_failures),
-            ("breaker_trips", breaker_trips),
-            ("owner_hits", owner),
-            ("fallback_hits", fallback),
-            ("waits", waits),
-            ("released", released),
-        ):
-            column(*self.counters[field], labels, values)
+        for field, _, _ in _COUNTERS:
+            column(*self.counters[field], labels, col[field])
         family = fam["closed"]
         column(
             family.samples,
@@ -350,25 +322,17 @@ class _Columns:
                 for a in addresses
                 for r in CLOSE_REASONS
             ],
-            _chain(map(_CLOSED_VALUES, closed)),
+            _chain(map(_CLOSED_VALUES, col["closed"])),
         )
         family = fam["wait_time_total"]
-        column(family.samples, family.name + "_total", labels, wait_total)
-        for field, values in (
-            ("size", size),
-            ("idle", idle),
-            ("in_use", in_use),
-            ("pending", pending),
-            ("waiting", waiting),
-            ("max_size", max_size),
-            ("max_in_use", max_in_use),
-        ):
-            column(*self.gauges[field], labels, values)
+        column(family.samples, family.name + "_total", labels, col["wait_time_total"])
+        for field, _, _ in _GAUGES:
+            column(*self.gauges[field], labels, col[field])
         family = fam["wait_time_max"]
-        column(family.samples, family.name, labels, wait_max)
+        column(family.samples, family.name, labels, col["wait_time_max"])
         family = fam["breaker_state"]
         states = BREAKER_STATE_VALUES.get
-        column(family.samples, family.name, labels, map(states, breaker_state, _repeat(2)))
+        column(family.samples, family.name, labels, map(states, col["breaker_state"], _repeat(2)))
         # the histogram, per server: 13 buckets, +Inf, count, sum (cumulative; every
         # acquisition that did not queue observed at 0 s)
         hist = fam["acquire_wait"]
@@ -380,7 +344,13 @@ class _Columns:
         hist_labels: list[dict[str, str]] = []
         hist_values: list[float] = []
         for a, base, acq, srv, counts, total in zip(
-            addresses, labels, acquired, served, wait_counts, wait_total, strict=True
+            addresses,
+            labels,
+            acquired,
+            col["waits_served"],
+            col["wait_counts"],
+            col["wait_time_total"],
+            strict=True,
         ):
             hist_labels += [{"backend": backend, "server": a, "le": le} for le in _LE_LABELS]
             hist_labels += (base, base)

@@ -887,14 +887,8 @@ class Pool(ThreadBound):
             self._handed += 1
             w.outcome = conn
             self._hub.loop.run_callback(w.switch, None)
-        elif len(idle := self._idle) < self._max_idle:  # _rest, inlined (bench A)
-            idle.append(conn)
-            try:
-                conn.watcher.start(self._on_stirred, conn)
-            except AttributeError:
-                if conn.watcher is not None:  # not its first rest: some other fault
-                    raise
-                self._watch(conn)
+        elif len(self._idle) < self._max_idle:
+            self._rest(conn)  # a direct C call on the compiled path
         else:  # max_idle kept already: close it now rather than after idle_timeout
             self._retire(conn, "idle")
 
