@@ -194,17 +194,22 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
     """One server's breaker: opens on consecutive failures, then probes with one trial.
 
     ``is_closed`` is a plain attribute, kept current on every transition, so the pool's
-    hot path costs one attribute read.
+    hot path costs one attribute read. So is ``quiet``: closed, no failure in the
+    current streak and no failure-rate window, so a clean use changes nothing (the
+    pool's return reads it instead of three attributes). Its three inputs keep it:
+    ``_transition``, ``rate``'s two writers, and ``_failure_count``, a property, so
+    the package's own writes of the count keep it too.
     """
 
-    is_closed: bool
+    is_closed: bool = False  # until __init__ closes it (the package's __init__ runs first)
+    quiet: bool = False
     closes: int  # transitions to closed: connections dialed before the last one are stale
-    rate: FailureRate | None  # the failure-rate window; None when failure_rate is off
+    rate: FailureRate | None = None  # the failure-rate window; None when failure_rate is off
     trips: int  # closed -> open transitions; re-opening after a failed trial is not a trip
     # the package's attributes, typed (it ships no hints)
     _name: str
     _state: str
-    _failure_count: int
+    _failures: int = 0  # the streak's count, behind the ``_failure_count`` property
     _failure_threshold: int
     _last_failure: BaseException | None
     _recovery_timeout: float  # the current wait: base doubled per failed trial, capped
@@ -248,6 +253,21 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         self.trips = 0
         self._rate_config = config.failure_rate
         self.rate = None if config.failure_rate is None else FailureRate(config.failure_rate, clock)
+        self._requiet()
+
+    @property
+    def _failure_count(self) -> int:
+        """The package's failure count (consecutive failures), kept in ``_failures``."""
+        return self._failures
+
+    @_failure_count.setter
+    def _failure_count(self, count: int) -> None:
+        self._failures = count
+        self._requiet()
+
+    def _requiet(self) -> None:
+        """Recompute ``quiet`` from its inputs; called by each of their writers."""
+        self.quiet = self.is_closed and not self._failures and self.rate is None
 
     # ------------------------------------------------------------------ reading
 
@@ -445,6 +465,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
             self._rate_config = config.failure_rate
             rate = config.failure_rate
             self.rate = None if rate is None else FailureRate(rate, self._clock)
+            self._requiet()
 
     # ------------------------------------------------------------------ transitions
 
@@ -523,6 +544,7 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         old = self._state
         self._state = new
         self.is_closed = new == STATE_CLOSED
+        self._requiet()
         if level:
             logger.log(level, msg, *args)
         if self._listener is None or old == new:

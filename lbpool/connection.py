@@ -18,7 +18,7 @@ import contextlib
 import io
 import socket
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gevent import Timeout as _GeventTimeout
 
@@ -31,13 +31,9 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
     from typing_extensions import Self
 
-
-class _Owner(Protocol):
-    name: str
-    backend: str | None
-
-    def _return(self, conn: _Conn) -> None: ...
-    def _discard(self, conn: _Conn, exc: BaseException | None) -> None: ...
+    # the owner's type, for the checker and for the compiled build: both modules are
+    # compiled together, so ``release()`` calls ``Pool._return`` directly (C to C)
+    from lbpool.pool import Pool
 
 
 # ``_Conn.dirty`` bits: what a borrower may have changed on the socket
@@ -125,7 +121,7 @@ class PooledConnection:
 
     stack: str | None  # where it was acquired; set only when leak detection is on
 
-    def __init__(self, owner: _Owner, conn: _Conn, now: float) -> None:
+    def __init__(self, owner: Pool, conn: _Conn, now: float) -> None:
         self._owner = owner
         self._conn: _Conn | None = conn
         self.acquired_at = now

@@ -20,6 +20,7 @@ queue, its outcomes and its timer are ``lbpool._waiters``; the upkeep loop is
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import logging
@@ -27,24 +28,21 @@ import os
 import random
 import socket
 import traceback
-from bisect import bisect_left
-from collections import deque
 from collections.abc import Callable
-from time import monotonic as _monotonic
-from typing import Any, SupportsFloat, cast
+from time import monotonic
+from typing import Any, Final, SupportsFloat, cast
 
 import gevent
 from gevent.event import Event
 
-from lbpool import _ownership
+from lbpool import _hublag, _ownership
 from lbpool._demand import DemandWindow
-from lbpool._hublag import WATCH_LAG, hub_lag
+from lbpool._hublag import hub_lag
 from lbpool._net import close_quietly
 from lbpool._ownership import (
     Forked,
     ThreadBound,
     fork_generation,
-    get_ident,
     read_from_any_thread,
 )
 from lbpool._upkeep import Upkeep
@@ -76,7 +74,18 @@ _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
 _log = logging.getLogger("lbpool")
 # checked_at of a connection the server's failure made suspect: checked before reuse
-_SUSPECT = float("-inf")
+_SUSPECT: Final = float("-inf")
+
+# What the hot path calls or reads, bound once as ``Final`` names: the compiled build
+# keeps those in C statics, where any other module global costs a dict lookup per use
+# (and a method named on an object, a lookup by name: hence ``_run_callback`` below).
+_monotonic: Final = monotonic
+get_ident: Final = _ownership.get_ident
+_new_waiter: Final = Waiter
+_WAITING: Final = WAITING
+_WATCH_LAG: Final = _hublag.WATCH_LAG
+_bisect_left: Final = bisect.bisect_left
+_WAIT_BUCKETS: Final = WAIT_BUCKETS
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -172,7 +181,7 @@ class Pool(ThreadBound):
             pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup
         )
 
-        self._idle: deque[_Conn] = deque()
+        self._idle: list[_Conn] = []  # a LIFO stack, oldest first (a list: C calls compiled)
         self._busy: dict[_Conn, PooledConnection] = {}
         self._size = 0  # open connections + reserved dial slots
         self._pending = 0  # reserved dial slots: dials in progress or about to start
@@ -211,6 +220,7 @@ class Pool(ThreadBound):
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
         self._hub_lag = hub_lag(self._hub.loop)  # seconds since the hub last polled
+        self._run_callback: Callable[..., Any] = self._hub.loop.run_callback  # bound once
         self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
         if upkeep:
             self._start_upkeep()
@@ -259,9 +269,9 @@ class Pool(ThreadBound):
         self._demand.span = self._demand_span
         self.weight = weight
         while self._size > self._max_size and self._idle:
-            self._retire(self._idle.popleft(), "discarded")
+            self._retire(self._idle.pop(0), "discarded")
         while len(self._idle) > self._max_idle:
-            self._retire(self._idle.popleft(), "idle")
+            self._retire(self._idle.pop(0), "idle")
         self._hand_on()  # a larger max_size: waiters may dial now
 
     def _expiry(self, now: float) -> float:
@@ -347,6 +357,7 @@ class Pool(ThreadBound):
         self._bind_to_current_thread()
         self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
         self._hub_lag = hub_lag(self._hub.loop)
+        self._run_callback = self._hub.loop.run_callback
         if self._upkeep is not None and not self._closing:
             self._upkeep.abandon()  # the parent's loop, inherited: ends after its pass
             self._start_upkeep()
@@ -423,7 +434,7 @@ class Pool(ThreadBound):
                     raise PoolClosed(
                         f"{self.name}: pool closed during a borrow check", self.name, self.backend
                     )
-            elif rested > WATCH_LAG and (self._hub_lag() > WATCH_LAG or watcher.pending):
+            elif rested > _WATCH_LAG and (self._hub_lag() > _WATCH_LAG or watcher.pending):
                 # its watcher cannot vouch for it: code held the hub (no poll lately), or
                 # the last poll saw bytes or EOF and woke this borrower before the
                 # watcher's callback ran (libev runs a poll's watchers one by one)
@@ -478,11 +489,14 @@ class Pool(ThreadBound):
         return self._wait(start, deadline, panic)
 
     def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
-        generation = _ownership._fork_generation  # fork_generation(), inlined (bench B)
+        # the fork generation this acquisition started in (the owner check made it the
+        # pool's); a fork while it waits poisons _thread_id or, once someone started the
+        # pool fresh, changes _fork_gen: two native reads, no global (bench B)
+        generation = self._fork_gen
         self._waits += 1
         waiters = self._waiters
-        w = Waiter(self._hub)  # WaitQueue.join, inlined (bench B); test_fast_join_matches_join
-        w.outcome = WAITING
+        w = _new_waiter(self._hub)  # WaitQueue.join, inlined (bench B); test_fast_join_matches_join
+        w.outcome = _WAITING
         w.deadline = deadline
         waiters.append(w)
         if deadline < waiters._timer_at:
@@ -495,14 +509,14 @@ class Pool(ThreadBound):
                 raise self._forked() from None
             self._abandon(w)
             raise
-        if generation != _ownership._fork_generation:  # a wait copied into a forked child
+        if self._thread_id < 0 or self._fork_gen != generation:  # copied into a forked child
             raise self._forked(outcome if isinstance(outcome, _Conn) else None)
         now = _monotonic()
         waited = now - start
         self._wait_total += waited
         if waited > self._wait_max:
             self._wait_max = waited
-        self._wait_counts[bisect_left(WAIT_BUCKETS, waited)] += 1
+        self._wait_counts[_bisect_left(_WAIT_BUCKETS, waited)] += 1
         if isinstance(outcome, _Conn):  # the common case: a connection handed over
             conn = outcome
             self._handed -= 1
@@ -865,11 +879,12 @@ class Pool(ThreadBound):
         checked = conn.checked_at  # _SUSPECT: in use when the server failed us
         conn.last_used_at = conn.checked_at = now
         breaker = self.breaker
-        if breaker._failure_count:  # a clean use ends a streak of failures
-            breaker.record_success(None)  # None: not a half-open trial's verdict
-        rate = breaker.rate  # failure_rate: a clean use is a success (breaker closed)
-        if rate is not None and breaker.is_closed:
-            rate.success()
+        if not breaker.quiet:  # closed, no streak, no rate window: nothing to tell it
+            if breaker._failure_count:  # a clean use ends a streak of failures
+                breaker.record_success(None)  # None: not a half-open trial's verdict
+            rate = breaker.rate  # failure_rate: a clean use is a success (breaker closed)
+            if rate is not None and breaker.is_closed:
+                rate.success()
         if now >= conn.expires_at:
             self._retire(conn, "lifetime")
         elif self._closing or self._size > self._max_size:
@@ -886,7 +901,7 @@ class Pool(ThreadBound):
             w = self._waiters.popleft()
             self._handed += 1
             w.outcome = conn
-            self._hub.loop.run_callback(w.switch, None)
+            self._run_callback(w.switch, None)
         elif len(self._idle) < self._max_idle:
             self._rest(conn)  # a direct C call on the compiled path
         else:  # max_idle kept already: close it now rather than after idle_timeout
@@ -1089,7 +1104,7 @@ class Pool(ThreadBound):
         self._max_size = self.config.max_size - self._inherited
         if slots > 0:
             while self._size > self._max_size and self._idle:
-                self._retire(self._idle.popleft(), "discarded")
+                self._retire(self._idle.pop(0), "discarded")
             return
         self._hand_on()
         if not self._closing and self._refill_need() > 0:
@@ -1306,13 +1321,13 @@ class Pool(ThreadBound):
 
     def _expire_idle(self, now: float) -> None:
         cfg = self.config
-        keep: deque[_Conn] = deque()
+        keep: list[_Conn] = []
         idle = self._idle
         auto = self._auto
         target = self._auto_target() if auto else 0
         # oldest first: the bottom of the LIFO stack
         while idle:
-            conn = idle.popleft()
+            conn = idle.pop(0)
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
             elif now - conn.last_used_at >= cfg.idle_timeout and (

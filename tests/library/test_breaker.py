@@ -3,13 +3,17 @@ doubling recovery, float seconds, no global registry, and a listener."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import gevent
 import pytest
 from circuitbreaker import CircuitBreaker, CircuitBreakerMonitor
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from lbpool.breaker import Breaker, CircuitBreakerError
+from lbpool.breaker import ANY_TRIAL, PANIC_DIAL, Breaker, CircuitBreakerError
 from lbpool.config import BreakerConfig
 
 
@@ -494,3 +498,69 @@ def test_dial_success_ends_only_a_streak_of_dial_failures() -> None:
     assert breaker.failure_count == 2  # includes an error in use: only a clean use ends it
     breaker.record_success(None)
     assert breaker.failure_count == 0
+
+
+class QuietMachine(RuleBasedStateMachine):
+    """``quiet`` (what the pool's return reads instead of three attributes) agrees with
+    its inputs after any sequence of the breaker's own and the package's operations:
+    closed, no failure in the streak, no failure-rate window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.clock = make(threshold=2, recovery=1.0, max_recovery=4.0)
+
+    @rule(dial=st.booleans(), trial=st.sampled_from([ANY_TRIAL, None, PANIC_DIAL, 1, 2]))
+    def failure(self, dial: bool, trial: int | None) -> None:
+        self.b.record_failure(OSError("refused"), trial, dial=dial)
+
+    @rule(trial=st.sampled_from([ANY_TRIAL, None, PANIC_DIAL, 1, 2]))
+    def success(self, trial: int | None) -> None:
+        self.b.record_success(trial)
+
+    @rule()
+    def dial_success(self) -> None:
+        self.b.record_dial_success()
+
+    @rule()
+    def clean_use(self) -> None:
+        self.b.count_success()
+
+    @rule()
+    def admit(self) -> None:
+        self.b.allow_dial()
+
+    @rule(seconds=st.sampled_from([0.1, 1.0, 5.0]))
+    def wait(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule()
+    def reset(self) -> None:
+        self.b.reset()
+
+    @rule(ok=st.booleans())
+    def package_context_manager(self, ok: bool) -> None:
+        # the package's own use, whose failures and successes go through its code
+        with contextlib.suppress(OSError, CircuitBreakerError), self.b:
+            if not ok:
+                raise OSError("refused")
+
+    @rule(rate=st.sampled_from([None, 0.5]), threshold=st.integers(1, 3))
+    def reconfigure(self, rate: float | None, threshold: int) -> None:
+        self.b.reconfigure(
+            BreakerConfig(
+                failure_threshold=threshold,
+                recovery_timeout=1.0,
+                max_recovery_timeout=4.0,
+                failure_rate=None if rate is None else {"threshold": rate, "min_requests": 2},
+            )
+        )
+
+    @invariant()
+    def quiet_agrees(self) -> None:
+        b = self.b
+        assert b.is_closed == (b._state == "closed")
+        assert b.quiet == (b.is_closed and b.failure_count == 0 and b.rate is None)
+
+
+TestQuiet = QuietMachine.TestCase
+TestQuiet.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
