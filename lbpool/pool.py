@@ -533,9 +533,14 @@ class Pool(ThreadBound):
             return handle
         if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1
+            draining = (
+                f", {self._inherited} of them still held by a pool a reload replaced"
+                if self._inherited > 0
+                else ""
+            )
             raise PoolTimeout(
                 f"{self.name}: no connection within {deadline - start:.3g}s "
-                f"({len(self._busy)} in use, {self.config.max_size} max, "
+                f"({len(self._busy)} in use, {self.config.max_size} max{draining}, "
                 f"{len(self._waiters)} waiting)",
                 self.name,
                 self.backend,

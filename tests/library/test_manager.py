@@ -852,6 +852,35 @@ def test_max_size_holds_when_a_server_is_removed_and_added_back(
         other.stop()
 
 
+def test_a_timeout_says_when_a_replaced_pool_still_holds_the_slots(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    no_fd_leak: None,
+) -> None:
+    """A server removed and added back while its connections are in use: the new pool
+    may open none until they come back (DESIGN 22), and its timeout says why instead of
+    "0 in use, 2 max"."""
+    srv, other = echo_server_factory(), echo_server_factory()
+    pool_cfg = {"max_size": 2, "acquire_timeout": 10}
+    manager = make_manager(config([srv.address], pool=pool_cfg))
+    held = [manager.acquire("svc") for _ in range(2)]
+    manager.reload(config([other.address], pool=pool_cfg))
+    manager.reload(config([srv.address], pool=pool_cfg))
+    with pytest.raises(PoolTimeout) as info:
+        manager.get("svc", timeout=0.1)
+    assert "2 max, 2 of them still held by a pool a reload replaced" in str(info.value)
+    for conn in held:
+        conn.release()
+    with manager.get("svc", timeout=10) as conn:  # a slot came back: served
+        assert conn.address == srv.address
+    hold = [manager.acquire("svc", timeout=10) for _ in range(2)]
+    with pytest.raises(PoolTimeout) as info:  # a plain timeout says nothing of it
+        manager.get("svc", timeout=0.1)
+    assert "still held" not in str(info.value)
+    for conn in hold:
+        conn.release()
+
+
 # -- errors name where they happened (DESIGN, Errors) ----------------------------------------
 
 
