@@ -819,13 +819,15 @@ class PoolManager(ThreadBound):
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
         pool = backend._direct
-        if pool is not None and timeout is None and pool.breaker.is_closed:
+        if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, inlined (a Python frame less)
+            if timeout is not None:  # before anything changes
+                timeout = valid_timeout(timeout, backend._label)
             start = _monotonic()
-            try:
-                return pool.acquire()
+            try:  # no argument at all is the cheapest call into the compiled pool
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
             except (DialError, PoolClosed, PoolExhausted) as exc:
-                return backend._failover(start, None, {pool: exc}, None)
+                return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
     def acquire(
@@ -842,13 +844,15 @@ class PoolManager(ThreadBound):
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
         pool = backend._direct
-        if pool is not None and timeout is None and pool.breaker.is_closed:
+        if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, inlined (a Python frame less)
+            if timeout is not None:  # before anything changes
+                timeout = valid_timeout(timeout, backend._label)
             start = _monotonic()
-            try:
-                return pool.acquire()
+            try:  # no argument at all is the cheapest call into the compiled pool
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
             except (DialError, PoolClosed, PoolExhausted) as exc:
-                return backend._failover(start, None, {pool: exc}, None)
+                return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
     def call(
