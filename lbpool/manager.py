@@ -203,6 +203,12 @@ class Backend:
         self.closed = False  # set by the manager's close(): waiters then get PoolClosed
         self.closed_event = Event()  # set with it: wakes a wait for discovery's first answer
         self._only: Pool | None = None  # the one server of a one-server backend
+        # the same when no key routes it (no placement): while its breaker is closed,
+        # an acquisition goes straight to it -- nothing to pick, no panic (its one
+        # server is closed), no warming (nobody else to take a share); the path that
+        # PoolManager.get and acquire inline
+        self._direct: Pool | None = None
+        self._label = f"backend {name!r}"  # where a bad timeout is named
         self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
         # panic mode's balancer: the same strategy over the pools with health ignored
         self._panic_balancer: Balancer = self._balancer
@@ -330,6 +336,7 @@ class Backend:
         )
         self._not_closed = [p for p in pools if not p.breaker.is_closed]
         self._follow_placement(config, pools)
+        self._direct = self._only if self._placement is None else None
         _discard(fresh)  # made for a server that a reload in between added already
         self.notify_change()
         return list(old.values())
@@ -487,7 +494,14 @@ class Backend:
         key's owner, then its fallbacks (``hash_fallback``); other strategies ignore it.
         """
         if timeout is not None:  # before anything changes, on every path
-            timeout = valid_timeout(timeout, f"backend {self.name!r}")
+            timeout = valid_timeout(timeout, self._label)
+        pool = self._direct
+        if pool is not None and pool.breaker.is_closed:  # _acquire's one-server path
+            start = _monotonic()
+            try:
+                return pool.acquire(timeout)
+            except (DialError, PoolClosed, PoolExhausted) as exc:
+                return self._failover(start, timeout, {pool: exc}, None)
         if not self.pools and self.discovery is not None:  # DNS has not answered yet
             timeout = self._await_discovery(timeout)
         placement = self._placement
@@ -559,7 +573,7 @@ class Backend:
         """``fn(conn)`` on a borrowed connection, retried on a fresh one when the
         connection died in flight; see ``PoolManager.call``."""
         if timeout is not None:  # before anything is counted
-            timeout = valid_timeout(timeout, f"backend {self.name!r}")
+            timeout = valid_timeout(timeout, self._label)
         budget = self.budget
         budget.called()
         limit = self.config.pool.acquire_timeout if timeout is None else timeout
@@ -804,6 +818,16 @@ class PoolManager(ThreadBound):
         except TypeError:
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
+        pool = backend._direct
+        if pool is not None and pool.breaker.is_closed:
+            # Backend.acquire's one-server path, inlined (a Python frame less)
+            if timeout is not None:  # before anything changes
+                timeout = valid_timeout(timeout, backend._label)
+            start = _monotonic()
+            try:  # no argument at all is the cheapest call into the compiled pool
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
+            except (DialError, PoolClosed, PoolExhausted) as exc:
+                return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
     def acquire(
@@ -819,6 +843,16 @@ class PoolManager(ThreadBound):
         except TypeError:
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
+        pool = backend._direct
+        if pool is not None and pool.breaker.is_closed:
+            # Backend.acquire's one-server path, inlined (a Python frame less)
+            if timeout is not None:  # before anything changes
+                timeout = valid_timeout(timeout, backend._label)
+            start = _monotonic()
+            try:  # no argument at all is the cheapest call into the compiled pool
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
+            except (DialError, PoolClosed, PoolExhausted) as exc:
+                return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
     def call(

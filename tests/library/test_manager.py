@@ -607,18 +607,20 @@ def test_lbpool_errors_raised_in_a_with_block_do_not_charge_its_server(
 @pytest.mark.parametrize(
     "bad", [1j, float("nan"), True, "0.5"], ids=["complex", "nan", "bool", "str"]
 )
+@pytest.mark.parametrize("method", ["get", "acquire"])
+@pytest.mark.parametrize("n_servers", [1, 2])  # 1: the path straight to the one pool
 def test_bad_timeout_is_refused_by_the_manager(
     make_manager: Callable[..., PoolManager],
     echo_server_factory: Callable[..., EchoServer],
     bad: object,
+    method: str,
+    n_servers: int,
 ) -> None:
-    a, b = echo_server_factory(), echo_server_factory()
-    manager = make_manager(
-        {"backends": {"b": {"servers": [a.address, b.address], "pool": {"min_idle": 0}}}}
-    )
+    addresses = [echo_server_factory().address for _ in range(n_servers)]
+    manager = make_manager({"backends": {"b": {"servers": addresses, "pool": {"min_idle": 0}}}})
     manager.get("b").release()  # one idle connection: the fast path is open
-    with pytest.raises((TypeError, ValueError), match="timeout"):
-        manager.get("b", timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError), match=r"^backend 'b': timeout"):
+        getattr(manager, method)("b", timeout=bad)
     for pool in manager.backends["b"].pools:
         s = pool.stats()
         assert (s.waiting, s.in_use, s.timeouts) == (0, 0, 0), s

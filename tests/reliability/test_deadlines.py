@@ -20,7 +20,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 import lbpool.dial
-from lbpool import DialError, PoolManager, PoolTimeout
+from lbpool import DialError, LbpoolError, PoolManager, PoolTimeout
 from lbpool.config import Address, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer, recv_exact
@@ -463,3 +463,72 @@ def test_close_abandons_a_greenlet_whose_hook_swallows_the_kill(
     s = pool.stats()
     assert (s.size, s.idle, s.in_use, s.pending) == (0, 0, 0, 0), s
     assert (pool._held, pool._refilling, pool._checking, pool._handed) == (0, 0, 0, 0)
+
+
+class FailThenHoldHook:
+    """A setup hook: dials to ``fail_port`` fail after ``fail_after`` s; dials to any
+    other server wait on ``gate`` (held past every caller's deadline)."""
+
+    def __init__(self, fail_port: int, fail_after: float) -> None:
+        self.fail_port = fail_port
+        self.fail_after = fail_after
+        self.failing = Event()  # a dial to fail_port is in the hook
+        self.holding = Event()  # a dial to another server is in the hook
+        self.gate = Event()
+
+    def __call__(self, sock: Any) -> None:
+        if sock.getpeername()[1] == self.fail_port:
+            self.failing.set()
+            gevent.sleep(self.fail_after)
+            raise OSError("refused by the test's setup hook")
+        self.holding.set()
+        self.gate.wait(30)
+
+
+@pytest.mark.parametrize("route", ["get", "get with timeout", "acquire"])
+def test_one_server_backend_fails_over_within_the_first_deadline(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    route: str,
+    no_fd_leak: None,
+) -> None:
+    """A one-server backend's acquisition goes straight to its server (no pick); its
+    dial fails after 0.8 s, by which time a reload has added a second server, whose
+    dial hangs. The failover there gets what is left of the first deadline (2 s in
+    all), not a fresh one: the caller leaves at 2 s, not 2.8 s."""
+    first, second = echo_server_factory(), echo_server_factory()
+    hook = FailThenHoldHook(first.port, fail_after=0.8)
+
+    def config(*servers: str) -> dict[str, Any]:
+        backend = {
+            "servers": list(servers),
+            "pool": {"min_idle": 0, "max_size": 2, "acquire_timeout": 2.0},
+            "dial": {"timeout": 10},
+            "breaker": {"failure_threshold": 1000},
+            "setup": hook,
+        }
+        return {"backends": {"b": backend}}
+
+    manager = make_manager(config(first.address))
+
+    def borrow() -> tuple[BaseException | None, float]:
+        start = monotonic()
+        try:
+            if route == "get":
+                manager.get("b").release()
+            elif route == "acquire":
+                manager.acquire("b").release()
+            else:
+                manager.get("b", timeout=2.0).release()
+        except LbpoolError as exc:
+            return exc, monotonic() - start
+        return None, monotonic() - start
+
+    caller = gevent.spawn(borrow)
+    assert hook.failing.wait(5)
+    manager.reload(config(first.address, second.address))
+    error, took = caller.get(timeout=10)
+    hook.gate.set()
+    assert hook.holding.is_set()  # it did fail over to the new server
+    assert isinstance(error, PoolTimeout), error
+    assert 2.0 - 0.05 <= took < 2.0 + SLACK, took
