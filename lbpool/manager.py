@@ -804,13 +804,20 @@ class PoolManager(ThreadBound):
     def get(
         self, name: str, timeout: float | None = None, key: Key | None = None
     ) -> PooledConnection:
-        """Acquire now; use as ``with manager.get("cache") as conn:``.
+        """Borrow a connection to ``name`` (a backend, or an ad-hoc ``host:port``) within
+        ``timeout`` seconds (default: the backend's ``acquire_timeout``); use as ``with
+        manager.get("cache") as conn:``, or give it back with ``release()``/``discard()``.
+        ``acquire`` is the same method.
 
         ``key`` (str, as UTF-8, or bytes): required by key-affinity backends (``maglev``,
-        ``ring_hash``, ``rendezvous``), ignored by the others.
+        ``ring_hash``, ``rendezvous``), ignored by the others. A bad ``key``,
+        ``timeout`` or ``name`` raises ``TypeError``/``ValueError`` naming it before
+        anything changes (no ad-hoc pool is made, no wait begins).
         """
         if key is not None:
-            check_key(key)  # before anything changes (an ad-hoc pool made, a wait begun)
+            check_key(key)
+        if timeout is not None:
+            timeout = valid_timeout(timeout, f"backend {name!r}")
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         try:
@@ -821,8 +828,6 @@ class PoolManager(ThreadBound):
         pool = backend._direct
         if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, inlined (a Python frame less)
-            if timeout is not None:  # before anything changes
-                timeout = valid_timeout(timeout, backend._label)
             start = _monotonic()
             try:  # no argument at all is the cheapest call into the compiled pool
                 return pool.acquire() if timeout is None else pool.acquire(timeout)
@@ -830,30 +835,7 @@ class PoolManager(ThreadBound):
                 return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
-    def acquire(
-        self, name: str, timeout: float | None = None, key: Key | None = None
-    ) -> PooledConnection:
-        """Acquire a connection to ``name``; give it back with ``release()``/``discard()``."""
-        if key is not None:
-            check_key(key)
-        if get_ident() != self._thread_id:  # another OS thread, or a forked child
-            self._check_owner()
-        try:
-            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
-        except TypeError:
-            _check_name(name)  # an unhashable name: say so, naming the argument
-            raise
-        pool = backend._direct
-        if pool is not None and pool.breaker.is_closed:
-            # Backend.acquire's one-server path, inlined (a Python frame less)
-            if timeout is not None:  # before anything changes
-                timeout = valid_timeout(timeout, backend._label)
-            start = _monotonic()
-            try:  # no argument at all is the cheapest call into the compiled pool
-                return pool.acquire() if timeout is None else pool.acquire(timeout)
-            except (DialError, PoolClosed, PoolExhausted) as exc:
-                return backend._failover(start, timeout, {pool: exc}, None)
-        return backend.acquire(timeout, key)
+    acquire = get  # one method, two names: ``with manager.get(...)``, ``acquire()``/``release()``
 
     def call(
         self,

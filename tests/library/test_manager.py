@@ -626,6 +626,24 @@ def test_bad_timeout_is_refused_by_the_manager(
         assert (s.waiting, s.in_use, s.timeouts) == (0, 0, 0), s
 
 
+@pytest.mark.parametrize("method", ["get", "acquire"])
+def test_bad_timeout_with_a_new_adhoc_name_makes_no_pool(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    method: str,
+    no_fd_leak: None,
+) -> None:
+    """The timeout is checked before the name is routed: a bad one with a host:port
+    never seen leaves no ad-hoc pool behind (one used to be made, then the check
+    raised)."""
+    address = echo_server_factory().address
+    manager = make_manager({})
+    with pytest.raises(TypeError, match=rf"^backend '{address}': timeout"):
+        getattr(manager, method)(address, timeout="1")
+    assert manager.stats().backends.get("") is None
+    assert not manager._adhoc
+
+
 # -- a full server is not a failed one (DESIGN 17) -------------------------------------
 
 
