@@ -816,15 +816,19 @@ class PoolManager(ThreadBound):
         """
         if key is not None:
             check_key(key)
-        if timeout is not None:
-            timeout = valid_timeout(timeout, f"backend {name!r}")
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
         try:
-            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+            backend = (
+                self._backends.get(name)
+                or self._adhoc.get(name)
+                or self._route_other(name, timeout)  # checks timeout before making a pool
+            )
         except TypeError:
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
+        if timeout is not None:
+            timeout = valid_timeout(timeout, backend._label)
         pool = backend._direct
         if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, inlined (a Python frame less)
@@ -894,7 +898,10 @@ class PoolManager(ThreadBound):
             raise UnknownBackend(name, list(self._backends))
         return backend.owner(key)
 
-    def _route_other(self, name: str) -> Backend:
+    def _route_other(self, name: str, timeout: object = None) -> Backend:
+        """The ad-hoc backend for a ``host:port`` name, made on first use; a bad
+        ``timeout`` (if given) is refused before a pool is made, named by backend as
+        the caller's check after routing would name it."""
         if self._closing:
             raise PoolClosed("the manager is closed")
         self._check_owner()
@@ -905,6 +912,8 @@ class PoolManager(ThreadBound):
         key = str(address)
         backend = self._adhoc.get(key)
         if backend is None:
+            if timeout is not None:
+                valid_timeout(timeout, f"backend {key!r}")
             self._make_room()
             backend = Backend(
                 key,

@@ -52,6 +52,7 @@ from lbpool._waiters import (
     PERMIT,
     TIMED_OUT,
     WAITING,
+    Handed,
     Waiter,
     WaitQueue,
     valid_timeout,
@@ -268,10 +269,8 @@ class Pool(ThreadBound):
         self._set_config(pool, dial, health_check, setup)
         self._demand.span = self._demand_span
         self.weight = weight
-        while self._size > self._max_size and self._idle:
-            self._retire(self._idle.pop(0), "discarded")
-        while len(self._idle) > self._max_idle:
-            self._retire(self._idle.pop(0), "idle")
+        self._retire_oldest(self._size - self._max_size, "discarded")
+        self._retire_oldest(len(self._idle) - self._max_idle, "idle")
         self._hand_on()  # a larger max_size: waiters may dial now
 
     def _expiry(self, now: float) -> float:
@@ -503,7 +502,10 @@ class Pool(ThreadBound):
             waiters._arm(deadline)
         try:
             w.get()  # Waiter.wait, inlined: ``outcome`` is the one channel
-            outcome = w.outcome
+            # cast: the checker still narrows ``w.outcome`` to the WAITING set above
+            # (a call does not undo that), and the compiled build would then check the
+            # handed connection against ``Outcome`` and raise TypeError
+            outcome = cast(Handed, w.outcome)
         except BaseException:
             if self._forked_since(generation):
                 raise self._forked() from None
@@ -1005,6 +1007,18 @@ class Pool(ThreadBound):
         for conn in self._busy:  # a reply read before a reset does not make it alive
             conn.checked_at = _SUSPECT
 
+    def _retire_oldest(self, count: int, reason: str) -> None:
+        """Close the ``count`` (if positive; at most all) oldest idle connections, the
+        bottom of the stack: taken off in one slice, not one ``pop(0)`` each (quadratic
+        in a large pool). Each retirement frees a slot; none adds an idle one."""
+        idle = self._idle
+        if count <= 0 or not idle:
+            return
+        doomed = idle[:count]
+        del idle[:count]
+        for conn in doomed:
+            self._retire(conn, reason)
+
     def _drop_idle(self) -> None:
         idle = self._idle
         while idle:
@@ -1108,8 +1122,7 @@ class Pool(ThreadBound):
         self._inherited += slots
         self._max_size = self.config.max_size - self._inherited
         if slots > 0:
-            while self._size > self._max_size and self._idle:
-                self._retire(self._idle.pop(0), "discarded")
+            self._retire_oldest(self._size - self._max_size, "discarded")
             return
         self._hand_on()
         if not self._closing and self._refill_need() > 0:
@@ -1330,13 +1343,15 @@ class Pool(ThreadBound):
         idle = self._idle
         auto = self._auto
         target = self._auto_target() if auto else 0
-        # oldest first: the bottom of the LIFO stack
-        while idle:
-            conn = idle.pop(0)
+        looked_at = idle[:]  # oldest first: the bottom of the LIFO stack
+        idle.clear()  # (taken off at once: one pop(0) each is quadratic in a large pool)
+        left = len(looked_at)  # not looked at yet
+        for conn in looked_at:
+            left -= 1
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
             elif now - conn.last_used_at >= cfg.idle_timeout and (
-                self._size > target if auto else len(idle) + len(keep) >= self._min_idle
+                self._size > target if auto else left + len(keep) >= self._min_idle
             ):
                 self._retire(conn, "idle")
             else:

@@ -538,11 +538,21 @@ class QuietMachine(RuleBasedStateMachine):
         self.b.reset()
 
     @rule(ok=st.booleans())
-    def package_context_manager(self, ok: bool) -> None:
-        # the package's own use, whose failures and successes go through its code
+    def context_manager(self, ok: bool) -> None:
+        # the package's context-manager use (Breaker's own __enter__/__exit__)
         with contextlib.suppress(OSError, CircuitBreakerError), self.b:
             if not ok:
                 raise OSError("refused")
+
+    @rule(ok=st.booleans())
+    def package_call(self, ok: bool) -> None:
+        # the package's call(), its code around Breaker's __enter__/__exit__
+        def fn() -> None:
+            if not ok:
+                raise OSError("refused")
+
+        with contextlib.suppress(OSError, CircuitBreakerError):
+            self.b.call(fn)
 
     @rule(rate=st.sampled_from([None, 0.5]), threshold=st.integers(1, 3))
     def reconfigure(self, rate: float | None, threshold: int) -> None:

@@ -640,8 +640,9 @@ def test_bad_timeout_with_a_new_adhoc_name_makes_no_pool(
     manager = make_manager({})
     with pytest.raises(TypeError, match=rf"^backend '{address}': timeout"):
         getattr(manager, method)(address, timeout="1")
-    assert manager.stats().backends.get("") is None
-    assert not manager._adhoc
+    assert not manager._adhoc and not manager._all_pools()  # no ad-hoc backend, no pool
+    with manager.get(address, timeout=5) as conn:  # the name itself works
+        assert conn.address == address
 
 
 # -- a full server is not a failed one (DESIGN 17) -------------------------------------

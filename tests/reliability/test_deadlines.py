@@ -485,7 +485,7 @@ class FailThenHoldHook:
         self.gate.wait(30)
 
 
-@pytest.mark.parametrize("route", ["get", "get with timeout", "acquire"])
+@pytest.mark.parametrize("route", ["get", "get with timeout", "Backend.acquire", "call"])
 def test_one_server_backend_fails_over_within_the_first_deadline(
     make_manager: Callable[..., PoolManager],
     echo_server_factory: Callable[..., EchoServer],
@@ -516,8 +516,10 @@ def test_one_server_backend_fails_over_within_the_first_deadline(
         try:
             if route == "get":
                 manager.get("b").release()
-            elif route == "acquire":
-                manager.acquire("b").release()
+            elif route == "Backend.acquire":  # the same path, not inlined
+                manager.backends["b"].acquire().release()
+            elif route == "call":  # through Backend.acquire
+                manager.call("b", lambda conn: None)
             else:
                 manager.get("b", timeout=2.0).release()
         except LbpoolError as exc:

@@ -603,6 +603,8 @@ def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
             gevent.sleep(1.5)  # every copied greenlet runs; the server's reply arrives
             abandoned = pool_counts(pool)
             copies_got = len(got)
+            # the copied borrow ended, abandoned as lbpool says: Forked, nothing else
+            copy_error = None if task is None else type(task.exception).__name__
             with manager.get("svc", timeout=10) as conn:  # the child's own connection
                 port = local_port(conn)
                 round_trip(conn, b"child")
@@ -611,6 +613,7 @@ def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
                 "own": pool_counts(pool),
                 "port": port,
                 "copies_got": copies_got,
+                "copy_error": copy_error,
             }
 
         result = run_in_child_parent_blocked(child)
@@ -619,6 +622,7 @@ def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
         assert result["own"]["idle"] >= 1, result
         assert result["port"] not in parent_ports, result
         assert result["copies_got"] == 0, result  # the copied borrow was lent nothing
+        assert result["copy_error"] == (None if task is None else "Forked"), result
         # the parent's work in flight completes, undisturbed
         if task is not None:
             task.join(15)
