@@ -21,6 +21,7 @@ from redis.retry import Retry
 from lbpool import BackendUnavailable, PoolManager, PoolTimeout
 from lbpool.contrib.redis import ConnectionPool, handshake
 from lbpool.testing import FaultProxy
+from tests.support.leaks import settle
 from tests.support.procs import read_child_report
 from tests.support.redis_server import RedisServer, RedisServers, needs_redis_server
 
@@ -334,12 +335,18 @@ def test_pool_disconnect_with_commands_in_flight_fails_them_as_connection_errors
     config["defaults"]["breaker"]["failure_threshold"] = 1
     manager = make_manager(config)
     outcomes: list[Any] = []
+    # the server's own count of clients blocked in BLPOP: sent is not yet blocked
+    watcher = ConnectionPool(manager, "primary")
+    blocked = redis.Redis(connection_pool=watcher)
 
     def blpop(client: redis.Redis) -> None:
         try:
-            outcomes.append(client.blpop(["nothing"], timeout=1))
+            outcomes.append(client.blpop(["nothing"], timeout=2))
         except Exception as exc:
             outcomes.append(exc)
+
+    def all_blocked() -> bool:
+        return bool(blocked.info("clients")["blocked_clients"] == 3)
 
     for retry, expected in (({"retry": Retry(NoBackoff(), 0)}, redis.ConnectionError),
                             (RETRY_ONCE, type(None))):  # fmt: skip
@@ -347,7 +354,7 @@ def test_pool_disconnect_with_commands_in_flight_fails_them_as_connection_errors
         pool = ConnectionPool(manager, "primary", **retry)
         client = redis.Redis(connection_pool=pool)
         greenlets = [gevent.spawn(blpop, client) for _ in range(3)]
-        gevent.sleep(0.2)  # all three are waiting for their replies
+        assert settle(all_blocked, 10)  # all three wait for their replies
         pool.disconnect()
         gevent.joinall(greenlets, timeout=5, raise_error=True)
         assert [type(o) for o in outcomes] == [expected] * 3, outcomes
