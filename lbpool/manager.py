@@ -206,7 +206,7 @@ class Backend:
         # the same when no key routes it (no placement): while its breaker is closed,
         # an acquisition goes straight to it -- nothing to pick, no panic (its one
         # server is closed), no warming (nobody else to take a share); the path that
-        # PoolManager.get and acquire inline
+        # PoolManager.get (also named acquire) inlines
         self._direct: Pool | None = None
         self._label = f"backend {name!r}"  # where a bad timeout is named
         self._balancer: Balancer = make_balancer(_balancing(config.strategy), [])
@@ -827,11 +827,12 @@ class PoolManager(ThreadBound):
         except TypeError:
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
-        if timeout is not None:
-            timeout = valid_timeout(timeout, backend._label)
         pool = backend._direct
         if pool is not None and pool.breaker.is_closed:
-            # Backend.acquire's one-server path, inlined (a Python frame less)
+            # Backend.acquire's one-server path, inlined (a Python frame less); the
+            # other paths check the timeout in Backend.acquire
+            if timeout is not None:
+                timeout = valid_timeout(timeout, backend._label)
             start = _monotonic()
             try:  # no argument at all is the cheapest call into the compiled pool
                 return pool.acquire() if timeout is None else pool.acquire(timeout)
