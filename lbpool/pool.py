@@ -28,7 +28,7 @@ import os
 import random
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Any, Final, SupportsFloat, cast
 
@@ -53,6 +53,7 @@ from lbpool._waiters import (
     TIMED_OUT,
     WAITING,
     Handed,
+    Outcome,
     Waiter,
     WaitQueue,
     valid_timeout,
@@ -86,7 +87,9 @@ _new_waiter: Final = Waiter
 _WAITING: Final = WAITING
 _WATCH_LAG: Final = _hublag.WATCH_LAG
 _bisect_left: Final = bisect.bisect_left
-_WAIT_BUCKETS: Final = WAIT_BUCKETS
+# typed as a Sequence, not the 13-float tuple it is: mypyc keeps a fixed-length tuple of
+# floats unboxed and would box it afresh (a tuple and 13 floats) on every use
+_WAIT_BUCKETS: Final[Sequence[float]] = WAIT_BUCKETS
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -533,6 +536,14 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = _caller_stack()
             return handle
+        return self._wait_ended(outcome, start, deadline, panic)
+
+    def _wait_ended(
+        self, outcome: Outcome, start: float, deadline: float, panic: bool
+    ) -> PooledConnection:
+        """A wait that ended without a connection handed over (the rarer outcomes,
+        out of ``_wait``: a compiled function's C stack frame is what a greenlet
+        switch copies, so the waiting frame is kept small)."""
         if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1
             draining = (
