@@ -91,6 +91,12 @@ class Waiter:
         elsewhere). An error raised by that switch goes to ``hub.handle_error``. With no
         greenlet waiting (its wait was interrupted, or has not begun) only the wake-up
         is recorded."""
+        self.__call__(value)
+
+    def __call__(self, value: object) -> None:
+        """``switch(value)``: the waiter itself is the hub callback that wakes it
+        (``loop.run_callback(waiter, None)``), so no bound method is made per wake-up
+        (the body is here, not in ``switch``: the pure path calls this one)."""
         greenlet = self.greenlet
         if greenlet is None:
             self._woken = True

@@ -914,7 +914,7 @@ class Pool(ThreadBound):
             w = self._waiters.popleft()
             self._handed += 1
             w.outcome = conn
-            self._run_callback(w.switch, None)
+            self._run_callback(w, None)  # w(None) is w.switch(None), no bound method made
         elif len(self._idle) < self._max_idle:
             self._rest(conn)  # a direct C call on the compiled path
         else:  # max_idle kept already: close it now rather than after idle_timeout
