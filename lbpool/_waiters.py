@@ -116,7 +116,7 @@ class WaitQueue(deque[Waiter]):
         """Give the oldest waiter ``outcome`` and schedule its wake-up (a hub callback)."""
         w = self.popleft()
         w.outcome = outcome
-        self._hub.loop.run_callback(w.switch, None)
+        self._hub.loop.run_callback(w, None)  # w(None) is w.switch(None)
 
     def hand_all(self, outcome: Outcome) -> None:
         """Give every waiter ``outcome`` (``CLOSED``, ``BROKEN``), oldest first."""
