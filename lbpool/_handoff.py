@@ -24,7 +24,9 @@ The guarantees of gevent's Waiter that the pool's hand-off relies on:
   (``lbpool._waiters`` names the outcomes).
 
 Not copied: ``throw``, ``clear``, ``ready``/``successful``/``exc_info``,
-``switch_args``, ``__call__`` (a link callback): lbpool uses none of them.
+``switch_args``: lbpool uses none of them. ``__call__`` differs: gevent's is a link
+callback (``source`` a finished greenlet); here it is ``switch``, so the pool hands
+the waiter itself to ``loop.run_callback`` (no bound method made per hand-off).
 
 Imports nothing from lbpool. Only ``get``/``wait`` yield.
 """
