@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 # Keep in step with setup.py's COMPILED (tests/library/test_hotpath.py checks).
-COMPILED = ("lbpool.pool", "lbpool.connection")
+COMPILED = ("lbpool.pool", "lbpool.connection", "lbpool._handoff")
 """The modules setup.py compiles with mypyc."""
 
 ENV_PURE = "LBPOOL_PURE_PYTHON"

@@ -21,7 +21,8 @@ share a timeout, so the earliest deadline is the head's and the timer rarely mov
 
 ``valid_timeout`` checks a caller's ``timeout`` before any deadline is made of it.
 
-Imports nothing from lbpool at run time. Only ``Waiter.wait`` yields.
+``Waiter`` itself is ``lbpool._handoff``'s (a native class when compiled), re-exported
+here. Imports nothing else from lbpool at run time. Only ``Waiter.wait`` yields.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Union
 
-from gevent.hub import Waiter as _GeventWaiter
+from lbpool._handoff import Waiter
 
 if TYPE_CHECKING:
     from lbpool.connection import _Conn
@@ -92,20 +93,6 @@ Handed = Union["_Conn", Outcome]
 _TIMER_SLACK = 0.0005
 
 
-class Waiter(_GeventWaiter):  # type: ignore[misc]  # gevent's Waiter is untyped
-    """One greenlet's wait: ``outcome`` (the one field read), ``deadline``."""
-
-    __slots__ = ("deadline", "outcome")
-
-    outcome: Handed
-    deadline: float
-
-    def wait(self) -> Handed:
-        """Park until handed an outcome (may yield); returns it."""
-        self.get()  # the switch value is not read: ``outcome`` is the one channel
-        return self.outcome
-
-
 class WaitQueue(deque[Waiter]):
     """Waiters, oldest first, and one timer for the earliest deadline. Never yields."""
 
@@ -119,9 +106,7 @@ class WaitQueue(deque[Waiter]):
 
     def join(self, deadline: float) -> Waiter:
         """Queue a new waiter at the back; arm the timer if it is now the earliest."""
-        w = Waiter(self._hub)
-        w.outcome = WAITING
-        w.deadline = deadline
+        w = Waiter(self._hub, WAITING, deadline)
         self.append(w)
         if deadline < self._timer_at:
             self._arm(deadline)
@@ -131,7 +116,7 @@ class WaitQueue(deque[Waiter]):
         """Give the oldest waiter ``outcome`` and schedule its wake-up (a hub callback)."""
         w = self.popleft()
         w.outcome = outcome
-        self._hub.loop.run_callback(w.switch, None)
+        self._hub.loop.run_callback(w, None)  # w(None) is w.switch(None)
 
     def hand_all(self, outcome: Outcome) -> None:
         """Give every waiter ``outcome`` (``CLOSED``, ``BROKEN``), oldest first."""

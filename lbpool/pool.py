@@ -37,6 +37,7 @@ from gevent.event import Event
 
 from lbpool import _hublag, _ownership
 from lbpool._demand import DemandWindow
+from lbpool._handoff import Waiter
 from lbpool._hublag import hub_lag
 from lbpool._net import close_quietly
 from lbpool._ownership import (
@@ -52,9 +53,7 @@ from lbpool._waiters import (
     PERMIT,
     TIMED_OUT,
     WAITING,
-    Handed,
     Outcome,
-    Waiter,
     WaitQueue,
     valid_timeout,
 )
@@ -83,7 +82,6 @@ _SUSPECT: Final = float("-inf")
 # (and a method named on an object, a lookup by name: hence ``_run_callback`` below).
 _monotonic: Final = monotonic
 get_ident: Final = _ownership.get_ident
-_new_waiter: Final = Waiter
 _WAITING: Final = WAITING
 _WATCH_LAG: Final = _hublag.WATCH_LAG
 _bisect_left: Final = bisect.bisect_left
@@ -497,18 +495,15 @@ class Pool(ThreadBound):
         generation = self._fork_gen
         self._waits += 1
         waiters = self._waiters
-        w = _new_waiter(self._hub)  # WaitQueue.join, inlined (bench B); test_fast_join_matches_join
-        w.outcome = _WAITING
-        w.deadline = deadline
+        # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
+        # native class of this build: a direct C call, its fields C struct members
+        w = Waiter(self._hub, _WAITING, deadline)
         waiters.append(w)
         if deadline < waiters._timer_at:
             waiters._arm(deadline)
         try:
             w.get()  # Waiter.wait, inlined: ``outcome`` is the one channel
-            # cast: the checker still narrows ``w.outcome`` to the WAITING set above
-            # (a call does not undo that), and the compiled build would then check the
-            # handed connection against ``Outcome`` and raise TypeError
-            outcome = cast(Handed, w.outcome)
+            outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
         except BaseException:
             if self._forked_since(generation):
                 raise self._forked() from None
@@ -536,7 +531,7 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = _caller_stack()
             return handle
-        return self._wait_ended(outcome, start, deadline, panic)
+        return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
 
     def _wait_ended(
         self, outcome: Outcome, start: float, deadline: float, panic: bool
@@ -919,7 +914,7 @@ class Pool(ThreadBound):
             w = self._waiters.popleft()
             self._handed += 1
             w.outcome = conn
-            self._run_callback(w.switch, None)
+            self._run_callback(w, None)  # w(None) is w.switch(None), no bound method made
         elif len(self._idle) < self._max_idle:
             self._rest(conn)  # a direct C call on the compiled path
         else:  # max_idle kept already: close it now rather than after idle_timeout

@@ -195,9 +195,9 @@ class Refused(importlib.machinery.SourceFileLoader):
         super().exec_module(module)  # every import of lbpool.pool done
         raise TypeError("refused at the end of its import")
 
-class Stand_in:  # the "compiled" modules: connection loads, pool is refused
+class Stand_in:  # the "compiled" modules: the others load, pool is refused
     def find_spec(self, name, path=None, target=None):
-        if name not in ("lbpool.connection", "lbpool.pool"):
+        if name not in {_hotpath.COMPILED!r}:
             return None
         source = {str(copy)!r} + "/" + name.rpartition(".")[2] + ".py"
         loader = (Refused if name == "lbpool.pool" else importlib.machinery.SourceFileLoader)(

@@ -1,13 +1,20 @@
-"""The waiter queue on its own: FIFO handing, named outcomes, one timer."""
+"""The waiter queue on its own: FIFO handing, named outcomes, one timer; and the
+waiter's hand-off (lbpool._handoff) keeping gevent's Waiter guarantees."""
 
 from __future__ import annotations
 
 from time import monotonic
+from typing import Any
 
 import gevent
+import greenlet
+import pytest
+from gevent.event import Event
+from gevent.exceptions import ConcurrentObjectUseError
 from gevent.hub import get_hub
 
 from lbpool._waiters import BROKEN, CLOSED, PERMIT, TIMED_OUT, WAITING, Outcome, WaitQueue
+from tests.support.interrupt import throw_now
 
 
 def _park(queue: WaitQueue, deadline: float, got: list[tuple[int, object]], n: int) -> None:
@@ -87,3 +94,83 @@ def test_stop_timer_leaves_waiters_queued() -> None:
     queue.hand_all(CLOSED)
     gevent.joinall([g], timeout=5)
     assert got == [(0, CLOSED)]
+
+
+# -- the hand-off: gevent's Waiter guarantees (lbpool._handoff) --------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_wake_up_for_an_interrupted_wait_switches_into_nothing() -> None:
+    """A waiter is handed an outcome (its wake-up scheduled) and interrupted before the
+    wake-up runs; its greenlet goes on to wait for something else. The stale wake-up
+    must find no greenlet: switching into this one would end its new wait early."""
+    queue = WaitQueue(get_hub())
+    w = queue.join(float("inf"))
+    moved_on = Event()
+
+    def run() -> bool:
+        with pytest.raises(_Interrupt):
+            w.get()
+        return moved_on.wait(timeout=5)
+
+    g = gevent.spawn(run)
+    gevent.sleep(0)  # parked in w.get()
+    queue.hand(PERMIT)  # the wake-up is scheduled, not run
+    throw_now(g, _Interrupt())  # g now waits on moved_on; the hub ran the stale wake-up
+    assert not g.ready()  # its new wait goes on
+    moved_on.set()
+    assert g.get(timeout=5) is True
+
+
+def test_a_second_greenlet_waiting_on_one_waiter_raises() -> None:
+    queue = WaitQueue(get_hub())
+    w = queue.join(float("inf"))
+    first = gevent.spawn(w.wait)
+    gevent.sleep(0)  # parked
+
+    def second() -> None:
+        with pytest.raises(ConcurrentObjectUseError):
+            w.get()
+
+    gevent.spawn(second).get(timeout=5)
+    assert not first.ready()  # the first still waits, and is woken as ever
+    queue.hand(CLOSED)
+    assert first.get(timeout=5) is CLOSED
+
+
+def test_switch_outside_the_hub_raises_and_leaves_the_waiter_waiting() -> None:
+    queue = WaitQueue(get_hub())
+    w = queue.join(float("inf"))
+    g = gevent.spawn(w.wait)
+    gevent.sleep(0)  # parked
+    with pytest.raises(AssertionError):
+        w.switch(None)  # from this greenlet, not the hub's
+    assert not g.ready()
+    queue.hand(BROKEN)
+    assert g.get(timeout=5) is BROKEN
+
+
+def test_an_error_out_of_the_wake_up_goes_to_the_hubs_handle_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A woken greenlet that dies with an error raises it in its parent, the hub, out of
+    the wake-up's switch: the waiter gives it to ``hub.handle_error`` and the hub goes on."""
+    hub = get_hub()
+    queue = WaitQueue(hub)
+    w = queue.join(float("inf"))
+    seen: list[Any] = []
+    monkeypatch.setattr(hub, "handle_error", lambda context, kind, value, tb: seen.append(kind))
+
+    def run() -> None:
+        w.get()
+        raise _Interrupt
+
+    g = greenlet.greenlet(run, parent=hub)
+    hub.loop.run_callback(greenlet.getcurrent().switch)  # back here once g parks
+    g.switch()
+    queue.hand(PERMIT)
+    gevent.sleep(0)  # the hub runs the wake-up
+    assert seen == [_Interrupt] and g.dead
