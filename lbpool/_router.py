@@ -56,7 +56,8 @@ def _check_name(name: object) -> None:
 
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Router(ThreadBound):
-    """The base of ``PoolManager``: its ``get``. Holds nothing of its own."""
+    """The base of ``PoolManager``: its ``get``. Its fields are ``PoolManager``'s, set
+    by ``PoolManager.__init__`` (and ``ThreadBound``)."""
 
     # ThreadBound's fields, declared here too (as Pool does): compiled, they are fields
     # of the instance's struct, read by get on every call
