@@ -20,7 +20,12 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # Keep in step with lbpool/_hotpath.py's COMPILED (tests/library/test_hotpath.py checks).
-COMPILED = ["lbpool/pool.py", "lbpool/connection.py", "lbpool/_handoff.py"]
+COMPILED = [
+    "lbpool/pool.py",
+    "lbpool/connection.py",
+    "lbpool/_handoff.py",
+    "lbpool/_router.py",
+]
 
 
 def _remove_in_tree_builds() -> None:

@@ -26,9 +26,23 @@ import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # mypyc reads a class's ``@mypyc_attr(...)`` from the source (by this name), and
+    # the compiled module never calls it; the pure sources call the stand-in below.
+    # Defined here, not in the compiled module: mypyc compiles a ``TYPE_CHECKING``
+    # branch's ``else`` as unreachable code, which raises when run.
+    from mypy_extensions import mypyc_attr as mypyc_attr
+else:
+
+    def mypyc_attr(*_args: object, **_kwargs: object) -> Any:
+        """Pure Python: the class unchanged."""
+        return lambda cls: cls
+
 
 # Keep in step with setup.py's COMPILED (tests/library/test_hotpath.py checks).
-COMPILED = ("lbpool.pool", "lbpool.connection", "lbpool._handoff")
+COMPILED = ("lbpool.pool", "lbpool.connection", "lbpool._handoff", "lbpool._router")
 """The modules setup.py compiles with mypyc."""
 
 ENV_PURE = "LBPOOL_PURE_PYTHON"

@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Union
 
 import gevent
 from gevent.event import Event
@@ -51,8 +51,9 @@ from gevent.event import Event
 from lbpool import _ownership
 from lbpool import stats as _stats_config  # SNAPSHOT_SLICE_*: read at each snapshot
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
-from lbpool._ownership import ThreadBound, get_ident, read_from_any_thread
+from lbpool._ownership import get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
+from lbpool._router import Router, _check_name
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, eligible, ignoring_health, make_balancer
@@ -141,18 +142,6 @@ def _close_all(
         else:
             keep(gevent.spawn(pool.close, timeout))
         pause()
-
-
-def _check_name(name: object) -> None:
-    """A backend name is a str (a configured name, or a ``host:port``); an unhashable
-    one is a ``TypeError`` naming the argument, raised before anything changes (a
-    hashable non-str is simply unknown: ``UnknownBackend``). Never yields."""
-    try:
-        hash(name)
-    except TypeError:
-        raise TypeError(
-            f"name must be a str (a backend name or 'host:port'), got a {type(name).__name__}"
-        ) from None
 
 
 def _coerce_config(config: ConfigSource) -> Config:
@@ -742,7 +731,7 @@ class Backend:
         )
 
 
-class PoolManager(ThreadBound):
+class PoolManager(Router):
     """Maps backend names and ad-hoc ``host:port`` strings to pools of connections."""
 
     def __init__(self, config: ConfigSource = None) -> None:
@@ -801,45 +790,25 @@ class PoolManager(ThreadBound):
     def backends(self) -> Mapping[str, Backend]:
         return dict(self._backends)
 
-    def get(
-        self, name: str, timeout: float | None = None, key: Key | None = None
-    ) -> PooledConnection:
-        """Borrow a connection to ``name`` (a backend, or an ad-hoc ``host:port``) within
-        ``timeout`` seconds (default: the backend's ``acquire_timeout``); use as ``with
-        manager.get("cache") as conn:``, or give it back with ``release()``/``discard()``.
-        ``acquire`` is the same method.
+    if TYPE_CHECKING:  # the public types; the method is Router.get (lbpool/_router.py)
 
-        ``key`` (str, as UTF-8, or bytes): required by key-affinity backends (``maglev``,
-        ``ring_hash``, ``rendezvous``), ignored by the others. A bad ``key``,
-        ``timeout`` or ``name`` raises ``TypeError``/``ValueError`` naming it before
-        anything changes (no ad-hoc pool is made, no wait begins).
-        """
-        if key is not None:
-            check_key(key)
-        if get_ident() != self._thread_id:  # another OS thread, or a forked child
-            self._check_owner()
-        try:
-            backend = (
-                self._backends.get(name)
-                or self._adhoc.get(name)
-                or self._route_other(name, timeout)  # checks timeout before making a pool
-            )
-        except TypeError:
-            _check_name(name)  # an unhashable name: say so, naming the argument
-            raise
-        pool = backend._direct
-        if pool is not None and pool.breaker.is_closed:
-            # Backend.acquire's one-server path, inlined (a Python frame less); the
-            # other paths check the timeout in Backend.acquire
-            if timeout is not None:
-                timeout = valid_timeout(timeout, backend._label)
-            start = _monotonic()
-            try:  # no argument at all is the cheapest call into the compiled pool
-                return pool.acquire() if timeout is None else pool.acquire(timeout)
-            except (DialError, PoolClosed, PoolExhausted) as exc:
-                return backend._failover(start, timeout, {pool: exc}, None)
-        return backend.acquire(timeout, key)
+        def get(
+            self, name: str, timeout: float | None = None, key: Key | None = None
+        ) -> PooledConnection:
+            """Borrow a connection to ``name`` (a backend, or an ad-hoc ``host:port``)
+            within ``timeout`` seconds (default: the backend's ``acquire_timeout``); use
+            as ``with manager.get("cache") as conn:``, or give it back with
+            ``release()``/``discard()``. ``acquire`` is the same method.
 
+            ``key`` (str, as UTF-8, or bytes): required by key-affinity backends
+            (``maglev``, ``ring_hash``, ``rendezvous``), ignored by the others. A bad
+            ``key``, ``timeout`` or ``name`` raises ``TypeError``/``ValueError`` naming
+            it before anything changes (no ad-hoc pool is made, no wait begins).
+            """
+            ...
+
+    else:
+        get = Router.get  # compiled (mypyc): no interpreted frame between caller and pool
     acquire = get  # one method, two names: ``with manager.get(...)``, ``acquire()``/``release()``
 
     def call(

@@ -1,0 +1,102 @@
+"""``PoolManager.get``'s routing, compiled: the native base class ``Router``.
+
+``PoolManager`` (lbpool/manager.py, interpreted) subclasses ``Router``; compiled with
+mypyc (setup.py's ``COMPILED``), ``get`` -- also named ``acquire`` -- then runs with no
+interpreted frame between the caller and the compiled pool: the name's lookup, the
+owner check and a one-server backend's direct path (``Backend._direct``) are C, and
+its ``Pool.acquire`` a direct C call. Everything else it calls is the manager's
+(``_route_other``, ``Backend.acquire``, ``Backend._failover``), as before.
+
+The arguments are typed ``Any``: compiled code checks a parameter's declared type at
+entry, with mypyc's message; lbpool's own checks (``check_key``, ``valid_timeout``,
+``_check_name``) must name a bad one. ``PoolManager`` declares the public types.
+
+``Router`` allows interpreted subclasses (``mypyc_attr``, which mypyc reads from the
+source: ``lbpool._hotpath`` imports it from ``mypy_extensions`` only for the type
+checker, so lbpool imports without it): ``PoolManager`` is
+one, and its overrides (``_route_other``) are found by name. The fields ``get`` reads
+(``_thread_id``, ``_backends``, ``_adhoc``) are declared here, so compiled they are
+fields of the instance's struct; ``ThreadBound``'s fork hook writes ``_thread_id``
+through the same attribute. Under ``LBPOOL_PURE_PYTHON=1`` this is a plain class.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Final
+
+from lbpool import _ownership
+from lbpool._affinity import check_key
+from lbpool._hotpath import mypyc_attr
+from lbpool._ownership import ThreadBound
+from lbpool._waiters import valid_timeout
+from lbpool.connection import PooledConnection
+from lbpool.errors import DialError, PoolClosed, PoolExhausted
+
+if TYPE_CHECKING:
+    from lbpool.manager import Backend
+
+# What get calls on every call, bound once as ``Final`` names (as lbpool/pool.py does):
+# compiled, each is a C static, not a lookup in the module's dict
+_monotonic: Final = monotonic
+get_ident: Final = _ownership.get_ident
+
+
+def _check_name(name: object) -> None:
+    """A backend name is a str (a configured name, or a ``host:port``); an unhashable
+    one is a ``TypeError`` naming the argument, raised before anything changes (a
+    hashable non-str is simply unknown: ``UnknownBackend``). Never yields."""
+    try:
+        hash(name)
+    except TypeError:
+        raise TypeError(
+            f"name must be a str (a backend name or 'host:port'), got a {type(name).__name__}"
+        ) from None
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Router(ThreadBound):
+    """The base of ``PoolManager``: its ``get``. Its fields are ``PoolManager``'s, set
+    by ``PoolManager.__init__`` (and ``ThreadBound``)."""
+
+    # ThreadBound's fields, declared here too (as Pool does): compiled, they are fields
+    # of the instance's struct, read by get on every call
+    _thread_id: int
+    _fork_gen: int
+    _hub: Any
+    _backends: dict[str, Backend]
+    _adhoc: dict[str, Backend]  # every spelling of an ad-hoc name -> its backend
+
+    def _route_other(self, name: Any, timeout: object = None) -> Backend:
+        """The ad-hoc backend for a ``host:port`` name: ``PoolManager``'s (``name``
+        any object: compiled, a ``str`` here would be checked, with mypyc's message,
+        before the manager's own check)."""
+        raise NotImplementedError
+
+    def get(self, name: Any, timeout: Any = None, key: Any = None) -> PooledConnection:
+        """See ``PoolManager.get``."""
+        if key is not None:
+            check_key(key)
+        if get_ident() != self._thread_id:  # another OS thread, or a forked child
+            self._check_owner()
+        try:  # a Backend is always true: "is None" is "or" without asking it
+            backend = self._backends.get(name)
+            if backend is None:
+                backend = self._adhoc.get(name)
+                if backend is None:  # checks timeout before making a pool
+                    backend = self._route_other(name, timeout)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument
+            raise
+        pool = backend._direct
+        if pool is not None and pool.breaker.is_closed:
+            # Backend.acquire's one-server path, inlined; the other paths check the
+            # timeout in Backend.acquire
+            if timeout is not None:
+                timeout = valid_timeout(timeout, backend._label)
+            start = _monotonic()
+            try:  # no argument at all is the cheapest call into the compiled pool
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
+            except (DialError, PoolClosed, PoolExhausted) as exc:
+                return backend._failover(start, timeout, {pool: exc}, None)
+        return backend.acquire(timeout, key)
