@@ -7,9 +7,17 @@ owner check and a one-server backend's direct path (``Backend._direct``) are C, 
 its ``Pool.acquire`` a direct C call. Everything else it calls is the manager's
 (``_route_other``, ``Backend.acquire``, ``Backend._failover``), as before.
 
-The arguments are typed ``Any``: compiled code checks a parameter's declared type at
-entry, with mypyc's message; lbpool's own checks (``check_key``, ``valid_timeout``,
-``_check_name``) must name a bad one. ``PoolManager`` declares the public types.
+The arguments and the result are typed ``Any``: compiled code checks a parameter's
+declared type at entry, with mypyc's message, and a result's on return; lbpool's own
+checks (``check_key``, ``valid_timeout``, ``_check_name``) must name a bad argument,
+and what ``Backend.acquire`` returns is passed on unchecked, as the interpreted
+``get`` did. ``PoolManager`` declares the public types.
+
+What a native base changes for ``PoolManager`` (compiled only): the fields declared
+here are struct fields, typed and never deleted (``mock.patch.object`` on one cannot
+undo itself: pytest's ``monkeypatch.setattr`` can), and a subclass cannot also
+inherit a base with its own instance layout (non-empty ``__slots__``,
+``threading.local``).
 
 ``Router`` allows interpreted subclasses (``mypyc_attr``, which mypyc reads from the
 source: ``lbpool._hotpath`` imports it from ``mypy_extensions`` only for the type
@@ -30,7 +38,6 @@ from lbpool._affinity import check_key
 from lbpool._hotpath import mypyc_attr
 from lbpool._ownership import ThreadBound
 from lbpool._waiters import valid_timeout
-from lbpool.connection import PooledConnection
 from lbpool.errors import DialError, PoolClosed, PoolExhausted
 
 if TYPE_CHECKING:
@@ -67,14 +74,17 @@ class Router(ThreadBound):
     _backends: dict[str, Backend]
     _adhoc: dict[str, Backend]  # every spelling of an ad-hoc name -> its backend
 
-    def _route_other(self, name: Any, timeout: object = None) -> Backend:
+    def _route_other(self, name: Any, timeout: object = None) -> Any:
         """The ad-hoc backend for a ``host:port`` name: ``PoolManager``'s (``name``
         any object: compiled, a ``str`` here would be checked, with mypyc's message,
         before the manager's own check)."""
         raise NotImplementedError
 
-    def get(self, name: Any, timeout: Any = None, key: Any = None) -> PooledConnection:
-        """See ``PoolManager.get``."""
+    def get(self, name: Any, timeout: Any = None, key: Any = None) -> Any:
+        """Borrow a connection to ``name``: ``PoolManager.get`` (also ``acquire``), whose
+        declaration in lbpool/manager.py documents it. Returns a ``PooledConnection``,
+        typed ``Any`` here so the compiled build does not check what an interpreted
+        path (``Backend.acquire``, a test double of it) hands back."""
         if key is not None:
             check_key(key)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
@@ -88,6 +98,7 @@ class Router(ThreadBound):
         except TypeError:
             _check_name(name)  # an unhashable name: say so, naming the argument
             raise
+        route: Any = backend  # what its methods return is passed on unchecked (above)
         pool = backend._direct
         if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, inlined; the other paths check the
@@ -98,5 +109,5 @@ class Router(ThreadBound):
             try:  # no argument at all is the cheapest call into the compiled pool
                 return pool.acquire() if timeout is None else pool.acquire(timeout)
             except (DialError, PoolClosed, PoolExhausted) as exc:
-                return backend._failover(start, timeout, {pool: exc}, None)
-        return backend.acquire(timeout, key)
+                return route._failover(start, timeout, {pool: exc}, None)
+        return route.acquire(timeout, key)

@@ -853,7 +853,11 @@ class PoolManager(Router):
             timeout = valid_timeout(timeout, f"call {name!r}")
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        try:
+            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
+        except TypeError:
+            _check_name(name)  # an unhashable name: say so, naming the argument (as get)
+            raise
         return backend.call(fn, key, timeout)
 
     def owner(self, name: str, key: Key) -> str:

@@ -17,6 +17,7 @@ from gevent.event import Event
 
 import lbpool
 from lbpool import (
+    Backend,
     BackendUnavailable,
     PoolClosed,
     PoolManager,
@@ -968,6 +969,8 @@ def test_unhashable_name_is_a_clear_type_error_and_changes_nothing(
             call(bad, timeout=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="name must be a str"):
         manager.owner(bad, "k")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"name must be a str .* got a " + type(bad).__name__):
+        manager.call(bad, lambda conn: None)  # type: ignore[arg-type]
     assert manager.stats().to_dict() == before  # no ad-hoc pool, nothing counted
     with pytest.raises(UnknownBackend):  # hashable but not a name: simply unknown
         manager.get(("127.0.0.1", 1), timeout=1)  # type: ignore[arg-type]
@@ -1004,3 +1007,18 @@ def test_close_ends_a_borrow_check_in_flight_and_lends_nothing_after(
         assert pool.stats().size == 0
     finally:
         server.stop()
+
+
+def test_get_hands_back_what_the_backend_route_returns(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``get`` passes on what ``Backend.acquire`` returns, unchecked, on the compiled
+    path as on the pure one (a test double of the interpreted route keeps working)."""
+    a, b = echo_server_factory(), echo_server_factory()
+    manager = make_manager({"backends": {"two": {"servers": [a.address, b.address]}}})
+    double = object()
+    monkeypatch.setattr(Backend, "acquire", lambda self, timeout=None, key=None: double)
+    assert manager.get("two") is double
+    assert manager.acquire("two", timeout=1) is double
