@@ -775,6 +775,9 @@ class PoolManager(Router):
             backend._apply(backend.config, fresh)
             self._backends[backend.name] = backend
             self._follow_dns(backend)
+        # the upkeep greenlet may have run its first pass in one of the pauses above,
+        # before any backend was registered: a pass over every pool now (min_idle)
+        self._upkeep.wake()
 
     def add_breaker_listener(self, listener: BreakerChange) -> None:
         """Call ``listener(backend, address, old, new)`` on every breaker state change

@@ -11,7 +11,9 @@ from typing import Any
 import gevent
 import pytest
 
+import lbpool.manager
 from lbpool import PoolManager
+from lbpool._pacing import Pacer
 from lbpool._upkeep import Upkeep
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer
@@ -314,6 +316,33 @@ def test_refill_keeps_a_few_dials_in_flight_until_min_idle(
     finally:
         watcher.kill()
     assert 1 <= most <= 4, most
+
+
+def test_a_construction_that_paused_still_warms_every_pool(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Construction makes the pools in paced slices (it may yield to the hub between
+    them); the upkeep greenlet, started first, may run its first pass in such a pause,
+    before any backend is registered. The pools must still get their first pass
+    (warmed to ``min_idle``) without anyone asking: here every pause yields."""
+    monkeypatch.setattr(lbpool.manager, "Pacer", lambda: Pacer(slice_seconds=0.0))
+    servers = [echo_server_factory() for _ in range(3)]
+    manager = make_manager(
+        {
+            "backends": {
+                "svc": {
+                    "servers": [s.address for s in servers],
+                    "pool": {"min_idle": 2, "upkeep_interval": 60},
+                }
+            }
+        }
+    )
+    pools = manager.backends["svc"].pools
+    assert settle(lambda: all(p.stats().idle == 2 for p in pools), WAIT), [
+        p.stats().idle for p in pools
+    ]
 
 
 # -- ad-hoc host:port pools --------------------------------------------------------------
