@@ -21,8 +21,8 @@ inherit a base with its own instance layout (non-empty ``__slots__``,
 
 ``Router`` allows interpreted subclasses (``mypyc_attr``, which mypyc reads from the
 source: ``lbpool._hotpath`` imports it from ``mypy_extensions`` only for the type
-checker, so lbpool imports without it): ``PoolManager`` is
-one, and its overrides (``_route_other``) are found by name. The fields ``get`` reads
+checker, so lbpool imports without it): ``PoolManager`` is one, and its overrides
+(``_route_other``) are found by name. The fields ``get`` reads
 (``_thread_id``, ``_backends``, ``_adhoc``) are declared here, so compiled they are
 fields of the instance's struct; ``ThreadBound``'s fork hook writes ``_thread_id``
 through the same attribute. Under ``LBPOOL_PURE_PYTHON=1`` this is a plain class.
@@ -42,6 +42,7 @@ from lbpool.errors import DialError, PoolClosed, PoolExhausted
 
 if TYPE_CHECKING:
     from lbpool.manager import Backend
+    from lbpool.pool import Pool
 
 # What get calls on every call, bound once as ``Final`` names (as lbpool/pool.py does):
 # compiled, each is a C static, not a lookup in the module's dict
@@ -89,25 +90,44 @@ class Router(ThreadBound):
             check_key(key)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        try:  # a Backend is always true: "is None" is "or" without asking it
-            backend = self._backends.get(name)
-            if backend is None:
-                backend = self._adhoc.get(name)
-                if backend is None:  # checks timeout before making a pool
-                    backend = self._route_other(name, timeout)
-        except TypeError:
-            _check_name(name)  # an unhashable name: say so, naming the argument
-            raise
-        route: Any = backend  # what its methods return is passed on unchecked (above)
-        pool = backend._direct
+        backend: Any = backend_for(self, name, timeout)  # Any: its results pass unchecked
+        pool: Pool | None = backend._direct
         if pool is not None and pool.breaker.is_closed:
-            # Backend.acquire's one-server path, inlined; the other paths check the
-            # timeout in Backend.acquire
+            # Backend.acquire's one-server path, without its frame; the other paths
+            # check the timeout in Backend.acquire
             if timeout is not None:
                 timeout = valid_timeout(timeout, backend._label)
-            start = _monotonic()
-            try:  # no argument at all is the cheapest call into the compiled pool
-                return pool.acquire() if timeout is None else pool.acquire(timeout)
-            except (DialError, PoolClosed, PoolExhausted) as exc:
-                return route._failover(start, timeout, {pool: exc}, None)
-        return route.acquire(timeout, key)
+            return acquire_direct(backend, pool, timeout)
+        return backend.acquire(timeout, key)
+
+
+def backend_for(router: Router, name: Any, timeout: object = None) -> Any:
+    """The backend ``name`` routes to in ``router``: a configured one, a known ad-hoc
+    ``host:port``, else ``router._route_other`` (which checks ``timeout`` before it
+    makes a pool). An unhashable ``name`` is a ``TypeError`` naming it. Used by
+    ``Router.get`` and ``PoolManager.call``; a function, not a method: compiled, a
+    method call on a class that allows interpreted subclasses is a lookup by name."""
+    try:  # a Backend is always true: "is None" is "or" without asking it
+        backend = router._backends.get(name)
+        if backend is None:
+            backend = router._adhoc.get(name)
+            if backend is None:
+                backend = router._route_other(name, timeout)
+    except TypeError:
+        _check_name(name)  # an unhashable name: say so, naming the argument
+        raise
+    return backend
+
+
+def acquire_direct(route: Any, pool: Pool, timeout: float | None) -> Any:
+    """A one-server backend's path (``Backend._direct``; ``route`` is the ``Backend``):
+    ``pool.acquire(timeout)`` (``timeout`` already checked), its breaker closed, so
+    there is nothing to pick, no panic and no warming. A failed acquisition
+    (``DialError``, ``PoolClosed``, ``PoolExhausted``) fails over through
+    ``route._failover`` with what is left of the one deadline, which starts before the
+    pool's acquire. Called by ``Router.get`` and ``Backend.acquire``."""
+    start = _monotonic()
+    try:  # no argument at all is the cheapest call into the compiled pool
+        return pool.acquire() if timeout is None else pool.acquire(timeout)
+    except (DialError, PoolClosed, PoolExhausted) as exc:
+        return route._failover(start, timeout, {pool: exc}, None)

@@ -53,7 +53,7 @@ from lbpool import stats as _stats_config  # SNAPSHOT_SLICE_*: read at each snap
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
 from lbpool._ownership import get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
-from lbpool._router import Router, _check_name
+from lbpool._router import Router, _check_name, acquire_direct, backend_for
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, eligible, ignoring_health, make_balancer
@@ -486,11 +486,8 @@ class Backend:
             timeout = valid_timeout(timeout, self._label)
         pool = self._direct
         if pool is not None and pool.breaker.is_closed:  # _acquire's one-server path
-            start = _monotonic()
-            try:
-                return pool.acquire(timeout)
-            except (DialError, PoolClosed, PoolExhausted) as exc:
-                return self._failover(start, timeout, {pool: exc}, None)
+            handle: PooledConnection = acquire_direct(self, pool, timeout)
+            return handle
         if not self.pools and self.discovery is not None:  # DNS has not answered yet
             timeout = self._await_discovery(timeout)
         placement = self._placement
@@ -856,11 +853,7 @@ class PoolManager(Router):
             timeout = valid_timeout(timeout, f"call {name!r}")
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
             self._check_owner()
-        try:
-            backend = self._backends.get(name) or self._adhoc.get(name) or self._route_other(name)
-        except TypeError:
-            _check_name(name)  # an unhashable name: say so, naming the argument (as get)
-            raise
+        backend: Backend = backend_for(self, name)
         return backend.call(fn, key, timeout)
 
     def owner(self, name: str, key: Key) -> str:
