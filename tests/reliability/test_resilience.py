@@ -45,8 +45,15 @@ class Traffic:
     """``workers`` greenlets sending requests until stopped; every outcome is logged as
     ``(time, address or None, error or None)``."""
 
-    def __init__(self, manager: PoolManager, workers: int, pause: float = 0.002) -> None:
+    def __init__(
+        self,
+        manager: PoolManager,
+        workers: int,
+        pause: float = 0.002,
+        io_timeout: float = IO_TIMEOUT,
+    ) -> None:
         self.manager = manager
+        self.io_timeout = io_timeout
         self.log: list[tuple[float, str | None, BaseException | None]] = []
         self.unexpected: list[BaseException] = []
         self._seq = itertools.count()
@@ -64,7 +71,7 @@ class Traffic:
             payload = b"req-%d\n" % next(self._seq)
             try:
                 with conn:
-                    conn.settimeout(IO_TIMEOUT)
+                    conn.settimeout(self.io_timeout)
                     conn.sendall(payload)
                     assert recv_exact(conn, len(payload)) == payload
             except OSError as exc:
@@ -130,7 +137,15 @@ def test_blip_every_connection_reset(cluster: Any, make_manager: Any, panic: flo
     accepting: every breaker opens (3 failures), and for 30 s none would let a trial
     through. With panic mode the balancer keeps picking across all four, each dial is
     its server's verdict, and no request fails; without it, callers get
-    ``BackendUnavailable`` although every server is fine."""
+    ``BackendUnavailable`` although every server is fine.
+
+    The blip hits requests whose replies no client can have read: the proxies hold
+    everything first, and the reset waits until no request has completed for a poll
+    interval (so no reply forwarded before the hold is still unread in a client's
+    socket, where it would survive the RST: a clean use that ends a breaker's streak
+    of failures). Each server then has at least three requests in flight and nothing
+    to answer them, so its breaker opens on their errors before any retry's round
+    trip can succeed."""
     c = cluster(4)
     manager = make_manager(
         _config(
@@ -140,15 +155,32 @@ def test_blip_every_connection_reset(cluster: Any, make_manager: Any, panic: flo
         )
     )
     manager.wait_ready(timeout=5)
-    traffic = Traffic(manager, workers=100)
+    # held requests wait for the reset, not for their read timeout
+    traffic = Traffic(manager, workers=100, io_timeout=10.0)
     assert settle(lambda: len(traffic.served_since(0)) == 4, 5)
     gevent.sleep(0.2)
     saw_panic = []
     manager.add_breaker_listener(lambda *_: saw_panic.append(manager.backends["svc"].in_panic()))
+    for proxy in c.proxies:
+        proxy.blackhole()
+    # until no request completed across a poll interval (every reply forwarded before
+    # the hold has been read) with at least three held on each server; bounded
+    deadline = monotonic() + 10
+    done = len(traffic.log)
+    while True:
+        gevent.sleep(0.01)  # hub turns: a poll sees any reply still unread
+        servers = manager.stats().backends["svc"].servers
+        before, done = done, len(traffic.log)
+        if before == done and all(s.in_use >= 3 for s in servers.values()):
+            break
+        assert monotonic() < deadline, servers
+    assert traffic.failures() == []  # nothing timed out while held
     blip = monotonic()
     for proxy in c.proxies:
         proxy.reset_all()
-    back = settle(lambda: len(traffic.served_since(blip + 0.001)) == 4, 5)
+        proxy.recover()  # forwarding again for the requests retried on new connections
+    # in panic mode every server serves again soon; without it the breakers refuse them
+    back = panic and settle(lambda: len(traffic.served_since(blip + 0.001)) == 4, 5)
     # the moment the fourth server served again after the blip
     firsts: dict[str, float] = {}
     for when, address, _ in traffic.log:
@@ -164,7 +196,7 @@ def test_blip_every_connection_reset(cluster: Any, make_manager: Any, panic: flo
         f"{(max(firsts.values()) - blip) if len(firsts) == 4 else float('nan'):.3f}s; "
         f"panic seen={any(saw_panic)} served={dict(traffic.served_since(blip))}"
     )
-    assert trips >= 3  # the blip opened (nearly) every breaker
+    assert trips == 4  # the blip opened every breaker
     if panic:
         assert any(saw_panic)
         assert failed == []
