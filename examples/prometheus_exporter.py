@@ -8,8 +8,9 @@ are greenlets in the same hub as the pools: no thread, no monkey patching. It pr
 few lines, and stops after ``--duration`` seconds or on Ctrl-C / SIGTERM.
 
 In your own app: ``lbpool.metrics.register(manager)`` and, for a gevent app, mount
-``prometheus_client.make_wsgi_app()`` (or use ``start_http_server`` when threads
-are fine).
+``lbpool.metrics.make_wsgi_app()`` (prometheus_client's app, paced: a big fleet's
+scrape never holds the hub for long), or use ``start_http_server`` when threads are
+fine.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 
 import lbpool
 import lbpool.metrics
@@ -60,7 +61,7 @@ def main() -> int:
     manager = lbpool.PoolManager(config)
     registry = CollectorRegistry()
     lbpool.metrics.register(manager, registry)
-    server = WSGIServer(("127.0.0.1", args.port), make_wsgi_app(registry), log=None)
+    server = WSGIServer(("127.0.0.1", args.port), lbpool.metrics.make_wsgi_app(registry), log=None)
 
     def client(n: int) -> None:
         message = b"metrics %d\n" % n

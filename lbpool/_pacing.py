@@ -61,3 +61,12 @@ class Pacer:
             self._last = _monotonic()
             return True
         return False
+
+    def pause_now(self) -> bool:
+        """Pause now, whatever the time since the last pause (before a step that cannot
+        be split, so it starts a slice of its own); True if it paused."""
+        if self._pauses:
+            gevent.sleep(PAUSE_SECONDS)
+            self._last = _monotonic()
+            return True
+        return False

@@ -22,6 +22,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+import lbpool._scrape  # noqa: E402
 import lbpool.metrics  # noqa: E402
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -323,3 +324,218 @@ def test_the_raw_column_path_exports_what_add_metric_would(
                 conn.release()
         got, expected = list(new.collect()), list(ref.collect())
         assert [f.samples for f in got] == [f.samples for f in expected]
+
+
+# -- paced exposition (lbpool.metrics.generate_latest, make_wsgi_app) -------------------
+
+
+def slice_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices of 0 s: every check of a scrape's pacers (the collector's, the
+    exposition's) pauses, whatever the machine's speed."""
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(lbpool._scrape, "_SLICE_SECONDS", 0.0)
+
+
+class Many:
+    """A collector of one gauge family with ``n`` samples (not lbpool's: the paced
+    exposition paces any registry's formatting)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def collect(self) -> Iterator[Any]:
+        family = prometheus_client.core.GaugeMetricFamily("many", "Many samples.", labels=["i"])
+        for i in range(self.n):
+            family.add_metric([f'{i}"\\\n'], float(i))  # label escaping too
+        yield family
+
+
+def mixed_registry(manager: lbpool.PoolManager) -> CollectorRegistry:
+    """lbpool's collector beside prometheus_client's own metric kinds (a counter with
+    its ``_created`` samples, a histogram, an info) and a big plain family."""
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    counter = prometheus_client.Counter("requests", "Requests.", ["path"], registry=registry)
+    counter.labels("/a").inc(3)
+    prometheus_client.Histogram("latency_seconds", "Latency.", registry=registry).observe(0.3)
+    prometheus_client.Info("build", "Build.", registry=registry).info({"version": "1"})
+    registry.register(Many(500))
+    return registry
+
+
+def test_paced_exposition_is_prometheus_clients_text(
+    manager: lbpool.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same bytes as ``prometheus_client.generate_latest``: paced at every check in
+    a greenlet, in the hub (never paced) and in an OS thread with no hub."""
+    import threading
+
+    for _ in range(3):
+        echo(manager, "cache")
+    registry = mixed_registry(manager)
+    expected = generate_latest(registry)
+    slice_all(monkeypatch)  # every check pauses
+    assert gevent.spawn(lbpool.metrics.generate_latest, registry).get(timeout=30) == expected
+    in_hub = gevent.event.AsyncResult()
+    gevent.get_hub().loop.run_callback(lambda: in_hub.set(lbpool.metrics.generate_latest(registry)))
+    assert in_hub.get(timeout=30) == expected
+    from_thread: list[bytes] = []
+    thread = threading.Thread(
+        target=lambda: from_thread.append(lbpool.metrics.generate_latest(registry))
+    )
+    thread.start()
+    while thread.is_alive():  # the manager's hub takes the snapshot: keep it turning
+        gevent.sleep(0.01)
+    thread.join()
+    assert from_thread == [expected]
+
+
+@pytest.fixture
+def pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every check of the exposition's pacers pauses (slices of 0 s); the list grows by
+    one per pause taken."""
+    taken: list[int] = []
+
+    class Counting(lbpool._scrape.Pacer):
+        def __call__(self) -> bool:
+            paused = super().__call__()
+            if paused:
+                taken.append(1)
+            return paused
+
+    monkeypatch.setattr(lbpool._scrape, "Pacer", Counting)
+    slice_all(monkeypatch)
+    return taken
+
+
+def test_paced_exposition_lets_the_hub_turn(pauses: list[int]) -> None:
+    """Formatting a big registry in a greenlet pauses while it goes, once per
+    ``_EXPOSE_EVERY`` samples (a ticker gets turns during it), where
+    prometheus_client's own ``generate_latest`` formats in one go."""
+    from tests.library.test_snapshots import turns_during
+
+    registry = CollectorRegistry()
+    registry.register(Many(4000))
+    turns, text = turns_during(lambda: lbpool.metrics.generate_latest(registry))
+    assert text == generate_latest(registry)
+    assert len(pauses) >= 4000 // lbpool._scrape._EXPOSE_EVERY, len(pauses)
+    assert turns >= len(pauses), turns
+
+
+def get(port: int, path: str, *headers: str, method: str = "GET") -> tuple[str, bytes]:
+    """One HTTP/1.0 request to a local server: (head, body)."""
+    sock = gsocket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        extra = "".join(f"{h}\r\n" for h in headers)
+        sock.sendall(f"{method} {path} HTTP/1.0\r\nHost: x\r\n{extra}\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.decode("latin-1"), body
+
+
+@pytest.fixture
+def wsgi_server() -> Iterator[Any]:
+    started: list[WSGIServer] = []
+
+    def start(app: Any) -> int:
+        server = WSGIServer(("127.0.0.1", 0), app, log=None)
+        server.start()
+        started.append(server)
+        return int(server.server_port)
+
+    yield start
+    for server in started:
+        server.stop(timeout=2)
+
+
+def test_paced_wsgi_app_answers_as_prometheus_clients(
+    manager: lbpool.PoolManager, wsgi_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over gevent's WSGI server, paced at every check: the text format, gzip (the
+    client accepts it: same text once decompressed), OpenMetrics by ``Accept``,
+    ``name[]`` filtering, ``OPTIONS`` and 405 as prometheus_client's app answers them."""
+    import gzip
+
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
+    echo(manager, "cache")
+    registry = mixed_registry(manager)
+    slice_all(monkeypatch)
+    ours = wsgi_server(lbpool.metrics.make_wsgi_app(registry))
+    theirs = wsgi_server(make_wsgi_app(registry, disable_compression=True))
+    text = generate_latest(registry)
+
+    head, body = get(ours, "/metrics")
+    assert head.startswith("HTTP/1.1 200") and body == text, head
+    assert "content-encoding" not in head.lower()
+    head, body = get(ours, "/metrics", "Accept-Encoding: gzip")
+    assert "content-encoding: gzip" in head.lower(), head
+    assert gzip.decompress(body) == text
+    openmetrics = "Accept: application/openmetrics-text; version=1.0.0"
+    head, body = get(ours, "/metrics", openmetrics)
+    assert body == openmetrics_latest(registry)
+    assert head.lower().count("application/openmetrics-text") == 1, head
+    filtered = "/metrics?name[]=lbpool_size&name[]=lbpool_in_use"
+    for path, extra in ((filtered, ()), ("/metrics", (openmetrics,)), ("/", ("Accept: x",))):
+        assert get(ours, path, *extra)[1] == get(theirs, path, *extra)[1], path
+    families = {f.name for f in text_string_to_metric_families(get(ours, filtered)[1].decode())}
+    assert families == {"lbpool_size", "lbpool_in_use"}
+    for method in ("OPTIONS", "POST"):
+        head, body = get(ours, "/metrics", method=method)
+        their_head, their_body = get(theirs, "/metrics", method=method)
+        assert head.split("\r\n")[0] == their_head.split("\r\n")[0] and body == their_body
+    head, body = get(ours, "/metrics", "Accept-Encoding: gzip", method="POST")
+    assert head.startswith("HTTP/1.1 405") and b"405" in body  # an error is not compressed
+
+
+def test_paced_wsgi_app_lets_the_hub_turn_while_compressing(
+    wsgi_server: Any, monkeypatch: pytest.MonkeyPatch, pauses: list[int]
+) -> None:
+    """A gzip scrape of a big registry: compression pauses once per ``_GZIP_CHUNK``
+    bytes compressed (a ticker gets turns during the request), and the body is the
+    text."""
+    import gzip
+
+    from tests.library.test_snapshots import turns_during
+
+    registry = CollectorRegistry()
+    registry.register(Many(4000))
+    text = generate_latest(registry)
+    port = wsgi_server(lbpool.metrics.make_wsgi_app(registry))
+    monkeypatch.setattr(lbpool._scrape, "_EXPOSE_EVERY", 10**9)  # only compression pauses
+    monkeypatch.setattr(lbpool._scrape, "_GZIP_CHUNK", 1024)
+    turns, (_, body) = turns_during(lambda: get(port, "/metrics", "Accept-Encoding: gzip"))
+    assert gzip.decompress(body) == text
+    assert len(pauses) >= len(text) // 1024, (len(pauses), len(text))
+    assert turns >= len(pauses), turns
+
+
+def test_a_format_whose_pieces_do_not_concatenate_is_made_in_one_go() -> None:
+    """An encoder whose per-output part is not a trailer (here a count of the metrics
+    at the end) cannot be made one metric at a time: the whole registry in one go, the
+    same bytes. A collector's own metric objects are left as they were."""
+    family = prometheus_client.core.GaugeMetricFamily("kept", "Kept.", labels=["i"])
+    for i in range(3):
+        family.add_metric([str(i)], float(i))
+
+    class Persistent:
+        def collect(self) -> Iterator[Any]:
+            yield family
+
+    registry = CollectorRegistry()
+    registry.register(Persistent())
+    registry.register(Many(5))
+
+    def counting(source: Any) -> bytes:
+        metrics = list(source.collect())
+        lines = [f"{m.name} {len(list(m.samples))}\n" for m in metrics]
+        return "".join([*lines, f"# {len(metrics)} metrics\n"]).encode()
+
+    assert lbpool._scrape._expose(counting, registry) == b"kept 3\nmany 5\n# 2 metrics\n"
+    assert type(family.samples) is list and len(family.samples) == 3
+    text = lbpool.metrics.generate_latest(registry)
+    assert text == generate_latest(registry) and type(family.samples) is list

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 
 import lbpool.manager
@@ -418,3 +419,37 @@ def test_a_new_adhoc_name_costs_no_pass_over_the_pools_at_rest(
         manager.close()
     finally:
         server.stop()
+
+
+def test_pause_now_pauses_whatever_the_slice_but_never_in_the_hub() -> None:
+    """``Pacer.pause_now`` pauses at once (a ticker gets a turn) though no slice has gone
+    by, where ``pacer()`` would not; in the hub, or made with ``pauses=False``, never."""
+    turns = [0]
+    stop = [False]
+
+    def tick() -> None:
+        while not stop[0]:
+            turns[0] += 1
+            gevent.sleep(0)
+
+    ticker = gevent.spawn(tick)
+    try:
+        gevent.sleep(0)
+        pacer = Pacer(slice_seconds=1e9)
+
+        def both() -> tuple[bool, int, bool, int]:
+            before = turns[0]
+            by_slice = pacer()
+            between = turns[0] - before
+            return by_slice, between, pacer.pause_now(), turns[0] - before - between
+
+        by_slice, between, now, after = gevent.spawn(both).get(timeout=5)
+        assert (by_slice, between) == (False, 0)
+        assert now is True and after >= 1
+        assert Pacer(pauses=False).pause_now() is False
+        in_hub = gevent.event.AsyncResult()
+        gevent.get_hub().loop.run_callback(lambda: in_hub.set(Pacer().pause_now()))
+        assert in_hub.get(timeout=5) is False
+    finally:
+        stop[0] = True
+        ticker.get(timeout=5)

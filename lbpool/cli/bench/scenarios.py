@@ -19,8 +19,10 @@ over rounds, and each ratio the median of *same-round* ratios:
 - S, scale (opt-in: ``--scenarios S``): at 10, 100 and 1,000 configured servers
   (loopback listening sockets; the kernel's backlog completes the few dials), the
   manager's creation, ``wait_ready``, one upkeep pass over every pool while some
-  connections are in use, ``stats()``, ``to_dict()``, a Prometheus ``collect()`` and a
-  new ad-hoc name's first ``get``: wall ms, the hub's longest stretch (a ticker
+  connections are in use, ``stats()``, ``to_dict()``, a Prometheus ``collect()``, a
+  whole in-hub scrape's text (``expose``: ``lbpool.metrics.generate_latest``, paced;
+  ``expose_unpaced``: ``prometheus_client.generate_latest``, for comparison) and a new
+  ad-hoc name's first ``get``: wall ms, the hub's longest stretch (a ticker
   greenlet's longest gap) and the operation's CPU ms (its own greenlet's run time
   over all its slices) per operation, median over rounds, with the 1,000/100 and
   1,000/10 ratios (of wall ms); and the "snapshot total": ``stats`` + ``to_dict`` +
@@ -504,7 +506,17 @@ def measure_h_placement(s: Settings) -> dict[str, Any]:
 
 # -- scenario S: scale ------------------------------------------------------------
 
-S_OPS = ("create", "wait_ready", "upkeep_pass", "stats", "to_dict", "collect", "adhoc_get")
+S_OPS = (
+    "create",
+    "wait_ready",
+    "upkeep_pass",
+    "stats",
+    "to_dict",
+    "collect",
+    "expose",
+    "expose_unpaced",
+    "adhoc_get",
+)
 # a scrape's snapshot work: its "snapshot total" is the sum of their cpu_ms
 S_SNAPSHOT_OPS = ("stats", "to_dict", "collect")
 S_PER_BACKEND = 100  # servers per backend (10 backends at 1,000 servers)
@@ -594,8 +606,15 @@ def _s_round(n: int, listeners: list[Any], spare: list[Any]) -> dict[str, dict[s
         except ImportError:  # prometheus_client is not installed
             pass
         else:
+            from prometheus_client import CollectorRegistry
+            from prometheus_client import generate_latest as unpaced
+
             collector = lbpool.metrics.LbpoolCollector(manager)
             record("collect", lambda: list(collector.collect()))
+            registry = CollectorRegistry()
+            registry.register(collector)
+            record("expose", lambda: lbpool.metrics.generate_latest(registry))
+            record("expose_unpaced", lambda: unpaced(registry))
         adhoc = f"127.0.0.1:{spare[0].getsockname()[1]}"
 
         def first_get() -> None:
