@@ -53,9 +53,10 @@ makes its samples in slices of about 2 ms, with a short timed pause between them
 
 For a scrape served in the hub (a gevent WSGI server, or a monkey-patched process,
 where ``start_http_server``'s "thread" is a greenlet), ``make_wsgi_app`` and
-``generate_latest`` here are prometheus_client's own, paced: the same responses and
-bytes, with the formatting and the gzip compression paused about every 2 ms too
-(prometheus_client's run in one go: hundreds of ms at 1,000 servers)::
+``generate_latest`` here are prometheus_client's own, paced: the status and headers of
+its app, the same text (a gzip body decompresses to it), with the formatting and the
+compression paused about every 2 ms too (prometheus_client's run in one go: hundreds of
+ms at 1,000 servers; see ``lbpool._scrape``)::
 
     from gevent.pywsgi import WSGIServer
 

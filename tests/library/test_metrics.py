@@ -539,3 +539,49 @@ def test_a_format_whose_pieces_do_not_concatenate_is_made_in_one_go() -> None:
     assert type(family.samples) is list and len(family.samples) == 3
     text = lbpool.metrics.generate_latest(registry)
     assert text == generate_latest(registry) and type(family.samples) is list
+
+
+def test_paced_exposition_errors_and_odd_metrics_are_prometheus_clients() -> None:
+    """A sample prometheus_client cannot format (a label value that is not a str): the
+    same error, naming the collector's own metric, not a paced copy; a metric-like
+    object that cannot be copied (frozen) is formatted unpaced, the same bytes."""
+    import dataclasses
+
+    from prometheus_client.samples import Sample
+
+    bad = prometheus_client.core.GaugeMetricFamily("bad", "Bad.", labels=["l"])
+    for i in range(lbpool._scrape._BATCH):  # a big metric: encoded alone, from a copy
+        bad.add_metric([str(i)], float(i))
+    bad.samples.append(Sample("bad", {"l": 1}, 1.0))  # type: ignore[dict-item]
+
+    class Bad:
+        def collect(self) -> Iterator[Any]:
+            yield bad
+
+    registry = CollectorRegistry()
+    registry.register(Bad())
+    errors = []
+    for expose in (generate_latest, lbpool.metrics.generate_latest):
+        with pytest.raises(Exception) as caught:
+            gevent.spawn(expose, registry).get(timeout=30)
+        errors.append(caught.value)
+    theirs, ours = errors
+    assert type(ours) is type(theirs) and ours.args[-1] is bad is theirs.args[-1]
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        name: str
+        documentation: str
+        type: str
+        unit: str
+        samples: tuple[Any, ...]
+
+    frozen = Frozen("x", "X.", "gauge", "", tuple(Sample("x", {}, float(i)) for i in range(200)))
+
+    class Odd:
+        def collect(self) -> Iterator[Any]:
+            yield frozen
+
+    odd = CollectorRegistry()
+    odd.register(Odd())
+    assert lbpool.metrics.generate_latest(odd) == generate_latest(odd)
