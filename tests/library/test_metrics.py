@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -384,7 +385,9 @@ def test_paced_exposition_is_prometheus_clients_text(
         target=lambda: from_thread.append(lbpool.metrics.generate_latest(registry))
     )
     thread.start()
+    deadline = time.monotonic() + 30
     while thread.is_alive():  # the manager's hub takes the snapshot: keep it turning
+        assert time.monotonic() < deadline, "the scrape thread did not finish in 30 s"
         gevent.sleep(0.01)
     thread.join()
     assert from_thread == [expected]
@@ -393,7 +396,7 @@ def test_paced_exposition_is_prometheus_clients_text(
 @pytest.fixture
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every check of the exposition's pacers pauses (slices of 0 s); the list grows by
-    one per pause taken."""
+    one per pause taken: 1 for a check, 2 for a ``pause_now``."""
     taken: list[int] = []
 
     class Counting(lbpool._scrape.Pacer):
@@ -401,6 +404,12 @@ def pauses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             paused = super().__call__()
             if paused:
                 taken.append(1)
+            return paused
+
+        def pause_now(self) -> bool:
+            paused = super().pause_now()
+            if paused:
+                taken.append(2)  # before a big metric's lines are joined
             return paused
 
     monkeypatch.setattr(lbpool._scrape, "Pacer", Counting)
@@ -418,8 +427,14 @@ def test_paced_exposition_lets_the_hub_turn(pauses: list[int]) -> None:
     registry.register(Many(4000))
     turns, text = turns_during(lambda: lbpool.metrics.generate_latest(registry))
     assert text == generate_latest(registry)
-    assert len(pauses) >= 4000 // lbpool._scrape._EXPOSE_EVERY, len(pauses)
+    assert pauses.count(1) >= 4000 // lbpool._scrape._EXPOSE_EVERY, len(pauses)
+    assert pauses.count(2) == 1  # one big metric: a pause before its lines are joined
     assert turns >= len(pauses), turns
+    pauses.clear()  # a metric under _BIG_METRIC samples: no pause of its own
+    small = CollectorRegistry()
+    small.register(Many(lbpool._scrape._BIG_METRIC - 1))
+    assert gevent.spawn(lbpool.metrics.generate_latest, small).get(timeout=30)
+    assert pauses.count(2) == 0 and pauses.count(1) >= 10
 
 
 def get(port: int, path: str, *headers: str, method: str = "GET") -> tuple[str, bytes]:
@@ -536,6 +551,20 @@ def test_a_format_whose_pieces_do_not_concatenate_is_made_in_one_go() -> None:
         return "".join([*lines, f"# {len(metrics)} metrics\n"]).encode()
 
     assert lbpool._scrape._expose(counting, registry) == b"kept 3\nmany 5\n# 2 metrics\n"
+    # the first piece is a big metric alone: the rest of the registry is read on
+    big_first = CollectorRegistry()
+    big_first.register(Many(lbpool._scrape._BATCH))
+    big_first.register(Persistent())
+    expected = f"many {lbpool._scrape._BATCH}\nkept 3\n# 2 metrics\n".encode()
+    assert lbpool._scrape._expose(counting, big_first) == expected
+
+    def changing(source: Any) -> bytes:  # its per-output part changes with the metrics
+        names = [m.name for m in source.collect()]
+        end = "#END\n" if all(n.startswith("m") for n in names) else "#X\n"
+        return "".join([*(f"{n}\n" for n in names), end]).encode()
+
+    with pytest.raises(RuntimeError, match="lbpool: the exposition format changed"):
+        lbpool._scrape._expose(changing, big_first)
     assert type(family.samples) is list and len(family.samples) == 3
     text = lbpool.metrics.generate_latest(registry)
     assert text == generate_latest(registry) and type(family.samples) is list
@@ -544,7 +573,8 @@ def test_a_format_whose_pieces_do_not_concatenate_is_made_in_one_go() -> None:
 def test_paced_exposition_errors_and_odd_metrics_are_prometheus_clients() -> None:
     """A sample prometheus_client cannot format (a label value that is not a str): the
     same error, naming the collector's own metric, not a paced copy; a metric-like
-    object that cannot be copied (frozen) is formatted unpaced, the same bytes."""
+    object that cannot be copied (frozen), or whose samples have no length (a
+    generator), is formatted unpaced, the same bytes."""
     import dataclasses
 
     from prometheus_client.samples import Sample
@@ -582,6 +612,45 @@ def test_paced_exposition_errors_and_odd_metrics_are_prometheus_clients() -> Non
         def collect(self) -> Iterator[Any]:
             yield frozen
 
+    class Streamed:  # samples with no length: a generator
+        name, documentation, type, unit = "y", "Y.", "gauge", ""
+
+        @property
+        def samples(self) -> Iterator[Any]:
+            return (Sample("y", {}, float(i)) for i in range(3))
+
     odd = CollectorRegistry()
     odd.register(Odd())
     assert lbpool.metrics.generate_latest(odd) == generate_latest(odd)
+    streamed = CollectorRegistry()
+    streamed.register(type("S", (), {"collect": lambda self: iter([Streamed()])})())
+    assert gevent.spawn(lbpool.metrics.generate_latest, streamed).get(timeout=30) == (
+        generate_latest(streamed)
+    )
+
+
+def test_paced_wsgi_app_falls_back_when_the_app_wants_more_than_a_registry(
+    manager: lbpool.PoolManager, wsgi_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A (future) prometheus_client app that asks its registry for more than
+    ``collect``/``restricted_registry``: the stand-in cannot answer, so that app over the
+    real registry serves the request, unpaced, rather than every scrape failing."""
+    real = lbpool._scrape._exposition.make_wsgi_app
+
+    def newer(registry: Any, disable_compression: bool = False) -> Any:
+        app = real(registry, disable_compression=disable_compression)
+
+        def asks_more(environ: dict[str, Any], start_response: Any) -> Any:
+            registry.get_target_info()  # a CollectorRegistry method the stand-in lacks
+            return app(environ, start_response)
+
+        return asks_more
+
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    monkeypatch.setattr(lbpool._scrape._exposition, "make_wsgi_app", newer)
+    port = wsgi_server(lbpool.metrics.make_wsgi_app(registry))
+    head, body = get(port, "/metrics")
+    assert head.startswith("HTTP/1.1 200"), head
+    assert body == generate_latest(registry)

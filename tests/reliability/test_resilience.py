@@ -169,6 +169,8 @@ def test_blip_every_connection_reset(cluster: Any, make_manager: Any, panic: flo
     done = len(traffic.log)
     while True:
         gevent.sleep(0.01)  # hub turns: a poll sees any reply still unread
+        with gevent.Timeout(1, False):  # and its reader runs (libev may run this timer
+            gevent.idle()  # before a ready socket of the same turn): until nothing is ready
         servers = manager.stats().backends["svc"].servers
         before, done = done, len(traffic.log)
         if before == done and all(s.in_use >= 3 for s in servers.values()):
