@@ -140,9 +140,9 @@ def _expose(encoder: _Encoder, registry: Any) -> bytes:
         if size >= _BATCH:  # a big metric: alone, its samples paused as they are read
             paced = [_paced(batch[0], pause)]
         else:  # small ones: together, unpaced, up to _BATCH samples
-            while ahead is not _END and size + _count(ahead) <= _BATCH:
+            while ahead is not _END and size + (more := _count(ahead)) <= _BATCH:
                 batch.append(ahead)
-                size += _count(ahead)
+                size += more
                 ahead = read()
             paced = batch
         try:
@@ -246,8 +246,10 @@ def make_wsgi_app(registry: Collector = REGISTRY, disable_compression: bool = Fa
         inner = _exposition.make_wsgi_app(probe, disable_compression=disable_compression)
         try:
             body: Iterable[bytes] = inner(environ, keep)
-            if not answer:  # an app that starts its response as its body is read
-                body = list(body)
+            if not answer:  # an app that starts its response as its body is read: read
+                read = list(body)  # and closed here (WSGI), the list is the body now
+                _close(body)
+                body = read
         except AttributeError:  # it asked the stand-in for more than a registry's
             # collect and restricted_registry (a newer prometheus_client): its own app
             # over the registry answers, unpaced, rather than every request failing
@@ -257,9 +259,7 @@ def make_wsgi_app(registry: Collector = REGISTRY, disable_compression: bool = Fa
             raise RuntimeError("lbpool: prometheus_client's WSGI app started no response")
         status, headers, exc_info = answer
         if probe.collected:
-            close = getattr(body, "close", None)
-            if close is not None:  # the stand-in's body is replaced: closed as WSGI says
-                close()
+            _close(body)  # the stand-in's body is replaced: closed, as WSGI says
             accept: Any = environ.get("HTTP_ACCEPT")  # as the app passes it (None too)
             encoder, _ = _exposition.choose_encoder(accept)
             source: Any = registry
@@ -275,6 +275,13 @@ def make_wsgi_app(registry: Collector = REGISTRY, disable_compression: bool = Fa
         return body
 
     return lbpool_metrics_app
+
+
+def _close(body: Iterable[bytes]) -> None:
+    """Close an app's body that is not passed on (WSGI: its ``close``, if it has one)."""
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 def _no_write(data: bytes) -> None:

@@ -656,3 +656,46 @@ def test_paced_wsgi_app_falls_back_when_the_app_wants_more_than_a_registry(
     head, body = get(port, "/metrics")
     assert head.startswith("HTTP/1.1 200"), head
     assert body == generate_latest(registry)
+
+
+def test_paced_wsgi_app_reads_a_lazy_apps_body_and_closes_a_replaced_one(
+    manager: lbpool.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that starts its response only as its body is read (WSGI allows it): the
+    body is read first, then the exposition made here replaces it, and the replaced
+    body is closed; an app that never starts a response is an lbpool error saying so."""
+    real = lbpool._scrape._exposition.make_wsgi_app
+    closed: list[bool] = []
+
+    class Body:
+        def __init__(self, environ: dict[str, Any], start_response: Any, app: Any) -> None:
+            self.args = (environ, start_response, app)
+
+        def __iter__(self) -> Iterator[bytes]:
+            environ, start_response, app = self.args
+            yield from app(environ, start_response)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def lazy(registry: Any, disable_compression: bool = False) -> Any:
+        app = real(registry, disable_compression=disable_compression)
+        return lambda environ, start_response: Body(environ, start_response, app)
+
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""}
+    started: list[str] = []
+    monkeypatch.setattr(lbpool._scrape._exposition, "make_wsgi_app", lazy)
+    app = lbpool.metrics.make_wsgi_app(registry)
+    body = app(dict(environ), lambda status, headers, exc_info=None: started.append(status))
+    assert started == ["200 OK"] and closed == [True]
+    assert b"".join(body) == generate_latest(registry)
+
+    def silent(registry: Any, disable_compression: bool = False) -> Any:
+        return lambda environ, start_response: []
+
+    monkeypatch.setattr(lbpool._scrape._exposition, "make_wsgi_app", silent)
+    with pytest.raises(RuntimeError, match="lbpool: prometheus_client's WSGI app started"):
+        lbpool.metrics.make_wsgi_app(registry)(dict(environ), lambda *a: None)
