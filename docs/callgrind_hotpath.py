@@ -14,7 +14,11 @@ Scenarios (the bench's adapters, ``lbpool.cli.bench.peers``):
 - ``A kind N``: one greenlet, ``N`` uncontended ``release(acquire())`` cycles, called
   as the bench's scenario A calls them (``manager.get("bench")`` directly, no closure);
 - ``B kind N``: 500 greenlets over 10 connections, each ``N`` times ``acquire``,
-  ``gevent.sleep(0)``, ``release`` (operations = 500 x N).
+  ``gevent.sleep(0)``, ``release`` (operations = 500 x N);
+- ``C kind N``: 50 greenlets over 10 connections, each ``N`` times ``acquire``, a
+  64-byte ``sendall`` and its echo read back (``recv``) through what the adapter's
+  ``io`` gives, ``release`` (requests = 50 x N), against an in-process
+  ``lbpool.testing.EchoServer`` (the bench's scenario C, untimed).
 
 ``kind``: ``floor`` (the FIFO-handoff deque floor), ``lbpool.Pool``, ``manager.get``.
 Set ``LBPOOL_PURE_PYTHON=1`` to count the pure-Python path of an install whose hot
@@ -60,8 +64,25 @@ def main() -> None:
                         release(lease)
 
                 gevent.joinall([gevent.spawn(worker) for _ in range(500)])
+            elif scenario == "C":
+                io_of, payload = adapter.io, b"e" * 64
+
+                def client() -> None:
+                    for _ in range(per):
+                        lease = acquire()
+                        s = io_of(lease)
+                        s.sendall(payload)
+                        got = s.recv(64)
+                        while len(got) < 64:
+                            more = s.recv(64 - len(got))
+                            if not more:
+                                raise ConnectionError("the echo server closed")
+                            got += more
+                        release(lease)
+
+                gevent.joinall([gevent.spawn(client) for _ in range(50)])
             else:
-                raise SystemExit(f"unknown scenario {scenario!r} (A or B)")
+                raise SystemExit(f"unknown scenario {scenario!r} (A, B or C)")
     finally:
         server.stop()
 

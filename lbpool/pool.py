@@ -20,7 +20,6 @@ queue, its outcomes and its timer are ``lbpool._waiters``; the upkeep loop is
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import logging
@@ -28,12 +27,13 @@ import os
 import random
 import socket
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from time import monotonic
 from typing import Any, Final, SupportsFloat, cast
 
 import gevent
 from gevent.event import Event
+from greenlet import getcurrent
 
 from lbpool import _hublag, _ownership
 from lbpool._demand import DemandWindow
@@ -84,10 +84,25 @@ _monotonic: Final = monotonic
 get_ident: Final = _ownership.get_ident
 _WAITING: Final = WAITING
 _WATCH_LAG: Final = _hublag.WATCH_LAG
-_bisect_left: Final = bisect.bisect_left
-# typed as a Sequence, not the 13-float tuple it is: mypyc keeps a fixed-length tuple of
-# floats unboxed and would box it afresh (a tuple and 13 floats) on every use
-_WAIT_BUCKETS: Final[Sequence[float]] = WAIT_BUCKETS
+_getcurrent: Final = getcurrent
+# typed as a variable-length tuple, not the 13-float tuple it is: mypyc keeps a
+# fixed-length tuple of floats unboxed and would box it afresh on every use
+_WAIT_BUCKETS: Final[tuple[float, ...]] = WAIT_BUCKETS
+
+
+def _wait_bucket(waited: float) -> int:
+    """The histogram bucket of a wait of ``waited`` seconds: the index of the first
+    ``WAIT_BUCKETS`` bound at or above it (``len(WAIT_BUCKETS)`` past the last), as
+    ``bisect.bisect_left``. A scan from the smallest: waits are mostly short, so it
+    stops after a few native float compares, where bisect made a generic
+    ``PySequence_GetItem`` and rich compare for each of its four probes (bench B)."""
+    i = 0
+    for bound in _WAIT_BUCKETS:
+        if waited <= bound:
+            return i
+        i += 1
+    return i
+
 
 SetupHook = Callable[[socket.socket], object]
 
@@ -406,9 +421,22 @@ class Pool(ThreadBound):
         if timeout is not None:  # checked first, on every path: nothing has changed yet
             timeout = valid_timeout(timeout, self.name)
         if self._closing:
-            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
+            raise self._closed_error()
+        # Kept this small (compiled, its C frame is on the stack through a wait, and a
+        # greenlet switch copies that stack out and back: bench B); the rest is in two
+        # calls. With idle connections, the uncontended path (bench A) is one call more.
+        if self._idle:
+            return self._acquire_idle(timeout, panic)
+        return self._acquire_slow(timeout, 0.0, panic)
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
+
+    def _acquire_idle(self, timeout: float | None, panic: bool) -> PooledConnection:
+        """``acquire`` with idle connections: the most recently rested that is fit to
+        lend, checked within the time left; the slow path when none is."""
         idle = self._idle
-        if idle and not self.breaker.is_closed:
+        if not self.breaker.is_closed:
             self._drop_idle()  # not while the breaker is not closed: a trial is a dial
         deadline = 0.0  # made on the first borrow check (the uncontended path needs none)
         while idle:
@@ -462,7 +490,7 @@ class Pool(ThreadBound):
         self, timeout: float | None, deadline: float, panic: bool = False
     ) -> PooledConnection:
         if self._closing:  # closed during a borrow check
-            raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
+            raise self._closed_error()
         if not self._waiters:  # with waiters, the first of them told upkeep already
             self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
@@ -501,14 +529,21 @@ class Pool(ThreadBound):
         waiters.append(w)
         if deadline < waiters._timer_at:
             waiters._arm(deadline)
+        # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
+        # wake-up came yet. A frame fewer on the C stack a switch saves and restores
+        # (compiled, each native frame is stack memory the greenlet switch copies).
+        # The greenlet is forgotten however the wait ends, as in Waiter.get
+        w.greenlet = _getcurrent()
         try:
-            w.get()  # Waiter.wait, inlined: ``outcome`` is the one channel
-            outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
+            self._hub.switch()
         except BaseException:
+            w.greenlet = None
             if self._forked_since(generation):
                 raise self._forked() from None
             self._abandon(w)
             raise
+        w.greenlet = None
+        outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
         if self._thread_id < 0 or self._fork_gen != generation:  # copied into a forked child
             raise self._forked(outcome if isinstance(outcome, _Conn) else None)
         now = _monotonic()
@@ -516,7 +551,7 @@ class Pool(ThreadBound):
         self._wait_total += waited
         if waited > self._wait_max:
             self._wait_max = waited
-        self._wait_counts[_bisect_left(_WAIT_BUCKETS, waited)] += 1
+        self._wait_counts[_wait_bucket(waited)] += 1
         if isinstance(outcome, _Conn):  # the common case: a connection handed over
             conn = outcome
             self._handed -= 1

@@ -229,6 +229,42 @@ def test_interrupt_after_handoff_passes_connection_on(
     pool.close()
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_waiter_is_not_woken_later(server: EchoServer, no_fd_leak: None) -> None:
+    """A waiter interrupted after a connection was handed to it (its wake-up scheduled,
+    not run) that survives the interruption and waits on something else is not woken
+    by that stale wake-up: the wait forgets its greenlet however it ends."""
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    later = Event()
+    seen: list[object] = []
+
+    def waiter() -> None:
+        try:
+            pool.acquire()
+        except _Interrupt:
+            seen.append("interrupted")
+        try:
+            seen.append(later.wait(5))  # True only once ``later`` is set
+        except BaseException as exc:  # a stale switch into this wait: gevent refuses it
+            seen.append(type(exc).__name__)
+
+    g = gevent.spawn(waiter)
+    gevent.sleep(0)
+    holder.release()  # handed to g; its wake-up is only scheduled
+    throw_now(g, _Interrupt())
+    gevent.sleep(0)  # (the stale wake-up ran already: it was queued before throw_now's)
+    later.set()
+    g.join(5)
+    assert seen == ["interrupted", True]
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.waiting) == (1, 1, 0, 0)
+    pool.close()
+
+
 def test_killed_waiter_leaves_queue(server: EchoServer, no_fd_leak: None) -> None:
     pool = make_pool(server, max_size=1)
     holder = pool.acquire()
@@ -732,6 +768,24 @@ def test_fast_join_matches_join(server: EchoServer, no_fd_leak: None) -> None:
             canon._waiters.remove(w)
         for pool in (fast, canon):
             held[pool].release()
+
+
+def test_wait_bucket_matches_bisect() -> None:
+    """_wait's bucket scan puts a wait where ``bisect_left`` over ``WAIT_BUCKETS`` does
+    (the ``le`` semantics of the histogram: a wait equal to a bound is in its bucket),
+    on every bound, just either side of it, and past the last."""
+    import bisect
+    import math
+
+    from lbpool.pool import _wait_bucket
+    from lbpool.stats import WAIT_BUCKETS
+
+    values = [-1.0, 0.0, 1e-9, 1e6, math.inf]
+    for bound in WAIT_BUCKETS:
+        values += (math.nextafter(bound, -math.inf), bound, math.nextafter(bound, math.inf))
+    for value in values:
+        assert _wait_bucket(value) == bisect.bisect_left(WAIT_BUCKETS, value), value
+    assert _wait_bucket(math.inf) == len(WAIT_BUCKETS)
 
 
 # -- arguments are checked before anything changes (DESIGN 14) -------------------------
