@@ -235,12 +235,23 @@ class Pool(ThreadBound):
         self._used_at = _monotonic()  # ... and when it last saw a change, or use in progress
         self._reset_counters()
         self._bind_to_current_thread()
-        self._waiters = WaitQueue(self._hub)  # FIFO, with one timer for the earliest deadline
-        self._hub_lag = hub_lag(self._hub.loop)  # seconds since the hub last polled
-        self._run_callback: Callable[..., Any] = self._hub.loop.run_callback  # bound once
+        self._bind_hub()
         self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
         if upkeep:
             self._start_upkeep()
+
+    def _bind_hub(self) -> None:
+        """A new waiter queue (FIFO, one timer for the earliest deadline) on this
+        thread's hub, and what the hot path calls on them bound once: a bound method
+        called is a direct call, where one named on the object is a lookup by name on
+        each call (the hub's, in its instance dict and its class: bench B)."""
+        hub = self._hub
+        self._waiters = waiters = WaitQueue(hub)
+        self._join_queue: Callable[[Waiter], None] = waiters.append
+        self._pop_waiter: Callable[[], Waiter] = waiters.popleft
+        self._switch_out: Callable[[], object] = hub.switch  # park: run the hub
+        self._hub_lag = hub_lag(hub.loop)  # seconds since the hub last polled
+        self._run_callback: Callable[..., Any] = hub.loop.run_callback
 
     # -- configuration ------------------------------------------------------------
     def _set_config(
@@ -370,9 +381,7 @@ class Pool(ThreadBound):
         self._changed = Event()
         self._reset_counters()
         self._bind_to_current_thread()
-        self._waiters = WaitQueue(self._hub)  # the parent's waiters are not ours
-        self._hub_lag = hub_lag(self._hub.loop)
-        self._run_callback = self._hub.loop.run_callback
+        self._bind_hub()  # the parent's waiters are not ours
         if self._upkeep is not None and not self._closing:
             self._upkeep.abandon()  # the parent's loop, inherited: ends after its pass
             self._start_upkeep()
@@ -526,7 +535,7 @@ class Pool(ThreadBound):
         # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
         # native class of this build: a direct C call, its fields C struct members
         w = Waiter(self._hub, _WAITING, deadline)
-        waiters.append(w)
+        self._join_queue(w)
         if deadline < waiters._timer_at:
             waiters._arm(deadline)
         # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
@@ -535,7 +544,7 @@ class Pool(ThreadBound):
         # The greenlet is forgotten however the wait ends, as in Waiter.get
         w.greenlet = _getcurrent()
         try:
-            self._hub.switch()
+            self._switch_out()
         except BaseException:
             w.greenlet = None
             if self._forked_since(generation):
@@ -946,7 +955,7 @@ class Pool(ThreadBound):
             # never see them (the fd is not readable), the next borrower would get them
             self._retire(conn, "unhealthy")
         elif self._waiters:  # _hand_on, inlined (bench A); test_fast_return_matches_hand_on
-            w = self._waiters.popleft()
+            w = self._pop_waiter()
             self._handed += 1
             w.outcome = conn
             self._run_callback(w, None)  # w(None) is w.switch(None), no bound method made
