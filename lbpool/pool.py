@@ -498,40 +498,32 @@ class Pool(ThreadBound):
     def _acquire_slow(
         self, timeout: float | None, deadline: float, panic: bool = False
     ) -> PooledConnection:
+        """``acquire`` with no idle connection to lend: dial into a free slot, or queue
+        and wait for a connection handed over, a slot, or the deadline.
+
+        One function, the wait's own frame included (bench B): compiled, each native
+        frame below a wait is C stack that every greenlet switch copies out and back;
+        what raises is made by helpers (an f-string's temporaries are frame slots)."""
         if self._closing:  # closed during a borrow check
             raise self._closed_error()
-        if not self._waiters:  # with waiters, the first of them told upkeep already
+        waiters = self._waiters
+        if not waiters:  # with waiters, the first of them told upkeep already
             self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
         start = _monotonic()
         if not deadline:
             deadline = start + (self._acquire_timeout if timeout is None else timeout)
         elif start >= deadline:  # borrow checks used up the time
-            self._timeouts += 1
-            raise PoolTimeout(
-                f"{self.name}: acquire deadline passed during borrow checks",
-                self.name,
-                self.backend,
-            )
-        if self._size < self._max_size and not self._waiters:
+            raise self._checks_timed_out()
+        if self._size < self._max_size and not waiters:
             self._reserve()
             return self._lend_new(deadline, panic)
-        if self._max_waiting and len(self._waiters) >= self._max_waiting:
-            self._shed += 1
-            raise PoolExhausted(
-                f"{self.name}: {len(self._waiters)} callers already wait "
-                f"(max_waiting {self._max_waiting}); shed",
-                self.name,
-                self.backend,
-            )
-        return self._wait(start, deadline, panic)
-
-    def _wait(self, start: float, deadline: float, panic: bool = False) -> PooledConnection:
+        if self._max_waiting and len(waiters) >= self._max_waiting:
+            raise self._shed_error()
         # the fork generation this acquisition started in (the owner check made it the
         # pool's); a fork while it waits poisons _thread_id or, once someone started the
         # pool fresh, changes _fork_gen: two native reads, no global (bench B)
         generation = self._fork_gen
         self._waits += 1
-        waiters = self._waiters
         # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
         # native class of this build: a direct C call, its fields C struct members
         w = Waiter(self._hub, _WAITING, deadline)
@@ -539,9 +531,8 @@ class Pool(ThreadBound):
         if deadline < waiters._timer_at:
             waiters._arm(deadline)
         # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
-        # wake-up came yet. A frame fewer on the C stack a switch saves and restores
-        # (compiled, each native frame is stack memory the greenlet switch copies).
-        # The greenlet is forgotten however the wait ends, as in Waiter.get
+        # wake-up came yet. The greenlet is forgotten however the wait ends, as in
+        # Waiter.get
         w.greenlet = _getcurrent()
         try:
             self._switch_out()
@@ -565,8 +556,7 @@ class Pool(ThreadBound):
             conn = outcome
             self._handed -= 1
             if self._closing:  # handed before a close began (a reload removed the server)
-                self._retire(conn, "discarded")
-                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
+                raise self._closed_while_waiting(conn)
             self._waits_served += 1
             self._hits += 1
             conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
@@ -577,11 +567,31 @@ class Pool(ThreadBound):
             return handle
         return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
 
+    def _checks_timed_out(self) -> PoolTimeout:
+        self._timeouts += 1
+        return PoolTimeout(
+            f"{self.name}: acquire deadline passed during borrow checks", self.name, self.backend
+        )
+
+    def _shed_error(self) -> PoolExhausted:
+        self._shed += 1
+        return PoolExhausted(
+            f"{self.name}: {len(self._waiters)} callers already wait "
+            f"(max_waiting {self._max_waiting}); shed",
+            self.name,
+            self.backend,
+        )
+
+    def _closed_while_waiting(self, conn: _Conn) -> PoolClosed:
+        """A connection handed over as the pool began to close: retired, not lent."""
+        self._retire(conn, "discarded")
+        return PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
+
     def _wait_ended(
         self, outcome: Outcome, start: float, deadline: float, panic: bool
     ) -> PooledConnection:
         """A wait that ended without a connection handed over (the rarer outcomes,
-        out of ``_wait``: a compiled function's C stack frame is what a greenlet
+        out of ``_acquire_slow``: a compiled function's C stack frame is what a greenlet
         switch copies, so the waiting frame is kept small)."""
         if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1

@@ -735,7 +735,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         canon._waits_served += 1
         canon._hits += 1
         h_canon = canon._lend(conn, monotonic())  # the canonical one
-        assert _state(fast)[:8] == _state(canon)[:8]  # wait_count: _wait's own timing
+        assert _state(fast)[:8] == _state(canon)[:8]  # wait_count: the wait's own timing
         assert _state(fast)[9:] == _state(canon)[9:]
         assert fast._waits_served == canon._waits_served == 1
         assert h_fast.uses == h_canon.uses == 2
@@ -745,7 +745,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
 
 
 def test_fast_join_matches_join(server: EchoServer, no_fd_leak: None) -> None:
-    """_wait inlines WaitQueue.join: the queued waiter, its outcome and deadline, and the
+    """_acquire_slow inlines WaitQueue.join: the queued waiter, its outcome and deadline, and the
     queue's timer are what join makes (the earliest deadline arms the timer, a later
     one does not)."""
     fast, canon = (make_pool(server, max_size=1) for _ in range(2))
