@@ -7,7 +7,10 @@ mypyc (setup.py ``COMPILED``), it is a native class: the compiled pool makes one
 direct C call and reads and writes its fields as C struct members, where a Python
 subclass of gevent's Waiter cost a type lookup and a generic attribute access for each.
 
-The guarantees of gevent's Waiter that the pool's hand-off relies on:
+The guarantees of gevent's Waiter that the pool's hand-off relies on (the pool's
+compiled wait, ``Pool._acquire_slow``, inlines ``get`` for a new waiter -- records the
+greenlet, switches to the hub, forgets the greenlet however the switch ends -- and
+``WaitQueue.join``; ``tests/library/test_pool.py`` checks the copies):
 
 - ``get()`` parks the calling greenlet (``hub.switch()``) with the greenlet recorded,
   and clears it in a ``finally``: a wake-up scheduled for a wait that was interrupted

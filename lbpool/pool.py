@@ -33,6 +33,7 @@ from typing import Any, Final, SupportsFloat, cast
 
 import gevent
 from gevent.event import Event
+from gevent.exceptions import InvalidSwitchError
 from greenlet import getcurrent
 
 from lbpool import _hublag, _ownership
@@ -546,6 +547,8 @@ class Pool(ThreadBound):
         outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
         if self._thread_id < 0 or self._fork_gen != generation:  # copied into a forked child
             raise self._forked(outcome if isinstance(outcome, _Conn) else None)
+        if outcome is _WAITING:  # a switch into this greenlet that was not the pool's
+            raise self._invalid_switch(w)
         now = _monotonic()
         waited = now - start
         self._wait_total += waited
@@ -566,6 +569,16 @@ class Pool(ThreadBound):
                 handle.stack = _caller_stack()
             return handle
         return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
+
+    def _invalid_switch(self, w: Waiter) -> InvalidSwitchError:
+        """A wait woken by a switch that was not the pool's (nothing handed, no
+        timer): it leaves the queue as an interrupted wait does, so nothing is handed
+        to it later and lost, and fails as gevent's own waits do."""
+        self._abandon(w)
+        return InvalidSwitchError(
+            f"{self.name}: a switch into a greenlet waiting for a connection that was not "
+            "the pool's; its wait is given up"
+        )
 
     def _checks_timed_out(self) -> PoolTimeout:
         self._timeouts += 1

@@ -265,6 +265,42 @@ def test_interrupted_waiter_is_not_woken_later(server: EchoServer, no_fd_leak: N
     pool.close()
 
 
+def test_stray_switch_into_a_waiter_gives_its_wait_up(server: EchoServer, no_fd_leak: None) -> None:
+    """A switch into a waiting greenlet that was not the pool's (nothing handed, no
+    timer) fails its acquisition with gevent's ``InvalidSwitchError``, as gevent's own
+    waits do, and takes it off the queue: the next release goes to the next waiter,
+    and no connection is handed to a wait that has ended."""
+    from gevent.exceptions import InvalidSwitchError
+
+    pool = make_pool(server, max_size=1)
+    holder = pool.acquire()
+    outcomes: list[object] = []
+
+    def wait_turn(tag: str) -> None:
+        try:
+            with pool.get(timeout=5):
+                outcomes.append(tag)
+        except InvalidSwitchError as exc:
+            outcomes.append((tag, type(exc).__name__, pool.name in str(exc)))
+
+    stray = gevent.spawn(wait_turn, "stray")
+    gevent.sleep(0)
+    after = gevent.spawn(wait_turn, "after")
+    gevent.sleep(0)
+    assert pool.stats().waiting == 2
+    gevent.get_hub().loop.run_callback(stray.switch, "not the pool's")
+    stray.join(5)
+    assert outcomes == [("stray", "InvalidSwitchError", True)]
+    assert pool.stats().waiting == 1
+    holder.release()
+    after.join(5)
+    assert outcomes[1:] == ["after"]
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use, s.waiting) == (1, 1, 0, 0)
+    assert pool._handed == 0
+    pool.close()
+
+
 def test_killed_waiter_leaves_queue(server: EchoServer, no_fd_leak: None) -> None:
     pool = make_pool(server, max_size=1)
     holder = pool.acquire()
@@ -630,7 +666,7 @@ def test_network_error_gets_idle_siblings_checked(server: EchoServer, no_fd_leak
 
 
 # -- the inlined hot-path copies, checked against the canonical helpers ---------------
-# acquire's idle path and _wait's handed-connection path inline _lend; _return inlines
+# acquire's idle path and _acquire_slow's handed-connection path inline _lend; _return inlines
 # _hand_on (the oldest waiter, else the idle stack). Each test starts two pools in the
 # same state, takes the fast path on one and the canonical helper on the other, and
 # compares everything observable.
@@ -717,7 +753,7 @@ def test_fast_return_matches_hand_on(
 
 
 def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
-    """A waiter handed a connection wakes in _wait, which inlines _lend; the canonical
+    """A waiter handed a connection wakes in _acquire_slow, which inlines _lend; the canonical
     side is a bare waiter joined by the test, lent to by the helper."""
     fast, canon = (make_pool(server, max_size=1) for _ in range(2))
     with fast, canon:
@@ -731,7 +767,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         h_fast = g.get(timeout=5)  # woken: the inlined _lend
         conn = w.outcome
         assert isinstance(conn, _Conn)
-        canon._handed -= 1  # what _wait does around _lend
+        canon._handed -= 1  # what _acquire_slow does around _lend
         canon._waits_served += 1
         canon._hits += 1
         h_canon = canon._lend(conn, monotonic())  # the canonical one
@@ -771,7 +807,7 @@ def test_fast_join_matches_join(server: EchoServer, no_fd_leak: None) -> None:
 
 
 def test_wait_bucket_matches_bisect() -> None:
-    """_wait's bucket scan puts a wait where ``bisect_left`` over ``WAIT_BUCKETS`` does
+    """The wait's bucket scan puts a wait where ``bisect_left`` over ``WAIT_BUCKETS`` does
     (the ``le`` semantics of the histogram: a wait equal to a bound is in its bucket),
     on every bound, just either side of it, and past the last."""
     import bisect

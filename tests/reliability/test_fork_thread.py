@@ -522,6 +522,70 @@ IN_FLIGHT = [
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_childs_waiters_are_served_by_its_releases(
+    make_manager: Callable[..., PoolManager], no_fd_leak: None
+) -> None:
+    """A child started fresh waits on a queue of its own: its callers queue there, are
+    counted there, and its releases hand them connections first come, first served
+    (what the wait and the hand-off call on the queue and the hub is bound anew, not
+    the parent's). The parent had callers waiting at the fork."""
+    server = ProcessEchoServer()
+    try:
+        manager = make_manager(
+            {
+                "backends": {
+                    "svc": {
+                        "servers": [server.address],
+                        "pool": {"min_idle": 0, "max_size": 1, "acquire_timeout": 10},
+                    }
+                }
+            }
+        )
+        pool = manager.backends["svc"].pools[0]
+        holder = manager.acquire("svc")
+        parent_served: list[int] = []
+
+        def parent_turn(i: int) -> None:
+            with manager.get("svc", timeout=10):
+                parent_served.append(i)
+
+        parent_waiters = [gevent.spawn(parent_turn, i) for i in range(2)]
+        assert settle(lambda: pool.stats().waiting == 2, 10)
+
+        def child() -> dict[str, Any]:
+            own = manager.acquire("svc", timeout=5)  # the first use: started fresh
+            served: list[int] = []
+
+            def wait_turn(i: int) -> None:
+                with manager.get("svc", timeout=5) as conn:
+                    round_trip(conn, b"child-%d" % i)
+                    served.append(i)
+
+            waiters = [gevent.spawn(wait_turn, i) for i in range(3)]
+            queued = settle(lambda: pool.stats().waiting == 3, 5)
+            own.release()
+            gevent.joinall(waiters, timeout=10)
+            return {
+                "queued": queued,
+                "served": served,
+                "errors": [repr(g.exception) for g in waiters if g.exception is not None],
+                "counts": pool_counts(pool),
+            }
+
+        result = run_in_child_parent_blocked(child)
+        assert result["queued"] and result["errors"] == [], result
+        assert result["served"] == [0, 1, 2], result
+        assert result["counts"]["in_use"] == 0 and result["counts"]["handed"] == 0, result
+        assert_exact(result["counts"])
+        holder.release()  # the parent's own waiters are served as before the fork
+        gevent.joinall(parent_waiters, timeout=10)
+        assert [g.exception for g in parent_waiters] == [None, None]
+        assert parent_served == [0, 1]
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
 @pytest.mark.parametrize("kind", IN_FLIGHT)
 def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
     make_manager: Callable[..., PoolManager], no_fd_leak: None, kind: str
