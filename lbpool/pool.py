@@ -576,8 +576,8 @@ class Pool(ThreadBound):
         to it later and lost, and fails as gevent's own waits do."""
         self._abandon(w)
         return InvalidSwitchError(
-            f"{self.name}: a switch into a greenlet waiting for a connection that was not "
-            "the pool's; its wait is given up"
+            f"{self.name}: the wait for a connection was woken by a switch that was not "
+            "the pool's; the wait is given up"
         )
 
     def _checks_timed_out(self) -> PoolTimeout:
