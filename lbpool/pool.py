@@ -439,8 +439,9 @@ class Pool(ThreadBound):
             return self._acquire_idle(timeout, panic)
         return self._acquire_slow(timeout, 0.0, panic)
 
-    def _closed_error(self) -> PoolClosed:
-        return PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
+    def _closed_error(self, why: str = "pool is closed") -> PoolClosed:
+        """``PoolClosed`` naming this pool and ``why``."""
+        return PoolClosed(f"{self.name}: {why}", self.name, self.backend)
 
     def _acquire_idle(self, timeout: float | None, panic: bool) -> PooledConnection:
         """``acquire`` with idle connections: the most recently rested that is fit to
@@ -469,9 +470,7 @@ class Pool(ThreadBound):
                     continue
                 if self._closing:  # closed while we checked: lend nothing after close()
                     self._retire(conn, "discarded")
-                    raise PoolClosed(
-                        f"{self.name}: pool closed during a borrow check", self.name, self.backend
-                    )
+                    raise self._closed_error("pool closed during a borrow check")
             elif rested > _WATCH_LAG and (self._hub_lag() > _WATCH_LAG or watcher.pending):
                 # its watcher cannot vouch for it: code held the hub (no poll lately), or
                 # the last poll saw bytes or EOF and woke this borrower before the
@@ -598,7 +597,7 @@ class Pool(ThreadBound):
     def _closed_while_waiting(self, conn: _Conn) -> PoolClosed:
         """A connection handed over as the pool began to close: retired, not lent."""
         self._retire(conn, "discarded")
-        return PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
+        return self._closed_error("pool closed while waiting")
 
     def _wait_ended(
         self, outcome: Outcome, start: float, deadline: float, panic: bool
@@ -623,15 +622,13 @@ class Pool(ThreadBound):
         if outcome is PERMIT:
             if self._closing:  # as above: dial nothing for a pool that is closing
                 self._unreserve()
-                raise PoolClosed(f"{self.name}: pool closed while waiting", self.name, self.backend)
+                raise self._closed_error("pool closed while waiting")
             lent = self._lend_new(deadline, panic)
             self._waits_served += 1
             return lent
         if outcome is BROKEN:
             raise DialError(self.name, "circuit breaker opened while waiting")
-        raise PoolClosed(
-            f"{self.name}: pool closed while waiting", self.name, self.backend
-        )  # outcome is CLOSED
+        raise self._closed_error("pool closed while waiting")  # outcome is CLOSED
 
     def _abandon(self, w: Waiter) -> None:
         """A waiter was interrupted: leave no trace, pass on whatever it was handed."""
@@ -703,7 +700,7 @@ class Pool(ThreadBound):
             conn = self._dial_errand(trial, remaining)
         if self._closing:
             self._retire(conn, "discarded")
-            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
+            raise self._closed_error("pool closed while dialing")
         return conn
 
     def _hooked(self, trial: int) -> bool:
@@ -752,7 +749,7 @@ class Pool(ThreadBound):
                 self.backend,
             )
         if isinstance(result, gevent.GreenletExit):  # killed by close()
-            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
+            raise self._closed_error("pool closed while dialing")
         raise cast(BaseException, result)
 
     def _await_errand(self, errand: _Errand, g: gevent.Greenlet, remaining: float) -> object:
@@ -883,9 +880,7 @@ class Pool(ThreadBound):
                 self.breaker.abandon_trial(trial)
             self._unreserve(exc if failed else None, trial, dial=True)
             if isinstance(exc, DialError) and self._closing:
-                raise PoolClosed(
-                    f"{self.name}: pool closed while dialing", self.name, self.backend
-                ) from exc
+                raise self._closed_error("pool closed while dialing") from exc
             raise
         if self._forked_since(generation):  # it connected in the child: not ours either
             close_quietly(sock)
@@ -894,7 +889,7 @@ class Pool(ThreadBound):
             self._check_trial(sock, trial, generation, errand)
         if self._given_up():  # close() gave back its slot and trial: nothing to lend
             close_quietly(sock)
-            raise PoolClosed(f"{self.name}: pool closed while dialing", self.name, self.backend)
+            raise self._closed_error("pool closed while dialing")
         self._pending -= 1
         breaker = self.breaker
         if trial:  # a half-open trial's token, or PANIC_DIAL: closes the breaker
@@ -1562,7 +1557,7 @@ class Pool(ThreadBound):
         deadline = _monotonic() + limit
         while len(self._idle) + len(self._busy) < self._ready_target():
             if self._closing:
-                raise PoolClosed(f"{self.name}: pool is closed", self.name, self.backend)
+                raise self._closed_error()
             self._changed.clear()
             self.fill()
             remaining = deadline - _monotonic()
