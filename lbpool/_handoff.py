@@ -8,7 +8,7 @@ direct C call and reads and writes its fields as C struct members, where a Pytho
 subclass of gevent's Waiter cost a type lookup and a generic attribute access for each.
 
 The guarantees of gevent's Waiter that the pool's hand-off relies on (the pool's
-compiled wait, ``Pool._acquire_slow``, inlines ``get`` for a new waiter -- records the
+compiled wait, in ``Pool.acquire``, inlines ``get`` for a new waiter -- records the
 greenlet, switches to the hub, forgets the greenlet however the switch ends -- and
 ``WaitQueue.join``; ``tests/library/test_pool.py`` checks the copies):
 

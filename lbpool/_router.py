@@ -97,7 +97,12 @@ class Router(ThreadBound):
             # check the timeout in Backend.acquire
             if timeout is not None:
                 timeout = valid_timeout(timeout, backend._label)
-            return acquire_direct(backend, pool, timeout)
+            # acquire_direct, inlined: one native frame fewer below a wait (bench B)
+            start = _monotonic()
+            try:
+                return pool.acquire() if timeout is None else pool.acquire(timeout)
+            except (DialError, PoolClosed, PoolExhausted) as exc:
+                return backend._failover(start, timeout, {pool: exc}, None)
         return backend.acquire(timeout, key)
 
 

@@ -432,20 +432,99 @@ class Pool(ThreadBound):
             timeout = valid_timeout(timeout, self.name)
         if self._closing:
             raise self._closed_error()
-        # Kept this small (compiled, its C frame is on the stack through a wait, and a
-        # greenlet switch copies that stack out and back: bench B); the rest is in two
-        # calls. With idle connections, the uncontended path (bench A) is one call more.
+        deadline = 0.0  # made by a borrow check, if one ran
         if self._idle:
-            return self._acquire_idle(timeout, panic)
-        return self._acquire_slow(timeout, 0.0, panic)
+            got = self._acquire_idle(timeout, panic)
+            if isinstance(got, PooledConnection):
+                return got
+            deadline = got  # no idle connection was fit to lend
+            if self._closing:  # closed during a borrow check
+                raise self._closed_error()
+        # No idle connection to lend: dial into a free slot, or queue and wait for a
+        # connection handed over, a slot, or the deadline. In this frame, not a call
+        # (bench B): compiled, every native frame below a wait is C stack that each
+        # greenlet switch copies out and back; what raises is made by helpers (an
+        # f-string's temporaries are frame slots).
+        waiters = self._waiters
+        if not waiters:  # with waiters, the first of them told upkeep already
+            self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
+        start = _monotonic()
+        if not deadline:
+            deadline = start + (self._acquire_timeout if timeout is None else timeout)
+        elif start >= deadline:  # borrow checks used up the time
+            raise self._checks_timed_out()
+        if self._size < self._max_size and not waiters:
+            self._reserve()
+            return self._lend_new(deadline, panic)
+        if self._max_waiting and len(waiters) >= self._max_waiting:
+            raise self._shed_error()
+        # the fork generation this acquisition started in (the owner check made it the
+        # pool's); a fork while it waits poisons _thread_id or, once someone started the
+        # pool fresh, changes _fork_gen: two native reads, no global (bench B)
+        generation = self._fork_gen
+        self._waits += 1
+        # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
+        # native class of this build: a direct C call, its fields C struct members
+        w = Waiter(self._hub, _WAITING, deadline)
+        self._join_queue(w)
+        if deadline < waiters._timer_at:
+            waiters._arm(deadline)
+        # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
+        # wake-up came yet. The greenlet is forgotten however the wait ends, as in
+        # Waiter.get
+        w.greenlet = _getcurrent()
+        try:
+            self._switch_out()
+        except BaseException:
+            w.greenlet = None
+            if self._forked_since(generation):
+                raise self._forked() from None
+            self._abandon(w)
+            raise
+        w.greenlet = None
+        return self._woken(w, start, deadline, generation, panic)
+
+    def _woken(
+        self, w: Waiter, start: float, deadline: float, generation: int, panic: bool
+    ) -> PooledConnection:
+        """``acquire``'s wait ended (``w`` woken, its greenlet forgotten): the
+        connection handed over, or what the outcome says. A call after the switch, so
+        its temporaries are not in the waiting frame (bench B)."""
+        outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
+        if self._thread_id < 0 or self._fork_gen != generation:  # copied into a forked child
+            raise self._forked(outcome if isinstance(outcome, _Conn) else None)
+        if outcome is _WAITING:  # a switch into this greenlet that was not the pool's
+            raise self._invalid_switch(w)
+        now = _monotonic()
+        waited = now - start
+        self._wait_total += waited
+        if waited > self._wait_max:
+            self._wait_max = waited
+        self._wait_counts[_wait_bucket(waited)] += 1
+        if isinstance(outcome, _Conn):  # the common case: a connection handed over
+            conn = outcome
+            self._handed -= 1
+            if self._closing:  # handed before a close began (a reload removed the server)
+                raise self._closed_while_waiting(conn)
+            self._waits_served += 1
+            self._hits += 1
+            conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
+            handle = PooledConnection(self, conn, now)
+            self._busy[conn] = handle
+            if self._leak_threshold is not None:
+                handle.stack = _caller_stack()
+            return handle
+        return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
+
 
     def _closed_error(self, why: str = "pool is closed") -> PoolClosed:
         """``PoolClosed`` naming this pool and ``why``."""
         return PoolClosed(f"{self.name}: {why}", self.name, self.backend)
 
-    def _acquire_idle(self, timeout: float | None, panic: bool) -> PooledConnection:
+    def _acquire_idle(self, timeout: float | None, panic: bool) -> PooledConnection | float:
         """``acquire`` with idle connections: the most recently rested that is fit to
-        lend, checked within the time left; the slow path when none is."""
+        lend, checked within the time left; when none is, the deadline a borrow check
+        made (0.0 if none ran), for ``acquire`` to wait or dial within."""
         idle = self._idle
         if not self.breaker.is_closed:
             self._drop_idle()  # not while the breaker is not closed: a trial is a dial
@@ -493,81 +572,7 @@ class Pool(ThreadBound):
             if self._leak_threshold is not None:
                 handle.stack = _caller_stack()
             return handle
-        return self._acquire_slow(timeout, deadline, panic)
-
-    def _acquire_slow(
-        self, timeout: float | None, deadline: float, panic: bool = False
-    ) -> PooledConnection:
-        """``acquire`` with no idle connection to lend: dial into a free slot, or queue
-        and wait for a connection handed over, a slot, or the deadline.
-
-        One function, the wait's own frame included (bench B): compiled, each native
-        frame below a wait is C stack that every greenlet switch copies out and back;
-        what raises is made by helpers (an f-string's temporaries are frame slots)."""
-        if self._closing:  # closed during a borrow check
-            raise self._closed_error()
-        waiters = self._waiters
-        if not waiters:  # with waiters, the first of them told upkeep already
-            self.on_demand()  # no idle connection: the pool is busy, upkeep should watch it
-        start = _monotonic()
-        if not deadline:
-            deadline = start + (self._acquire_timeout if timeout is None else timeout)
-        elif start >= deadline:  # borrow checks used up the time
-            raise self._checks_timed_out()
-        if self._size < self._max_size and not waiters:
-            self._reserve()
-            return self._lend_new(deadline, panic)
-        if self._max_waiting and len(waiters) >= self._max_waiting:
-            raise self._shed_error()
-        # the fork generation this acquisition started in (the owner check made it the
-        # pool's); a fork while it waits poisons _thread_id or, once someone started the
-        # pool fresh, changes _fork_gen: two native reads, no global (bench B)
-        generation = self._fork_gen
-        self._waits += 1
-        # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
-        # native class of this build: a direct C call, its fields C struct members
-        w = Waiter(self._hub, _WAITING, deadline)
-        self._join_queue(w)
-        if deadline < waiters._timer_at:
-            waiters._arm(deadline)
-        # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
-        # wake-up came yet. The greenlet is forgotten however the wait ends, as in
-        # Waiter.get
-        w.greenlet = _getcurrent()
-        try:
-            self._switch_out()
-        except BaseException:
-            w.greenlet = None
-            if self._forked_since(generation):
-                raise self._forked() from None
-            self._abandon(w)
-            raise
-        w.greenlet = None
-        outcome = w.outcome  # object: narrowed below (a connection), else an Outcome
-        if self._thread_id < 0 or self._fork_gen != generation:  # copied into a forked child
-            raise self._forked(outcome if isinstance(outcome, _Conn) else None)
-        if outcome is _WAITING:  # a switch into this greenlet that was not the pool's
-            raise self._invalid_switch(w)
-        now = _monotonic()
-        waited = now - start
-        self._wait_total += waited
-        if waited > self._wait_max:
-            self._wait_max = waited
-        self._wait_counts[_wait_bucket(waited)] += 1
-        if isinstance(outcome, _Conn):  # the common case: a connection handed over
-            conn = outcome
-            self._handed -= 1
-            if self._closing:  # handed before a close began (a reload removed the server)
-                raise self._closed_while_waiting(conn)
-            self._waits_served += 1
-            self._hits += 1
-            conn.uses += 1  # _lend, inlined (contended path); test_fast_wake_matches_lend
-            handle = PooledConnection(self, conn, now)
-            self._busy[conn] = handle
-            if self._leak_threshold is not None:
-                handle.stack = _caller_stack()
-            return handle
-        return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
+        return deadline
 
     def _invalid_switch(self, w: Waiter) -> InvalidSwitchError:
         """A wait woken by a switch that was not the pool's (nothing handed, no
@@ -603,7 +608,7 @@ class Pool(ThreadBound):
         self, outcome: Outcome, start: float, deadline: float, panic: bool
     ) -> PooledConnection:
         """A wait that ended without a connection handed over (the rarer outcomes,
-        out of ``_acquire_slow``: a compiled function's C stack frame is what a greenlet
+        out of ``acquire``: a compiled function's C stack frame is what a greenlet
         switch copies, so the waiting frame is kept small)."""
         if outcome is TIMED_OUT:  # the timer took it off the queue
             self._timeouts += 1

@@ -753,7 +753,7 @@ def test_fast_return_matches_hand_on(
 
 
 def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
-    """A waiter handed a connection wakes in _acquire_slow, which inlines _lend; the canonical
+    """A waiter handed a connection wakes in acquire, which inlines _lend; the canonical
     side is a bare waiter joined by the test, lent to by the helper."""
     fast, canon = (make_pool(server, max_size=1) for _ in range(2))
     with fast, canon:
@@ -781,7 +781,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
 
 
 def test_fast_join_matches_join(server: EchoServer, no_fd_leak: None) -> None:
-    """_acquire_slow inlines WaitQueue.join: the queued waiter, its outcome and deadline, and the
+    """acquire inlines WaitQueue.join: the queued waiter, its outcome and deadline, and the
     queue's timer are what join makes (the earliest deadline arms the timer, a later
     one does not)."""
     fast, canon = (make_pool(server, max_size=1) for _ in range(2))

@@ -80,13 +80,13 @@ def pools_of(manager: PoolManager) -> list[Pool]:
 
 
 def queued(manager: PoolManager, g: greenlet.greenlet) -> bool:
-    """Is ``g`` parked in a pool's waiter queue (``Pool._acquire_slow``)?"""
+    """Is ``g`` parked in a pool's waiter queue (``Pool.acquire``)?"""
     return any(w.greenlet is g for pool in pools_of(manager) for w in pool._waiters)
 
 
 def wait_queued(manager: PoolManager, g: greenlet.greenlet) -> None:
-    """Block (polling, bounded) until ``g`` is parked in ``Pool._acquire_slow``, queued."""
-    assert settle(lambda: queued(manager, g) and in_pool_function(g, "_acquire_slow"), WAIT), (
+    """Block (polling, bounded) until ``g`` is parked in ``Pool.acquire``, queued."""
+    assert settle(lambda: queued(manager, g) and in_pool_function(g, "acquire"), WAIT), (
         frames_of(g)
     )
 
