@@ -89,17 +89,20 @@ class Router(ThreadBound):
         declaration in lbpool/manager.py documents it. Returns a ``PooledConnection``,
         typed ``Any`` here so the compiled build does not check what an interpreted
         path (``Backend.acquire``, a test double of it) hands back."""
+        # Its calls into Python are made by the functions below it: compiled, such a
+        # call's argument array is in this frame, on the stack every greenlet switch
+        # below it copies out and back (bench B)
         if key is not None:
-            check_key(key)
+            _check_key(key)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
-            self._check_owner()
+            _owner_check(self)
         backend: Any = backend_for(self, name, timeout)  # Any: its results pass unchecked
         pool: Pool | None = backend._direct
         if pool is not None and pool.breaker.is_closed:
             # Backend.acquire's one-server path, without its frame; the other paths
             # check the timeout in Backend.acquire
             if timeout is not None:
-                timeout = valid_timeout(timeout, backend._label)
+                timeout = _valid_timeout(timeout, backend._label)
             # acquire_direct, inlined: one native frame fewer below a wait (bench B)
             start = _monotonic()
             try:
@@ -108,7 +111,25 @@ class Router(ThreadBound):
                 if not isinstance(exc, _FAILS_OVER):
                     raise
                 return fail_over(backend, pool, start, timeout, exc)
-        return backend.acquire(timeout, key)
+        return _backend_acquire(backend, timeout, key)
+
+
+# Router.get's calls into Python (interpreted functions and methods), each out of its
+# frame (see there)
+def _check_key(key: Any) -> None:
+    check_key(key)
+
+
+def _owner_check(router: Router) -> None:
+    router._check_owner()
+
+
+def _valid_timeout(timeout: Any, label: str) -> float:
+    return valid_timeout(timeout, label)
+
+
+def _backend_acquire(backend: Any, timeout: Any, key: Any) -> Any:
+    return backend.acquire(timeout, key)
 
 
 def backend_for(router: Router, name: Any, timeout: object = None) -> Any:

@@ -426,10 +426,13 @@ class Pool(ThreadBound):
         here: mypyc's compiled build would convert a ``float`` argument (``True`` to
         1.0) or refuse it unnamed before ``valid_timeout`` names what is wrong.
         """
+        # Every call from here to the wait is a direct C call on the compiled path: a
+        # call into Python puts its arguments' array in this frame, and so on the stack
+        # a greenlet switch copies (bench B)
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
-            self._check_owner()
+            self._owner_check()
         if timeout is not None:  # checked first, on every path: nothing has changed yet
-            timeout = valid_timeout(timeout, self.name)
+            timeout = self._checked_timeout(timeout)
         if self._closing:
             raise self._closed_error()
         deadline = 0.0  # made by a borrow check, if one ran
@@ -466,9 +469,9 @@ class Pool(ThreadBound):
         # WaitQueue.join, inlined (bench B); test_fast_join_matches_join. Waiter is a
         # native class of this build: a direct C call, its fields C struct members
         w = Waiter(self._hub, _WAITING, deadline)
-        self._join_queue(w)
+        self._enqueue(w)
         if deadline < waiters._timer_at:
-            waiters._arm(deadline)
+            self._arm_timer(deadline)
         # Waiter.wait, inlined (bench B): the waiter is new, so none waits on it and no
         # wake-up came yet. The greenlet is forgotten however the wait ends, as in
         # Waiter.get
@@ -516,6 +519,23 @@ class Pool(ThreadBound):
             return handle
         return self._wait_ended(cast(Outcome, outcome), start, deadline, panic)
 
+    def _owner_check(self) -> None:
+        """``_check_owner`` (``ThreadBound``'s, interpreted), called out of
+        ``acquire``'s frame."""
+        self._check_owner()
+
+    def _checked_timeout(self, timeout: SupportsFloat) -> float:
+        """``valid_timeout`` naming this pool, called out of ``acquire``'s frame."""
+        return valid_timeout(timeout, self.name)
+
+    def _enqueue(self, w: Waiter) -> None:
+        """``w`` joins the wait queue (its bound ``append``), out of ``acquire``'s
+        frame."""
+        self._join_queue(w)
+
+    def _arm_timer(self, deadline: float) -> None:
+        """The wait queue's timer, armed for ``deadline``, out of ``acquire``'s frame."""
+        self._waiters._arm(deadline)
 
     def _closed_error(self, why: str = "pool is closed") -> PoolClosed:
         """``PoolClosed`` naming this pool and ``why``."""

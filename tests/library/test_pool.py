@@ -666,7 +666,7 @@ def test_network_error_gets_idle_siblings_checked(server: EchoServer, no_fd_leak
 
 
 # -- the inlined hot-path copies, checked against the canonical helpers ---------------
-# acquire's idle path and _acquire_slow's handed-connection path inline _lend; _return inlines
+# acquire's idle path and its wake (_woken) inline _lend; _return inlines
 # _hand_on (the oldest waiter, else the idle stack). Each test starts two pools in the
 # same state, takes the fast path on one and the canonical helper on the other, and
 # compares everything observable.
@@ -767,7 +767,7 @@ def test_fast_wake_matches_lend(server: EchoServer, no_fd_leak: None) -> None:
         h_fast = g.get(timeout=5)  # woken: the inlined _lend
         conn = w.outcome
         assert isinstance(conn, _Conn)
-        canon._handed -= 1  # what _acquire_slow does around _lend
+        canon._handed -= 1  # what _woken does around _lend
         canon._waits_served += 1
         canon._hits += 1
         h_canon = canon._lend(conn, monotonic())  # the canonical one

@@ -86,9 +86,7 @@ def queued(manager: PoolManager, g: greenlet.greenlet) -> bool:
 
 def wait_queued(manager: PoolManager, g: greenlet.greenlet) -> None:
     """Block (polling, bounded) until ``g`` is parked in ``Pool.acquire``, queued."""
-    assert settle(lambda: queued(manager, g) and in_pool_function(g, "acquire"), WAIT), (
-        frames_of(g)
-    )
+    assert settle(lambda: queued(manager, g) and in_pool_function(g, "acquire"), WAIT), frames_of(g)
 
 
 def wait_for_errand(manager: PoolManager, g: greenlet.greenlet) -> None:
