@@ -24,6 +24,7 @@ from lbpool.cli import demo, main
 from lbpool.testing import EchoServer
 from tests.support.dns_server import DNSServer
 from tests.support.leaks import live_greenlets, settle
+from tests.support.net import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,20 +39,6 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[st
         env=env,
         cwd=str(REPO),
     )
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports that were free a moment ago (bound all at once, so they are distinct)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def demo_config(path: Path, ports: list[int], **breaker: Any) -> Path:

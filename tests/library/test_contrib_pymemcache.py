@@ -26,7 +26,7 @@ from pymemcache.serde import pickle_serde
 from lbpool import BackendUnavailable, LbpoolError, PoolManager, PoolTimeout, UnknownBackend
 from lbpool.contrib.pymemcache import Client, MemcacheConnectionError, MemcacheTimeoutError
 from tests.support.memcached_server import Memcached, MemcachedServers, needs_memcached
-from tests.support.redis_server import free_port
+from tests.support.net import free_port
 
 pytestmark = [pytest.mark.memcached, needs_memcached]
 

@@ -20,7 +20,7 @@ from lbpool.dial import dial, make_ssl_context
 from lbpool.errors import DialError
 from lbpool.health import peek_alive
 from lbpool.testing import EchoServer, recv_exact
-from tests.support.net import ipv6_available
+from tests.support.net import free_port, ipv6_available
 from tests.support.tls import TLSCerts
 
 pytestmark = pytest.mark.timeout(10)
@@ -34,14 +34,6 @@ def roundtrip(sock: Any, payload: bytes = b"hello lbpool") -> None:
     sock.sendall(payload)
     with gevent.Timeout(2):
         assert recv_exact(sock, len(payload)) == payload
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it (bound once, then released)."""
-    with gsocket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 # -- plain TCP ------------------------------------------------------------------

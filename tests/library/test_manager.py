@@ -26,7 +26,7 @@ from lbpool import (
 )
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import settle
-from tests.support.net import PeakEchoServer
+from tests.support.net import PeakEchoServer, dead_address
 
 
 class CountingServer:
@@ -84,15 +84,6 @@ def servers() -> Iterator[Callable[..., CountingServer]]:
     yield make
     for srv in made:
         srv.stop()
-
-
-def dead_address() -> str:
-    """A loopback port nobody listens on: dials are refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
 
 
 def config(

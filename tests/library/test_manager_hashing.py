@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import random
-import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from time import monotonic, thread_time
@@ -25,18 +24,10 @@ from lbpool.config import parse_config
 from lbpool.hashing import build_table
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import settle
+from tests.support.net import dead_address
 
 STRATEGIES = ["maglev", "ring_hash", "rendezvous"]
 KEYS = [f"user:{i}" for i in range(300)]
-
-
-def dead_address() -> str:
-    """A loopback port nobody listens on: dials are refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
 
 
 def config(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from lbpool.stats import (
 )
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.leaks import settle
-from tests.support.net import listening_addresses
+from tests.support.net import dead_address, listening_addresses
 
 SERVERS = 1000
 
@@ -262,9 +261,7 @@ def test_a_breaker_listener_taking_a_big_snapshot_does_not_yield(
 ) -> None:
     """A listener runs inside a pool's step (here a failed dial's), which must not
     yield: a snapshot it takes is taken in one go, however big the fleet."""
-    with socket.socket() as probe:  # a port nothing listens on: the dial is refused
-        probe.bind(("127.0.0.1", 0))
-        refused = f"127.0.0.1:{probe.getsockname()[1]}"
+    refused = dead_address()  # a port nothing listens on: the dial is refused
     manager = make_manager(
         {
             "defaults": {"pool": {"min_idle": 0}, "breaker": {"failure_threshold": 1}},

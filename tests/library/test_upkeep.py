@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from time import monotonic
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from lbpool._upkeep import Upkeep
 from lbpool.pool import Pool
 from lbpool.testing import EchoServer
 from tests.support.leaks import settle
+from tests.support.net import free_port
 
 
 class FakePool:
@@ -231,14 +231,6 @@ def test_one_hung_server_does_not_delay_another_pools_upkeep(
     assert slow_pool.stats().pending <= 2  # at most _BACKGROUND_CHECKS per pool
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 class _Ticker:
     """The longest gap between a 1 ms ticker's wake-ups: how long the hub was held."""
 
@@ -265,7 +257,7 @@ def test_a_huge_min_idle_dials_a_few_at_a_time_and_stops_at_the_open_breaker(
     """min_idle 100,000 against a refusing port: refills go a few at a time, so the hub
     is never held (the gap of a 1 ms ticker stays small) and dialing stops once the
     breaker opens (failure_threshold 5): at most the dials already in flight follow."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     ticker = _Ticker()
     try:
         manager = make_manager(

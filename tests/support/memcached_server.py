@@ -14,7 +14,7 @@ import gevent
 import pytest
 from gevent import subprocess
 
-from tests.support.redis_server import free_port
+from tests.support.net import free_port
 
 MEMCACHED = shutil.which("memcached")
 needs_memcached = pytest.mark.skipif(

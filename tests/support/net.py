@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import select
 import socket
 from collections.abc import Iterator
@@ -27,6 +28,64 @@ def connect(address: str, timeout: float = 2.0) -> Any:
         sock.close()
         raise
     return sock
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out by itself (``bind`` to port 0, an outgoing
+    ``connect``): ``net.ipv4.ip_local_port_range``, Linux's default when unreadable."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports nothing is bound to now, for a server started on
+    them later (the demo's echo servers, redis-server, memcached) or for dials to be
+    refused. Chosen at random below the kernel's ephemeral range: a port that was free
+    a moment ago and lies in that range can be handed to any socket meanwhile (this
+    suite's other worker binds port 0 and connects all the time), one below it only to
+    an explicit bind of that number."""
+    low = _ephemeral_low()
+    first = max(1024, low - 16384)
+    if low - first < 4 * n:  # an unusual range: the kernel's choice, as before
+        return _kernel_ports(n)
+    ports: list[int] = []
+    rng = random.Random()
+    for port in rng.sample(range(first, low), min(low - first, 200 + 4 * n)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or reserved: try another
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise AssertionError(f"no {n} free loopback ports in {first}-{low - 1}")
+
+
+def _kernel_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    """One port of ``free_ports``."""
+    return free_ports(1)[0]
+
+
+def dead_address() -> str:
+    """``127.0.0.1:port`` where nothing listens: dials are refused."""
+    return f"127.0.0.1:{free_port()}"
 
 
 def ipv6_available() -> bool:

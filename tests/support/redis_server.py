@@ -5,23 +5,18 @@ always stopped by the fixture that made them (``RedisServers.stop_all``)."""
 from __future__ import annotations
 
 import shutil
-import socket
 from typing import Any
 
 import gevent
 import pytest
 from gevent import subprocess
 
+from tests.support.net import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis_server = pytest.mark.skipif(
     REDIS_SERVER is None, reason="redis-server not installed (apt-get install redis-server)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
