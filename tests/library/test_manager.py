@@ -995,6 +995,10 @@ def test_close_ends_a_borrow_check_in_flight_and_lends_nothing_after(
         manager.close(timeout=0)
         caller.join(5)
         assert isinstance(caller.exception, PoolClosed), caller.value
+        # the failed check's connection retired, and no dial into the closed pool
+        # after it (closed["discarded"]: test_pool's copy of this checks the message)
+        closed = {reason: n for reason, n in pool.stats().closed.items() if n}
+        assert closed == {"unhealthy": 1}, closed
         assert pool.stats().size == 0
     finally:
         server.stop()

@@ -543,6 +543,33 @@ def test_close_wakes_waiters_and_drains(server: EchoServer, no_fd_leak: None) ->
     pool.close()  # twice is harmless
 
 
+def test_close_during_a_failing_borrow_check_lends_and_dials_nothing(no_fd_leak: None) -> None:
+    """``close(0)`` while a caller's borrow check (send/expect, inline) waits for its
+    reply: the check fails (its connection is closed under it) and the caller gets
+    "pool is closed" -- it does not go on to dial into the closed pool ("pool closed
+    while dialing", a connection discarded)."""
+    with EchoServer(delay=0.5) as slow:  # the check's +PONG comes after 0.5 s
+        pool = Pool(
+            slow.address,
+            pool=PoolConfig(min_idle=0, max_size=2, check_after=0, acquire_timeout=10),
+            health_check=HealthCheckConfig(send="PING\r\n", expect="+PONG", timeout=5),
+            upkeep=False,
+        )
+        try:
+            pool.acquire(timeout=5).release()  # dialed, not checked; checked when reused
+            caller = gevent.spawn(pool.acquire, 10)
+            assert settle(lambda: pool.stats().pending == 1, 5)  # its check is in flight
+            pool.close(0)
+            caller.join(5)
+            assert isinstance(caller.exception, PoolClosed), caller.value
+            assert str(caller.exception).endswith(": pool is closed"), caller.exception
+            closed = {reason: n for reason, n in pool.stats().closed.items() if n}
+            assert closed == {"unhealthy": 1}, closed
+            assert pool.stats().misses == 1
+        finally:
+            pool.close()
+
+
 def test_close_forces_after_timeout(server: EchoServer, no_fd_leak: None) -> None:
     pool = make_pool(server)
     held = pool.acquire()

@@ -92,6 +92,42 @@ def test_hung_server_borrow_checks_bounded_by_deadline_and_charged(
         assert served == good.address and took < 0.3 + SLACK
 
 
+def test_borrow_checks_that_use_up_the_deadline_end_the_acquisition(
+    echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
+) -> None:
+    """Idle connections due for a check whose hook fails after 0.15 s, a caller with
+    0.25 s: the first check fails, the next gets what is left and is cut short, no
+    further idle connection is taken past the deadline, and the acquisition ends there
+    with ``PoolTimeout``: no dial, no wait on a fresh deadline. One timeout counted."""
+    server = echo_server_factory()
+    checks: list[float] = []
+
+    def hook(sock: Any) -> None:
+        checks.append(monotonic())
+        gevent.sleep(0.15)
+        raise RuntimeError("unhealthy")
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=3, check_after=0),
+        health_check=HealthCheckConfig(hook=hook, timeout=1.0),
+        upkeep=False,
+    )
+    try:
+        held = [pool.acquire(timeout=5) for _ in range(3)]  # dialed: not checked
+        for conn in held:
+            conn.release()
+        start = monotonic()
+        with pytest.raises(PoolTimeout, match="acquire deadline passed during borrow checks"):
+            pool.acquire(timeout=0.25)
+        assert monotonic() - start < 0.25 + SLACK
+        s = pool.stats()
+        assert (s.timeouts, s.misses, s.waits) == (1, 3, 0), s
+        assert 1 <= len(checks) <= 2, checks
+    finally:
+        pool.close()
+
+
 def test_setup_hook_runs_within_the_dial_budget(
     echo_server_factory: Callable[..., EchoServer], no_fd_leak: None
 ) -> None:
