@@ -18,10 +18,11 @@ import contextlib
 import io
 import socket
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsFloat, SupportsIndex, cast
 
 from gevent import Timeout as _GeventTimeout
 
+from lbpool._args import got as _got
 from lbpool._borrowio import _BorrowIO
 from lbpool._net import close_quietly
 from lbpool.errors import ConnectionReleased, LbpoolError
@@ -176,78 +177,93 @@ class PooledConnection:
 
     # -- socket proxies -----------------------------------------------------------
     # (the I/O proxies read ``_conn`` inline rather than through ``_live()``: one frame
-    # less on every send and receive)
-    def sendall(self, data: ReadableBuffer, flags: int = 0) -> None:
+    # less on every send and receive; their numbers are typed with protocols, which
+    # the compiled build does not check: the socket checks them, with its own message,
+    # the same in both builds, see lbpool._args)
+    def sendall(self, data: ReadableBuffer, flags: SupportsIndex = 0) -> None:
         conn = self._conn
         if conn is None:
             self._refuse()
-        conn.sock.sendall(data, flags)
+        conn.sock.sendall(data, cast(Any, flags))
 
-    def send(self, data: ReadableBuffer, flags: int = 0) -> int:
+    def send(self, data: ReadableBuffer, flags: SupportsIndex = 0) -> int:
         conn = self._conn
         if conn is None:
             self._refuse()
-        return conn.sock.send(data, flags)
+        return conn.sock.send(data, cast(Any, flags))
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, bufsize: SupportsIndex, flags: SupportsIndex = 0) -> bytes:
         conn = self._conn
         if conn is None:
             self._refuse()
-        return conn.sock.recv(bufsize, flags)
+        return conn.sock.recv(cast(Any, bufsize), cast(Any, flags))
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: SupportsIndex = 0, flags: SupportsIndex = 0) -> int:
         conn = self._conn
         if conn is None:
             self._refuse()
-        return conn.sock.recv_into(buffer, nbytes, flags)
+        return conn.sock.recv_into(buffer, cast(Any, nbytes), cast(Any, flags))
 
     def makefile(
         self,
-        mode: str = "r",
-        buffering: int | None = None,
+        mode: object = "r",
+        buffering: SupportsIndex | None = None,
         *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        newline: str | None = None,
+        encoding: object = None,
+        errors: object = None,
+        newline: object = None,
     ) -> Any:
         """A file object on this borrow, as ``socket.makefile`` (modes ``r``, ``w``,
         ``b`` combined), whose reads and writes go through the handle: once the borrow
         ends it is closed (``ValueError``, as any closed file) and can never touch
         the socket again, whoever borrows it next. Flush before releasing: bytes
-        still buffered then are dropped."""
+        still buffered then are dropped.
+
+        ``mode`` a str, ``buffering`` an int or None, ``encoding``, ``errors`` and
+        ``newline`` a str or None (for a text file), else ``TypeError`` naming the
+        argument; an unknown mode letter is a ``ValueError``."""
         self._live()
+        if not isinstance(mode, str):
+            raise TypeError(f"makefile: mode must be a str such as 'rb', got {_got(mode)}")
+        for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"makefile: {name} must be a str or None, got {_got(value)}")
+        if buffering is None:
+            size = -1
+        elif isinstance(buffering, int) and not isinstance(buffering, bool):
+            size = buffering
+        else:
+            raise TypeError(f"makefile: buffering must be an int or None, got {_got(buffering)}")
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         reading, writing, binary = "r" in mode, "w" in mode, "b" in mode
         if not reading and not writing:
             reading = True
         raw = _BorrowIO(self, ("r" if reading else "") + ("w" if writing else ""))
-        if buffering is None:
-            buffering = -1
-        if buffering < 0:
-            buffering = io.DEFAULT_BUFFER_SIZE
-        if buffering == 0:
+        if size < 0:
+            size = io.DEFAULT_BUFFER_SIZE
+        if size == 0:
             if not binary:
                 raise ValueError("unbuffered streams must be binary")
             return raw
         buffer: Any
         if reading and writing:
-            buffer = io.BufferedRWPair(raw, raw, buffering)
+            buffer = io.BufferedRWPair(raw, raw, size)
         elif reading:
-            buffer = io.BufferedReader(raw, buffering)
+            buffer = io.BufferedReader(raw, size)
         else:
-            buffer = io.BufferedWriter(raw, buffering)
+            buffer = io.BufferedWriter(raw, size)
         if binary:
             return buffer
-        text = io.TextIOWrapper(buffer, encoding, errors, newline)
+        text = io.TextIOWrapper(buffer, cast(Any, encoding), cast(Any, errors), cast(Any, newline))
         text.mode = mode  # type: ignore[misc]
         return text
 
-    def settimeout(self, value: float | None) -> None:
+    def settimeout(self, value: SupportsFloat | None) -> None:
         """Set the socket's timeout for this borrow (seconds, 0 non-blocking, None
         blocking); the next borrow starts with the pool's (None) again."""
         conn = self._live()
-        conn.sock.settimeout(value)
+        conn.sock.settimeout(cast(Any, value))
         conn.dirty |= TIMEOUT_CHANGED
 
     def _timed_sock(self, value: float | None) -> socket.socket:

@@ -29,14 +29,14 @@ import socket
 import traceback
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, Final, SupportsFloat, cast
+from typing import TYPE_CHECKING, Any, Final, SupportsFloat, SupportsIndex, cast
 
 import gevent
 from gevent.event import Event
 from gevent.exceptions import InvalidSwitchError
 from greenlet import getcurrent
 
-from lbpool import _hublag, _ownership
+from lbpool import _args, _hublag, _ownership
 from lbpool._demand import DemandWindow
 from lbpool._handoff import Waiter
 from lbpool._hublag import hub_lag
@@ -71,6 +71,9 @@ from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
 from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats, _server_stats_from_raw
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsBool
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
@@ -109,6 +112,18 @@ SetupHook = Callable[[socket.socket], object]
 
 
 _THIS_FILE = __file__  # the .py on the pure path; compiled, its frames do not exist
+
+
+def _check_settings(
+    pool: object, dial: object, health_check: object, setup: object, where: str
+) -> None:
+    """``TypeError`` unless each of ``Pool()``'s and ``reconfigure()``'s settings is
+    its config class (or None), and ``setup`` a callable (or None)."""
+    _args.check_type(pool, PoolConfig, "pool must be a PoolConfig", where)
+    _args.check_type(dial, DialConfig, "dial must be a DialConfig", where)
+    what = "health_check must be a HealthCheckConfig"
+    _args.check_type(health_check, HealthCheckConfig, what, where)
+    _args.valid_callable(setup, "setup", where)
 
 
 def _caller_stack() -> str:
@@ -172,21 +187,33 @@ class Pool(ThreadBound):
 
     def __init__(
         self,
-        address: Address | str,
+        address: object,
         *,
         pool: PoolConfig | None = None,
         dial: DialConfig | None = None,
         health_check: HealthCheckConfig | None = None,
         breaker: Breaker | None = None,
         setup: SetupHook | None = None,
-        backend: str | None = None,
-        weight: int = 1,
-        upkeep: bool = True,
+        backend: object = None,
+        weight: SupportsIndex = 1,
+        upkeep: SupportsBool = True,
     ) -> None:
+        """A pool of connections to ``address`` (an ``Address``, or a ``host:port``
+        string: ``ValueError`` otherwise). ``pool``, ``dial`` and ``health_check``: its
+        settings (the configs' defaults for None); ``breaker``: its circuit breaker
+        (a new one with ``BreakerConfig()``'s settings for None); ``setup``: called
+        with each new socket; ``backend``: the name its stats carry (a str or None);
+        ``weight``: its share for the ``weighted`` strategy (an int >= 1); ``upkeep``:
+        start its own upkeep greenlet (a managed pool's is the manager's). A value
+        of the wrong type raises ``TypeError`` naming it (``lbpool._args``) before
+        anything starts."""
         self.address = address if isinstance(address, Address) else _parse_address(address)
         self.name = str(self.address)
-        self.backend = backend
-        self.weight = weight
+        _check_settings(pool, dial, health_check, setup, self.name)
+        _args.check_type(breaker, Breaker, "breaker must be a Breaker", self.name)
+        _args.check_type(backend, str, "backend must be a str", self.name)
+        self.backend = cast("str | None", backend)
+        self.weight = _args.valid_weight(weight, self.name)
         self.owner_kind = "pool"  # named in the wrong-thread error; "manager" when managed
         self.breaker = breaker if breaker is not None else Breaker(self.name, BreakerConfig())
         # DESIGN 22: slots still held at this server by pools a reload removed (draining);
@@ -238,7 +265,7 @@ class Pool(ThreadBound):
         self._bind_to_current_thread()
         self._bind_hub()
         self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
-        if upkeep:
+        if bool(upkeep):
             self._start_upkeep()
 
     def _bind_hub(self) -> None:
@@ -286,14 +313,20 @@ class Pool(ThreadBound):
         dial: DialConfig,
         health_check: HealthCheckConfig,
         setup: SetupHook | None = None,
-        weight: int = 1,
+        weight: SupportsIndex = 1,
     ) -> None:
         """Apply new settings in place: nothing in use is touched.
 
         A smaller ``max_size`` closes idle connections beyond it now and in-use ones
-        as they come back; a larger one lets waiters dial at once.
+        as they come back; a larger one lets waiters dial at once. Arguments are
+        checked as ``Pool()``'s (``TypeError``/``ValueError``) before anything changes;
+        ``pool``, ``dial`` and ``health_check`` are required.
         """
         self._check_owner()
+        _check_settings(pool, dial, health_check, setup, self.name)
+        weight = _args.valid_weight(weight, self.name)
+        if pool is None or dial is None or health_check is None:
+            raise TypeError(f"{self.name}: reconfigure needs pool, dial and health_check")
         self._set_config(pool, dial, health_check, setup)
         self._demand.span = self._demand_span
         self.weight = weight
@@ -411,7 +444,7 @@ class Pool(ThreadBound):
         return self.acquire(timeout)
 
     def acquire(
-        self, timeout: SupportsFloat | None = None, *, panic: bool = False
+        self, timeout: SupportsFloat | None = None, *, panic: SupportsBool = False
     ) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
 
@@ -419,8 +452,8 @@ class Pool(ThreadBound):
         (and past the deadline no further idle connection is taken), the wait, the
         dial with its setup hook (and, for a half-open trial, its check).
 
-        ``panic`` (the manager's panic mode, ``balance.panic_threshold``): dial even if
-        the breaker refuses; that dial is the breaker's verdict (``PANIC_DIAL``).
+        ``panic`` (the manager's panic mode, ``balance.panic_threshold``): if true, dial
+        even if the breaker refuses; that dial is the breaker's verdict (``PANIC_DIAL``).
 
         ``timeout`` is typed ``SupportsFloat``, not ``float``, on every public method
         here: mypyc's compiled build would convert a ``float`` argument (``True`` to
@@ -437,7 +470,7 @@ class Pool(ThreadBound):
             raise self._closed_error()
         deadline = 0.0  # made by a borrow check, if one ran
         if self._idle:
-            got = self._acquire_idle(timeout, panic)
+            got = self._acquire_idle(timeout, bool(panic))
             if isinstance(got, PooledConnection):
                 return got
             deadline = got  # no idle connection was fit to lend
@@ -458,7 +491,7 @@ class Pool(ThreadBound):
             raise self._checks_timed_out()
         if self._size < self._max_size and not waiters:
             self._reserve()
-            return self._lend_new(deadline, panic)
+            return self._lend_new(deadline, bool(panic))
         if self._max_waiting and len(waiters) >= self._max_waiting:
             raise self._shed_error()
         # the fork generation this acquisition started in (the owner check made it the
@@ -485,7 +518,7 @@ class Pool(ThreadBound):
             self._abandon(w)
             raise
         w.greenlet = None
-        return self._woken(w, start, deadline, generation, panic)
+        return self._woken(w, start, deadline, generation, bool(panic))
 
     def _woken(
         self, w: Waiter, start: float, deadline: float, generation: int, panic: bool

@@ -184,7 +184,7 @@ def _parse_port(text: str, port: str) -> int:
     return number
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: object) -> Address:
     """Parse ``host:port`` or ``[v6]:port`` into an ``Address``.
 
     Raises ``ValueError`` with a clear message otherwise (the port must be 1..65535).
