@@ -25,6 +25,7 @@ COMPILED = [
     "lbpool/connection.py",
     "lbpool/_handoff.py",
     "lbpool/_router.py",
+    "lbpool/_snapshot.py",
 ]
 
 

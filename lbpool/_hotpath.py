@@ -42,7 +42,13 @@ else:
 
 
 # Keep in step with setup.py's COMPILED (tests/library/test_hotpath.py checks).
-COMPILED = ("lbpool.pool", "lbpool.connection", "lbpool._handoff", "lbpool._router")
+COMPILED = (
+    "lbpool.pool",
+    "lbpool.connection",
+    "lbpool._handoff",
+    "lbpool._router",
+    "lbpool._snapshot",
+)
 """The modules setup.py compiles with mypyc."""
 
 ENV_PURE = "LBPOOL_PURE_PYTHON"

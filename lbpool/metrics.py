@@ -87,8 +87,8 @@ from prometheus_client.samples import Sample
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
 from lbpool._scrape import generate_latest, make_wsgi_app
+from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
 from lbpool.stats import (
-    _RAW_FIELDS,
     CLOSE_REASONS,
     WAIT_BUCKETS,
     BackendStats,
@@ -297,7 +297,7 @@ class LbpoolCollector:
 
 class _Columns:
     """Adds servers' samples to the families, column by column, from their
-    ``Pool._raw`` tuples (fields ``lbpool.stats._RAW_FIELDS``).
+    ``Pool._raw`` tuples (fields ``lbpool._snapshot.RAW_FIELDS``).
 
     What ``add_metric`` would add, in the same order, but made by C loops: the raw
     tuples transposed by ``zip``, each ``Sample`` made by ``tuple.__new__`` (what its

@@ -47,6 +47,7 @@ from lbpool._ownership import (
     fork_generation,
     read_from_any_thread,
 )
+from lbpool._snapshot import CLOSE_REASONS, WAIT_BUCKETS, server_stats
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import (
     BROKEN,
@@ -70,7 +71,7 @@ from lbpool.connection import (
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
-from lbpool.stats import CLOSE_REASONS, WAIT_BUCKETS, ServerStats, _server_stats_from_raw
+from lbpool.stats import ServerStats
 
 if TYPE_CHECKING:
     from _typeshed import SupportsBool
@@ -1714,11 +1715,12 @@ class Pool(ThreadBound):
 
     def _stats(self) -> ServerStats:
         """``stats()`` in the owner thread. Never yields."""
-        return _server_stats_from_raw(self._raw())
+        stats: ServerStats = server_stats(ServerStats, self._raw())
+        return stats
 
     def _raw(self) -> tuple[Any, ...]:
         """This pool's numbers, read in one step into one tuple (fields in the order of
-        ``lbpool.stats._RAW_FIELDS``): what ``ServerStats`` (``_server_stats_from_raw``)
+        ``lbpool._snapshot.RAW_FIELDS``): what ``ServerStats`` (``_snapshot.server_stats``)
         and the Prometheus collector are made from. ``closed`` is a copy, the wait
         counts a tuple (None while no acquisition ever queued: every one at 0 s). In
         the owner thread. Never yields."""

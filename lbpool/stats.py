@@ -7,74 +7,46 @@ and converted (``ManagerStats.to_dict``) in slices of about ``SNAPSHOT_SLICE_SEC
 of hub time when called from a greenlet, so no other greenlet stalls behind it.
 
 Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
-numbers are read in one step into one tuple (``Pool._raw``, fields ``_RAW_FIELDS``);
-its ``ServerStats`` is made from that by ``_server_stats_from_raw`` as a complete
-field dict, which becomes the instance's ``__dict__`` -- the frozen dataclass
-``__init__`` would set its 27 fields one ``object.__setattr__`` at a time, several
-times slower -- and the Prometheus collector makes its samples from the tuples
-directly. ``to_dict`` copies that dict instead of ``dataclasses.asdict`` (which
-deep-copies every value). Dicts keyed by the buckets' floats are made from dict
-templates (``dict.fromkeys`` of a dict reuses the stored hashes; a float's is computed
-each time). The classes stay ordinary frozen dataclasses: ``ServerStats(...)``,
-``fields()``, ``replace()``, ``==`` and ``repr`` work as before.
+numbers are read in one step into one tuple (``Pool._raw``, fields
+``lbpool._snapshot.RAW_FIELDS``); its ``ServerStats`` is made from that by
+``lbpool._snapshot.server_stats`` (compiled with the hot path) as a complete field
+dict, which becomes the instance's ``__dict__`` -- the frozen dataclass ``__init__``
+would set its 27 fields one ``object.__setattr__`` at a time, several times slower --
+and the Prometheus collector makes its samples from the tuples directly. ``to_dict``
+(``lbpool._snapshot.server_dict``) copies that dict instead of ``dataclasses.asdict``
+(which deep-copies every value), and makes the histogram's dict from a template. The
+classes stay ordinary frozen dataclasses: ``ServerStats(...)``, ``fields()``,
+``replace()``, ``==`` and ``repr`` work as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from itertools import accumulate as _accumulate
 from typing import Any
 
 from lbpool._pacing import Pacer
+from lbpool._snapshot import CLOSE_REASONS, WAIT_BUCKETS, server_dict, server_stats
+
+__all__ = [
+    "CLOSE_REASONS",
+    "SNAPSHOT_SLICE_POOLS",
+    "SNAPSHOT_SLICE_SECONDS",
+    "WAIT_BUCKETS",
+    "BackendStats",
+    "DiscoveryStats",
+    "ManagerStats",
+    "ServerStats",
+]
 
 # Snapshots of more than this many servers are taken (manager.stats) and converted
 # (to_dict) in slices of about this much hub time, yielding in between.
 SNAPSHOT_SLICE_POOLS = 200
 SNAPSHOT_SLICE_SECONDS = 0.002
 
-CLOSE_REASONS = ("idle", "lifetime", "unhealthy", "error", "discarded")
-# Upper bounds (seconds) of the acquire-wait histogram's buckets.
-WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# to_dict's JSON keys of the buckets (str(le)), made once
-_LE_KEYS = {le: str(le) for le in WAIT_BUCKETS}
-_LE_STRS = tuple(_LE_KEYS.values())
-_LE_TEMPLATE = dict.fromkeys(_LE_STRS)  # dict.fromkeys(_LE_TEMPLATE, n): stored hashes
-# the buckets' keys as a dict: dict.fromkeys of a dict reuses its stored hashes (a
-# float's hash is computed each time: dict.fromkeys(WAIT_BUCKETS, n) costs 4-5x more)
-_BUCKET_KEYS = dict.fromkeys(WAIT_BUCKETS)
-
-# What ``Pool._raw`` captures, in order: a pool's numbers in one tuple, from which
-# ``_server_stats_from_raw`` makes its ServerStats and the Prometheus collector its
-# samples. ``closed``: a copy of the pool's counts keyed by CLOSE_REASONS;
-# ``waits_served``: queued acquisitions that got a connection; ``wait_counts``: queued
-# waits per bucket (the last past WAIT_BUCKETS[-1]), None while none ever queued.
-_RAW_FIELDS = (
-    "address",
-    "backend",
-    "size",
-    "idle",
-    "in_use",
-    "pending",
-    "waiting",
-    "hits",
-    "misses",
-    "timeouts",
-    "shed",
-    "dial_failures",
-    "closed",
-    "wait_time_total",
-    "wait_time_max",
-    "breaker_state",
-    "breaker_trips",
-    "max_size",
-    "draining",
-    "waits_served",
-    "wait_counts",
-    "max_in_use",
-    "waits",
-    "released",
-)
+# CLOSE_REASONS (why connections are closed) and WAIT_BUCKETS (the acquire-wait
+# histogram's upper bounds, seconds) are defined in lbpool._snapshot, with what a
+# pool's raw capture holds (RAW_FIELDS), compiled with the code that reads them.
 
 
 @dataclass(frozen=True)
@@ -119,21 +91,7 @@ class ServerStats:
     def to_dict(self) -> dict[str, Any]:
         """Every field, in declaration order, as plain JSON-serialisable data: ``closed``
         a dict, ``wait_buckets`` keyed by ``str(le)``. Never yields."""
-        data = self.__dict__.copy()  # a frozen dataclass keeps exactly its fields there
-        data["closed"] = dict(self.closed)
-        buckets = self.wait_buckets
-        if tuple(buckets) == WAIT_BUCKETS:  # a pool's: keys the same floats, in order
-            counts = tuple(buckets.values())
-            if counts.count(counts[0]) == len(counts):  # never queued: one count
-                data["wait_buckets"] = dict.fromkeys(_LE_TEMPLATE, counts[0])
-            else:  # str keys keep their hashes: no float hashed again
-                data["wait_buckets"] = dict(zip(_LE_STRS, counts, strict=True))
-        else:
-            keys = _LE_KEYS
-            data["wait_buckets"] = {
-                keys[le] if le in keys else str(le): n for le, n in buckets.items()
-            }
-        return data
+        return server_dict(self)
 
 
 _SERVER_FIELDS = tuple(f.name for f in fields(ServerStats))
@@ -153,76 +111,10 @@ def _server_stats(values: dict[str, Any]) -> ServerStats:
 
 
 def _server_stats_from_raw(raw: tuple[Any, ...]) -> ServerStats:
-    """The ``ServerStats`` of a pool's ``Pool._raw`` capture (fields ``_RAW_FIELDS``):
-    ``acquired`` is hits + misses; the histogram is cumulative, every acquisition that
-    did not queue observed at 0 s. Takes the capture's ``closed`` copy over. Never
-    yields."""
-    (
-        address,
-        backend,
-        size,
-        idle,
-        in_use,
-        pending,
-        waiting,
-        hits,
-        misses,
-        timeouts,
-        shed,
-        dial_failures,
-        closed,
-        wait_total,
-        wait_max,
-        breaker_state,
-        breaker_trips,
-        max_size,
-        draining,
-        served,
-        counts,
-        max_in_use,
-        waits,
-        released,
-    ) = raw
-    acquired = hits + misses
-    observed = acquired - served  # acquisitions that did not queue: 0 s
-    if counts is None:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
-        buckets = dict.fromkeys(_BUCKET_KEYS, observed)
-        wait_count = observed
-    else:  # cumulative: [observed, observed + counts[0], ..., every one]
-        cumulative = list(_accumulate(counts, initial=observed))
-        buckets = dict(zip(WAIT_BUCKETS, cumulative[1:-1], strict=True))
-        wait_count = cumulative[-1]
-    return _server_stats(
-        {
-            "address": address,
-            "backend": backend,
-            "size": size,
-            "idle": idle,
-            "in_use": in_use,
-            "pending": pending,
-            "waiting": waiting,
-            "acquired": acquired,
-            "hits": hits,
-            "misses": misses,
-            "timeouts": timeouts,
-            "shed": shed,
-            "dial_failures": dial_failures,
-            "closed": closed,
-            "wait_time_total": wait_total,
-            "wait_time_max": wait_max,
-            "breaker_state": breaker_state,
-            "breaker_trips": breaker_trips,
-            "max_size": max_size,
-            "draining": draining,
-            "wait_count": wait_count,
-            "wait_buckets": buckets,
-            "owner_hits": 0,
-            "fallback_hits": 0,
-            "max_in_use": max_in_use,
-            "waits": waits,
-            "released": released,
-        }
-    )
+    """The ``ServerStats`` of a pool's ``Pool._raw`` capture (fields ``_RAW_FIELDS``;
+    ``lbpool._snapshot.server_stats``). Never yields."""
+    stats: ServerStats = server_stats(ServerStats, raw)
+    return stats
 
 
 def _server_stats_with(stats: ServerStats, **changes: Any) -> ServerStats:

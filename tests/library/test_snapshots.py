@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import itertools
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +18,9 @@ import gevent.event
 import pytest
 
 from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
+from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
 from lbpool.config import HealthCheckConfig, PoolConfig
 from lbpool.stats import (
-    _RAW_FIELDS,
     _SERVER_FIELDS,
     CLOSE_REASONS,
     WAIT_BUCKETS,
@@ -442,3 +443,40 @@ def test_an_in_hub_collect_pauses_between_slices_and_exports_the_same(
     monkeypatch.setattr(lbpool.metrics.LbpoolCollector, "_may_yield", lambda self: False)
     whole = list(collector.collect())
     assert [(f.name, f.samples) for f in paused] == [(f.name, f.samples) for f in whole]
+
+
+def _by_hand(buckets: Any) -> ServerStats:
+    fields = {f: 0 for f in _SERVER_FIELDS}
+    fields.update(address="h:1", backend=None, breaker_state="closed", draining=False)
+    fields.update(closed=dict.fromkeys(CLOSE_REASONS, 1), wait_time_total=0.0)
+    fields.update(wait_time_max=0.0, wait_buckets=buckets)
+    return ServerStats(**fields)
+
+
+@pytest.mark.parametrize(
+    "buckets",
+    [
+        dict(zip(WAIT_BUCKETS, range(13), strict=True)),  # the pool's keys, in order
+        {float(str(le)): i for i, le in enumerate(WAIT_BUCKETS)},  # equal, not the same
+        dict(zip(reversed(WAIT_BUCKETS), range(13), strict=True)),  # another order
+        {**dict(zip(WAIT_BUCKETS[:12], range(12), strict=True)), 20.0: 12},  # another key
+        dict(zip(WAIT_BUCKETS[:3], range(3), strict=True)),  # fewer
+        types.MappingProxyType(dict(zip(WAIT_BUCKETS, range(13), strict=True))),  # a Mapping
+        {},
+    ],
+    ids=["pool's", "equal keys", "reversed", "other key", "fewer", "mapping proxy", "empty"],
+)
+def test_to_dict_of_a_server_stats_made_by_hand(buckets: Any) -> None:
+    """``to_dict`` keys any histogram by ``str(le)``, in its own order, and hands out
+    fresh dicts: changing them changes neither the stats nor the next ``to_dict``."""
+    s = _by_hand(buckets)
+    data = s.to_dict()
+    expected = {**vars(s), "closed": dict(s.closed)}  # (asdict cannot copy a proxy)
+    expected["wait_buckets"] = {str(le): n for le, n in buckets.items()}
+    assert data == expected
+    assert list(data["wait_buckets"].items()) == [(str(le), n) for le, n in buckets.items()]
+    assert list(data) == list(_SERVER_FIELDS)
+    data["wait_buckets"]["0.001"] = -1
+    data["closed"]["idle"] = -1
+    assert s.to_dict() == expected and s.closed["idle"] == 1
+    assert s.wait_buckets is buckets

@@ -1,0 +1,163 @@
+"""One server's snapshot: what a pool's raw capture holds, the ``ServerStats`` made from
+it, and that made into JSON data. Compiled with the hot path (mypyc; ``setup.py``).
+
+A fleet of 1,000 servers is snapshotted every few seconds inside the hub (``stats()``,
+``to_dict()``), so each server's conversion is kept to a few C calls: a server's field
+dict is one dict display (a presized build, not 27 inserts into a growing dict), and a
+histogram's dict is a copy of a template with the same keys (a copy reuses the keys'
+table; ``dict.fromkeys`` or ``zip`` would insert each key again) whose values are then
+set in place. The buckets' keys are kept boxed (``tuple[object, ...]``): typed as
+floats, the compiled loop would unbox each and box a fresh float per insert.
+
+Never yields.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+CLOSE_REASONS: Final = ("idle", "lifetime", "unhealthy", "error", "discarded")
+"""Why connections are closed: the keys of ``ServerStats.closed``."""
+
+WAIT_BUCKETS: Final[tuple[float, ...]] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Upper bounds (seconds) of the acquire-wait histogram's buckets."""
+
+# What ``Pool._raw`` captures, in order: a pool's numbers in one tuple, from which
+# ``server_stats`` makes its ServerStats and the Prometheus collector its samples.
+# ``closed``: a copy of the pool's counts keyed by CLOSE_REASONS; ``waits_served``:
+# queued acquisitions that got a connection; ``wait_counts``: queued waits per bucket
+# (the last past WAIT_BUCKETS[-1]), None while none ever queued.
+RAW_FIELDS: Final = (
+    "address",
+    "backend",
+    "size",
+    "idle",
+    "in_use",
+    "pending",
+    "waiting",
+    "hits",
+    "misses",
+    "timeouts",
+    "shed",
+    "dial_failures",
+    "closed",
+    "wait_time_total",
+    "wait_time_max",
+    "breaker_state",
+    "breaker_trips",
+    "max_size",
+    "draining",
+    "waits_served",
+    "wait_counts",
+    "max_in_use",
+    "waits",
+    "released",
+)
+
+# the buckets' keys, boxed (see the module's docstring); to_dict's keys, str(le)
+_BUCKET_KEYS: Final[tuple[object, ...]] = WAIT_BUCKETS
+_LE_KEYS: Final[tuple[str, ...]] = tuple(str(le) for le in WAIT_BUCKETS)
+# the dicts a histogram's dict is copied from (values replaced)
+_BUCKETS_TEMPLATE: Final[dict[object, int]] = dict.fromkeys(WAIT_BUCKETS, 0)
+_LE_TEMPLATE: Final[dict[str, int]] = dict.fromkeys(_LE_KEYS, 0)
+_new: Final = object.__new__
+_set_attr: Final = object.__setattr__
+
+
+def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
+    """An instance of ``cls`` (``ServerStats``) whose ``__dict__`` is the fields made
+    from a pool's ``Pool._raw`` capture (fields ``RAW_FIELDS``), in ``ServerStats``'
+    declaration order (``tests/library/test_snapshots.py`` checks both): ``acquired``
+    is hits + misses; the histogram is cumulative, every acquisition that did not queue
+    observed at 0 s. Takes the capture's ``closed`` copy over. Skips the dataclass
+    ``__init__`` (27 ``object.__setattr__`` calls)."""
+    hits: int = raw[7]
+    misses: int = raw[8]
+    acquired = hits + misses
+    served: int = raw[19]
+    observed = acquired - served  # acquisitions that did not queue: 0 s
+    counts: tuple[int, ...] | None = raw[20]
+    if counts is None:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
+        buckets = dict.fromkeys(_BUCKETS_TEMPLATE, observed)  # the template's hashes
+        wait_count = observed
+    else:  # cumulative: observed + counts[0], ..., then every one
+        buckets = _BUCKETS_TEMPLATE.copy()
+        total = observed
+        for le, count in zip(_BUCKET_KEYS, counts, strict=False):  # one count more: past them
+            total += count
+            buckets[le] = total
+        wait_count = total + counts[-1]
+    values: dict[str, Any] = {
+        "address": raw[0],
+        "backend": raw[1],
+        "size": raw[2],
+        "idle": raw[3],
+        "in_use": raw[4],
+        "pending": raw[5],
+        "waiting": raw[6],
+        "acquired": acquired,
+        "hits": hits,
+        "misses": misses,
+        "timeouts": raw[9],
+        "shed": raw[10],
+        "dial_failures": raw[11],
+        "closed": raw[12],
+        "wait_time_total": raw[13],
+        "wait_time_max": raw[14],
+        "breaker_state": raw[15],
+        "breaker_trips": raw[16],
+        "max_size": raw[17],
+        "draining": raw[18],
+        "wait_count": wait_count,
+        "wait_buckets": buckets,
+        "owner_hits": 0,
+        "fallback_hits": 0,
+        "max_in_use": raw[21],
+        "waits": raw[22],
+        "released": raw[23],
+    }
+    stats: Any = _new(cls)
+    _set_attr(stats, "__dict__", values)
+    return stats
+
+
+def server_dict(stats: Any) -> dict[str, Any]:
+    """``ServerStats.to_dict``: every field of ``stats`` (its ``__dict__``, a frozen
+    dataclass's fields in declaration order), with fresh ``closed`` and
+    ``wait_buckets`` dicts the caller may change, the buckets keyed by ``str(le)``."""
+    data: dict[str, Any] = stats.__dict__.copy()
+    data["closed"] = dict(data["closed"])
+    data["wait_buckets"] = _keyed_by_str(data["wait_buckets"])
+    return data
+
+
+def _keyed_by_str(buckets: Any) -> dict[str, Any]:
+    """A histogram's counts keyed by ``str(le)``: for a pool's (a dict with the keys of
+    ``WAIT_BUCKETS``, in order: compared by identity first, as a pool's are the same
+    objects), a copy of the template with its values set; else, any ``Mapping``, each
+    key made a str."""
+    if type(buckets) is dict and len(buckets) == len(_LE_KEYS):
+        pool_made: dict[Any, Any] = buckets
+        out = _LE_TEMPLATE.copy()
+        for i, (le, n) in enumerate(pool_made.items()):
+            expected = _BUCKET_KEYS[i]
+            if le is not expected and le != expected:
+                break
+            out[_LE_KEYS[i]] = n
+        else:
+            return out
+    return {str(le): n for le, n in buckets.items()}
