@@ -5,10 +5,10 @@ mypyc checks an argument annotated with a builtin type (``int``, ``bool``, ``str
 ``TypeError`` names neither the argument nor the method, and its wording is mypyc's
 (it changes with mypyc's version), while the pure-Python sources would take the same
 value without a word. So the public methods of ``Pool`` and ``PooledConnection``
-annotate such parameters with types mypyc does not check (``object``, or a protocol
-such as ``SupportsIndex``, ``SupportsFloat``, ``SupportsBool``), and check them here,
-with lbpool's own message, the same in both builds (``tests/library/test_arguments.py``
-holds both to it).
+annotate such parameters with protocols, which mypyc does not check and a type checker
+still does (``Text`` for a str, ``Flag`` for a flag, ``typing.SupportsIndex``,
+``typing.SupportsFloat``), and check them here, with lbpool's own message, the same in
+both builds (``tests/library/test_arguments.py`` holds both to it).
 
 Every function here raises ``TypeError`` (a value of the wrong type) or ``ValueError``
 (the right type, out of range); ``where`` starts the message (a pool's name). Never
@@ -17,12 +17,34 @@ yields.
 
 from __future__ import annotations
 
-from typing import Any
+from operator import index
+from typing import Any, Protocol
+
+
+class Text(Protocol):
+    """A ``str`` argument, to a type checker (``str`` is the one builtin type with
+    ``casefold``: ``bytes``, numbers and None are refused), that the compiled build
+    leaves to lbpool's own check."""
+
+    def casefold(self) -> str: ...
+
+
+class Flag(Protocol):
+    """A flag argument, to a type checker (``bool``, ``int``, None: what has
+    ``__bool__``); at run time any value, taken by its truth."""
+
+    def __bool__(self) -> bool: ...
 
 
 def got(value: object) -> str:
-    """``int 3``, ``str '2'``: the type and a short repr, for a message."""
-    text = repr(value) if isinstance(value, (bool, int, float, str, bytes)) else ""
+    """``int 3``, ``str '2'``: the type and a short repr, for a message (the repr only
+    of plain values, cut short; an int too long to print is named by its type)."""
+    text = ""
+    if isinstance(value, (bool, int, float, str, bytes)):
+        try:
+            text = repr(value)
+        except ValueError:  # an int past the interpreter's digit limit
+            text = ""
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}".rstrip()
@@ -36,14 +58,33 @@ def check_type(value: object, kind: type | tuple[type, ...], what: str, where: s
         raise TypeError(f"{where}: {what} or None, got {got(value)}")
 
 
+def valid_int(value: object, what: str, where: str) -> int:
+    """``value`` as an ``int`` (an ``int`` or any ``__index__`` object, as
+    ``operator.index``; not a ``bool``): ``TypeError`` naming ``what`` otherwise."""
+    if not isinstance(value, bool):
+        try:
+            return index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"{where}: {what}, got {got(value)}")
+
+
 def valid_weight(value: object, where: str) -> int:
-    """``value`` as a server's weight: an ``int`` of at least 1 (as the config's
+    """``value`` as a server's weight: an integer of at least 1 (as the config's
     ``weight``; ``True`` is not a number of shares here either)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: weight must be an int >= 1, got {got(value)}")
-    if value < 1:
-        raise ValueError(f"{where}: weight must be an int >= 1, got {value}")
-    return int(value)
+    weight = valid_int(value, "weight must be an int >= 1", where)
+    if weight < 1:
+        raise ValueError(f"{where}: weight must be an int >= 1, got {got(weight)}")
+    return weight
+
+
+def truth(value: object, what: str, where: str) -> bool:
+    """``bool(value)``, or ``TypeError`` naming ``what`` if asking raises (an array, a
+    query expression): asked once, before anything changes."""
+    try:
+        return bool(value)
+    except Exception as exc:
+        raise TypeError(f"{where}: {what} must be true or false, got {got(value)}") from exc
 
 
 def valid_callable(value: object, what: str, where: str) -> Any:

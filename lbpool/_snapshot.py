@@ -74,6 +74,7 @@ _LE_KEYS: Final[tuple[str, ...]] = tuple(str(le) for le in WAIT_BUCKETS)
 # the dicts a histogram's dict is copied from (values replaced)
 _BUCKETS_TEMPLATE: Final[dict[object, int]] = dict.fromkeys(WAIT_BUCKETS, 0)
 _LE_TEMPLATE: Final[dict[str, int]] = dict.fromkeys(_LE_KEYS, 0)
+_LE_BY_BUCKET: Final[dict[object, str]] = dict(zip(_BUCKET_KEYS, _LE_KEYS, strict=True))
 _new: Final = object.__new__
 _set_attr: Final = object.__setattr__
 
@@ -135,21 +136,23 @@ def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
     return stats
 
 
-def server_dict(stats: Any) -> dict[str, Any]:
-    """``ServerStats.to_dict``: every field of ``stats`` (its ``__dict__``, a frozen
-    dataclass's fields in declaration order), with fresh ``closed`` and
-    ``wait_buckets`` dicts the caller may change, the buckets keyed by ``str(le)``."""
-    data: dict[str, Any] = stats.__dict__.copy()
+def server_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """``ServerStats.to_dict``, from its field dict ``values`` (a ``ServerStats``'
+    ``__dict__``, its fields in declaration order; not changed): a copy, with fresh
+    ``closed`` and ``wait_buckets`` dicts the caller may change, the buckets keyed by
+    ``str(le)``."""
+    data = values.copy()
     data["closed"] = dict(data["closed"])
     data["wait_buckets"] = _keyed_by_str(data["wait_buckets"])
     return data
 
 
 def _keyed_by_str(buckets: Any) -> dict[str, Any]:
-    """A histogram's counts keyed by ``str(le)``: for a pool's (a dict with the keys of
+    """A histogram's counts keyed by ``str(le)``. A pool's (a dict with the keys of
     ``WAIT_BUCKETS``, in order: compared by identity first, as a pool's are the same
-    objects), a copy of the template with its values set; else, any ``Mapping``, each
-    key made a str."""
+    objects): a copy of the template with its values set. Any other ``Mapping``: each
+    key equal to a bucket's named as that bucket (``1`` as ``"1.0"``), any other made
+    a str."""
     if type(buckets) is dict and len(buckets) == len(_LE_KEYS):
         pool_made: dict[Any, Any] = buckets
         out = _LE_TEMPLATE.copy()
@@ -160,4 +163,9 @@ def _keyed_by_str(buckets: Any) -> dict[str, Any]:
             out[_LE_KEYS[i]] = n
         else:
             return out
-    return {str(le): n for le, n in buckets.items()}
+    named = _LE_BY_BUCKET
+    out = {}
+    for le, n in buckets.items():
+        key = named.get(le)
+        out[str(le) if key is None else key] = n
+    return out

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, SupportsFloat, SupportsIndex, c
 
 from gevent import Timeout as _GeventTimeout
 
+from lbpool._args import Text, valid_int
 from lbpool._args import got as _got
 from lbpool._borrowio import _BorrowIO
 from lbpool._net import close_quietly
@@ -206,12 +207,12 @@ class PooledConnection:
 
     def makefile(
         self,
-        mode: object = "r",
+        mode: Text = "r",
         buffering: SupportsIndex | None = None,
         *,
-        encoding: object = None,
-        errors: object = None,
-        newline: object = None,
+        encoding: Text | None = None,
+        errors: Text | None = None,
+        newline: Text | None = None,
     ) -> Any:
         """A file object on this borrow, as ``socket.makefile`` (modes ``r``, ``w``,
         ``b`` combined), whose reads and writes go through the handle: once the borrow
@@ -219,7 +220,7 @@ class PooledConnection:
         the socket again, whoever borrows it next. Flush before releasing: bytes
         still buffered then are dropped.
 
-        ``mode`` a str, ``buffering`` an int or None, ``encoding``, ``errors`` and
+        ``mode`` a str, ``buffering`` an integer or None, ``encoding``, ``errors`` and
         ``newline`` a str or None (for a text file), else ``TypeError`` naming the
         argument; an unknown mode letter is a ``ValueError``."""
         self._live()
@@ -228,12 +229,9 @@ class PooledConnection:
         for name, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"makefile: {name} must be a str or None, got {_got(value)}")
-        if buffering is None:
-            size = -1
-        elif isinstance(buffering, int) and not isinstance(buffering, bool):
-            size = buffering
-        else:
-            raise TypeError(f"makefile: buffering must be an int or None, got {_got(buffering)}")
+        size = -1
+        if buffering is not None:
+            size = valid_int(buffering, "buffering must be an int or None", "makefile")
         if not set(mode) <= {"r", "w", "b"}:
             raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
         reading, writing, binary = "r" in mode, "w" in mode, "b" in mode

@@ -29,7 +29,7 @@ import socket
 import traceback
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Final, SupportsFloat, SupportsIndex, cast
+from typing import Any, Final, SupportsFloat, SupportsIndex, cast
 
 import gevent
 from gevent.event import Event
@@ -37,6 +37,7 @@ from gevent.exceptions import InvalidSwitchError
 from greenlet import getcurrent
 
 from lbpool import _args, _hublag, _ownership
+from lbpool._args import Flag, Text
 from lbpool._demand import DemandWindow
 from lbpool._handoff import Waiter
 from lbpool._hublag import hub_lag
@@ -72,9 +73,6 @@ from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
 from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
 from lbpool.stats import ServerStats
-
-if TYPE_CHECKING:
-    from _typeshed import SupportsBool
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 
@@ -188,31 +186,37 @@ class Pool(ThreadBound):
 
     def __init__(
         self,
-        address: object,
+        address: Address | Text,
         *,
         pool: PoolConfig | None = None,
         dial: DialConfig | None = None,
         health_check: HealthCheckConfig | None = None,
         breaker: Breaker | None = None,
         setup: SetupHook | None = None,
-        backend: object = None,
+        backend: Text | None = None,
         weight: SupportsIndex = 1,
-        upkeep: SupportsBool = True,
+        upkeep: Flag = True,
     ) -> None:
         """A pool of connections to ``address`` (an ``Address``, or a ``host:port``
         string: ``ValueError`` otherwise). ``pool``, ``dial`` and ``health_check``: its
         settings (the configs' defaults for None); ``breaker``: its circuit breaker
         (a new one with ``BreakerConfig()``'s settings for None); ``setup``: called
         with each new socket; ``backend``: the name its stats carry (a str or None);
-        ``weight``: its share for the ``weighted`` strategy (an int >= 1); ``upkeep``:
-        start its own upkeep greenlet (a managed pool's is the manager's). A value
-        of the wrong type raises ``TypeError`` naming it (``lbpool._args``) before
-        anything starts."""
+        ``weight``: its share for the ``weighted`` strategy (an integer >= 1);
+        ``upkeep``: if true, start its own upkeep greenlet (a managed pool's is the
+        manager's). A value of the wrong type raises ``TypeError`` naming it
+        (``lbpool._args``), an address that does not parse ``ValueError``, before
+        anything is made or started."""
+        if not isinstance(address, (Address, str)):
+            raise TypeError(
+                f"address must be a 'host:port' string or an Address, got {_args.got(address)}"
+            )
         self.address = address if isinstance(address, Address) else _parse_address(address)
         self.name = str(self.address)
         _check_settings(pool, dial, health_check, setup, self.name)
         _args.check_type(breaker, Breaker, "breaker must be a Breaker", self.name)
         _args.check_type(backend, str, "backend must be a str", self.name)
+        start_upkeep = _args.truth(upkeep, "upkeep", self.name)
         self.backend = cast("str | None", backend)
         self.weight = _args.valid_weight(weight, self.name)
         self.owner_kind = "pool"  # named in the wrong-thread error; "manager" when managed
@@ -266,7 +270,7 @@ class Pool(ThreadBound):
         self._bind_to_current_thread()
         self._bind_hub()
         self._upkeep: Upkeep | None = None  # a managed pool's is the manager's
-        if bool(upkeep):
+        if start_upkeep:
             self._start_upkeep()
 
     def _bind_hub(self) -> None:
@@ -445,7 +449,7 @@ class Pool(ThreadBound):
         return self.acquire(timeout)
 
     def acquire(
-        self, timeout: SupportsFloat | None = None, *, panic: SupportsBool = False
+        self, timeout: SupportsFloat | None = None, *, panic: Flag = False
     ) -> PooledConnection:
         """Borrow a connection within ``timeout`` (default: ``acquire_timeout``).
 
@@ -467,11 +471,12 @@ class Pool(ThreadBound):
             self._owner_check()
         if timeout is not None:  # checked first, on every path: nothing has changed yet
             timeout = self._checked_timeout(timeout)
+        dial_anyway = False if panic is False else self._truth(panic)  # asked once, now
         if self._closing:
             raise self._closed_error()
         deadline = 0.0  # made by a borrow check, if one ran
         if self._idle:
-            got = self._acquire_idle(timeout, bool(panic))
+            got = self._acquire_idle(timeout, dial_anyway)
             if isinstance(got, PooledConnection):
                 return got
             deadline = got  # no idle connection was fit to lend
@@ -492,7 +497,7 @@ class Pool(ThreadBound):
             raise self._checks_timed_out()
         if self._size < self._max_size and not waiters:
             self._reserve()
-            return self._lend_new(deadline, bool(panic))
+            return self._lend_new(deadline, dial_anyway)
         if self._max_waiting and len(waiters) >= self._max_waiting:
             raise self._shed_error()
         # the fork generation this acquisition started in (the owner check made it the
@@ -519,7 +524,12 @@ class Pool(ThreadBound):
             self._abandon(w)
             raise
         w.greenlet = None
-        return self._woken(w, start, deadline, generation, bool(panic))
+        return self._woken(w, start, deadline, generation, dial_anyway)
+
+    def _truth(self, panic: object) -> bool:
+        """``acquire``'s ``panic`` as a bool (``TypeError`` if asking raises): a call
+        out of its frame."""
+        return _args.truth(panic, "panic", self.name)
 
     def _woken(
         self, w: Waiter, start: float, deadline: float, generation: int, panic: bool

@@ -91,7 +91,9 @@ class ServerStats:
     def to_dict(self) -> dict[str, Any]:
         """Every field, in declaration order, as plain JSON-serialisable data: ``closed``
         a dict, ``wait_buckets`` keyed by ``str(le)``. Never yields."""
-        return server_dict(self)
+        if type(self) is ServerStats:  # its __dict__ holds exactly its fields, in order
+            return server_dict(self.__dict__)
+        return server_dict({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 _SERVER_FIELDS = tuple(f.name for f in fields(ServerStats))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ import pytest
 from gevent import socket as gsocket
 
 import lbpool
-from lbpool import DialError, Pool, PoolConfig
+from lbpool import DialError, Pool, PoolConfig, PooledConnection
 from lbpool._hotpath import COMPILED
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig
-from lbpool.testing import EchoServer
+from lbpool.testing import EchoServer, hot_path
 from tests.support.leaks import new_lbpool_greenlets
 
 
@@ -42,8 +43,15 @@ POOL_REFUSALS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"weight": 1.5}, TypeError, f"{NAME}: weight must be an int >= 1, got float 1.5"),
     ({"weight": "2"}, TypeError, f"{NAME}: weight must be an int >= 1, got str '2'"),
     ({"weight": True}, TypeError, f"{NAME}: weight must be an int >= 1, got bool True"),
-    ({"weight": 0}, ValueError, f"{NAME}: weight must be an int >= 1, got 0"),
+    ({"weight": 0}, ValueError, f"{NAME}: weight must be an int >= 1, got int 0"),
     ({"backend": 3}, TypeError, f"{NAME}: backend must be a str or None, got int 3"),
+    ({"backend": 10**5000}, TypeError, f"{NAME}: backend must be a str or None, got int"),
+    ({"weight": -(10**5000)}, ValueError, f"{NAME}: weight must be an int >= 1, got int"),
+    (
+        {"weight": 2**70 + 0.5},
+        TypeError,
+        f"{NAME}: weight must be an int >= 1, got float 1.1805916207174113e+21",
+    ),
     ({"pool": {}}, TypeError, f"{NAME}: pool must be a PoolConfig or None, got dict"),
     ({"dial": "x"}, TypeError, f"{NAME}: dial must be a DialConfig or None, got str 'x'"),
     (
@@ -57,7 +65,9 @@ POOL_REFUSALS: list[tuple[dict[str, Any], type[Exception], str]] = [
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "kind", "message"), POOL_REFUSALS, ids=[str(k) for k, _, _ in POOL_REFUSALS]
+    ("kwargs", "kind", "message"),
+    POOL_REFUSALS,
+    ids=[f"{next(iter(k))}-{i}" for i, (k, _, _) in enumerate(POOL_REFUSALS)],
 )
 def test_pool_refuses_a_wrong_argument_by_name_and_starts_nothing(
     kwargs: dict[str, Any], kind: type[Exception], message: str
@@ -69,17 +79,55 @@ def test_pool_refuses_a_wrong_argument_by_name_and_starts_nothing(
     assert set(new_lbpool_greenlets()) == before
 
 
-@pytest.mark.parametrize("address", [3, b"127.0.0.1:7", None], ids=["int", "bytes", "None"])
-def test_pool_refuses_an_address_that_is_not_a_string(address: object) -> None:
-    with pytest.raises(ValueError, match=r"^address must be a 'host:port' string, got "):
-        Pool(address)
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        (3, "int 3"),
+        (b"127.0.0.1:7", "bytes b'127.0.0.1:7'"),
+        (None, "NoneType"),
+        (("h", 7), "tuple"),
+    ],
+    ids=["int", "bytes", "None", "tuple"],
+)
+def test_pool_refuses_an_address_that_is_not_a_string(address: object, shown: str) -> None:
+    with pytest.raises(TypeError) as info:
+        Pool(address)  # type: ignore[arg-type]
+    assert str(info.value) == f"address must be a 'host:port' string or an Address, got {shown}"
+    with pytest.raises(ValueError, match="port"):  # a string that does not parse
+        Pool("127.0.0.1")
+
+
+class Index:
+    """An integer that is not an int (as numpy's are): has ``__index__``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __index__(self) -> int:
+        return self.n
+
+
+class Ambiguous:
+    """A value whose truth cannot be asked (as a numpy array's)."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("ambiguous")
+
+
+def test_integers_that_are_not_ints_are_taken(server: EchoServer) -> None:
+    pool = _pool(server, weight=Index(3))
+    assert pool.weight == 3 and type(pool.weight) is int
+    with pool.get() as conn, conn.makefile("rb", Index(16)) as f:
+        conn.sendall(b"abc")
+        assert f.read(3) == b"abc"
+    pool.close()
 
 
 @pytest.mark.parametrize(
     ("kwargs", "kind", "message"),
     [
         ({"weight": 2.0}, TypeError, "weight must be an int >= 1, got float 2.0"),
-        ({"weight": -1}, ValueError, "weight must be an int >= 1, got -1"),
+        ({"weight": -1}, ValueError, "weight must be an int >= 1, got int -1"),
         ({"setup": 1}, TypeError, "setup must be a callable or None, got int 1"),
         ({"pool": None}, TypeError, "reconfigure needs pool, dial and health_check"),
     ],
@@ -127,6 +175,33 @@ def _opened_by_a_broken_connection(server: EchoServer) -> Pool:
     pool.acquire().discard(OSError("connection reset"))
     assert pool.breaker.state == "open"
     return pool
+
+
+def test_a_flag_whose_truth_cannot_be_asked_is_refused_before_anything_changes(
+    server: EchoServer,
+) -> None:
+    with pytest.raises(TypeError) as info:
+        Pool(server.address, upkeep=Ambiguous())  # type: ignore[arg-type]
+    assert str(info.value) == f"{server.address}: upkeep must be true or false, got Ambiguous"
+    pool = _pool(server)  # max_size 2
+
+    def refused() -> None:
+        before = pool.stats()
+        with pytest.raises(TypeError) as info:
+            pool.acquire(timeout=1, panic=Ambiguous())  # type: ignore[arg-type]
+        assert str(info.value) == f"{pool.name}: panic must be true or false, got Ambiguous"
+        assert pool.stats() == before  # nothing reserved, lent, queued or counted
+
+    refused()  # an empty pool: it would dial
+    pool.acquire().release()
+    refused()  # an idle connection: it would lend it
+    held = [pool.acquire(), pool.acquire()]
+    refused()  # a full pool: it would wait
+    for conn in held:
+        conn.release()
+    assert pool.stats().in_use == 0 and pool.stats().idle == 2
+    pool.close(timeout=2)
+    assert pool.stats().size == 0
 
 
 @pytest.mark.parametrize(("panic", "dials"), [(1, True), ("yes", True), (0, False), (None, False)])
@@ -217,9 +292,10 @@ def test_makefile_names_a_wrong_argument(
 
 # -- every public signature -----------------------------------------------------------
 
-# What mypyc checks, by name, in an annotation: builtin types and lbpool's NamedTuple
+# What mypyc checks, by name, in an annotation: builtin types and lbpool's NamedTuple;
+# a union with a protocol in it (or object, Any) it checks not at all
 _CHECKED = re.compile(r"\b(int|bool|str|float|bytes|tuple|list|dict|set|frozenset|Address)\b")
-
+_UNCHECKED = {"object", "Any", "Text", "Flag", "SupportsIndex", "SupportsFloat", "ReadableBuffer"}
 
 # constructors only lbpool calls (a handle is made by its pool, from a raw connection)
 _MADE_BY_LBPOOL = {"PooledConnection.__init__"}
@@ -243,20 +319,37 @@ def _public_signatures() -> Iterator[tuple[str, str, str]]:
                     continue
                 if item.name.startswith("_") and item.name != "__init__":
                     continue
-                arguments = item.args
-                for arg in [*arguments.args[1:], *arguments.kwonlyargs]:
-                    if arg.annotation is not None:
+                a = item.args
+                every = [*a.posonlyargs, *a.args[1:], a.vararg, *a.kwonlyargs, a.kwarg]
+                for arg in every:
+                    if arg is not None and arg.annotation is not None:
                         yield f"{node.name}.{item.name}", arg.arg, ast.unparse(arg.annotation)
+
+
+def _checked_by_mypyc(annotation: str) -> bool:
+    members = {m.strip() for m in annotation.split("|")}
+    return not members & _UNCHECKED and bool(_CHECKED.search(annotation))
 
 
 def test_no_public_argument_is_typed_so_that_mypyc_checks_it() -> None:
     seen = list(_public_signatures())
     names = {where for where, _, _ in seen}
     assert {"Pool.__init__", "Pool.acquire", "PooledConnection.recv", "Router.get"} <= names
+    assert _checked_by_mypyc("int") and _checked_by_mypyc("str | None")
+    assert not _checked_by_mypyc("Address | Text") and not _checked_by_mypyc("Flag")
     checked = [
-        f"{w}({a}: {t})" for w, a, t in seen if _CHECKED.search(t) and w not in _MADE_BY_LBPOOL
+        f"{w}({a}: {t})" for w, a, t in seen if _checked_by_mypyc(t) and w not in _MADE_BY_LBPOOL
     ]
     assert not checked, f"annotate with object or a protocol and check in the body: {checked}"
+
+
+@pytest.mark.skipif(hot_path() == "compiled", reason="compiled methods have no annotations")
+def test_the_pure_signatures_resolve() -> None:
+    """Every name in the public signatures exists at run time (none only for a type
+    checker): typing.get_type_hints works, as tools that read signatures need."""
+    for function in (Pool.__init__, Pool.acquire, Pool.reconfigure, PooledConnection.makefile):
+        assert typing.get_type_hints(function)
+        inspect.signature(function, eval_str=True)
 
 
 def test_manager_get_names_wrong_arguments_the_same_in_both_builds(

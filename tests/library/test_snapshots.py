@@ -5,6 +5,7 @@ gap; the real numbers are measured by ``lbpool bench --scenarios S``)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gc
 import itertools
@@ -463,20 +464,52 @@ def _by_hand(buckets: Any) -> ServerStats:
         dict(zip(WAIT_BUCKETS[:3], range(3), strict=True)),  # fewer
         types.MappingProxyType(dict(zip(WAIT_BUCKETS, range(13), strict=True))),  # a Mapping
         {},
+        {1: 5, 10: 7},  # ints equal to buckets: named as the buckets
+        {int(le) if le == int(le) else le: i for i, le in enumerate(WAIT_BUCKETS)},
+        collections.OrderedDict(zip(WAIT_BUCKETS, range(13), strict=True)),
+        {True: 1, "x": 2},
     ],
-    ids=["pool's", "equal keys", "reversed", "other key", "fewer", "mapping proxy", "empty"],
+    ids=[
+        "pool's",
+        "equal keys",
+        "reversed",
+        "other key",
+        "fewer",
+        "mapping proxy",
+        "empty",
+        "ints",
+        "all, some ints",
+        "OrderedDict",
+        "odd keys",
+    ],
 )
 def test_to_dict_of_a_server_stats_made_by_hand(buckets: Any) -> None:
-    """``to_dict`` keys any histogram by ``str(le)``, in its own order, and hands out
-    fresh dicts: changing them changes neither the stats nor the next ``to_dict``."""
+    """``to_dict`` keys any histogram by ``str(le)`` of the bucket it equals (``1`` is
+    ``"1.0"``), else by ``str(key)``, in its own order, and hands out fresh dicts:
+    changing them changes neither the stats nor the next ``to_dict``."""
     s = _by_hand(buckets)
     data = s.to_dict()
-    expected = {**vars(s), "closed": dict(s.closed)}  # (asdict cannot copy a proxy)
-    expected["wait_buckets"] = {str(le): n for le, n in buckets.items()}
-    assert data == expected
-    assert list(data["wait_buckets"].items()) == [(str(le), n) for le, n in buckets.items()]
+    named = {le: str(le) for le in WAIT_BUCKETS}
+    keyed = [(named.get(le, str(le)), n) for le, n in buckets.items()]
+    expected = {**vars(s), "closed": dict(s.closed), "wait_buckets": dict(keyed)}
+    assert data == expected  # (not old_to_dict: asdict cannot copy a mapping proxy)
+    assert list(data["wait_buckets"].items()) == keyed
     assert list(data) == list(_SERVER_FIELDS)
     data["wait_buckets"]["0.001"] = -1
     data["closed"]["idle"] = -1
     assert s.to_dict() == expected and s.closed["idle"] == 1
     assert s.wait_buckets is buckets
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SlottedStats(ServerStats):
+    note: str = ""
+
+
+def test_to_dict_of_a_server_stats_subclass_has_every_field() -> None:
+    fields = vars(_by_hand(dict.fromkeys(WAIT_BUCKETS, 1)))
+    s = _SlottedStats(**fields, note="mine")
+    data = s.to_dict()
+    assert list(data) == [*_SERVER_FIELDS, "note"] and data["note"] == "mine"
+    assert data["wait_buckets"] == {str(le): 1 for le in WAIT_BUCKETS}
+    assert data["closed"] == dict(s.closed) and data["closed"] is not s.closed
