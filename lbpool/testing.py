@@ -52,10 +52,11 @@ _STOP_GRACE = 2.0  # seconds given to handler greenlets to exit before stop() gi
 def hot_path() -> str:
     """Which hot path this process runs: ``"compiled"`` when ``lbpool.pool``,
     ``lbpool.connection``, ``lbpool._handoff``, ``lbpool._router`` and
-    ``lbpool._snapshot`` (``lbpool._hotpath.COMPILED``) are mypyc extension modules, else ``"pure (<why>)"``: why is ``LBPOOL_PURE_PYTHON=1`` (set
-    when lbpool was first imported), ``no compiled modules installed`` (installed
-    without a C build), or ``partly: <modules> not compiled``. Behaviour is the same
-    either way; only speed differs. Never yields."""
+    ``lbpool._snapshot`` (``lbpool._hotpath.COMPILED``) are mypyc extension modules,
+    else ``"pure (<why>)"``: why is ``LBPOOL_PURE_PYTHON=1`` (set when lbpool was first
+    imported), ``no compiled modules installed`` (installed without a C build), or
+    ``partly: <modules> not compiled``. Behaviour is the same either way; only speed
+    differs. Never yields."""
     return _hotpath.hot_path()
 
 
