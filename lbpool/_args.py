@@ -30,8 +30,8 @@ class Text(Protocol):
 
 
 class Flag(Protocol):
-    """A flag argument, to a type checker (``bool``, ``int``, None: what has
-    ``__bool__``); at run time any value, taken by its truth."""
+    """A flag argument, to a type checker (``bool``, ``int``: what has ``__bool__``);
+    at run time any value, taken by its truth."""
 
     def __bool__(self) -> bool: ...
 
@@ -43,7 +43,7 @@ def got(value: object) -> str:
     if isinstance(value, (bool, int, float, str, bytes)):
         try:
             text = repr(value)
-        except ValueError:  # an int past the interpreter's digit limit
+        except Exception:  # an int past the digit limit; a subclass's own repr
             text = ""
     if len(text) > 60:
         text = text[:57] + "..."
@@ -60,12 +60,13 @@ def check_type(value: object, kind: type | tuple[type, ...], what: str, where: s
 
 def valid_int(value: object, what: str, where: str) -> int:
     """``value`` as an ``int`` (an ``int`` or any ``__index__`` object, as
-    ``operator.index``; not a ``bool``): ``TypeError`` naming ``what`` otherwise."""
+    ``operator.index``; not a ``bool``): ``TypeError`` naming ``what`` otherwise (also
+    when its ``__index__`` raises, as ``truth`` does)."""
     if not isinstance(value, bool):
         try:
             return index(value)  # type: ignore[arg-type]
-        except TypeError:
-            pass
+        except Exception as exc:
+            raise TypeError(f"{where}: {what}, got {got(value)}") from exc
     raise TypeError(f"{where}: {what}, got {got(value)}")
 
 

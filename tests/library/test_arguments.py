@@ -114,6 +114,25 @@ class Ambiguous:
         raise ValueError("ambiguous")
 
 
+class BadIndex:
+    def __index__(self) -> int:
+        raise ValueError("no")
+
+
+class BadRepr(int):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_an_integer_that_fails_or_a_value_that_cannot_be_shown_is_named() -> None:
+    with pytest.raises(TypeError) as info:
+        Pool(NAME, weight=BadIndex())
+    assert str(info.value) == f"{NAME}: weight must be an int >= 1, got BadIndex"
+    with pytest.raises(TypeError) as info:
+        Pool(NAME, backend=BadRepr(3))  # type: ignore[arg-type]
+    assert str(info.value) == f"{NAME}: backend must be a str or None, got BadRepr"
+
+
 def test_integers_that_are_not_ints_are_taken(server: EchoServer) -> None:
     pool = _pool(server, weight=Index(3))
     assert pool.weight == 3 and type(pool.weight) is int
@@ -345,8 +364,9 @@ def test_no_public_argument_is_typed_so_that_mypyc_checks_it() -> None:
 
 @pytest.mark.skipif(hot_path() == "compiled", reason="compiled methods have no annotations")
 def test_the_pure_signatures_resolve() -> None:
-    """Every name in the public signatures exists at run time (none only for a type
-    checker): typing.get_type_hints works, as tools that read signatures need."""
+    """Every name in the signatures typed for the compiled build's sake exists at run
+    time (none only for a type checker): typing.get_type_hints works, as tools that
+    read signatures need."""
     for function in (Pool.__init__, Pool.acquire, Pool.reconfigure, PooledConnection.makefile):
         assert typing.get_type_hints(function)
         inspect.signature(function, eval_str=True)
