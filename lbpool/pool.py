@@ -197,16 +197,16 @@ class Pool(ThreadBound):
         weight: SupportsIndex = 1,
         upkeep: Flag = True,
     ) -> None:
-        """A pool of connections to ``address`` (an ``Address``, or a ``host:port``
-        string: ``ValueError`` otherwise). ``pool``, ``dial`` and ``health_check``: its
-        settings (the configs' defaults for None); ``breaker``: its circuit breaker
-        (a new one with ``BreakerConfig()``'s settings for None); ``setup``: called
-        with each new socket; ``backend``: the name its stats carry (a str or None);
-        ``weight``: its share for the ``weighted`` strategy (an integer >= 1);
-        ``upkeep``: if true, start its own upkeep greenlet (a managed pool's is the
-        manager's). A value of the wrong type raises ``TypeError`` naming it
-        (``lbpool._args``), an address that does not parse ``ValueError``, before
-        anything is made or started."""
+        """A pool of connections to ``address``: an ``Address`` or a ``host:port``
+        string. ``pool``, ``dial`` and ``health_check``: its settings (the configs'
+        defaults for None); ``breaker``: its circuit breaker (a new one with
+        ``BreakerConfig()``'s settings for None); ``setup``: called with each new
+        socket; ``backend``: the name its stats carry (a str or None); ``weight``: its
+        share for the ``weighted`` strategy (an integer >= 1); ``upkeep``: if true,
+        start its own upkeep greenlet (a managed pool's is the manager's). A value of
+        the wrong type raises ``TypeError`` naming it (``lbpool._args``), an address
+        string that does not parse ``ValueError``, before anything is made or
+        started."""
         if not isinstance(address, (Address, str)):
             raise TypeError(
                 f"address must be a 'host:port' string or an Address, got {_args.got(address)}"
