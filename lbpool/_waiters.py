@@ -31,6 +31,7 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Union
 
+from lbpool._args import got
 from lbpool._handoff import Waiter
 
 if TYPE_CHECKING:
@@ -56,10 +57,7 @@ def valid_timeout(value: object, where: str) -> float:
     timeout is no time at all, as 0 (an acquisition then fails fast with
     ``PoolTimeout`` unless a connection is ready); ``inf`` waits for ever."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{where}: timeout must be a number of seconds or None, got {type(value).__name__}"
-            f" {value!r}"
-        )
+        raise TypeError(f"{where}: timeout must be a number of seconds or None, got {got(value)}")
     try:
         seconds = float(value)
     except OverflowError:  # an int too large for a float: for ever, as inf

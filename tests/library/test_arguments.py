@@ -133,6 +133,19 @@ def test_an_integer_that_fails_or_a_value_that_cannot_be_shown_is_named() -> Non
     assert str(info.value) == f"{NAME}: backend must be a str or None, got BadRepr"
 
 
+def test_a_timeout_message_shows_a_short_value(server: EchoServer) -> None:
+    """The timeout's message names the value as the other arguments' do (lbpool._args.got):
+    a plain value cut short, another by its type, whatever its repr does."""
+    pool = _pool(server)
+    with pytest.raises(TypeError) as info:
+        pool.acquire("9" * 100_000)  # type: ignore[arg-type]
+    assert len(str(info.value)) < 200 and str(info.value).endswith("got str '" + "9" * 56 + "...")
+    with pytest.raises(TypeError) as info:
+        pool.acquire(Ambiguous())  # type: ignore[arg-type]
+    assert str(info.value).endswith("got Ambiguous")
+    pool.close()
+
+
 def test_integers_that_are_not_ints_are_taken(server: EchoServer) -> None:
     pool = _pool(server, weight=Index(3))
     assert pool.weight == 3 and type(pool.weight) is int
