@@ -46,8 +46,8 @@ def main() -> None:
             held = [acquire() for _ in range(10)]  # every connection dialed first
             for lease in held:
                 release(lease)
-            if scenario == "A":  # as the bench's _loop0/_loop1: no closure in between
-                get, arg = adapter.acquire, adapter.arg
+            get, arg = adapter.acquire, adapter.arg  # called as the bench calls them:
+            if scenario == "A":  # as _loop0/_loop1, no closure in between
                 if arg is None:
                     for _ in range(per):
                         release(get())
@@ -58,8 +58,8 @@ def main() -> None:
                 sleep = gevent.sleep
 
                 def worker() -> None:
-                    for _ in range(per):
-                        lease = acquire()
+                    for _ in range(per):  # as the bench's b_worker
+                        lease = get() if arg is None else get(arg)
                         sleep(0)
                         release(lease)
 
@@ -68,8 +68,8 @@ def main() -> None:
                 io_of, payload = adapter.io, b"e" * 64
 
                 def client() -> None:
-                    for _ in range(per):
-                        lease = acquire()
+                    for _ in range(per):  # as the bench's c_worker
+                        lease = get() if arg is None else get(arg)
                         s = io_of(lease)
                         s.sendall(payload)
                         got = s.recv(64)
