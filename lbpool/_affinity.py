@@ -266,14 +266,20 @@ class Placement:
     # -- per acquisition ----------------------------------------------------------
     def order(self, key: Key | None, deadline: float, limit: float) -> KeyOrder:
         """The picker for one acquisition of ``key``; ``ValueError`` without a key."""
+        key = self.need_key(key)
+        check_key(key)
+        current = self._table(deadline, limit)
+        return KeyOrder(self, self._walk(key, current), 1 if self.fallback == "none" else -1)
+
+    def need_key(self, key: Key | None) -> Key:
+        """``key``, or ``ValueError`` if it is None: this backend routes by key. Never
+        yields."""
         if key is None:
             raise ValueError(
                 f"backend {self.backend!r} routes by key ({self._strategy()}): "
                 "pass key= (str or bytes)"
             )
-        check_key(key)
-        current = self._table(deadline, limit)
-        return KeyOrder(self, self._walk(key, current), 1 if self.fallback == "none" else -1)
+        return key
 
     def owner(self, key: Key, deadline: float, limit: float) -> str:
         """The key's owner by placement (breakers ignored): the first current member in

@@ -88,8 +88,12 @@ def truth(value: object, what: str, where: str) -> bool:
         raise TypeError(f"{where}: {what} must be true or false, got {got(value)}") from exc
 
 
-def valid_callable(value: object, what: str, where: str) -> Any:
-    """``value`` if it is callable or None, else ``TypeError`` naming ``what``."""
-    if value is not None and not callable(value):
-        raise TypeError(f"{where}: {what} must be a callable or None, got {got(value)}")
+def valid_callable(value: object, what: str, where: str, *, optional: bool = True) -> Any:
+    """``value`` if it is callable (or None, when ``optional``), else ``TypeError``
+    naming ``what``."""
+    if optional and value is None:
+        return value
+    if not callable(value):
+        must = "a callable or None" if optional else "a callable"
+        raise TypeError(f"{where}: {what} must be {must}, got {got(value)}")
     return value

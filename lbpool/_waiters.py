@@ -28,8 +28,9 @@ here. Imports nothing else from lbpool at run time. Only ``Waiter.wait`` yields.
 from __future__ import annotations
 
 from collections import deque
+from numbers import Real
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from lbpool._args import got
 from lbpool._handoff import Waiter
@@ -55,16 +56,28 @@ def valid_timeout(value: object, where: str) -> float:
     naming the argument: called before anything changes, so a bad argument (``1j``,
     ``"1"``, ``True``, NaN) never reaches a waiter, a timer or a count. A negative
     timeout is no time at all, as 0 (an acquisition then fails fast with
-    ``PoolTimeout`` unless a connection is ready); ``inf`` waits for ever."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: timeout must be a number of seconds or None, got {got(value)}")
+    ``PoolTimeout`` unless a connection is ready); ``inf`` waits for ever. Any real
+    number is taken (``numbers.Real``: ``int``, ``float``, ``fractions.Fraction``,
+    numpy's), as its ``float``; not a ``bool``, a ``Decimal`` or a ``complex``."""
+    if (
+        type(value) is not float
+        and type(value) is not int  # the common cases: no ABC check
+        and (isinstance(value, bool) or not isinstance(value, Real))
+    ):
+        raise _not_seconds(value, where)
     try:
-        seconds = float(value)
+        seconds = float(cast(Real, value))
     except OverflowError:  # an int too large for a float: for ever, as inf
         seconds = float("inf")
+    except Exception as exc:  # a Real whose __float__ raises
+        raise _not_seconds(value, where) from exc
     if seconds != seconds:
         raise ValueError(f"{where}: timeout must be a number of seconds, not NaN")
     return seconds if seconds > 0 else 0.0
+
+
+def _not_seconds(value: object, where: str) -> TypeError:
+    return TypeError(f"{where}: timeout must be a number of seconds or None, got {got(value)}")
 
 
 class Outcome:

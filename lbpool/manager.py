@@ -51,6 +51,7 @@ from gevent.event import Event
 from lbpool import _ownership
 from lbpool import stats as _stats_config  # SNAPSHOT_SLICE_*: read at each snapshot
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
+from lbpool._args import valid_callable
 from lbpool._ownership import get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
 from lbpool._router import Router, _check_name, acquire_direct, backend_for
@@ -560,6 +561,9 @@ class Backend:
         connection died in flight; see ``PoolManager.call``."""
         if timeout is not None:  # before anything is counted
             timeout = valid_timeout(timeout, self._label)
+        placement = self._placement
+        if placement is not None:  # a key-affinity backend's missing key: before the count
+            placement.need_key(key)
         budget = self.budget
         budget.called()
         limit = self.config.pool.acquire_timeout if timeout is None else timeout
@@ -846,9 +850,15 @@ class PoolManager(Router):
         it, and no retry starts after it passed. ``fn``'s own I/O is bounded by the
         socket timeout it sets. Counted per backend in stats: ``calls``,
         ``retries``, ``retries_denied``.
+
+        Checked before anything changes (no ad-hoc pool made, no call counted, nothing
+        borrowed): ``fn`` not callable is a ``TypeError``; a bad ``key`` or ``timeout``
+        as for ``get``; no ``key`` for a key-affinity backend a ``ValueError``.
         """
+        # before anything changes (an ad-hoc pool made, a call counted, a borrow)
+        valid_callable(fn, "fn", f"call {name!r}", optional=False)
         if key is not None:
-            check_key(key)  # before anything changes (an ad-hoc pool made, a call counted)
+            check_key(key)
         if timeout is not None:
             timeout = valid_timeout(timeout, f"call {name!r}")
         if get_ident() != self._thread_id:  # another OS thread, or a forked child

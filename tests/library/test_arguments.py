@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ast
 import inspect
+import numbers
 import re
 import typing
 from collections.abc import Callable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,46 @@ def test_a_timeout_message_shows_a_short_value(server: EchoServer) -> None:
         pool.acquire(Ambiguous())  # type: ignore[arg-type]
     assert str(info.value).endswith("got Ambiguous")
     pool.close()
+
+
+class FloatRaises:
+    """A real number (registered with ``numbers.Real``) whose ``__float__`` raises."""
+
+    def __float__(self) -> float:
+        raise ArithmeticError("no float")
+
+
+numbers.Real.register(FloatRaises)
+
+
+def test_a_timeout_may_be_any_real_number(
+    make_manager: Callable[..., lbpool.PoolManager], server: EchoServer
+) -> None:
+    """``Fraction`` (a ``numbers.Real``, as numpy's scalars) is taken as its float, by
+    the pool and by manager.get's compiled path; ``Decimal``, not a Real, is refused,
+    and a Real whose float raises is named, with nothing left behind."""
+    pool = _pool(server)
+    try:
+        pool.acquire(Fraction(3, 2)).release()
+        with pytest.raises(TypeError) as info:
+            pool.acquire(Decimal("1.5"))  # type: ignore[arg-type]
+        assert (
+            str(info.value)
+            == f"{pool.name}: timeout must be a number of seconds or None, got Decimal"
+        )
+        with pytest.raises(TypeError) as info:
+            pool.acquire(FloatRaises())  # type: ignore[arg-type]
+        assert str(info.value).endswith("got FloatRaises")
+        assert isinstance(info.value.__cause__, ArithmeticError)
+        stats = pool.stats()
+        assert (stats.acquired, stats.in_use, stats.waiting) == (1, 0, 0)
+    finally:
+        pool.close()
+    manager = make_manager({"backends": {"b": {"servers": [server.address]}}})
+    manager.get("b", Fraction(1, 1)).release()
+    with pytest.raises(TypeError, match=r"^backend 'b': timeout .* got Decimal$"):
+        manager.get("b", Decimal(1))
+    assert manager.stats().backends["b"].servers[server.address].acquired == 1
 
 
 def test_integers_that_are_not_ints_are_taken(server: EchoServer) -> None:

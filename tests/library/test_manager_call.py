@@ -501,7 +501,30 @@ def test_call_checks_its_arguments_before_anything_changes(
         manager.call("b", echo, timeout="1")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         manager.call("b", echo, key=42)  # type: ignore[arg-type]
-    assert manager.stats().backends["b"].calls == 0
+    with pytest.raises(TypeError) as info:
+        manager.call("b", 3)  # type: ignore[arg-type]
+    assert str(info.value) == "call 'b': fn must be a callable, got int 3"
+    with pytest.raises(TypeError) as info:  # an ad-hoc name: no pool is made for it
+        manager.call(cluster.servers[0].address, None)  # type: ignore[arg-type]
+    assert str(info.value).endswith("fn must be a callable, got NoneType")
+    stats = manager.stats()
+    assert list(stats.backends) == ["b"]  # no ad-hoc backend ("")
+    assert stats.backends["b"].calls == 0
+    assert [(s.acquired, s.misses) for s in stats.servers()] == [(0, 0)]  # nothing borrowed
     manager.close()
     with pytest.raises(PoolClosed):
         manager.call("b", echo)
+
+
+def test_call_without_a_key_on_a_hashing_backend_counts_nothing(
+    make_manager: Callable[..., PoolManager], cluster_factory: Callable[[int], Cluster]
+) -> None:
+    cluster = cluster_factory(2)
+    manager = make_manager(config(cluster.addresses, strategy="maglev"))
+    with pytest.raises(ValueError, match=r"^backend 'b' routes by key \(maglev\): pass key="):
+        manager.call("b", echo)
+    stats = manager.stats()
+    assert stats.backends["b"].calls == 0
+    assert sum(s.acquired for s in stats.servers()) == 0
+    manager.call("b", echo, key="k")
+    assert manager.stats().backends["b"].calls == 1
