@@ -33,6 +33,7 @@ from lbpool.hashing import (
     ketama_digests,
     pymemcache_node,
 )
+from tests.support.gctime import GCTime
 
 ROOT = Path(__file__).resolve().parents[2]
 STRATEGY_NAMES = sorted(HASH_STRATEGIES)
@@ -282,21 +283,25 @@ def test_maglev_extreme_weight_ratio_builds_fast_and_pauses() -> None:
     """1,000 servers, one of weight 10,000: the skipped members cost nothing and the
     work between pauses stays bounded (was 13.5 s and a 107 ms gap). Measured in CPU
     time (``thread_time``): what the build holds the hub for, which CPU hogs do not
-    inflate (one pushed a wall-clock gap to 32 ms)."""
+    inflate (one pushed a wall-clock gap to 32 ms). A collection of the garbage
+    collector that falls in a gap is subtracted from it: a gen-2 pass over the worker's
+    whole heap once made a gap 22.8 ms, and it is not the build's work."""
     servers = [*fleet(999), ("10.0.9.9:11211", 10_000)]
     gaps: list[float] = []
-    last = [time.thread_time()]
+    with GCTime() as in_gc:
+        last = [time.thread_time(), in_gc.total]
 
-    def pause() -> None:
-        now = time.thread_time()
-        gaps.append(now - last[0])
-        last[0] = now
+        def pause() -> None:
+            now, gc_now = time.thread_time(), in_gc.total
+            gaps.append(now - last[0] - (gc_now - last[1]))
+            last[:] = [now, gc_now]
 
-    started = time.thread_time()
-    table = Maglev(servers, pause=pause)
-    took = time.thread_time() - started
+        started = time.thread_time()
+        table = Maglev(servers, pause=pause)
+        took = time.thread_time() - started
     assert took < 3.0, took
-    assert max(gaps) < 0.02, max(gaps)
+    assert len(gaps) > 100  # paused all along: the bound below is over many chunks
+    assert max(gaps) < 0.02, (max(gaps), in_gc.longest)
     assert table.slots()[-1] / table.size == pytest.approx(10_000 / 10_999, rel=0.01)
 
 

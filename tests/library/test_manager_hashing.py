@@ -7,7 +7,6 @@ key's own order when the owner cannot serve, count, and survive reloads and rebu
 
 from __future__ import annotations
 
-import gc
 import json
 import random
 from collections import Counter
@@ -23,6 +22,7 @@ from lbpool import BackendUnavailable, PoolManager
 from lbpool.config import parse_config
 from lbpool.hashing import build_table
 from lbpool.testing import EchoServer, recv_exact
+from tests.support.gctime import GCTime
 from tests.support.leaks import settle
 from tests.support.net import dead_address
 
@@ -594,26 +594,21 @@ class _Ticker:
     reported, and subtracted from the gap it fell in."""
 
     def __init__(self) -> None:
-        self.wall = self.cpu = self.cpu_not_gc = self.gc_pause = 0.0
+        self.wall = self.cpu = self.cpu_not_gc = 0.0
         self.ticks = 0
-        self._gc = 0.0  # CPU time in GC so far
-        self._gc_start = 0.0
+        self._gc = GCTime()
         self._stop = Event()
         self._greenlet: gevent.Greenlet[..., None] | None = None
 
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._gc_start = thread_time()
-        else:
-            took = thread_time() - self._gc_start
-            self._gc += took
-            self.gc_pause = max(self.gc_pause, took)
+    @property
+    def gc_pause(self) -> float:
+        return self._gc.longest
 
     def _run(self) -> None:
-        last, last_cpu, last_gc = monotonic(), thread_time(), self._gc
+        last, last_cpu, last_gc = monotonic(), thread_time(), self._gc.total
         while not self._stop.is_set():
             gevent.sleep(0.001)
-            now, cpu, in_gc = monotonic(), thread_time(), self._gc
+            now, cpu, in_gc = monotonic(), thread_time(), self._gc.total
             self.ticks += 1
             self.wall = max(self.wall, now - last)
             self.cpu = max(self.cpu, cpu - last_cpu)
@@ -621,7 +616,7 @@ class _Ticker:
             last, last_cpu, last_gc = now, cpu, in_gc
 
     def __enter__(self) -> _Ticker:
-        gc.callbacks.append(self._on_gc)
+        self._gc.__enter__()
         self._greenlet = gevent.spawn(self._run)
         gevent.sleep(0.005)  # ticking
         return self
@@ -630,7 +625,7 @@ class _Ticker:
         self._stop.set()
         assert self._greenlet is not None
         self._greenlet.join(2)
-        gc.callbacks.remove(self._on_gc)
+        self._gc.__exit__()
 
     def __str__(self) -> str:
         return (
