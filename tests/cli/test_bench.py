@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -357,3 +358,69 @@ def test_s_timed_counts_only_the_operations_own_run_time() -> None:
     assert events  # the previous trace function was called meanwhile
     assert 0 <= cpu < wall  # the 60 ms of sleeps are not the operation's run time
     assert hub >= 0
+
+
+class _Leases:
+    """acquire/release that count what is out; ``io`` a socket whose send never ends."""
+
+    def __init__(self) -> None:
+        self.out = 0
+
+    def acquire(self, arg: object = None) -> object:
+        self.out += 1
+        return object()
+
+    def release(self, lease: object) -> None:
+        self.out -= 1
+
+    def io(self, lease: object) -> Any:
+        class _Stuck:
+            def sendall(self, data: bytes) -> None:
+                gevent.sleep(60)
+
+        return _Stuck()
+
+
+@pytest.mark.parametrize("kind", ["B", "C"])
+def test_a_worker_killed_holding_a_lease_gives_it_back(kind: str) -> None:
+    """``contended_round`` kills the workers still busy past its grace: one killed
+    between its acquire and its release (B: in its ``sleep(0)``; C: in its I/O) gives
+    the lease back, so the pool is whole when the adapter closes it (a peer's close
+    waited for it: generic-connection-pool's spun for ever, holding the hub)."""
+    from lbpool.cli.bench.scenarios import _Run, b_worker, c_worker
+
+    leases = _Leases()
+    run = _Run(time.perf_counter() + 60, [0], [0.0], [], {})
+    if kind == "B":
+        worker = gevent.spawn(b_worker, 0, run, leases.acquire, None, leases.release)
+    else:
+        worker = gevent.spawn(
+            c_worker, 0, run, leases.acquire, None, leases.release, leases.io, b"x", None
+        )
+    gevent.sleep(0)  # B: in its sleep(0) holding one; C: stuck in sendall holding one
+    assert leases.out == 1
+    worker.kill(block=True, timeout=5)
+    assert worker.dead
+    assert leases.out == 0
+
+
+def test_the_gcp_adapter_closes_with_a_connection_still_lent(echo_server: Any) -> None:
+    """generic-connection-pool's ``close()`` loops, never yielding, until every
+    connection is back: the adapter must not call it with one lent (the bench's quick
+    run once hung there for its whole 240 s bound). In a process of its own, bounded."""
+    pytest.importorskip("generic_connection_pool")
+    code = (
+        "import sys, gevent\n"
+        "from lbpool.cli.bench import peers\n"
+        "with peers.make_adapter('gcp', sys.argv[1], 4, 1.0) as ad:\n"
+        "    lent = ad.acquire(ad.arg)\n"
+        "print('closed')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, echo_server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "closed", proc.stderr[-3000:]

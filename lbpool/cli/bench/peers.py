@@ -461,6 +461,22 @@ def _gcp_pool(address: str, size: int, timeout: float | None) -> Any:
     )
 
 
+def _gcp_close(pool: Any, endpoint: tuple[str, int]) -> None:
+    """Close a generic-connection-pool pool, unless a connection is still out.
+
+    Its ``close()`` loops until every connection is back, never yielding while its
+    locks are free (0.8.1: the timeout bounds only its lock waits): with one still
+    lent, or a slot still reserved by a dial that was killed, it would hold the hub
+    for ever, past any ``gevent.Timeout``. Then the idle sockets are taken out and
+    closed here, and the pool is dropped: the lent ones are their holders'."""
+    free = pool.get_endpoint_pool_size(endpoint, acquired=False)
+    if pool.get_endpoint_pool_size(endpoint) == free:
+        pool.close(timeout=1.0)
+        return
+    for _ in range(free):  # each takes an idle one: none dials while one is free
+        pool.acquire(endpoint, timeout=0.0).close()
+
+
 @contextlib.contextmanager
 def _gcp(address: str, size: int, timeout: float) -> Iterator[Adapter]:
     modules = _gcp_modules()
@@ -490,7 +506,7 @@ def _gcp(address: str, size: int, timeout: float) -> Iterator[Adapter]:
             # bounded: a worker killed at the end of a contended round can leave the
             # pool's lock held, and its close() would wait for it for ever
             with gevent.Timeout(5.0, False):
-                pool.close(timeout=1.0)
+                _gcp_close(pool, endpoint)
 
 
 @contextlib.contextmanager

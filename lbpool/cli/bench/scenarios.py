@@ -247,24 +247,30 @@ def b_worker(
     waits = run.samples
     counts = run.counts
     starts = run.starts
+    lease: Any = None
     t0 = now()
-    while t0 < deadline:
-        starts[i] = t0
-        try:
-            lease = acquire() if arg is None else acquire(arg)
-        except Exception as exc:
+    try:
+        while t0 < deadline:
+            starts[i] = t0
+            try:
+                lease = acquire() if arg is None else acquire(arg)
+            except Exception as exc:
+                starts[i] = 0.0
+                _error(run, exc)
+                t0 = now()
+                continue
+            t1 = now()
             starts[i] = 0.0
-            _error(run, exc)
+            waits.append(t1 - t0)
+            sleep(0)
+            release(lease)
+            lease = None
             t0 = now()
-            continue
-        t1 = now()
-        starts[i] = 0.0
-        waits.append(t1 - t0)
-        sleep(0)
-        release(lease)
-        t0 = now()
-        if t0 <= deadline:
-            counts[i] += 1
+            if t0 <= deadline:
+                counts[i] += 1
+    finally:
+        if lease is not None:  # killed holding it (contended_round's end): given back
+            release(lease)
 
 
 def c_worker(
@@ -283,38 +289,44 @@ def c_worker(
     lats = run.samples
     counts = run.counts
     starts = run.starts
+    lease: Any = None
     t0 = now()
-    while t0 < deadline:
-        if budget is not None:
-            if budget[0] <= 0:
-                return
-            budget[0] -= 1
-        starts[i] = t0
-        lease: Any = None
-        try:
-            lease = acquire() if arg is None else acquire(arg)
-            s = io_of(lease)
-            s.sendall(payload)
-            got = s.recv(n)
-            while len(got) < n:
-                more = s.recv(n - len(got))
-                if not more:
-                    raise ConnectionError("echo server closed the connection")
-                got += more
-        except Exception as exc:
+    try:
+        while t0 < deadline:
+            if budget is not None:
+                if budget[0] <= 0:
+                    return
+                budget[0] -= 1
+            starts[i] = t0
+            try:
+                lease = acquire() if arg is None else acquire(arg)
+                s = io_of(lease)
+                s.sendall(payload)
+                got = s.recv(n)
+                while len(got) < n:
+                    more = s.recv(n - len(got))
+                    if not more:
+                        raise ConnectionError("echo server closed the connection")
+                    got += more
+            except Exception as exc:
+                starts[i] = 0.0
+                _error(run, exc)
+                if lease is not None:
+                    release(lease)
+                    lease = None
+                t0 = now()
+                continue
+            t1 = now()
             starts[i] = 0.0
-            _error(run, exc)
-            if lease is not None:
-                release(lease)
+            lats.append(t1 - t0)
+            release(lease)
+            lease = None
+            if t1 <= deadline:
+                counts[i] += 1
             t0 = now()
-            continue
-        t1 = now()
-        starts[i] = 0.0
-        lats.append(t1 - t0)
-        release(lease)
-        if t1 <= deadline:
-            counts[i] += 1
-        t0 = now()
+    finally:
+        if lease is not None:  # killed holding it (contended_round's end): given back
+            release(lease)
 
 
 def contended_round(
