@@ -38,7 +38,10 @@ class Flag(Protocol):
 
 def got(value: object) -> str:
     """``int 3``, ``str '2'``: the type and a short repr, for a message (the repr only
-    of plain values, cut short; an int too long to print is named by its type)."""
+    of plain values, cut short; an int too long to print is named by its type;
+    ``None`` as itself)."""
+    if value is None:
+        return "None"
     text = ""
     if isinstance(value, (bool, int, float, str, bytes)):
         try:

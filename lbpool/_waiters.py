@@ -67,13 +67,21 @@ def valid_timeout(value: object, where: str) -> float:
         raise _not_seconds(value, where)
     try:
         seconds = float(cast(Real, value))
-    except OverflowError:  # an int too large for a float: for ever, as inf
-        seconds = float("inf")
+    except OverflowError:  # too large for a float (an int, a Fraction): by its sign
+        seconds = _beyond_float(value, where)
     except Exception as exc:  # a Real whose __float__ raises
         raise _not_seconds(value, where) from exc
     if seconds != seconds:
         raise ValueError(f"{where}: timeout must be a number of seconds, not NaN")
     return seconds if seconds > 0 else 0.0
+
+
+def _beyond_float(value: object, where: str) -> float:
+    """A real number too large for a float: ``inf`` (for ever) if positive, else 0."""
+    try:
+        return float("inf") if cast(Any, value) > 0 else 0.0
+    except Exception as exc:  # a Real that cannot be compared with 0
+        raise _not_seconds(value, where) from exc
 
 
 def _not_seconds(value: object, where: str) -> TypeError:

@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from gevent import socket as gsocket
 
@@ -87,7 +88,7 @@ def test_pool_refuses_a_wrong_argument_by_name_and_starts_nothing(
     [
         (3, "int 3"),
         (b"127.0.0.1:7", "bytes b'127.0.0.1:7'"),
-        (None, "NoneType"),
+        (None, "None"),
         (("h", 7), "tuple"),
     ],
     ids=["int", "bytes", "None", "tuple"],
@@ -187,6 +188,23 @@ def test_a_timeout_may_be_any_real_number(
     with pytest.raises(TypeError, match=r"^backend 'b': timeout .* got Decimal$"):
         manager.get("b", Decimal(1))
     assert manager.stats().backends["b"].servers[server.address].acquired == 1
+
+
+@pytest.mark.parametrize("huge", [-(10**400), Fraction(-(10**400)), Fraction(-(10**400), 3)])
+def test_a_negative_timeout_beyond_a_float_is_no_time_at_all(server: EchoServer, huge: Any) -> None:
+    """A real number too large for a float keeps its sign: a negative one is no time at
+    all, as -1 is (it waited for ever, as inf), a positive one for ever."""
+    pool = _pool(server)
+    try:
+        held = [pool.acquire(), pool.acquire()]  # max_size 2: the next one must wait
+        with gevent.Timeout(5), pytest.raises(lbpool.PoolTimeout):
+            pool.acquire(huge)
+        for conn in held:
+            conn.release()
+        with pool.acquire(-huge) as conn:  # positive: for ever, served at once here
+            assert conn.address == server.address
+    finally:
+        pool.close()
 
 
 def test_integers_that_are_not_ints_are_taken(server: EchoServer) -> None:

@@ -506,7 +506,7 @@ def test_call_checks_its_arguments_before_anything_changes(
     assert str(info.value) == "call 'b': fn must be a callable, got int 3"
     with pytest.raises(TypeError) as info:  # an ad-hoc name: no pool is made for it
         manager.call(cluster.servers[0].address, None)  # type: ignore[arg-type]
-    assert str(info.value).endswith("fn must be a callable, got NoneType")
+    assert str(info.value).endswith("fn must be a callable, got None")
     stats = manager.stats()
     assert list(stats.backends) == ["b"]  # no ad-hoc backend ("")
     assert stats.backends["b"].calls == 0
