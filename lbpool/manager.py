@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Protocol, SupportsFloat, TypeVar, Union
 
 import gevent
 from gevent.event import Event
@@ -476,7 +476,9 @@ class Backend:
         limit = self.config.pool.acquire_timeout
         return placement.owner(key, _monotonic() + limit, limit)
 
-    def acquire(self, timeout: float | None = None, key: Key | None = None) -> PooledConnection:
+    def acquire(
+        self, timeout: SupportsFloat | None = None, key: Key | None = None
+    ) -> PooledConnection:
         """Borrow from the server the strategy picks; fail over when a dial fails or the
         server is full. One deadline, ``timeout``, bounds the whole of it.
 
@@ -489,9 +491,12 @@ class Backend:
         if pool is not None and pool.breaker.is_closed:  # _acquire's one-server path
             handle: PooledConnection = acquire_direct(self, pool, timeout)
             return handle
+        placement = self._placement
+        if placement is not None:  # a missing key is refused before any wait
+            placement.need_key(key)
         if not self.pools and self.discovery is not None:  # DNS has not answered yet
             timeout = self._await_discovery(timeout)
-        placement = self._placement
+            placement = self._placement  # a reload may have come in the meantime
         if placement is None:
             return self._acquire(timeout, None)
         start = _monotonic()
@@ -555,7 +560,7 @@ class Backend:
         self,
         fn: Callable[[PooledConnection], T],
         key: Key | None = None,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> T:
         """``fn(conn)`` on a borrowed connection, retried on a fresh one when the
         connection died in flight; see ``PoolManager.call``."""
@@ -797,7 +802,7 @@ class PoolManager(Router):
     if TYPE_CHECKING:  # the public types; the method is Router.get (lbpool/_router.py)
 
         def get(
-            self, name: str, timeout: float | None = None, key: Key | None = None
+            self, name: str, timeout: SupportsFloat | None = None, key: Key | None = None
         ) -> PooledConnection:
             """Borrow a connection to ``name`` (a backend, or an ad-hoc ``host:port``)
             within ``timeout`` seconds (default: the backend's ``acquire_timeout``); use
@@ -821,7 +826,7 @@ class PoolManager(Router):
         fn: Callable[[PooledConnection], T],
         *,
         key: Key | None = None,
-        timeout: float | None = None,
+        timeout: SupportsFloat | None = None,
     ) -> T:
         """Return ``fn(conn)`` on a connection borrowed from ``name`` (a backend or an
         ad-hoc ``host:port``; ``key`` as for ``get``), retrying when the connection
@@ -978,7 +983,7 @@ class PoolManager(Router):
                 seen[id(pool)] = pool
         return list(seen.values())
 
-    def wait_ready(self, timeout: float | None = 5.0) -> None:
+    def wait_ready(self, timeout: SupportsFloat | None = 5.0) -> None:
         """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
         if timeout is not None:
             timeout = valid_timeout(timeout, "wait_ready")
@@ -1359,7 +1364,7 @@ class PoolManager(Router):
         self._upkeep.wake()
 
     # -- closing ------------------------------------------------------------------
-    def close(self, timeout: float | None = 5.0) -> None:
+    def close(self, timeout: SupportsFloat | None = 5.0) -> None:
         """Refuse new acquisitions, wake waiters, close idle connections now and in-use
         ones as they return; after ``timeout`` close the rest. Leaves no greenlet.
 
