@@ -300,7 +300,7 @@ def test_maglev_extreme_weight_ratio_builds_fast_and_pauses() -> None:
         table = Maglev(servers, pause=pause)
         took = time.thread_time() - started
     assert took < 3.0, took
-    assert len(gaps) > 100  # paused all along: the bound below is over many chunks
+    assert len(gaps) > 10  # it paused all along: the bound below is over many chunks
     assert max(gaps) < 0.02, (max(gaps), in_gc.longest)
     assert table.slots()[-1] / table.size == pytest.approx(10_000 / 10_999, rel=0.01)
 

@@ -473,7 +473,9 @@ def test_a_reload_storm_under_keyed_load_never_names_a_stale_server(
 
     def cfg(strategy: str, chosen: list[str]) -> dict[str, Any]:
         servers = [{"address": a, "weight": rng.choice([1, 1, 2, 5])} for a in chosen]
-        return config(servers, strategy, pool={"acquire_timeout": 2})  # type: ignore[arg-type]
+        # 10 s: a table rebuilt under this load on a machine three times oversubscribed
+        # took past 2 s (pure Python); what is tested is who serves, not how fast
+        return config(servers, strategy, pool={"acquire_timeout": 10})  # type: ignore[arg-type]
 
     manager = make_manager(cfg("maglev", addresses[:4]))
     built(manager)
@@ -482,13 +484,17 @@ def test_a_reload_storm_under_keyed_load_never_names_a_stale_server(
     errors, counts = _keyed_load(manager, current, stop, 50)
     for _ in range(25):
         gevent.sleep(rng.uniform(0.02, 0.08))
+        # every config serves some load before the next reload, however slow the
+        # machine: waited for (bounded), not assumed from a rate
+        more = counts[0] + 20
+        assert settle(lambda more=more: counts[0] >= more, 10), (counts, errors)
         chosen = rng.sample(addresses, rng.randint(2, 8))
         manager.reload(cfg(rng.choice(strategies), chosen))
         current["servers"] = set(chosen)
     stop.set()
-    gevent.joinall(current["workers"], timeout=5)
+    gevent.joinall(current["workers"], timeout=15)
     assert not errors, errors
-    assert counts[0] > 500 and counts[1] == 0, counts
+    assert counts[0] >= 500 and counts[1] == 0, counts  # 25 reloads, 20 each at least
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -649,7 +655,7 @@ def test_1000_servers_in_a_manager_keep_the_hub_responsive(
     The configs are parsed before each step (pydantic validates 1,000 servers in one
     go, ~10-25 ms: that is the caller's parse, not a rebuild; ``parse_config`` lets a
     caller do it ahead). What is left in one step is the switch (re-tuning the servers
-    kept, the new balancer and table signature, ~5-16 ms): bounded at 30 ms (the
+    kept, the new balancer and table signature, ~5-16 ms): bounded at 50 ms (the
     table rebuild's own slices, ~5 ms, are held to the issue's 20 ms in test_hashing).
     """
     first = [f"127.0.0.{1 + i // 250}:{20000 + i}" for i in range(1000)]
@@ -684,8 +690,10 @@ def test_1000_servers_in_a_manager_keep_the_hub_responsive(
     for step, ticker in steps.items():
         assert ticker.ticks >= 1, step
         # the table rebuild itself pauses every 5 ms (test_hashing bounds it at the
-        # issue's 20 ms); a reload's one-step switch is ~5-16 ms here: 30 ms of room
-        assert ticker.cpu_not_gc < 0.03, (step, str(ticker))
+        # issue's 20 ms); a reload's one-step switch is ~5-16 ms here, once 28 ms on a
+        # loaded machine (CPU time too grows with a busy sibling core): 50 ms of room,
+        # against ~250 ms for an unpaced table build or 1,000 pools made in one go
+        assert ticker.cpu_not_gc < 0.05, (step, str(ticker))
 
 
 # -------------------------------------------------------------------------- stats

@@ -260,7 +260,8 @@ class Adapter:
 
     ``acquire(arg)`` when ``arg`` is not None, else ``acquire()``; ``release(lease)``;
     ``io(lease)`` gives the object with ``sendall``/``recv``; ``call()`` is a
-    zero-argument acquire for the contended scenarios.
+    zero-argument acquire for scenario A's loop, the probes of observed behaviour and
+    the warm-up (the contended workers call ``acquire(arg)`` themselves).
     """
 
     name: str
