@@ -293,7 +293,10 @@ class PooledConnection:
 
         A network error (``OSError``, timeouts, SSL errors) counts as a failure of
         the server for its breaker; other exceptions do not. A second call is a no-op.
+        ``exc`` that is not an exception is a ``TypeError``, with nothing changed.
         """
+        if exc is not None and not isinstance(exc, BaseException):
+            raise TypeError(f"discard: exc must be an exception or None, got {_got(exc)}")
         conn = self._conn
         if conn is not None:
             self._conn = None

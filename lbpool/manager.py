@@ -1163,6 +1163,9 @@ class PoolManager(Router):
     def reload(self, config: ConfigSource) -> None:
         """Apply a new config live: add, drain removed servers, re-tune the rest.
 
+        ``config`` as for ``PoolManager`` but not None (``ConfigError``: ``{}`` removes
+        every backend); an invalid one is a ``ConfigError`` and changes nothing.
+
         Callers in flight keep working: a removed server stops taking acquisitions
         (its waiters fail over to the backend's other servers, and none is handed its
         connection) and its in-use connections close as they come back.
@@ -1175,6 +1178,17 @@ class PoolManager(Router):
         self._check_owner()
         if self._closing:
             raise PoolClosed("the manager is closed")
+        if config is None:  # PoolManager(None) is an empty config; a reload's None a slip
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        "<config>",
+                        None,
+                        "",
+                        "reload needs a config, got None (to remove every backend, pass {})",
+                    )
+                ]
+            )
         new = _coerce_config(config)
         self._reloads += 1
         mine = self._reloads

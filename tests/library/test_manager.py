@@ -19,6 +19,7 @@ import lbpool
 from lbpool import (
     Backend,
     BackendUnavailable,
+    ConfigError,
     PoolClosed,
     PoolManager,
     PoolTimeout,
@@ -1017,3 +1018,39 @@ def test_get_hands_back_what_the_backend_route_returns(
     monkeypatch.setattr(Backend, "acquire", lambda self, timeout=None, key=None: double)
     assert manager.get("two") is double
     assert manager.acquire("two", timeout=1) is double
+
+
+def test_reload_of_none_is_refused_and_changes_nothing(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer
+) -> None:
+    """``PoolManager(None)`` is an empty config; ``reload(None)`` (a loader that
+    returned nothing) removed every backend silently: it is a ``ConfigError`` now, and
+    ``reload({})`` says so on purpose."""
+    manager = make_manager({"backends": {"b": {"servers": [echo_server.address]}}})
+    with pytest.raises(ConfigError, match=r"reload needs a config, got None"):
+        manager.reload(None)
+    assert list(manager.backends) == ["b"]
+    with manager.get("b", timeout=5) as conn:
+        conn.sendall(b"x")
+        assert recv_exact(conn, 1) == b"x"
+    manager.reload({})
+    assert list(manager.backends) == []
+
+
+def test_discard_refuses_what_is_not_an_exception(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer
+) -> None:
+    """``discard(exc)`` with a non-exception ``exc`` was taken, and counted as an error
+    close: a ``TypeError`` naming it, with the connection still the caller's."""
+    manager = make_manager({"backends": {"b": {"servers": [echo_server.address]}}})
+    conn = manager.get("b", timeout=5)
+    with pytest.raises(TypeError) as info:
+        conn.discard("not an exception")  # type: ignore[arg-type]
+    assert (
+        str(info.value) == "discard: exc must be an exception or None, got str 'not an exception'"
+    )
+    conn.sendall(b"y")  # still borrowed
+    assert recv_exact(conn, 1) == b"y"
+    conn.discard(ConnectionResetError("gone"))
+    stats = manager.stats().backends["b"].servers[echo_server.address]
+    assert stats.closed["error"] == 1 and stats.in_use == 0
