@@ -69,7 +69,6 @@ from lbpool.errors import (
     ConfigProblem,
     DialError,
     DiscoveryError,
-    LbpoolError,
     PoolClosed,
     PoolExhausted,
     PoolTimeout,
@@ -591,7 +590,9 @@ class Backend:
                 tries += 1
                 try:
                     conn = self._acquire_again(left, key, conn)
-                except LbpoolError as again:  # the retry could not be made: say why it was
+                except Exception as again:  # the retry could not be made: say why it was
+                    # (lbpool's errors; a ValueError if a reload made the backend route
+                    # by key and this call has none)
                     raise again from exc
 
     def _acquire_again(

@@ -528,3 +528,21 @@ def test_call_without_a_key_on_a_hashing_backend_counts_nothing(
     assert sum(s.acquired for s in stats.servers()) == 0
     manager.call("b", echo, key="k")
     assert manager.stats().backends["b"].calls == 1
+
+
+def test_a_retry_refused_after_a_reload_to_hashing_names_the_network_error(
+    make_manager: Callable[..., PoolManager], cluster_factory: Callable[[int], Cluster]
+) -> None:
+    """``fn`` reloads its round_robin backend to maglev, then its connection dies: the
+    retry, which has no key, cannot be made (``ValueError``), and says why it was
+    tried: the network error is its ``__cause__``, as for lbpool's own errors."""
+    cluster = cluster_factory(2)
+    manager = make_manager(config(cluster.addresses))
+
+    def fn(conn: PooledConnection) -> None:
+        manager.reload(config(cluster.addresses, "maglev"))
+        raise ConnectionResetError("died in flight")
+
+    with pytest.raises(ValueError, match="routes by key") as info:
+        manager.call("b", fn)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
