@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -39,19 +40,39 @@ from lbpool.errors import DialError
 if TYPE_CHECKING:
     from lbpool.config import Address, DialConfig, TLSConfig
 
-__all__ = ["dial", "make_ssl_context"]
+__all__ = ["TLSSetupError", "check_tls_file", "dial", "make_ssl_context"]
 
 _log = logging.getLogger("lbpool")
 
 SetupHook = Callable[[socket.socket], object]
 
 
+class TLSSetupError(ValueError):
+    """A ``dial.tls`` setting that no ``SSLContext`` can be built from: a file that is
+    missing, unreadable or not what it should be, a key that does not match its
+    certificate, a ``server_hostname`` no TLS client can send. A local mistake, never
+    the server's: config validation reports it (``ConfigError``, at the setting's
+    path), and a dial that meets it fails without connecting and without counting
+    against the server's breaker.
+
+    ``setting``: the ``TLSConfig`` key at fault; ``problem``: what is wrong with it,
+    naming the file.
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"dial.tls.{setting}: {problem}")
+
+
 def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     """The client ``SSLContext`` for *tls*, built once per (frozen, hashable) config.
 
     Loading CA bundles and key pairs is slow, and one context serves any number of
-    connections, so equal configs share one cached context. Verification is on unless
+    connections, so equal configs share one cached context (validating a
+    ``TLSConfig`` builds it, so its dials find it ready). Verification is on unless
     ``verify`` is false (which turns off both the chain and the hostname check).
+    Raises ``TLSSetupError`` naming the setting and the file at fault.
     """
     try:
         return _cached_context(tls)
@@ -66,23 +87,136 @@ def _cached_context(tls: TLSConfig) -> ssl.SSLContext:
 
 def _build_context(tls: TLSConfig) -> ssl.SSLContext:
     if tls.key_file and not tls.cert_file:
-        raise ValueError("tls.key_file requires tls.cert_file")
+        raise TLSSetupError("key_file", "requires cert_file")
     # gevent's SSLContext hands out cooperative SSLSockets from wrap_socket().
     ctx = cast(ssl.SSLContext, gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = True
-        if tls.ca_file:
-            ctx.load_verify_locations(cafile=tls.ca_file)
-        else:
+        if not tls.ca_file:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if tls.ca_file:  # loaded with verify off too: a file named must be a usable one
+        _load_ca(ctx, tls.ca_file)
     if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        _load_key_pair(ctx, tls.cert_file, tls.key_file)
+    if tls.server_hostname is not None:
+        _check_server_hostname(ctx, tls.server_hostname)
     return ctx
+
+
+# The PEM block markers (RFC 7468) each file must hold: a certificate, a private key
+# (``PRIVATE KEY``, ``RSA PRIVATE KEY``, ``EC PRIVATE KEY``, ``ENCRYPTED PRIVATE KEY``).
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_MAX_PEM_BYTES = 16 << 20  # a CA bundle is ~200 kB; read no more than this to look
+
+
+def _read(setting: str, path: str) -> bytes:
+    """The start of the file at ``path`` (to look for PEM blocks in), or
+    ``TLSSetupError`` saying why it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(_MAX_PEM_BYTES)
+    except OSError as exc:
+        why = (exc.strerror or type(exc).__name__).lower()
+        raise TLSSetupError(setting, f"cannot read {path!r}: {why}") from None
+    except ValueError:  # a NUL byte in the path
+        raise TLSSetupError(setting, f"cannot read {path!r}: not a valid path") from None
+
+
+def _ssl_detail(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else f"{type(exc).__name__}: {exc}"
+
+
+_PEM_WANTED = {
+    "ca_file": "a PEM file of CA certificates (no -----BEGIN CERTIFICATE-----)",
+    "cert_file": "a PEM certificate file (no -----BEGIN CERTIFICATE-----)",
+    "key_file": "a PEM private key file (no -----BEGIN ... PRIVATE KEY-----)",
+}
+
+
+def check_tls_file(setting: str, path: str) -> bytes:
+    """The first look at the file of ``dial.tls.<setting>`` (``ca_file``, ``cert_file``
+    or ``key_file``): readable, and holding the PEM block it must; its bytes, or
+    ``TLSSetupError``. Cheap (no parsing), so config validation runs it on every file
+    and reports each one's problem at once; building the context parses them."""
+    data = _read(setting, path)
+    found = _PEM_KEY.search(data) if setting == "key_file" else _PEM_CERT in data
+    if not found:
+        raise TLSSetupError(setting, f"{path!r} is not {_PEM_WANTED[setting]}")
+    return data
+
+
+def _load_ca(ctx: ssl.SSLContext, path: str) -> None:
+    check_tls_file("ca_file", path)
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSSetupError(
+            "ca_file", f"cannot load the CA certificates in {path!r}: {_ssl_detail(exc)}"
+        ) from None
+
+
+class _Encrypted(Exception):
+    """Raised by the password callback: the key is passphrase-protected."""
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt for the passphrase on the terminal,
+    # blocking the process; lbpool has no passphrase setting.
+    raise _Encrypted
+
+
+def _load_key_pair(ctx: ssl.SSLContext, cert_file: str, key_file: str | None) -> None:
+    cert = check_tls_file("cert_file", cert_file)
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:  # the certificates alone, so a broken one is told from a broken key
+        scratch.load_verify_locations(cafile=cert_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSSetupError(
+            "cert_file", f"cannot load the certificate in {cert_file!r}: {_ssl_detail(exc)}"
+        ) from None
+    setting, key_path = ("key_file", key_file) if key_file else ("cert_file", cert_file)
+    if key_file:
+        check_tls_file("key_file", key_file)
+    elif not _PEM_KEY.search(cert):
+        raise TLSSetupError(
+            "cert_file",
+            f"{cert_file!r} holds no PEM private key: give key_file, or put the "
+            "certificate's key in cert_file",
+        )
+    try:
+        ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+    except _Encrypted:
+        raise TLSSetupError(
+            setting,
+            f"the private key in {key_path!r} is encrypted: lbpool takes an unencrypted "
+            "key (no passphrase setting)",
+        ) from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            problem = (
+                f"the private key in {key_path!r} does not match the certificate in {cert_file!r}"
+            )
+        else:
+            problem = f"cannot load the private key in {key_path!r}: {_ssl_detail(exc)}"
+        raise TLSSetupError(setting, problem) from None
+
+
+def _check_server_hostname(ctx: ssl.SSLContext, name: str) -> None:
+    """The checks ``wrap_socket`` makes of the name (IDNA, NUL bytes, empty), made on
+    an in-memory TLS object now rather than on every dial."""
+    try:
+        ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+    except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+        raise TLSSetupError(
+            "server_hostname", f"{name!r} cannot be sent as a TLS server name: {exc}"
+        ) from None
 
 
 def _connect_reason(exc: BaseException, budget: float) -> str:
@@ -332,14 +466,22 @@ def dial(
         cause = TimeoutError("no time left for the dial")
         raise DialError(name, "connect timed out: no time left for the dial") from cause
     deadline = monotonic() + budget
+    ctx: ssl.SSLContext | None = None
+    if config.tls is not None:
+        # before any connect: a context that cannot be built is a local mistake, not
+        # the server's (cached: built when the config was validated)
+        try:
+            ctx = make_ssl_context(config.tls)
+        except Exception as exc:
+            reason = f"TLS configuration error: {exc}"
+            _log.debug("dial %s failed: %s", name, reason)
+            raise DialError(name, reason, local=True) from exc
     sock: Any = None
     stage = "connect"
     try:
         infos = resolve(host, port, budget)
         sock = _connect(infos, config, deadline, budget, track)
-        if config.tls is not None:
-            stage = "tls-config"
-            ctx = make_ssl_context(config.tls)
+        if ctx is not None and config.tls is not None:
             stage = "tls"
             sni = config.tls.server_hostname or host
             wrapped = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
@@ -359,8 +501,6 @@ def dial(
             track.discard(sock)
         if stage == "connect":
             reason = _connect_reason(exc, budget)
-        elif stage == "tls-config":
-            reason = f"TLS configuration error: {exc}"
         elif stage == "tls":
             reason = _tls_reason(exc, budget)
         else:

@@ -102,11 +102,16 @@ class DialError(LbpoolError, ConnectionError):
 
     Also a ``ConnectionError`` (so an ``OSError``); its ``errno`` and ``strerror`` are
     None -- the underlying error's are on ``__cause__`` (which does not pickle).
+
+    ``local``: the dial failed on this side before reaching the server (a ``dial.tls``
+    context that cannot be built), so it is no verdict on the server: it does not
+    count against the server's breaker.
     """
 
-    def __init__(self, address: str, reason: str) -> None:
+    def __init__(self, address: str, reason: str, *, local: bool = False) -> None:
         self.address = address
         self.reason = reason
+        self.local = local
         super().__init__(f"{address}: {reason}")
 
     def __str__(self) -> str:

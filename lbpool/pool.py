@@ -940,14 +940,17 @@ class Pool(ThreadBound):
                 raise self._forked() from exc
             if self._given_up():  # close() gave back its slot and trial already
                 raise
-            # a dial ended by close() (which closed its socket) is no verdict on the server
+            # a dial ended by close() (which closed its socket) is no verdict on the
+            # server, nor is one that failed here before reaching it (``local``: a TLS
+            # context that cannot be built): counted as failed dials, not by the breaker
             failed = isinstance(exc, DialError) and not self._closing
             if failed:
                 self._dial_failures += 1
                 self._last_dial_error = exc
-            elif trial:
+            verdict = failed and not cast(DialError, exc).local
+            if trial and not verdict:
                 self.breaker.abandon_trial(trial)
-            self._unreserve(exc if failed else None, trial, dial=True)
+            self._unreserve(exc if verdict else None, trial, dial=True)
             if isinstance(exc, DialError) and self._closing:
                 raise self._closed_error("pool closed while dialing") from exc
             raise

@@ -108,6 +108,8 @@ def _describe(error: Mapping[str, Any]) -> tuple[Loc, str]:
         return loc, "missing required key"
     if kind == "duplicate_address" and isinstance(ctx.get("index"), int):
         return (*loc, ctx["index"], "address"), msg
+    if kind == "tls_setting" and isinstance(ctx.get("setting"), str):
+        return (*loc, ctx["setting"]), msg  # TLSConfig's context: the setting at fault
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return loc, "must be a whole number" + _got(value)
     if kind in ("bool_type", "bool_parsing"):

@@ -50,6 +50,7 @@ from lbpool.config.types import (
     Share,
     _show,
 )
+from lbpool.dial import TLSSetupError, check_tls_file, make_ssl_context
 from lbpool.discovery import Target, parse_nameservers, parse_target
 
 
@@ -129,13 +130,27 @@ class PoolConfig(_Model):
 
 
 class TLSConfig(_Model):
-    """TLS for dialed connections; verification is on unless turned off explicitly."""
+    """TLS for dialed connections; verification is on unless turned off explicitly.
 
-    ca_file: str | None = None  # None: the system's CAs
-    cert_file: str | None = None
-    key_file: str | None = None  # requires cert_file
+    Validating one builds its ``SSLContext`` (``lbpool.dial.make_ssl_context``, cached
+    per config, so dials reuse it): a file that is missing, unreadable or not PEM, a key
+    that does not match its certificate, a server name no TLS client can send, is an
+    error at that setting's path (``defaults.dial.tls.ca_file``), naming the file --
+    never a failure of every dial, charged to the servers' breakers.
+    """
+
+    ca_file: str | None = None  # PEM CA bundle; None: the system's CAs
+    cert_file: str | None = None  # PEM client certificate (and its key, without key_file)
+    key_file: str | None = None  # PEM private key (unencrypted); requires cert_file
     server_hostname: str | None = None  # SNI and verification; None: the host dialed
     verify: Flag = True
+
+    @field_validator("ca_file", "cert_file", "key_file", "server_hostname")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value == "":
+            raise PydanticCustomError("empty_tls_setting", "must not be empty (use null)")
+        return value
 
     @field_validator("key_file")
     @classmethod
@@ -143,6 +158,32 @@ class TLSConfig(_Model):
         if value is not None and "cert_file" in info.data and info.data["cert_file"] is None:
             raise PydanticCustomError("key_without_cert", "requires cert_file")
         return value
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _file_looks_right(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Each file readable and PEM (each file's problem reported at once); the
+        context, built below once these pass, parses them."""
+        if value:
+            try:
+                check_tls_file(str(info.field_name), value)
+            except TLSSetupError as exc:
+                raise PydanticCustomError(
+                    "tls_file", "{problem}", {"problem": exc.problem}
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _context_builds(self) -> TLSConfig:
+        """Build the context now (once per config: cached for the dials)."""
+        try:
+            make_ssl_context(self)
+        except TLSSetupError as exc:
+            # ``_problems`` places it at ``tls.<setting>``
+            raise PydanticCustomError(
+                "tls_setting", "{problem}", {"setting": exc.setting, "problem": exc.problem}
+            ) from None
+        return self
 
 
 #: The kernel's ranges for the keepalive tuning (Linux: MAX_TCP_KEEPIDLE/KEEPINTVL,

@@ -25,6 +25,7 @@ from lbpool.testing import EchoServer
 from tests.support.dns_server import DNSServer
 from tests.support.leaks import live_greenlets, settle
 from tests.support.net import free_ports
+from tests.support.tls import TLSCerts, broken_tls_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -172,6 +173,55 @@ def test_check_reports_every_mistake_with_line_and_path(tmp_path: Path) -> None:
         "backends.cache.strategy": 6,
         "backends.cache.breaker.failure_treshold": 10,
     }
+
+
+def test_check_reports_each_broken_tls_file_with_its_setting(
+    tmp_path: Path, tls_certs: TLSCerts
+) -> None:
+    broken = broken_tls_files(str(tmp_path), tls_certs)
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "defaults:\n"
+        "  dial:\n"
+        f"    tls: {{ca_file: {broken.not_pem}}}\n"  # 3
+        "backends:\n"
+        "  cache:\n"
+        "    servers: [127.0.0.1:7001]\n"
+        "    dial:\n"
+        "      tls:\n"
+        f"        ca_file: {tls_certs.ca_file}\n"
+        f"        cert_file: {tls_certs.client_cert_file}\n"
+        f"        key_file: {broken.other_key}\n"  # 11: the key of another certificate
+    )
+    result = run_cli("check", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"{path}:3: defaults.dial.tls.ca_file: ")
+    assert broken.not_pem in lines[0]
+    assert lines[1].startswith(f"{path}:11: backends.cache.dial.tls.key_file: ")
+    assert broken.other_key in lines[1]
+
+
+def test_check_accepts_a_valid_tls_config(
+    tmp_path: Path, tls_certs: TLSCerts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tls.yaml"
+    path.write_text(
+        "defaults:\n"
+        "  dial:\n"
+        "    tls:\n"
+        f"      ca_file: {tls_certs.ca_file}\n"
+        f"      cert_file: {tls_certs.client_cert_file}\n"
+        f"      key_file: {tls_certs.client_key_file}\n"
+        "backends:\n"
+        "  cache: {servers: [127.0.0.1:7001]}\n"
+    )
+    assert main(["check", str(path)]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["backends"]["cache"]["dial"]["tls"]["key_file"] == tls_certs.client_key_file
 
 
 def test_check_missing_file_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from lbpool.config import (
 )
 from lbpool.errors import ConfigError, ConfigProblem, LbpoolError
 from tests.support import hooks as hookmod
+from tests.support.tls import BrokenTLSFiles, TLSCerts, broken_tls_files
 
 # ----------------------------------------------------------------------- helpers
 
@@ -204,18 +205,18 @@ backends:
 # ------------------------------------------------------------------------- merge
 
 
-def test_backend_overrides_defaults_key_by_key(tmp_path: Path) -> None:
-    text = """\
+def test_backend_overrides_defaults_key_by_key(tmp_path: Path, tls_certs: TLSCerts) -> None:
+    text = f"""\
 defaults:
-  pool: {min_idle: 3, max_size: 12, idle_timeout: 1m}
-  dial: {timeout: 500ms, tls: {ca_file: /ca.pem, server_hostname: defaults.example}}
-  breaker: {failure_threshold: 2}
-  health_check: {send: "PING\\r\\n", expect: "+PONG"}
+  pool: {{min_idle: 3, max_size: 12, idle_timeout: 1m}}
+  dial: {{timeout: 500ms, tls: {{ca_file: {tls_certs.ca_file}, server_hostname: defaults.example}}}}
+  breaker: {{failure_threshold: 2}}
+  health_check: {{send: "PING\\r\\n", expect: "+PONG"}}
 backends:
   cache:
     servers: [127.0.0.1:7001]
-    pool: {max_size: 20}
-    dial: {tls: {server_hostname: cache.example}}
+    pool: {{max_size: 20}}
+    dial: {{tls: {{server_hostname: cache.example}}}}
   other:
     servers: [127.0.0.1:7002]
 """
@@ -225,7 +226,7 @@ backends:
     assert cache.pool == PoolConfig(min_idle=3, max_size=20, idle_timeout=60.0)
     # nested sections merge key by key too
     assert cache.dial.timeout == 0.5
-    assert cache.dial.tls == TLSConfig(ca_file="/ca.pem", server_hostname="cache.example")
+    assert cache.dial.tls == TLSConfig(ca_file=tls_certs.ca_file, server_hostname="cache.example")
     # sections the backend does not mention come from defaults whole
     assert cache.breaker.failure_threshold == 2
     assert cache.health_check.send == "PING\r\n"
@@ -781,7 +782,7 @@ def test_models_are_frozen() -> None:
     with pytest.raises(AttributeError):
         config.backends["b"].servers[0].address.port = 2  # type: ignore[misc]
     # frozen sections hash, so dialers can cache per-config state (TLS contexts)
-    assert hash(TLSConfig(ca_file="x")) == hash(TLSConfig(ca_file="x"))
+    assert hash(TLSConfig(server_hostname="x")) == hash(TLSConfig(server_hostname="x"))
     assert len({config.backends["b"].pool, PoolConfig()}) == 1
 
 
@@ -1198,3 +1199,167 @@ def test_fuzz_load_config_text(tmp_path: Path, text: str) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
     check_only_config_errors(lambda: load_config(path))
+
+
+# ----------------------------------------------------------------- dial.tls files
+#
+# A ``dial.tls`` setting no SSLContext can be built from is a config error at that
+# setting's path, naming the file (or value): never a config that validates and then
+# fails every dial. (The ssl module's wording is never asserted: lbpool's is.)
+
+
+@pytest.fixture
+def broken(tmp_path: Path, tls_certs: TLSCerts) -> BrokenTLSFiles:
+    root = tmp_path / "broken"
+    root.mkdir()
+    return broken_tls_files(str(root), tls_certs)
+
+
+def _client(c: TLSCerts, **tls: Any) -> dict[str, Any]:
+    return {"ca_file": c.ca_file, "cert_file": c.client_cert_file, **tls}
+
+
+#: id -> (the tls section, the setting at fault, the file or value the message names)
+TLS_CASES: dict[str, Any] = {
+    "ca_missing": lambda c, b: ({"ca_file": b.missing}, "ca_file", b.missing),
+    "ca_directory": lambda c, b: ({"ca_file": b.directory}, "ca_file", b.directory),
+    "ca_not_pem": lambda c, b: ({"ca_file": b.not_pem}, "ca_file", b.not_pem),
+    "ca_der": lambda c, b: ({"ca_file": b.der}, "ca_file", b.der),
+    "ca_garbled": lambda c, b: ({"ca_file": b.garbled}, "ca_file", b.garbled),
+    "ca_missing_verify_off": lambda c, b: (
+        {"ca_file": b.missing, "verify": False},
+        "ca_file",
+        b.missing,
+    ),
+    "cert_missing": lambda c, b: (
+        _client(c, cert_file=b.missing, key_file=c.client_key_file),
+        "cert_file",
+        b.missing,
+    ),
+    "cert_not_pem": lambda c, b: (
+        _client(c, cert_file=b.der, key_file=c.client_key_file),
+        "cert_file",
+        b.der,
+    ),
+    "cert_garbled": lambda c, b: (
+        _client(c, cert_file=b.garbled, key_file=c.client_key_file),
+        "cert_file",
+        b.garbled,
+    ),
+    "cert_without_its_key": lambda c, b: (_client(c), "cert_file", c.client_cert_file),
+    "key_missing": lambda c, b: (_client(c, key_file=b.missing), "key_file", b.missing),
+    "key_not_pem": lambda c, b: (_client(c, key_file=b.not_pem), "key_file", b.not_pem),
+    "key_of_another_cert": lambda c, b: (
+        _client(c, key_file=b.other_key),
+        "key_file",
+        b.other_key,
+    ),
+    "key_encrypted": lambda c, b: (
+        _client(c, key_file=b.encrypted_key),
+        "key_file",
+        b.encrypted_key,
+    ),
+    "ca_empty": lambda c, b: ({"ca_file": ""}, "ca_file", "must not be empty"),
+    "server_hostname_unsendable": lambda c, b: (
+        {"server_hostname": "a..b"},
+        "server_hostname",
+        "'a..b'",
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ["defaults", "backend"])
+@pytest.mark.parametrize("case", list(TLS_CASES))
+def test_a_tls_setting_no_context_can_be_built_from_is_a_config_error(
+    case: str, where: str, tls_certs: TLSCerts, broken: BrokenTLSFiles
+) -> None:
+    tls, setting, named = TLS_CASES[case](tls_certs, broken)
+    data: dict[str, Any] = {"backends": {"c": {"servers": ["127.0.0.1:7001"]}}}
+    if where == "defaults":
+        data["defaults"] = {"dial": {"tls": tls}}
+        path = f"defaults.dial.tls.{setting}"
+    else:
+        data["backends"]["c"]["dial"] = {"tls": tls}
+        path = f"backends.c.dial.tls.{setting}"
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    # once, where it was written (the backend's inherited copy is not reported again)
+    assert [p.path for p in info.value.problems] == [path], str(info.value)
+    message = info.value.problems[0].message
+    assert named in message, message
+    assert "Traceback" not in str(info.value) and "pydantic" not in str(info.value)
+
+
+def test_a_key_of_another_certificate_names_both_files(
+    tls_certs: TLSCerts, broken: BrokenTLSFiles
+) -> None:
+    with pytest.raises(ValidationError):
+        TLSConfig(**_client(tls_certs, key_file=broken.other_key))
+    data = {"defaults": {"dial": {"tls": _client(tls_certs, key_file=broken.other_key)}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    (problem,) = info.value.problems
+    assert problem.path == "defaults.dial.tls.key_file"
+    assert broken.other_key in problem.message and tls_certs.client_cert_file in problem.message
+    assert "does not match" in problem.message
+
+
+def test_every_broken_tls_file_is_reported_at_once_with_its_line(
+    tmp_path: Path, tls_certs: TLSCerts, broken: BrokenTLSFiles
+) -> None:
+    text = f"""\
+defaults:
+  dial:
+    tls:
+      ca_file: {broken.missing}
+backends:
+  cache:
+    servers: [127.0.0.1:7001]
+    dial:
+      tls:
+        cert_file: {broken.not_pem}
+        key_file: {broken.directory}
+  other:
+    servers: [127.0.0.1:7002]
+"""
+    file, err = load_errors(tmp_path, text)
+    found = {p.path: (p.line, p.message) for p in err.problems}
+    assert set(found) == {
+        "defaults.dial.tls.ca_file",
+        "backends.cache.dial.tls.cert_file",
+        "backends.cache.dial.tls.key_file",
+    }, str(err)
+    assert found["defaults.dial.tls.ca_file"][0] == 4
+    assert found["backends.cache.dial.tls.cert_file"][0] == 10
+    assert found["backends.cache.dial.tls.key_file"][0] == 11
+    assert broken.missing in found["defaults.dial.tls.ca_file"][1]
+    assert broken.not_pem in found["backends.cache.dial.tls.cert_file"][1]
+    assert broken.directory in found["backends.cache.dial.tls.key_file"][1]
+    assert f"{file}:4: defaults.dial.tls.ca_file: " in str(err)
+
+
+def test_a_valid_tls_config_builds_its_context_once_when_validated(
+    tls_certs: TLSCerts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lbpool.dial
+
+    tls = {
+        "ca_file": tls_certs.ca_file,
+        "cert_file": tls_certs.client_cert_file,
+        "key_file": tls_certs.client_key_file,
+        "server_hostname": "localhost",
+    }
+    config = parse_config(
+        {"defaults": {"dial": {"tls": tls}}, "backends": {"a": {"servers": ["h:1"]}}}
+    )
+    built = config.backends["a"].dial.tls
+    assert built is not None and built.key_file == tls_certs.client_key_file
+
+    def never(tls: TLSConfig) -> Any:
+        raise AssertionError("the context was built again")
+
+    # the dials find it built: validating the config built it, once for equal sections
+    monkeypatch.setattr(lbpool.dial, "_build_context", never)
+    assert lbpool.dial.make_ssl_context(built) is lbpool.dial.make_ssl_context(
+        config.defaults.dial.tls  # type: ignore[arg-type]
+    )

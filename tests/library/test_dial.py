@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -16,12 +17,12 @@ from gevent.event import Event
 
 import lbpool.dial
 from lbpool.config import Address, DialConfig, TLSConfig
-from lbpool.dial import dial, make_ssl_context
+from lbpool.dial import TLSSetupError, dial, make_ssl_context
 from lbpool.errors import DialError
 from lbpool.health import peek_alive
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.net import free_port, ipv6_available
-from tests.support.tls import TLSCerts
+from tests.support.tls import TLSCerts, broken_tls_files
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -358,12 +359,59 @@ def test_tls_context_is_built_once_per_config(tls_certs: TLSCerts) -> None:
     assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
 
 
-def test_tls_config_error_is_a_dial_error(
-    tls_echo_server: EchoServer, tmp_path: Any, no_fd_leak: None
+def test_a_tls_context_that_cannot_be_built_fails_the_dial_before_connecting(
+    tls_certs: TLSCerts, tls_echo_server: EchoServer, tmp_path: Any, no_fd_leak: None
 ) -> None:
-    missing = str(tmp_path / "missing-ca.pem")
-    with pytest.raises(DialError, match="TLS configuration error"):
-        dial(addr(tls_echo_server), tls_config(ca_file=missing))
+    # a CA file valid when the config was validated, gone when the context is built
+    # again (evicted from the cache): a local mistake, no connection is made for it
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(Path(tls_certs.ca_file).read_bytes())
+    config = tls_config(ca_file=str(ca_file))
+    ca_file.unlink()
+    lbpool.dial._cached_context.cache_clear()
+    accepted = tls_echo_server.connections_accepted
+    with pytest.raises(DialError) as info:
+        dial(addr(tls_echo_server), config)
+    assert info.value.local
+    assert "TLS configuration error" in info.value.reason
+    assert "dial.tls.ca_file" in info.value.reason and str(ca_file) in info.value.reason
+    assert tls_echo_server.connections_accepted == accepted
+    assert isinstance(info.value.__cause__, TLSSetupError)
+    assert info.value.__cause__.setting == "ca_file"
+
+
+def test_server_failures_are_not_local(tls_certs: TLSCerts, tls_echo_server: EchoServer) -> None:
+    # a server whose certificate does not verify: the server's fault, not local
+    with pytest.raises(DialError) as info:
+        dial(addr(tls_echo_server), tls_config(ca_file=tls_certs.other_ca_file))
+    assert not info.value.local
+
+
+def test_make_ssl_context_names_the_setting_at_fault(tls_certs: TLSCerts, tmp_path: Any) -> None:
+    broken = broken_tls_files(str(tmp_path), tls_certs)
+    client = {"ca_file": tls_certs.ca_file, "cert_file": tls_certs.client_cert_file}
+    cases = [
+        ({"ca_file": broken.missing}, "ca_file", broken.missing),
+        ({"ca_file": broken.garbled}, "ca_file", broken.garbled),
+        (
+            {**client, "cert_file": broken.garbled, "key_file": tls_certs.client_key_file},
+            "cert_file",
+            broken.garbled,
+        ),
+        (client, "cert_file", tls_certs.client_cert_file),
+        ({**client, "key_file": broken.other_key}, "key_file", broken.other_key),
+        ({**client, "key_file": broken.encrypted_key}, "key_file", broken.encrypted_key),
+        ({"server_hostname": "a..b"}, "server_hostname", "a..b"),
+    ]
+    for settings, setting, named in cases:
+        # the model refuses these, so build the stand-in a caller could still pass
+        tls = TLSConfig.model_construct(**{**TLSConfig().model_dump(), **settings})
+        lbpool.dial._cached_context.cache_clear()
+        with pytest.raises(TLSSetupError) as info:
+            make_ssl_context(tls)
+        assert info.value.setting == setting, (settings, info.value)
+        assert named in info.value.problem, (settings, info.value)
+        assert str(info.value).startswith(f"dial.tls.{setting}: ")
 
 
 # -- interruption: nothing leaks, the interrupt propagates unchanged -------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -19,11 +20,12 @@ import pytest
 from gevent import ssl as gssl
 from gevent.event import Event
 
-from lbpool import BackendUnavailable, DialError, PoolClosed, PoolManager
+import lbpool.dial
+from lbpool import BackendUnavailable, ConfigError, DialError, PoolClosed, PoolManager
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.interrupt import no_switch
 from tests.support.leaks import settle
-from tests.support.tls import TLSCerts
+from tests.support.tls import TLSCerts, broken_tls_files
 
 
 def config(address: str, tls: dict[str, Any] | None, **pool: Any) -> dict[str, Any]:
@@ -68,6 +70,95 @@ def mtls_server_factory(tls_certs: TLSCerts) -> Iterator[Any]:
     yield make
     for server in made:
         server.stop()
+
+
+# -- dial.tls settings no context can be built from: local mistakes ------------------
+
+
+def two_server_config(addresses: list[str], tls: dict[str, Any] | None) -> dict[str, Any]:
+    """The shape of the report: tls in defaults, a backend of two servers."""
+    return {
+        "defaults": {
+            "dial": {"timeout": 2, "tls": tls},
+            "pool": {"min_idle": 0},
+            "breaker": {"failure_threshold": 2, "recovery_timeout": 60},
+        },
+        "backends": {"c": {"servers": addresses}},
+    }
+
+
+def test_a_broken_tls_file_fails_construction_and_reload_changes_nothing(
+    tls_certs: TLSCerts,
+    echo_server_factory: Any,
+    tmp_path: Any,
+    no_fd_leak: None,
+) -> None:
+    a, b = echo_server_factory(), echo_server_factory()
+    broken = broken_tls_files(str(tmp_path), tls_certs)
+    bad = two_server_config([a.address, b.address], {"ca_file": broken.missing})
+    with pytest.raises(ConfigError) as info:
+        PoolManager(bad)
+    assert "defaults.dial.tls.ca_file" in str(info.value) and broken.missing in str(info.value)
+    assert a.connections_accepted == b.connections_accepted == 0
+    with PoolManager(two_server_config([a.address, b.address], None)) as manager:
+        before = manager.config
+        per_backend = two_server_config([a.address, b.address], None)
+        per_backend["backends"]["c"]["dial"] = {
+            "tls": {**tls_client(tls_certs), "key_file": broken.other_key}
+        }
+        for config_ in (bad, per_backend):
+            with pytest.raises(ConfigError) as info:
+                manager.reload(config_)
+        assert "backends.c.dial.tls.key_file" in str(info.value)
+        assert broken.other_key in str(info.value)
+        assert manager.config is before  # the invalid reload changed nothing
+        for _ in range(4):
+            with manager.get("c", timeout=3) as conn:
+                round_trip(conn, b"plain")
+        servers = manager.stats().backends["c"].servers.values()
+        assert [s.breaker_state for s in servers] == ["closed", "closed"]
+        assert sum(s.dial_failures for s in servers) == 0
+
+
+def tls_client(tls_certs: TLSCerts) -> dict[str, Any]:
+    return {
+        "ca_file": tls_certs.ca_file,
+        "cert_file": tls_certs.client_cert_file,
+        "key_file": tls_certs.client_key_file,
+    }
+
+
+def test_a_tls_context_that_fails_at_dial_time_opens_no_breaker(
+    tls_certs: TLSCerts, tmp_path: Any, no_fd_leak: None
+) -> None:
+    """A CA file valid at validation, gone when the context must be built again (the
+    cache evicted it): every dial fails on this side, before connecting, saying which
+    setting and file; no breaker hears of it, so the fixed file works at once."""
+    ca_file = tmp_path / "ca.pem"
+    ca_pem = Path(tls_certs.ca_file).read_bytes()
+    ca_file.write_bytes(ca_pem)
+    with (
+        EchoServer(ssl_context=tls_certs.server_context()) as a,
+        EchoServer(ssl_context=tls_certs.server_context()) as b,
+        PoolManager(two_server_config([a.address, b.address], {"ca_file": str(ca_file)})) as m,
+    ):
+        ca_file.unlink()
+        lbpool.dial._cached_context.cache_clear()
+        for _ in range(6):  # three times the failure_threshold, on each server
+            with pytest.raises(BackendUnavailable) as info:
+                m.get("c", timeout=1)
+            for address in (a.address, b.address):
+                err = dial_error(info.value, address)
+                assert err.local, err
+                assert "dial.tls.ca_file" in err.reason and str(ca_file) in err.reason
+        servers = m.stats().backends["c"].servers.values()
+        assert [s.breaker_state for s in servers] == ["closed", "closed"]
+        assert [s.dial_failures for s in servers] == [6, 6]  # counted, not charged
+        assert a.connections_accepted == b.connections_accepted == 0  # never connected
+        ca_file.write_bytes(ca_pem)  # fixed: no recovery_timeout to wait out
+        for i in range(4):
+            with m.get("c", timeout=3) as conn:
+                round_trip(conn, b"fixed-%d" % i)
 
 
 def test_round_trips_and_reuse_with_the_right_ca(
@@ -152,6 +243,30 @@ def test_verify_false_accepts_any_certificate(
     manager = PoolManager(config(tls_echo_server.address, {"verify": False}))
     with manager, manager.get("secure") as conn:
         round_trip(conn, b"unverified")
+
+
+def test_a_client_certificate_from_a_yaml_config_works_end_to_end(
+    tls_certs: TLSCerts, mtls_server_factory: Any, tmp_path: Any, no_fd_leak: None
+) -> None:
+    server = mtls_server_factory()
+    path = tmp_path / "lbpool.yaml"
+    path.write_text(
+        "defaults:\n"
+        "  dial:\n"
+        "    tls:\n"
+        f"      ca_file: {tls_certs.ca_file}\n"
+        f"      cert_file: {tls_certs.client_cert_file}\n"
+        f"      key_file: {tls_certs.client_key_file}\n"
+        "      server_hostname: localhost\n"
+        "  pool: {min_idle: 0}\n"
+        "backends:\n"
+        f"  secure: {{servers: ['{server.address}']}}\n"
+    )
+    with PoolManager.from_yaml(path) as manager:
+        for i in range(3):
+            with manager.get("secure", timeout=3) as conn:
+                assert isinstance(conn.sock, gssl.SSLSocket)
+                round_trip(conn, b"yaml-mutual-%d" % i)
 
 
 def test_client_certificate_works(
