@@ -240,11 +240,15 @@ class Pool(ThreadBound):
         self._held = 0
         self._handed = 0  # connections handed to a waiter that has not woken yet
         self._refilling = 0  # of which: upkeep refills
-        self._checking = 0  # background checks in flight (errands), at most _BACKGROUND_CHECKS
+        # background checks in flight (errands), at most _BACKGROUND_CHECKS: connections
+        # upkeep took off the idle stack, counted as idle by everything that sizes the
+        # pool (_resting), so a check round never dials their replacements
+        self._checking = 0
         self._closing = False
         self._closed = False
         self._drained = Event()
-        self._changed = Event()  # a connection became idle or a refill ended
+        # a connection became idle, a refill or a background check ended
+        self._changed = Event()
         # called by an acquisition that had to wait or dial: wakes an upkeep at rest
         # (this pool's own, or the manager's, which sets it)
         self.on_demand: Callable[[], object] = _nothing
@@ -888,10 +892,16 @@ class Pool(ThreadBound):
         self._undo_dial(trial)
 
     def _undo_check(self, conn: _Conn, background: bool) -> None:
+        self._check_over(background)
+        self._retire(conn, "unhealthy")
+
+    def _check_over(self, background: bool) -> None:
+        """A check's connection is no longer held for it: counted before its verdict
+        moves the connection (a background check's failure then shows as a refill need
+        when its slot goes). Never yields."""
+        self._held -= 1
         if background:
             self._checking -= 1
-        self._held -= 1
-        self._retire(conn, "unhealthy")
 
     def _run_dial_errand(self, errand: _Errand, trial: int) -> object:
         try:
@@ -1344,11 +1354,13 @@ class Pool(ThreadBound):
             return True
         return False
 
-    def _run_check_errand(self, errand: _Errand, conn: _Conn) -> _Conn | None:
+    def _run_check_errand(
+        self, errand: _Errand, conn: _Conn, background: bool = False
+    ) -> _Conn | None:
         """A check in a greenlet of the pool's own: nothing but ``close()`` interrupts
         it from outside, so whatever else a hook raises (``gevent.Timeout`` of its own,
         ``GreenletExit``) fails the check (DESIGN 20). Copied into a forked child, it
-        is abandoned."""
+        is abandoned. ``background``: upkeep's check (counted in ``_checking`` too)."""
         generation = fork_generation()
         try:
             try:
@@ -1360,7 +1372,7 @@ class Pool(ThreadBound):
                 if self._given_up():  # close() closed its connection and gave back its slot
                     raise
                 if self._closing:  # killed by close()
-                    self._held -= 1
+                    self._check_over(background)
                     self._retire(conn, "unhealthy")
                     raise
                 _log.info("%s: health hook raised %s", self.name, type(exc).__name__)
@@ -1372,12 +1384,12 @@ class Pool(ThreadBound):
             if self._given_up():  # close() closed its connection and gave back its slot
                 return None
             if failure is not None:
-                self._held -= 1
+                self._check_over(background)
                 self._retire(conn, "unhealthy", failure)
                 return None
             conn.checked_at = _monotonic()
             if errand.detached:
-                self._held -= 1
+                self._check_over(background)
                 self._hand_on(conn)
                 return None
             return conn  # still held: its caller takes it
@@ -1463,10 +1475,19 @@ class Pool(ThreadBound):
         ``max_size``. Never yields."""
         return min(max(1, self._demand.recent(self._peak)), self._max_size)
 
+    def _resting(self) -> int:
+        """Idle connections, with those upkeep has out for a background check (they
+        come back to the idle stack if they pass): what everything that sizes the pool
+        counts as idle. A check that fails frees its slot (``_slot_gone``), and the
+        need for its replacement appears then. Never yields."""
+        return len(self._idle) + self._checking
+
     def _refill_need(self) -> int:
         """Dials the upkeep should start now (breaker aside): up to ``min_idle`` idle,
-        or (auto) up to the target open; never beyond ``max_size`` or ``max_idle``."""
-        idle = len(self._idle) + self._refilling
+        or (auto) up to the target open; never beyond ``max_size`` or ``max_idle``.
+        Connections out for a background check count as idle, dials of refills as
+        idle to be."""
+        idle = self._resting() + self._refilling
         need = self._auto_target() - self._size if self._auto else self._min_idle - idle
         return min(need, self._max_size - self._size, self._max_idle - idle)
 
@@ -1475,7 +1496,7 @@ class Pool(ThreadBound):
         upkeep keeps?"""
         if self._auto:
             return self._size > self._auto_target()
-        return len(self._idle) > self._min_idle
+        return self._resting() > self._min_idle
 
     def _expire_idle(self, now: float) -> None:
         cfg = self.config
@@ -1483,6 +1504,7 @@ class Pool(ThreadBound):
         idle = self._idle
         auto = self._auto
         target = self._auto_target() if auto else 0
+        checking = self._checking  # out for a check: idle too, kept towards min_idle
         looked_at = idle[:]  # oldest first: the bottom of the LIFO stack
         idle.clear()  # (taken off at once: one pop(0) each is quadratic in a large pool)
         left = len(looked_at)  # not looked at yet
@@ -1491,7 +1513,7 @@ class Pool(ThreadBound):
             if now >= conn.expires_at:
                 self._retire(conn, "lifetime")
             elif now - conn.last_used_at >= cfg.idle_timeout and (
-                self._size > target if auto else left + len(keep) >= self._min_idle
+                self._size > target if auto else left + len(keep) + checking >= self._min_idle
             ):
                 self._retire(conn, "idle")
             else:
@@ -1535,13 +1557,13 @@ class Pool(ThreadBound):
             )
 
     def _background_check(self, errand: _Errand, conn: _Conn) -> None:
-        generation = fork_generation()
+        """Upkeep's check of an idle connection; its verdict ends its ``_checking``
+        count (``_check_over``) before the connection moves, so one that fails is
+        replaced. Then wakes ``wait_ready``, whose count it was in."""
         try:
-            self._run_check_errand(errand, conn)
+            self._run_check_errand(errand, conn, True)
         finally:
-            # a child's pool counts only its own; an abandoned one's was given back
-            if not self._forked_since(generation) and not self._given_up():
-                self._checking -= 1
+            self._changed.set()
 
     def _warn_leaks(self, now: float) -> None:
         threshold = self._leak_threshold
@@ -1619,7 +1641,12 @@ class Pool(ThreadBound):
         another OS thread. Never yields."""
         if get_ident() != self._thread_id:  # -1 after a fork until started fresh
             return False
-        return len(self._idle) + len(self._busy) >= self._ready_target()
+        return self._ready_count() >= self._ready_target()
+
+    def _ready_count(self) -> int:
+        """Open connections ``wait_ready`` counts: idle (those out for a background
+        check included) and in use. Never yields."""
+        return self._resting() + len(self._busy)
 
     def wait_ready(self, timeout: SupportsFloat | None = None) -> None:
         """Block until ``min_idle`` connections are open (``auto``: its current target,
@@ -1627,7 +1654,7 @@ class Pool(ThreadBound):
         self._check_owner()
         limit = self._acquire_timeout if timeout is None else valid_timeout(timeout, self.name)
         deadline = _monotonic() + limit
-        while len(self._idle) + len(self._busy) < self._ready_target():
+        while self._ready_count() < self._ready_target():
             if self._closing:
                 raise self._closed_error()
             self._changed.clear()
@@ -1638,7 +1665,7 @@ class Pool(ThreadBound):
                 last = f"; last dial error: {err}" if err else ""
                 want = f"auto ({self._ready_target()})" if self._auto else self._min_idle
                 raise PoolTimeout(
-                    f"{self.name}: {len(self._idle)} of min_idle {want} "
+                    f"{self.name}: {self._resting()} of min_idle {want} "
                     f"connections ready within {limit:.3g}s{last}",
                     self.name,
                     self.backend,

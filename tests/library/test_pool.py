@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from time import monotonic
+from typing import Any
 
 import gevent
 import pytest
@@ -27,6 +29,9 @@ from lbpool._waiters import WAITING, Waiter
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, DialConfig, HealthCheckConfig
 from lbpool.connection import _Conn
+from lbpool.health import Unhealthy
+from lbpool.manager import PoolManager
+from lbpool.stats import ServerStats
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.interrupt import throw_now
 from tests.support.leaks import settle
@@ -1128,10 +1133,166 @@ def test_close_before_its_own_greenlets_ran_gives_everything_back(
         gevent.sleep(0.06)  # past health_check.interval: both idle ones are due
         pool.run_upkeep()  # two background checks, not yet run
         assert pool.stats().idle == 0
-    assert pool.stats().pending >= 2  # (upkeep also starts refills for the checked ones)
+    # the two checks, counted as idle by upkeep: no refill dials for them
+    assert pool.stats().pending == 2
     start = monotonic()
     pool.close(timeout=5)
     assert monotonic() - start < 2  # nothing left to wait for
     st = pool.stats()
     assert (st.size, st.idle, st.in_use, st.pending) == (0, 0, 0, 0), st
     assert settle(lambda: echo_server.active == 0, 5)
+
+
+# -- background checks borrow connections, not slots to refill ------------------------
+
+_PING = b"PING\r\n"
+
+
+@contextlib.contextmanager
+def _checked_pool(
+    kind: str,
+    server: EchoServer,
+    make_manager: Callable[..., PoolManager],
+    min_idle: int | str,
+    hook: Callable[[Any], object] | None = None,
+) -> Iterator[Callable[[], ServerStats]]:
+    """A pool of ``server`` kept by a real upkeep (its own: ``kind`` "pool"; a manager's:
+    "manager"), checked in the background every 20 ms (send/expect, then ``hook``),
+    warmed; its stats. idle_timeout is short, so a surplus dial is closed again soon,
+    as in the reported churn; max_size leaves room for one per check. Closed after."""
+    pool_cfg: dict[str, Any] = {
+        "min_idle": min_idle,
+        "max_size": 8,
+        "idle_timeout": 0.1,
+        "upkeep_interval": 0.01,
+    }
+    check: dict[str, Any] = {"send": "PING\r\n", "expect": "+PONG", "interval": 0.02}
+    if hook is not None:
+        check["hook"] = hook
+    if kind == "pool":
+        pool = Pool(
+            server.address,
+            pool=PoolConfig.model_validate(pool_cfg),
+            health_check=HealthCheckConfig.model_validate(check),
+        )
+        try:
+            pool.wait_ready(5)
+            yield pool.stats
+        finally:
+            pool.close()
+        return
+    manager = make_manager(
+        {
+            "defaults": {"pool": pool_cfg, "health_check": check},
+            "backends": {"c": {"servers": [server.address]}},
+        }
+    )
+    manager.wait_ready(5)
+    yield lambda: manager.stats().backends["c"].servers[server.address]
+
+
+@pytest.mark.parametrize("kind", ["pool", "manager"])
+@pytest.mark.parametrize("min_idle", [1, 3, "auto"])
+def test_background_checks_at_rest_dial_nothing(
+    echo_server: EchoServer,
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+    kind: str,
+    min_idle: int | str,
+) -> None:
+    """With no traffic, a pool checked in the background keeps exactly ``min_idle``
+    connections (auto: 1) round after round: a connection upkeep has out for its
+    check counts as idle, so no refill dials its replacement (which ``idle_timeout``
+    or ``max_idle`` then closed: one new connection per round), and ``wait_ready``
+    and ``stats`` agree on it."""
+    want = 1 if min_idle == "auto" else int(min_idle)
+    with _checked_pool(kind, echo_server, make_manager, min_idle) as stats:
+        echo_server.wait_accepted(want, 5)
+        rounds = 6  # each round: one PING per connection
+        echo_server.wait_received(rounds * want * len(_PING), timeout=10)
+        st = stats()
+    assert echo_server.connections_accepted == want, st
+    assert st.size == want, st
+    assert st.size == st.idle + st.in_use + st.pending, st
+    assert not any(st.closed.values()), st.closed
+    assert st.dial_failures == 0
+
+
+@pytest.mark.parametrize("kind", ["pool", "manager"])
+def test_a_connection_failing_its_background_check_is_replaced(
+    echo_server: EchoServer,
+    make_manager: Callable[..., PoolManager],
+    no_fd_leak: None,
+    kind: str,
+) -> None:
+    """The one connection whose background check fails is closed (``unhealthy``) and
+    replaced by one dial; the pool is back at ``min_idle`` and stays there, with no
+    further dials, through the rounds after."""
+    calls: list[object] = []
+
+    def fail_the_first(sock: Any) -> None:
+        calls.append(sock)
+        if len(calls) == 1:
+            raise Unhealthy("the first check fails")
+
+    with _checked_pool(kind, echo_server, make_manager, 2, fail_the_first) as stats:
+        echo_server.wait_accepted(3, 5)  # two warmed, one replacing the failed one
+        assert settle(lambda: stats().idle == 2, 5), stats()
+        seen = len(calls)
+        assert settle(lambda: len(calls) >= seen + 3 * 2, 5), len(calls)  # three more rounds
+        st = stats()
+    assert echo_server.connections_accepted == 3, st
+    assert st.size == 2, st
+    assert st.size == st.idle + st.in_use + st.pending, st
+    assert {r: n for r, n in st.closed.items() if n} == {"unhealthy": 1}, st.closed
+
+
+def test_a_failed_background_check_asks_for_its_replacement_at_once(
+    echo_server: EchoServer, no_fd_leak: None
+) -> None:
+    """Step by step, with no upkeep loop: a check pass takes both idle connections out
+    for their checks and starts no dial (``fill`` and ``wait_ready`` count them as
+    idle; ``stats`` as pending). The check that fails frees its slot and, in that same
+    step, asks upkeep for a refill (``on_demand``): its ``_checking`` count ended
+    before its connection was closed. ``fill`` then dials exactly one."""
+    failed = Event()
+    asked: list[tuple[int, int, int]] = []
+
+    def fail_the_first(sock: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise Unhealthy("the first check fails")
+
+    pool = Pool(
+        echo_server.address,
+        pool=PoolConfig(min_idle=2, max_size=4),
+        health_check=HealthCheckConfig(send="PING\r\n", expect="+PONG", interval=0.01),
+        upkeep=False,
+    )
+    pool.health_config = pool.health_config.model_copy(update={"hook": fail_the_first})
+    pool.wait_ready(5)
+    echo_server.wait_accepted(2, 5)
+
+    def on_demand() -> None:
+        s = pool.stats()
+        asked.append((s.size, s.idle, s.pending))
+
+    pool.on_demand = on_demand
+    gevent.sleep(0.02)  # past health_check.interval: both idle ones are due
+    pool.run_upkeep()  # both out for their checks; nothing dialed for them
+    st = pool.stats()
+    assert (st.size, st.idle, st.pending) == (2, 0, 2), st
+    assert pool.fill() == 0
+    pool.wait_ready(5)  # ready: nothing to wait for, nothing dialed
+    assert pool.stats().size == 2
+    assert failed.wait(5)
+    assert settle(lambda: pool.stats().pending == 0, 5), pool.stats()
+    st = pool.stats()
+    assert (st.size, st.idle, st.closed["unhealthy"]) == (1, 1, 1), st
+    assert asked and asked[0][0] == 1, asked  # asked when the failed one's slot went
+    assert pool.fill() == 1
+    pool.wait_ready(5)
+    echo_server.wait_accepted(3, 5)
+    st = pool.stats()
+    assert (st.size, st.idle, echo_server.connections_accepted) == (2, 2, 3), st
+    pool.close()
