@@ -124,9 +124,14 @@ def test_contended_scenarios(
         d = row[dist]
         assert 0 <= d["p50"] <= d["p99"] <= d["max"], kind
         assert isinstance(row["errors"], dict)
+    greenlets = quick[0]["scenarios"][sc]["greenlets"]
     for kind in ("floor", *LBPOOL):  # behaviour, not speed: nobody errors or starves
         assert res[kind]["errors"] == {}, kind
-        assert res[kind]["starved_greenlets"] == 0, kind
+        # FIFO serves every greenlet in a round with grants enough for all of them; a
+        # round the machine starved of CPU (seen: 14 operations in 0.15 s, four CPU hogs
+        # on two cores, the floor too) proves nothing either way
+        rounds = zip(res[kind]["ops_by_round"], res[kind]["starved_by_round"], strict=True)
+        assert all(starved == 0 for ops, starved in rounds if ops >= 3 * greenlets), kind
 
 
 def test_scenario_d(quick: tuple[dict[str, Any], Path | None]) -> None:

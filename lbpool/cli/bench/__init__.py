@@ -304,6 +304,9 @@ def _summarise(per_round: dict[str, dict[str, list[Any]]], s: Settings) -> dict[
                 "starved_greenlets": max(x["starved"] for x in rs),
                 "still_waiting_at_end": max(x["still_waiting"] for x in rs),
                 "rounds": [rounded(v, 0) for v in rate],
+                # per round: operations completed by the deadline, greenlets that got none
+                "ops_by_round": [x["ops"] for x in rs],
+                "starved_by_round": [x["starved"] for x in rs],
             }
             for ref, key in ((SQLA, "x_sqlalchemy"), (DIAL, "x_dial")):
                 if ref in rounds and kind != ref:
