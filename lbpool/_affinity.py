@@ -26,8 +26,9 @@ Counting. ``served(conn)`` sets ``conn.rank`` (0 the owner, 1+ a fallback) and a
 that server's ``owner_hits`` or ``fallback_hits``: two ints in a preallocated ``Tally``,
 no allocation per acquisition.
 
-Which calls yield: ``Placement.update``, ``stop``, ``served``, ``KeyOrder.pick`` never;
-``Placement.order`` and ``owner`` only while a backend's first table is being built.
+Which calls yield: ``Placement.update``, ``stop``, ``first_table``, ``served``,
+``KeyOrder.pick`` never; ``Placement.order`` and ``owner`` only while a backend's first
+table is being built.
 """
 
 from __future__ import annotations
@@ -193,6 +194,11 @@ class Placement:
         if builder is not None:
             builder.join(timeout)
         return self._builder is None
+
+    def first_table(self) -> Event | None:
+        """While the first table is being built, the event set once it is in place (or
+        on ``stop()``); None once there is one, or after ``stop()``. Never yields."""
+        return self._built if self._current is None and not self._stopped else None
 
     def stop(self) -> None:
         """End a build in progress (the backend is closing, gone, or no longer hashing);

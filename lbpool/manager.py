@@ -38,7 +38,7 @@ import functools
 import logging
 import os
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
@@ -465,6 +465,12 @@ class Backend:
         if self._placement is not None:
             self._placement.stop()
 
+    def first_table(self) -> Event | None:
+        """Key-affinity: the event set once the first key table is in place, while it is
+        being built; else (built, or not a hashing backend) None. Never yields."""
+        placement = self._placement
+        return None if placement is None else placement.first_table()
+
     def owner(self, key: Key) -> str:
         """The key's owner by placement (breakers ignored), ``host:port``; no borrow."""
         placement = self._placement
@@ -738,6 +744,50 @@ class Backend:
         )
 
 
+_DNS, _TABLE, _POOL = "dns", "table", "pool"
+
+
+class _Unready:
+    """One thing ``wait_ready`` waits for: a backend's first DNS answer or first key
+    table, or a pool's ``min_idle``; read live at each look."""
+
+    __slots__ = ("backend", "kind", "pool")
+
+    def __init__(self, backend: Backend, pool: Pool | None, kind: str) -> None:
+        self.backend = backend
+        self.pool = pool
+        self.kind = kind
+
+    def event(self) -> Event | None:
+        """None if ready (or nothing to wait for any more); else what to wait on, which
+        a change sets. A pool's dials towards ``min_idle`` are started. Never yields."""
+        if self.pool is not None:
+            return self.pool.readiness()
+        if self.kind == _TABLE:
+            return self.backend.first_table()
+        discovery = self.backend.discovery  # a reload may have given it another runner
+        if discovery is None or discovery.answered.is_set():
+            return None
+        return discovery.answered
+
+    def why(self, limit: float) -> str:
+        """What is not ready, for ``PoolTimeout``'s message."""
+        if self.pool is not None:
+            return self.pool._not_ready(limit)
+        name = self.backend.name
+        if self.kind == _TABLE:
+            return (
+                f"backend {name!r}: no key table within {limit:.3g}s "
+                f"(its first {self.backend.strategy} table is still being built)"
+            )
+        discovery = self.backend.discovery
+        error = discovery.last_error if discovery is not None else None
+        return (
+            f"backend {name!r}: discovery has no answer: "
+            f"{error or 'the first resolution is still running'}"
+        )
+
+
 class PoolManager(Router):
     """Maps backend names and ad-hoc ``host:port`` strings to pools of connections."""
 
@@ -757,7 +807,7 @@ class PoolManager(Router):
         self._closing = False
         self._closed = False
         self._closing_pools: list[Pool] = []
-        self._closed_event = Event()  # set by close(): wakes wait_ready's discovery wait
+        self._closed_event = Event()  # set by close(): wakes wait_ready
         self._retired: list[Discovery] = []  # stopped without waiting: close() joins them
         # call()'s retry budget for every ad-hoc host:port (their stats' backend "")
         self._adhoc_budget = RetryBudget(self.config.defaults.retry)
@@ -985,46 +1035,62 @@ class PoolManager(Router):
         return list(seen.values())
 
     def wait_ready(self, timeout: SupportsFloat | None = 5.0) -> None:
-        """Block until every pool holds ``min_idle`` connections; ``PoolTimeout`` if not."""
+        """Block until the current config is ready: every discovered backend has its
+        first DNS answer, every key-affinity backend its first key table, every pool
+        ``min_idle`` connections open. A reload or DNS answer meanwhile is followed (a
+        server no longer configured is not waited for; a new one is). ``timeout`` bounds
+        the whole wait (None: no limit); then ``PoolTimeout`` names all that is still
+        not ready. ``PoolClosed`` if the manager closes. It waits in the caller's
+        greenlet and spawns nothing, so however it ends nothing is left behind."""
         if timeout is not None:
             timeout = valid_timeout(timeout, "wait_ready")
         self._check_owner()
-        start = _monotonic()
-        while True:  # until no backend waits for DNS (a reload meanwhile: look again)
-            waiting = [
-                (name, b, b.discovery)
-                for name, b in self._backends.items()
-                if b.discovery is not None and not b.discovery.answered.is_set()
-            ]
+        deadline = None if timeout is None else _monotonic() + timeout
+        membership: list[Any] | None = None
+        pending: deque[_Unready] = deque()
+        while True:
             if self._closing:
                 raise PoolClosed("the manager is closed")
-            if not waiting:
-                break
-            name, backend, d = waiting[0]
-            left = None if timeout is None else max(0.0, timeout - (_monotonic() - start))
+            if membership is None or not self._same_membership(membership):
+                membership, pending = self._unready()  # may pause: look again
+                continue
+            event = None
+            while pending and (event := pending[0].event()) is None:
+                pending.popleft()  # ready now (or gone): each is waited for once
+            if event is None:
+                return
+            left = None if deadline is None else deadline - _monotonic()
             if left is not None and left <= 0:
-                why = d.last_error or "the first resolution is still running"
-                raise PoolTimeout(
-                    f"not ready: backend {name!r}: discovery has no answer: {why}", None, name
-                )
-            changed = backend.changed
-            gevent.wait([d.answered, changed, self._closed_event], timeout=left, count=1)
-        if timeout is not None:
-            timeout = max(0.0, timeout - (_monotonic() - start))
+                why = [u.why(timeout or 0.0) for u in pending if u.event() is not None]
+                raise PoolTimeout("not ready: " + "; ".join(why))
+            backend = pending[0].backend  # a change of its membership or runner, its
+            # removal (reload, an ad-hoc name forgotten) or close() wakes the wait too
+            gevent.wait(
+                [event, backend.changed, backend.closed_event, self._closed_event],
+                timeout=left,
+                count=1,
+            )
+
+    def _unready(self) -> tuple[list[Any], deque[_Unready]]:
+        """The membership now, and what of it is not ready: discovered backends with no
+        answer yet, first key tables being built, pools short of ``min_idle`` (each
+        starts its dials now, so they all fill at once). A big fleet is read in slices:
+        the caller checks the membership again."""
+        membership = self._membership()
+        found: deque[_Unready] = deque()
+        for backend in list(self._backends.values()):
+            discovery = backend.discovery
+            if discovery is not None and not discovery.answered.is_set():
+                found.append(_Unready(backend, None, _DNS))
+            if backend.first_table() is not None:
+                found.append(_Unready(backend, None, _TABLE))
         pause = Pacer()
-        pools = []
-        for pool in self._all_pools():  # a greenlet only for each pool still filling
-            pause()
-            if not pool.is_ready():
-                pools.append(pool)
-        jobs = [gevent.spawn(p.wait_ready, timeout) for p in pools]
-        try:
-            gevent.joinall(jobs)
-        finally:
-            gevent.killall(jobs)
-        failed = [str(j.exception) for j in jobs if j.exception is not None]
-        if failed:
-            raise PoolTimeout("not ready: " + "; ".join(failed))
+        for backend in [*self._backends.values(), *self._adhoc_order.values()]:
+            for pool in backend.pools:
+                pause()
+                if not pool.is_ready() and pool.readiness() is not None:  # dials now
+                    found.append(_Unready(backend, pool, _POOL))
+        return membership, found
 
     # -- stats --------------------------------------------------------------------
     def stats(self) -> ManagerStats:
@@ -1218,6 +1284,7 @@ class PoolManager(Router):
             if name not in new.backends:
                 self._backends[name].stop_rebuilds()
                 self._retire(self._backends[name])
+                self._backends[name].notify_change()  # wakes a wait_ready waiting on it
                 removed.extend(self._backends.pop(name).pools)
         for backend, fresh in made:
             current = self._backends.get(backend.name)

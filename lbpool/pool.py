@@ -1648,6 +1648,19 @@ class Pool(ThreadBound):
         check included) and in use. Never yields."""
         return self._resting() + len(self._busy)
 
+    def readiness(self) -> Event | None:
+        """For a caller that waits on many pools at once (``PoolManager.wait_ready``):
+        None if ``min_idle`` connections are open (or the pool is closing: nothing to
+        wait for); else start the dials towards it and return the event the next change
+        sets (a connection became idle, a refill ended), cleared now. Starts fresh in a
+        forked child. Never yields."""
+        self._check_owner()
+        if self._closing or self.is_ready():
+            return None
+        self._changed.clear()
+        self.fill()
+        return self._changed
+
     def wait_ready(self, timeout: SupportsFloat | None = None) -> None:
         """Block until ``min_idle`` connections are open (``auto``: its current target,
         at least 1); ``PoolTimeout`` otherwise."""
@@ -1661,15 +1674,18 @@ class Pool(ThreadBound):
             self.fill()
             remaining = deadline - _monotonic()
             if remaining <= 0 or not self._changed.wait(remaining):
-                err = self._last_dial_error
-                last = f"; last dial error: {err}" if err else ""
-                want = f"auto ({self._ready_target()})" if self._auto else self._min_idle
-                raise PoolTimeout(
-                    f"{self.name}: {self._resting()} of min_idle {want} "
-                    f"connections ready within {limit:.3g}s{last}",
-                    self.name,
-                    self.backend,
-                )
+                raise PoolTimeout(self._not_ready(limit), self.name, self.backend)
+
+    def _not_ready(self, limit: float) -> str:
+        """Why ``wait_ready(limit)`` timed out: what is open of what it waits for, and
+        the last dial error. Never yields."""
+        err = self._last_dial_error
+        last = f"; last dial error: {err}" if err else ""
+        want = f"auto ({self._ready_target()})" if self._auto else self._min_idle
+        return (
+            f"{self.name}: {self._resting()} of min_idle {want} "
+            f"connections ready within {limit:.3g}s{last}"
+        )
 
     # -- closing ------------------------------------------------------------------
     def _note_drained(self) -> None:
