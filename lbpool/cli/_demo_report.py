@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
-from lbpool.cli._tables import print_table, rich_table
+from lbpool.cli._tables import plain, print_table, rich_table
 from lbpool.stats import ManagerStats
 
 __all__ = ["Key", "Outage", "Record", "headline", "plain_line", "render", "rows", "summary"]
@@ -130,7 +130,7 @@ def render(rec: Record, stats: ManagerStats) -> Any:
         style = {"open": "red", "half_open": "yellow"}.get(row[3], "")
         if row[2] == "DOWN":
             style = "bold red"
-        table.add_row(*row, style=style)
+        table.add_row(*(plain(cell) for cell in row), style=style)
     bar = ProgressBar(total=rec.duration, completed=min(rec.now(), rec.duration))
     events = [
         Text(f"{t:5.1f}s  {text}", no_wrap=True, overflow="ellipsis")

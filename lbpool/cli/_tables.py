@@ -7,7 +7,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-__all__ = ["print_table", "rich_console", "rich_table"]
+__all__ = ["plain", "print_table", "rich_console", "rich_table"]
+
+
+def plain(text: str) -> Any:
+    """``text`` for rich, printed exactly as given. Every string that comes from a
+    config, a server or the machine (backend names, IPv6 ``[::1]:80`` addresses, error
+    text) goes through here: a bare ``str`` is rich markup, where ``[fe80::1]`` vanishes
+    as a style, ``[/b]`` raises ``MarkupError`` and ``:smile:`` becomes an emoji. A
+    ``Text`` is never parsed (``rich.markup.escape`` would do for markup, but it doubles
+    a trailing backslash and leaves emoji codes alone)."""
+    from rich.text import Text
+
+    return Text(text)
 
 
 def rich_console(file: TextIO | None = None) -> Any:
@@ -27,12 +39,12 @@ def rich_console(file: TextIO | None = None) -> Any:
 
 def rich_table(title: str | None = None, *, tight: bool = False) -> Any:
     """A compact rich ``Table`` (no outer frame), so wide rows fit 80 columns;
-    ``tight``: columns apart by one space only."""
+    ``tight``: columns apart by one space only. ``title`` is plain text, not markup."""
     from rich import box
     from rich.table import Table
 
     return Table(
-        title=title,
+        title=None if title is None else plain(title),
         title_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
@@ -48,7 +60,8 @@ def print_table(
     title: str | None = None,
     file: TextIO | None = None,
 ) -> None:
-    """A table: rich when installed, else aligned plain text."""
+    """A table: rich when installed, else aligned plain text. Headers and cells are
+    plain text, printed as given (never read as rich markup)."""
     out = file or sys.stdout
     if title:
         print(title, file=out, flush=True)
@@ -57,9 +70,11 @@ def print_table(
         table = rich_table()
         for i, header in enumerate(headers):
             last = i == len(headers) - 1
-            table.add_column(header, no_wrap=not last, overflow="fold" if last else "ellipsis")
+            table.add_column(
+                plain(header), no_wrap=not last, overflow="fold" if last else "ellipsis"
+            )
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(plain(cell) for cell in row))
         console.print(table)
         return
     widths = [len(h) for h in headers]

@@ -219,6 +219,31 @@ def test_plain_renderer_covers_every_table() -> None:
     assert "Targets" not in text
 
 
+def test_rich_tables_print_text_as_given() -> None:
+    """The header (the CPU's name, the peers) and the cells are text, not rich markup:
+    ``[/b]`` in a CPU's name crashed the report with a MarkupError."""
+    odd = "[/b] C:\\dir\\ :smile: [::1]"
+    machine = {"cpu": odd, "nproc": 2, "python": "3.11", "gevent": "24", "hot_path": "x"}
+    result = {
+        "meta": {
+            "machine": machine,
+            "settings": {"rounds": 1, "quick": True},
+            "peers": {"gcp": None},
+            "duration_s": 1.0,
+        },
+        "scenarios": {
+            "D": {"results": {odd: {"10": 1.0, "100": 2.0, "1000": 3.0, "x_1000_vs_10": 3.0}}}
+        },
+        "observations": {},
+    }
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert report.print_rich(result)
+    text = out.getvalue()
+    assert f"; {odd}, 2 CPUs" in text
+    assert any(f" {odd} " in line and "3.00" in line for line in text.splitlines()), text
+
+
 def test_bad_arguments() -> None:
     assert _main(["--scenarios", "Z"])[0] == 2
     assert _main(["--rounds", "0"])[0] == 2

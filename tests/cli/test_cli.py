@@ -24,7 +24,7 @@ from lbpool.cli import demo, main
 from lbpool.testing import EchoServer
 from tests.support.dns_server import DNSServer
 from tests.support.leaks import live_greenlets, settle
-from tests.support.net import free_ports
+from tests.support.net import free_port, free_ports, ipv6_available
 from tests.support.tls import TLSCerts, broken_tls_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -391,6 +391,43 @@ def test_probe_unresolved_discovery_exits_1(
     assert "did not resolve" in out
 
 
+# Backend names rich would read as markup (a trailing backslash: as an escape) if
+# handed a bare str. A name cannot hold ':' (nor so an emoji code, ``:smile:``).
+ODD_NAMES = ("[/b]", "[bold]x[/bold]", "dir\\", "[red]")
+
+
+def table_row(out: str, *cells: str) -> str:
+    """The line of a table whose first cells are ``cells``, exactly as given."""
+    pattern = r"^\s*" + r"\s+".join(re.escape(c) for c in cells) + r"(\s|$)"
+    found = [line for line in out.splitlines() if re.search(pattern, line)]
+    assert found, f"no row {cells} in:\n{out}"
+    return found[0]
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+def test_probe_prints_names_and_ipv6_addresses_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rich reads a bare str as markup: ``[::1]`` vanished as a style and ``[/b]`` crashed
+    the command with a MarkupError traceback."""
+    with EchoServer(host="::1") as up:
+        dead = f"[::1]:{free_port()}"
+        path = tmp_path / "p.yaml"
+        check = {"send": ":smile: [/i]\n", "expect": ":smile: [/i]"}  # echoed back
+        backends = {
+            name: {"servers": [up.address, dead], "health_check": check} for name in ODD_NAMES
+        }
+        path.write_text(yaml.safe_dump({"backends": backends}))
+        code = main(["probe", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1, out  # the dead server is down
+    for name in ODD_NAMES:
+        row = table_row(out, name, up.address)
+        assert re.search(r"\bup\b", row) and "ok: :smile: [/i] -> :smile: [/i]" in row, row
+        assert re.search(r"\bdown\b", table_row(out, name, dead))
+    assert f"{len(ODD_NAMES)} of {2 * len(ODD_NAMES)} servers up" in out
+
+
 def test_probe_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("backends: {svc: {servers: []}}\n")
@@ -488,6 +525,34 @@ def test_demo_in_process_leaves_nothing_running(
     for port in ports:  # every echo server is closed
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+def test_demo_prints_names_and_ipv6_addresses_as_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The live table and the summary show backend names and IPv6 addresses as given."""
+    ports = free_ports(5)
+    first, *others = ODD_NAMES
+    backends: dict[str, Any] = {first: {"servers": [f"[::1]:{p}" for p in ports[:2]]}}
+    for name, port in zip(others, ports[2:], strict=True):
+        backends[name] = {"servers": [f"[::1]:{port}"]}
+    path = tmp_path / "demo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"defaults": {"breaker": {"recovery_timeout": "500ms"}}, "backends": backends}
+        )
+    )
+    argv = ["demo", "--config", str(path), "--duration", "2", "--workers", "5", "--live"]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    live, summary = out.split("lbpool demo summary")
+    for name, config in backends.items():
+        for address in config["servers"]:
+            table_row(live, name, address)  # the live table's last frame
+            table_row(summary, name, address)  # requests per server
+    assert f"outage: [::1]:{ports[1]} ({first}) killed" in summary
 
 
 def _read_lines(stream: Any, sink: queue.Queue[str]) -> None:

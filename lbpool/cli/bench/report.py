@@ -8,6 +8,7 @@ import json
 import re
 from typing import Any
 
+from lbpool.cli._tables import plain
 from lbpool.cli.bench.scenarios import DIAL, FLOOR, LBPOOL, ratio
 
 __all__ = ["jsonable", "print_rich", "render_markdown", "render_plain", "write_plot"]
@@ -291,20 +292,15 @@ def print_rich(result: dict[str, Any]) -> bool:
     console = Console()
     if not console.is_terminal:  # piped or captured: don't squeeze the tables to 80
         console = Console(width=170)
-    console.print(_header(result))
+    console.print(plain(_header(result)))  # the CPU's name, the peers' versions: as given
     for title, header, rows in _tables(result):
-        table = Table(title=title, title_justify="left")
+        table = Table(title=plain(title), title_justify="left")
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 or h == "missing" else "right")
+            table.add_column(plain(h), justify="left" if i == 0 or h == "missing" else "right")
         for r in rows:
-            table.add_row(*(_escape(c) for c in r))
+            table.add_row(*(plain(c) for c in r))
         console.print(table)
     return True
-
-
-def _escape(cell: str) -> str:
-    """A cell as rich markup that prints as given (a ``[`` is not a style)."""
-    return cell.replace("[", "\\[")
 
 
 def write_plot(result: dict[str, Any], path: str) -> None:
