@@ -284,7 +284,7 @@ def summary(rec: Record) -> None:
     elif failed:
         print(
             f"result: OK: no request failed while failover could serve "
-            f"({failed} failed when no server of their backend could)"
+            f"({failed} failed when no server could serve them)"
         )
     else:
         print("result: OK: zero failed requests; no request failed while failover could serve")

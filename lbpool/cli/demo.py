@@ -36,6 +36,7 @@ from lbpool.cli._tables import rich_console
 from lbpool.config import Config, load_config
 from lbpool.connection import PooledConnection
 from lbpool.errors import ConfigError, LbpoolError
+from lbpool.hashing import HASH_STRATEGIES
 from lbpool.manager import PoolManager
 from lbpool.testing import EchoServer
 
@@ -78,6 +79,7 @@ _KILL_AT = 0.25  # fractions of the duration
 _RESTART_AT = 0.55
 _PHASES = ("before", "down", "after")
 _MAX_LATENCIES = 2_000_000
+_KEYS = 1_000  # key-affinity backends: each request's key is one of "user:0".."user:999"
 
 _log = logging.getLogger("lbpool")
 
@@ -111,8 +113,11 @@ def echo_request(
     *,
     io_timeout: float = _IO_TIMEOUT,
     on_retry: Callable[[BaseException], object] | None = None,
+    key: str | None = None,
 ) -> str:
     """Send ``payload``, read the echo; return the address of the server that answered.
+    ``key``: the request's key, which a key-affinity backend (``maglev``, ``ring_hash``,
+    ``rendezvous``) requires and routes by (the key's owner, or its fallback).
 
     Through ``manager.call``: errors while *acquiring* (``BackendUnavailable``,
     ``PoolTimeout``...) are final: lbpool already tried every eligible server within
@@ -138,7 +143,7 @@ def echo_request(
             raise ValueError(f"{conn.address}: echo mismatch: {reply[:32]!r}")
         return conn.address
 
-    return manager.call(backend, attempt)
+    return manager.call(backend, attempt, key=key)
 
 
 def _kind(exc: BaseException) -> str:
@@ -168,6 +173,8 @@ class Demo:
         for name, backend in config.backends.items():
             for server in backend.servers:
                 self.rec.served[(name, str(server.address))] = [0, 0, 0]
+        # Key-affinity backends route by key: their requests carry one of _KEYS keys.
+        self.keyed = {n for n, b in config.backends.items() if b.strategy in HASH_STRATEGIES}
         for name, backend in config.backends.items():
             if len(backend.servers) >= 2:
                 self.rec.outage = Outage(name, str(backend.servers[1].address))
@@ -215,13 +222,16 @@ class Demo:
         manager.add_breaker_listener(listener)
 
     # -- traffic -------------------------------------------------------------------
-    def could_serve(self, backend: str) -> bool:
-        """Was there a live server with a closed breaker that this request could use?"""
+    def could_serve(self, backend: str, key: str | None = None) -> bool:
+        """Was there a live server with a closed breaker that this request could use?
+        A key-affinity backend with ``hash_fallback: none`` serves a key from its owner
+        only: then that server."""
         assert self.manager is not None
-        for pool in self.manager.backends[backend].pools:
-            if pool.name not in self.rec.down and pool.breaker.is_closed:
-                return True
-        return False
+        pools = self.manager.backends[backend].pools
+        if key is not None and self.config.backends[backend].balance.hash_fallback == "none":
+            owner = self.manager.owner(backend, key)
+            pools = [pool for pool in pools if pool.name == owner]
+        return any(pool.name not in self.rec.down and pool.breaker.is_closed for pool in pools)
 
     def worker(self, index: int) -> None:
         assert self.manager is not None
@@ -238,15 +248,16 @@ class Demo:
             seq += 1
             backend = names[(index + seq) % len(names)]
             payload = b"%d:%d:" % (index, seq) + rng.randbytes(rng.randint(8, 56))
+            key = f"user:{rng.randrange(_KEYS)}" if backend in self.keyed else None
             began = monotonic()
             phase = rec.phase  # counted in the phase the request started in
             try:
-                address = echo_request(manager, backend, payload, on_retry=retried)
+                address = echo_request(manager, backend, payload, on_retry=retried, key=key)
             except (LbpoolError, OSError, ValueError) as exc:
                 if self.stop.is_set() and manager.closed:
                     return
                 rec.failed[_kind(exc)] += 1
-                if self.could_serve(backend):
+                if self.could_serve(backend, key):
                     rec.failed_while_failover += 1
                     rec.event(f"request to {backend} failed while failover could serve: {exc}")
                 self.stop.wait(0.05)  # do not spin on a backend that cannot serve

@@ -555,6 +555,53 @@ def test_demo_prints_names_and_ipv6_addresses_as_given(
     assert f"outage: [::1]:{ports[1]} ({first}) killed" in summary
 
 
+def keyed_demo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: dict[str, Any]
+) -> tuple[int, str, list[str]]:
+    """The demo (2 s, plain output) on one key-affinity backend of three servers: its
+    exit code, output and server addresses."""
+    addresses = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    path = tmp_path / "demo.yaml"
+    config = {
+        "defaults": {"breaker": {"recovery_timeout": "500ms"}},
+        "backends": {"sessions": {**backend, "servers": addresses}},
+    }
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 0  # what the demo runs, check calls valid
+    capsys.readouterr()
+    argv = ["demo", "--config", str(path), "--duration", "2", "--workers", "10", "--no-live"]
+    code = main(argv)
+    return code, capsys.readouterr().out, addresses
+
+
+@pytest.mark.parametrize("strategy", ["maglev", "ring_hash", "rendezvous"])
+def test_demo_sends_keys_to_a_key_affinity_backend(
+    strategy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Such a backend needs key=: without one every request failed (exit 1)."""
+    code, out, addresses = keyed_demo(tmp_path, capsys, {"strategy": strategy})
+    assert code == 0, out
+    assert re.search(r"requests: [\d,]+ total, [\d,]+ ok, 0 failed", out), out
+    assert "traffic moved: yes" in out, out  # the killed server's keys went elsewhere
+    summary = out.split("lbpool demo summary")[1]
+    for address in addresses:  # the keys spread the traffic over every server
+        before = table_row(summary, "sessions", address).split()[2]
+        assert int(before.replace(",", "")) > 0, summary
+
+
+def test_demo_key_affinity_without_fallback_fails_only_what_no_server_could_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hash_fallback: none``: a key whose owner is down fails by design, not while
+    failover could have served it."""
+    backend = {"strategy": "maglev", "balance": {"hash_fallback": "none"}}
+    code, out, _ = keyed_demo(tmp_path, capsys, backend)
+    assert code == 0, out
+    m = re.search(r"requests: [\d,]+ total, [\d,]+ ok, ([\d,]+) failed", out)
+    assert m and int(m[1].replace(",", "")) > 0, out  # the down owner's keys
+    assert "BackendUnavailable" in out and "result: OK" in out, out
+
+
 def _read_lines(stream: Any, sink: queue.Queue[str]) -> None:
     for line in stream:
         sink.put(line)
