@@ -584,9 +584,36 @@ def test_demo_sends_keys_to_a_key_affinity_backend(
     assert re.search(r"requests: [\d,]+ total, [\d,]+ ok, 0 failed", out), out
     assert "traffic moved: yes" in out, out  # the killed server's keys went elsewhere
     summary = out.split("lbpool demo summary")[1]
-    for address in addresses:  # the keys spread the traffic over every server
+    killed = addresses[1]  # the demo kills the second server of the first backend
+    assert f"outage: {killed} (sessions) killed" in summary
+    for address in addresses:  # the keys spread the traffic over the servers
+        if address != killed:  # (a loaded machine may serve few before the kill)
+            total = table_row(summary, "sessions", address).split()[5]
+            assert int(total.replace(",", "")) > 0, summary
+
+
+def test_demo_starts_its_clock_once_the_key_table_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first key table is built in the background (maglev's: 0.1-0.4 s here, more
+    on a loaded machine): the demo waits for it before its clock starts, so requests
+    are served before the kill rather than stalled through it."""
+    from lbpool import _affinity
+
+    build = _affinity.build_table
+
+    def slow_build(*args: Any, **kwargs: Any) -> Any:
+        gevent.sleep(1.0)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(_affinity, "build_table", slow_build)
+    code, out, addresses = keyed_demo(tmp_path, capsys, {"strategy": "maglev"})
+    assert code == 0, out
+    summary = out.split("lbpool demo summary")[1]
+    for address in addresses:
         before = table_row(summary, "sessions", address).split()[2]
         assert int(before.replace(",", "")) > 0, summary
+    assert "traffic moved: yes" in out, out
 
 
 def test_demo_key_affinity_without_fallback_fails_only_what_no_server_could_serve(
