@@ -335,9 +335,7 @@ class Demo:
             manager = PoolManager(self.config)
             self.manager = manager
             try:
-                manager.wait_ready(timeout=5.0)
-                for name in self.keyed:  # the first key table (built in the background;
-                    manager.owner(name, "user:0")  # maglev's takes 0.1 s and more)
+                manager.wait_ready(timeout=5.0)  # pools, DNS answers and first key tables
             except LbpoolError as exc:
                 print(f"lbpool demo: pools not ready: {exc}", file=sys.stderr)
                 return 1
