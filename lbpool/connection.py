@@ -50,6 +50,8 @@ class _Conn:
     on the first rest), active exactly while the connection sits idle, so bytes or
     EOF arriving then are seen at once. ``dirty``: what the current borrower changed
     (``TIMEOUT_CHANGED``, ``SOCK_EXPOSED``), for the pool to restore on return.
+    ``gen``: the pool's settings generation it was dialed (or its lifetime last
+    worked out) under (``Pool._outdated``).
     """
 
     __slots__ = (
@@ -58,6 +60,7 @@ class _Conn:
         "dirty",
         "era",
         "expires_at",
+        "gen",
         "last_used_at",
         "sock",
         "tls",
@@ -65,7 +68,9 @@ class _Conn:
         "watcher",
     )
 
-    def __init__(self, sock: socket.socket, now: float, expires_at: float, era: int = 0) -> None:
+    def __init__(
+        self, sock: socket.socket, now: float, expires_at: float, era: int = 0, gen: int = 0
+    ) -> None:
         self.sock = sock
         self.tls = is_tls(sock)  # a TLS socket: its unread bytes are looked for on return
         # the breaker's ``closes`` when it was dialed: an error on a connection from
@@ -75,6 +80,7 @@ class _Conn:
         self.last_used_at = now
         self.checked_at = now
         self.expires_at = expires_at
+        self.gen = gen
         self.uses = 0
         self.dirty = 0
         self.watcher: Any = None

@@ -125,6 +125,22 @@ def _check_settings(
     _args.valid_callable(setup, "setup", where)
 
 
+# DialConfig's fields that only bound the making of a connection and leave nothing on it
+# (the socket comes back blocking whatever ``dial.timeout`` was): a reload that changes
+# only these retires nothing. Every other field -- TCP options, keepalive, TLS, and any
+# field added later -- shapes the connection (``_shape``).
+_DIAL_BOUNDS: Final = ("timeout",)
+
+
+def _shape(dial: DialConfig, setup: object) -> tuple[object, ...]:
+    """What a connection is made with, beyond its address (a pool's is fixed; the
+    name is resolved afresh by every dial): the dial settings that shape it and the
+    ``setup`` hook (a config ``Hook`` is equal to one with the same import string and
+    function; any other callable only to itself). ``reconfigure`` retires the
+    connections made under a different one (``Pool._outdated``)."""
+    return (tuple((k, v) for k, v in dial if k not in _DIAL_BOUNDS), setup)
+
+
 def _caller_stack() -> str:
     """The acquiring caller's stack (for the leak warning), ending in the caller's own
     frame: this module's frames are left out (the compiled build has none to show)."""
@@ -227,6 +243,12 @@ class Pool(ThreadBound):
         # a draining pool: the pool now serving its server, told as each slot comes back
         self._heir: Pool | None = None
         self._heir_gen = 0  # the fork generation the link was made in (a child drops it)
+        # settings generations (``_outdated``): bumped by a reconfigure that changes how
+        # connections are made or how long they live; each connection carries the one it
+        # was dialed under (``_Conn.gen``). ``_shaped_gen``: the generation of the last
+        # change of how they are made: a connection dialed before it is retired
+        self._gen = 0
+        self._shaped_gen = 0
         self._set_config(
             pool or PoolConfig(), dial or DialConfig(), health_check or HealthCheckConfig(), setup
         )
@@ -330,15 +352,34 @@ class Pool(ThreadBound):
         as they come back; a larger one lets waiters dial at once. Arguments are
         checked as ``Pool()``'s (``TypeError``/``ValueError``) before anything changes;
         ``pool``, ``dial`` and ``health_check`` are required.
+
+        A change of how connections are made (``dial`` but its ``timeout``: TCP options,
+        keepalive, TLS; the ``setup`` hook) starts a new generation: idle connections
+        made the old way close now, in-use ones (and dials in flight) as they come back,
+        all counted in ``closed`` as ``lifetime``; upkeep refills ``min_idle`` with new
+        ones, a few dials at a time. A change of ``max_lifetime`` or ``lifetime_jitter``
+        works out every connection's expiry again from its creation: idle ones past it
+        close now, in-use ones as they come back. Nothing else retires a connection.
         """
         self._check_owner()
         _check_settings(pool, dial, health_check, setup, self.name)
         weight = _args.valid_weight(weight, self.name)
         if pool is None or dial is None or health_check is None:
             raise TypeError(f"{self.name}: reconfigure needs pool, dial and health_check")
+        was, shape = self.config, _shape(self.dial_config, self._setup)
         self._set_config(pool, dial, health_check, setup)
         self._demand.span = self._demand_span
         self.weight = weight
+        reshaped = _shape(dial, setup) != shape
+        if (
+            reshaped
+            or pool.max_lifetime != was.max_lifetime
+            or pool.lifetime_jitter != was.lifetime_jitter
+        ):
+            self._gen += 1
+            if reshaped:
+                self._shaped_gen = self._gen
+            self._renew_idle()
         self._retire_oldest(self._size - self._max_size, "discarded")
         self._retire_oldest(len(self._idle) - self._max_idle, "idle")
         self._hand_on()  # a larger max_size: waiters may dial now
@@ -346,6 +387,37 @@ class Pool(ThreadBound):
     def _expiry(self, now: float) -> float:
         cfg = self.config
         return now + cfg.max_lifetime * (1.0 - random.random() * cfg.lifetime_jitter)
+
+    def _outdated(self, conn: _Conn, now: float) -> bool:
+        """For a connection of an older settings generation (``conn.gen != _gen``: the
+        one integer compare every path that pools or lends it makes first): must it be
+        retired now? Yes if it was made the old way (its dial began before the last
+        change of how connections are made). Else only its lifetime settings changed:
+        its expiry is worked out again from its creation under the current ones, it
+        joins the current generation, and it must go if that expiry has passed. Every
+        path that checks a lifetime (release, a handoff, idle reuse, upkeep) sees the
+        same expiry: idle connections are brought up to date by ``reconfigure`` itself,
+        and none of an older generation is put back on the idle stack. Never yields."""
+        if conn.gen < self._shaped_gen:
+            return True
+        conn.expires_at = self._expiry(conn.created_at)
+        conn.gen = self._gen
+        return now >= conn.expires_at
+
+    def _renew_idle(self) -> None:
+        """``reconfigure`` began a new generation: retire the idle connections it
+        outdates (reason ``lifetime``), keep the rest in their order. Never yields."""
+        now = _monotonic()
+        idle = self._idle
+        looked_at = idle[:]  # taken off at once, as in _expire_idle
+        idle.clear()
+        keep: list[_Conn] = []
+        for conn in looked_at:
+            if self._outdated(conn, now):
+                self._retire(conn, "lifetime")
+            else:
+                keep.append(conn)
+        idle.extend(keep)
 
     def _reset_counters(self) -> None:
         self._hits = 0
@@ -618,6 +690,9 @@ class Pool(ThreadBound):
                 if self._closing:  # closed while we checked: lend nothing after close()
                     self._retire(conn, "discarded")
                     raise self._closed_error("pool closed during a borrow check")
+                if conn.gen != self._gen and self._outdated(conn, _monotonic()):
+                    self._retire(conn, "lifetime")  # a reconfigure during its check
+                    continue
             elif rested > _WATCH_LAG and (self._hub_lag() > _WATCH_LAG or watcher.pending):
                 # its watcher cannot vouch for it: code held the hub (no poll lately), or
                 # the last poll saw bytes or EOF and woke this borrower before the
@@ -932,6 +1007,7 @@ class Pool(ThreadBound):
         ``DialError`` (DESIGN 20).
         """
         generation = fork_generation()
+        gen = self._gen  # the settings this dial is made with, read in the same step
         try:
             try:
                 sock = _dial(
@@ -981,7 +1057,7 @@ class Pool(ThreadBound):
         # failure_rate counts request outcomes: a successful dial is none (it would
         # dilute a server that accepts every connection and fails every request)
         now = _monotonic()
-        return _Conn(sock, now, self._expiry(now), breaker.closes)
+        return _Conn(sock, now, self._expiry(now), breaker.closes, gen)
 
     def _check_trial(
         self, sock: socket.socket, trial: int, generation: int, errand: bool = False
@@ -1042,8 +1118,8 @@ class Pool(ThreadBound):
             rate = breaker.rate  # failure_rate: a clean use is a success (breaker closed)
             if rate is not None and breaker.is_closed:
                 rate.success()
-        if now >= conn.expires_at:
-            self._retire(conn, "lifetime")
+        if now >= conn.expires_at or (conn.gen != self._gen and self._outdated(conn, now)):
+            self._retire(conn, "lifetime")  # over its lifetime, or outdated by a reconfigure
         elif self._closing or self._size > self._max_size:
             self._retire(conn, "discarded")
         elif (checked == _SUSPECT or not self._check_after) and not peek_alive(conn.sock):
@@ -1223,6 +1299,9 @@ class Pool(ThreadBound):
             return
         waiters = self._waiters
         if conn is not None:
+            if conn.gen != self._gen and self._outdated(conn, _monotonic()):
+                self._retire(conn, "lifetime")  # comes back here with conn None
+                return
             if waiters:
                 self._handed += 1  # in use from now on, though its waiter is not awake yet
                 waiters.hand(conn)

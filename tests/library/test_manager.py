@@ -472,6 +472,176 @@ def test_reload_shrink_closes_extra_connections_as_they_return(
         assert st.closed["discarded"] == 2
 
 
+# -- a reload that changes how connections are made retires the old ones ---------------
+def _consistent(pool: Any) -> None:
+    st = pool.stats()
+    assert st.size == st.idle + st.in_use + st.pending, st
+    assert st.size <= st.max_size, st
+
+
+@contextlib.contextmanager
+def _invariants_watched(pool: Any) -> Iterator[list[str]]:
+    """Check ``size == idle + in_use + pending`` (and ``<= max_size``) at every hub turn
+    while the block runs; what failed is in the list yielded (empty: held throughout)."""
+    broken: list[str] = []
+    stop = Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                _consistent(pool)
+            except AssertionError as exc:
+                broken.append(str(exc))
+            gevent.sleep(0)
+
+    g = gevent.spawn(watch)
+    try:
+        yield broken
+    finally:
+        stop.set()
+        g.join(5)
+
+
+@pytest.fixture
+def selected() -> Iterator[dict[str, list[Any]]]:
+    """``tests.support.hooks.SELECTED``: the sockets each "select a db" hook set up."""
+    from tests.support import hooks
+
+    yield hooks.SELECTED
+    for made in hooks.SELECTED.values():
+        made.clear()
+
+
+def test_reload_new_setup_hook_retires_the_connections_made_with_the_old_one(
+    make_manager: Callable[..., PoolManager],
+    echo_server: EchoServer,
+    selected: dict[str, list[Any]],
+    no_fd_leak: None,
+) -> None:
+    """The redis ``SELECT`` case: a reload moves the setup hook from db 1 to db 2. The
+    idle connections that selected db 1 close at once, the one in use when it comes
+    back; upkeep refills ``min_idle`` with db-2 ones; every acquisition that starts
+    after the reload, under load, gets a db-2 connection."""
+
+    def cfg(setup: str) -> dict[str, Any]:
+        pool = {"min_idle": 2, "max_size": 6}
+        return config([echo_server.address], pool=pool, setup=f"tests.support.hooks:{setup}")  # type: ignore[arg-type]
+
+    manager = make_manager(cfg("setup_db1"))
+    manager.wait_ready(5)
+    pool = manager.backends["svc"].pools[0]
+    held = manager.get("svc")
+    assert held._conn is not None
+    held_sock = held._conn.sock
+    assert settle(lambda: pool.stats().idle == 2, 5)  # upkeep keeps min_idle idle
+    assert len(selected["db1"]) == 3
+    after: list[Any] = []  # sockets lent to acquisitions begun after the reload
+    reloaded = Event()
+    stop = Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            begun_after = reloaded.is_set()
+            with manager.get("svc") as conn:
+                conn.sendall(b"ping")
+                assert recv_exact(conn, 4) == b"ping"
+                if begun_after:
+                    assert conn._conn is not None
+                    after.append(conn._conn.sock)
+            gevent.sleep(0.001)
+
+    with _invariants_watched(pool) as broken:
+        workers = [gevent.spawn(work) for _ in range(4)]
+        gevent.sleep(0.05)
+        manager.reload(cfg("setup_db2"))
+        reloaded.set()
+        old = set(map(id, selected["db1"]))
+        assert not old & {id(c.sock) for c in pool._idle}  # the idle ones closed at once
+        assert settle(lambda: len(after) >= 50, 10)
+        stop.set()
+        gevent.joinall(workers, timeout=5, raise_error=True)
+        held.release()  # in use at the reload: closed, not pooled
+        assert settle(lambda: pool.stats().idle >= 2, 5)  # min_idle, refilled
+    assert broken == []
+    assert not old & set(map(id, after))
+    assert all(any(s is sock for s in selected["db2"]) for sock in after)
+    assert all(any(s is c.sock for s in selected["db2"]) for c in pool._idle)
+    st = pool.stats()
+    assert st.closed["lifetime"] >= 3 and st.size <= 6, st
+    assert held_sock.fileno() == -1
+
+
+def test_reload_new_tls_settings_retire_the_connections_made_with_the_old_ones(
+    make_manager: Callable[..., PoolManager],
+    tls_echo_server: EchoServer,
+    tls_certs: Any,
+    no_fd_leak: None,
+) -> None:
+    """TLS through the same rule: connections made with the old TLS settings (here,
+    verification off) are not lent after a reload turns verification on; the one in
+    use closes when it comes back."""
+
+    def cfg(tls: dict[str, Any]) -> dict[str, Any]:
+        return config(
+            [tls_echo_server.address], pool={"min_idle": 2, "max_size": 4}, dial={"tls": tls}
+        )
+
+    manager = make_manager(cfg({"verify": False}))
+    manager.wait_ready(5)
+    pool = manager.backends["svc"].pools[0]
+    held = manager.get("svc")
+    assert held._conn is not None
+    old_context = held._conn.sock.context  # type: ignore[attr-defined]
+    assert settle(lambda: pool.stats().idle == 2, 5)
+    manager.reload(cfg({"ca_file": tls_certs.ca_file}))
+    st = pool.stats()
+    assert (st.idle, st.in_use, st.closed["lifetime"]) == (0, 1, 2), st
+    for _ in range(4):
+        with manager.get("svc") as conn:
+            assert conn._conn is not None
+            context = conn._conn.sock.context  # type: ignore[attr-defined]
+            assert context is not old_context and context.check_hostname
+            conn.sendall(b"ping")
+            assert recv_exact(conn, 4) == b"ping"
+        _consistent(pool)
+    held.release()
+    assert pool.stats().closed["lifetime"] == 3
+    _consistent(pool)
+
+
+def test_reload_that_shapes_no_connection_retires_nothing(
+    make_manager: Callable[..., PoolManager], servers: Callable[..., CountingServer]
+) -> None:
+    """Sizing, weights, strategy, breaker, balance, retry, timeouts: what is open stays
+    open and is lent again."""
+    a, b = servers(), servers()
+    manager = make_manager(config([a.address, b.address], pool={"min_idle": 2}))
+    manager.wait_ready(5)
+    pools = {p.name: p for p in manager.backends["svc"].pools}
+    held = manager.get("svc")
+    assert settle(lambda: all(p.stats().idle == 2 for p in pools.values()), 5)
+    opened = {name: {id(c) for c in p._idle} for name, p in pools.items()}
+    manager.reload(
+        config(
+            [{"address": a.address, "weight": 3}, b.address],
+            "least_active",
+            pool={"min_idle": 2, "max_size": 7, "acquire_timeout": 3, "idle_timeout": 600},
+            breaker={"failure_threshold": 9, "recovery_timeout": 5},
+            balance={"panic_threshold": 0},
+            retry={"attempts": 3},
+            dial={"timeout": 4},
+            health_check={"interval": 10},
+        )
+    )
+    assert {p.name: p for p in manager.backends["svc"].pools} == pools  # the same pools
+    held.release()
+    for name, pool in pools.items():
+        st = pool.stats()
+        assert sum(st.closed.values()) == 0, st
+        assert opened[name] <= {id(c) for c in pool._idle}
+        _consistent(pool)
+
+
 def test_breaker_listener_sees_every_transition(servers: Callable[..., CountingServer]) -> None:
     srv = servers()
     address = srv.address

@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 import gevent
 import pytest
@@ -1296,3 +1296,256 @@ def test_a_failed_background_check_asks_for_its_replacement_at_once(
     st = pool.stats()
     assert (st.size, st.idle, echo_server.connections_accepted) == (2, 2, 3), st
     pool.close()
+
+
+# -- reconfigure: connections made the old way are retired ----------------------------
+def _tagging_setup(made: list[object]) -> Callable[[object], None]:
+    """A setup hook that records each socket it sets up in ``made``."""
+
+    def setup(sock: object) -> None:
+        made.append(sock)
+
+    return setup
+
+
+def _reconfigure(pool: Pool, **changes: object) -> None:
+    """``pool.reconfigure`` with its current settings but ``changes`` (``pool`` fields,
+    or ``dial``/``health_check``/``setup``/``weight`` whole)."""
+    fields = {k: changes.pop(k) for k in list(changes) if k in PoolConfig.model_fields}
+    pool.reconfigure(
+        pool=pool.config.model_copy(update=fields),
+        dial=cast(DialConfig, changes.pop("dial", pool.dial_config)),
+        health_check=cast(HealthCheckConfig, changes.pop("health_check", pool.health_config)),
+        setup=cast("Callable[[object], None] | None", changes.pop("setup", pool._setup)),
+        weight=cast(int, changes.pop("weight", pool.weight)),
+    )
+    assert not changes
+
+
+def test_reconfigure_new_setup_retires_the_old_connections(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """A new ``setup`` hook (a redis SELECT of another db, say): idle connections made
+    with the old one close at once and are never lent again, the one in use closes when
+    it comes back, and what is made from then on is made with the new hook."""
+    old_made: list[object] = []
+    new_made: list[object] = []
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=3, acquire_timeout=2),
+        setup=_tagging_setup(old_made),
+        upkeep=False,
+    )
+    with pool:
+        held = [pool.acquire() for _ in range(3)]
+        for conn in held[1:]:
+            conn.release()
+        assert pool.stats().idle == 2
+        _reconfigure(pool, setup=_tagging_setup(new_made))
+        st = pool.stats()
+        assert (st.size, st.idle, st.in_use, st.closed["lifetime"]) == (1, 0, 1, 2), st
+        assert_consistent(pool)
+        server.wait_active(1, timeout=5)  # the two idle ones are closed for real
+        for _ in range(3):
+            with pool.get() as conn:
+                assert conn._conn is not None
+                assert conn._conn.sock in new_made  # made with the new hook
+                assert conn._conn.sock not in old_made
+            assert_consistent(pool)
+        held[0].release()  # in use at the reconfigure: closed, not pooled
+        st = pool.stats()
+        assert (st.size, st.idle, st.in_use, st.closed["lifetime"]) == (1, 1, 0, 3), st
+        assert [c.sock for c in pool._idle] == new_made
+        assert len(old_made) == 3 and len(new_made) == 1
+
+
+def test_reconfigure_retires_a_connection_dialed_the_old_way_in_flight(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """A refill dial that began before the reconfigure ends after it: its connection
+    was made the old way, so it is closed instead of pooled; the next refill makes a
+    new one."""
+    gate = Event()
+    entered = Event()
+    new_made: list[object] = []
+
+    def slow_old_setup(sock: object) -> None:
+        entered.set()
+        gate.wait(5)
+
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=1, max_size=2),
+        setup=slow_old_setup,
+        upkeep=False,
+    )
+    with pool:
+        assert pool.fill() == 1
+        assert entered.wait(5)
+        _reconfigure(pool, setup=_tagging_setup(new_made))
+        gate.set()
+        assert settle(lambda: pool.stats().closed["lifetime"] == 1, 5)
+        pool.wait_ready(5)  # the refill goes on: a new one
+        st = pool.stats()
+        assert (st.size, st.idle, st.pending, st.closed["lifetime"]) == (1, 1, 0, 1), st
+        assert [c.sock for c in pool._idle] == new_made
+        assert_consistent(pool)
+
+
+def test_reconfigure_during_a_borrow_check_lends_a_new_connection(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """A connection under a borrow check while the reconfigure changes how connections
+    are made is not lent when its check passes: closed, and the caller gets a new one."""
+    gate = Event()
+    entered = Event()
+
+    def slow_check(sock: object) -> None:
+        entered.set()
+        gate.wait(5)
+
+    new_made: list[object] = []
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0, acquire_timeout=5),
+        health_check=HealthCheckConfig(hook=slow_check),  # type: ignore[arg-type]
+        upkeep=False,
+    )
+    with pool:
+        pool.acquire().release()
+        old = pool._idle[0]
+        g = gevent.spawn(pool.acquire)
+        assert entered.wait(5)
+        _reconfigure(pool, setup=_tagging_setup(new_made))
+        gate.set()
+        conn = g.get(timeout=5)
+        assert conn._conn is not old
+        assert conn._conn is not None and conn._conn.sock in new_made
+        assert pool.stats().closed["lifetime"] == 1
+        conn.release()
+        assert_consistent(pool)
+
+
+# each DialConfig field but timeout, changed: every one shapes the connections made
+_DIAL_CHANGES: dict[str, object] = {
+    "tcp_nodelay": False,
+    "keepalive": False,
+    "keepalive_idle": 60,
+    "keepalive_interval": 10,
+    "keepalive_count": 3,
+    "tls": {"verify": False},
+}
+
+
+def test_every_dial_setting_but_the_timeout_is_covered() -> None:
+    """A field added to DialConfig shapes connections unless said otherwise: this list
+    has to name it (and the test below then checks it retires the old ones)."""
+    assert set(DialConfig.model_fields) == {*_DIAL_CHANGES, "timeout"}
+
+
+@pytest.mark.parametrize("field", sorted(_DIAL_CHANGES))
+def test_reconfigure_new_dial_setting_retires_the_old_connections(
+    server: EchoServer, no_fd_leak: None, field: str
+) -> None:
+    pool = make_pool(server, max_size=3)
+    with pool:
+        held = [pool.acquire() for _ in range(3)]
+        for conn in held[1:]:
+            conn.release()
+        dial = DialConfig.model_validate({field: _DIAL_CHANGES[field]})
+        _reconfigure(pool, dial=dial)
+        st = pool.stats()
+        assert (st.size, st.idle, st.in_use, st.closed["lifetime"]) == (1, 0, 1, 2), st
+        held[0].release()
+        st = pool.stats()
+        assert (st.size, st.idle, st.closed["lifetime"]) == (0, 0, 3), st
+        assert_consistent(pool)
+
+
+def test_reconfigure_that_shapes_nothing_retires_nothing(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """Sizing, timeouts, checks, weight, the dial's timeout, the same setup hook: the
+    connections open are kept and lent again."""
+    setup = _tagging_setup([])
+    pool = Pool(server.address, pool=PoolConfig(min_idle=0, max_size=3), setup=setup, upkeep=False)
+    with pool:
+        held = [pool.acquire() for _ in range(3)]
+        for conn in held[1:]:
+            conn.release()
+        kept = [*pool._idle, held[0]._conn]
+        _reconfigure(
+            pool,
+            max_size=5,
+            max_idle=4,
+            acquire_timeout=3,
+            idle_timeout=600,
+            check_after=2,
+            upkeep_interval=0.5,
+            leak_threshold=60,
+            dial=DialConfig(timeout=7),
+            health_check=HealthCheckConfig(send="ping\n", expect="ping", interval=10),
+            setup=setup,
+            weight=3,
+        )
+        held[0].release()
+        st = pool.stats()
+        assert (st.size, st.idle, sum(st.closed.values())) == (3, 3, 0), st
+        assert sorted(map(id, pool._idle)) == sorted(map(id, kept))
+        assert_consistent(pool)
+
+
+def test_reconfigure_lower_max_lifetime_retires_the_connections_past_it(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """Lowering ``max_lifetime`` rotates what is open: each connection's expiry is
+    worked out again from its creation, so the idle ones already past it close at once
+    and the one in use when it comes back; a new one lives out the new lifetime."""
+    pool = make_pool(server, max_size=3, max_lifetime=3600, lifetime_jitter=0)
+    with pool:
+        held = [pool.acquire() for _ in range(3)]
+        born = max(c.created_at for c in held)
+        for conn in held[1:]:
+            conn.release()
+        while monotonic() - born < 0.05:  # the youngest is 50 ms old
+            gevent.sleep(0.01)
+        _reconfigure(pool, max_lifetime=0.04)
+        st = pool.stats()
+        assert (st.size, st.idle, st.in_use, st.closed["lifetime"]) == (1, 0, 1, 2), st
+        held[0].release()
+        assert pool.stats().closed["lifetime"] == 3
+        fresh = pool.acquire()
+        assert fresh._conn is not None
+        assert fresh._conn.expires_at == pytest.approx(fresh.created_at + 0.04)
+        fresh.discard()
+        assert_consistent(pool)
+
+
+def test_reconfigure_lifetime_applies_to_every_connection_on_every_path(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """A new ``max_lifetime``/``lifetime_jitter`` is worked out from each connection's
+    creation whatever it was doing at the reconfigure (idle, in use, handed to a
+    waiter not awake yet), and seen alike by release, idle reuse and upkeep."""
+    pool = make_pool(server, max_size=2, max_lifetime=100, lifetime_jitter=0)
+    with pool:
+        a, b = pool.acquire(), pool.acquire()
+        a.release()  # idle
+        waiter = gevent.spawn(pool.acquire)
+        gevent.sleep(0)  # queued
+        conn_b = b._conn
+        assert conn_b is not None
+        b.release()  # handed to the waiter, not awake yet
+        _reconfigure(pool, max_lifetime=1000, lifetime_jitter=0.5)
+        idle = pool._idle[0]
+        assert idle.created_at + 500 <= idle.expires_at <= idle.created_at + 1000
+        handed = waiter.get(timeout=5)
+        handed.release()  # brought up to date on its way back
+        assert conn_b.created_at + 500 <= conn_b.expires_at <= conn_b.created_at + 1000
+        pool.run_upkeep()  # upkeep's expiry check: nothing is past the new lifetime
+        st = pool.stats()
+        assert (st.size, st.idle, sum(st.closed.values())) == (2, 2, 0), st
+        _reconfigure(pool, max_lifetime=0)  # and now every one is past it
+        st = pool.stats()
+        assert (st.size, st.idle, st.closed["lifetime"]) == (0, 0, 2), st
+        assert_consistent(pool)

@@ -40,3 +40,19 @@ def setup_ping(sock: Any) -> None:
     got = recv_exact(sock, len(want))
     if got != want:
         raise ConnectionError(f"bad setup reply {got!r}")
+
+
+# Sockets each "select a database" setup hook made ready (a stand-in for a redis
+# ``SELECT n`` on connect): a test tells which hook set a connection up by finding its
+# socket here. Tests clear them when done.
+SELECTED: dict[str, list[Any]] = {"db1": [], "db2": []}
+
+
+def setup_db1(sock: Any) -> None:
+    """A setup hook that "selects db 1": records the socket in ``SELECTED["db1"]``."""
+    SELECTED["db1"].append(sock)
+
+
+def setup_db2(sock: Any) -> None:
+    """A setup hook that "selects db 2": records the socket in ``SELECTED["db2"]``."""
+    SELECTED["db2"].append(sock)
