@@ -371,11 +371,12 @@ class Breaker(CircuitBreaker):  # type: ignore[misc]  # the package ships no typ
         """A dial let through by the backend's panic mode (the breaker open, or half-open
         with its trial taken) succeeded: that is its verdict, the breaker closes. (Its
         failure is an ordinary ``record_failure`` with no trial: counted, and the open
-        breaker keeps its wait, not doubled.)"""
+        breaker keeps its wait, not doubled.) Open, it goes through half-open, the
+        edges every breaker takes (a listener never sees open -> closed)."""
         if self.is_closed:
             return
-        if self._state == STATE_OPEN:
-            self._promote()
+        if self._state == STATE_OPEN:  # the panic dial stands for the trial
+            self._transition(STATE_HALF_OPEN)
         self._close()
 
     def count_success(self) -> None:

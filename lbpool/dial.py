@@ -80,31 +80,59 @@ def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
         return _build_context(tls)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)
 def _cached_context(tls: TLSConfig) -> ssl.SSLContext:
-    return _build_context(tls)
+    """Per config: the context of its files (shared by every config naming the same
+    ones: many backends differing only in ``server_hostname`` load them once), then
+    its ``server_hostname`` checked against it."""
+    ctx = _files_context(tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
+    if tls.server_hostname is not None:
+        _check_server_hostname(ctx, tls.server_hostname)
+    return ctx
+
+
+@functools.lru_cache(maxsize=256)
+def _files_context(
+    ca_file: str | None, cert_file: str | None, key_file: str | None, verify: bool
+) -> ssl.SSLContext:
+    return _context_of_files(ca_file, cert_file, key_file, verify)
+
+
+def _forget_contexts() -> None:
+    """Drop every cached context (as an eviction would): for tests."""
+    _cached_context.cache_clear()
+    _files_context.cache_clear()
 
 
 def _build_context(tls: TLSConfig) -> ssl.SSLContext:
-    if tls.key_file and not tls.cert_file:
+    ctx = _context_of_files(tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
+    if tls.server_hostname is not None:
+        _check_server_hostname(ctx, tls.server_hostname)
+    return ctx
+
+
+def _context_of_files(
+    ca_file: str | None, cert_file: str | None, key_file: str | None, verify: bool
+) -> ssl.SSLContext:
+    """The client context of a CA file, a key pair and ``verify``: loading CA bundles
+    (the system's ~45 ms) and keys is the slow part of a TLS config."""
+    if key_file and not cert_file:
         raise TLSSetupError("key_file", "requires cert_file")
     # gevent's SSLContext hands out cooperative SSLSockets from wrap_socket().
     ctx = cast(ssl.SSLContext, gssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.verify:
+    if verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = True
-        if not tls.ca_file:
+        if not ca_file:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if tls.ca_file:  # loaded with verify off too: a file named must be a usable one
-        _load_ca(ctx, tls.ca_file)
-    if tls.cert_file:
-        _load_key_pair(ctx, tls.cert_file, tls.key_file)
-    if tls.server_hostname is not None:
-        _check_server_hostname(ctx, tls.server_hostname)
+    if ca_file:  # loaded with verify off too: a file named must be a usable one
+        _load_ca(ctx, ca_file)
+    if cert_file:
+        _load_key_pair(ctx, cert_file, key_file)
     return ctx
 
 

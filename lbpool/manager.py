@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, SupportsFloat, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Final, Protocol, SupportsFloat, TypeVar, Union
 
 import gevent
 from gevent.event import Event
@@ -747,6 +747,10 @@ class Backend:
 _DNS, _TABLE, _POOL = "dns", "table", "pool"
 
 
+# wait_ready looks at what it waits for at least this often (seconds)
+_READY_POLL: Final = 0.1
+
+
 class _Unready:
     """One thing ``wait_ready`` waits for: a backend's first DNS answer or first key
     table, or a pool's ``min_idle``; read live at each look."""
@@ -1064,10 +1068,14 @@ class PoolManager(Router):
                 why = [u.why(timeout or 0.0) for u in pending if u.event() is not None]
                 raise PoolTimeout("not ready: " + "; ".join(why))
             backend = pending[0].backend  # a change of its membership or runner, its
-            # removal (reload, an ad-hoc name forgotten) or close() wakes the wait too
+            # removal (reload, an ad-hoc name forgotten) or close() wakes the wait too.
+            # Looked at again every _READY_POLL s at least: a pool made ready by its
+            # callers' connections (lent straight from their dials, given back to the
+            # idle stack) sets no event, as the release path must not pay for one
+            poll = _READY_POLL if left is None else min(left, _READY_POLL)
             gevent.wait(
                 [event, backend.changed, backend.closed_event, self._closed_event],
-                timeout=left,
+                timeout=poll,
                 count=1,
             )
 

@@ -79,6 +79,8 @@ _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
 _log = logging.getLogger("lbpool")
 # checked_at of a connection the server's failure made suspect: checked before reuse
 _SUSPECT: Final = float("-inf")
+# after a dial that failed on this side (DialError.local), how long refills wait (s)
+_LOCAL_BACKOFF: Final = 1.0
 
 # What the hot path calls or reads, bound once as ``Final`` names: the compiled build
 # keeps those in C statics, where any other module global costs a dict lookup per use
@@ -286,6 +288,9 @@ class Pool(ThreadBound):
         # closes its copies, so nothing copied from the parent reads the parent's replies
         self._in_flight: set[Any] = set()
         self._last_dial_error: BaseException | None = None
+        # when a dial last failed on this side (DialError.local): fill() waits
+        # _LOCAL_BACKOFF s after it, as no breaker opens to stop it
+        self._local_failure_at = -_LOCAL_BACKOFF
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         # an ad-hoc pool's: called by upkeep once the pool is unused for idle_timeout
         # (the manager then closes and forgets it); None: kept for good
@@ -1034,6 +1039,8 @@ class Pool(ThreadBound):
                 self._dial_failures += 1
                 self._last_dial_error = exc
             verdict = failed and not cast(DialError, exc).local
+            if failed and not verdict:
+                self._local_failure_at = _monotonic()
             if trial and not verdict:
                 self.breaker.abandon_trial(trial)
             self._unreserve(exc if verdict else None, trial, dial=True)
@@ -1665,8 +1672,9 @@ class Pool(ThreadBound):
         recent peak in use, open), within ``max_size`` and ``max_idle``, at most
         ``_REFILL_DIALS`` in flight (each that succeeds starts the next; none while the
         breaker is open but for its one half-open trial); returns how many it started.
-        Never yields."""
-        if self._closing:
+        None for ``_LOCAL_BACKOFF`` s after a dial failed on this side (a TLS context
+        that cannot be built: no breaker opens to pace the retries). Never yields."""
+        if self._closing or _monotonic() - self._local_failure_at < _LOCAL_BACKOFF:
             return 0
         need = min(self._refill_need(), _REFILL_DIALS - self._refilling)
         started = 0

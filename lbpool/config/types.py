@@ -337,7 +337,14 @@ class Hook:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Hook):
             return NotImplemented
-        return self.target == other.target and self.func is other.func
+        if self.target != other.target:
+            return False
+        if self.func is other.func:
+            return True
+        try:  # an equal callable (redis's handshake(db=0) == handshake(db=0)): same hook
+            return bool(self.func == other.func)
+        except Exception:
+            return False
 
     def __hash__(self) -> int:
         return hash(self.target)

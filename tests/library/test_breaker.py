@@ -436,6 +436,24 @@ def test_reset_force_closes() -> None:
     assert changes == [("closed", "open"), ("open", "closed")]
 
 
+def test_a_panic_dials_success_closes_through_half_open() -> None:
+    """Open, its wait not over, a panic-mode dial succeeds: the breaker closes by the
+    edges every breaker takes (open -> half_open -> closed). It went open -> closed,
+    which the chaos suite's edge check caught under load, when every server's breaker
+    had opened and panic mode dialed one."""
+    changes: list[tuple[str, str]] = []
+    b, _ = make(
+        threshold=1,
+        recovery=60,
+        max_recovery=60,
+        listener=lambda br, old, new: changes.append((old, new)),
+    )
+    b.record_failure(OSError())
+    b.record_success(PANIC_DIAL)
+    assert b.is_closed
+    assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
 def test_repr_and_error_message_with_float_remaining() -> None:
     b, clock = make(threshold=1, recovery=0.25)
     b.record_failure(OSError("refused"))

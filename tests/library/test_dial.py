@@ -368,7 +368,7 @@ def test_a_tls_context_that_cannot_be_built_fails_the_dial_before_connecting(
     ca_file.write_bytes(Path(tls_certs.ca_file).read_bytes())
     config = tls_config(ca_file=str(ca_file))
     ca_file.unlink()
-    lbpool.dial._cached_context.cache_clear()
+    lbpool.dial._forget_contexts()
     accepted = tls_echo_server.connections_accepted
     with pytest.raises(DialError) as info:
         dial(addr(tls_echo_server), config)
@@ -406,7 +406,7 @@ def test_make_ssl_context_names_the_setting_at_fault(tls_certs: TLSCerts, tmp_pa
     for settings, setting, named in cases:
         # the model refuses these, so build the stand-in a caller could still pass
         tls = TLSConfig.model_construct(**{**TLSConfig().model_dump(), **settings})
-        lbpool.dial._cached_context.cache_clear()
+        lbpool.dial._forget_contexts()
         with pytest.raises(TLSSetupError) as info:
             make_ssl_context(tls)
         assert info.value.setting == setting, (settings, info.value)
@@ -549,3 +549,26 @@ def test_every_address_unreachable_times_out_within_the_budget(
     with pytest.raises(DialError, match="timed out"):
         dial(Address("two.example", 1), DialConfig(timeout=0.5))
     assert monotonic() - start < 0.5 + 0.5
+
+
+def test_configs_differing_only_in_server_hostname_load_their_files_once(
+    tls_certs: TLSCerts,
+) -> None:
+    """70 backends, each its own ``server_hostname``, one CA file: validating them built
+    70 contexts (~45 ms each, past a 64-entry cache: every reload again, seconds in the
+    hub). The files' context is shared; each name is only checked against it."""
+    from lbpool.config import parse_config
+
+    lbpool.dial._forget_contexts()
+    backends = {
+        f"b{i}": {
+            "servers": [f"127.0.0.1:{7000 + i}"],
+            "dial": {"tls": {"ca_file": tls_certs.ca_file, "server_hostname": f"h{i}.example"}},
+        }
+        for i in range(70)
+    }
+    first = parse_config({"backends": backends})
+    again = parse_config({"backends": backends})
+    assert lbpool.dial._files_context.cache_info().misses == 1
+    tls = [b.dial.tls for c in (first, again) for b in c.backends.values()]
+    assert len({id(make_ssl_context(t)) for t in tls if t is not None}) == 1

@@ -642,6 +642,43 @@ def test_reload_that_shapes_no_connection_retires_nothing(
         _consistent(pool)
 
 
+class _EqualHook:
+    """A setup hook equal to another with the same settings (as redis-py's
+    ``handshake(db=0)`` is to another ``handshake(db=0)``)."""
+
+    def __init__(self, db: int) -> None:
+        self.db = db
+
+    def __call__(self, sock: Any) -> None:
+        pass
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _EqualHook) and other.db == self.db
+
+    def __hash__(self) -> int:
+        return hash(self.db)
+
+
+def test_reload_with_an_equal_setup_hook_object_retires_nothing(
+    make_manager: Callable[..., PoolManager], servers: Callable[..., CountingServer]
+) -> None:
+    """A program that builds its config again for each reload makes a new but equal
+    hook object: the same hook, nothing retired (hooks compared by identity retired
+    every connection on every such reload; found by review). A different one does."""
+    a = servers()
+
+    def cfg(db: int, max_size: int = 10) -> Any:
+        return config([a.address], pool={"min_idle": 2, "max_size": max_size}, setup=_EqualHook(db))
+
+    manager = make_manager(cfg(0))
+    manager.wait_ready(5)
+    (pool,) = manager.backends["svc"].pools
+    manager.reload(cfg(0, max_size=11))
+    assert sum(pool.stats().closed.values()) == 0
+    manager.reload(cfg(1, max_size=11))
+    assert pool.stats().closed["lifetime"] == 2
+
+
 def test_breaker_listener_sees_every_transition(servers: Callable[..., CountingServer]) -> None:
     srv = servers()
     address = srv.address

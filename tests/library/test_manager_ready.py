@@ -182,3 +182,43 @@ def test_wait_ready_names_the_backend_whose_key_table_is_not_built(
     gate.set()
     manager.wait_ready(WAIT)
     manager.get("h", key="user:1", timeout=0.05).release()
+
+
+def test_wait_ready_sees_a_pool_its_callers_made_ready(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer
+) -> None:
+    """``min_idle == max_size`` with every slot taken by callers' own dials: the pool
+    becomes ready through their connections (lent straight from the dial), which set
+    no event; ``wait_ready(None)`` waited for ever (found by review). It looks again
+    at least every 0.1 s now."""
+
+    def slow_setup(sock: Any) -> None:
+        gevent.sleep(0.2)
+
+    def cfg(min_idle: int) -> dict[str, Any]:
+        pool = {"min_idle": min_idle, "max_size": 2}
+        return {
+            "backends": {"b": {"servers": [echo_server.address], "setup": slow_setup, "pool": pool}}
+        }
+
+    manager = make_manager(cfg(0))
+    go = Event()
+
+    def hold() -> None:
+        with manager.get("b", timeout=5):
+            go.wait(10)
+
+    holders = [gevent.spawn(hold) for _ in range(2)]
+    try:
+        gevent.sleep(0.05)  # both dials in flight: every slot taken
+        manager.reload(cfg(2))  # the same hook: nothing retired, min_idle now 2
+        pool = manager.backends["b"].pools[0]
+        assert not pool.is_ready()
+        waiter = gevent.spawn(manager.wait_ready, None)
+        waiter.join(timeout=5)  # the dials end at 0.2 s; the holders hold on
+        assert waiter.dead and waiter.successful(), waiter.exception
+        assert pool.stats().in_use == 2
+    finally:
+        go.set()
+        gevent.joinall(holders, timeout=5)
+        gevent.killall([*holders], timeout=5)

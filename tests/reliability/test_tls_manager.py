@@ -22,6 +22,7 @@ from gevent.event import Event
 
 import lbpool.dial
 from lbpool import BackendUnavailable, ConfigError, DialError, PoolClosed, PoolManager
+from lbpool.config import parse_config
 from lbpool.testing import EchoServer, recv_exact
 from tests.support.interrupt import no_switch
 from tests.support.leaks import settle
@@ -143,7 +144,7 @@ def test_a_tls_context_that_fails_at_dial_time_opens_no_breaker(
         PoolManager(two_server_config([a.address, b.address], {"ca_file": str(ca_file)})) as m,
     ):
         ca_file.unlink()
-        lbpool.dial._cached_context.cache_clear()
+        lbpool.dial._forget_contexts()
         for _ in range(6):  # three times the failure_threshold, on each server
             with pytest.raises(BackendUnavailable) as info:
                 m.get("c", timeout=1)
@@ -452,3 +453,27 @@ def test_tls_bytes_a_borrower_left_unread_never_reach_the_next(
         assert s.closed["unhealthy"] == 1
         assert s.breaker_state == "closed"
         assert s.size == s.idle + s.in_use + s.pending
+
+
+def test_a_local_dial_failure_paces_the_refills(
+    tls_certs: TLSCerts, tmp_path: Any, no_fd_leak: None
+) -> None:
+    """A local failure opens no breaker, so nothing stopped ``wait_ready`` and upkeep
+    from dialing again at once: 844 failed dials in 0.5 s (found by review). Refills
+    now wait a second after one."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(Path(tls_certs.ca_file).read_bytes())
+    with EchoServer(ssl_context=tls_certs.server_context()) as server:
+        cfg = two_server_config([server.address], {"ca_file": str(ca_file)})
+        idle = parse_config(cfg)
+        cfg["defaults"]["pool"]["min_idle"] = 1
+        wants_one = parse_config(cfg)  # parsed (validated) while the file is there
+        with PoolManager(idle) as manager:
+            ca_file.unlink()
+            lbpool.dial._forget_contexts()  # as an eviction: built again at the dial
+            manager.reload(wants_one)  # min_idle 1: refills begin, and fail here
+            with pytest.raises(lbpool.PoolTimeout):
+                manager.wait_ready(1.5)
+            (stats,) = manager.stats().backends["c"].servers.values()
+            assert 1 <= stats.dial_failures <= 4, stats.dial_failures
+            assert stats.breaker_state == "closed"
