@@ -11,9 +11,11 @@ enough to sit in a ``BackendUnavailable`` message; interruptions (``GreenletExit
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import re
 import socket
 import ssl
@@ -66,49 +68,103 @@ class TLSSetupError(ValueError):
 
 
 def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """The client ``SSLContext`` for *tls*, built once per (frozen, hashable) config.
+    """The client ``SSLContext`` for *tls*, from its files as they are on disk now.
 
     Loading CA bundles and key pairs is slow, and one context serves any number of
-    connections, so equal configs share one cached context (validating a
-    ``TLSConfig`` builds it, so its dials find it ready). Verification is on unless
-    ``verify`` is false (which turns off both the chain and the hostname check).
-    Raises ``TLSSetupError`` naming the setting and the file at fault.
+    connections, so a context is cached per set of files (``ca_file``, ``cert_file``,
+    ``key_file``, ``verify``: backends differing only in ``server_hostname`` share one)
+    and built again only when one of its files changed on disk since (device, inode,
+    size, modification and change times, read with one ``os.stat`` per file: rotated
+    certificates are used by the next dial, with no reload, as redis-py and urllib3
+    read their files per connection). Validating a ``TLSConfig`` builds it, so its
+    dials find it ready. Verification is on unless ``verify`` is false (which turns off
+    both the chain and the hostname check). Raises ``TLSSetupError`` naming the setting
+    and the file at fault (the dial path may keep an older context instead:
+    ``dial_context``).
     """
-    try:
-        return _cached_context(tls)
-    except TypeError:  # unhashable stand-in for a TLSConfig: build without caching
-        return _build_context(tls)
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Per config: the context of its files (shared by every config naming the same
-    ones: many backends differing only in ``server_hostname`` load them once), then
-    its ``server_hostname`` checked against it."""
     ctx = _files_context(tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
     if tls.server_hostname is not None:
-        _check_server_hostname(ctx, tls.server_hostname)
+        _check_server_hostname(tls.server_hostname)
     return ctx
 
 
-@functools.lru_cache(maxsize=256)
+def dial_context(tls: TLSConfig) -> ssl.SSLContext:
+    """``make_ssl_context(tls)`` for a dial: if a file changed on disk and cannot be
+    loaded now (removed, half-written, a key that no longer matches), the context last
+    built from the same files is used, with one warning per changed state of the files
+    (as Envoy keeps serving its last good certificate when an update is rejected); with
+    none (never built, or evicted), ``TLSSetupError`` as ``make_ssl_context`` raises."""
+    try:
+        return make_ssl_context(tls)
+    except TLSSetupError as exc:
+        key = (tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
+        kept = _contexts.get(key)
+        if kept is None or exc.setting == "server_hostname":
+            raise
+        if tls.server_hostname is not None:
+            _check_server_hostname(tls.server_hostname)
+        signature = _signature(key)
+        if kept.failed != signature:
+            kept.failed = signature
+            _log.warning(
+                "TLS files changed but cannot be loaded (%s); new connections keep the "
+                "context loaded before",
+                exc,
+            )
+        return kept.ctx
+
+
+class _Loaded:
+    """A cached context and the state of its files it was built from."""
+
+    __slots__ = ("ctx", "failed", "signature")
+
+    def __init__(self, ctx: ssl.SSLContext, signature: tuple[object, ...]) -> None:
+        self.ctx = ctx
+        self.signature = signature
+        self.failed: tuple[object, ...] | None = None  # the files' state last warned of
+
+
+_MAX_CONTEXTS = 256  # sets of files; the oldest built is dropped past this
+_contexts: dict[tuple[str | None, str | None, str | None, bool], _Loaded] = {}
+
+
+def _stat_signature(path: str | None) -> tuple[int, ...] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # loading it says why (a NUL byte: ValueError)
+        return (-1,)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _signature(key: tuple[str | None, str | None, str | None, bool]) -> tuple[object, ...]:
+    return (_stat_signature(key[0]), _stat_signature(key[1]), _stat_signature(key[2]))
+
+
 def _files_context(
     ca_file: str | None, cert_file: str | None, key_file: str | None, verify: bool
 ) -> ssl.SSLContext:
-    return _context_of_files(ca_file, cert_file, key_file, verify)
+    """The cached context of these files, built again if one changed on disk."""
+    key = (ca_file, cert_file, key_file, verify)
+    signature = _signature(key)
+    loaded = _contexts.get(key)
+    if loaded is not None and loaded.signature == signature:
+        return loaded.ctx
+    ctx = _context_of_files(ca_file, cert_file, key_file, verify)  # TLSSetupError: kept
+    _contexts.pop(key, None)
+    if len(_contexts) >= _MAX_CONTEXTS:
+        # another thread may change it meanwhile (configs validated there)
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+            del _contexts[next(iter(_contexts))]
+    _contexts[key] = _Loaded(ctx, signature)
+    return ctx
 
 
 def _forget_contexts() -> None:
     """Drop every cached context (as an eviction would): for tests."""
-    _cached_context.cache_clear()
-    _files_context.cache_clear()
-
-
-def _build_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = _context_of_files(tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
-    if tls.server_hostname is not None:
-        _check_server_hostname(ctx, tls.server_hostname)
-    return ctx
+    _contexts.clear()
 
 
 def _context_of_files(
@@ -236,15 +292,20 @@ def _load_key_pair(ctx: ssl.SSLContext, cert_file: str, key_file: str | None) ->
         raise TLSSetupError(setting, problem) from None
 
 
-def _check_server_hostname(ctx: ssl.SSLContext, name: str) -> None:
-    """The checks ``wrap_socket`` makes of the name (IDNA, NUL bytes, empty), made on
-    an in-memory TLS object now rather than on every dial."""
+@functools.lru_cache(maxsize=4096)
+def _check_server_hostname(name: str) -> None:
+    """The checks ``wrap_socket`` makes of the name (IDNA, NUL bytes, empty), made once
+    per name on an in-memory TLS object of a bare client context, not on every dial
+    (they look at the name only; a failing name is not cached)."""
     try:
-        ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+        _NAME_CHECKS.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
     except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
         raise TLSSetupError(
             "server_hostname", f"{name!r} cannot be sent as a TLS server name: {exc}"
         ) from None
+
+
+_NAME_CHECKS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no files: checks names only
 
 
 def _connect_reason(exc: BaseException, budget: float) -> str:
@@ -499,7 +560,7 @@ def dial(
         # before any connect: a context that cannot be built is a local mistake, not
         # the server's (cached: built when the config was validated)
         try:
-            ctx = make_ssl_context(config.tls)
+            ctx = dial_context(config.tls)
         except Exception as exc:
             reason = f"TLS configuration error: {exc}"
             _log.debug("dial %s failed: %s", name, reason)

@@ -133,10 +133,11 @@ class TLSConfig(_Model):
     """TLS for dialed connections; verification is on unless turned off explicitly.
 
     Validating one builds its ``SSLContext`` (``lbpool.dial.make_ssl_context``, cached
-    per config, so dials reuse it): a file that is missing, unreadable or not PEM, a key
-    that does not match its certificate, a server name no TLS client can send, is an
-    error at that setting's path (``defaults.dial.tls.ca_file``), naming the file --
-    never a failure of every dial, charged to the servers' breakers.
+    per set of files, so dials reuse it; built again when a file changes on disk): a
+    file that is missing, unreadable or not PEM, a key that does not match its
+    certificate, a server name no TLS client can send, is an error at that setting's
+    path (``defaults.dial.tls.ca_file``), naming the file -- never a failure of every
+    dial, charged to the servers' breakers.
     """
 
     ca_file: str | None = None  # PEM CA bundle; None: the system's CAs

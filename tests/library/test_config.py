@@ -1355,11 +1355,11 @@ def test_a_valid_tls_config_builds_its_context_once_when_validated(
     built = config.backends["a"].dial.tls
     assert built is not None and built.key_file == tls_certs.client_key_file
 
-    def never(tls: TLSConfig) -> Any:
+    def never(*files: Any) -> Any:
         raise AssertionError("the context was built again")
 
     # the dials find it built: validating the config built it, once for equal sections
-    monkeypatch.setattr(lbpool.dial, "_build_context", never)
+    monkeypatch.setattr(lbpool.dial, "_context_of_files", never)
     assert lbpool.dial.make_ssl_context(built) is lbpool.dial.make_ssl_context(
         config.defaults.dial.tls  # type: ignore[arg-type]
     )

@@ -552,14 +552,14 @@ def test_every_address_unreachable_times_out_within_the_budget(
 
 
 def test_configs_differing_only_in_server_hostname_load_their_files_once(
-    tls_certs: TLSCerts,
+    tls_certs: TLSCerts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """70 backends, each its own ``server_hostname``, one CA file: validating them built
     70 contexts (~45 ms each, past a 64-entry cache: every reload again, seconds in the
     hub). The files' context is shared; each name is only checked against it."""
     from lbpool.config import parse_config
 
-    lbpool.dial._forget_contexts()
+    builds = count_context_builds(monkeypatch)
     backends = {
         f"b{i}": {
             "servers": [f"127.0.0.1:{7000 + i}"],
@@ -569,6 +569,91 @@ def test_configs_differing_only_in_server_hostname_load_their_files_once(
     }
     first = parse_config({"backends": backends})
     again = parse_config({"backends": backends})
-    assert lbpool.dial._files_context.cache_info().misses == 1
+    assert builds == [(tls_certs.ca_file, None, None, True)]
     tls = [b.dial.tls for c in (first, again) for b in c.backends.values()]
     assert len({id(make_ssl_context(t)) for t in tls if t is not None}) == 1
+
+
+def count_context_builds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """From now on, the files of every context built (none cached before)."""
+    lbpool.dial._forget_contexts()
+    builds: list[tuple[Any, ...]] = []
+    build = lbpool.dial._context_of_files
+
+    def counted(*files: Any) -> ssl.SSLContext:
+        builds.append(files)
+        return build(*files)
+
+    monkeypatch.setattr(lbpool.dial, "_context_of_files", counted)
+    return builds
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` anew as rotation tools do: a new file renamed over the old one."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(data)
+    fresh.replace(path)
+
+
+def test_rotated_tls_files_are_used_by_the_next_dial(
+    tls_certs: TLSCerts,
+    tls_echo_server: EchoServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_fd_leak: None,
+) -> None:
+    """A CA file replaced on disk (certificate rotation) is loaded by the next dial, no
+    reload needed, as redis-py and urllib3 read their files per connection; the cached
+    context served every dial before (it was loaded once, however many dials)."""
+    builds = count_context_builds(monkeypatch)
+    ca_file = tmp_path / "ca.pem"
+    replace_file(ca_file, Path(tls_certs.other_ca_file).read_bytes())  # the wrong CA
+    config = tls_config(ca_file=str(ca_file))
+    with pytest.raises(DialError) as info:
+        dial(addr(tls_echo_server), config)
+    assert not info.value.local  # the server's certificate does not verify
+    replace_file(ca_file, Path(tls_certs.ca_file).read_bytes())  # rotated: the right CA
+    for _ in range(3):
+        sock: Any = dial(addr(tls_echo_server), config)
+        roundtrip(sock)
+        sock.close()
+    assert len(builds) == 2  # once per version of the file, not per dial
+    replace_file(ca_file, Path(tls_certs.other_ca_file).read_bytes())
+    with pytest.raises(DialError):
+        dial(addr(tls_echo_server), config)
+    assert len(builds) == 3
+    assert len(lbpool.dial._contexts) == 1  # each version replaced the one before
+
+
+def test_a_rotated_file_that_cannot_be_loaded_keeps_the_last_context(
+    tls_certs: TLSCerts,
+    tls_echo_server: EchoServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    no_fd_leak: None,
+) -> None:
+    """A CA file rotated into garbage (a half-written file, a mistake): dials keep the
+    context last loaded from it, with one warning naming the setting and the file, and
+    load the file again once it changed again."""
+    lbpool.dial._forget_contexts()
+    ca_file = tmp_path / "ca.pem"
+    replace_file(ca_file, Path(tls_certs.ca_file).read_bytes())
+    tls = TLSConfig(ca_file=str(ca_file))
+    config = DialConfig(timeout=2, tls=tls)
+    before = make_ssl_context(tls)
+    replace_file(ca_file, b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with caplog.at_level("WARNING", logger="lbpool"):
+        for _ in range(3):
+            sock: Any = dial(addr(tls_echo_server), config)
+            roundtrip(sock)
+            sock.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "dial.tls.ca_file" in warnings[0] and str(ca_file) in warnings[0]
+    with pytest.raises(TLSSetupError):  # what make_ssl_context (validation) says
+        make_ssl_context(tls)
+    replace_file(ca_file, Path(tls_certs.other_ca_file).read_bytes())  # changed again
+    with pytest.raises(DialError) as info:  # loaded: the other CA verifies nothing
+        dial(addr(tls_echo_server), config)
+    assert not info.value.local
+    assert make_ssl_context(tls) is not before
