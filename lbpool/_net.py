@@ -73,6 +73,15 @@ def resolve(host: str, port: int, timeout: float | None = None) -> list[AddrInfo
     return infos
 
 
+def is_closed(sock: Any) -> bool:
+    """True when ``sock`` has no file descriptor any more: closed, or detached (a
+    plain socket wrapped by ``SSLContext.wrap_socket``). Never yields."""
+    try:
+        return bool(sock.fileno() < 0)
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def close_quietly(sock: Any) -> None:
     """Close ``sock`` (None is fine); a socket already broken has nothing more to release."""
     if sock is None:

@@ -34,6 +34,7 @@ from lbpool._net import (
     close_quietly,
     fmt_seconds,
     format_address,
+    is_closed,
     resolve,
     unbracket,
 )
@@ -527,6 +528,15 @@ def _run_setup(setup: SetupHook, sock: Any, deadline: float) -> None:
         timer.close()
     if overran:
         raise TimeoutError(f"setup hook did not finish within {fmt_seconds(remaining)}")
+    if is_closed(sock):  # closed, or wrapped (detached) by the hook: nothing to lend
+        raise _SocketLeftClosed(
+            "it left the socket closed (the hook cannot close, wrap or replace the "
+            "socket it is given)"
+        )
+
+
+class _SocketLeftClosed(Exception):
+    """The setup hook returned with the socket closed or detached."""
 
 
 def dial(
@@ -592,6 +602,8 @@ def dial(
             reason = _connect_reason(exc, budget)
         elif stage == "tls":
             reason = _tls_reason(exc, budget)
+        elif isinstance(exc, _SocketLeftClosed):
+            reason = f"setup hook failed: {exc}"
         else:
             reason = f"setup hook failed: {type(exc).__name__}: {exc}"
         _log.debug("dial %s failed: %s", name, reason)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import gevent
 from gevent import ssl as gssl
 
-from lbpool._net import fmt_seconds
+from lbpool._net import fmt_seconds, is_closed
 
 if TYPE_CHECKING:
     from lbpool.config import HealthCheckConfig
@@ -176,6 +176,8 @@ def check_health(sock: socket.socket, config: HealthCheckConfig) -> None:
                 raise Unhealthy(f"health hook failed: {type(exc).__name__}: {exc}") from exc
             if not timer.pending:  # the timer fired and the hook swallowed it: too late
                 raise Unhealthy(f"health check timed out after {fmt_seconds(limit)}")
+            if is_closed(sock):  # closed or wrapped (detached) by the hook
+                raise Unhealthy("health hook left the socket closed")
     except gevent.Timeout as exc:
         if exc is not timer:
             raise

@@ -210,6 +210,37 @@ def test_setup_hook_runs_once_on_the_socket(echo_server: EchoServer, no_fd_leak:
         sock.close()
 
 
+@pytest.mark.parametrize("how", ["close", "wrap"])
+def test_setup_hook_that_leaves_the_socket_closed_fails_the_dial(
+    echo_server: EchoServer, how: str, no_fd_leak: None
+) -> None:
+    """A hook that closes the socket, or wraps it (STARTTLS-style: ``wrap_socket``
+    detaches the socket it is given) and returns: a dial that has nothing to lend. It
+    was lent (fd -1), and crashed the pool's idle watcher."""
+    kept: list[Any] = []
+
+    def setup(sock: Any) -> None:
+        if how == "close":
+            sock.close()
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            kept.append(
+                ctx.wrap_socket(sock, server_hostname="localhost", do_handshake_on_connect=False)
+            )
+
+    try:
+        with pytest.raises(DialError) as info:
+            dial(addr(echo_server), DialConfig(), setup=setup)
+        assert info.value.reason == (
+            "setup hook failed: it left the socket closed (the hook cannot close, wrap or "
+            "replace the socket it is given)"
+        )
+        assert not info.value.local
+    finally:
+        for wrapped in kept:
+            wrapped.close()
+
+
 def test_setup_hook_failure_closes_the_socket(echo_server: EchoServer, no_fd_leak: None) -> None:
     boom = RuntimeError("boom")
 

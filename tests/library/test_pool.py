@@ -406,6 +406,44 @@ def test_borrow_check_runs_configured_check(server: EchoServer, no_fd_leak: None
     bad.close()
 
 
+def test_a_setup_hook_that_closes_the_socket_pools_nothing(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    """Refills (upkeep, for min_idle) and a caller's dial alike: a hook that closed
+    the socket fails the dial. Before, the refill's socket (fd -1) crashed the idle
+    watcher's greenlet and stayed counted as idle; acquire then raised AttributeError."""
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=1, max_size=2, acquire_timeout=1, upkeep_interval=0.05),
+        setup=lambda sock: sock.close(),
+    )
+    assert settle(lambda: pool.stats().dial_failures >= 2, 5)
+    with pytest.raises(DialError, match="left the socket closed"):
+        pool.acquire()
+    s = pool.stats()
+    assert (s.size, s.idle, s.in_use) == (0, 0, 0), s
+    assert_consistent(pool)
+    pool.close()
+
+
+def test_a_health_hook_that_closes_the_socket_finds_it_unhealthy(
+    server: EchoServer, no_fd_leak: None
+) -> None:
+    pool = Pool(
+        server.address,
+        pool=PoolConfig(min_idle=0, max_size=2, check_after=0),
+        health_check=HealthCheckConfig(hook="tests.support.hooks:health_close", timeout=1),
+        upkeep=False,
+    )
+    pool.acquire().release()
+    with pool.get() as conn:  # the checked one was closed by the hook: a fresh one
+        assert conn.uses == 1
+        conn.sendall(b"ok")
+        assert conn.recv(2) == b"ok"
+    assert pool.stats().closed["unhealthy"] == 1
+    pool.close()
+
+
 def test_killed_during_borrow_check_loses_no_slot(server: EchoServer, no_fd_leak: None) -> None:
     """A check that runs a hook runs as an errand (the hook may swallow its timer): a
     caller killed meanwhile leaves the connection to the check, which keeps it counted

@@ -56,3 +56,8 @@ def setup_db1(sock: Any) -> None:
 def setup_db2(sock: Any) -> None:
     """A setup hook that "selects db 2": records the socket in ``SELECTED["db2"]``."""
     SELECTED["db2"].append(sock)
+
+
+def health_close(sock: Any) -> None:
+    """A health hook that closes the socket and returns as if all were well."""
+    sock.close()
