@@ -930,7 +930,12 @@ class PoolManager(Router):
         """The key's owner in backend ``name`` by placement, ``host:port``: breakers are
         ignored and nothing is borrowed (``conn.address`` says who actually served).
         ``ValueError`` if the backend does not route by key. Waits only for a backend's
-        first key table (built in the background at construction or reload)."""
+        first key table (built in the background at construction or reload).
+        ``PoolClosed`` once the manager is closed; ``LbpoolError`` from another OS
+        thread (the table it may wait for is built by this manager's hub)."""
+        self._check_owner()
+        if self._closing:
+            raise PoolClosed("the manager is closed")
         check_key(key)
         _check_name(name)
         backend = self._backends.get(name)

@@ -744,3 +744,35 @@ def test_owner_and_fallback_hits_in_prometheus(
     assert samples[("lbpool_fallback_hits_total", address)] == 1
     assert sum(v for (n, _), v in samples.items() if n == "lbpool_owner_hits_total") == 1
     assert sum(v for (n, _), v in samples.items() if n == "lbpool_fallback_hits_total") == 1
+
+
+def test_owner_after_close_and_from_another_thread(make_manager: Any) -> None:
+    """``owner`` as every other call: from another OS thread an ``LbpoolError`` naming
+    the manager (it waited 5 s for a key table only this manager's hub builds, then
+    raised PoolTimeout); once closed, ``PoolClosed`` (it said the backend was unknown,
+    'configured: none', as if the name were misspelled)."""
+    import threading
+
+    import lbpool
+
+    manager = make_manager(config(["127.0.0.1:7001", "127.0.0.1:7002"]))
+    owner = manager.owner("kv", "user:1")
+    assert owner in ("127.0.0.1:7001", "127.0.0.1:7002")
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            manager.owner("kv", "user:1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    start = monotonic()
+    thread.start()
+    thread.join(10)
+    assert monotonic() - start < 2
+    assert len(errors) == 1 and type(errors[0]) is lbpool.LbpoolError, errors
+    assert "manager belongs to another thread" in str(errors[0])
+    manager.close()
+    with pytest.raises(lbpool.PoolClosed, match="the manager is closed"):
+        manager.owner("kv", "user:1")
