@@ -93,6 +93,19 @@ def peek_alive(sock: socket.socket) -> bool:
     return False  # b"" is EOF; any byte is a reply nobody waits for
 
 
+def has_unread_bytes(sock: socket.socket) -> bool:
+    """True when a plain socket has bytes waiting to be read (peeked, not consumed);
+    False at EOF, on an error, and for a TLS socket (it cannot be peeked). One
+    non-blocking call; never yields."""
+    if isinstance(sock, _SSL_SOCKETS):
+        return False
+    raw = getattr(sock, "_sock", sock)
+    try:
+        return bool(raw.recv(1, _PEEK_FLAGS))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _recv_exact_prefix(sock: socket.socket, want: bytes) -> None:
     """Read exactly ``len(want)`` bytes, failing as soon as they diverge from *want*."""
     buf = b""

@@ -71,7 +71,7 @@ from lbpool.connection import (
 )
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
-from lbpool.health import Unhealthy, check_health, peek_alive, tls_unread
+from lbpool.health import Unhealthy, check_health, has_unread_bytes, peek_alive, tls_unread
 from lbpool.stats import ServerStats
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
@@ -292,6 +292,7 @@ class Pool(ThreadBound):
         # _LOCAL_BACKOFF s after it, as no breaker opens to stop it
         self._local_failure_at = -_LOCAL_BACKOFF
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
+        self._greeting_warned = False  # warned of a connection stirred before first use
         # an ad-hoc pool's: called by upkeep once the pool is unused for idle_timeout
         # (the manager then closes and forgets it); None: kept for good
         self.on_unused: Callable[[Pool], object] | None = None
@@ -1208,6 +1209,14 @@ class Pool(ThreadBound):
                 conn.watcher.stop()
             return
         _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
+        if conn.uses == 0 and not self._greeting_warned and has_unread_bytes(conn.sock):
+            self._greeting_warned = True  # once per pool
+            _log.warning(
+                "%s: a new connection received bytes before its first use, and was closed "
+                "(as its refills will be): a server that speaks first (a greeting, as "
+                "SMTP, FTP or MySQL send) needs the backend's setup hook to read it",
+                self.name,
+            )
         self._retire(conn, "unhealthy")
         self.on_demand()  # min_idle may need a refill
 

@@ -1587,3 +1587,41 @@ def test_reconfigure_lifetime_applies_to_every_connection_on_every_path(
         st = pool.stats()
         assert (st.size, st.idle, st.closed["lifetime"]) == (0, 0, 2), st
         assert_consistent(pool)
+
+
+def test_a_server_that_speaks_first_is_named_once(
+    echo_server_factory: Callable[..., EchoServer],
+    caplog: pytest.LogCaptureFixture,
+    no_fd_leak: None,
+) -> None:
+    """A greeting nobody reads makes every refill's connection look stirred before its
+    first use: each is closed (it could hold anything), and the pool dialed again with
+    no word of why. One warning per pool now says what the server does and what reads
+    it; a setup hook that reads the greeting keeps the connection."""
+    greeter = echo_server_factory(greeting=b"220 hello\r\n")
+    config = PoolConfig(min_idle=1, max_size=2, upkeep_interval=0.05)
+    with caplog.at_level("WARNING", logger="lbpool"):
+        pool = Pool(greeter.address, pool=config)
+        assert settle(lambda: pool.stats().closed["unhealthy"] >= 3, 5)
+        pool.close()
+    warned = [r.getMessage() for r in caplog.records if "speaks first" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert greeter.address in warned[0] and "setup hook" in warned[0]
+    caplog.clear()
+
+    def read_greeting(sock: Any) -> None:
+        assert recv_exact(sock, 11) == b"220 hello\r\n"
+
+    accepted = greeter.connections_accepted
+    with caplog.at_level("WARNING", logger="lbpool"):
+        reader = Pool(greeter.address, pool=config, setup=read_greeting)
+        assert settle(lambda: reader.stats().idle == 1, 5)
+        gevent.sleep(0.3)  # several upkeep passes: the connection stays
+        s = reader.stats()
+        assert (s.idle, s.closed["unhealthy"]) == (1, 0), s
+        assert greeter.connections_accepted == accepted + 1  # dialed once
+        with reader.get() as conn:
+            conn.sendall(b"x")
+            assert conn.recv(1) == b"x"  # the caller reads its reply, not the greeting
+        reader.close()
+    assert not [r for r in caplog.records if "speaks first" in r.getMessage()]
