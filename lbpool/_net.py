@@ -74,8 +74,11 @@ def resolve(host: str, port: int, timeout: float | None = None) -> list[AddrInfo
 
 
 def is_closed(sock: Any) -> bool:
-    """True when ``sock`` has no file descriptor any more: closed, or detached (a
-    plain socket wrapped by ``SSLContext.wrap_socket``). Never yields."""
+    """True when ``sock`` was closed (its fd may live on in a ``makefile()`` object)
+    or has no file descriptor any more: detached (a plain socket wrapped by
+    ``SSLContext.wrap_socket``). Never yields."""
+    if getattr(sock, "_closed", False):  # closed, its fd kept by a makefile() object
+        return True
     try:
         return bool(sock.fileno() < 0)
     except (OSError, ValueError, AttributeError):

@@ -92,9 +92,12 @@ def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
 def dial_context(tls: TLSConfig) -> ssl.SSLContext:
     """``make_ssl_context(tls)`` for a dial: if a file changed on disk and cannot be
     loaded now (removed, half-written, a key that no longer matches), the context last
-    built from the same files is used, with one warning per changed state of the files
-    (as Envoy keeps serving its last good certificate when an update is rejected); with
-    none (never built, or evicted), ``TLSSetupError`` as ``make_ssl_context`` raises."""
+    built from the same files is used (as Envoy keeps serving its last good certificate
+    when an update is rejected), with a warning when the files change and every
+    ``FALLBACK_WARN_EVERY`` seconds while they stay so: the kept certificate may expire.
+    With none (never built, or evicted), ``TLSSetupError`` as ``make_ssl_context``
+    raises. Files that failed are not loaded again until they change (a failed build
+    of the system's CAs costs ~20 ms of the hub: not on every dial)."""
     try:
         return make_ssl_context(tls)
     except TLSSetupError as exc:
@@ -104,30 +107,50 @@ def dial_context(tls: TLSConfig) -> ssl.SSLContext:
             raise
         if tls.server_hostname is not None:
             _check_server_hostname(tls.server_hostname)
-        signature = _signature(key)
-        if kept.failed != signature:
-            kept.failed = signature
+        signature, now = _signature(key), monotonic()
+        if kept.failed != signature or now - kept.warned_at >= FALLBACK_WARN_EVERY:
+            kept.failed, kept.warned_at = signature, now
             _log.warning(
                 "TLS files changed but cannot be loaded (%s); new connections keep the "
-                "context loaded before",
+                "context loaded before, until the files are fixed",
                 exc,
             )
         return kept.ctx
 
 
+FALLBACK_WARN_EVERY = 600.0
+"""How often (seconds) ``dial_context`` repeats its warning while dials use a kept
+context because the changed files cannot be loaded."""
+
+
 class _Loaded:
     """A cached context and the state of its files it was built from."""
 
-    __slots__ = ("ctx", "failed", "signature")
+    __slots__ = ("ctx", "failed", "signature", "warned_at")
 
     def __init__(self, ctx: ssl.SSLContext, signature: tuple[object, ...]) -> None:
         self.ctx = ctx
         self.signature = signature
         self.failed: tuple[object, ...] | None = None  # the files' state last warned of
+        self.warned_at = 0.0  # when (monotonic)
 
 
+_Files = tuple[str | None, str | None, str | None, bool]  # ca, cert, key, verify
 _MAX_CONTEXTS = 256  # sets of files; the oldest built is dropped past this
-_contexts: dict[tuple[str | None, str | None, str | None, bool], _Loaded] = {}
+_contexts: dict[_Files, _Loaded] = {}
+# per set of files: the state of the files that could not be loaded, and why
+_failures: dict[_Files, tuple[tuple[object, ...], str, str]] = {}
+
+
+def _remember(cache: dict[_Files, Any], key: _Files, value: object) -> None:
+    """``cache[key] = value`` as the newest entry, dropping the oldest past
+    ``_MAX_CONTEXTS``."""
+    cache.pop(key, None)
+    if len(cache) >= _MAX_CONTEXTS:
+        # another thread may change it meanwhile (configs validated there)
+        with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+            del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _stat_signature(path: str | None) -> tuple[int, ...] | None:
@@ -140,32 +163,37 @@ def _stat_signature(path: str | None) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _signature(key: tuple[str | None, str | None, str | None, bool]) -> tuple[object, ...]:
+def _signature(key: _Files) -> tuple[object, ...]:
     return (_stat_signature(key[0]), _stat_signature(key[1]), _stat_signature(key[2]))
 
 
 def _files_context(
     ca_file: str | None, cert_file: str | None, key_file: str | None, verify: bool
 ) -> ssl.SSLContext:
-    """The cached context of these files, built again if one changed on disk."""
+    """The cached context of these files, built again if one changed on disk; files
+    that failed to load raise their ``TLSSetupError`` again until they change."""
     key = (ca_file, cert_file, key_file, verify)
     signature = _signature(key)
     loaded = _contexts.get(key)
     if loaded is not None and loaded.signature == signature:
         return loaded.ctx
-    ctx = _context_of_files(ca_file, cert_file, key_file, verify)  # TLSSetupError: kept
-    _contexts.pop(key, None)
-    if len(_contexts) >= _MAX_CONTEXTS:
-        # another thread may change it meanwhile (configs validated there)
-        with contextlib.suppress(RuntimeError, StopIteration, KeyError):
-            del _contexts[next(iter(_contexts))]
-    _contexts[key] = _Loaded(ctx, signature)
+    failed = _failures.get(key)
+    if failed is not None and failed[0] == signature:
+        raise TLSSetupError(failed[1], failed[2])
+    try:
+        ctx = _context_of_files(ca_file, cert_file, key_file, verify)
+    except TLSSetupError as exc:
+        _remember(_failures, key, (signature, exc.setting, exc.problem))
+        raise
+    _failures.pop(key, None)
+    _remember(_contexts, key, _Loaded(ctx, signature))
     return ctx
 
 
 def _forget_contexts() -> None:
-    """Drop every cached context (as an eviction would): for tests."""
+    """Drop every cached context and failure (as an eviction would): for tests."""
     _contexts.clear()
+    _failures.clear()
 
 
 def _context_of_files(

@@ -93,17 +93,17 @@ def peek_alive(sock: socket.socket) -> bool:
     return False  # b"" is EOF; any byte is a reply nobody waits for
 
 
-def has_unread_bytes(sock: socket.socket) -> bool:
-    """True when a plain socket has bytes waiting to be read (peeked, not consumed);
-    False at EOF, on an error, and for a TLS socket (it cannot be peeked). One
-    non-blocking call; never yields."""
+def peek_unread(sock: socket.socket, limit: int = 64) -> bytes:
+    """Up to ``limit`` bytes waiting to be read on a plain socket, peeked (left
+    unread); ``b""`` at EOF, on an error, and for a TLS socket (it cannot be peeked).
+    One non-blocking call; never yields."""
     if isinstance(sock, _SSL_SOCKETS):
-        return False
+        return b""
     raw = getattr(sock, "_sock", sock)
     try:
-        return bool(raw.recv(1, _PEEK_FLAGS))
+        return bytes(raw.recv(limit, _PEEK_FLAGS))
     except (OSError, ValueError, AttributeError):
-        return False
+        return b""
 
 
 def _recv_exact_prefix(sock: socket.socket, want: bytes) -> None:

@@ -941,7 +941,10 @@ class PoolManager(Router):
         backend = self._backends.get(name)
         if backend is None:
             raise UnknownBackend(name, list(self._backends))
-        return backend.owner(key)
+        owner = backend.owner(key)
+        if self._closing:  # closed while it waited for the table
+            raise PoolClosed("the manager is closed")
+        return owner
 
     def _route_other(self, name: str, timeout: object = None) -> Backend:
         """The ad-hoc backend for a ``host:port`` name, made on first use; a bad

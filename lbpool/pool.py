@@ -71,7 +71,7 @@ from lbpool.connection import (
 )
 from lbpool.dial import dial as _dial
 from lbpool.errors import DialError, PoolClosed, PoolExhausted, PoolTimeout
-from lbpool.health import Unhealthy, check_health, has_unread_bytes, peek_alive, tls_unread
+from lbpool.health import Unhealthy, check_health, peek_alive, peek_unread, tls_unread
 from lbpool.stats import ServerStats
 
 _READ = 1  # libev/libuv EV_READ, for the idle connections' watchers
@@ -288,8 +288,9 @@ class Pool(ThreadBound):
         # closes its copies, so nothing copied from the parent reads the parent's replies
         self._in_flight: set[Any] = set()
         self._last_dial_error: BaseException | None = None
-        # when a dial last failed on this side (DialError.local): fill() waits
-        # _LOCAL_BACKOFF s after it, as no breaker opens to stop it
+        # when a dial last failed on this side (DialError.local), or a new connection
+        # was stirred before its first use: fill() waits _LOCAL_BACKOFF s after it, as
+        # no breaker opens to stop it
         self._local_failure_at = -_LOCAL_BACKOFF
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         self._greeting_warned = False  # warned of a connection stirred before first use
@@ -1208,17 +1209,28 @@ class Pool(ThreadBound):
             if conn.watcher is not None:
                 conn.watcher.stop()
             return
-        _log.debug("%s: idle connection received bytes or EOF; closed", self.name)
-        if conn.uses == 0 and not self._greeting_warned and has_unread_bytes(conn.sock):
-            self._greeting_warned = True  # once per pool
-            _log.warning(
-                "%s: a new connection received bytes before its first use, and was closed "
-                "(as its refills will be): a server that speaks first (a greeting, as "
-                "SMTP, FTP or MySQL send) needs the backend's setup hook to read it",
-                self.name,
-            )
+        unread = b""
+        if conn.uses == 0:  # before its first use: its refill would be too, so pace them
+            self._local_failure_at = _monotonic()
+            if not self._greeting_warned:
+                unread = peek_unread(conn.sock)
         self._retire(conn, "unhealthy")
         self.on_demand()  # min_idle may need a refill
+        # logged from a greenlet of its own: a handler may yield (gevent locks under
+        # monkey-patching, a socket handler), which this hub callback must not do
+        if unread:
+            self._greeting_warned = True  # once per pool
+            gevent.spawn(
+                _log.warning,
+                "%s: a new connection received %r unprompted before its first use and "
+                "was closed, as its refills will be: if the server speaks first (a "
+                "greeting, as SMTP, FTP or MySQL send), the backend's setup hook must read "
+                "it; else the server is refusing connections (at its client limit?)",
+                self.name,
+                unread,
+            )
+        elif _log.isEnabledFor(logging.DEBUG):
+            gevent.spawn(_log.debug, "%s: idle connection received bytes or EOF; closed", self.name)
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
         if get_ident() != self._thread_id:  # another OS thread, or a forked child
@@ -1682,7 +1694,9 @@ class Pool(ThreadBound):
         ``_REFILL_DIALS`` in flight (each that succeeds starts the next; none while the
         breaker is open but for its one half-open trial); returns how many it started.
         None for ``_LOCAL_BACKOFF`` s after a dial failed on this side (a TLS context
-        that cannot be built: no breaker opens to pace the retries). Never yields."""
+        that cannot be built) or a new connection was stirred (bytes or EOF) before its
+        first use (a greeting no setup hook reads): no breaker opens to pace those
+        retries. Never yields."""
         if self._closing or _monotonic() - self._local_failure_at < _LOCAL_BACKOFF:
             return 0
         need = min(self._refill_need(), _REFILL_DIALS - self._refilling)

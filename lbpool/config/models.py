@@ -176,7 +176,7 @@ class TLSConfig(_Model):
 
     @model_validator(mode="after")
     def _context_builds(self) -> TLSConfig:
-        """Build the context now (once per config: cached for the dials)."""
+        """Build the context now (cached per set of files for the dials)."""
         try:
             make_ssl_context(self)
         except TLSSetupError as exc:

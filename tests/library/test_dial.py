@@ -210,7 +210,7 @@ def test_setup_hook_runs_once_on_the_socket(echo_server: EchoServer, no_fd_leak:
         sock.close()
 
 
-@pytest.mark.parametrize("how", ["close", "wrap"])
+@pytest.mark.parametrize("how", ["close", "wrap", "close_with_file"])
 def test_setup_hook_that_leaves_the_socket_closed_fails_the_dial(
     echo_server: EchoServer, how: str, no_fd_leak: None
 ) -> None:
@@ -221,6 +221,9 @@ def test_setup_hook_that_leaves_the_socket_closed_fails_the_dial(
 
     def setup(sock: Any) -> None:
         if how == "close":
+            sock.close()
+        elif how == "close_with_file":  # the fd lives on in the file object, for now
+            kept.append(sock.makefile("rb"))
             sock.close()
         else:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -661,12 +664,15 @@ def test_a_rotated_file_that_cannot_be_loaded_keeps_the_last_context(
     tls_echo_server: EchoServer,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     no_fd_leak: None,
 ) -> None:
     """A CA file rotated into garbage (a half-written file, a mistake): dials keep the
-    context last loaded from it, with one warning naming the setting and the file, and
-    load the file again once it changed again."""
-    lbpool.dial._forget_contexts()
+    context last loaded from it, with one warning naming the setting and the file (again
+    every ``FALLBACK_WARN_EVERY`` s), try to load the broken file once, not at every
+    dial (~20 ms of the hub each with the system's CAs), and load the file again once
+    it changed again."""
+    builds = count_context_builds(monkeypatch)
     ca_file = tmp_path / "ca.pem"
     replace_file(ca_file, Path(tls_certs.ca_file).read_bytes())
     tls = TLSConfig(ca_file=str(ca_file))
@@ -681,8 +687,15 @@ def test_a_rotated_file_that_cannot_be_loaded_keeps_the_last_context(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings
     assert "dial.tls.ca_file" in warnings[0] and str(ca_file) in warnings[0]
-    with pytest.raises(TLSSetupError):  # what make_ssl_context (validation) says
+    assert len(builds) == 2  # the good file, then the broken one once
+    with pytest.raises(TLSSetupError) as info:  # what make_ssl_context (validation) says
         make_ssl_context(tls)
+    assert info.value.setting == "ca_file" and str(ca_file) in info.value.problem
+    assert len(builds) == 2
+    monkeypatch.setattr(lbpool.dial, "FALLBACK_WARN_EVERY", 0.0)
+    with caplog.at_level("WARNING", logger="lbpool"):
+        dial(addr(tls_echo_server), config).close()
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
     replace_file(ca_file, Path(tls_certs.other_ca_file).read_bytes())  # changed again
     with pytest.raises(DialError) as info:  # loaded: the other CA verifies nothing
         dial(addr(tls_echo_server), config)

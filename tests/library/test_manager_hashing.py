@@ -776,3 +776,18 @@ def test_owner_after_close_and_from_another_thread(make_manager: Any) -> None:
     manager.close()
     with pytest.raises(lbpool.PoolClosed, match="the manager is closed"):
         manager.owner("kv", "user:1")
+
+
+def test_owner_waiting_for_the_first_table_when_the_manager_closes(make_manager: Any) -> None:
+    """A caller of ``owner`` waiting for the first key table when ``close()`` comes gets
+    ``PoolClosed``, as a waiting ``get`` does (it was woken and answered)."""
+    import lbpool
+
+    manager = make_manager(config(["127.0.0.1:7001", "127.0.0.1:7002"]))
+    if manager.backends["kv"].first_table() is None:
+        pytest.skip("the first key table was built before the caller could wait for it")
+    waiting = gevent.spawn(manager.owner, "kv", "user:1")
+    gevent.sleep(0)  # it waits for the table
+    manager.close()
+    waiting.join(5)
+    assert isinstance(waiting.exception, lbpool.PoolClosed), waiting.value

@@ -1595,18 +1595,38 @@ def test_a_server_that_speaks_first_is_named_once(
     no_fd_leak: None,
 ) -> None:
     """A greeting nobody reads makes every refill's connection look stirred before its
-    first use: each is closed (it could hold anything), and the pool dialed again with
-    no word of why. One warning per pool now says what the server does and what reads
-    it; a setup hook that reads the greeting keeps the connection."""
+    first use: each is closed (it could hold anything), and the pool dialed again at
+    every upkeep pass, for ever, with no word of why. One warning per pool now shows
+    what the server sent and what reads it; refills after such a connection wait a
+    second; the warning is logged from a greenlet of its own (a handler that yields
+    -- here one that sleeps, as a socket handler may -- cannot run in the watcher's
+    hub callback: the connection was lost between the idle stack and its retirement).
+    A setup hook that reads the greeting keeps the connection."""
+
+    class Yielding(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            gevent.sleep(0.01)
+
+    yielding = Yielding()
+    logging.getLogger("lbpool").addHandler(yielding)
     greeter = echo_server_factory(greeting=b"220 hello\r\n")
     config = PoolConfig(min_idle=1, max_size=2, upkeep_interval=0.05)
-    with caplog.at_level("WARNING", logger="lbpool"):
-        pool = Pool(greeter.address, pool=config)
-        assert settle(lambda: pool.stats().closed["unhealthy"] >= 3, 5)
-        pool.close()
+    try:
+        with caplog.at_level("WARNING", logger="lbpool"):
+            pool = Pool(greeter.address, pool=config)
+            start = monotonic()
+            assert settle(lambda: pool.stats().closed["unhealthy"] >= 2, 10)
+            elapsed = monotonic() - start
+            assert_consistent(pool)
+            # paced: a second apart (it was one per 0.05 s upkeep pass)
+            assert pool.stats().closed["unhealthy"] <= elapsed / 1.0 + 1.5
+            pool.close()
+    finally:
+        logging.getLogger("lbpool").removeHandler(yielding)
     warned = [r.getMessage() for r in caplog.records if "speaks first" in r.getMessage()]
     assert len(warned) == 1, warned
     assert greeter.address in warned[0] and "setup hook" in warned[0]
+    assert repr(b"220 hello\r\n") in warned[0]
     caplog.clear()
 
     def read_greeting(sock: Any) -> None:

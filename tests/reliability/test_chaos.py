@@ -13,9 +13,10 @@ every scenario:
   ``BackendUnavailable``/``PoolTimeout`` and must coincide with every server being
   down, or with every server's breaker being open (after an outage, until the
   recovery timeout lets a trial through: "fail at once" is the contract); the one
-  other excuse is a ``PoolTimeout`` for a request whose first attempt met the fault (a
-  black hole eats ``IO_TIMEOUT`` of its deadline, so its retry has less time to queue
-  behind the busy healthy servers than a fresh request has);
+  other excuse is a ``PoolTimeout`` for a request whose attempt timed out on a server
+  that was down (a black hole eats ``IO_TIMEOUT`` of its deadline, so its retry has
+  less time to queue behind the busy healthy servers than a fresh request has; a
+  reset or a refused server fails an attempt at once, and excuses nothing);
 * no reply is ever out of step (every request has its own payload);
 * each breaker moves only along closed -> open -> half_open -> (closed | open), and
   the faulted server's breaker does the full closed -> open -> half_open -> closed
@@ -184,16 +185,18 @@ class Traffic:
     def request(self) -> None:
         start = monotonic()
         acquiring = [start]  # when the current attempt's acquisition began
-        met_fault = [False]  # an attempt's server was marked down as it began or ended
+        met_fault = [False]  # an attempt timed out on a server marked down (a black hole)
 
         def attempt(conn: Any) -> str:
             self._waited(acquiring[0])
             address = str(conn.address)
-            met_fault[0] |= self.cluster.is_down(address)
+            down = self.cluster.is_down(address)
             try:
                 self._round_trip(conn)
+            except TimeoutError:  # IO_TIMEOUT of the deadline spent on it
+                met_fault[0] |= down or self.cluster.is_down(address)
+                raise
             finally:
-                met_fault[0] |= self.cluster.is_down(address)
                 acquiring[0] = monotonic()  # a retry acquires from here
             return address
 
