@@ -96,8 +96,8 @@ def dial_context(tls: TLSConfig) -> ssl.SSLContext:
     when an update is rejected), with a warning when the files change and every
     ``FALLBACK_WARN_EVERY`` seconds while they stay so: the kept certificate may expire.
     With none (never built, or evicted), ``TLSSetupError`` as ``make_ssl_context``
-    raises. Files that failed are not loaded again until they change (a failed build
-    of the system's CAs costs ~20 ms of the hub: not on every dial)."""
+    raises. Files that failed are loaded again only when they change, or a second
+    later (a failed build costs up to ~20 ms of the hub: not on every dial)."""
     try:
         return make_ssl_context(tls)
     except TLSSetupError as exc:
@@ -138,8 +138,10 @@ class _Loaded:
 _Files = tuple[str | None, str | None, str | None, bool]  # ca, cert, key, verify
 _MAX_CONTEXTS = 256  # sets of files; the oldest built is dropped past this
 _contexts: dict[_Files, _Loaded] = {}
-# per set of files: the state of the files that could not be loaded, and why
-_failures: dict[_Files, tuple[tuple[object, ...], str, str]] = {}
+# per set of files: the state of the files that could not be loaded, until when
+# (monotonic) that is believed without loading them again, and why
+_failures: dict[_Files, tuple[tuple[object, ...], float, str, str]] = {}
+_RETRY_FAILED = 1.0  # seconds
 
 
 def _remember(cache: dict[_Files, Any], key: _Files, value: object) -> None:
@@ -171,19 +173,24 @@ def _files_context(
     ca_file: str | None, cert_file: str | None, key_file: str | None, verify: bool
 ) -> ssl.SSLContext:
     """The cached context of these files, built again if one changed on disk; files
-    that failed to load raise their ``TLSSetupError`` again until they change."""
+    that failed to load raise their ``TLSSetupError`` again, without loading them,
+    until they change or ``_RETRY_FAILED`` s passed."""
     key = (ca_file, cert_file, key_file, verify)
     signature = _signature(key)
     loaded = _contexts.get(key)
     if loaded is not None and loaded.signature == signature:
         return loaded.ctx
     failed = _failures.get(key)
-    if failed is not None and failed[0] == signature:
-        raise TLSSetupError(failed[1], failed[2])
+    now = monotonic()
+    if failed is not None and failed[0] == signature and now < failed[1]:
+        raise TLSSetupError(failed[2], failed[3])
     try:
         ctx = _context_of_files(ca_file, cert_file, key_file, verify)
     except TLSSetupError as exc:
-        _remember(_failures, key, (signature, exc.setting, exc.problem))
+        # tried again once _RETRY_FAILED passed, changed or not: a read can fail for
+        # the process's sake (EMFILE, EIO), and a file rewritten in place within one
+        # timestamp tick keeps its signature
+        _remember(_failures, key, (signature, now + _RETRY_FAILED, exc.setting, exc.problem))
         raise
     _failures.pop(key, None)
     _remember(_contexts, key, _Loaded(ctx, signature))
@@ -209,8 +216,6 @@ def _context_of_files(
     if verify:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = True
-        if not ca_file:
-            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -218,6 +223,8 @@ def _context_of_files(
         _load_ca(ctx, ca_file)
     if cert_file:
         _load_key_pair(ctx, cert_file, key_file)
+    if verify and not ca_file:  # last: the named files fail before this slow part
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return ctx
 
 

@@ -288,9 +288,9 @@ class Pool(ThreadBound):
         # closes its copies, so nothing copied from the parent reads the parent's replies
         self._in_flight: set[Any] = set()
         self._last_dial_error: BaseException | None = None
-        # when a dial last failed on this side (DialError.local), or a new connection
-        # was stirred before its first use: fill() waits _LOCAL_BACKOFF s after it, as
-        # no breaker opens to stop it
+        # when a dial last failed on this side (DialError.local), or a connection was
+        # stirred right after its dial, unused: fill() waits _LOCAL_BACKOFF s after it,
+        # as no breaker opens to stop it
         self._local_failure_at = -_LOCAL_BACKOFF
         self._on_stirred = self._stirred  # bound once: the idle watchers' callback
         self._greeting_warned = False  # warned of a connection stirred before first use
@@ -1210,8 +1210,11 @@ class Pool(ThreadBound):
                 conn.watcher.stop()
             return
         unread = b""
-        if conn.uses == 0:  # before its first use: its refill would be too, so pace them
-            self._local_failure_at = _monotonic()
+        now = _monotonic()
+        if conn.uses == 0 and now - conn.created_at < _LOCAL_BACKOFF:
+            # stirred as soon as it was dialed (a greeting, a refusal, not a server's
+            # idle timeout): its refill would be too, so pace them
+            self._local_failure_at = now
             if not self._greeting_warned:
                 unread = peek_unread(conn.sock)
         self._retire(conn, "unhealthy")
@@ -1229,7 +1232,7 @@ class Pool(ThreadBound):
                 self.name,
                 unread,
             )
-        elif _log.isEnabledFor(logging.DEBUG):
+        else:  # not even the level is looked at here (it may take logging's lock)
             gevent.spawn(_log.debug, "%s: idle connection received bytes or EOF; closed", self.name)
 
     def _discard(self, conn: _Conn, exc: BaseException | None) -> None:
@@ -1694,9 +1697,9 @@ class Pool(ThreadBound):
         ``_REFILL_DIALS`` in flight (each that succeeds starts the next; none while the
         breaker is open but for its one half-open trial); returns how many it started.
         None for ``_LOCAL_BACKOFF`` s after a dial failed on this side (a TLS context
-        that cannot be built) or a new connection was stirred (bytes or EOF) before its
-        first use (a greeting no setup hook reads): no breaker opens to pace those
-        retries. Never yields."""
+        that cannot be built) or a connection was stirred (bytes or EOF) within
+        ``_LOCAL_BACKOFF`` s of its dial, unused (a greeting no setup hook reads, a
+        refusal): no breaker opens to pace those retries. Never yields."""
         if self._closing or _monotonic() - self._local_failure_at < _LOCAL_BACKOFF:
             return 0
         need = min(self._refill_need(), _REFILL_DIALS - self._refilling)

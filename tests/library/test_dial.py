@@ -701,3 +701,34 @@ def test_a_rotated_file_that_cannot_be_loaded_keeps_the_last_context(
         dial(addr(tls_echo_server), config)
     assert not info.value.local
     assert make_ssl_context(tls) is not before
+
+
+def test_a_failed_load_is_tried_again_a_second_later(
+    tls_certs: TLSCerts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that failed for the process's sake (a full fd table: EMFILE) is not
+    remembered for ever when the files do not change: believed for ``_RETRY_FAILED``
+    s (no load at every dial meanwhile), then tried again."""
+    tls = TLSConfig.model_construct(**{**TLSConfig().model_dump(), "ca_file": tls_certs.ca_file})
+    builds = count_context_builds(monkeypatch)
+    build = lbpool.dial._context_of_files
+    failing = [True]
+
+    def once_failing(*files: Any) -> ssl.SSLContext:
+        if failing[0]:
+            failing[0] = False
+            raise TLSSetupError("ca_file", "cannot read it: too many open files")
+        return build(*files)
+
+    monkeypatch.setattr(lbpool.dial, "_context_of_files", once_failing)
+    clock = [1000.0]
+    monkeypatch.setattr(lbpool.dial, "monotonic", lambda: clock[0])
+    with pytest.raises(TLSSetupError, match="too many open files"):
+        make_ssl_context(tls)
+    clock[0] += lbpool.dial._RETRY_FAILED * 0.9
+    with pytest.raises(TLSSetupError, match="too many open files"):  # remembered
+        make_ssl_context(tls)
+    assert not failing[0] and builds == []  # the wrapper above the counter ran once
+    clock[0] += lbpool.dial._RETRY_FAILED * 0.2
+    make_ssl_context(tls)  # tried again: the files are fine
+    assert builds == [(tls_certs.ca_file, None, None, True)]

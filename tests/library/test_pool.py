@@ -1637,3 +1637,42 @@ def test_a_server_that_speaks_first_is_named_once(
             assert conn.recv(1) == b"x"  # the caller reads its reply, not the greeting
         reader.close()
     assert not [r for r in caplog.records if "speaks first" in r.getMessage()]
+
+
+def test_a_server_closing_unused_idle_connections_is_refilled_at_once(
+    no_fd_leak: None,
+) -> None:
+    """A healthy server that closes connections idle for a while (redis ``timeout``,
+    nginx ``keepalive_timeout``, a cloud load balancer) closes ``min_idle``
+    connections nobody used. That is not a greeting: the refill is not paced (it was:
+    ``wait_ready(1)`` right after such a close timed out, and pools with staggered
+    connections sat below ``min_idle`` most of the time)."""
+    from gevent.server import StreamServer
+
+    idle_for = 1.3  # > the greeting window (Pool's _LOCAL_BACKOFF, 1 s after the dial)
+
+    def handle(sock: Any, _address: Any) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                with gevent.Timeout(idle_for, False):
+                    data = sock.recv(100)
+                    if not data:
+                        return
+                    sock.sendall(data)
+                    continue
+                return  # idle for idle_for: closed, as the server's idle timeout does
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        pool = Pool(
+            f"127.0.0.1:{server.server_port}",
+            pool=PoolConfig(min_idle=1, max_size=2, upkeep_interval=30),
+        )
+        pool.wait_ready(5)
+        assert settle(lambda: pool.stats().closed["unhealthy"] == 1, 10)
+        pool.wait_ready(1)  # refilled at once, not a second or an upkeep pass later
+        assert pool.stats().idle == 1
+        pool.close()
+    finally:
+        server.stop(timeout=2)
