@@ -155,6 +155,11 @@ class Placement:
         self._signature = signature
         self._wanted_gen += 1
         self._wanted = (strategy, tuple(pools))
+        if not pools and self._current is None:
+            # no servers yet (a discovered backend before its first answer): no table,
+            # so callers and wait_ready wait for the first one over real servers (an
+            # empty one counted as built: keys went by a stand-in order until then)
+            return
         if _inline(strategy, len(pools)):
             self._build(self._wanted_gen, strategy, self._wanted[1], None)
         elif self._builder is None and not self._stopped:
@@ -287,17 +292,17 @@ class Placement:
             )
         return key
 
-    def owner(self, key: Key, deadline: float, limit: float) -> str:
+    def owner(self, key: Key, deadline: float, limit: float) -> str | None:
         """The key's owner by placement (breakers ignored): the first current member in
         the key's order -- the table's owner, unless a reload changed the membership and
-        the new table is not in place yet. ``LookupError`` only with no members."""
+        the new table is not in place yet. None only with no members."""
         check_key(key)
         current = self._table(deadline, limit)
         members = self._members()
         for pool in self._walk(key, current):
             if pool in members:
                 return pool.name
-        raise LookupError(f"backend {self.backend!r} has no servers")
+        return None
 
     def _strategy(self) -> str:
         return self._signature[0] if self._signature is not None else "hashing"

@@ -472,14 +472,27 @@ class Backend:
         return None if placement is None else placement.first_table()
 
     def owner(self, key: Key) -> str:
-        """The key's owner by placement (breakers ignored), ``host:port``; no borrow."""
+        """The key's owner by placement (breakers ignored), ``host:port``; no borrow.
+        A discovered backend with no servers yet waits for its first answer, as
+        ``acquire`` does (``BackendUnavailable`` naming the discovery error)."""
         placement = self._placement
         if placement is None:
             raise ValueError(
                 f"backend {self.name!r} does not route by key (strategy {self.strategy})"
             )
+        check_key(key)
         limit = self.config.pool.acquire_timeout
-        return placement.owner(key, _monotonic() + limit, limit)
+        start = _monotonic()
+        if not self.pools and self.discovery is not None:  # DNS has not answered yet
+            self._await_discovery(limit)
+            placement = self._placement
+            if placement is None:  # a reload meanwhile: no longer by key
+                return self.owner(key)
+        owner = placement.owner(key, start + limit, limit)
+        if owner is None:  # no members (not reached once discovery answered)
+            why = LookupError(f"backend {self.name!r} has no servers")
+            raise BackendUnavailable(self.name, {"servers": why}, {"servers": "none"})
+        return owner
 
     def acquire(
         self, timeout: SupportsFloat | None = None, key: Key | None = None

@@ -790,3 +790,50 @@ def test_forked_child_runs_its_own_discovery(
     assert report["servers"] == [echo_server.address], report
     assert parent_runner.running
     assert manager.backends["svc"].discovery is parent_runner
+
+
+@pytest.mark.parametrize("strategy", ["maglev", "ring_hash"])
+def test_a_discovered_key_affinity_backend_waits_for_its_first_real_table(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    dns_server: DNSServer,
+    strategy: str,
+) -> None:
+    """Before DNS answered, the backend had no servers and an empty key table, which
+    counted as its first: once 20 servers came, ``wait_ready`` and ``get(key=)`` did
+    not wait for their table, and keys went by a stand-in order (955 of 1,000 owners
+    moved once the table landed). They wait for the first table over real servers,
+    so the first keys land where a static backend over the same servers puts them."""
+    servers = [echo_server_factory() for _ in range(20)]
+    dns_server.zone = srv_zone(servers)
+    manager = make_manager(
+        discover_config(dns_server, timeout=5, strategy=strategy, pool={"min_idle": 0})
+    )
+    manager.wait_ready(10)
+    keys = [f"user:{i}" for i in range(300)]
+    first = {k: manager.owner("svc", k) for k in keys}
+    static = make_manager(
+        {"backends": {"svc": {"strategy": strategy, "servers": [s.address for s in servers]}}}
+    )
+    assert first == {k: static.owner("svc", k) for k in keys}
+    with manager.get("svc", key=keys[0]) as conn:
+        assert conn.address == first[keys[0]]
+
+
+def test_owner_waits_for_the_first_answer_as_get_does(
+    make_manager: Callable[..., PoolManager], echo_server: EchoServer, dns_server: DNSServer
+) -> None:
+    """``owner`` on a discovered key-affinity backend before its first answer raised a
+    bare ``LookupError`` ('has no servers') at once, even right after construction: it
+    waits for the answer as ``get`` does, and names the DNS error when there is none."""
+    dns_server.zone = srv_zone([echo_server])
+    manager = make_manager(discover_config(dns_server, timeout=5, strategy="maglev"))
+    assert manager.owner("svc", "user:1") == echo_server.address  # right after creation
+    with DNSServer() as silent:
+        silent.mode = "silent"
+        pool = {"min_idle": 0, "acquire_timeout": 0.3}
+        waiting = make_manager(discover_config(silent, timeout=5, strategy="maglev", pool=pool))
+        start = monotonic()
+        with pytest.raises(BackendUnavailable, match="discovery"):
+            waiting.owner("svc", "user:1")
+        assert 0.25 <= monotonic() - start < 3  # waited its acquire_timeout
