@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -66,6 +67,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from lbpool._net import close_quietly, fmt_seconds, format_address, split_address
+from lbpool._ownership import fork_generation
 from lbpool.errors import DiscoveryError
 
 if TYPE_CHECKING:
@@ -91,6 +93,22 @@ Nameserver = tuple[str, int]  # (IP literal without brackets, port)
 Servers = tuple[tuple[str, int], ...]  # ((address, weight), ...), sorted, no duplicates
 
 _RESEND = 1.0  # seconds: a UDP query unanswered this long is sent again (same id)
+
+# Every query's socket while it is open: a forked child closes its copies at once, so
+# a resolution copied from the parent cannot read the parent's reply (the child's hub
+# would run it, and take the datagram the parent waits for).
+_in_flight: set[gsocket.socket] = set()
+
+
+def _close_inherited() -> None:
+    """After a fork, in the child: close our copies of the queries' sockets (closing a
+    copy sends nothing; the parent's are untouched). Never yields."""
+    for sock in list(_in_flight):
+        close_quietly(sock)
+    _in_flight.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 _EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: large answers come back truncated
 _MAX_UDP = 65535
 
@@ -425,6 +443,7 @@ def _udp(ns: Nameserver, query: dns.message.Message, deadline: float) -> dns.mes
     wire = query.to_wire()
     budget = deadline - monotonic()
     sock = gsocket.socket(_family(ns[0]), socket.SOCK_DGRAM)
+    _in_flight.add(sock)
     try:
         # Connected: the kernel drops datagrams from other sources, and an ICMP port
         # unreachable surfaces as ConnectionRefusedError on the next recv.
@@ -451,6 +470,7 @@ def _udp(ns: Nameserver, query: dns.message.Message, deadline: float) -> dns.mes
     except OSError as exc:
         raise DiscoveryError("unreachable", f"is unreachable ({exc})") from None
     finally:
+        _in_flight.discard(sock)
         close_quietly(sock)
 
 
@@ -458,6 +478,7 @@ def _tcp(ns: Nameserver, query: dns.message.Message, deadline: float) -> dns.mes
     """The same query over TCP (two-byte length framing, RFC 1035 4.2.2)."""
     wire = query.to_wire()
     sock = gsocket.socket(_family(ns[0]), socket.SOCK_STREAM)
+    _in_flight.add(sock)
     try:
         sock.settimeout(max(0.0, deadline - monotonic()))
         sock.connect(ns)
@@ -472,6 +493,7 @@ def _tcp(ns: Nameserver, query: dns.message.Message, deadline: float) -> dns.mes
     except OSError as exc:
         raise DiscoveryError("unreachable", f"is unreachable over TCP ({exc})") from None
     finally:
+        _in_flight.discard(sock)
         close_quietly(sock)
 
 
@@ -583,16 +605,25 @@ class Discovery:
         return bool(self.answered.wait(timeout))
 
     def resolve_once(self) -> None:
-        """One resolution, applied to the state and passed to the callbacks. May yield."""
+        """One resolution, applied to the state and passed to the callbacks. May yield.
+        A forked child's copy of a resolution in flight at the fork (its socket closed
+        by the fork hook) ends here, with no callback and no log."""
+        generation = fork_generation()
         try:
             servers, skipped = _resolve(self.target, self.nameservers, self.timeout)
         except DiscoveryError as exc:
+            if fork_generation() != generation:
+                return
             self._failed(exc)
             return
         except Exception as exc:  # a bug, not DNS: still keep the last good set
+            if fork_generation() != generation:
+                return
             self._failed(
                 DiscoveryError("malformed", f"{self.target}: internal error: {exc!r}"), exc
             )
+            return
+        if fork_generation() != generation:  # answered before our copy was closed
             return
         if skipped:
             level = logging.WARNING if skipped != self._skipped else logging.DEBUG

@@ -711,3 +711,45 @@ def test_fork_child_abandons_work_in_flight_and_parent_finishes_it(
         manager.close(timeout=5)
     finally:
         server.stop()
+
+
+def test_a_forked_child_never_reads_the_parents_dns_reply(
+    make_manager: Callable[..., PoolManager], no_fd_leak: None
+) -> None:
+    """A DNS query in flight at the fork (gunicorn's master refreshing its discovered
+    backends): the child's copy of the query's socket was left open, so the child's hub
+    ran the copied resolution and took the reply the parent waited for; the parent's
+    resolution timed out. The child closes its copies at the fork, its copy of the
+    resolution ends without a word, and the parent's succeeds."""
+    from tests.support.procs import ProcessDNSServer, read_child_report
+
+    with ProcessDNSServer(delay=0.4) as dns:
+        discover: dict[str, Any] = {
+            "dns": "web.test:9",
+            "refresh": 60,
+            "timeout": 1.2,
+            "nameservers": [dns.address],
+        }
+        manager = make_manager({"backends": {"w": {"discover": discover, "pool": {"min_idle": 0}}}})
+        manager.wait_ready(10)
+        runner = manager.backends["w"].discovery
+        assert runner is not None and runner.failures == 0
+        answered = runner.last_refresh
+        runner.refresh_now()
+        gevent.sleep(0.1)  # the query is out; its reply comes 0.4 s after it
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            report = b"?"
+            try:
+                os.close(r)
+                gevent.sleep(1.5)  # the child's hub runs: the copied resolution with it
+                report = b"1" if runner.last_refresh != answered else b"0"
+            finally:
+                os.write(w, report)
+                os._exit(0)
+        os.close(w)
+        child_took_it = read_child_report(r, pid, 10, size=1)  # the parent's hub runs meanwhile
+        assert settle(lambda: runner.last_refresh != answered or runner.failures > 0, 5)
+        assert (runner.failures, runner.last_error) == (0, None)
+        assert child_took_it == b"0"

@@ -41,18 +41,20 @@ class ProcessEchoServer:
     its servers with it.
     """
 
+    _script = _SERVER  # the child's program: prints its address, serves until stdin closes
+
     def __init__(self, start_timeout: float = 20.0, delay: float = 0.0) -> None:
         self._proc = Popen(
-            [sys.executable, "-c", _SERVER, str(delay)],
+            [sys.executable, "-c", self._script, str(delay)],
             stdin=PIPE,
             stdout=PIPE,
             stderr=subprocess.DEVNULL,
         )
         try:
-            with gevent.Timeout(start_timeout, TimeoutError("echo server process did not start")):
+            with gevent.Timeout(start_timeout, TimeoutError("server process did not start")):
                 line = self._proc.stdout.readline()
             if not line:
-                raise RuntimeError("echo server process exited before listening")
+                raise RuntimeError("server process exited before listening")
         except BaseException:
             self.stop()
             raise
@@ -82,6 +84,45 @@ class ProcessEchoServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+_DNS_SERVER = textwrap.dedent(
+    """
+    import socket, sys, threading, time
+    import dns.message, dns.rrset
+
+    delay = float(sys.argv[1])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    print("127.0.0.1:%d" % sock.getsockname()[1], flush=True)
+
+    def answer(data, peer):
+        time.sleep(delay)
+        query = dns.message.from_wire(data)
+        reply = dns.message.make_response(query)
+        question = query.question[0]
+        if question.rdtype == 1:  # A: 127.0.0.1; AAAA: an empty answer
+            reply.answer.append(dns.rrset.from_text(question.name, 5, "IN", "A", "127.0.0.1"))
+        sock.sendto(reply.to_wire(), peer)
+
+    def serve():
+        while True:
+            data, peer = sock.recvfrom(4096)
+            threading.Thread(target=answer, args=(data, peer), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    sys.stdin.read()  # stop when the test closes our stdin (or dies)
+    """
+)
+
+
+class ProcessDNSServer(ProcessEchoServer):
+    """A UDP DNS server on ``127.0.0.1:0`` in a child process (dnspython): every A
+    question is answered ``127.0.0.1`` (AAAA: empty) after ``delay`` seconds, each in a
+    thread of its own. In a process of its own for the same reason as the echo server:
+    a test that forks must not copy the server's socket into the child."""
+
+    _script = _DNS_SERVER
 
 
 def reap_child(pid: int) -> int | None:
