@@ -41,6 +41,7 @@ from lbpool.config.types import (
     AddressField,
     AtLeastOne,
     BackendName,
+    ClientId,
     Count,
     Duration,
     Flag,
@@ -414,7 +415,7 @@ class SubsetConfig(_Model):
     stable for the life of the process."""
 
     size: AtLeastOne
-    client_id: Count | None = None
+    client_id: ClientId | None = None
 
 
 class BackendConfig(_Model):

@@ -119,6 +119,8 @@ PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)
 OptionalDuration = Annotated[float | None, BeforeValidator(_parse_optional_duration)]
 Count = Annotated[int, Strict(), Field(ge=0)]
 AtLeastOne = Annotated[int, Strict(), Field(ge=1)]
+# an int64, as any deployment's ids are (a 5,000-digit one failed past validation)
+ClientId = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
 Flag = Annotated[bool, Strict()]
 
 

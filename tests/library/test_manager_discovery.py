@@ -701,6 +701,11 @@ def test_random_subset_is_stable(
             "backends.svc.subset.client_id",
             ">= 0",
         ),
+        (  # a 5,000-digit id passed validation, then failed the manager's construction
+            {"servers": ["127.0.0.1:1"], "subset": {"size": 1, "client_id": 10**5000}},
+            "backends.svc.subset.client_id",
+            "<= 9223372036854775807",
+        ),
         (
             {"servers": ["127.0.0.1:1"], "subset": {"size": 1, "client": 2}},
             "backends.svc.subset.client",
