@@ -272,10 +272,23 @@ def _ordered(found: Iterable[tuple[str, int]]) -> Servers:
 
 def _addresses(ask: _Asker, name: str, port: int) -> list[str]:
     """Every A and AAAA address of ``name`` as ``host:port``; ``empty`` if neither has
-    one. NXDOMAIN and other failures propagate."""
+    one. NXDOMAIN propagates. When one family's query fails otherwise (timeout,
+    SERVFAIL, NOTIMP: resolvers that mishandle AAAA are common) and the other's gives
+    addresses, those are the answer, as Go's resolver does by default (its
+    ``StrictErrors`` off); with none, the failure propagates."""
     found: list[str] = []
+    failed: DiscoveryError | None = None
     for rdtype in ("A", "AAAA"):
-        found += (format_address(ip, port) for ip in ask.records(name, rdtype))
+        try:
+            found += (format_address(ip, port) for ip in ask.records(name, rdtype))
+        except DiscoveryError as exc:
+            if exc.kind == "nxdomain":
+                raise
+            failed = failed or exc
+    if failed is not None:
+        if not found:
+            raise failed
+        _log.debug("discovery: %s; using the other family's %d addresses", failed, len(found))
     if not found:
         raise DiscoveryError("empty", f"no A or AAAA record for {name}")
     return found

@@ -143,6 +143,32 @@ def test_a_and_aaaa_are_merged_sorted_with_the_port(
     assert ask(dns_server, dns="alias.test:80") == ask(dns_server, dns="web.test:80")
 
 
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [
+        *(("AAAA", mode) for mode in ("servfail", "refused", "silent", "garbage")),
+        # A is asked first, within the one budget: a silent A leaves AAAA no time
+        *(("A", mode) for mode in ("servfail", "refused", "garbage")),
+    ],
+)
+def test_one_family_failing_leaves_the_others_addresses(
+    dns_server: DNSServer, family: str, mode: str, no_fd_leak: None
+) -> None:
+    """A nameserver that mishandles one family (AAAA dropped, SERVFAIL or REFUSED for
+    it): the other family's addresses are the answer, as Go's resolver gives by
+    default; the whole resolution failed, so a backend never got servers, or stayed
+    frozen on its last set. Both failing (or the other empty) is still a failure."""
+    dns_server.modes[family] = mode
+    other = "[fd00::1]:80" if family == "A" else "10.0.0.1:80"
+    assert other in dict(ask(dns_server, timeout=0.5, dns="web.test:80"))
+    only_failing = "v4only.test:80" if family == "A" else "v6only.test:80"
+    with pytest.raises(DiscoveryError):  # its own family failed, the other is empty
+        ask(dns_server, timeout=0.5, dns=only_failing)
+    dns_server.modes["A" if family == "AAAA" else "AAAA"] = mode
+    with pytest.raises(DiscoveryError):
+        ask(dns_server, timeout=0.5, dns="web.test:80")
+
+
 def test_srv_lowest_priority_weights_and_additional_addresses(dns_server: DNSServer) -> None:
     expected = (
         ("10.1.0.1:6379", 1),  # weight 0 -> lbpool's minimum, 1

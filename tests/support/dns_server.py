@@ -11,8 +11,9 @@ answer. SRV replies carry the targets' A/AAAA records in the additional section 
 ``"refused"``, ``"nxdomain"``, ``"silent"`` (reads the query, never answers: for
 timeouts), ``"garbage"`` (answers bytes that do not parse), ``"truncate"`` (over UDP,
 an empty reply with TC set; over TCP the full answer), ``"wrong_id"`` (a reply with
-another id, which a client must ignore). ``queries`` records ``(transport, name,
-rdtype)`` of every query received.
+another id, which a client must ignore); ``modes`` overrides it per record type
+(``{"AAAA": "servfail"}``: a server that mishandles one family). ``queries`` records
+``(transport, name, rdtype)`` of every query received.
 
 Nothing is monkey-patched: gevent's ``DatagramServer`` and ``StreamServer``. ``stop()``
 closes both sockets and kills the handlers; use it as a context manager.
@@ -50,6 +51,7 @@ class DNSServer:
     def __init__(self, zone: Zone | None = None, *, ttl: int = 5) -> None:
         self.zone: Zone = dict(zone or {})
         self.mode = "normal"
+        self.modes: dict[str, str] = {}  # per record type, over mode
         self.additional = True
         self.ttl = ttl
         self.queries: list[tuple[str, str, str]] = []
@@ -140,7 +142,7 @@ class DNSServer:
         name = question.name.to_text(omit_final_dot=True)
         rdtype = dns.rdatatype.to_text(question.rdtype)
         self.queries.append((transport, name, rdtype))
-        mode = self.mode
+        mode = self.modes.get(rdtype, self.mode)
         if mode == "silent":
             return None
         if mode == "garbage":
