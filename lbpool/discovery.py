@@ -22,7 +22,8 @@ de-duplicated tuple of ``(address, weight)``, address ``host:port`` or ``[v6]:po
   there), and a target that does not exist (NXDOMAIN) or has no address, as a stale
   record pointing at a deleted host must not block every later update. An answer
   left with no usable target fails (``empty``). Any other failure of a target fails
-  the resolution.
+  the resolution, except that of one address family when the other gave addresses
+  (A and AAAA are asked at once; see ``_addresses``).
 
 Names are checked as dnspython encodes them (``dns.name.from_text``: IDNA, label and
 name lengths) when the target is parsed, so a name no query could carry is a config
@@ -67,7 +68,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from lbpool._net import close_quietly, fmt_seconds, format_address, split_address
-from lbpool._ownership import fork_generation
+from lbpool._ownership import Forked, fork_generation
 from lbpool.errors import DiscoveryError
 
 if TYPE_CHECKING:
@@ -272,19 +273,27 @@ def _ordered(found: Iterable[tuple[str, int]]) -> Servers:
 
 def _addresses(ask: _Asker, name: str, port: int) -> list[str]:
     """Every A and AAAA address of ``name`` as ``host:port``; ``empty`` if neither has
-    one. NXDOMAIN propagates. When one family's query fails otherwise (timeout,
-    SERVFAIL, NOTIMP: resolvers that mishandle AAAA are common) and the other's gives
-    addresses, those are the answer, as Go's resolver does by default (its
-    ``StrictErrors`` off); with none, the failure propagates."""
+    one. Both are asked at once, within the one deadline. NXDOMAIN propagates. When one
+    family's query fails otherwise (timeout, SERVFAIL, NOTIMP: resolvers that mishandle
+    AAAA are common) and the other's gives addresses, those are the answer, as Go's
+    resolver does by default (its ``StrictErrors`` off); with none, the failure
+    propagates."""
+    aaaa = gevent.spawn(_records_or_error, ask, name, "AAAA")
+    try:
+        results = [_records_or_error(ask, name, "A"), aaaa.get()]
+    finally:
+        aaaa.kill()  # an interrupted resolution (stop, a timeout) leaves no query behind
     found: list[str] = []
     failed: DiscoveryError | None = None
-    for rdtype in ("A", "AAAA"):
-        try:
-            found += (format_address(ip, port) for ip in ask.records(name, rdtype))
-        except DiscoveryError as exc:
-            if exc.kind == "nxdomain":
-                raise
-            failed = failed or exc
+    for result in results:
+        if isinstance(result, DiscoveryError):
+            if result.kind == "nxdomain":
+                raise result
+            failed = failed or result
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            found += (format_address(ip, port) for ip in result)
     if failed is not None:
         if not found:
             raise failed
@@ -292,6 +301,15 @@ def _addresses(ask: _Asker, name: str, port: int) -> list[str]:
     if not found:
         raise DiscoveryError("empty", f"no A or AAAA record for {name}")
     return found
+
+
+def _records_or_error(ask: _Asker, name: str, rdtype: str) -> list[str] | Exception:
+    """``ask.records(name, rdtype)``, or the exception it raised (returned, so a query
+    run in a greenlet of its own never ends in gevent's error report)."""
+    try:
+        return ask.records(name, rdtype)
+    except Exception as exc:
+        return exc
 
 
 def _srv(ask: _Asker, target: Target, skipped: list[str]) -> set[tuple[str, int]]:
@@ -346,6 +364,7 @@ class _Asker:
         self.order = list(nameservers)
         self.timeout = timeout
         self.deadline = monotonic() + timeout
+        self.generation = fork_generation()  # a forked child's copy stops asking
 
     def records(self, name: str, rdtype: str) -> list[str]:
         """The addresses of an A or AAAA query (NODATA: [])."""
@@ -380,6 +399,8 @@ class _Asker:
         )
         failures: list[DiscoveryError] = []
         for i, ns in enumerate(list(self.order)):
+            if fork_generation() != self.generation:  # a forked child's copy: ask no more
+                raise Forked(f"{what}: the process forked while this was asked")
             remaining = self.deadline - monotonic()
             if remaining <= 0:
                 break

@@ -466,8 +466,9 @@ class Backend:
             self._placement.stop()
 
     def first_table(self) -> Event | None:
-        """Key-affinity: the event set once the first key table is in place, while it is
-        being built; else (built, or not a hashing backend) None. Never yields."""
+        """Key-affinity: the event set once the first key table over real servers is in
+        place (a discovered backend has none before its first answer), until then; else
+        (built, or not a hashing backend) None. Never yields."""
         placement = self._placement
         return None if placement is None else placement.first_table()
 
@@ -793,6 +794,13 @@ class _Unready:
             return self.pool._not_ready(limit)
         name = self.backend.name
         if self.kind == _TABLE:
+            if not self.backend.pools:  # discovered, before its first answer
+                discovery = self.backend.discovery
+                error = discovery.last_error if discovery is not None else None
+                return (
+                    f"backend {name!r}: no key table within {limit:.3g}s (no servers yet: "
+                    f"{error or 'the first resolution is still running'})"
+                )
             return (
                 f"backend {name!r}: no key table within {limit:.3g}s "
                 f"(its first {self.backend.strategy} table is still being built)"
@@ -942,10 +950,13 @@ class PoolManager(Router):
     def owner(self, name: str, key: Key) -> str:
         """The key's owner in backend ``name`` by placement, ``host:port``: breakers are
         ignored and nothing is borrowed (``conn.address`` says who actually served).
-        ``ValueError`` if the backend does not route by key. Waits only for a backend's
-        first key table (built in the background at construction or reload).
-        ``PoolClosed`` once the manager is closed; ``LbpoolError`` from another OS
-        thread (the table it may wait for is built by this manager's hub)."""
+        ``ValueError`` if the backend does not route by key. Waits, within the
+        backend's ``acquire_timeout``, only for what a first ``get`` would: a discovered
+        backend's first DNS answer (else ``BackendUnavailable`` naming the DNS error)
+        and its first key table (built in the background at construction or reload;
+        else ``PoolTimeout``). ``PoolClosed`` once the manager is closed;
+        ``LbpoolError`` from another OS thread (the table it may wait for is built by
+        this manager's hub)."""
         self._check_owner()
         if self._closing:
             raise PoolClosed("the manager is closed")

@@ -723,11 +723,13 @@ def test_a_forked_child_never_reads_the_parents_dns_reply(
     resolution ends without a word, and the parent's succeeds."""
     from tests.support.procs import ProcessDNSServer, read_child_report
 
-    with ProcessDNSServer(delay=0.4) as dns:
+    with ProcessDNSServer(delay=0.9) as dns:
         discover: dict[str, Any] = {
             "dns": "web.test:9",
             "refresh": 60,
-            "timeout": 1.2,
+            # a reply takes 0.9 s; one the child steals leaves the parent its resend, at
+            # 1 s, whose reply comes after the 1.85 s budget
+            "timeout": 1.85,
             "nameservers": [dns.address],
         }
         manager = make_manager({"backends": {"w": {"discover": discover, "pool": {"min_idle": 0}}}})
@@ -736,7 +738,7 @@ def test_a_forked_child_never_reads_the_parents_dns_reply(
         assert runner is not None and runner.failures == 0
         answered = runner.last_refresh
         runner.refresh_now()
-        gevent.sleep(0.1)  # the query is out; its reply comes 0.4 s after it
+        gevent.sleep(0.1)  # the queries are out; their replies come 0.9 s after them
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
@@ -749,7 +751,10 @@ def test_a_forked_child_never_reads_the_parents_dns_reply(
                 os.write(w, report)
                 os._exit(0)
         os.close(w)
-        child_took_it = read_child_report(r, pid, 10, size=1)  # the parent's hub runs meanwhile
+        # the parent's hub held (a master busy with blocking work) while the replies
+        # land: the child's hub is the only one reading then
+        time.sleep(0.9)
+        child_took_it = read_child_report(r, pid, 10, size=1)
         assert settle(lambda: runner.last_refresh != answered or runner.failures > 0, 5)
         assert (runner.failures, runner.last_error) == (0, None)
         assert child_took_it == b"0"
