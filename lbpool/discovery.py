@@ -94,6 +94,8 @@ Nameserver = tuple[str, int]  # (IP literal without brackets, port)
 Servers = tuple[tuple[str, int], ...]  # ((address, weight), ...), sorted, no duplicates
 
 _RESEND = 1.0  # seconds: a UDP query unanswered this long is sent again (same id)
+_EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: large answers come back truncated
+_MAX_UDP = 65535
 
 # Every query's socket while it is open: a forked child closes its copies at once, so
 # a resolution copied from the parent cannot read the parent's reply (the child's hub
@@ -110,8 +112,6 @@ def _close_inherited() -> None:
 
 
 os.register_at_fork(after_in_child=_close_inherited)
-_EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: large answers come back truncated
-_MAX_UDP = 65535
 
 
 @dataclass(frozen=True)
