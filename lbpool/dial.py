@@ -83,7 +83,7 @@ def make_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     and the file at fault (the dial path may keep an older context instead:
     ``dial_context``).
     """
-    ctx = _files_context(tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
+    ctx = _files_context(*_files_of(tls))
     if tls.server_hostname is not None:
         _check_server_hostname(tls.server_hostname)
     return ctx
@@ -101,7 +101,7 @@ def dial_context(tls: TLSConfig) -> ssl.SSLContext:
     try:
         return make_ssl_context(tls)
     except TLSSetupError as exc:
-        key = (tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
+        key = _files_of(tls)
         kept = _contexts.get(key)
         if kept is None or exc.setting == "server_hostname":
             raise
@@ -142,6 +142,11 @@ _contexts: dict[_Files, _Loaded] = {}
 # (monotonic) that is believed without loading them again, and why
 _failures: dict[_Files, tuple[tuple[object, ...], float, str, str]] = {}
 _RETRY_FAILED = 1.0  # seconds
+
+
+def _files_of(tls: TLSConfig) -> _Files:
+    """The settings a context is built from (its cache key)."""
+    return (tls.ca_file, tls.cert_file, tls.key_file, tls.verify)
 
 
 def _remember(cache: dict[_Files, Any], key: _Files, value: object) -> None:

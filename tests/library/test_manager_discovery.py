@@ -842,3 +842,17 @@ def test_owner_waits_for_the_first_answer_as_get_does(
         with pytest.raises(BackendUnavailable, match="discovery"):
             waiting.owner("svc", "user:1")
         assert 0.25 <= monotonic() - start < 3  # waited its acquire_timeout
+
+
+def test_wait_ready_names_a_discovered_key_table_waiting_for_servers(
+    make_manager: Callable[..., PoolManager], dns_server: DNSServer
+) -> None:
+    """Before its first answer a discovered key-affinity backend has no table, and none
+    is being built: ``wait_ready``'s message says there are no servers yet (it said the
+    table was still being built)."""
+    dns_server.mode = "silent"
+    manager = make_manager(discover_config(dns_server, timeout=5, strategy="maglev"))
+    with pytest.raises(PoolTimeout) as info:
+        manager.wait_ready(0.3)
+    assert "no key table" in str(info.value) and "no servers yet" in str(info.value)
+    assert "still being built" not in str(info.value)
