@@ -30,22 +30,30 @@ Imports prometheus_client (the ``prometheus`` extra), like ``lbpool.metrics``.
 
 from __future__ import annotations
 
+import re
+import socket
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from copy import copy
 from functools import partial
 from itertools import chain
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import exposition as _exposition
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as _openmetrics
 from prometheus_client.registry import REGISTRY
 
+from lbpool._families import LazyFamily
 from lbpool._pacing import Pacer
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-__all__ = ["generate_latest", "make_wsgi_app"]
+__all__ = ["generate_latest", "make_wsgi_app", "start_http_server"]
 
 # work (seconds) between two pauses of a scrape in the hub
 _SLICE_SECONDS = 0.002
@@ -118,6 +126,48 @@ def _paced(metric: Any, pause: Pacer) -> Any:
     return paced
 
 
+# Prometheus' metric names before UTF-8 names (every escaping scheme leaves them as
+# they are, in any prometheus_client release)
+_LEGACY_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+# the text format's escaping schemes under which a legacy name is written as it is
+# (prometheus_client 0.22 and later take ``escaping``; DOTS and VALUES rewrite even
+# legacy names' underscores)
+_AS_IS_ESCAPINGS = frozenset(
+    getattr(_openmetrics, name)
+    for name in ("UNDERSCORES", "ALLOWUTF8")
+    if hasattr(_openmetrics, name)
+)
+
+
+def _writes_lines(encoder: _Encoder) -> bool:
+    """Whether ``encoder`` is prometheus_client's text format with legacy names as they
+    are: then an lbpool family's lines can be written from its columns
+    (``LazyFamily.text_lines``)."""
+    if encoder is _exposition.generate_latest:
+        return True
+    return (
+        isinstance(encoder, partial)
+        and encoder.func is _exposition.generate_latest
+        and not encoder.args
+        and set(encoder.keywords) == {"escaping"}
+        and encoder.keywords["escaping"] in _AS_IS_ESCAPINGS
+    )
+
+
+def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> bytes | None:
+    """``family``'s text (its ``# HELP`` and ``# TYPE`` from ``encoder``, its lines
+    written from its columns), or None where the encoder must format its samples (not
+    the text format, a name outside the legacy set, samples already made)."""
+    name = getattr(family, "name", "")
+    if not (family.lazy and _LEGACY_NAME.fullmatch(name)):
+        return None
+    bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
+    head = encoder(_Metrics([bare]))  # the installed release's header lines, samples none
+    lines = family.text_lines(pause)
+    pause()
+    return head + "".join(lines).encode()
+
+
 def _expose(encoder: _Encoder, registry: Any) -> bytes:
     """``encoder(registry)``'s bytes, made a batch of metrics at a time with pauses (see
     the module's docstring). An encoder's error is raised as it is, naming the
@@ -132,15 +182,26 @@ def _expose(encoder: _Encoder, registry: Any) -> bytes:
         pause()  # one stretch
         return metric
 
+    lines = _writes_lines(encoder)
     ahead = read()  # one metric ahead, for the batches: a metric is let go once
     while ahead is not _END:  # formatted
+        if lines and isinstance(ahead, LazyFamily):
+            written = _written(encoder, ahead, pause)
+            if written is not None:
+                pieces.append(written)
+                ahead = read()
+                continue
         batch = [ahead]
         size = _count(ahead)
         ahead = read()
         if size >= _BATCH:  # a big metric: alone, its samples paused as they are read
             paced = [_paced(batch[0], pause)]
         else:  # small ones: together, unpaced, up to _BATCH samples
-            while ahead is not _END and size + (more := _count(ahead)) <= _BATCH:
+            while (
+                ahead is not _END
+                and not (lines and isinstance(ahead, LazyFamily) and ahead.lazy)
+                and size + (more := _count(ahead)) <= _BATCH
+            ):  # (a family whose lines can be written ends a batch: its samples unmade)
                 batch.append(ahead)
                 size += more
                 ahead = read()
@@ -275,6 +336,43 @@ def make_wsgi_app(registry: Collector = REGISTRY, disable_compression: bool = Fa
         return body
 
     return lbpool_metrics_app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Logs no request line per scrape (``logging`` is the library's, not stderr's)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_http_server(
+    port: int, addr: str = "0.0.0.0", registry: Collector = REGISTRY
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``make_wsgi_app(registry)`` over HTTP from a daemon thread, as
+    ``prometheus_client.start_http_server(port, addr, registry)`` serves its own app:
+    returns the server and its thread (``server.shutdown()``, then
+    ``server.server_close()``, stop it). ``port`` 0 picks a free one
+    (``server.server_port``); ``addr`` may be IPv6 (``"::"``). Each request is served
+    by a thread of its own (``socketserver.ThreadingMixIn``).
+
+    The difference is the exposition: prometheus_client's app formats every sample in
+    Python (a few hundred ms of the GIL a scrape at 1,000 servers, taken from the
+    pools' thread as well), this app writes lbpool's families from their columns
+    (``lbpool._families``). In an unpatched process the thread is a real one, and the
+    manager's hub takes only the snapshot; monkey-patched, it is a greenlet, paced.
+    Raises ``OSError`` when the address cannot be bound."""
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    server_class = type(
+        "LbpoolMetricsServer",
+        (ThreadingMixIn, WSGIServer),
+        {"daemon_threads": True, "address_family": family[0][0]},
+    )
+    server: WSGIServer = make_server(
+        addr, port, make_wsgi_app(registry), server_class, _QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="lbpool-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def _close(body: Iterable[bytes]) -> None:

@@ -65,11 +65,10 @@ ms at 1,000 servers; see ``lbpool._scrape``)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from functools import partial
 from itertools import accumulate as _accumulate
 from itertools import chain
-from itertools import cycle as _cycle
 from itertools import repeat as _repeat
 from operator import add as _add
 from operator import itemgetter
@@ -82,11 +81,11 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
-from prometheus_client.samples import Sample
 
+from lbpool._families import LazyFamily, Rows, ServerSlice
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
-from lbpool._scrape import generate_latest, make_wsgi_app
+from lbpool._scrape import generate_latest, make_wsgi_app, start_http_server
 from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
 from lbpool.stats import (
     CLOSE_REASONS,
@@ -106,6 +105,7 @@ __all__ = [
     "generate_latest",
     "make_wsgi_app",
     "register",
+    "start_http_server",
 ]
 
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -119,13 +119,6 @@ _SLICE_SECONDS = 0.002
 _SLICE_SERVERS = 50
 # The histogram's ``le`` label values (repr, as HistogramMetricFamily users write them)
 _LE_KEYS = {le: repr(le) for le in WAIT_BUCKETS}
-# Sample's fields after name, labels, value (timestamp, exemplar; native_histogram since
-# prometheus_client 0.20): optional, None by default in every release this supports.
-_SAMPLE_TAIL = tuple(Sample._field_defaults[f] for f in Sample._fields[3:])
-# zip() arguments giving those, endlessly (the labels end each zip)
-_SAMPLE_TAILS = tuple(_repeat(v) for v in _SAMPLE_TAIL)
-# Sample(*fields) from one tuple, as its own constructor makes it (a C call)
-_new_sample = partial(tuple.__new__, Sample)
 # the histogram's ``le`` label values per server: the buckets', then +Inf
 _LE_LABELS = (*(_LE_KEYS[le] for le in WAIT_BUCKETS), "+Inf")
 # a pool's closed counts (keyed by CLOSE_REASONS, Pool._raw) in the order of CLOSE_REASONS
@@ -165,6 +158,18 @@ _GAUGES = (
 )
 
 
+class _LazyCounter(LazyFamily, CounterMetricFamily):
+    """A counter family whose samples come from a scrape's slices (``LazyFamily``)."""
+
+
+class _LazyGauge(LazyFamily, GaugeMetricFamily):
+    """A gauge family whose samples come from a scrape's slices (``LazyFamily``)."""
+
+
+class _LazyHistogram(LazyFamily, HistogramMetricFamily):
+    """A histogram family whose samples come from a scrape's slices (``LazyFamily``)."""
+
+
 class LbpoolCollector:
     """A ``prometheus_client`` collector over one manager's stats."""
 
@@ -183,30 +188,30 @@ class LbpoolCollector:
         label = _LABELS
         fam: dict[str, Any] = {}
         for field, name, doc in _COUNTERS:
-            fam[field] = CounterMetricFamily(self._name(name), doc, labels=label)
-        fam["closed"] = CounterMetricFamily(
+            fam[field] = _LazyCounter(self._name(name), doc, labels=label)
+        fam["closed"] = _LazyCounter(
             self._name("closed"),
             "Connections closed, by reason (idle, lifetime, unhealthy, error, discarded).",
             labels=[*label, "reason"],
         )
-        fam["wait_time_total"] = CounterMetricFamily(
+        fam["wait_time_total"] = _LazyCounter(
             self._name("wait_time_seconds"),
             "Seconds callers spent queued for a connection, in total.",
             labels=label,
         )
         for field, name, doc in _GAUGES:
-            fam[field] = GaugeMetricFamily(self._name(name), doc, labels=label)
-        fam["wait_time_max"] = GaugeMetricFamily(
+            fam[field] = _LazyGauge(self._name(name), doc, labels=label)
+        fam["wait_time_max"] = _LazyGauge(
             self._name("wait_time_max_seconds"),
             "The longest single wait for a connection so far, in seconds.",
             labels=label,
         )
-        fam["breaker_state"] = GaugeMetricFamily(
+        fam["breaker_state"] = _LazyGauge(
             self._name("breaker_state"),
             "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
             labels=label,
         )
-        fam["acquire_wait"] = HistogramMetricFamily(
+        fam["acquire_wait"] = _LazyHistogram(
             self._name("acquire_wait_seconds"),
             "Time an acquisition waited in the queue for a connection (0 if it did not).",
             labels=label,
@@ -250,29 +255,70 @@ class LbpoolCollector:
         config's membership, each server's numbers in one step, sliced alike), but of
         each pool's raw numbers (``Pool._raw``): no ``ServerStats`` is made.
 
-        Called in the manager's own thread (an in-hub scrape), the snapshot is taken,
-        then its samples are made in slices of about ``_SLICE_SECONDS`` of work, with a
-        short timed pause between them (``lbpool._pacing.Pacer``: the hub's loop takes
-        a full turn, timers and I/O included; the snapshot is immutable: no slice can
-        see a change). From another OS thread (``start_http_server``), the manager's hub
-        takes the snapshot, and the samples are made here.
+        The per-server families are lazy (``lbpool._families``): each holds the
+        snapshot's columns and makes its samples when its ``samples`` is first read
+        (the list ``add_metric`` would have made, in the same order), or, exposed by
+        ``lbpool.metrics.generate_latest`` or ``make_wsgi_app`` in the text format, is
+        written as text without them. Samples made in the manager's own thread (an
+        in-hub scrape) are made a slice of servers at a time, with a short timed pause
+        once ``_SLICE_SECONDS`` of work went by (``lbpool._pacing.Pacer``: the hub's
+        loop takes a full turn; the snapshot is immutable: no pause can see a change).
+        From another OS thread (``start_http_server``), the manager's hub takes the
+        snapshot, and the samples are made in that thread.
         """
         fam = self._families()
         # made before the snapshot, which pauses on its own: the first check after it
-        # pauses at once (its last slice and a first one of samples are not one stretch)
+        # pauses at once (its last slice and the next work are not one stretch)
         pause = Pacer(pauses=self._may_yield(), slice_seconds=_SLICE_SECONDS)
         snapshot = self._snapshot()
-        columns = _Columns(fam)
+        slices: list[ServerSlice] = []
         for backend_name, (backend, raws, hits) in snapshot.items():
             for start in range(0, len(raws), _SLICE_SERVERS):
-                columns.add(backend_name, raws[start : start + _SLICE_SERVERS], hits)
+                slices.append(
+                    _server_slice(backend_name, raws[start : start + _SLICE_SERVERS], hits)
+                )
                 pause()  # a timed pause once a slice has gone by: the hub's full turn
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
             self._add_backend(fam, backend_name, backend)
+        self._attach(fam, slices)
         for key in list(fam):  # each family let go once yielded: none outlives its use
             yield fam.pop(key)
+
+    def _attach(self, fam: dict[str, Any], slices: list[ServerSlice]) -> None:
+        """Give each per-server family its rows over ``slices``, and one pacer for all
+        of them (made where the first family's samples are read: the families of one
+        scrape are read one after another, so they share its slices)."""
+        made: list[Pacer] = []
+
+        def pacer() -> Pacer:
+            if not made:
+                made.append(self._pacer())
+            return made[0]
+
+        for field, _, _ in _COUNTERS:
+            family = fam[field]
+            family.attach(slices, partial(_one_column, family.name + "_total", field), pacer)
+        family = fam["closed"]
+        family.attach(slices, partial(_closed_rows, family.name + "_total"), pacer)
+        family = fam["wait_time_total"]
+        rows = partial(_one_column, family.name + "_total", "wait_time_total")
+        family.attach(slices, rows, pacer)
+        for field, _, _ in _GAUGES:
+            family = fam[field]
+            family.attach(slices, partial(_one_column, family.name, field), pacer)
+        family = fam["wait_time_max"]
+        family.attach(slices, partial(_one_column, family.name, "wait_time_max"), pacer)
+        family = fam["breaker_state"]
+        family.attach(slices, partial(_one_column, family.name, "breaker_value"), pacer)
+        family = fam["acquire_wait"]
+        family.attach(slices, partial(_histogram_rows, family.name), pacer)
+
+    def _pacer(self) -> Pacer:
+        """A pacer for making samples where they are read: pausing only in a greenlet
+        of the manager's own thread."""
+        return Pacer(pauses=self._may_yield(), slice_seconds=_SLICE_SECONDS)
 
     def _may_yield(self) -> bool:
         """Whether this scrape runs in the manager's own thread, in a greenlet that may
@@ -295,102 +341,68 @@ class LbpoolCollector:
         fam["discovery_failures"].add_metric([backend], float(d.failures))
 
 
-class _Columns:
-    """Adds servers' samples to the families, column by column, from their
-    ``Pool._raw`` tuples (fields ``lbpool._snapshot.RAW_FIELDS``).
+def _server_slice(
+    backend: str, raws: list[tuple[Any, ...]], hits: dict[str, tuple[int, int]]
+) -> ServerSlice:
+    """One slice of a backend's servers, from their ``Pool._raw`` tuples (fields
+    ``lbpool._snapshot.RAW_FIELDS``) transposed by ``zip`` into columns, with the
+    derived ones: ``acquired``, ``owner_hits``, ``fallback_hits``, ``breaker_value``."""
+    col: dict[str, Any] = dict(zip(_RAW_FIELDS, zip(*raws, strict=True), strict=True))
+    addresses = col["address"]
+    col["acquired"] = list(map(_add, col["hits"], col["misses"]))
+    if hits:
+        owned = [hits.get(a, _NO_HITS) for a in addresses]
+        col["owner_hits"], col["fallback_hits"] = [o for o, _ in owned], [f for _, f in owned]
+    else:
+        col["owner_hits"] = col["fallback_hits"] = [0] * len(addresses)
+    states = BREAKER_STATE_VALUES.get
+    col["breaker_value"] = list(map(states, col["breaker_state"], _repeat(2)))
+    return ServerSlice(backend, addresses, col)
 
-    What ``add_metric`` would add, in the same order, but made by C loops: the raw
-    tuples transposed by ``zip``, each ``Sample`` made by ``tuple.__new__`` (what its
-    NamedTuple constructor does, without the keyword handling) over a ``zip`` of name,
-    labels and values; one labels dict shared by a server's samples (the histogram's
-    and ``closed``'s have their own). prometheus_client only reads a sample's labels
-    (its exposition sorts a copy of the items). Never yields.
-    """
 
-    def __init__(self, fam: dict[str, Any]) -> None:
-        self.fam = fam
-        self.counters = {f: (fam[f].samples, fam[f].name + "_total") for f, _, _ in _COUNTERS}
-        self.gauges = {f: (fam[f].samples, fam[f].name) for f, _, _ in _GAUGES}
+_PLAIN: tuple[None] = (None,)
+_REASONS = tuple(("reason", r) for r in CLOSE_REASONS)
+# the histogram's rows per server: a bucket per WAIT_BUCKETS, +Inf, then count and sum
+_LE_ROWS = (*(("le", le) for le in _LE_LABELS), None, None)
 
-    def add(
-        self, backend: str, raws: list[tuple[Any, ...]], hits: dict[str, tuple[int, int]]
-    ) -> None:
-        if not raws:
-            return
-        fam = self.fam
-        col: dict[str, Sequence[Any]] = dict(
-            zip(_RAW_FIELDS, zip(*raws, strict=True), strict=True)
-        )  # by field
-        addresses = col["address"]
-        labels = [{"backend": backend, "server": a} for a in addresses]
-        col["acquired"] = acquired = list(map(_add, col["hits"], col["misses"]))
-        if hits:
-            owned = [hits.get(a, _NO_HITS) for a in addresses]
-            col["owner_hits"], col["fallback_hits"] = [o for o, _ in owned], [f for _, f in owned]
+
+def _one_column(name: str, field: str, piece: ServerSlice) -> Rows:
+    """One sample per server: ``name`` with the server's labels, the column's value."""
+    return (name,), _PLAIN, piece.col[field]
+
+
+def _closed_rows(name: str, piece: ServerSlice) -> Rows:
+    """Five samples per server, one per close reason (label ``reason``)."""
+    values = list(_chain(map(_CLOSED_VALUES, piece.col["closed"])))
+    return (name,) * len(CLOSE_REASONS), _REASONS, values
+
+
+def _histogram_rows(name: str, piece: ServerSlice) -> Rows:
+    """Sixteen samples per server: 13 buckets and +Inf (label ``le``; cumulative, every
+    acquisition that did not queue observed at 0 s), ``_count`` and ``_sum``."""
+    col = piece.col
+    values: list[float] = []
+    for acq, served, counts, total in zip(
+        col["acquired"],
+        col["waits_served"],
+        col["wait_counts"],
+        col["wait_time_total"],
+        strict=True,
+    ):
+        observed = acq - served
+        if counts is None:  # never queued: every acquisition at 0 s
+            values += (observed,) * (len(WAIT_BUCKETS) + 2)
         else:
-            col["owner_hits"] = col["fallback_hits"] = [0] * len(addresses)
-        column = self._column
-        for field, _, _ in _COUNTERS:
-            column(*self.counters[field], labels, col[field])
-        family = fam["closed"]
-        column(
-            family.samples,
-            family.name + "_total",
-            [
-                {"backend": backend, "server": a, "reason": r}
-                for a in addresses
-                for r in CLOSE_REASONS
-            ],
-            _chain(map(_CLOSED_VALUES, col["closed"])),
-        )
-        family = fam["wait_time_total"]
-        column(family.samples, family.name + "_total", labels, col["wait_time_total"])
-        for field, _, _ in _GAUGES:
-            column(*self.gauges[field], labels, col[field])
-        family = fam["wait_time_max"]
-        column(family.samples, family.name, labels, col["wait_time_max"])
-        family = fam["breaker_state"]
-        states = BREAKER_STATE_VALUES.get
-        column(family.samples, family.name, labels, map(states, col["breaker_state"], _repeat(2)))
-        # the histogram, per server: 13 buckets, +Inf, count, sum (cumulative; every
-        # acquisition that did not queue observed at 0 s)
-        hist = fam["acquire_wait"]
-        names = (
-            *(hist.name + "_bucket",) * (len(WAIT_BUCKETS) + 1),
-            hist.name + "_count",
-            hist.name + "_sum",
-        )
-        hist_labels: list[dict[str, str]] = []
-        hist_values: list[float] = []
-        for a, base, acq, srv, counts, total in zip(
-            addresses,
-            labels,
-            acquired,
-            col["waits_served"],
-            col["wait_counts"],
-            col["wait_time_total"],
-            strict=True,
-        ):
-            hist_labels += [{"backend": backend, "server": a, "le": le} for le in _LE_LABELS]
-            hist_labels += (base, base)
-            observed = acq - srv
-            if counts is None:  # never queued: every acquisition at 0 s
-                hist_values += (observed,) * (len(WAIT_BUCKETS) + 2)
-            else:
-                cumulative = list(_accumulate(counts, initial=observed))
-                hist_values += cumulative[1:]
-                hist_values.append(cumulative[-1])
-            hist_values.append(total)
-        self._column(hist.samples, _cycle(names), hist_labels, hist_values)
-
-    @staticmethod
-    def _column(out: list[Any], name: Any, labels: list[dict[str, str]], values: Any) -> None:
-        """``out`` += a ``Sample(name, labels[i], float(values[i]))`` per label; ``name``
-        a string or an iterator of them."""
-        names = _repeat(name) if isinstance(name, str) else name
-        out += map(
-            _new_sample, zip(names, labels, map(float, values), *_SAMPLE_TAILS, strict=False)
-        )
+            cumulative = list(_accumulate(counts, initial=observed))
+            values += cumulative[1:]
+            values.append(cumulative[-1])
+        values.append(total)
+    names = (
+        *(name + "_bucket",) * (len(WAIT_BUCKETS) + 1),
+        name + "_count",
+        name + "_sum",
+    )
+    return names, _LE_ROWS, values
 
 
 def register(

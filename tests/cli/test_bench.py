@@ -353,8 +353,8 @@ def test_scenario_s_scale_is_opt_in_and_reports_every_operation() -> None:
         for n in ("10", "100", "1000"):
             assert row[n]["ms"] >= 0 and row[n]["hub_ms"] >= 0 and row[n]["cpu_ms"] >= 0
         assert row["x_1000_over_100"] > 0 and row["x_1000_over_10"] > 0
-    # one round: the snapshot total is that round's stats + to_dict + collect cpu_ms
-    assert sc["snapshot_ops"] == ["stats", "to_dict", "collect"]
+    # one round: the snapshot total is that round's stats + to_dict + expose cpu_ms
+    assert sc["snapshot_ops"] == ["stats", "to_dict", "expose"]
     for n in ("10", "100", "1000"):
         parts = sum(sc["results"][op][n]["cpu_ms"] for op in sc["snapshot_ops"])
         assert sc["snapshot_total_cpu_ms"][n] == pytest.approx(parts, abs=0.01)

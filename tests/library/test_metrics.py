@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import gevent
@@ -36,6 +37,22 @@ def parse(text: str) -> Samples:
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+def view(text: bytes) -> list[tuple[Any, ...]]:
+    """An exposition as Prometheus reads it: each family's name, type and help, and its
+    samples (name, sorted labels, value) in order. lbpool writes its own families'
+    lines (``lbpool._families``), so its text is compared with prometheus_client's by
+    what it says, not byte for byte (prometheus_client may change its spelling)."""
+    return [
+        (
+            family.name,
+            family.type,
+            family.documentation,
+            [(s.name, sorted(s.labels.items()), s.value) for s in family.samples],
+        )
+        for family in text_string_to_metric_families(text.decode())
+    ]
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -188,6 +205,70 @@ def test_scrape_over_http_thread_server(manager: lbpool.PoolManager) -> None:
     assert acquired == 1
 
 
+def test_lbpool_http_server_serves_written_lines_from_a_thread(
+    manager: lbpool.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lbpool.metrics.start_http_server``: a real thread serving lbpool's app, on IPv4
+    and IPv6 loopback; the text says what prometheus_client's says, no ``Sample`` is
+    made for lbpool's families, gzip when asked, and the server stops when shut down."""
+    import gzip
+    import socket
+
+    import lbpool._families
+
+    made = [0]
+    real = lbpool._families._new_sample
+
+    def counting(fields: tuple[Any, ...]) -> Any:
+        made[0] += 1
+        return real(fields)
+
+    monkeypatch.setattr(lbpool._families, "_new_sample", counting)
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    hosts = ["127.0.0.1"]
+    if socket.has_ipv6:
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(("::1", 0))
+            probe.close()
+            hosts.append("::1")
+        except OSError:
+            pass
+    for host in hosts:
+        httpd, thread = lbpool.metrics.start_http_server(0, addr=host, registry=registry)
+        try:
+            assert thread.daemon and thread.is_alive()
+            port = httpd.server_port
+            sock = gsocket.create_connection((host, port), timeout=10)  # the hub keeps
+            try:  # turning: the manager's hub takes the snapshot for the thread
+                sock.sendall(b"GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n")
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            finally:
+                sock.close()
+            head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200") and b"gzip" in head.lower(), head
+            assert made[0] == 0
+            assert view(gzip.decompress(body)) == view(generate_latest(registry))
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+        assert not thread.is_alive()
+        made[0] = 0
+    with pytest.raises(OSError):  # the port is taken: the bind's own error
+        taken = gsocket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        try:
+            lbpool.metrics.start_http_server(taken.getsockname()[1], "127.0.0.1", registry)
+        finally:
+            taken.close()
+
+
 def test_scrape_over_gevent_wsgi(manager: lbpool.PoolManager) -> None:
     """The gevent way: make_wsgi_app on a pywsgi server in the pools' own hub."""
     for _ in range(3):
@@ -327,6 +408,145 @@ def test_the_raw_column_path_exports_what_add_metric_would(
         assert [f.samples for f in got] == [f.samples for f in expected]
 
 
+# -- lbpool's own lines (lbpool._families) ----------------------------------------------
+
+
+def test_go_float_numbers_and_escape_write_the_text_format() -> None:
+    """Values as the text format (Go's float64 form) writes them, whole numbers from the
+    table and the rest one by one; label values escaped."""
+    from lbpool._families import escape, go_float, numbers
+
+    cases = {
+        0: "0.0",
+        7: "7.0",
+        4095: "4095.0",
+        4096: "4096.0",
+        999999: "999999.0",
+        1234567: "1.234567e+06",
+        10**6: "1e+06",
+        0.25: "0.25",
+        1.5e-7: "1.5e-07",
+        1e16: "1e+16",
+        -3.0: "-3.0",
+        float("inf"): "+Inf",
+        float("-inf"): "-Inf",
+        True: "1.0",
+    }
+    for number, text in cases.items():
+        assert go_float(number) == text, number
+    assert numbers(list(cases)) == [f"{t}\n" for t in cases.values()]  # a line's end
+    assert numbers([1, 2, 3]) == ["1.0\n", "2.0\n", "3.0\n"]  # all from the table
+    assert numbers((5000, 999999, 4)) == ["5000.0\n", "999999.0\n", "4.0\n"]  # by str
+    assert numbers((5000, 10**6)) == ["5000.0\n", "1e+06\n"]
+    assert numbers((5000, -1)) == ["5000.0\n", "-1.0\n"]
+    assert numbers((5000, 0.5)) == ["5000.0\n", "0.5\n"]
+    assert numbers([float("nan"), 1]) == ["NaN\n", "1.0\n"]
+    assert numbers(()) == []
+    assert escape("plain:1") == "plain:1"
+    assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_the_text_path_writes_lines_without_making_samples(
+    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lbpool.metrics.generate_latest`` writes the per-server families' lines from the
+    snapshot's columns (no ``Sample`` made), saying what prometheus_client says when it
+    formats the same families' samples: with waits in the histogram, key-affinity hits,
+    an ad-hoc pool and a discarded connection. Other formats, and families whose
+    samples were already read, still go through prometheus_client's encoder."""
+    import lbpool._families
+
+    made = [0]
+    real = lbpool._families._new_sample
+
+    def counting(fields: tuple[Any, ...]) -> Any:
+        made[0] += 1
+        return real(fields)
+
+    monkeypatch.setattr(lbpool._families, "_new_sample", counting)
+    config = {
+        "defaults": {"pool": {"min_idle": 0, "max_size": 1}},
+        "backends": {
+            "cache": {"servers": [s.address for s in servers]},
+            "keyed": {"servers": [s.address for s in servers], "strategy": "maglev"},
+        },
+    }
+    with lbpool.PoolManager(config) as manager:
+        for key in (b"a", b"b", b"c"):
+            with manager.get("keyed", key=key, timeout=5):
+                pass
+        echo(manager, servers[0].address)  # ad-hoc: backend ""
+        held = [manager.acquire("cache", timeout=5) for _ in servers]
+        waiter = gevent.spawn(manager.acquire, "cache", 5)
+        assert settle(lambda: sum(s.waiting for s in manager.stats().servers()) == 1, 5)
+        gevent.sleep(0.003)  # the waiter's wait passes the first buckets
+        held[0].discard(ValueError("done"))
+        waiter.get(timeout=5).release()
+        for conn in held[1:]:
+            conn.release()
+        registry = CollectorRegistry()
+        lbpool.metrics.register(manager, registry)
+        ours = lbpool.metrics.generate_latest(registry)
+        assert made[0] == 0
+        theirs = generate_latest(registry)  # prometheus_client reads the samples
+        assert made[0] > 0
+        assert view(ours) == view(theirs)
+        text = ours.decode()
+        address = servers[0].address
+        assert f'lbpool_max_size{{backend="cache",server="{address}"}} 1.0\n' in text
+        assert 'lbpool_closed_total{backend="cache",reason="discarded",server=' in text
+        assert (
+            f'lbpool_acquire_wait_seconds_bucket{{backend="",le="+Inf",server="{address}"}}' in text
+        )
+        waits = parse(text)
+        served = [
+            v
+            for (name, labels), v in waits.items()
+            if name == "lbpool_acquire_wait_seconds_bucket" and ("le", "0.001") in labels
+        ]
+        assert len(served) == 5 and sum(s.acquired for s in manager.stats().servers()) > sum(served)
+        # a family whose samples were read is formatted by the encoder, from them
+        families = list(lbpool.metrics.LbpoolCollector(manager).collect())
+        size = next(f for f in families if f.name == "lbpool_size")
+        assert size.lazy and len(size.samples) == 5 and not size.lazy
+        made[0] = 0
+        once = lbpool._scrape._expose(generate_latest, lbpool._scrape._Metrics(families))
+        assert made[0] == 0  # the others were still written as lines
+        assert view(once) == view(theirs)
+        # OpenMetrics: from the samples, prometheus_client's bytes
+        from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+        encoder, _ = prometheus_client.exposition.choose_encoder(
+            "application/openmetrics-text; version=1.0.0"
+        )
+        assert lbpool._scrape._expose(encoder, registry) == openmetrics(registry)
+
+
+def test_escaping_that_rewrites_names_goes_through_the_encoder(
+    manager: lbpool.PoolManager,
+) -> None:
+    """An ``escaping`` that rewrites even legacy names (prometheus_client 0.22's DOTS):
+    prometheus_client's own bytes; the schemes that keep them write the lines."""
+    from prometheus_client.openmetrics import exposition as om
+
+    import lbpool._scrape as scrape
+
+    if not hasattr(om, "DOTS"):
+        pytest.skip("this prometheus_client has no escaping schemes")
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    dots = lbpool.metrics.generate_latest(registry, escaping=om.DOTS)
+    assert dots == generate_latest(registry, escaping=om.DOTS)
+    assert b"lbpool__acquired__total" in dots or b"lbpool_acquired_total" not in dots
+    assert not scrape._writes_lines(partial(generate_latest, escaping=om.DOTS))
+    assert scrape._writes_lines(partial(generate_latest, escaping=om.ALLOWUTF8))
+    assert scrape._writes_lines(generate_latest)
+    assert not scrape._writes_lines(partial(generate_latest, registry))
+    utf8 = lbpool.metrics.generate_latest(registry, escaping=om.ALLOWUTF8)
+    assert view(utf8) == view(generate_latest(registry, escaping=om.ALLOWUTF8))
+
+
 # -- paced exposition (lbpool.metrics.generate_latest, make_wsgi_app) -------------------
 
 
@@ -376,10 +596,11 @@ def test_paced_exposition_is_prometheus_clients_text(
     registry = mixed_registry(manager)
     expected = generate_latest(registry)
     slice_all(monkeypatch)  # every check pauses
-    assert gevent.spawn(lbpool.metrics.generate_latest, registry).get(timeout=30) == expected
+    got = gevent.spawn(lbpool.metrics.generate_latest, registry).get(timeout=30)
+    assert view(got) == view(expected)
     in_hub = gevent.event.AsyncResult()
     gevent.get_hub().loop.run_callback(lambda: in_hub.set(lbpool.metrics.generate_latest(registry)))
-    assert in_hub.get(timeout=30) == expected
+    assert view(in_hub.get(timeout=30)) == view(expected)
     from_thread: list[bytes] = []
     thread = threading.Thread(
         target=lambda: from_thread.append(lbpool.metrics.generate_latest(registry))
@@ -390,7 +611,7 @@ def test_paced_exposition_is_prometheus_clients_text(
         assert time.monotonic() < deadline, "the scrape thread did not finish in 30 s"
         gevent.sleep(0.01)
     thread.join()
-    assert from_thread == [expected]
+    assert len(from_thread) == 1 and view(from_thread[0]) == view(expected)
 
 
 @pytest.fixture
@@ -487,18 +708,19 @@ def test_paced_wsgi_app_answers_as_prometheus_clients(
     text = generate_latest(registry)
 
     head, body = get(ours, "/metrics")
-    assert head.startswith("HTTP/1.1 200") and body == text, head
+    assert head.startswith("HTTP/1.1 200") and view(body) == view(text), head
     assert "content-encoding" not in head.lower()
     head, body = get(ours, "/metrics", "Accept-Encoding: gzip")
     assert "content-encoding: gzip" in head.lower(), head
-    assert gzip.decompress(body) == text
+    assert view(gzip.decompress(body)) == view(text)
     openmetrics = "Accept: application/openmetrics-text; version=1.0.0"
     head, body = get(ours, "/metrics", openmetrics)
     assert body == openmetrics_latest(registry)
     assert head.lower().count("application/openmetrics-text") == 1, head
     filtered = "/metrics?name[]=lbpool_size&name[]=lbpool_in_use"
-    for path, extra in ((filtered, ()), ("/metrics", (openmetrics,)), ("/", ("Accept: x",))):
+    for path, extra in ((filtered, ()), ("/metrics", (openmetrics,))):  # from samples
         assert get(ours, path, *extra)[1] == get(theirs, path, *extra)[1], path
+    assert view(get(ours, "/", "Accept: x")[1]) == view(get(theirs, "/", "Accept: x")[1])
     families = {f.name for f in text_string_to_metric_families(get(ours, filtered)[1].decode())}
     assert families == {"lbpool_size", "lbpool_in_use"}
     for method in ("OPTIONS", "POST"):
@@ -655,7 +877,7 @@ def test_paced_wsgi_app_falls_back_when_the_app_wants_more_than_a_registry(
     port = wsgi_server(lbpool.metrics.make_wsgi_app(registry))
     head, body = get(port, "/metrics")
     assert head.startswith("HTTP/1.1 200"), head
-    assert body == generate_latest(registry)
+    assert body == generate_latest(registry)  # prometheus_client's own app: its text
 
 
 def test_paced_wsgi_app_reads_a_lazy_apps_body_and_closes_a_replaced_one(
@@ -691,7 +913,7 @@ def test_paced_wsgi_app_reads_a_lazy_apps_body_and_closes_a_replaced_one(
     app = lbpool.metrics.make_wsgi_app(registry)
     body = app(dict(environ), lambda status, headers, exc_info=None: started.append(status))
     assert started == ["200 OK"] and closed == [True]
-    assert b"".join(body) == generate_latest(registry)
+    assert view(b"".join(body)) == view(generate_latest(registry))
 
     def silent(registry: Any, disable_compression: bool = False) -> Any:
         return lambda environ, start_response: []
