@@ -171,12 +171,13 @@ class LazyFamily:
         """Whether the samples are still unmade (``text_lines`` can write them)."""
         return "_source" in self.__dict__ and not self._samples
 
-    def text_lines(self, pause: Callable[[], object]) -> list[str]:
+    def text_lines(self, pause: Callable[[], object]) -> list[bytes]:
         """This family's sample lines in the text format (without its ``# HELP`` and
-        ``# TYPE``), concatenated in order, ``pause()`` called after each slice. Only
+        ``# TYPE``), UTF-8, one piece per slice of servers (each joined and encoded
+        there, so no step grows with the fleet), ``pause()`` called after each. Only
         while ``lazy``."""
         slices, rows, _ = self.__dict__["_source"]
-        out: list[str] = []
+        out: list[bytes] = []
         for piece in slices:
             names, extra, values = rows(piece)
             backend = escape(piece.backend)
@@ -191,10 +192,11 @@ class LazyFamily:
             ends = numbers(values)
             if k == 1:  # start + (quoted + end) per server: the start joins them
                 start = starts[0]
-                out += (start, start.join(map(_add, quoted, ends)))
+                text = start + start.join(map(_add, quoted, ends))
             else:
                 each = chain.from_iterable(map(repeat, quoted, repeat(k)))
-                out += chain.from_iterable(zip(cycle(starts), each, ends, strict=False))
+                text = "".join(chain.from_iterable(zip(cycle(starts), each, ends, strict=False)))
+            out.append(text.encode())
             pause()
         return out
 

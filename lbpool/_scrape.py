@@ -1,5 +1,5 @@
-"""A Prometheus scrape served in the hub, paced: ``lbpool.metrics.generate_latest`` and
-``lbpool.metrics.make_wsgi_app``.
+"""A Prometheus scrape's text, paced: ``lbpool.metrics.generate_latest``,
+``lbpool.metrics.make_wsgi_app`` and ``lbpool.metrics.start_http_server``.
 
 prometheus_client formats a registry in one go (every metric, every sample, then one
 ``"".join`` and ``encode`` of the whole text) and its WSGI app gzips the result in one C
@@ -16,7 +16,13 @@ pieces are joined as bytes.
 The result is byte for byte what the encoder makes of the whole registry: a metric's
 lines depend only on that metric, and what the encoder writes once per output
 (OpenMetrics' ``# EOF``) is what it writes for an empty registry, cut from each piece
-and written once at the end. A gzip body is compressed in steps too. Pauses are
+and written once at the end. One exception: in the text format (under an escaping
+scheme that leaves legacy names as they are), an ``LbpoolCollector``'s per-server
+families whose samples nobody read (``lbpool._families.LazyFamily``) get their
+``# HELP``/``# TYPE`` lines from the encoder and their sample lines written from the
+snapshot's columns (``LazyFamily.text_lines``, paced a slice of servers at a time):
+the same series and values, without a ``Sample`` made or formatted.
+A gzip body is compressed in steps too. Pauses are
 ``lbpool._pacing.Pacer``'s (a short timed sleep once ``_SLICE_SECONDS`` of work went
 by: the hub's loop takes a full turn); in the hub itself or in an OS thread with no
 hub, nothing pauses.
@@ -163,9 +169,7 @@ def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> bytes | Non
         return None
     bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
     head = encoder(_Metrics([bare]))  # the installed release's header lines, samples none
-    lines = family.text_lines(pause)
-    pause()
-    return head + "".join(lines).encode()
+    return head + b"".join(family.text_lines(pause))
 
 
 def _expose(encoder: _Encoder, registry: Any) -> bytes:
