@@ -35,7 +35,15 @@ from prometheus_client.samples import Sample
 
 from lbpool._pacing import Pacer
 
-__all__ = ["LazyFamily", "Rows", "ServerSlice", "escape", "go_float", "numbers"]
+__all__ = [
+    "LazyFamily",
+    "Rows",
+    "ServerSlice",
+    "escape",
+    "go_float",
+    "make_samples",
+    "numbers",
+]
 
 # Sample's fields after name, labels, value (timestamp, exemplar; native_histogram since
 # prometheus_client 0.20): optional, None by default in every release this supports.
@@ -134,9 +142,18 @@ class LazyFamily:
     """Mixin for a prometheus_client metric family whose samples come from a scrape's
     slices (``attach``): made on the first read of ``samples``, or written as text
     (``text_lines``) without ever being made. Set ``samples`` and the family is a plain
-    one again (the slices are let go)."""
+    one again (the slices are let go).
 
-    _source: tuple[Sequence[ServerSlice], Callable[[ServerSlice], Rows], Callable[[], Pacer]]
+    Until then the instance holds ``_source`` and no ``_samples``. A read makes the
+    list aside and publishes it with one ``dict.setdefault``: readers that overlap (two
+    greenlets, one pausing while it makes them; two threads) each get the complete
+    list, the first one published. A copy or a pickle makes the samples first, so a
+    copy is a plain family sharing them, as a copy of any prometheus_client family
+    shares its list."""
+
+    _source: tuple[
+        Sequence[ServerSlice], Callable[[ServerSlice], Rows], Callable[[], Pacer], list[Any]
+    ]
     _samples: list[Any]
 
     def attach(
@@ -145,38 +162,47 @@ class LazyFamily:
         rows: Callable[[ServerSlice], Rows],
         pacer: Callable[[], Pacer],
     ) -> None:
-        """Take samples from ``slices``: ``rows(slice)`` gives this family's rows of a
-        slice; ``pacer()`` a pacer for one pass over them (checked once a slice)."""
-        self._source = (slices, rows, pacer)
+        """Take samples from ``slices`` (after any the family holds): ``rows(slice)``
+        gives this family's rows of a slice; ``pacer()`` a pacer for one pass over them
+        (checked once a slice)."""
+        held = self.__dict__.pop("_samples", None) or []
+        self._source = (slices, rows, pacer, held)
 
     @property
     def samples(self) -> list[Any]:
-        source = self.__dict__.pop("_source", None)
-        if source is not None:
-            slices, rows, pacer = source
-            made = self._samples
-            pause = pacer()
-            for piece in slices:
-                made += _samples_of(piece, rows(piece))
-                pause()
-        return self._samples
+        state = self.__dict__
+        made: list[Any] | None = state.get("_samples")
+        if made is None:
+            slices, rows, pacer, held = state["_source"]
+            made = state.setdefault("_samples", make_samples(slices, rows, pacer(), held))
+            state.pop("_source", None)
+        return made
 
     @samples.setter
     def samples(self, value: list[Any]) -> None:
         self.__dict__.pop("_source", None)
         self._samples = value
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The family's attributes with its samples made (``copy``, ``pickle``): the
+        slices and their closures stay behind."""
+        self.samples  # noqa: B018 (made here)
+        state = dict(self.__dict__)
+        state.pop("_source", None)
+        return state
+
     @property
     def lazy(self) -> bool:
-        """Whether the samples are still unmade (``text_lines`` can write them)."""
-        return "_source" in self.__dict__ and not self._samples
+        """Whether the samples are still unmade and none were held before ``attach``
+        (``text_lines`` can write them all)."""
+        source = self.__dict__.get("_source")
+        return source is not None and "_samples" not in self.__dict__ and not source[3]
 
     def text_lines(self, pause: Callable[[], object]) -> list[bytes]:
         """This family's sample lines in the text format (without its ``# HELP`` and
         ``# TYPE``), UTF-8, one piece per slice of servers (each joined and encoded
-        there, so no step grows with the fleet), ``pause()`` called after each. Only
-        while ``lazy``."""
-        slices, rows, _ = self.__dict__["_source"]
+        there), ``pause()`` called after each. Only while ``lazy``."""
+        slices, rows, _, _ = self.__dict__["_source"]
         out: list[bytes] = []
         for piece in slices:
             names, extra, values = rows(piece)
@@ -199,6 +225,21 @@ class LazyFamily:
             out.append(text.encode())
             pause()
         return out
+
+
+def make_samples(
+    slices: Iterable[ServerSlice],
+    rows: Callable[[ServerSlice], Rows],
+    pause: Callable[[], object],
+    held: Iterable[Any] = (),
+) -> list[Any]:
+    """``held``, then the ``Sample``s of ``rows`` over every slice, in order (what
+    ``add_metric`` would append), ``pause()`` called after each slice."""
+    made = list(held)
+    for piece in slices:
+        made += _samples_of(piece, rows(piece))
+        pause()
+    return made
 
 
 def _samples_of(piece: ServerSlice, rows: Rows) -> Iterable[Sample]:

@@ -75,6 +75,8 @@ _BIG_METRIC = 1024
 # prometheus_client's app uses it, compresses at 9 in one call: ~190 ms for 3 MB here)
 _GZIP_CHUNK = 16384
 _GZIP_LEVEL = 6
+# bytes of text per chunk of a WSGI body (the text is not joined whole)
+_BODY_CHUNK = 65536
 
 _Encoder = Callable[[Any], bytes]
 _WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -136,11 +138,11 @@ def _paced(metric: Any, pause: Pacer) -> Any:
 # they are, in any prometheus_client release)
 _LEGACY_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 # the text format's escaping schemes under which a legacy name is written as it is
-# (prometheus_client 0.22 and later take ``escaping``; DOTS and VALUES rewrite even
-# legacy names' underscores)
+# (prometheus_client 0.22 and later take ``escaping``; DOTS rewrites even legacy
+# names' underscores)
 _AS_IS_ESCAPINGS = frozenset(
     getattr(_openmetrics, name)
-    for name in ("UNDERSCORES", "ALLOWUTF8")
+    for name in ("UNDERSCORES", "ALLOWUTF8", "VALUES")
     if hasattr(_openmetrics, name)
 )
 
@@ -160,22 +162,34 @@ def _writes_lines(encoder: _Encoder) -> bool:
     )
 
 
-def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> bytes | None:
-    """``family``'s text (its ``# HELP`` and ``# TYPE`` from ``encoder``, its lines
-    written from its columns), or None where the encoder must format its samples (not
-    the text format, a name outside the legacy set, samples already made)."""
+def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes] | None:
+    """``family``'s text in pieces (its ``# HELP`` and ``# TYPE`` from ``encoder``, then
+    its lines written from its columns, a piece per slice of servers), or None where
+    the encoder must format its samples (not the text format, a name outside the
+    legacy set, samples already made). An error names the family, as the encoder's
+    errors name their metric (appended to the error's args)."""
     name = getattr(family, "name", "")
     if not (family.lazy and _LEGACY_NAME.fullmatch(name)):
         return None
-    bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
-    head = encoder(_Metrics([bare]))  # the installed release's header lines, samples none
-    return head + b"".join(family.text_lines(pause))
+    try:
+        bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
+        head = encoder(_Metrics([bare]))  # the installed release's header, samples none
+        return [head, *family.text_lines(pause)]
+    except Exception as exc:
+        exc.args = (*(exc.args or ("",)), family)
+        raise
 
 
 def _expose(encoder: _Encoder, registry: Any) -> bytes:
-    """``encoder(registry)``'s bytes, made a batch of metrics at a time with pauses (see
-    the module's docstring). An encoder's error is raised as it is, naming the
-    collector's own metric (prometheus_client appends it to the error's args)."""
+    """``encoder(registry)``'s bytes (``_expose_pieces`` joined)."""
+    return b"".join(_expose_pieces(encoder, registry))
+
+
+def _expose_pieces(encoder: _Encoder, registry: Any) -> list[bytes | memoryview]:
+    """``encoder(registry)``'s bytes in pieces (each a metric's, a batch's or a slice of
+    servers' lines), made with pauses (see the module's docstring); joined, they are
+    the whole text. An encoder's error is raised as it is, naming the collector's own
+    metric (prometheus_client appends it to the error's args)."""
     pause = Pacer(slice_seconds=_SLICE_SECONDS)
     trailer = encoder(_Metrics(()))  # what the format writes once per output
     pieces: list[bytes | memoryview] = []
@@ -192,7 +206,7 @@ def _expose(encoder: _Encoder, registry: Any) -> bytes:
         if lines and isinstance(ahead, LazyFamily):
             written = _written(encoder, ahead, pause)
             if written is not None:
-                pieces.append(written)
+                pieces += written
                 ahead = read()
                 continue
         batch = [ahead]
@@ -221,7 +235,7 @@ def _expose(encoder: _Encoder, registry: Any) -> bytes:
         if not piece.endswith(trailer):  # a format whose pieces do not concatenate
             if not pieces:  # (not prometheus_client's): the whole registry in one go
                 rest = [] if ahead is _END else [ahead]
-                return encoder(_Metrics(chain(batch, rest, metrics)))
+                return [encoder(_Metrics(chain(batch, rest, metrics)))]
             raise RuntimeError("lbpool: the exposition format changed between two metrics")
         pieces.append(memoryview(piece)[: len(piece) - len(trailer)] if trailer else piece)
         if size >= _BIG_METRIC:  # its samples are freed next (often their last reference:
@@ -229,7 +243,7 @@ def _expose(encoder: _Encoder, registry: Any) -> bytes:
         del batch, paced
         pause()
     pieces.append(trailer)
-    return b"".join(pieces)
+    return pieces
 
 
 _END = object()  # the end of a registry's metrics
@@ -330,9 +344,9 @@ def make_wsgi_app(registry: Collector = REGISTRY, disable_compression: bool = Fa
             source: Any = registry
             if probe.names is not None:
                 source = registry.restricted_registry(probe.names)  # type: ignore[attr-defined]
-            text = _expose(encoder, source)
+            pieces = _expose_pieces(encoder, source)
             gzipped = any(k.lower() == "content-encoding" and "gzip" in v for k, v in headers)
-            body = [_paced_gzip(text) if gzipped else text]
+            body = [_paced_gzip(pieces)] if gzipped else _coalesced(pieces)
         if exc_info is None:
             start_response(status, headers)
         else:
@@ -391,15 +405,36 @@ def _no_write(data: bytes) -> None:
     raise RuntimeError("lbpool: prometheus_client's WSGI app wrote its body with write()")
 
 
-def _paced_gzip(data: bytes) -> bytes:
-    """``data`` gzip-compressed, ``_GZIP_CHUNK`` bytes at a time, pausing once a slice of
-    work went by."""
+def _paced_gzip(pieces: Iterable[bytes | memoryview]) -> bytes:
+    """The pieces' concatenation gzip-compressed, ``_GZIP_CHUNK`` bytes at a time,
+    pausing once a slice of work went by."""
     pause = Pacer(slice_seconds=_SLICE_SECONDS)
     packer = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 16 + 15: gzip
-    view = memoryview(data)
     parts = []
-    for start in range(0, len(data), _GZIP_CHUNK):
-        parts.append(packer.compress(view[start : start + _GZIP_CHUNK]))
-        pause()
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), _GZIP_CHUNK):
+            parts.append(packer.compress(view[start : start + _GZIP_CHUNK]))
+            pause()
     parts.append(packer.flush())
     return b"".join(parts)
+
+
+def _coalesced(pieces: Iterable[bytes | memoryview]) -> list[bytes]:
+    """The pieces as a WSGI body: joined into chunks of about ``_BODY_CHUNK`` bytes (a
+    write per chunk, not per slice of servers; no join of the whole text), pausing
+    once a slice of work went by."""
+    pause = Pacer(slice_seconds=_SLICE_SECONDS)
+    body: list[bytes] = []
+    group: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        group.append(piece)
+        size += len(piece)
+        if size >= _BODY_CHUNK:
+            body.append(b"".join(group))
+            group, size = [], 0
+            pause()
+    if group:
+        body.append(b"".join(group))
+    return body

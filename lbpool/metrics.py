@@ -66,7 +66,7 @@ greenlet), the work pauses about every 2 ms (``lbpool._pacing.Pacer``; see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import accumulate as _accumulate
 from itertools import chain
@@ -83,7 +83,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from lbpool._families import LazyFamily, Rows, ServerSlice
+from lbpool._families import LazyFamily, Rows, ServerSlice, make_samples
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
 from lbpool._scrape import generate_latest, make_wsgi_app, start_http_server
@@ -288,33 +288,42 @@ class LbpoolCollector:
             yield fam.pop(key)
 
     def _attach(self, fam: dict[str, Any], slices: list[ServerSlice]) -> None:
-        """Give each per-server family its rows over ``slices``, and one pacer for all
-        of them (made where the first family's samples are read: the families of one
-        scrape are read one after another, so they share its slices)."""
-        made: list[Pacer] = []
+        """Give each per-server family its rows over ``slices``: a ``LazyFamily`` keeps
+        them for later; any other family (a subclass's ``_families`` may make plain
+        ones) gets its samples now, paced, as before families were lazy."""
+        made: list[tuple[Any, Pacer]] = []
 
         def pacer() -> Pacer:
-            if not made:
-                made.append(self._pacer())
-            return made[0]
+            # one pacer for the families read one after another in one greenlet (a
+            # stretch spans the end of one and the start of the next); a reader in
+            # another greenlet or thread gets its own (pausing only where it may)
+            here = getcurrent()
+            if not made or made[0][0] is not here:
+                made[:] = [(here, self._pacer())]
+            return made[0][1]
+
+        def give(family: Any, rows: Callable[[ServerSlice], Rows]) -> None:
+            if isinstance(family, LazyFamily):
+                family.attach(slices, rows, pacer)
+            else:
+                family.samples[:] = make_samples(slices, rows, pacer(), family.samples)
 
         for field, _, _ in _COUNTERS:
             family = fam[field]
-            family.attach(slices, partial(_one_column, family.name + "_total", field), pacer)
+            give(family, partial(_one_column, family.name + "_total", field))
         family = fam["closed"]
-        family.attach(slices, partial(_closed_rows, family.name + "_total"), pacer)
+        give(family, partial(_closed_rows, family.name + "_total"))
         family = fam["wait_time_total"]
-        rows = partial(_one_column, family.name + "_total", "wait_time_total")
-        family.attach(slices, rows, pacer)
+        give(family, partial(_one_column, family.name + "_total", "wait_time_total"))
         for field, _, _ in _GAUGES:
             family = fam[field]
-            family.attach(slices, partial(_one_column, family.name, field), pacer)
+            give(family, partial(_one_column, family.name, field))
         family = fam["wait_time_max"]
-        family.attach(slices, partial(_one_column, family.name, "wait_time_max"), pacer)
+        give(family, partial(_one_column, family.name, "wait_time_max"))
         family = fam["breaker_state"]
-        family.attach(slices, partial(_one_column, family.name, "breaker_value"), pacer)
+        give(family, partial(_one_column, family.name, "breaker_value"))
         family = fam["acquire_wait"]
-        family.attach(slices, partial(_histogram_rows, family.name), pacer)
+        give(family, partial(_histogram_rows, family.name))
 
     def _pacer(self) -> Pacer:
         """A pacer for making samples where they are read: pausing only in a greenlet

@@ -540,11 +540,135 @@ def test_escaping_that_rewrites_names_goes_through_the_encoder(
     assert dots == generate_latest(registry, escaping=om.DOTS)
     assert b"lbpool__acquired__total" in dots or b"lbpool_acquired_total" not in dots
     assert not scrape._writes_lines(partial(generate_latest, escaping=om.DOTS))
+    assert scrape._writes_lines(partial(generate_latest, escaping=om.VALUES))
+    values = lbpool.metrics.generate_latest(registry, escaping=om.VALUES)
+    assert view(values) == view(generate_latest(registry, escaping=om.VALUES))
     assert scrape._writes_lines(partial(generate_latest, escaping=om.ALLOWUTF8))
     assert scrape._writes_lines(generate_latest)
     assert not scrape._writes_lines(partial(generate_latest, registry))
     utf8 = lbpool.metrics.generate_latest(registry, escaping=om.ALLOWUTF8)
     assert view(utf8) == view(generate_latest(registry, escaping=om.ALLOWUTF8))
+
+
+def unread_families(manager: lbpool.PoolManager) -> dict[str, Any]:
+    """One fresh collect()'s families by name, none of their samples read."""
+    return {f.name: f for f in lbpool.metrics.LbpoolCollector(manager).collect()}
+
+
+def test_a_lazy_family_copies_pickles_and_is_read_whole_by_overlapping_readers(
+    manager: lbpool.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy or a pickle of an unread family makes its samples first (the copy shares
+    them; nothing doubles); two greenlets reading one family while the first pauses
+    between slices, or two threads, each get the whole list; a family read first in a
+    greenlet and then in a thread with no hub makes no hub there."""
+    import copy
+    import pickle
+    import threading
+
+    from gevent._hub_local import get_hub_if_exists
+
+    for _ in range(4):
+        echo(manager, "cache")
+    expected = {f.name: f.samples for f in unread_families(manager).values()}
+    assert sum(s.value for s in expected["lbpool_acquired"]) == 4
+    families = unread_families(manager)
+    size = families["lbpool_size"]
+    copied = copy.copy(size)
+    assert copied.samples == size.samples == expected["lbpool_size"]
+    assert len(size.samples) == len(expected["lbpool_size"]) == 2
+    wait = unread_families(manager)["lbpool_acquire_wait_seconds"]
+    assert pickle.loads(pickle.dumps(wait)) == wait
+    assert wait.samples == expected["lbpool_acquire_wait_seconds"]
+
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 0.0)  # every slice pauses
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", 1)
+    families = unread_families(manager)
+    closed = families["lbpool_closed"]
+    readers = [gevent.spawn(lambda: closed.samples) for _ in range(2)]
+    got = [r.get(timeout=10) for r in readers]
+    assert got[0] is got[1] and got[0] == expected["lbpool_closed"]
+    from_threads: list[Any] = []
+    hubs: list[Any] = []
+    hits = families["lbpool_hits"]
+
+    def read() -> None:
+        from_threads.append(hits.samples)
+        from_threads.append(families["lbpool_misses"].samples)  # after one read here
+        hubs.append(get_hub_if_exists())
+
+    assert families["lbpool_acquired"].samples  # first read: in this greenlet
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():  # the manager's hub keeps turning
+            gevent.sleep(0.005)
+    assert from_threads[0::2] == [expected["lbpool_hits"]] * 2
+    assert from_threads[1::2] == [expected["lbpool_misses"]] * 2
+    assert hubs == [None, None]
+
+
+def test_a_subclass_with_plain_families_gets_their_samples(manager: lbpool.PoolManager) -> None:
+    """A subclass whose ``_families`` makes prometheus_client's plain families (not
+    lazy): the samples are added to them, as before families were lazy, and both
+    expositions agree."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class Plain(lbpool.metrics.LbpoolCollector):
+        def _families(self) -> dict[str, Any]:
+            fam = super()._families()
+            for key, family in list(fam.items()):
+                if isinstance(family, lbpool._families.LazyFamily):
+                    kind = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+                    if family.type in kind:
+                        plain = kind[family.type](family.name, family.documentation, labels=[])
+                        plain._labelnames = family._labelnames
+                        fam[key] = plain
+            return fam
+
+    echo(manager, "cache")
+    plain = {f.name: f for f in Plain(manager).collect()}
+    assert not isinstance(plain["lbpool_size"], lbpool._families.LazyFamily)
+    lazy = {f.name: f.samples for f in unread_families(manager).values()}
+    assert {name: f.samples for name, f in plain.items()} == lazy
+    registry = CollectorRegistry()
+    registry.register(Plain(manager))
+    assert view(lbpool.metrics.generate_latest(registry)) == view(generate_latest(registry))
+
+
+def test_a_value_the_text_format_cannot_write_is_an_error_naming_the_family(
+    manager: lbpool.PoolManager,
+) -> None:
+    """As prometheus_client's encoder names the metric it failed on (the last of the
+    error's args), so does a written family."""
+    import lbpool._families as families
+
+    echo(manager, "cache")
+    family = unread_families(manager)["lbpool_size"]
+    slices, rows, pacer, _ = family._source
+
+    def broken(piece: Any) -> Any:
+        names, extra, values = rows(piece)
+        return names, extra, [object()] * len(values)
+
+    family.attach(slices, broken, pacer)
+    with pytest.raises(TypeError) as caught:
+        lbpool._scrape._expose(generate_latest, lbpool._scrape._Metrics([family]))
+    assert caught.value.args[-1] is family
+    assert isinstance(family, families.LazyFamily)
+
+
+def test_a_wsgi_body_is_chunks_of_the_text_not_one_join() -> None:
+    """The body of a big scrape: chunks of about ``_BODY_CHUNK`` bytes whose
+    concatenation is the text."""
+    registry = CollectorRegistry()
+    registry.register(Many(20000))
+    pieces = lbpool._scrape._expose_pieces(generate_latest, registry)
+    body = lbpool._scrape._coalesced(pieces)
+    assert b"".join(body) == generate_latest(registry)
+    assert len(body) > 1 and all(len(c) >= lbpool._scrape._BODY_CHUNK for c in body[:-1])
+    assert lbpool._scrape._coalesced([]) == []
 
 
 # -- paced exposition (lbpool.metrics.generate_latest, make_wsgi_app) -------------------
