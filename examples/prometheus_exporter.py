@@ -9,8 +9,8 @@ few lines, and stops after ``--duration`` seconds or on Ctrl-C / SIGTERM.
 
 In your own app: ``lbpool.metrics.register(manager)`` and, for a gevent app, mount
 ``lbpool.metrics.make_wsgi_app()`` (prometheus_client's app, paced: a big fleet's
-scrape never holds the hub for long), or use ``start_http_server`` when threads are
-fine.
+scrape never holds the hub for long), or ``lbpool.metrics.start_http_server(9100)``
+(a daemon thread) when threads are fine.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -53,6 +54,22 @@ def view(text: bytes) -> list[tuple[Any, ...]]:
         )
         for family in text_string_to_metric_families(text.decode())
     ]
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[n]``: how many ``Sample``s lbpool's lazy families made since (set it to 0)."""
+    import lbpool._families
+
+    count = [0]
+    real = lbpool._families._new_sample
+
+    def counting(fields: tuple[Any, ...]) -> Any:
+        count[0] += 1
+        return real(fields)
+
+    monkeypatch.setattr(lbpool._families, "_new_sample", counting)
+    return count
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -206,7 +223,7 @@ def test_scrape_over_http_thread_server(manager: lbpool.PoolManager) -> None:
 
 
 def test_lbpool_http_server_serves_written_lines_from_a_thread(
-    manager: lbpool.PoolManager, monkeypatch: pytest.MonkeyPatch
+    manager: lbpool.PoolManager, made: list[int]
 ) -> None:
     """``lbpool.metrics.start_http_server``: a real thread serving lbpool's app, on IPv4
     and IPv6 loopback; the text says what prometheus_client's says, no ``Sample`` is
@@ -214,16 +231,6 @@ def test_lbpool_http_server_serves_written_lines_from_a_thread(
     import gzip
     import socket
 
-    import lbpool._families
-
-    made = [0]
-    real = lbpool._families._new_sample
-
-    def counting(fields: tuple[Any, ...]) -> Any:
-        made[0] += 1
-        return real(fields)
-
-    monkeypatch.setattr(lbpool._families, "_new_sample", counting)
     echo(manager, "cache")
     registry = CollectorRegistry()
     lbpool.metrics.register(manager, registry)
@@ -240,17 +247,9 @@ def test_lbpool_http_server_serves_written_lines_from_a_thread(
         httpd, thread = lbpool.metrics.start_http_server(0, addr=host, registry=registry)
         try:
             assert thread.daemon and thread.is_alive()
-            port = httpd.server_port
-            sock = gsocket.create_connection((host, port), timeout=10)  # the hub keeps
-            try:  # turning: the manager's hub takes the snapshot for the thread
-                sock.sendall(b"GET /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n")
-                chunks = []
-                while chunk := sock.recv(65536):
-                    chunks.append(chunk)
-            finally:
-                sock.close()
-            head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.0 200") and b"gzip" in head.lower(), head
+            # the hub keeps turning: the manager's hub takes the snapshot for the thread
+            head, body = get(httpd.server_port, "/metrics", "Accept-Encoding: gzip", host=host)
+            assert head.startswith("HTTP/1.0 200") and "gzip" in head.lower(), head
             assert made[0] == 0
             assert view(gzip.decompress(body)) == view(generate_latest(registry))
         finally:
@@ -365,13 +364,11 @@ class ReferenceCollector(lbpool.metrics.LbpoolCollector):
         yield from fam.values()
 
 
-def test_the_raw_column_path_exports_what_add_metric_would(
-    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Mid-borrow, with a waiter, a discard, a key-affinity backend (owner hits) and an
-    ad-hoc pool: the same families, samples (name, labels, value, in order) and
-    exposition text as ``add_metric`` over ``manager.stats()``."""
-    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 1e9)  # no yield between the two
+@contextlib.contextmanager
+def queued(servers: list[EchoServer]) -> Iterator[tuple[lbpool.PoolManager, list[Any], Any]]:
+    """A manager of one-connection pools with key-affinity hits (3 keys), an ad-hoc
+    pool (backend ""), both "cache" connections held and a waiter queued for one:
+    (manager, held connections, the waiter's greenlet)."""
     config = {
         "defaults": {"pool": {"min_idle": 0, "max_size": 1}},
         "backends": {
@@ -387,6 +384,17 @@ def test_the_raw_column_path_exports_what_add_metric_would(
         held = [manager.acquire("cache", timeout=5) for _ in servers]
         waiter = gevent.spawn(manager.acquire, "cache", 5)
         assert settle(lambda: sum(s.waiting for s in manager.stats().servers()) == 1, 5)
+        yield manager, held, waiter
+
+
+def test_the_raw_column_path_exports_what_add_metric_would(
+    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mid-borrow, with a waiter, a discard, a key-affinity backend (owner hits) and an
+    ad-hoc pool: the same families, samples (name, labels, value, in order) and
+    exposition text as ``add_metric`` over ``manager.stats()``."""
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 1e9)  # no yield between the two
+    with queued(servers) as (manager, held, waiter):
         try:
             new, ref = lbpool.metrics.LbpoolCollector(manager), ReferenceCollector(manager)
             got, expected = list(new.collect()), list(ref.collect())
@@ -447,38 +455,14 @@ def test_go_float_numbers_and_escape_write_the_text_format() -> None:
 
 
 def test_the_text_path_writes_lines_without_making_samples(
-    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
+    servers: list[EchoServer], made: list[int]
 ) -> None:
     """``lbpool.metrics.generate_latest`` writes the per-server families' lines from the
     snapshot's columns (no ``Sample`` made), saying what prometheus_client says when it
     formats the same families' samples: with waits in the histogram, key-affinity hits,
     an ad-hoc pool and a discarded connection. Other formats, and families whose
     samples were already read, still go through prometheus_client's encoder."""
-    import lbpool._families
-
-    made = [0]
-    real = lbpool._families._new_sample
-
-    def counting(fields: tuple[Any, ...]) -> Any:
-        made[0] += 1
-        return real(fields)
-
-    monkeypatch.setattr(lbpool._families, "_new_sample", counting)
-    config = {
-        "defaults": {"pool": {"min_idle": 0, "max_size": 1}},
-        "backends": {
-            "cache": {"servers": [s.address for s in servers]},
-            "keyed": {"servers": [s.address for s in servers], "strategy": "maglev"},
-        },
-    }
-    with lbpool.PoolManager(config) as manager:
-        for key in (b"a", b"b", b"c"):
-            with manager.get("keyed", key=key, timeout=5):
-                pass
-        echo(manager, servers[0].address)  # ad-hoc: backend ""
-        held = [manager.acquire("cache", timeout=5) for _ in servers]
-        waiter = gevent.spawn(manager.acquire, "cache", 5)
-        assert settle(lambda: sum(s.waiting for s in manager.stats().servers()) == 1, 5)
+    with queued(servers) as (manager, held, waiter):
         gevent.sleep(0.003)  # the waiter's wait passes the first buckets
         held[0].discard(ValueError("done"))
         waiter.get(timeout=5).release()
@@ -784,9 +768,12 @@ def test_paced_exposition_lets_the_hub_turn(pauses: list[int]) -> None:
     assert pauses.count(2) == 0 and pauses.count(1) >= 10
 
 
-def get(port: int, path: str, *headers: str, method: str = "GET") -> tuple[str, bytes]:
-    """One HTTP/1.0 request to a local server: (head, body)."""
-    sock = gsocket.create_connection(("127.0.0.1", port), timeout=10)
+def get(
+    port: int, path: str, *headers: str, method: str = "GET", host: str = "127.0.0.1"
+) -> tuple[str, bytes]:
+    """One HTTP/1.0 request to a local server, over a gevent socket (the hub keeps
+    turning while it waits): (head, body)."""
+    sock = gsocket.create_connection((host, port), timeout=10)
     try:
         extra = "".join(f"{h}\r\n" for h in headers)
         sock.sendall(f"{method} {path} HTTP/1.0\r\nHost: x\r\n{extra}\r\n".encode())
