@@ -5,10 +5,11 @@ write their lines of the text format straight from the columns.
 Why: at 1,000 servers a scrape has about 42,000 samples. Making them as
 prometheus_client ``Sample`` tuples (and their label dicts) costs 12-20 ms of hub time,
 and prometheus_client's text encoder then formats them one at a time in Python, about
-7-10 us a sample: 300-450 ms. ``lbpool.metrics.generate_latest`` and
-``lbpool.metrics.make_wsgi_app`` (``lbpool._scrape``) ask these families for their
-lines instead (``LazyFamily.text_lines``), made by C loops over the columns: a few
-milliseconds. Any other reader (prometheus_client's own ``generate_latest``,
+5-10 us a sample: 200-450 ms. ``lbpool.metrics.generate_latest``,
+``lbpool.metrics.make_wsgi_app`` and ``lbpool.metrics.start_http_server``
+(``lbpool._scrape``) ask these families for their lines instead
+(``LazyFamily.text_lines``), made by C loops over the columns: about 0.2 us a line.
+Any other reader (prometheus_client's own ``generate_latest``,
 OpenMetrics, ``restricted_registry``, code comparing families) reads ``samples`` and
 gets the list an eager collector would have made, in the same order; made once, then
 kept.
@@ -16,8 +17,7 @@ kept.
 The lines follow the Prometheus text exposition format 0.0.4
 (https://prometheus.io/docs/instrumenting/exposition_formats/), as prometheus_client
 writes them: ``name{labels} value``, label values escaped (backslash, double quote,
-line feed), labels in name order, values as Go formats a float64 (``go_float``, as
-prometheus_client's ``floatToGoString``).
+line feed), labels in name order, values as Go formats a float64 (``go_float``).
 
 Imports prometheus_client (the ``prometheus`` extra), like ``lbpool.metrics``.
 """
@@ -61,9 +61,11 @@ _GO_EXPONENT_FROM = 10**6  # Go writes a float64 with an exponent from here on (
 
 
 def go_float(value: float) -> str:
-    """``value`` as the text format writes it (Go's shortest float64 form, as
-    prometheus_client's ``floatToGoString``): ``12.0``, ``0.25``, ``1.234567e+06``
-    (Go switches to an exponent from 1e6 on, Python from 1e16), ``+Inf``, ``NaN``."""
+    """``value`` as the text format writes it, the shortest form Go's ``strconv`` gives
+    a float64 (as prometheus_client's ``floatToGoString`` writes it in 0.26; 0.24 and
+    older wrote an exponent of 10 or more as ``e+010``, which parses the same): ``12.0``, ``0.25``,
+    ``1.234567e+06``, ``1e+10`` (Go switches to an exponent from 1e6 on, Python from
+    1e16), ``+Inf``, ``NaN``."""
     d = float(value)
     if math.isnan(d):
         return "NaN"
@@ -173,7 +175,10 @@ class LazyFamily:
         state = self.__dict__
         made: list[Any] | None = state.get("_samples")
         if made is None:
-            slices, rows, pacer, held = state["_source"]
+            source = state.get("_source")
+            if source is None:  # another reader published its list meanwhile
+                return state["_samples"]  # type: ignore[no-any-return]
+            slices, rows, pacer, held = source
             made = state.setdefault("_samples", make_samples(slices, rows, pacer(), held))
             state.pop("_source", None)
         return made
@@ -198,11 +203,15 @@ class LazyFamily:
         source = self.__dict__.get("_source")
         return source is not None and "_samples" not in self.__dict__ and not source[3]
 
-    def text_lines(self, pause: Callable[[], object]) -> list[bytes]:
+    def text_lines(self, pause: Callable[[], object]) -> list[bytes] | None:
         """This family's sample lines in the text format (without its ``# HELP`` and
         ``# TYPE``), UTF-8, one piece per slice of servers (each joined and encoded
-        there), ``pause()`` called after each. Only while ``lazy``."""
-        slices, rows, _, _ = self.__dict__["_source"]
+        there), ``pause()`` called after each; None once its samples were made (by
+        another reader, since ``lazy`` was checked: they are what the lines say)."""
+        source = self.__dict__.get("_source")
+        if source is None:
+            return None
+        slices, rows, _, _ = source
         out: list[bytes] = []
         for piece in slices:
             names, extra, values = rows(piece)

@@ -138,8 +138,8 @@ def _paced(metric: Any, pause: Pacer) -> Any:
 # they are, in any prometheus_client release)
 _LEGACY_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 # the text format's escaping schemes under which a legacy name is written as it is
-# (prometheus_client 0.22 and later take ``escaping``; DOTS rewrites even legacy
-# names' underscores)
+# (prometheus_client's generate_latest takes ``escaping`` since 0.23; DOTS rewrites
+# even legacy names' underscores)
 _AS_IS_ESCAPINGS = frozenset(
     getattr(_openmetrics, name)
     for name in ("UNDERSCORES", "ALLOWUTF8", "VALUES")
@@ -174,7 +174,8 @@ def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes]
     try:
         bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
         head = encoder(_Metrics([bare]))  # the installed release's header, samples none
-        return [head, *family.text_lines(pause)]
+        lines = family.text_lines(pause)
+        return None if lines is None else [head, *lines]
     except Exception as exc:
         exc.args = (*(exc.args or ("",)), family)
         raise
@@ -261,7 +262,7 @@ def _count(metric: Any) -> int:
 def generate_latest(registry: Collector = REGISTRY, escaping: str | None = None) -> bytes:
     """``prometheus_client.generate_latest(registry)``'s bytes (the text format), made
     without holding the hub; ``escaping`` is passed on when given (prometheus_client
-    0.22 and later take it).
+    0.23 and later take it).
 
     In a greenlet of a thread with a hub (a gevent WSGI handler, a monkey-patched
     "thread"), the work pauses about every ``_SLICE_SECONDS`` (2 ms): while an
@@ -378,7 +379,9 @@ def start_http_server(
     pools' thread as well), this app writes lbpool's families from their columns
     (``lbpool._families``). In an unpatched process the thread is a real one, and the
     manager's hub takes only the snapshot; monkey-patched, it is a greenlet, paced.
-    Raises ``OSError`` when the address cannot be bound."""
+    It takes no TLS options (prometheus_client's ``certfile``, ``keyfile``, ...): for
+    TLS, put a proxy in front or use prometheus_client's server. Raises ``OSError``
+    (``socket.gaierror`` for an unknown host) when the address cannot be bound."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     server_class = type(
         "LbpoolMetricsServer",

@@ -298,9 +298,11 @@ class LbpoolCollector:
             # stretch spans the end of one and the start of the next); a reader in
             # another greenlet or thread gets its own (pausing only where it may)
             here = getcurrent()
-            if not made or made[0][0] is not here:
-                made[:] = [(here, self._pacer())]
-            return made[0][1]
+            last = made[-1] if made else None
+            if last is None or last[0] is not here:
+                last = (here, self._pacer())
+                made[:] = [last]
+            return last[1]
 
         def give(family: Any, rows: Callable[[ServerSlice], Rows]) -> None:
             if isinstance(family, LazyFamily):
