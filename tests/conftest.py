@@ -27,6 +27,7 @@ from tests.support.leaks import (
     mark_greenlet_baseline,
     new_lbpool_greenlets,
     open_fds,
+    recording_spawn,
     settle,
 )
 from tests.support.net import black_hole_listener
@@ -117,6 +118,7 @@ def _closes_what_it_made(
                 made.append(self)
 
         monkeypatch.setattr(cls, "__init__", tracked)
+    monkeypatch.setattr(gevent, "spawn", recording_spawn)
     mark_greenlet_baseline()
     yield
     left_open = [thing for thing in made if _is_open(thing)]

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lbpool.testing import EchoServer
+from tests.support.leaks import settle
+
 PACKAGE = Path(__file__).resolve().parents[2] / "lbpool"
 
 # Not the library: the command. (The integrations under ``contrib`` are library: they
@@ -154,3 +157,70 @@ def test_importing_every_library_module_loads_no_command() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The conftest's leak check sees lbpool's greenlets by recording ``gevent.spawn`` (a
+# walk over the heap cost half of the suite's time): the library must spawn no other way.
+_SPAWNERS = {"spawn", "spawn_later", "spawn_raw", "Greenlet", "Group", "Pool", "ThreadPool"}
+_BY_NAME = {"spawn", "spawn_later", "spawn_raw", "Greenlet"}  # Pool(...) is lbpool's own
+
+
+def other_spawns(source: str) -> list[str]:
+    """Every way ``source`` starts a greenlet other than ``gevent.spawn(...)``: a call of
+    a spawner by any other path (``Greenlet(...)``, ``gevent.spawn_later``, a
+    ``Group().spawn``), or a spawner imported by name."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in _SPAWNERS:
+                gevent_spawn = (
+                    func.attr == "spawn"
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "gevent"
+                )
+                if not gevent_spawn:
+                    found.append(f"line {node.lineno}: .{func.attr}(...)")
+            elif isinstance(func, ast.Name) and func.id in _BY_NAME:  # (a gevent Pool or
+                found.append(f"line {node.lineno}: {func.id}(...)")  # Group imported: below)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gevent"):
+            for alias in node.names:
+                if alias.name in _SPAWNERS or (node.module or "").startswith("gevent.pool"):
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+    return found
+
+
+def test_the_library_spawns_greenlets_only_with_gevent_spawn() -> None:
+    assert other_spawns("import gevent\ngevent.spawn(f)\n") == []
+    caught = other_spawns(
+        "from gevent import Greenlet, spawn_later\nfrom gevent.pool import Group\n"
+        "Greenlet(f).start()\ngevent.spawn_later(1, f)\nGroup().spawn(f)\nhub.spawn(f)\n"
+    )
+    assert len(caught) == 7, caught
+    offenders = {}
+    for path in library_modules():
+        if path.name == "testing.py":  # its servers' greenlets are not the library's
+            continue
+        found = other_spawns(path.read_text())
+        if found:
+            offenders[path.relative_to(PACKAGE).as_posix()] = found
+    assert offenders == {}
+
+
+def test_the_leak_check_sees_the_library_s_greenlets(echo_server: EchoServer) -> None:
+    """What the conftest's check compares: a manager's greenlets (its upkeep, its dials)
+    are seen while it runs and gone once it is closed; the test server's are not lbpool's."""
+    import gevent
+
+    from lbpool import PoolManager
+    from tests.support.leaks import new_lbpool_greenlets, recording_spawn
+
+    assert gevent.spawn is recording_spawn  # installed for every test by the conftest
+    assert new_lbpool_greenlets() == []
+    manager = PoolManager({"backends": {"b": {"servers": [echo_server.address]}}})
+    try:
+        manager.wait_ready(5)
+        assert new_lbpool_greenlets(), "the upkeep greenlet is not seen"
+    finally:
+        manager.close(timeout=5)
+    assert settle(lambda: new_lbpool_greenlets() == [], 5), new_lbpool_greenlets()

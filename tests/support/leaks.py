@@ -32,44 +32,59 @@ def open_fds() -> dict[str, str]:
     return fds
 
 
+def _heap(cls: type) -> list[Any]:
+    """Every object the garbage collector tracks that is a ``cls``: the filter is a C
+    loop (``type.__instancecheck__``), as a Python one over a test worker's heap took
+    tens of milliseconds per call, two or three calls per test."""
+    return list(filter(type(cls).__instancecheck__.__get__(cls), gc.get_objects()))
+
+
 def live_greenlets() -> list[Any]:
     """Greenlets that are started and not dead, other than the main one and the hub."""
     hub = gevent.get_hub()
     return [
         g
-        for g in gc.get_objects()
-        if isinstance(g, greenlet.greenlet)
-        and g is not hub
-        and g.parent is not None
-        and bool(g)  # started and not dead
+        for g in _heap(greenlet.greenlet)
+        if g is not hub and g.parent is not None and bool(g)  # started and not dead
     ]
 
 
+def _runs_lbpool(g: gevent.Greenlet) -> bool:
+    """Whether ``g`` runs (or is scheduled to run) lbpool code, test servers excluded."""
+    fn = getattr(g, "_run", None)
+    owner = getattr(fn, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")
+    return (module or "").startswith("lbpool") and module != "lbpool.testing"
+
+
 def lbpool_greenlets() -> list[gevent.Greenlet]:
-    """Greenlets running (or scheduled to run) lbpool code, test servers excluded."""
-    found = []
-    for g in gc.get_objects():
-        if not isinstance(g, gevent.Greenlet) or g.dead:
-            continue
-        fn = getattr(g, "_run", None)
-        owner = getattr(fn, "__self__", None)
-        module = type(owner).__module__ if owner is not None else getattr(fn, "__module__", "")
-        if (module or "").startswith("lbpool") and module != "lbpool.testing":
-            found.append(g)
-    return found
+    """Greenlets alive now running lbpool code, found on the whole heap."""
+    return [g for g in _heap(gevent.Greenlet) if not g.dead and _runs_lbpool(g)]
 
 
-_baseline: list[gevent.Greenlet] = []  # held, so no id is reused while compared
+_real_spawn = gevent.spawn
+_spawned: list[gevent.Greenlet] = []  # since the current test started (held: no id reuse)
+
+
+def recording_spawn(*args: Any, **kwargs: Any) -> gevent.Greenlet:
+    """``gevent.spawn``, and the greenlet recorded for ``new_lbpool_greenlets``.
+    conftest installs it as ``gevent.spawn`` for every test: the library spawns its
+    greenlets only that way (``tests/library/test_layout.py`` checks), so this sees
+    all of them without a walk over the worker's heap (which cost 20-30 ms a call,
+    two or three calls a test: half of the suite's time)."""
+    g = _real_spawn(*args, **kwargs)
+    _spawned.append(g)
+    return g
 
 
 def mark_greenlet_baseline() -> None:
-    """Record lbpool's live greenlets now (conftest does, as each test starts)."""
-    _baseline[:] = lbpool_greenlets()
+    """Start recording anew (conftest does, as each test starts)."""
+    _spawned.clear()
 
 
 def new_lbpool_greenlets() -> list[gevent.Greenlet]:
-    """lbpool greenlets alive now that were not when the current test started."""
-    return [g for g in lbpool_greenlets() if not any(g is b for b in _baseline)]
+    """lbpool greenlets spawned since the current test started and alive now."""
+    return [g for g in _spawned if not g.dead and _runs_lbpool(g)]
 
 
 def settle(predicate: Callable[[], bool], timeout: float = 1.0) -> bool:
