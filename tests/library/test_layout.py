@@ -170,7 +170,17 @@ def other_spawns(source: str) -> list[str]:
     a spawner by any other path (``Greenlet(...)``, ``gevent.spawn_later``, a
     ``Group().spawn``), or a spawner imported by name."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        if (  # gevent.spawn kept under another name (an alias, a default argument)
+            isinstance(node, ast.Attribute)
+            and node.attr in _SPAWNERS
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "gevent"
+            and id(node) not in called
+        ):
+            found.append(f"line {node.lineno}: gevent.{node.attr} not called in place")
         if isinstance(node, ast.Call):
             func = node.func
             if isinstance(func, ast.Attribute) and func.attr in _SPAWNERS:
@@ -195,8 +205,9 @@ def test_the_library_spawns_greenlets_only_with_gevent_spawn() -> None:
     caught = other_spawns(
         "from gevent import Greenlet, spawn_later\nfrom gevent.pool import Group\n"
         "Greenlet(f).start()\ngevent.spawn_later(1, f)\nGroup().spawn(f)\nhub.spawn(f)\n"
+        "_spawn = gevent.spawn\n"
     )
-    assert len(caught) == 7, caught
+    assert len(caught) == 8, caught
     offenders = {}
     for path in library_modules():
         if path.name == "testing.py":  # its servers' greenlets are not the library's
