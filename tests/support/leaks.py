@@ -33,9 +33,9 @@ def open_fds() -> dict[str, str]:
 
 
 def _heap(cls: type) -> list[Any]:
-    """Every object the garbage collector tracks that is a ``cls``: the filter is a C
-    loop (``type.__instancecheck__``), as a Python one over a test worker's heap took
-    tens of milliseconds per call, two or three calls per test."""
+    """Every object the garbage collector tracks that is a ``cls`` (filtered by a C
+    loop). A walk over the whole heap: tens of milliseconds in a test worker that ran
+    hundreds of tests, so the per-test leak check records spawns instead."""
     return list(filter(type(cls).__instancecheck__.__get__(cls), gc.get_objects()))
 
 
@@ -64,6 +64,8 @@ def lbpool_greenlets() -> list[gevent.Greenlet]:
 
 _real_spawn = gevent.spawn
 _spawned: list[gevent.Greenlet] = []  # since the current test started (held: no id reuse)
+_PRUNE_AT = 4096
+_prune_at = [_PRUNE_AT]
 
 
 def recording_spawn(*args: Any, **kwargs: Any) -> gevent.Greenlet:
@@ -73,6 +75,9 @@ def recording_spawn(*args: Any, **kwargs: Any) -> gevent.Greenlet:
     all of them without a walk over the worker's heap (which cost 20-30 ms a call,
     two or three calls a test: half of the suite's time)."""
     g = _real_spawn(*args, **kwargs)
+    if len(_spawned) >= _prune_at[0]:  # a long test spawning thousands: keep the live
+        _spawned[:] = [s for s in _spawned if not s.dead]  # ones, and prune again once
+        _prune_at[0] = max(_PRUNE_AT, 2 * len(_spawned))  # as many more were spawned
     _spawned.append(g)
     return g
 
@@ -80,6 +85,7 @@ def recording_spawn(*args: Any, **kwargs: Any) -> gevent.Greenlet:
 def mark_greenlet_baseline() -> None:
     """Start recording anew (conftest does, as each test starts)."""
     _spawned.clear()
+    _prune_at[0] = _PRUNE_AT
 
 
 def new_lbpool_greenlets() -> list[gevent.Greenlet]:
