@@ -8,9 +8,9 @@ are greenlets in the same hub as the pools: no thread, no monkey patching. It pr
 few lines, and stops after ``--duration`` seconds or on Ctrl-C / SIGTERM.
 
 In your own app: ``lbpool.metrics.register(manager)`` and, for a gevent app, mount
-``lbpool.metrics.make_wsgi_app()`` (prometheus_client's app, paced: a big fleet's
-scrape never holds the hub for long), or ``lbpool.metrics.start_http_server(9100)``
-(a daemon thread) when threads are fine.
+``lbpool.metrics.make_wsgi_app()`` (prometheus_client's app answering, lbpool's
+lines written, paced: a big fleet's scrape never holds the hub for long), or
+``lbpool.metrics.start_http_server(9100)`` (a daemon thread) when threads are fine.
 """
 
 from __future__ import annotations

@@ -172,10 +172,11 @@ def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes]
     if not (family.lazy and _LEGACY_NAME.fullmatch(name)):
         return None
     try:
-        bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
-        head = encoder(_Metrics([bare]))  # the installed release's header, samples none
         lines = family.text_lines(pause)
-        return None if lines is None else [head, *lines]
+        if lines is None:  # its samples were made meanwhile: the encoder formats them
+            return None
+        bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
+        return [encoder(_Metrics([bare])), *lines]  # the installed release's header
     except Exception as exc:
         exc.args = (*(exc.args or ("",)), family)
         raise
@@ -202,9 +203,13 @@ def _expose_pieces(encoder: _Encoder, registry: Any) -> list[bytes | memoryview]
         return metric
 
     lines = _writes_lines(encoder)
+
+    def writable(metric: Any) -> bool:  # a family whose lines can be written (not made)
+        return lines and isinstance(metric, LazyFamily) and metric.lazy
+
     ahead = read()  # one metric ahead, for the batches: a metric is let go once
     while ahead is not _END:  # formatted
-        if lines and isinstance(ahead, LazyFamily):
+        if writable(ahead):
             written = _written(encoder, ahead, pause)
             if written is not None:
                 pieces += written
@@ -218,7 +223,7 @@ def _expose_pieces(encoder: _Encoder, registry: Any) -> list[bytes | memoryview]
         else:  # small ones: together, unpaced, up to _BATCH samples
             while (
                 ahead is not _END
-                and not (lines and isinstance(ahead, LazyFamily) and ahead.lazy)
+                and not writable(ahead)
                 and size + (more := _count(ahead)) <= _BATCH
             ):  # (a family whose lines can be written ends a batch: its samples unmade)
                 batch.append(ahead)

@@ -808,6 +808,27 @@ def test_paced_exposition_lets_the_hub_turn(pauses: list[int]) -> None:
     assert pauses.count(2) == 0 and pauses.count(1) >= 10
 
 
+def test_written_lines_pause_once_a_slice_of_servers(
+    manager: lbpool.PoolManager, pauses: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing lbpool's families checks the scrape's pacer after each slice of
+    servers: with slices of one server instead of one slice, every written family
+    pauses once more per extra server (here: one more per family)."""
+    echo(manager, "cache")
+    registry = CollectorRegistry()
+    lbpool.metrics.register(manager, registry)
+    written = sum(isinstance(f, lbpool._families.LazyFamily) for f in registry.collect())
+    assert written == 23
+    taken = []
+    for servers_a_slice in (50, 1):  # one slice of the 2 servers, then two
+        monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", servers_a_slice)
+        pauses.clear()
+        text = gevent.spawn(lbpool.metrics.generate_latest, registry).get(timeout=30)
+        assert view(text) == view(generate_latest(registry))
+        taken.append(pauses.count(1))
+    assert taken[1] - taken[0] >= written, taken
+
+
 def get(
     port: int, path: str, *headers: str, method: str = "GET", host: str = "127.0.0.1"
 ) -> tuple[str, bytes]:
