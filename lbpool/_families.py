@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import chain, cycle, repeat
+from itertools import cycle, repeat
 from operator import add as _add
 from typing import Any, Final
 
@@ -55,9 +55,22 @@ _SAMPLE_TAILS = tuple(repeat(v) for v in _SAMPLE_TAIL)
 _new_sample = partial(tuple.__new__, Sample)
 
 
-# a line's end for small whole numbers, as go_float writes them (counts mostly are)
-_SMALL: Final = {i: f"{i}.0\n" for i in range(4096)}
+_INF = math.inf
 _GO_EXPONENT_FROM = 10**6  # Go writes a float64 with an exponent from here on (Python: 1e16)
+
+
+class _Ends(dict[Any, Any]):
+    """A line's end by value: whole numbers below 4,096 (counts mostly are) from the
+    table, any other value made when looked up (``__missing__``: not kept), so one
+    ``map`` over a slice's values is a C loop that calls Python only for those."""
+
+    def __init__(self, encode: bool) -> None:
+        super().__init__((i, f"{i}.0\n".encode() if encode else f"{i}.0\n") for i in range(4096))
+        self._encode = encode
+
+    def __missing__(self, value: Any) -> Any:
+        end = _end(value)
+        return end.encode() if self._encode else end
 
 
 def go_float(value: float) -> str:
@@ -80,21 +93,39 @@ def go_float(value: float) -> str:
 
 
 def numbers(values: Sequence[Any]) -> list[str]:
-    """``go_float(v) + "\\n"`` for each value (a line's end), by C loops: from a table
-    while they are whole numbers below 4,096, by ``str`` while they are ints below
-    1e6, else one at a time."""
+    """``go_float(v) + "\\n"`` for each value (a line's end): whole numbers below 4,096
+    from a table (a C loop), the rest one at a time (a finite float below 1e6 is its
+    ``repr``, an int below 1e6 its ``str``), so a slice of counts with a few fractions
+    (a histogram's sum, a wait time) costs those few."""
     try:
-        return list(map(_SMALL.__getitem__, values))
-    except (KeyError, TypeError):  # a bigger or fractional one (TypeError: unhashable)
-        pass
-    if (
-        values
-        and set(map(type, values)) == {int}
-        and min(values) >= 0
-        and max(values) < _GO_EXPONENT_FROM
-    ):
-        return list(map(_add, map(str, values), repeat(".0\n")))
-    return [go_float(v) + "\n" for v in values]
+        return list(map(_STR_ENDS.__getitem__, values))
+    except TypeError:  # an unhashable value: go_float says what it is
+        return [go_float(v) + "\n" for v in values]
+
+
+def number_bytes(values: Sequence[Any]) -> list[bytes]:
+    """``numbers(values)`` encoded (ASCII): a line's end per value, as bytes."""
+    try:
+        return list(map(_BYTES_ENDS.__getitem__, values))
+    except TypeError:
+        return [go_float(v).encode() + b"\n" for v in values]
+
+
+def _end(value: Any) -> str:
+    """``go_float(value) + "\\n"``: a finite float below 1e6 is its ``repr`` (Go
+    writes an exponent where Python does only from 1e16), an int from 0 up to 1e6 its
+    ``str`` and ``.0``."""
+    kind = type(value)
+    if kind is float:
+        if -_INF < value < _GO_EXPONENT_FROM:  # (False for NaN)
+            return repr(value) + "\n"
+    elif kind is int and 0 <= value < _GO_EXPONENT_FROM:
+        return f"{value}.0\n"
+    return go_float(value) + "\n"
+
+
+_STR_ENDS: Final = _Ends(encode=False)
+_BYTES_ENDS: Final = _Ends(encode=True)
 
 
 def escape(value: str) -> str:
@@ -108,14 +139,23 @@ def escape(value: str) -> str:
 class ServerSlice:
     """Up to a slice of one backend's servers: their raw numbers by column (``col``:
     field -> one value per server, in server order). Label dicts and quoted addresses
-    are made once, when first needed, and shared by the families."""
+    are made once, when first needed, and shared by the families. ``templates``: the
+    families' line templates for these servers (``LineTemplates.for_slice``: kept from
+    one scrape to the next), or a dict of this slice's own."""
 
-    __slots__ = ("_labels", "_quoted", "addresses", "backend", "col")
+    __slots__ = ("_labels", "_quoted", "addresses", "backend", "col", "templates")
 
-    def __init__(self, backend: str, addresses: Sequence[str], col: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        backend: str,
+        addresses: Sequence[str],
+        col: dict[str, Any],
+        templates: dict[Any, bytes] | None = None,
+    ) -> None:
         self.backend = backend
         self.addresses = addresses
         self.col = col
+        self.templates: dict[Any, bytes] = {} if templates is None else templates
         self._labels: list[dict[str, str]] | None = None
         self._quoted: list[str] | None = None
 
@@ -128,10 +168,54 @@ class ServerSlice:
         return self._labels
 
     def quoted(self) -> list[str]:
-        """``"<address>"} `` per server: the end of a line's labels, up to its value."""
+        """``"<address>"} `` per server: the end of a line's labels, up to its value, as
+        a template writes it (a ``%`` in an address written ``%%``)."""
         if self._quoted is None:
-            self._quoted = [f'"{escape(a)}"}} ' for a in self.addresses]
+            escaped = list(map(escape, self.addresses))
+            if any("%" in a for a in escaped):
+                escaped = [a.replace("%", "%%") for a in escaped]
+            self._quoted = [f'"{a}"}} ' for a in escaped]
         return self._quoted
+
+
+class LineTemplates:
+    """A collector's line templates, kept from one scrape to the next: per slice of
+    servers (a backend and its servers' addresses, in order) and family rows (their
+    sample names and extra labels), the slice's lines in the text format with a ``%s``
+    where each value goes (``bytes % values``: one C call writes them all).
+
+    At 1,000 servers the templates hold the text of a scrape without its values (about
+    3 MB). Two generations: ``turn`` (once a scrape) starts a new one, and a slice's
+    templates move to it when the scrape uses them; a slice no scrape used since the
+    last turn is let go at the next (membership changed, the manager was reloaded).
+    Safe to share between threads (each step is one dict operation; two scrapes that
+    make the same template make the same bytes)."""
+
+    __slots__ = ("_before", "_now")
+
+    # a slice's templates are cleared past this many (rows that change every scrape,
+    # as no lbpool family's do, cannot grow them without bound)
+    PER_SLICE: Final = 256
+
+    def __init__(self) -> None:
+        self._now: dict[tuple[str, tuple[str, ...]], dict[Any, bytes]] = {}
+        self._before: dict[tuple[str, tuple[str, ...]], dict[Any, bytes]] = {}
+
+    def turn(self) -> None:
+        """Start a scrape: templates the previous scrape did not use are let go."""
+        self._before, self._now = self._now, {}
+
+    def for_slice(self, backend: str, addresses: Sequence[str]) -> dict[Any, bytes]:
+        """The templates of the slice of ``backend``'s servers ``addresses`` (a dict
+        the families fill: keyed by their rows' names and extra labels)."""
+        key = (backend, tuple(addresses))
+        made = self._now.get(key)
+        if made is None:
+            made = self._before.get(key)
+            if made is None or len(made) > self.PER_SLICE:
+                made = {}
+            made = self._now.setdefault(key, made)
+        return made
 
 
 Rows = tuple[Sequence[str], Sequence["tuple[str, str] | None"], Sequence[Any]]
@@ -205,9 +289,11 @@ class LazyFamily:
 
     def text_lines(self, pause: Callable[[], object]) -> list[bytes] | None:
         """This family's sample lines in the text format (without its ``# HELP`` and
-        ``# TYPE``), UTF-8, one piece per slice of servers (each joined and encoded
-        there), ``pause()`` called after each; None once its samples were made (by
-        another reader, since ``lazy`` was checked: they are what the lines say)."""
+        ``# TYPE``), UTF-8, one piece per slice of servers (the slice's template, made
+        once and kept in ``ServerSlice.templates``, with the values put in), ``pause()``
+        called after each; None once its samples were made (by another reader, since
+        ``lazy`` was checked: they are what the lines say). Raises ``ValueError`` when
+        a slice's rows do not hold one value per server and sample."""
         source = self.__dict__.get("_source")
         if source is None:
             return None
@@ -215,25 +301,88 @@ class LazyFamily:
         out: list[bytes] = []
         for piece in slices:
             names, extra, values = rows(piece)
-            backend = escape(piece.backend)
-            starts = [
-                f'{name}{{backend="{backend}",server='
-                if label is None
-                else f'{name}{{backend="{backend}",{label[0]}="{escape(label[1])}",server='
-                for name, label in zip(names, extra, strict=True)
-            ]
-            k = len(starts)
-            quoted = piece.quoted()
-            ends = numbers(values)
-            if k == 1:  # start + (quoted + end) per server: the start joins them
-                start = starts[0]
-                text = start + start.join(map(_add, quoted, ends))
-            else:
-                each = chain.from_iterable(map(repeat, quoted, repeat(k)))
-                text = "".join(chain.from_iterable(zip(cycle(starts), each, ends, strict=False)))
-            out.append(text.encode())
+            if len(values) != len(names) * len(piece.addresses):
+                raise ValueError(
+                    f"lbpool: {len(values)} values for {len(piece.addresses)} servers of "
+                    f"backend {piece.backend!r}, {len(names)} samples each"
+                )
+            key, args = _slots(names, extra, values)
+            templates = piece.templates
+            template = templates.get(key)
+            if template is None:
+                template = templates[key] = line_template(piece, names, extra, key[2])
+            try:
+                out.append(template % tuple(args))
+            except TypeError:  # a value not in the table where a line's end goes:
+                key = (names, extra, ())  # every value as its line's end
+                template = templates.get(key) or templates.setdefault(
+                    key, line_template(piece, names, extra)
+                )
+                out.append(template % tuple(number_bytes(values)))
             pause()
         return out
+
+
+def _slots(
+    names: Sequence[str], extra: Sequence[tuple[str, str] | None], values: Sequence[Any]
+) -> tuple[tuple[Any, Any, tuple[int, ...]], Sequence[Any]]:
+    """A slice's template key (its rows' names and extra labels, and which of the ``k``
+    samples per server are written ``%r``) and the values to put in: a sample whose
+    values are all floats the text format writes as their ``repr`` (finite, below 1e6:
+    wait times, a histogram's sum) is put in as it is and written by the template
+    itself; every other value as its line's end from the table (``_BYTES_ENDS``: one
+    C loop; a value not in it is left as it is: the template refuses it, and the
+    slice is written again with every value as its line's end)."""
+    k = len(names)
+    floats = tuple(j for j in range(k) if type(values[j]) is float and _plain_floats(values[j::k]))
+    if not floats:
+        return (names, extra, floats), number_bytes(values)
+    if len(floats) == k:
+        return (names, extra, floats), values
+    args = list(map(_BYTES_ENDS.get, values, values))
+    for j in floats:
+        args[j::k] = values[j::k]
+    return (names, extra, floats), args
+
+
+def _plain_floats(values: Sequence[Any]) -> bool:
+    """Whether every value is a float that the text format writes as its ``repr``
+    (finite, below 1e6: ``go_float``)."""
+    return (
+        set(map(type, values)) == _FLOAT
+        and all(map(math.isfinite, values))
+        and max(values) < _GO_EXPONENT_FROM
+    )
+
+
+_FLOAT: Final = {float}
+
+
+def line_template(
+    piece: ServerSlice,
+    names: Sequence[str],
+    extra: Sequence[tuple[str, str] | None],
+    floats: tuple[int, ...] = (),
+) -> bytes:
+    """The text format's lines of ``piece``'s servers, ``len(names)`` per server (the
+    j-th named ``names[j]``, with the extra label ``extra[j]``), each ending in the
+    slot where its value goes: ``%s`` (its line's end, value and line feed), or for the
+    samples ``floats``, ``%r`` and a line feed (a float written as its ``repr``). UTF-8;
+    a ``%`` in a name or label is written ``%%``."""
+    backend = escape(piece.backend)
+    starts = [
+        (
+            f'{name}{{backend="{backend}",server='
+            if label is None
+            else f'{name}{{backend="{backend}",{label[0]}="{escape(label[1])}",server='
+        ).replace("%", "%%")
+        for name, label in zip(names, extra, strict=True)
+    ]
+    slots = ["%r\n" if j in floats else "%s" for j in range(len(starts))]
+    # a server's lines: start 0, address, slot 0, start 1, address, ...: its address
+    # joining these
+    segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]] if starts else []
+    return "".join([q.join(segments) for q in piece.quoted()]).encode()
 
 
 def make_samples(

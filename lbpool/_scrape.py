@@ -175,11 +175,32 @@ def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes]
         lines = family.text_lines(pause)
         if lines is None:  # its samples were made meanwhile: the encoder formats them
             return None
-        bare = Metric(name, getattr(family, "documentation", ""), getattr(family, "type", ""))
-        return [encoder(_Metrics([bare])), *lines]  # the installed release's header
+        return [_header(encoder, name, family), *lines]
     except Exception as exc:
         exc.args = (*(exc.args or ("",)), family)
         raise
+
+
+# a family's "# HELP" and "# TYPE" lines, as the installed encoder writes them, by
+# (escaping, name, help, type): the same every scrape (cleared past _HEADERS_KEPT)
+_HEADERS: dict[tuple[Any, str, str, str], bytes] = {}
+_HEADERS_KEPT = 4096
+
+
+def _header(encoder: _Encoder, name: str, family: Any) -> bytes:
+    """``family``'s ``# HELP`` and ``# TYPE`` lines: what ``encoder`` (one that
+    ``_writes_lines``) writes for a metric of that name, help and type with no samples,
+    made once and kept."""
+    doc, kind = getattr(family, "documentation", ""), getattr(family, "type", "")
+    escaping = encoder.keywords["escaping"] if isinstance(encoder, partial) else None
+    key = (escaping, name, doc, kind)
+    header = _HEADERS.get(key)
+    if header is None:
+        header = encoder(_Metrics([Metric(name, doc, kind)]))  # the installed release's
+        if len(_HEADERS) >= _HEADERS_KEPT:
+            _HEADERS.clear()
+        _HEADERS[key] = header
+    return header
 
 
 def _expose(encoder: _Encoder, registry: Any) -> bytes:

@@ -83,7 +83,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from lbpool._families import LazyFamily, Rows, ServerSlice, make_samples
+from lbpool._families import LazyFamily, LineTemplates, Rows, ServerSlice, make_samples
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
 from lbpool._scrape import generate_latest, make_wsgi_app, start_http_server
@@ -177,6 +177,9 @@ class LbpoolCollector:
     def __init__(self, manager: PoolManager, *, prefix: str = "lbpool") -> None:
         self.manager = manager
         self.prefix = prefix
+        # the per-server families' lines without their values, from one scrape to the
+        # next (lbpool._families.LineTemplates)
+        self._line_templates = LineTemplates()
 
     def _name(self, name: str) -> str:
         return f"{self.prefix}_{name}"
@@ -272,12 +275,15 @@ class LbpoolCollector:
         # pauses at once (its last slice and the next work are not one stretch)
         pause = Pacer(pauses=self._may_yield(), slice_seconds=_SLICE_SECONDS)
         snapshot = self._snapshot()
+        templates = self.__dict__.get("_line_templates")
+        if templates is None:  # a subclass that did not call __init__
+            templates = self.__dict__.setdefault("_line_templates", LineTemplates())
+        templates.turn()
         slices: list[ServerSlice] = []
         for backend_name, (backend, raws, hits) in snapshot.items():
             for start in range(0, len(raws), _SLICE_SERVERS):
-                slices.append(
-                    _server_slice(backend_name, raws[start : start + _SLICE_SERVERS], hits)
-                )
+                raw = raws[start : start + _SLICE_SERVERS]
+                slices.append(_server_slice(backend_name, raw, hits, templates))
                 pause()  # a timed pause once a slice has gone by: the hub's full turn
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
@@ -354,11 +360,15 @@ class LbpoolCollector:
 
 
 def _server_slice(
-    backend: str, raws: list[tuple[Any, ...]], hits: dict[str, tuple[int, int]]
+    backend: str,
+    raws: list[tuple[Any, ...]],
+    hits: dict[str, tuple[int, int]],
+    templates: LineTemplates,
 ) -> ServerSlice:
     """One slice of a backend's servers, from their ``Pool._raw`` tuples (fields
     ``lbpool._snapshot.RAW_FIELDS``) transposed by ``zip`` into columns, with the
-    derived ones: ``acquired``, ``owner_hits``, ``fallback_hits``, ``breaker_value``."""
+    derived ones: ``acquired``, ``owner_hits``, ``fallback_hits``, ``breaker_value``;
+    its line templates from ``templates``."""
     col: dict[str, Any] = dict(zip(_RAW_FIELDS, zip(*raws, strict=True), strict=True))
     addresses = col["address"]
     col["acquired"] = list(map(_add, col["hits"], col["misses"]))
@@ -369,7 +379,7 @@ def _server_slice(
         col["owner_hits"] = col["fallback_hits"] = [0] * len(addresses)
     states = BREAKER_STATE_VALUES.get
     col["breaker_value"] = list(map(states, col["breaker_state"], _repeat(2)))
-    return ServerSlice(backend, addresses, col)
+    return ServerSlice(backend, addresses, col, templates.for_slice(backend, addresses))
 
 
 _PLAIN: tuple[None] = (None,)

@@ -348,7 +348,7 @@ def test_scenario_s_scale_is_opt_in_and_reports_every_operation() -> None:
     sc = result["scenarios"]["S"]
     assert sc["servers"] == [10, 100, 1000] and sc["rounds"] == 1
     ops = {"create", "wait_ready", "upkeep_pass", "stats", "to_dict", "collect", "adhoc_get"}
-    assert set(sc["results"]) == ops | {"expose", "expose_unpaced"}
+    assert set(sc["results"]) == ops | {"expose_first", "expose", "expose_unpaced"}
     for row in sc["results"].values():
         for n in ("10", "100", "1000"):
             assert row[n]["ms"] >= 0 and row[n]["hub_ms"] >= 0 and row[n]["cpu_ms"] >= 0

@@ -683,6 +683,135 @@ def test_a_value_the_text_format_cannot_write_is_an_error_naming_the_family(
     assert isinstance(family, families.LazyFamily)
 
 
+def test_a_family_written_from_odd_labels_says_what_the_encoder_says() -> None:
+    """A slice whose backend and addresses hold a ``%`` (an IPv6 zone, a backend's
+    name), a double quote, a backslash or a line feed: the written lines (a template
+    with a slot per value) say what prometheus_client's encoder says of the same
+    samples, first and second time (the template kept), one sample per server or
+    several; a row of the wrong length is an error that names the backend."""
+    from lbpool._families import ServerSlice
+    from lbpool._pacing import Pacer
+
+    addresses = ("[fe80::1%eth0]:11211", 'q"uo\\te:1', "l\nf%s:2", "100%%:3")
+    piece = ServerSlice('b%d"\\n', addresses, {"v": [0, 5000, 0.25, 10**7]})
+    values = piece.col["v"]
+
+    def one(p: ServerSlice) -> Any:
+        return ("odd_gauge",), (None,), p.col["v"]
+
+    def three(p: ServerSlice) -> Any:
+        extra = (("reason", "a%sb"), None, ("reason", 'x"'))
+        return ("odd_gauge",) * 3, extra, [v for v in p.col["v"] for _ in range(3)]
+
+    for rows in (one, three):
+        family = lbpool.metrics._LazyGauge("odd_gauge", "Odd.", labels=["backend", "server"])
+        family.attach([piece], rows, lambda: Pacer(pauses=False))
+        text = [family.text_lines(Pacer(pauses=False)) for _ in range(2)]
+        assert text[0] == text[1] and len(piece.templates) == 1 + (rows is three)
+        family.samples  # noqa: B018 (made: the encoder formats them)
+        expected = generate_latest(lbpool._scrape._Metrics([family]))
+        header = lbpool._scrape._header(generate_latest, "odd_gauge", family)
+        assert view(header + b"".join(text[0] or [])) == view(expected)
+        assert len(view(expected)[0][3]) == len(values) * (3 if rows is three else 1)
+
+    family = lbpool.metrics._LazyGauge("odd_gauge", "Odd.", labels=["backend", "server"])
+    family.attach([piece], lambda p: (("odd_gauge",), (None,), [1, 2]), Pacer)
+    with pytest.raises(ValueError, match="2 values for 4 servers of backend 'b%d"):
+        family.text_lines(Pacer(pauses=False))
+
+
+def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
+    """Each value in a written line is what prometheus_client writes for the same
+    sample (``floatToGoString``), whichever way the slice's values go in: a column of
+    floats written by the template (``%r``), whole numbers from the table, a value
+    beyond the table (put in after the template refused it), a float the text format
+    writes otherwise (an exponent, NaN, infinities), mixed columns, one sample per
+    server or several."""
+    from prometheus_client.utils import floatToGoString
+
+    from lbpool._families import ServerSlice
+    from lbpool._pacing import Pacer
+
+    columns = {
+        "floats": [0.25, 1.5e-05, 3.0, 123456.789],
+        "counts": [0, 7, 4095, 1],
+        "beyond_the_table": [4096, 999999, 10**6, 1234567],
+        "odd_floats": [1e7, float("nan"), float("inf"), -2.5],
+        "mixed": [True, 0.5, 5000, 2],
+    }
+    piece = ServerSlice("b", ("a:1", "a:2", "a:3", "a:4"), columns)
+    layouts = [[name] for name in columns] + [
+        ["counts", "floats", "beyond_the_table"],  # floats beside table misses
+        ["floats", "counts", "floats"],
+        ["odd_floats", "floats", "mixed"],
+    ]
+    for layout in layouts:
+        k = len(layout)
+
+        def rows(p: ServerSlice, layout: list[str] = layout, k: int = k) -> Any:
+            values = [p.col[name][i] for i in range(len(p.addresses)) for name in layout]
+            return ("odd",) * k, tuple(("col", f"{j}") for j in range(k)), values
+
+        family = lbpool.metrics._LazyGauge("odd", "Odd.", labels=["backend", "server"])
+        family.attach([piece], rows, lambda: Pacer(pauses=False))
+        lines = b"".join(family.text_lines(Pacer(pauses=False)) or []).decode().splitlines()
+        written = [line.rpartition(" ")[2] for line in lines]
+        assert written == [floatToGoString(s.value) for s in family.samples], layout
+
+
+def test_line_templates_follow_the_fleet(servers: list[EchoServer]) -> None:
+    """A collector keeps each slice's line templates from one scrape to the next, and
+    its text follows the fleet: a server added or removed by a reload is in the next
+    scrape's lines or gone from them, and the templates of slices no scrape uses any
+    more are let go (two scrapes later)."""
+    with EchoServer() as third:
+        addresses = [s.address for s in servers]
+        config = {
+            "defaults": {"pool": {"min_idle": 0}},
+            "backends": {"cache": {"servers": addresses}},
+        }
+        with lbpool.PoolManager(config) as manager:
+            collector = lbpool.metrics.LbpoolCollector(manager)
+            registry = CollectorRegistry()
+            registry.register(collector)
+            templates = collector._line_templates
+
+            def kept() -> set[str]:  # the addresses of the slices whose templates are kept
+                both = (templates._now, templates._before)
+                return {
+                    a
+                    for generation in both
+                    for _, slice_addresses in generation
+                    for a in slice_addresses
+                }
+
+            def scrape() -> set[str]:  # the servers in the text, checked against the encoder's
+                echo(manager, "cache")
+                text = lbpool.metrics.generate_latest(registry)
+                assert view(text) == view(generate_latest(registry))
+                return {
+                    s.labels["server"]
+                    for f in text_string_to_metric_families(text.decode())
+                    for s in f.samples
+                    if "server" in s.labels
+                }
+
+            assert scrape() == set(addresses) == kept()
+            first = dict(templates._now)
+            assert scrape() == set(addresses)
+            assert all(templates._now[key] is made for key, made in first.items())  # kept
+            manager.reload(
+                {**config, "backends": {"cache": {"servers": [*addresses, third.address]}}}
+            )
+            assert scrape() == {*addresses, third.address}
+            manager.reload(
+                {**config, "backends": {"cache": {"servers": [addresses[1], third.address]}}}
+            )
+            for _ in range(2):
+                assert scrape() == {addresses[1], third.address}
+            assert kept() == {addresses[1], third.address}
+
+
 def test_a_wsgi_body_is_chunks_of_the_text_not_one_join() -> None:
     """The body of a big scrape: chunks of about ``_BODY_CHUNK`` bytes whose
     concatenation is the text."""
