@@ -184,8 +184,10 @@ class ServerSlice:
 class LineTemplates:
     """A collector's line templates, kept from one scrape to the next: per slice of
     servers (a backend and its servers' addresses, in order) and family rows (their
-    sample names and extra labels), the slice's lines in the text format with a ``%s``
-    where each value goes (``bytes % values``: one C call writes them all).
+    sample names, extra labels and how each goes in: ``_slots``), the slice's lines in
+    the text format with a slot where each value goes (``bytes % values``: one C call
+    writes them all). A slice holds at most ``PER_SLICE`` templates (past that it starts
+    over: rows that change every scrape, as no lbpool family's do, cannot grow it).
 
     At 1,000 servers the templates hold the text of a scrape without its values (about
     3 MB). Two generations: ``turn`` (once a scrape) starts a new one, and a slice's
@@ -196,8 +198,7 @@ class LineTemplates:
 
     __slots__ = ("_before", "_now")
 
-    # a slice's templates are cleared past this many (rows that change every scrape,
-    # as no lbpool family's do, cannot grow them without bound)
+    # a slice's templates are cleared at this many (see above)
     PER_SLICE: Final = 256
 
     def __init__(self) -> None:
@@ -309,55 +310,58 @@ class LazyFamily:
                     f"lbpool: {len(values)} values for {len(piece.addresses)} servers of "
                     f"backend {piece.backend!r}, {len(names)} samples each"
                 )
-            key, args = _slots(names, extra, values)
+            slots, args = _slots(len(names), values)
+            key = (names, extra, slots)
             templates = piece.templates
             template = templates.get(key)
             if template is None:
-                template = templates[key] = line_template(piece, names, extra, key[2])
-            try:
-                out.append(template % tuple(args))
-            except TypeError:  # a value not in the table where a line's end goes:
-                key = (names, extra, ())  # every value as its line's end
-                template = templates.get(key) or templates.setdefault(
-                    key, line_template(piece, names, extra)
-                )
-                out.append(template % tuple(number_bytes(values)))
+                if len(templates) >= LineTemplates.PER_SLICE:  # rows that keep changing
+                    templates.clear()
+                template = templates[key] = line_template(piece, names, extra, slots)
+            out.append(template % tuple(args))
             pause()
         return out
 
 
-def _slots(
-    names: Sequence[str], extra: Sequence[tuple[str, str] | None], values: Sequence[Any]
-) -> tuple[tuple[Any, Any, tuple[int, ...]], Sequence[Any]]:
-    """A slice's template key (its rows' names and extra labels, and which of the ``k``
-    samples per server are written ``%r``) and the values to put in: a sample whose
-    values are all floats the text format writes as their ``repr`` (finite, below 1e6:
-    wait times, a histogram's sum) is put in as it is and written by the template
-    itself; every other value as its line's end from the table (``_BYTES_ENDS``: one
-    C loop; a value not in it is left as it is: the template refuses it, and the
-    slice is written again with every value as its line's end)."""
-    k = len(names)
-    floats = tuple(j for j in range(k) if type(values[j]) is float and _plain_floats(values[j::k]))
-    if not floats:
-        return (names, extra, floats), number_bytes(values)
-    if len(floats) == k:
-        return (names, extra, floats), values
-    args = list(map(_BYTES_ENDS.get, values, values))
-    for j in floats:
-        args[j::k] = values[j::k]
-    return (names, extra, floats), args
+# How a sample's values go into a template (its slot, a line's end after the value's
+# labels): a line's end from the table (whole numbers below 4,096, the counts of most
+# pools) or made by _end for any other value; an int from 0 up to 1e6 as %d; a float
+# that Go writes as Python's repr (finite, below 1e6) as %r. The last two are written
+# by the template itself: one C call per slice, whatever the values.
+_END_SLOT: Final = "%s"
+_INT_SLOT: Final = "%d.0\n"
+_FLOAT_SLOT: Final = "%r\n"
 
 
-def _plain_floats(values: Sequence[Any]) -> bool:
-    """Whether every value is a float that the text format writes as its ``repr``
-    (finite, below 1e6: ``go_float``)."""
-    return (
-        set(map(type, values)) == _FLOAT
-        and all(map(math.isfinite, values))
-        and max(values) < _GO_EXPONENT_FROM
-    )
+def _slots(k: int, values: Sequence[Any]) -> tuple[tuple[str, ...], Sequence[Any]]:
+    """How each of the ``k`` samples per server goes into a template (its slot, by the
+    kind of all its values in this slice) and the values to put in, in order."""
+    if k == 1:
+        slot, column = _column(values)
+        return (slot,), column
+    slots: list[str] = []
+    args: list[Any] = [None] * len(values)
+    for j in range(k):
+        slot, args[j::k] = _column(values[j::k])
+        slots.append(slot)
+    return tuple(slots), args
 
 
+def _column(values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+    """One sample's values over a slice's servers: its slot and what goes in."""
+    ends = list(map(_BYTES_ENDS.get, values))
+    if all(ends):  # every one in the table (a line's end is never empty)
+        return _END_SLOT, ends
+    kinds = set(map(type, values))
+    if kinds == _INT:
+        if min(values) >= 0 and max(values) < _GO_EXPONENT_FROM:
+            return _INT_SLOT, values
+    elif kinds == _FLOAT and all(map(math.isfinite, values)) and max(values) < _GO_EXPONENT_FROM:
+        return _FLOAT_SLOT, values
+    return _END_SLOT, number_bytes(values)
+
+
+_INT: Final = {int}
 _FLOAT: Final = {float}
 
 
@@ -365,13 +369,13 @@ def line_template(
     piece: ServerSlice,
     names: Sequence[str],
     extra: Sequence[tuple[str, str] | None],
-    floats: tuple[int, ...] = (),
+    slots: Sequence[str] | None = None,
 ) -> bytes:
     """The text format's lines of ``piece``'s servers, ``len(names)`` per server (the
     j-th named ``names[j]``, with the extra label ``extra[j]``), each ending in the
-    slot where its value goes: ``%s`` (its line's end, value and line feed), or for the
-    samples ``floats``, ``%r`` and a line feed (a float written as its ``repr``). UTF-8;
-    a ``%`` in a name or label is written ``%%``."""
+    slot where its value goes: ``slots[j]`` (``_slots``; by default ``%s``, a line's
+    end: the value and line feed). UTF-8; a ``%`` in a name or label is written
+    ``%%``."""
     backend = escape(piece.backend)
     starts = [
         (
@@ -381,7 +385,8 @@ def line_template(
         ).replace("%", "%%")
         for name, label in zip(names, extra, strict=True)
     ]
-    slots = ["%r\n" if j in floats else "%s" for j in range(len(starts))]
+    if slots is None:
+        slots = [_END_SLOT] * len(starts)
     # a server's lines: start 0, address, slot 0, start 1, address, ...: its address
     # joining these
     segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]] if starts else []

@@ -182,7 +182,9 @@ def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes]
 
 
 # a family's "# HELP" and "# TYPE" lines, as the installed encoder writes them, by
-# (escaping, name, help, type): the same every scrape (cleared past _HEADERS_KEPT)
+# (escaping, name, help, type): the same every scrape (cleared past _HEADERS_KEPT).
+# That key says all an encoder may differ by only because _writes_lines admits just
+# prometheus_client's text generate_latest, or a partial of it giving `escaping`.
 _HEADERS: dict[tuple[Any, str, str, str], bytes] = {}
 _HEADERS_KEPT = 4096
 

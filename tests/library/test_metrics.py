@@ -723,19 +723,25 @@ def test_a_family_written_from_odd_labels_says_what_the_encoder_says() -> None:
 def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
     """Each value in a written line is what prometheus_client writes for the same
     sample (``floatToGoString``), whichever way the slice's values go in: a column of
-    floats written by the template (``%r``), whole numbers from the table, a value
-    beyond the table (put in after the template refused it), a float the text format
-    writes otherwise (an exponent, NaN, infinities), mixed columns, one sample per
-    server or several."""
+    floats written by the template (``%r``), of ints below 1e6 (``%d``), whole numbers
+    from the table, values beyond it (an exponent), a float the text format writes
+    otherwise (NaN, infinities), a float subclass that bytes formatting would take as
+    raw bytes, mixed columns, one sample per server or several."""
     from prometheus_client.utils import floatToGoString
 
     from lbpool._families import ServerSlice
     from lbpool._pacing import Pacer
 
+    class BytesLike(float):  # a value bytes formatting would take as it is (numpy's)
+        def __bytes__(self) -> bytes:
+            return b"\x88"
+
     columns = {
         "floats": [0.25, 1.5e-05, 3.0, 123456.789],
         "counts": [0, 7, 4095, 1],
+        "below_1e6": [4096, 999999, 0, 5000],
         "beyond_the_table": [4096, 999999, 10**6, 1234567],
+        "bytes_like": [BytesLike(5000), 1, 2, BytesLike(0.5)],
         "odd_floats": [1e7, float("nan"), float("inf"), -2.5],
         "mixed": [True, 0.5, 5000, 2],
     }
@@ -744,6 +750,8 @@ def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
         ["counts", "floats", "beyond_the_table"],  # floats beside table misses
         ["floats", "counts", "floats"],
         ["odd_floats", "floats", "mixed"],
+        ["below_1e6", "bytes_like", "floats", "counts"],
+        ["counts", "bytes_like", "floats"],  # nothing else a template would refuse
     ]
     for layout in layouts:
         k = len(layout)
