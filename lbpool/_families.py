@@ -40,12 +40,13 @@ from lbpool._pacing import Pacer
 
 __all__ = [
     "LazyFamily",
+    "LineTemplates",
     "Rows",
     "ServerSlice",
     "escape",
     "go_float",
     "make_samples",
-    "numbers",
+    "number_bytes",
 ]
 
 # Sample's fields after name, labels, value (timestamp, exemplar; native_histogram since
@@ -62,18 +63,17 @@ _INF = math.inf
 _GO_EXPONENT_FROM = 10**6  # Go writes a float64 with an exponent from here on (Python: 1e16)
 
 
-class _Ends(dict[Any, Any]):
-    """A line's end by value: whole numbers below 4,096 (counts mostly are) from the
-    table, any other value made when looked up (``__missing__``: not kept), so one
-    ``map`` over a slice's values is a C loop that calls Python only for those."""
+class _Ends(dict[Any, bytes]):
+    """A line's end by value (``go_float``, a line feed; ASCII bytes): whole numbers
+    below 4,096 (counts mostly are) from the table, any other value made when looked up
+    (``__missing__``: not kept), so one ``map`` over a slice's values is a C loop that
+    calls Python only for those."""
 
-    def __init__(self, encode: bool) -> None:
-        super().__init__((i, f"{i}.0\n".encode() if encode else f"{i}.0\n") for i in range(4096))
-        self._encode = encode
+    def __init__(self) -> None:
+        super().__init__((i, f"{i}.0\n".encode()) for i in range(4096))
 
-    def __missing__(self, value: Any) -> Any:
-        end = _end(value)
-        return end.encode() if self._encode else end
+    def __missing__(self, value: Any) -> bytes:
+        return _end(value).encode()
 
 
 def go_float(value: float) -> str:
@@ -95,22 +95,14 @@ def go_float(value: float) -> str:
     return s
 
 
-def numbers(values: Sequence[Any]) -> list[str]:
-    """``go_float(v) + "\\n"`` for each value (a line's end): whole numbers below 4,096
-    from a table (a C loop), the rest one at a time (a finite float below 1e6 is its
-    ``repr``, an int below 1e6 its ``str``), so a slice of counts with a few fractions
-    (a histogram's sum, a wait time) costs those few."""
-    try:
-        return list(map(_STR_ENDS.__getitem__, values))
-    except TypeError:  # an unhashable value: go_float says what it is
-        return [go_float(v) + "\n" for v in values]
-
-
 def number_bytes(values: Sequence[Any]) -> list[bytes]:
-    """``numbers(values)`` encoded (ASCII): a line's end per value, as bytes."""
+    """``go_float(v) + "\\n"`` for each value (a line's end), ASCII: whole numbers
+    below 4,096 from a table (a C loop), the rest one at a time (a finite float below
+    1e6 is its ``repr``, an int below 1e6 its ``str``), so a slice of counts with a few
+    fractions costs those few."""
     try:
         return list(map(_BYTES_ENDS.__getitem__, values))
-    except TypeError:
+    except TypeError:  # an unhashable value: go_float says what it is
         return [go_float(v).encode() + b"\n" for v in values]
 
 
@@ -127,8 +119,7 @@ def _end(value: Any) -> str:
     return go_float(value) + "\n"
 
 
-_STR_ENDS: Final = _Ends(encode=False)
-_BYTES_ENDS: Final = _Ends(encode=True)
+_BYTES_ENDS: Final = _Ends()
 
 
 def escape(value: str) -> str:

@@ -422,7 +422,7 @@ def test_the_raw_column_path_exports_what_add_metric_would(
 def test_go_float_numbers_and_escape_write_the_text_format() -> None:
     """Values as the text format (Go's float64 form) writes them, whole numbers from the
     table and the rest one by one; label values escaped."""
-    from lbpool._families import escape, go_float, numbers
+    from lbpool._families import escape, go_float, number_bytes
 
     cases = {
         0: "0.0",
@@ -442,14 +442,15 @@ def test_go_float_numbers_and_escape_write_the_text_format() -> None:
     }
     for number, text in cases.items():
         assert go_float(number) == text, number
-    assert numbers(list(cases)) == [f"{t}\n" for t in cases.values()]  # a line's end
-    assert numbers([1, 2, 3]) == ["1.0\n", "2.0\n", "3.0\n"]  # all from the table
-    assert numbers((5000, 999999, 4)) == ["5000.0\n", "999999.0\n", "4.0\n"]  # by str
-    assert numbers((5000, 10**6)) == ["5000.0\n", "1e+06\n"]
-    assert numbers((5000, -1)) == ["5000.0\n", "-1.0\n"]
-    assert numbers((5000, 0.5)) == ["5000.0\n", "0.5\n"]
-    assert numbers([float("nan"), 1]) == ["NaN\n", "1.0\n"]
-    assert numbers(()) == []
+    ends = [f"{t}\n".encode() for t in cases.values()]  # a line's end, ASCII
+    assert number_bytes(list(cases)) == ends
+    assert number_bytes([1, 2, 3]) == [b"1.0\n", b"2.0\n", b"3.0\n"]  # all from the table
+    assert number_bytes((5000, 999999, 4)) == [b"5000.0\n", b"999999.0\n", b"4.0\n"]
+    assert number_bytes((5000, 10**6)) == [b"5000.0\n", b"1e+06\n"]
+    assert number_bytes((5000, -1)) == [b"5000.0\n", b"-1.0\n"]
+    assert number_bytes((5000, 0.5)) == [b"5000.0\n", b"0.5\n"]
+    assert number_bytes([float("nan"), 1]) == [b"NaN\n", b"1.0\n"]
+    assert number_bytes(()) == []
     assert escape("plain:1") == "plain:1"
     assert escape('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
@@ -742,6 +743,7 @@ def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
         "below_1e6": [4096, 999999, 0, 5000],
         "beyond_the_table": [4096, 999999, 10**6, 1234567],
         "bytes_like": [BytesLike(5000), 1, 2, BytesLike(0.5)],
+        "zeros": [-0.0, 0.5, 0.0, -0.0],  # kept floats' ends: neither zero kept
         "odd_floats": [1e7, float("nan"), float("inf"), -2.5],
         "mixed": [True, 0.5, 5000, 2],
     }
@@ -751,7 +753,8 @@ def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
         ["floats", "counts", "floats"],
         ["odd_floats", "floats", "mixed"],
         ["below_1e6", "bytes_like", "floats", "counts"],
-        ["counts", "bytes_like", "floats"],  # nothing else a template would refuse
+        ["counts", "bytes_like", "floats"],
+        ["zeros", "floats", "zeros"],
     ]
     for layout in layouts:
         k = len(layout)
@@ -762,9 +765,10 @@ def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
 
         family = lbpool.metrics._LazyGauge("odd", "Odd.", labels=["backend", "server"])
         family.attach([piece], rows, lambda: Pacer(pauses=False))
-        lines = b"".join(family.text_lines(Pacer(pauses=False)) or []).decode().splitlines()
-        written = [line.rpartition(" ")[2] for line in lines]
-        assert written == [floatToGoString(s.value) for s in family.samples], layout
+        twice = [family.text_lines(Pacer(pauses=False)) or [] for _ in range(2)]  # kept
+        for text in twice:
+            written = [line.rpartition(" ")[2] for line in b"".join(text).decode().splitlines()]
+            assert written == [floatToGoString(s.value) for s in family.samples], layout
 
 
 def test_line_templates_follow_the_fleet(servers: list[EchoServer]) -> None:

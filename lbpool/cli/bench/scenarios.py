@@ -25,9 +25,10 @@ over rounds, and each ratio the median of *same-round* ratios:
   samples made (what prometheus_client's own exposition reads), a whole in-hub
   scrape's text (``lbpool.metrics.generate_latest``, paced, lbpool's families
   written from the snapshot's columns: ``expose_first``, a collector's first scrape,
-  which makes its line templates; ``expose``, the third, as every later scrape of an
-  unchanged fleet; ``expose_unpaced``: ``prometheus_client.generate_latest``, for
-  comparison) and a new ad-hoc name's first ``get``: wall ms, the hub's longest
+  which makes its line templates; ``expose``, the third, as every later scrape, every
+  pool not held having queued again before each; ``expose_unpaced``:
+  ``prometheus_client.generate_latest``, for comparison) and a new ad-hoc name's
+  first ``get``: wall ms, the hub's longest
   stretch (a ticker greenlet's longest gap) and the operation's CPU ms (its own
   greenlet's run time over all its slices) per operation, median over rounds, with
   the 1,000/100 and 1,000/10 ratios (of wall ms); and the "snapshot total":
@@ -654,9 +655,14 @@ def _s_round(n: int, listeners: list[Any], spare: list[Any]) -> dict[str, dict[s
             registry = CollectorRegistry()
             registry.register(lbpool.metrics.LbpoolCollector(manager))
             record("expose_first", lambda: lbpool.metrics.generate_latest(registry))
-            # the second scrape still costs more (about 2 ms at 1,000 servers here: the
-            # allocator's pages for the text are new to it): the third is as the rest
+            # every pool not held queues again before each later scrape (new wait times,
+            # new counts: what a busy fleet's next scrape sees); the second scrape still
+            # costs more (about 2 ms at 1,000 servers here: the allocator's pages for the
+            # text are new to it): the third is as the rest
+            free = [p for p in pools if p.stats().in_use == 0]
+            gevent.pool.Pool(50).map(_queue_one, free)
             lbpool.metrics.generate_latest(registry)
+            gevent.pool.Pool(50).map(_queue_one, free)
             record("expose", lambda: lbpool.metrics.generate_latest(registry))
             record("expose_unpaced", lambda: unpaced(registry))
         adhoc = f"127.0.0.1:{spare[0].getsockname()[1]}"
