@@ -131,34 +131,44 @@ def escape(value: str) -> str:
 
 
 class ServerSlice:
-    """Up to a slice of one backend's servers: their raw numbers by column (``col``:
-    field -> one value per server, in server order). Label dicts and quoted addresses
-    are made once, when first needed, and shared by the families. ``templates``: the
-    families' line templates for these servers (``LineTemplates.for_slice``: kept from
-    one scrape to the next), or a dict of this slice's own."""
+    """Up to a slice of servers, of one backend or of several in a row: their raw
+    numbers by column (``col``: field -> one value per server, in server order) and
+    their backends (``runs``: ``(backend, servers)`` pairs in order; a str: every
+    server's). Label dicts and quoted addresses are made once, when first needed, and
+    shared by the families. ``templates``: the families' line templates for these
+    servers (``LineTemplates.for_slice``: kept from one scrape to the next), or a dict
+    of this slice's own."""
 
-    __slots__ = ("_labels", "_quoted", "addresses", "backend", "col", "templates")
+    __slots__ = ("_labels", "_quoted", "addresses", "col", "runs", "templates")
 
     def __init__(
         self,
-        backend: str,
+        runs: str | Sequence[tuple[str, int]],
         addresses: Sequence[str],
         col: dict[str, Any],
         templates: dict[Any, bytes] | None = None,
     ) -> None:
-        self.backend = backend
+        self.runs = ((runs, len(addresses)),) if isinstance(runs, str) else tuple(runs)
+        if sum(n for _, n in self.runs) != len(addresses):
+            raise ValueError(f"lbpool: backends' runs {self.runs!r} for {len(addresses)} servers")
         self.addresses = addresses
         self.col = col
         self.templates: dict[Any, bytes] = {} if templates is None else templates
         self._labels: list[dict[str, str]] | None = None
         self._quoted: list[str] | None = None
 
+    def backends(self) -> list[str]:
+        """Each server's backend, in order."""
+        return [b for b, n in self.runs for _ in range(n)]
+
     def labels(self) -> list[dict[str, str]]:
         """``{"backend": ..., "server": ...}`` per server (shared by the families'
         one-sample-per-server rows; prometheus_client only reads them)."""
         if self._labels is None:
-            backend = self.backend
-            self._labels = [{"backend": backend, "server": a} for a in self.addresses]
+            self._labels = [
+                {"backend": b, "server": a}
+                for b, a in zip(self.backends(), self.addresses, strict=True)
+            ]
         return self._labels
 
     def quoted(self) -> list[str]:
@@ -172,9 +182,12 @@ class ServerSlice:
         return self._quoted
 
 
+_SliceKey = tuple[tuple[tuple[str, int], ...], tuple[str, ...]]  # (runs, addresses)
+
+
 class LineTemplates:
     """A collector's line templates, kept from one scrape to the next: per slice of
-    servers (a backend and its servers' addresses, in order) and family rows (their
+    servers (their backends and addresses, in order) and family rows (their
     sample names, extra labels and how each goes in: ``_slots``), the slice's lines in
     the text format with a slot where each value goes (``bytes % values``: one C call
     writes them all). A slice holds at most ``PER_SLICE`` templates (past that it starts
@@ -193,17 +206,20 @@ class LineTemplates:
     PER_SLICE: Final = 256
 
     def __init__(self) -> None:
-        self._now: dict[tuple[str, tuple[str, ...]], dict[Any, bytes]] = {}
-        self._before: dict[tuple[str, tuple[str, ...]], dict[Any, bytes]] = {}
+        self._now: dict[_SliceKey, dict[Any, bytes]] = {}
+        self._before: dict[_SliceKey, dict[Any, bytes]] = {}
 
     def turn(self) -> None:
         """Start a scrape: templates the previous scrape did not use are let go."""
         self._before, self._now = self._now, {}
 
-    def for_slice(self, backend: str, addresses: Sequence[str]) -> dict[Any, bytes]:
-        """The templates of the slice of ``backend``'s servers ``addresses`` (a dict
-        the families fill: keyed by their rows' names and extra labels)."""
-        key = (backend, tuple(addresses))
+    def for_slice(
+        self, runs: Sequence[tuple[str, int]], addresses: Sequence[str]
+    ) -> dict[Any, bytes]:
+        """The templates of the slice of servers ``addresses`` of the backends ``runs``
+        (``ServerSlice.runs``): a dict the families fill, keyed by their rows' names,
+        extra labels and slots."""
+        key = (tuple(runs), tuple(addresses))
         made = self._now.get(key)
         if made is None:
             made = self._before.get(key)
@@ -299,7 +315,8 @@ class LazyFamily:
             if len(values) != len(names) * len(piece.addresses):
                 raise ValueError(
                     f"lbpool: {len(values)} values for {len(piece.addresses)} servers of "
-                    f"backend {piece.backend!r}, {len(names)} samples each"
+                    f"backend {', '.join(repr(b) for b, _ in piece.runs)}, "
+                    f"{len(names)} samples each"
                 )
             slots, args = _slots(len(names), values)
             key = (names, extra, slots)
@@ -367,21 +384,28 @@ def line_template(
     slot where its value goes: ``slots[j]`` (``_slots``; by default ``%s``, a line's
     end: the value and line feed). UTF-8; a ``%`` in a name or label is written
     ``%%``."""
-    backend = escape(piece.backend)
-    starts = [
-        (
-            f'{name}{{backend="{backend}",server='
-            if label is None
-            else f'{name}{{backend="{backend}",{label[0]}="{escape(label[1])}",server='
-        ).replace("%", "%%")
-        for name, label in zip(names, extra, strict=True)
-    ]
-    if slots is None:
-        slots = [_END_SLOT] * len(starts)
-    # a server's lines: start 0, address, slot 0, start 1, address, ...: its address
-    # joining these
-    segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]] if starts else []
-    return "".join([q.join(segments) for q in piece.quoted()]).encode()
+    if not names:
+        return b""
+    slots = slots or [_END_SLOT] * len(names)
+    quoted = piece.quoted()
+    text: list[str] = []
+    first = 0
+    for backend, count in piece.runs:
+        b = escape(backend)
+        starts = [
+            (
+                f'{name}{{backend="{b}",server='
+                if label is None
+                else f'{name}{{backend="{b}",{label[0]}="{escape(label[1])}",server='
+            ).replace("%", "%%")
+            for name, label in zip(names, extra, strict=True)
+        ]
+        # a server's lines: start 0, address, slot 0, start 1, address, ...: its
+        # address joining these
+        segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]]
+        text += [q.join(segments) for q in quoted[first : first + count]]
+        first += count
+    return "".join(text).encode()
 
 
 def make_samples(
@@ -405,11 +429,10 @@ def _samples_of(piece: ServerSlice, rows: Rows) -> Iterable[Sample]:
     if len(names) == 1 and extra[0] is None:
         labels: Sequence[dict[str, str]] = piece.labels()
     else:
-        backend = piece.backend
         plain = piece.labels()
         labels = [
-            base if label is None else {"backend": backend, "server": a, label[0]: label[1]}
-            for a, base in zip(piece.addresses, plain, strict=True)
+            base if label is None else {"backend": b, "server": a, label[0]: label[1]}
+            for b, a, base in zip(piece.backends(), piece.addresses, plain, strict=True)
             for label in extra
         ]
     return map(

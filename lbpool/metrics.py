@@ -116,9 +116,11 @@ _LABELS = ["backend", "server"]
 
 # A scrape in the manager's own thread makes its samples in slices of about this long
 # (seconds), pausing between them (Pacer), checking the clock every _SLICE_SERVERS
-# servers.
+# servers (a slice of servers, one backend's or several small ones' in a row: each
+# family's work is per slice, so 1,000 servers in backends of 10 cost what they cost
+# in backends of 100; 100 servers' 16-line histogram take ~0.15 ms here).
 _SLICE_SECONDS = 0.002
-_SLICE_SERVERS = 50
+_SLICE_SERVERS = 100
 # The histogram's ``le`` label values (repr, as HistogramMetricFamily users write them)
 _LE_KEYS = {le: repr(le) for le in WAIT_BUCKETS}
 # the histogram's ``le`` label values per server: the buckets', then +Inf
@@ -281,15 +283,31 @@ class LbpoolCollector:
             templates = self.__dict__.setdefault("_line_templates", LineTemplates())
         templates.turn()
         slices: list[ServerSlice] = []
+        # a slice: up to _SLICE_SERVERS servers in snapshot order, of one backend or of
+        # several small ones in a row (a family's work per slice, not per backend)
+        runs: list[tuple[str, int]] = []
+        raw: list[tuple[Any, ...]] = []
+        owned: list[tuple[int, int]] = []
         for backend_name, (backend, raws, hits) in snapshot.items():
-            for start in range(0, len(raws), _SLICE_SERVERS):
-                raw = raws[start : start + _SLICE_SERVERS]
-                slices.append(_server_slice(backend_name, raw, hits, templates))
-                pause()  # a timed pause once a slice has gone by: the hub's full turn
+            start = 0
+            while start < len(raws):
+                part = raws[start : start + _SLICE_SERVERS - len(raw)]
+                start += len(part)
+                runs.append((backend_name, len(part)))
+                raw += part
+                owned += (
+                    [hits.get(r[0], _NO_HITS) for r in part] if hits else [_NO_HITS] * len(part)
+                )
+                if len(raw) == _SLICE_SERVERS:
+                    slices.append(_server_slice(runs, raw, owned, templates))
+                    runs, raw, owned = [], [], []
+                    pause()  # a timed pause once a slice has gone by: the hub's full turn
             fam["panic"].add_metric([backend_name], 1.0 if backend.panic else 0.0)
             if backend.discovery is not None:
                 self._add_discovery(fam, backend_name, backend.discovery)
             self._add_backend(fam, backend_name, backend)
+        if raw:
+            slices.append(_server_slice(runs, raw, owned, templates))
         self._attach(fam, slices)
         for key in list(fam):  # each family let go once yielded: none outlives its use
             yield fam.pop(key)
@@ -361,26 +379,23 @@ class LbpoolCollector:
 
 
 def _server_slice(
-    backend: str,
+    runs: list[tuple[str, int]],
     raws: list[tuple[Any, ...]],
-    hits: dict[str, tuple[int, int]],
+    owned: list[tuple[int, int]],
     templates: LineTemplates,
 ) -> ServerSlice:
-    """One slice of a backend's servers, from their ``Pool._raw`` tuples (fields
-    ``lbpool._snapshot.RAW_FIELDS``) transposed by ``zip`` into columns, with the
-    derived ones: ``acquired``, ``owner_hits``, ``fallback_hits``, ``breaker_value``;
-    its line templates from ``templates``."""
+    """One slice of servers, of the backends ``runs`` (``ServerSlice.runs``), from their
+    ``Pool._raw`` tuples (fields ``lbpool._snapshot.RAW_FIELDS``) transposed by ``zip``
+    into columns, with the derived ones: ``acquired``, ``owner_hits`` and
+    ``fallback_hits`` (from ``owned``: each server's key-affinity pair) and
+    ``breaker_value``; its line templates from ``templates``."""
     col: dict[str, Any] = dict(zip(_RAW_FIELDS, zip(*raws, strict=True), strict=True))
     addresses = col["address"]
     col["acquired"] = list(map(_add, col["hits"], col["misses"]))
-    if hits:
-        owned = [hits.get(a, _NO_HITS) for a in addresses]
-        col["owner_hits"], col["fallback_hits"] = [o for o, _ in owned], [f for _, f in owned]
-    else:
-        col["owner_hits"] = col["fallback_hits"] = [0] * len(addresses)
+    col["owner_hits"], col["fallback_hits"] = zip(*owned, strict=True)
     states = BREAKER_STATE_VALUES.get
     col["breaker_value"] = list(map(states, col["breaker_state"], _repeat(2)))
-    return ServerSlice(backend, addresses, col, templates.for_slice(backend, addresses))
+    return ServerSlice(runs, addresses, col, templates.for_slice(runs, addresses))
 
 
 _PLAIN: tuple[None] = (None,)

@@ -387,16 +387,23 @@ def queued(servers: list[EchoServer]) -> Iterator[tuple[lbpool.PoolManager, list
         yield manager, held, waiter
 
 
+@pytest.mark.parametrize("servers_a_slice", [1, 3, 100])
 def test_the_raw_column_path_exports_what_add_metric_would(
-    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch
+    servers: list[EchoServer], monkeypatch: pytest.MonkeyPatch, servers_a_slice: int
 ) -> None:
     """Mid-borrow, with a waiter, a discard, a key-affinity backend (owner hits) and an
     ad-hoc pool: the same families, samples (name, labels, value, in order) and
-    exposition text as ``add_metric`` over ``manager.stats()``."""
+    exposition text as ``add_metric`` over ``manager.stats()``, and lbpool's written
+    lines say the same; with slices of one server, of three (a slice ends inside a
+    backend and the next starts there) and of all five (one slice, three backends)."""
     monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 1e9)  # no yield between the two
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", servers_a_slice)
     with queued(servers) as (manager, held, waiter):
         try:
+            written = CollectorRegistry()
+            written.register(lbpool.metrics.LbpoolCollector(manager))
             new, ref = lbpool.metrics.LbpoolCollector(manager), ReferenceCollector(manager)
+            text = lbpool.metrics.generate_latest(written)
             got, expected = list(new.collect()), list(ref.collect())
             assert [f.name for f in got] == [f.name for f in expected]
             for f, e in zip(got, expected, strict=True):
@@ -407,6 +414,10 @@ def test_the_raw_column_path_exports_what_add_metric_would(
             a.register(new)
             b.register(ref)
             assert generate_latest(a) == generate_latest(b)
+            assert view(text) == view(generate_latest(b))
+            slices = new._line_templates._now  # (runs, addresses) -> templates
+            sizes = sorted(len(addresses) for _, addresses in slices)
+            assert sizes == {1: [1] * 5, 3: [2, 3], 100: [5]}[servers_a_slice]
         finally:
             held[0].discard(ValueError("done"))  # the waiter gets a fresh one
             waiter.get(timeout=5).release()
