@@ -53,7 +53,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as _openmetrics
 from prometheus_client.registry import REGISTRY
 
-from lbpool._families import LazyFamily
+from lbpool._families import LazyFamily, WrittenFamily
 from lbpool._pacing import Pacer
 
 if TYPE_CHECKING:
@@ -162,7 +162,13 @@ def _writes_lines(encoder: _Encoder) -> bool:
     )
 
 
-def _written(encoder: _Encoder, family: LazyFamily, pause: Pacer) -> list[bytes] | None:
+# families whose lines lbpool writes (when their ``lazy`` says so)
+_WRITTEN = (LazyFamily, WrittenFamily)
+
+
+def _written(
+    encoder: _Encoder, family: LazyFamily | WrittenFamily, pause: Pacer
+) -> list[bytes] | None:
     """``family``'s text in pieces (its ``# HELP`` and ``# TYPE`` from ``encoder``, then
     its lines written from its columns, a piece per slice of servers), or None where
     the encoder must format its samples (not the text format, a name outside the
@@ -228,7 +234,7 @@ def _expose_pieces(encoder: _Encoder, registry: Any) -> list[bytes | memoryview]
     lines = _writes_lines(encoder)
 
     def writable(metric: Any) -> bool:  # a family whose lines can be written (not made)
-        return lines and isinstance(metric, LazyFamily) and metric.lazy
+        return lines and isinstance(metric, _WRITTEN) and metric.lazy
 
     ahead = read()  # one metric ahead, for the batches: a metric is let go once
     while ahead is not _END:  # formatted

@@ -84,7 +84,14 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-from lbpool._families import LazyFamily, LineTemplates, Rows, ServerSlice, make_samples
+from lbpool._families import (
+    LazyFamily,
+    LineTemplates,
+    Rows,
+    ServerSlice,
+    WrittenFamily,
+    make_samples,
+)
 from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
 from lbpool._scrape import generate_latest, make_wsgi_app, start_http_server
@@ -174,6 +181,14 @@ class _LazyHistogram(LazyFamily, HistogramMetricFamily):
     """A histogram family whose samples come from a scrape's slices (``LazyFamily``)."""
 
 
+class _WrittenGauge(WrittenFamily, GaugeMetricFamily):
+    """A per-backend gauge family whose text lines lbpool writes (``WrittenFamily``)."""
+
+
+class _WrittenCounter(WrittenFamily, CounterMetricFamily):
+    """A per-backend counter family whose text lines lbpool writes (``WrittenFamily``)."""
+
+
 class LbpoolCollector:
     """A ``prometheus_client`` collector over one manager's stats."""
 
@@ -223,34 +238,34 @@ class LbpoolCollector:
             "Time an acquisition waited in the queue for a connection (0 if it did not).",
             labels=label,
         )
-        fam["panic"] = GaugeMetricFamily(
+        fam["panic"] = _WrittenGauge(
             self._name("panic"),
             "1 while the backend is in panic mode (too few eligible servers: picks "
             "ignore health), else 0.",
             labels=["backend"],
         )
-        fam["discovery_servers"] = GaugeMetricFamily(
+        fam["discovery_servers"] = _WrittenGauge(
             self._name("discovery_servers"),
             "Servers in the last good DNS answer of a discovered backend.",
             labels=["backend"],
         )
-        fam["discovery_up"] = GaugeMetricFamily(
+        fam["discovery_up"] = _WrittenGauge(
             self._name("discovery_up"),
             "1 while the backend's last DNS resolution succeeded, else 0.",
             labels=["backend"],
         )
-        fam["discovery_last_refresh"] = GaugeMetricFamily(
+        fam["discovery_last_refresh"] = _WrittenGauge(
             self._name("discovery_last_refresh_timestamp_seconds"),
             "UNIX time of the backend's last good DNS answer.",
             labels=["backend"],
         )
-        fam["discovery_failures"] = CounterMetricFamily(
+        fam["discovery_failures"] = _WrittenCounter(
             self._name("discovery_failures"),
             "Failed DNS resolutions of a discovered backend (the last good set was kept).",
             labels=["backend"],
         )
         for field, name, doc in _BACKEND_COUNTERS:
-            fam[field] = CounterMetricFamily(self._name(name), doc, labels=["backend"])
+            fam[field] = _WrittenCounter(self._name(name), doc, labels=["backend"])
         return fam
 
     def describe(self) -> Iterator[Any]:

@@ -782,6 +782,45 @@ def test_every_slot_writes_its_value_as_prometheus_client_does() -> None:
             assert written == [floatToGoString(s.value) for s in family.samples], layout
 
 
+def test_per_backend_families_are_written_as_prometheus_client_writes_them() -> None:
+    """lbpool's per-backend families (one sample a backend) are written by lbpool: the
+    same bytes as prometheus_client's encoder, odd backend names and values included;
+    a family it cannot write so (a sample with a timestamp, another sample's name, a
+    label name outside the legacy set) is left to the encoder, and says the same."""
+    from prometheus_client.samples import Sample
+
+    from lbpool._pacing import Pacer
+
+    def families() -> list[Any]:
+        gauge = lbpool.metrics._WrittenGauge("odd_gauge", "Odd %s.", labels=["backend"])
+        for i, backend in enumerate(['q"uo\\te', "l\nf", "100%", "", "ünï"]):
+            gauge.add_metric([backend], [0.0, 0.5, 10**7, float("nan"), 1.7e9][i])
+        counter = lbpool.metrics._WrittenCounter("odd", "Odd.", labels=["backend"])
+        counter.add_metric(["a"], 3.0)
+        counter.add_metric(["b"], float("inf"))
+        return [gauge, counter]
+
+    for family in families():
+        lines = family.text_lines(Pacer(pauses=False))
+        expected = generate_latest(lbpool._scrape._Metrics([family]))
+        header = lbpool._scrape._header(generate_latest, family.name, family)
+        assert header + b"".join(lines) == expected
+    registry = CollectorRegistry()
+    registry.register(lbpool._scrape._Metrics(families()))
+    assert lbpool.metrics.generate_latest(registry) == generate_latest(registry)
+
+    gauge, counter = families()
+    gauge.add_metric(["t"], 1.0, timestamp=5)
+    counter.add_metric(["c"], 1.0, created=2.0)  # an odd_created sample
+    utf8 = lbpool.metrics._WrittenGauge("g", "G.", labels=[])
+    utf8.samples.append(Sample("g", {"ünï": "x"}, 1.0))
+    for family in (gauge, counter, utf8):
+        assert family.text_lines(Pacer(pauses=False)) is None, family.name
+        registry = CollectorRegistry()
+        registry.register(lbpool._scrape._Metrics([family]))
+        assert lbpool.metrics.generate_latest(registry) == generate_latest(registry)
+
+
 def test_line_templates_follow_the_fleet(servers: list[EchoServer]) -> None:
     """A collector keeps each slice's line templates from one scrape to the next, and
     its text follows the fleet: a server added or removed by a reload is in the next
