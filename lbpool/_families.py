@@ -138,24 +138,28 @@ class ServerSlice:
     their backends (``runs``: ``(backend, servers)`` pairs in order; a str: every
     server's). Label dicts and quoted addresses are made once, when first needed, and
     shared by the families. ``templates``: the families' line templates for these
-    servers (``LineTemplates.for_slice``: kept from one scrape to the next), or a dict
-    of this slice's own."""
+    servers, and ``run_templates`` each run's (``LineTemplates.for_slice``: kept from
+    one scrape to the next), or this slice's own."""
 
-    __slots__ = ("_labels", "_quoted", "addresses", "col", "runs", "templates")
+    __slots__ = ("_labels", "_quoted", "addresses", "col", "run_templates", "runs", "templates")
 
     def __init__(
         self,
         runs: str | Sequence[tuple[str, int]],
         addresses: Sequence[str],
         col: dict[str, Any],
-        templates: dict[Any, bytes] | None = None,
+        templates: tuple[dict[Any, bytes], list[dict[Any, bytes]]] | None = None,
     ) -> None:
         self.runs = ((runs, len(addresses)),) if isinstance(runs, str) else tuple(runs)
         if sum(n for _, n in self.runs) != len(addresses):
             raise ValueError(f"lbpool: backends' runs {self.runs!r} for {len(addresses)} servers")
         self.addresses = addresses
         self.col = col
-        self.templates: dict[Any, bytes] = {} if templates is None else templates
+        if templates is None:
+            templates = ({}, [{} for _ in self.runs])
+        # the slice's templates, and each run's (what a slice's are made of: a backend
+        # whose servers did not change keeps its run's though the slices around it moved)
+        self.templates, self.run_templates = templates
         self._labels: list[dict[str, str]] | None = None
         self._quoted: list[str] | None = None
 
@@ -185,50 +189,74 @@ class ServerSlice:
 
 
 _SliceKey = tuple[tuple[tuple[str, int], ...], tuple[str, ...]]  # (runs, addresses)
+_RunKey = tuple[str, tuple[str, ...]]  # (backend, addresses)
 
 
 class LineTemplates:
     """A collector's line templates, kept from one scrape to the next: per slice of
-    servers (their backends and addresses, in order) and family rows (their
-    sample names, extra labels and how each goes in: ``_slots``), the slice's lines in
-    the text format with a slot where each value goes (``bytes % values``: one C call
-    writes them all). A slice holds at most ``PER_SLICE`` templates (past that it starts
-    over: rows that change every scrape, as no lbpool family's do, cannot grow it).
+    servers (their backends and addresses, in order) and family rows (their sample
+    names, extra labels and how each goes in: ``_slots``), the slice's lines in the
+    text format with a slot where each value goes (``bytes % values``: one C call
+    writes them all); and the same per run of one backend's servers in a slice, of
+    which a slice's are joined: where a backend's size changes, the slices after it
+    shift (a slice may span backends), and their templates are joined again from their
+    runs', not made again. A slice or run holds at most ``PER_SLICE`` templates (past
+    that it starts over: rows that change every scrape, as no lbpool family's do,
+    cannot grow it).
 
-    At 1,000 servers the templates hold the text of a scrape without its values (about
-    3 MB). Two generations: ``turn`` (once a scrape) starts a new one, and a slice's
-    templates move to it when the scrape uses them; a slice no scrape used since the
-    last turn is let go at the next (membership changed, the manager was reloaded).
-    Safe to share between threads (each step is one dict operation; two scrapes that
-    make the same template make the same bytes)."""
+    At 1,000 servers the templates hold the text of a scrape without its values twice
+    (the slices' and the runs': about 6 MB). Two generations: ``turn`` (once a scrape)
+    starts a new one, and a slice's or run's templates move to it when the scrape uses
+    them; one no scrape used since the last turn is let go at the next (membership
+    changed, the manager was reloaded). Safe to share between threads (each step is one
+    dict operation; two scrapes that make the same template make the same bytes)."""
 
-    __slots__ = ("_before", "_now")
+    __slots__ = ("_before", "_now", "_runs_before", "_runs_now")
 
-    # a slice's templates are cleared at this many (see above)
+    # a slice's or run's templates are cleared at this many (see above)
     PER_SLICE: Final = 256
 
     def __init__(self) -> None:
         self._now: dict[_SliceKey, dict[Any, bytes]] = {}
         self._before: dict[_SliceKey, dict[Any, bytes]] = {}
+        self._runs_now: dict[_RunKey, dict[Any, bytes]] = {}
+        self._runs_before: dict[_RunKey, dict[Any, bytes]] = {}
 
     def turn(self) -> None:
         """Start a scrape: templates the previous scrape did not use are let go."""
         self._before, self._now = self._now, {}
+        self._runs_before, self._runs_now = self._runs_now, {}
 
     def for_slice(
         self, runs: Sequence[tuple[str, int]], addresses: Sequence[str]
-    ) -> dict[Any, bytes]:
+    ) -> tuple[dict[Any, bytes], list[dict[Any, bytes]]]:
         """The templates of the slice of servers ``addresses`` of the backends ``runs``
-        (``ServerSlice.runs``): a dict the families fill, keyed by their rows' names,
-        extra labels and slots."""
-        key = (tuple(runs), tuple(addresses))
-        made = self._now.get(key)
-        if made is None:
-            made = self._before.get(key)
-            if made is None or len(made) > self.PER_SLICE:
-                made = {}
-            made = self._now.setdefault(key, made)
-        return made
+        (``ServerSlice.runs``), and of each run: dicts the families fill, keyed by their
+        rows' names, extra labels and slots."""
+        addresses = tuple(addresses)
+        runs = tuple(runs)
+        kept = _kept(self._now, self._before, (runs, addresses))
+        per_run: list[dict[Any, bytes]] = []
+        first = 0
+        for backend, count in runs:
+            key = (backend, addresses[first : first + count])
+            per_run.append(_kept(self._runs_now, self._runs_before, key))
+            first += count
+        return kept, per_run
+
+
+def _kept(
+    now: dict[Any, dict[Any, bytes]], before: dict[Any, dict[Any, bytes]], key: Any
+) -> dict[Any, bytes]:
+    """``key``'s templates in this generation (``now``), moved from the last one
+    (``before``) or new."""
+    made = now.get(key)
+    if made is None:
+        made = before.get(key)
+        if made is None or len(made) > LineTemplates.PER_SLICE:
+            made = {}
+        made = now.setdefault(key, made)
+    return made
 
 
 Rows = tuple[Sequence[str], Sequence["tuple[str, str] | None"], Sequence[Any]]
@@ -388,26 +416,46 @@ def line_template(
     ``%%``."""
     if not names:
         return b""
-    slots = slots or [_END_SLOT] * len(names)
+    slots = tuple(slots or [_END_SLOT] * len(names))
+    key = (names, extra, slots)
     quoted = piece.quoted()
-    text: list[str] = []
+    parts: list[bytes] = []
     first = 0
-    for backend, count in piece.runs:
-        b = escape(backend)
-        starts = [
-            (
-                f'{name}{{backend="{b}",server='
-                if label is None
-                else f'{name}{{backend="{b}",{label[0]}="{escape(label[1])}",server='
-            ).replace("%", "%%")
-            for name, label in zip(names, extra, strict=True)
-        ]
-        # a server's lines: start 0, address, slot 0, start 1, address, ...: its
-        # address joining these
-        segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]]
-        text += [q.join(segments) for q in quoted[first : first + count]]
+    for (backend, count), kept in zip(piece.runs, piece.run_templates, strict=True):
+        run = kept.get(key)
+        if run is None:
+            if len(kept) >= LineTemplates.PER_SLICE:  # rows that keep changing
+                kept.clear()
+            run = kept[key] = _run_template(
+                backend, quoted[first : first + count], names, extra, slots
+            )
+        parts.append(run)
         first += count
-    return "".join(text).encode()
+    return b"".join(parts)
+
+
+def _run_template(
+    backend: str,
+    quoted: Sequence[str],
+    names: Sequence[str],
+    extra: Sequence[tuple[str, str] | None],
+    slots: Sequence[str],
+) -> bytes:
+    """``line_template``'s lines of one backend's servers (``quoted``: their
+    ``ServerSlice.quoted``)."""
+    b = escape(backend)
+    starts = [
+        (
+            f'{name}{{backend="{b}",server='
+            if label is None
+            else f'{name}{{backend="{b}",{label[0]}="{escape(label[1])}",server='
+        ).replace("%", "%%")
+        for name, label in zip(names, extra, strict=True)
+    ]
+    # a server's lines: start 0, address, slot 0, start 1, address, ...: its address
+    # joining these
+    segments = [starts[0], *map(_add, slots, starts[1:]), slots[-1]]
+    return "".join([q.join(segments) for q in quoted]).encode()
 
 
 class WrittenFamily:
@@ -429,10 +477,13 @@ class WrittenFamily:
 
     def text_lines(self, pause: Callable[[], object]) -> list[bytes] | None:
         """The samples' lines (without ``# HELP`` and ``# TYPE``), UTF-8, as one piece,
-        ``pause()`` called after it; None if one cannot be written here."""
+        ``pause()`` called every ``_WRITTEN_EVERY`` samples and after the last; None if
+        one cannot be written here."""
         line_name = self.name + "_total" if self.type == "counter" else self.name
         lines: list[str] = []
-        for sample in self.samples:
+        for i, sample in enumerate(self.samples, 1):
+            if not i % _WRITTEN_EVERY:  # thousands of backends: ~1.5 us each
+                pause()
             if sample.name != line_name or tuple(sample[3:]) != _SAMPLE_TAIL:
                 return None
             labels = sample.labels
@@ -447,8 +498,11 @@ class WrittenFamily:
         return ["".join(lines).encode()]
 
 
-# a label name every escaping scheme writes as it is
-_LEGACY_LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# a WrittenFamily's samples written between two checks of the pacer
+_WRITTEN_EVERY: Final = 512
+# a label name every escaping scheme writes as it is (not one of the reserved, "__...":
+# prometheus_client quotes or rewrites those under the UTF-8 schemes)
+_LEGACY_LABEL: Final = re.compile(r"(?!__)[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def make_samples(

@@ -299,11 +299,17 @@ class LbpoolCollector:
         templates.turn()
         slices: list[ServerSlice] = []
         # a slice: up to _SLICE_SERVERS servers in snapshot order, of one backend or of
-        # several small ones in a row (a family's work per slice, not per backend)
+        # several small ones in a row (a family's work per slice, not per backend); a
+        # backend that fits in a slice is never cut (its run's line templates stay the
+        # same when a backend before it changes size: LineTemplates)
         runs: list[tuple[str, int]] = []
         raw: list[tuple[Any, ...]] = []
         owned: list[tuple[int, int]] = []
         for backend_name, (backend, raws, hits) in snapshot.items():
+            if raw and len(raw) + len(raws) > _SLICE_SERVERS:
+                slices.append(_server_slice(runs, raw, owned, templates))
+                runs, raw, owned = [], [], []
+                pause()
             start = 0
             while start < len(raws):
                 part = raws[start : start + _SLICE_SERVERS - len(raw)]

@@ -394,8 +394,8 @@ def test_the_raw_column_path_exports_what_add_metric_would(
     """Mid-borrow, with a waiter, a discard, a key-affinity backend (owner hits) and an
     ad-hoc pool: the same families, samples (name, labels, value, in order) and
     exposition text as ``add_metric`` over ``manager.stats()``, and lbpool's written
-    lines say the same; with slices of one server, of three (a slice ends inside a
-    backend and the next starts there) and of all five (one slice, three backends)."""
+    lines say the same; with slices of one server (a backend cut in two), of three (a
+    backend that does not fit starts the next) and of all five (three backends)."""
     monkeypatch.setattr(lbpool.metrics, "_SLICE_SECONDS", 1e9)  # no yield between the two
     monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", servers_a_slice)
     with queued(servers) as (manager, held, waiter):
@@ -814,11 +814,56 @@ def test_per_backend_families_are_written_as_prometheus_client_writes_them() -> 
     counter.add_metric(["c"], 1.0, created=2.0)  # an odd_created sample
     utf8 = lbpool.metrics._WrittenGauge("g", "G.", labels=[])
     utf8.samples.append(Sample("g", {"ünï": "x"}, 1.0))
-    for family in (gauge, counter, utf8):
+    many = lbpool.metrics._WrittenGauge("many", "Many.", labels=["backend"])
+    for i in range(1100):  # paced: a check every 512 samples, and after the last
+        many.add_metric([f"b{i}"], float(i))
+    checks: list[int] = []
+    lines = many.text_lines(lambda: checks.append(1))
+    assert len(checks) == 3 and lines is not None and b"".join(lines).count(b"\n") == 1100
+    reserved = lbpool.metrics._WrittenGauge("r", "R.", labels=["__x"])  # quoted under UTF-8
+    reserved.add_metric(["1"], 1.0)
+    for family in (gauge, counter, utf8, reserved):
         assert family.text_lines(Pacer(pauses=False)) is None, family.name
         registry = CollectorRegistry()
         registry.register(lbpool._scrape._Metrics([family]))
         assert lbpool.metrics.generate_latest(registry) == generate_latest(registry)
+
+
+def test_a_backend_keeps_its_lines_when_the_slices_around_it_move(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slices of three servers over backends of one, two and two: when the first backend
+    grows, the slices after it change, but the last backend's lines are the same run
+    templates (joined into the new slices, not made again), and the text is what
+    prometheus_client says."""
+    monkeypatch.setattr(lbpool.metrics, "_SLICE_SERVERS", 3)
+    with contextlib.ExitStack() as stack:
+        echo_servers = [stack.enter_context(EchoServer()) for _ in range(6)]
+        a = [e.address for e in echo_servers]
+
+        def config(first: int) -> dict[str, Any]:
+            backends = {"a": a[:first], "b": a[3:5], "c": a[5:6] + a[2:3]}
+            return {
+                "defaults": {"pool": {"min_idle": 0}},
+                "backends": {name: {"servers": servers} for name, servers in backends.items()},
+            }
+
+        manager = stack.enter_context(lbpool.PoolManager(config(1)))
+        collector = lbpool.metrics.LbpoolCollector(manager)
+        registry = CollectorRegistry()
+        registry.register(collector)
+
+        def scrape() -> dict[Any, Any]:  # the runs' templates, after a scrape
+            assert view(lbpool.metrics.generate_latest(registry)) == view(generate_latest(registry))
+            return dict(collector._line_templates._runs_now)
+
+        before = scrape()
+        slices_before = set(collector._line_templates._now)
+        manager.reload(config(2))
+        after = scrape()
+        assert set(collector._line_templates._now) != slices_before  # the slices moved
+        c = ("c", (a[5], a[2]))
+        assert after[c] is before[c] and after[c]  # c's run templates kept, and used
 
 
 def test_line_templates_follow_the_fleet(servers: list[EchoServer]) -> None:
