@@ -45,12 +45,10 @@ from lbpool._pacing import Pacer
 from lbpool.balance import eligible
 from lbpool.errors import BackendUnavailable, LbpoolError, PoolTimeout
 from lbpool.hashing import HASH_STRATEGIES, HashTable, Key, _key_bytes, build_table
-from lbpool.stats import _server_stats_with
 
 if TYPE_CHECKING:
     from lbpool.connection import PooledConnection
     from lbpool.pool import Pool
-    from lbpool.stats import ServerStats
 
     # (a table member is still current, the other members' rendezvous table, they)
     _Extras = tuple[bool, HashTable | None, tuple[Pool, ...]]
@@ -306,17 +304,6 @@ class Placement:
 
     def _strategy(self) -> str:
         return self._signature[0] if self._signature is not None else "hashing"
-
-    def annotate(self, servers: Mapping[str, ServerStats]) -> dict[str, ServerStats]:
-        """``servers`` with each one's ``owner_hits`` and ``fallback_hits`` filled in."""
-        out = dict(servers)
-        for address, stats in servers.items():
-            tally = self.tallies.get(address)
-            if tally is not None:
-                out[address] = _server_stats_with(  # dataclasses.replace, faster
-                    stats, owner_hits=tally.owner, fallback_hits=tally.fallback
-                )
-        return out
 
 
 class KeyOrder:

@@ -79,13 +79,38 @@ _new: Final = object.__new__
 _set_attr: Final = object.__setattr__
 
 
-def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
+def server_stats(cls: type, raw: tuple[Any, ...], owner: int = 0, fallback: int = 0) -> Any:
     """An instance of ``cls`` (``ServerStats``) whose ``__dict__`` is the fields made
     from a pool's ``Pool._raw`` capture (fields ``RAW_FIELDS``), in ``ServerStats``'
     declaration order (``tests/library/test_snapshots.py`` checks both): ``acquired``
     is hits + misses; the histogram is cumulative, every acquisition that did not queue
-    observed at 0 s. Takes the capture's ``closed`` copy over. Skips the dataclass
-    ``__init__`` (27 ``object.__setattr__`` calls)."""
+    observed at 0 s; ``owner`` and ``fallback``: a key-affinity server's
+    ``owner_hits`` and ``fallback_hits``. Takes the capture's ``closed`` copy over.
+    Skips the dataclass ``__init__`` (27 ``object.__setattr__`` calls)."""
+    values = _fields(raw, _BUCKETS_TEMPLATE, _BUCKET_KEYS, raw[12], owner, fallback)
+    stats: Any = _new(cls)
+    _set_attr(stats, "__dict__", values)
+    return stats
+
+
+def raw_dict(raw: tuple[Any, ...], owner: int = 0, fallback: int = 0) -> dict[str, Any]:
+    """``server_stats(ServerStats, raw, owner, fallback).to_dict()`` without the
+    ``ServerStats``: the same field dict with its own ``closed`` copy (the caller may
+    change it; the capture's is not shared) and the histogram keyed by ``str(le)``."""
+    closed: dict[str, int] = raw[12]
+    return _fields(raw, _LE_TEMPLATE, _LE_KEYS, closed.copy(), owner, fallback)
+
+
+def _fields(
+    raw: tuple[Any, ...],
+    template: dict[Any, int],
+    keys: tuple[Any, ...],
+    closed: Any,
+    owner: int,
+    fallback: int,
+) -> dict[str, Any]:
+    """A server's field dict, in ``ServerStats``' declaration order, from its capture
+    ``raw``: the histogram a copy of ``template`` (keyed by ``keys``), cumulative."""
     hits: int = raw[7]
     misses: int = raw[8]
     acquired = hits + misses
@@ -93,16 +118,16 @@ def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
     observed = acquired - served  # acquisitions that did not queue: 0 s
     counts: tuple[int, ...] | None = raw[20]
     if counts is None:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
-        buckets = dict.fromkeys(_BUCKETS_TEMPLATE, observed)  # the template's hashes
+        buckets = dict.fromkeys(template, observed)  # the template's hashes
         wait_count = observed
     else:  # cumulative: observed + counts[0], ..., then every one
-        buckets = _BUCKETS_TEMPLATE.copy()
+        buckets = template.copy()
         total = observed
-        for le, count in zip(_BUCKET_KEYS, counts, strict=False):  # one count more: past them
+        for le, count in zip(keys, counts, strict=False):  # one count more: past them
             total += count
             buckets[le] = total
         wait_count = total + counts[-1]
-    values: dict[str, Any] = {
+    return {
         "address": raw[0],
         "backend": raw[1],
         "size": raw[2],
@@ -116,7 +141,7 @@ def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
         "timeouts": raw[9],
         "shed": raw[10],
         "dial_failures": raw[11],
-        "closed": raw[12],
+        "closed": closed,
         "wait_time_total": raw[13],
         "wait_time_max": raw[14],
         "breaker_state": raw[15],
@@ -125,15 +150,12 @@ def server_stats(cls: type, raw: tuple[Any, ...]) -> Any:
         "draining": raw[18],
         "wait_count": wait_count,
         "wait_buckets": buckets,
-        "owner_hits": 0,
-        "fallback_hits": 0,
+        "owner_hits": owner,
+        "fallback_hits": fallback,
         "max_in_use": raw[21],
         "waits": raw[22],
         "released": raw[23],
     }
-    stats: Any = _new(cls)
-    _set_attr(stats, "__dict__", values)
-    return stats
 
 
 def server_dict(values: dict[str, Any]) -> dict[str, Any]:

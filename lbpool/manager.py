@@ -77,7 +77,7 @@ from lbpool.errors import (
 from lbpool.hashing import Key
 from lbpool.pool import Pool
 from lbpool.retry import RetryBudget
-from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
+from lbpool.stats import BackendStats, CapturedServers, DiscoveryStats, ManagerStats
 from lbpool.subset import subset
 
 _log = logging.getLogger("lbpool")
@@ -85,7 +85,6 @@ _probe = random.Random()  # where a full server looks for one that can serve
 
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
 T = TypeVar("T")
-_S = TypeVar("_S")  # a snapshot's per-server value (ServerStats, a Pool._raw tuple)
 _B = TypeVar("_B")  # a snapshot's per-backend value
 RawBackend = tuple[BackendStats, list[tuple[Any, ...]], dict[str, tuple[int, int]]]
 """A backend for the Prometheus collector (``PoolManager._raw_snapshot``): its
@@ -720,6 +719,11 @@ class Backend:
         ``BackendStats`` without servers), its servers' ``Pool._raw`` captures (in the
         order of ``pools``) and, for a key-affinity backend, ``(owner_hits,
         fallback_hits)`` by address. Never yields."""
+        return (self.stats({}), list(raws.values()), self._hits(raws))
+
+    def _hits(self, raws: dict[str, tuple[Any, ...]]) -> dict[str, tuple[int, int]]:
+        """A key-affinity backend's ``(owner_hits, fallback_hits)`` by address, for the
+        servers of ``raws`` that have them; empty for the other strategies."""
         hits: dict[str, tuple[int, int]] = {}
         if self._placement is not None:
             tallies = self._placement.tallies
@@ -727,15 +731,15 @@ class Backend:
                 tally = tallies.get(address)
                 if tally is not None:
                     hits[address] = (tally.owner, tally.fallback)
-        return (self.stats({}), list(raws.values()), hits)
+        return hits
 
-    def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
-        """This backend's numbers; ``servers``: its servers' stats, already taken (in
-        the order of ``pools``). Never yields."""
-        if servers is None:
-            servers = {p.name: p._stats() for p in self.pools}
-        if self._placement is not None:
-            servers = self._placement.annotate(servers)
+    def stats(self, raws: dict[str, tuple[Any, ...]] | None = None) -> BackendStats:
+        """This backend's numbers; ``raws``: its servers' ``Pool._raw`` captures, already
+        taken (in the order of ``pools``; each server's ``ServerStats`` is made from its
+        capture when first read, ``CapturedServers``). Never yields."""
+        if raws is None:
+            raws = {p.name: p._raw() for p in self.pools}
+        servers = CapturedServers(raws, self._hits(raws)) if raws else {}
         d = self.discovery
         discovery = None
         if d is not None:
@@ -1165,10 +1169,10 @@ class PoolManager(Router):
 
     def _raw_stats(self) -> dict[str, RawBackend]:
         def in_slices(pause: Pacer) -> dict[str, RawBackend] | None:
-            return self._capture(Pool._raw, Backend._raw_stats, self._adhoc_raw, pause)
+            return self._capture(Backend._raw_stats, self._adhoc_raw, pause)
 
         def at_once() -> dict[str, RawBackend]:
-            return self._capture(Pool._raw, Backend._raw_stats, self._adhoc_raw, None) or {}
+            return self._capture(Backend._raw_stats, self._adhoc_raw, None) or {}
 
         return self._paced(in_slices, at_once)
 
@@ -1202,18 +1206,17 @@ class PoolManager(Router):
     def _stats_in_slices(self, pause: Pacer) -> ManagerStats | None:
         """The snapshot, yielding between servers once a slice has gone by; None if the
         membership changed during a pause (the caller starts over)."""
-        backends = self._capture(Pool._stats, Backend.stats, self._adhoc_stats, pause)
+        backends = self._capture(Backend.stats, self._adhoc_stats, pause)
         return None if backends is None else ManagerStats(backends=backends)
 
     def _capture(
         self,
-        take: Callable[[Pool], _S],
-        view: Callable[[Backend, dict[str, _S]], _B],
-        adhoc_view: Callable[[dict[str, _S]], _B],
+        view: Callable[[Backend, dict[str, tuple[Any, ...]]], _B],
+        adhoc_view: Callable[[dict[str, tuple[Any, ...]]], _B],
         pause: Pacer | None,
     ) -> dict[str, _B] | None:
-        """Every server's ``take(pool)`` by backend, each backend made ``view(backend,
-        servers by address)`` (the ad-hoc pools together: ``adhoc_view``, under
+        """Every server's ``Pool._raw`` capture by backend, each backend made
+        ``view(backend, captures by address)`` (the ad-hoc pools together: ``adhoc_view``, under
         ``""``). With ``pause``, yields between servers once a slice has gone by and
         returns None if the membership changed during a pause (the caller starts
         over); each server's numbers are one step, a backend's own numbers are read
@@ -1222,18 +1225,18 @@ class PoolManager(Router):
         membership = self._membership() if pause is not None else []
         backends: dict[str, _B] = {}
         for name, backend in list(self._backends.items()):
-            servers: dict[str, _S] = {}
+            servers: dict[str, tuple[Any, ...]] = {}
             for pool in backend.pools:
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                servers[pool.name] = take(pool)
+                servers[pool.name] = pool._raw()
             backends[name] = view(backend, servers)
-        adhoc: dict[str, _S] = {}
+        adhoc: dict[str, tuple[Any, ...]] = {}
         for backend in list(self._adhoc_order.values()):
             for pool in backend.pools:
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                adhoc[pool.name] = take(pool)
+                adhoc[pool.name] = pool._raw()
         if pause is not None and not self._same_membership(membership):  # no pause since
             return None
         if adhoc:
@@ -1247,12 +1250,13 @@ class PoolManager(Router):
             for a, b in zip(now, membership, strict=True)
         )
 
-    def _adhoc_stats(self, servers: dict[str, ServerStats]) -> BackendStats:
+    def _adhoc_stats(self, raws: dict[str, tuple[Any, ...]]) -> BackendStats:
+        """The ad-hoc pools' ``BackendStats`` (under ``""``), from their captures."""
         budget = self._adhoc_budget
         return BackendStats(
             name="",
             strategy="round_robin",
-            servers=servers,
+            servers=CapturedServers(raws, {}) if raws else {},
             calls=budget.calls,
             retries=budget.retries,
             retries_denied=budget.retries_denied,
@@ -1263,7 +1267,7 @@ class PoolManager(Router):
 
     def _stats_at_once(self) -> ManagerStats:
         """The snapshot in one go. Never yields."""
-        backends = self._capture(Pool._stats, Backend.stats, self._adhoc_stats, None)
+        backends = self._capture(Backend.stats, self._adhoc_stats, None)
         return ManagerStats(backends=backends or {})
 
     # -- reload -------------------------------------------------------------------

@@ -9,6 +9,8 @@ import collections
 import dataclasses
 import gc
 import itertools
+import pickle
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -100,6 +102,54 @@ def test_pool_stats_is_a_plain_server_stats(
     assert dataclasses.replace(s, owner_hits=3).owner_hits == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.size = 5  # type: ignore[misc]
+
+
+def test_a_snapshots_servers_are_made_when_read_with_the_snapshots_numbers(
+    make_manager: Callable[..., PoolManager], echo_server_factory: Callable[..., EchoServer]
+) -> None:
+    """``stats()`` captures every server's numbers at once; each ``ServerStats`` is
+    made when first read, and holds the snapshot's numbers however much traffic came
+    since. The servers mapping behaves as the dict of the same values (equality both
+    ways, ``dict()``, repr, order, ``in``, ``len``, KeyError), a server read twice is
+    one object, from another thread too, and ``to_dict`` (made from the captures)
+    is every server's ``ServerStats.to_dict``, fresh each time."""
+    a, b, c = (echo_server_factory().address for _ in range(3))
+    manager = make_manager({"backends": {"two": {"servers": [a, b], "pool": {"max_size": 1}}}})
+    held = manager.acquire("two")
+    waiter = gevent.spawn(manager.acquire, "two", 5.0)
+    gevent.sleep(0.01)  # it queues behind a full pool
+    held.release()
+    waiter.get(timeout=5).discard(ValueError("done"))
+    manager.get(c).release()  # an ad-hoc pool (under "")
+    stats = manager.stats()
+    pools = {p.name: p for p in manager._all_pools()}
+    eager = {addr: pools[addr].stats() for addr in (a, b, c)}  # no yield since: the same
+    servers, adhoc = stats.backends["two"].servers, stats.backends[""].servers
+    assert servers == {a: eager[a], b: eager[b]} == dict(servers) and {c: eager[c]} == adhoc
+    assert list(servers) == [a, b] and len(servers) == 2 and a in servers and c not in servers
+    assert repr(servers) == repr({a: eager[a], b: eager[b]})
+    with pytest.raises(KeyError):
+        servers[c]
+    first = servers[a]
+    for _ in range(3):  # traffic after the snapshot, before b's stats are made
+        with manager.get("two", timeout=5):
+            pass
+    assert pools[b].stats() != eager[b]  # b's live numbers moved ...
+    made: list[ServerStats] = []
+    thread = threading.Thread(target=lambda: made.append(servers[b]))
+    thread.start()
+    thread.join(10)
+    assert made == [eager[b]] and made[0] is servers[b]  # ... the snapshot's did not
+    assert servers[a] is first and stats.servers() == [eager[a], eager[b], eager[c]]
+    assert pickle.loads(pickle.dumps(stats)) == stats
+    data = stats.to_dict()
+    for addr in (a, b, c):
+        backend = "" if addr == c else "two"
+        assert data["backends"][backend]["servers"][addr] == eager[addr].to_dict()
+    data["backends"]["two"]["servers"][a]["closed"]["error"] = 99  # the caller's copy
+    data["backends"]["two"]["servers"][a]["wait_buckets"]["0.001"] = 99
+    assert stats.to_dict()["backends"]["two"]["servers"][a] == eager[a].to_dict()
+    assert servers[a].closed == eager[a].closed and dict(servers[a].closed)["error"] != 99
 
 
 @pytest.fixture
