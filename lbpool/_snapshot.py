@@ -14,6 +14,7 @@ Never yields.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 CLOSE_REASONS: Final = ("idle", "lifetime", "unhealthy", "error", "discarded")
@@ -123,9 +124,9 @@ def _fields(
     else:  # cumulative: observed + counts[0], ..., then every one
         buckets = template.copy()
         total = observed
-        for le, count in zip(keys, counts, strict=False):  # one count more: past them
-            total += count
-            buckets[le] = total
+        for i in range(min(len(keys), len(counts))):  # one count more: past them
+            total += counts[i]
+            buckets[keys[i]] = total
         wait_count = total + counts[-1]
     return {
         "address": raw[0],
@@ -190,4 +191,33 @@ def _keyed_by_str(buckets: Any) -> dict[str, Any]:
     for le, n in buckets.items():
         key = named.get(le)
         out[str(le) if key is None else key] = n
+    return out
+
+
+def histogram_values(
+    acquired: Sequence[int],
+    served: Sequence[int],
+    counts: Sequence[tuple[int, ...] | None],
+    totals: Sequence[float],
+) -> list[Any]:
+    """The acquire-wait histogram's values in the text format's order, for servers
+    given by column (``acquired``, ``waits_served``, ``wait_counts`` and
+    ``wait_time_total`` of their captures): per server, each bucket's cumulative count
+    and +Inf's (every acquisition that did not queue observed at 0 s), ``_count`` and
+    ``_sum``: ``len(WAIT_BUCKETS) + 3`` values."""
+    out: list[Any] = []
+    spread = len(WAIT_BUCKETS) + 2  # buckets, +Inf and _count: all equal with no wait
+    for i in range(len(acquired)):
+        observed: int = acquired[i] - served[i]
+        waits = counts[i]
+        if waits is None:  # never queued: every acquisition at 0 s
+            for _ in range(spread):
+                out.append(observed)
+        else:
+            total = observed
+            for n in waits:  # one count more than the buckets: past them (+Inf)
+                total += n
+                out.append(total)
+            out.append(total)
+        out.append(totals[i])
     return out

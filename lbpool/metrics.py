@@ -69,7 +69,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from functools import partial
-from itertools import accumulate as _accumulate
 from itertools import chain
 from itertools import repeat as _repeat
 from operator import add as _add
@@ -96,6 +95,7 @@ from lbpool._ownership import get_ident
 from lbpool._pacing import Pacer
 from lbpool._scrape import generate_latest, make_wsgi_app, start_http_server
 from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
+from lbpool._snapshot import histogram_values
 from lbpool.stats import (
     CLOSE_REASONS,
     WAIT_BUCKETS,
@@ -440,22 +440,9 @@ def _histogram_rows(name: str, piece: ServerSlice) -> Rows:
     """Sixteen samples per server: 13 buckets and +Inf (label ``le``; cumulative, every
     acquisition that did not queue observed at 0 s), ``_count`` and ``_sum``."""
     col = piece.col
-    values: list[float] = []
-    for acq, served, counts, total in zip(
-        col["acquired"],
-        col["waits_served"],
-        col["wait_counts"],
-        col["wait_time_total"],
-        strict=True,
-    ):
-        observed = acq - served
-        if counts is None:  # never queued: every acquisition at 0 s
-            values += (observed,) * (len(WAIT_BUCKETS) + 2)
-        else:
-            cumulative = list(_accumulate(counts, initial=observed))
-            values += cumulative[1:]
-            values.append(cumulative[-1])
-        values.append(total)
+    values = histogram_values(
+        col["acquired"], col["waits_served"], col["wait_counts"], col["wait_time_total"]
+    )
     names = (
         *(name + "_bucket",) * (len(WAIT_BUCKETS) + 1),
         name + "_count",
