@@ -22,7 +22,9 @@ import pytest
 
 from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
 from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
-from lbpool.config import HealthCheckConfig, PoolConfig
+from lbpool._snapshot import raw_dict
+from lbpool.breaker import Breaker
+from lbpool.config import BreakerConfig, HealthCheckConfig, PoolConfig
 from lbpool.stats import (
     _SERVER_FIELDS,
     CLOSE_REASONS,
@@ -150,6 +152,32 @@ def test_a_snapshots_servers_are_made_when_read_with_the_snapshots_numbers(
     data["backends"]["two"]["servers"][a]["wait_buckets"]["0.001"] = 99
     assert stats.to_dict()["backends"]["two"]["servers"][a] == eager[a].to_dict()
     assert servers[a].closed == eager[a].closed and dict(servers[a].closed)["error"] != 99
+
+
+def test_a_breaker_whose_wait_elapsed_is_half_open_in_every_capture(no_fd_leak: None) -> None:
+    """An open breaker turns half-open when its wait elapses, with no call in between:
+    ``stats()``, the raw capture (the collector's) and a manager-style snapshot's
+    ``to_dict`` all say so at once."""
+    now = [1000.0]
+    breaker = Breaker(
+        "b", BreakerConfig(failure_threshold=1, recovery_timeout=5), clock=lambda: now[0]
+    )
+    with EchoServer() as server:
+        address = server.address
+    pool = Pool(address, pool=PoolConfig(min_idle=0), breaker=breaker, upkeep=False)
+    try:
+        with pytest.raises(LbpoolError):
+            pool.acquire(timeout=2)  # nothing listens there now: the breaker opens
+        states = lambda: (  # noqa: E731
+            pool.stats().breaker_state,
+            pool._raw()[_RAW_FIELDS.index("breaker_state")],
+            raw_dict(pool._raw())["breaker_state"],
+        )
+        assert states() == ("open",) * 3
+        now[0] += 5.01
+        assert states() == ("half_open",) * 3
+    finally:
+        pool.close()
 
 
 @pytest.fixture
