@@ -88,30 +88,6 @@ def server_stats(cls: type, raw: tuple[Any, ...], owner: int = 0, fallback: int 
     observed at 0 s; ``owner`` and ``fallback``: a key-affinity server's
     ``owner_hits`` and ``fallback_hits``. Takes the capture's ``closed`` copy over.
     Skips the dataclass ``__init__`` (27 ``object.__setattr__`` calls)."""
-    values = _fields(raw, _BUCKETS_TEMPLATE, _BUCKET_KEYS, raw[12], owner, fallback)
-    stats: Any = _new(cls)
-    _set_attr(stats, "__dict__", values)
-    return stats
-
-
-def raw_dict(raw: tuple[Any, ...], owner: int = 0, fallback: int = 0) -> dict[str, Any]:
-    """``server_stats(ServerStats, raw, owner, fallback).to_dict()`` without the
-    ``ServerStats``: the same field dict with its own ``closed`` copy (the caller may
-    change it; the capture's is not shared) and the histogram keyed by ``str(le)``."""
-    closed: dict[str, int] = raw[12]
-    return _fields(raw, _LE_TEMPLATE, _LE_KEYS, closed.copy(), owner, fallback)
-
-
-def _fields(
-    raw: tuple[Any, ...],
-    template: dict[Any, int],
-    keys: tuple[Any, ...],
-    closed: Any,
-    owner: int,
-    fallback: int,
-) -> dict[str, Any]:
-    """A server's field dict, in ``ServerStats``' declaration order, from its capture
-    ``raw``: the histogram a copy of ``template`` (keyed by ``keys``), cumulative."""
     hits: int = raw[7]
     misses: int = raw[8]
     acquired = hits + misses
@@ -119,16 +95,17 @@ def _fields(
     observed = acquired - served  # acquisitions that did not queue: 0 s
     counts: tuple[int, ...] | None = raw[20]
     if counts is None:  # no acquisition ever queued (most pools of a big fleet): all at 0 s
-        buckets = dict.fromkeys(template, observed)  # the template's hashes
+        buckets = dict.fromkeys(_BUCKETS_TEMPLATE, observed)  # the template's hashes
         wait_count = observed
     else:  # cumulative: observed + counts[0], ..., then every one
-        buckets = template.copy()
+        buckets = _BUCKETS_TEMPLATE.copy()
+        keys = _BUCKET_KEYS
         total = observed
         for i in range(min(len(keys), len(counts))):  # one count more: past them
             total += counts[i]
             buckets[keys[i]] = total
         wait_count = total + counts[-1]
-    return {
+    values: dict[str, Any] = {
         "address": raw[0],
         "backend": raw[1],
         "size": raw[2],
@@ -142,7 +119,7 @@ def _fields(
         "timeouts": raw[9],
         "shed": raw[10],
         "dial_failures": raw[11],
-        "closed": closed,
+        "closed": raw[12],
         "wait_time_total": raw[13],
         "wait_time_max": raw[14],
         "breaker_state": raw[15],
@@ -157,6 +134,9 @@ def _fields(
         "waits": raw[22],
         "released": raw[23],
     }
+    stats: Any = _new(cls)
+    _set_attr(stats, "__dict__", values)
+    return stats
 
 
 def server_dict(values: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from lbpool._args import valid_callable
 from lbpool._ownership import get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
 from lbpool._router import Router, _check_name, acquire_direct, backend_for
+from lbpool._snapshot import server_stats
 from lbpool._upkeep import Upkeep
 from lbpool._waiters import valid_timeout
 from lbpool.balance import Balancer, eligible, ignoring_health, make_balancer
@@ -77,7 +78,7 @@ from lbpool.errors import (
 from lbpool.hashing import Key
 from lbpool.pool import Pool
 from lbpool.retry import RetryBudget
-from lbpool.stats import BackendStats, CapturedServers, DiscoveryStats, ManagerStats
+from lbpool.stats import BackendStats, DiscoveryStats, ManagerStats, ServerStats
 from lbpool.subset import subset
 
 _log = logging.getLogger("lbpool")
@@ -92,6 +93,36 @@ RawBackend = tuple[BackendStats, list[tuple[Any, ...]], dict[str, tuple[int, int
 key-affinity ``(owner_hits, fallback_hits)`` by address (empty for other strategies)."""
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
+
+Taken = tuple[tuple[Any, ...], int, int]
+"""What the collector's snapshot takes per server: its ``Pool._raw`` capture and its
+key-affinity ``(owner_hits, fallback_hits)`` (0, 0 for other strategies)."""
+
+_S = TypeVar("_S")  # a snapshot's value per server (a ServerStats, a Taken)
+
+# a ServerStats from a capture and its key-affinity hits (compiled: lbpool._snapshot)
+_server_stats: Final[Callable[[tuple[Any, ...], int, int], ServerStats]] = functools.partial(
+    server_stats, ServerStats
+)
+
+
+def _as_taken(raw: tuple[Any, ...], owner: int, fallback: int) -> Taken:
+    return (raw, owner, fallback)
+
+
+def _taken(backend: Backend, pool: Pool, make: Callable[[tuple[Any, ...], int, int], _S]) -> _S:
+    """``make(raw, owner_hits, fallback_hits)`` of one server: its numbers
+    (``Pool._raw``) and, for a key-affinity backend, its owner and fallback tally, read
+    in one step (nothing yields between: each hit is counted with its acquisition, so
+    ``owner_hits + fallback_hits <= acquired``). Never yields."""
+    raw = pool._raw()
+    placement = backend._placement
+    if placement is not None:
+        tally = placement.tallies.get(pool.name)
+        if tally is not None:
+            return make(raw, tally.owner, tally.fallback)
+    return make(raw, 0, 0)
+
 
 _NOTHING: frozenset[int] = frozenset()
 _NO_ERRORS: Mapping[Pool, BaseException] = {}
@@ -714,32 +745,21 @@ class Backend:
             by_addr[pool.name] = err if err is not None else br.last_failure
         return BackendUnavailable(self.name, by_addr, states, retry)
 
-    def _raw_stats(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
-        """``stats`` for the Prometheus collector: this backend's own numbers (a
-        ``BackendStats`` without servers), its servers' ``Pool._raw`` captures (in the
-        order of ``pools``) and, for a key-affinity backend, ``(owner_hits,
-        fallback_hits)`` by address. Never yields."""
-        return (self.stats({}), list(raws.values()), self._hits(raws))
+    def _raw_stats(self, taken: dict[str, Taken]) -> RawBackend:
+        """``stats`` for the Prometheus collector, from its servers' ``_taken`` (in the
+        order of ``pools``): this backend's own numbers (a ``BackendStats`` without
+        servers), its servers' ``Pool._raw`` captures and, for a key-affinity backend,
+        ``(owner_hits, fallback_hits)`` by address (servers with none left out). Never
+        yields."""
+        raws = [raw for raw, _, _ in taken.values()]
+        hits = {a: (owner, fb) for a, (_, owner, fb) in taken.items() if owner or fb}
+        return (self.stats({}), raws, hits)
 
-    def _hits(self, raws: dict[str, tuple[Any, ...]]) -> dict[str, tuple[int, int]]:
-        """A key-affinity backend's ``(owner_hits, fallback_hits)`` by address, for the
-        servers of ``raws`` that have them; empty for the other strategies."""
-        hits: dict[str, tuple[int, int]] = {}
-        if self._placement is not None:
-            tallies = self._placement.tallies
-            for address in raws:
-                tally = tallies.get(address)
-                if tally is not None:
-                    hits[address] = (tally.owner, tally.fallback)
-        return hits
-
-    def stats(self, raws: dict[str, tuple[Any, ...]] | None = None) -> BackendStats:
-        """This backend's numbers; ``raws``: its servers' ``Pool._raw`` captures, already
-        taken (in the order of ``pools``; each server's ``ServerStats`` is made from its
-        capture when first read, ``CapturedServers``). Never yields."""
-        if raws is None:
-            raws = {p.name: p._raw() for p in self.pools}
-        servers = CapturedServers(raws, self._hits(raws)) if raws else {}
+    def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
+        """This backend's numbers; ``servers``: its servers' stats, already taken (in
+        the order of ``pools``). Never yields."""
+        if servers is None:
+            servers = {p.name: _taken(self, p, _server_stats) for p in self.pools}
         d = self.discovery
         discovery = None
         if d is not None:
@@ -1169,10 +1189,10 @@ class PoolManager(Router):
 
     def _raw_stats(self) -> dict[str, RawBackend]:
         def in_slices(pause: Pacer) -> dict[str, RawBackend] | None:
-            return self._capture(Backend._raw_stats, self._adhoc_raw, pause)
+            return self._capture(_as_taken, Backend._raw_stats, self._adhoc_raw, pause)
 
         def at_once() -> dict[str, RawBackend]:
-            return self._capture(Backend._raw_stats, self._adhoc_raw, None) or {}
+            return self._capture(_as_taken, Backend._raw_stats, self._adhoc_raw, None) or {}
 
         return self._paced(in_slices, at_once)
 
@@ -1206,17 +1226,18 @@ class PoolManager(Router):
     def _stats_in_slices(self, pause: Pacer) -> ManagerStats | None:
         """The snapshot, yielding between servers once a slice has gone by; None if the
         membership changed during a pause (the caller starts over)."""
-        backends = self._capture(Backend.stats, self._adhoc_stats, pause)
+        backends = self._capture(_server_stats, Backend.stats, self._adhoc_stats, pause)
         return None if backends is None else ManagerStats(backends=backends)
 
     def _capture(
         self,
-        view: Callable[[Backend, dict[str, tuple[Any, ...]]], _B],
-        adhoc_view: Callable[[dict[str, tuple[Any, ...]]], _B],
+        make: Callable[[tuple[Any, ...], int, int], _S],
+        view: Callable[[Backend, dict[str, _S]], _B],
+        adhoc_view: Callable[[dict[str, _S]], _B],
         pause: Pacer | None,
     ) -> dict[str, _B] | None:
-        """Every server's ``Pool._raw`` capture by backend, each backend made
-        ``view(backend, captures by address)`` (the ad-hoc pools together: ``adhoc_view``, under
+        """Every server's ``_taken(backend, pool, make)`` by backend, each backend made
+        ``view(backend, servers by address)`` (the ad-hoc pools together: ``adhoc_view``, under
         ``""``). With ``pause``, yields between servers once a slice has gone by and
         returns None if the membership changed during a pause (the caller starts
         over); each server's numbers are one step, a backend's own numbers are read
@@ -1225,18 +1246,18 @@ class PoolManager(Router):
         membership = self._membership() if pause is not None else []
         backends: dict[str, _B] = {}
         for name, backend in list(self._backends.items()):
-            servers: dict[str, tuple[Any, ...]] = {}
+            servers: dict[str, _S] = {}
             for pool in backend.pools:
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                servers[pool.name] = pool._raw()
+                servers[pool.name] = _taken(backend, pool, make)
             backends[name] = view(backend, servers)
-        adhoc: dict[str, tuple[Any, ...]] = {}
+        adhoc: dict[str, _S] = {}
         for backend in list(self._adhoc_order.values()):
             for pool in backend.pools:
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                adhoc[pool.name] = pool._raw()
+                adhoc[pool.name] = _taken(backend, pool, make)
         if pause is not None and not self._same_membership(membership):  # no pause since
             return None
         if adhoc:
@@ -1250,24 +1271,23 @@ class PoolManager(Router):
             for a, b in zip(now, membership, strict=True)
         )
 
-    def _adhoc_stats(self, raws: dict[str, tuple[Any, ...]]) -> BackendStats:
-        """The ad-hoc pools' ``BackendStats`` (under ``""``), from their captures."""
+    def _adhoc_stats(self, servers: dict[str, ServerStats]) -> BackendStats:
         budget = self._adhoc_budget
         return BackendStats(
             name="",
             strategy="round_robin",
-            servers=CapturedServers(raws, {}) if raws else {},
+            servers=servers,
             calls=budget.calls,
             retries=budget.retries,
             retries_denied=budget.retries_denied,
         )
 
-    def _adhoc_raw(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
-        return (self._adhoc_stats({}), list(raws.values()), {})
+    def _adhoc_raw(self, taken: dict[str, Taken]) -> RawBackend:
+        return (self._adhoc_stats({}), [raw for raw, _, _ in taken.values()], {})
 
     def _stats_at_once(self) -> ManagerStats:
         """The snapshot in one go. Never yields."""
-        backends = self._capture(Backend.stats, self._adhoc_stats, None)
+        backends = self._capture(_server_stats, Backend.stats, self._adhoc_stats, None)
         return ManagerStats(backends=backends or {})
 
     # -- reload -------------------------------------------------------------------

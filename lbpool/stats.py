@@ -8,27 +8,25 @@ of hub time when called from a greenlet, so no other greenlet stalls behind it.
 
 Cost (a fleet of 1,000 servers is scraped every few seconds, inside the hub): a pool's
 numbers are read in one step into one tuple (``Pool._raw``, fields
-``lbpool._snapshot.RAW_FIELDS``), and that is all ``stats()`` takes per server: the
-manager's snapshot holds each backend's captures (``CapturedServers``), and a server's
-``ServerStats`` is made from its capture when first read (``lbpool._snapshot
-.server_stats``, compiled with the hot path: a complete field dict that becomes the
-instance's ``__dict__`` -- the frozen dataclass ``__init__`` would set its 27 fields one
-``object.__setattr__`` at a time, several times slower). ``to_dict`` makes its dicts
-from the captures (``lbpool._snapshot.raw_dict``), and the Prometheus collector its
-lines, without any ``ServerStats``. ``ServerStats.to_dict`` (``server_dict``) copies the
-instance's dict instead of ``dataclasses.asdict`` (which deep-copies every value). The
+``lbpool._snapshot.RAW_FIELDS``); its ``ServerStats`` is made from that by
+``lbpool._snapshot.server_stats`` (compiled with the hot path) as a complete field
+dict, which becomes the instance's ``__dict__`` -- the frozen dataclass ``__init__``
+would set its 27 fields one ``object.__setattr__`` at a time, several times slower --
+and the Prometheus collector makes its samples from the tuples directly. ``to_dict``
+(``lbpool._snapshot.server_dict``) copies that dict instead of ``dataclasses.asdict``
+(which deep-copies every value), and makes the histogram's dict from a template. The
 classes stay ordinary frozen dataclasses: ``ServerStats(...)``, ``fields()``,
 ``replace()``, ``==`` and ``repr`` work as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lbpool._pacing import Pacer
-from lbpool._snapshot import CLOSE_REASONS, WAIT_BUCKETS, raw_dict, server_dict, server_stats
+from lbpool._snapshot import CLOSE_REASONS, WAIT_BUCKETS, server_dict, server_stats
 
 __all__ = [
     "CLOSE_REASONS",
@@ -109,64 +107,6 @@ def _server_stats_from_raw(raw: tuple[Any, ...]) -> ServerStats:
     return stats
 
 
-class CapturedServers(Mapping[str, ServerStats]):
-    """A snapshot's servers (``BackendStats.servers`` of ``PoolManager.stats()``): each
-    server's ``ServerStats`` by address, made from its capture when first read.
-
-    The numbers are all taken when the snapshot is (each server's in one step, ``Pool
-    ._raw``); only the objects are made later, so a health check that reads a few
-    servers of 1,000 does not pay for the rest, and ``to_dict`` makes its dicts from
-    the captures without them. A read-only ``Mapping`` equal to the ``dict`` of the
-    same ``ServerStats`` (``==``, ``dict(servers)``); a server read twice is the same
-    object. Safe to read from any thread. Never yields."""
-
-    __slots__ = ("_hits", "_made", "_raws")
-
-    def __init__(
-        self, raws: dict[str, tuple[Any, ...]], hits: Mapping[str, tuple[int, int]]
-    ) -> None:
-        """``raws``: ``Pool._raw`` captures by address (taken over, not copied);
-        ``hits``: ``(owner_hits, fallback_hits)`` by address for a key-affinity
-        backend's servers (others: 0, 0)."""
-        self._raws = raws
-        self._hits = hits
-        self._made: dict[str, ServerStats] = {}
-
-    def __getitem__(self, address: str) -> ServerStats:
-        made = self._made.get(address)
-        if made is None:
-            raw = self._raws[address]  # KeyError for an address not in the snapshot
-            owner, fallback = self._hits.get(address, (0, 0))
-            made = self._made.setdefault(
-                address, server_stats(ServerStats, raw, owner, fallback)
-            )  # another thread's read first: that one, so both see the same object
-        return made
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._raws)
-
-    def __len__(self) -> int:
-        return len(self._raws)
-
-    def __contains__(self, address: object) -> bool:
-        return address in self._raws
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-    def to_dicts(self, pause: Callable[[], object] | None = None) -> dict[str, Any]:
-        """Every server's ``ServerStats.to_dict()`` by address, made from the captures;
-        ``pause`` is called between servers (see ``ManagerStats.to_dict``)."""
-        hits = self._hits
-        out: dict[str, Any] = {}
-        for address, raw in self._raws.items():
-            if pause is not None:
-                pause()
-            owner, fallback = hits.get(address, (0, 0)) if hits else (0, 0)
-            out[address] = raw_dict(raw, owner, fallback)
-        return out
-
-
 @dataclass(frozen=True)
 class DiscoveryStats:
     """A discovered backend's DNS state (``discover:``; see ``lbpool.discovery``)."""
@@ -209,9 +149,7 @@ class BackendStats:
     def to_dict(self, pause: Callable[[], object] | None = None) -> dict[str, Any]:
         """Plain JSON-serialisable data; ``pause`` is called between servers (see
         ``ManagerStats.to_dict``)."""
-        if isinstance(self.servers, CapturedServers):
-            servers = self.servers.to_dicts(pause)
-        elif pause is None:
+        if pause is None:
             servers = {addr: s.to_dict() for addr, s in self.servers.items()}
         else:
             servers = {}

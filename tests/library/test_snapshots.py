@@ -9,8 +9,6 @@ import collections
 import dataclasses
 import gc
 import itertools
-import pickle
-import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -22,7 +20,6 @@ import pytest
 
 from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
 from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
-from lbpool._snapshot import raw_dict
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, HealthCheckConfig, PoolConfig
 from lbpool.stats import (
@@ -106,58 +103,10 @@ def test_pool_stats_is_a_plain_server_stats(
         s.size = 5  # type: ignore[misc]
 
 
-def test_a_snapshots_servers_are_made_when_read_with_the_snapshots_numbers(
-    make_manager: Callable[..., PoolManager], echo_server_factory: Callable[..., EchoServer]
-) -> None:
-    """``stats()`` captures every server's numbers at once; each ``ServerStats`` is
-    made when first read, and holds the snapshot's numbers however much traffic came
-    since. The servers mapping behaves as the dict of the same values (equality both
-    ways, ``dict()``, repr, order, ``in``, ``len``, KeyError), a server read twice is
-    one object, from another thread too, and ``to_dict`` (made from the captures)
-    is every server's ``ServerStats.to_dict``, fresh each time."""
-    a, b, c = (echo_server_factory().address for _ in range(3))
-    manager = make_manager({"backends": {"two": {"servers": [a, b], "pool": {"max_size": 1}}}})
-    held = manager.acquire("two")
-    waiter = gevent.spawn(manager.acquire, "two", 5.0)
-    gevent.sleep(0.01)  # it queues behind a full pool
-    held.release()
-    waiter.get(timeout=5).discard(ValueError("done"))
-    manager.get(c).release()  # an ad-hoc pool (under "")
-    stats = manager.stats()
-    pools = {p.name: p for p in manager._all_pools()}
-    eager = {addr: pools[addr].stats() for addr in (a, b, c)}  # no yield since: the same
-    servers, adhoc = stats.backends["two"].servers, stats.backends[""].servers
-    assert servers == {a: eager[a], b: eager[b]} == dict(servers) and {c: eager[c]} == adhoc
-    assert list(servers) == [a, b] and len(servers) == 2 and a in servers and c not in servers
-    assert repr(servers) == repr({a: eager[a], b: eager[b]})
-    with pytest.raises(KeyError):
-        servers[c]
-    first = servers[a]
-    for _ in range(3):  # traffic after the snapshot, before b's stats are made
-        with manager.get("two", timeout=5):
-            pass
-    assert pools[b].stats() != eager[b]  # b's live numbers moved ...
-    made: list[ServerStats] = []
-    thread = threading.Thread(target=lambda: made.append(servers[b]))
-    thread.start()
-    thread.join(10)
-    assert made == [eager[b]] and made[0] is servers[b]  # ... the snapshot's did not
-    assert servers[a] is first and stats.servers() == [eager[a], eager[b], eager[c]]
-    assert pickle.loads(pickle.dumps(stats)) == stats
-    data = stats.to_dict()
-    for addr in (a, b, c):
-        backend = "" if addr == c else "two"
-        assert data["backends"][backend]["servers"][addr] == eager[addr].to_dict()
-    data["backends"]["two"]["servers"][a]["closed"]["error"] = 99  # the caller's copy
-    data["backends"]["two"]["servers"][a]["wait_buckets"]["0.001"] = 99
-    assert stats.to_dict()["backends"]["two"]["servers"][a] == eager[a].to_dict()
-    assert servers[a].closed == eager[a].closed and dict(servers[a].closed)["error"] != 99
-
-
 def test_a_breaker_whose_wait_elapsed_is_half_open_in_every_capture(no_fd_leak: None) -> None:
     """An open breaker turns half-open when its wait elapses, with no call in between:
-    ``stats()``, the raw capture (the collector's) and a manager-style snapshot's
-    ``to_dict`` all say so at once."""
+    ``stats()``, the raw capture (the collector's) and what a snapshot makes of it
+    all say so at once."""
     now = [1000.0]
     breaker = Breaker(
         "b", BreakerConfig(failure_threshold=1, recovery_timeout=5), clock=lambda: now[0]
@@ -171,7 +120,7 @@ def test_a_breaker_whose_wait_elapsed_is_half_open_in_every_capture(no_fd_leak: 
         states = lambda: (  # noqa: E731
             pool.stats().breaker_state,
             pool._raw()[_RAW_FIELDS.index("breaker_state")],
-            raw_dict(pool._raw())["breaker_state"],
+            _server_stats_from_raw(pool._raw()).to_dict()["breaker_state"],
         )
         assert states() == ("open",) * 3
         now[0] += 5.01
@@ -337,6 +286,48 @@ def test_a_big_to_dict_lets_other_greenlets_run_and_gives_the_same_data(
     during, sliced = turns_during(stats.to_dict)
     assert during >= 10, during
     assert sliced == whole
+
+
+def test_a_sliced_snapshot_reads_each_servers_key_affinity_hits_with_its_numbers(
+    make_manager: Callable[..., PoolManager], fleet: list[str], sliced: None
+) -> None:
+    """Key-affinity traffic runs while a snapshot pauses at every server: each server's
+    owner and fallback hits are read in the same step as its other numbers, so they
+    never count acquisitions its ``acquired`` does not (``stats()`` and the
+    collector's snapshot alike)."""
+    manager = make_manager(
+        {
+            "defaults": {"pool": {"min_idle": 0}},
+            "backends": {"kv": {"servers": fleet[:60], "strategy": "maglev"}},
+        }
+    )
+    manager.wait_ready(10)
+    stop = False
+    served = [0]
+
+    def traffic() -> None:
+        while not stop and served[0] < 100_000:
+            served[0] += 1
+            manager.get("kv", key=f"k{served[0]}", timeout=5).release()
+            gevent.sleep(0)
+
+    worker = gevent.spawn(traffic)
+    try:
+        assert settle(lambda: served[0] >= 100, 10)
+        during, stats = turns_during(manager.stats)
+        at_start = served[0]
+        during_raw, raw = turns_during(manager._raw_snapshot)
+        assert during >= 10 and during_raw >= 10 and served[0] > at_start  # traffic between
+    finally:
+        stop = True
+        worker.get(timeout=10)
+    servers = stats.backends["kv"].servers.values()
+    assert sum(s.owner_hits + s.fallback_hits for s in servers) > 0
+    over = [s for s in servers if s.owner_hits + s.fallback_hits > s.acquired]
+    assert not over, [(s.address, s.owner_hits, s.fallback_hits, s.acquired) for s in over]
+    _, raws, hits = raw["kv"]
+    acquired = {r[0]: r[_RAW_FIELDS.index("hits")] + r[_RAW_FIELDS.index("misses")] for r in raws}
+    assert hits and all(sum(hits[a]) <= acquired[a] for a in hits), (hits, acquired)
 
 
 def test_a_breaker_listener_taking_a_big_snapshot_does_not_yield(
