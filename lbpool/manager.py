@@ -94,35 +94,12 @@ key-affinity ``(owner_hits, fallback_hits)`` by address (empty for other strateg
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
-Taken = tuple[tuple[Any, ...], int, int]
-"""What the collector's snapshot takes per server: its ``Pool._raw`` capture and its
-key-affinity ``(owner_hits, fallback_hits)`` (0, 0 for other strategies)."""
-
-_S = TypeVar("_S")  # a snapshot's value per server (a ServerStats, a Taken)
+_S = TypeVar("_S")  # a snapshot's value per server made from its capture (a ServerStats)
 
 # a ServerStats from a capture and its key-affinity hits (compiled: lbpool._snapshot)
 _server_stats: Final[Callable[[tuple[Any, ...], int, int], ServerStats]] = functools.partial(
     server_stats, ServerStats
 )
-
-
-def _as_taken(raw: tuple[Any, ...], owner: int, fallback: int) -> Taken:
-    return (raw, owner, fallback)
-
-
-def _taken(backend: Backend, pool: Pool, make: Callable[[tuple[Any, ...], int, int], _S]) -> _S:
-    """``make(raw, owner_hits, fallback_hits)`` of one server: its numbers
-    (``Pool._raw``) and, for a key-affinity backend, its owner and fallback tally, read
-    in one step (nothing yields between: each hit is counted with its acquisition, so
-    ``owner_hits + fallback_hits <= acquired``). Never yields."""
-    raw = pool._raw()
-    placement = backend._placement
-    if placement is not None:
-        tally = placement.tallies.get(pool.name)
-        if tally is not None:
-            return make(raw, tally.owner, tally.fallback)
-    return make(raw, 0, 0)
-
 
 _NOTHING: frozenset[int] = frozenset()
 _NO_ERRORS: Mapping[Pool, BaseException] = {}
@@ -745,21 +722,24 @@ class Backend:
             by_addr[pool.name] = err if err is not None else br.last_failure
         return BackendUnavailable(self.name, by_addr, states, retry)
 
-    def _raw_stats(self, taken: dict[str, Taken]) -> RawBackend:
-        """``stats`` for the Prometheus collector, from its servers' ``_taken`` (in the
-        order of ``pools``): this backend's own numbers (a ``BackendStats`` without
-        servers), its servers' ``Pool._raw`` captures and, for a key-affinity backend,
-        ``(owner_hits, fallback_hits)`` by address (servers with none left out). Never
-        yields."""
-        raws = [raw for raw, _, _ in taken.values()]
-        hits = {a: (owner, fb) for a, (_, owner, fb) in taken.items() if owner or fb}
-        return (self.stats({}), raws, hits)
+    def _raw_stats(
+        self, raws: dict[str, tuple[Any, ...]], hits: dict[str, tuple[int, int]]
+    ) -> RawBackend:
+        """``stats`` for the Prometheus collector: this backend's own numbers (a
+        ``BackendStats`` without servers), its servers' ``Pool._raw`` captures (in the
+        order of ``pools``) and, for a key-affinity backend, ``(owner_hits,
+        fallback_hits)`` by address (``PoolManager._capture``). Never yields."""
+        return (self.stats({}), list(raws.values()), hits)
 
-    def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
-        """This backend's numbers; ``servers``: its servers' stats, already taken (in
-        the order of ``pools``). Never yields."""
-        if servers is None:
-            servers = {p.name: _taken(self, p, _server_stats) for p in self.pools}
+    def _stats_view(
+        self, servers: dict[str, ServerStats], hits: dict[str, tuple[int, int]]
+    ) -> BackendStats:
+        """``stats`` as ``PoolManager._capture``'s view (the hits are in ``servers``)."""
+        return self.stats(servers)
+
+    def stats(self, servers: dict[str, ServerStats]) -> BackendStats:
+        """This backend's numbers, with ``servers``: its servers' stats, already taken
+        (in the order of ``pools``: ``PoolManager._capture``). Never yields."""
         d = self.discovery
         discovery = None
         if d is not None:
@@ -1189,10 +1169,10 @@ class PoolManager(Router):
 
     def _raw_stats(self) -> dict[str, RawBackend]:
         def in_slices(pause: Pacer) -> dict[str, RawBackend] | None:
-            return self._capture(_as_taken, Backend._raw_stats, self._adhoc_raw, pause)
+            return self._capture(None, Backend._raw_stats, self._adhoc_raw, pause)
 
         def at_once() -> dict[str, RawBackend]:
-            return self._capture(_as_taken, Backend._raw_stats, self._adhoc_raw, None) or {}
+            return self._capture(None, Backend._raw_stats, self._adhoc_raw, None) or {}
 
         return self._paced(in_slices, at_once)
 
@@ -1226,38 +1206,50 @@ class PoolManager(Router):
     def _stats_in_slices(self, pause: Pacer) -> ManagerStats | None:
         """The snapshot, yielding between servers once a slice has gone by; None if the
         membership changed during a pause (the caller starts over)."""
-        backends = self._capture(_server_stats, Backend.stats, self._adhoc_stats, pause)
+        backends = self._capture(_server_stats, Backend._stats_view, self._adhoc_stats, pause)
         return None if backends is None else ManagerStats(backends=backends)
 
     def _capture(
         self,
-        make: Callable[[tuple[Any, ...], int, int], _S],
-        view: Callable[[Backend, dict[str, _S]], _B],
-        adhoc_view: Callable[[dict[str, _S]], _B],
+        make: Callable[[tuple[Any, ...], int, int], _S] | None,
+        view: Callable[[Backend, dict[str, Any], dict[str, tuple[int, int]]], _B],
+        adhoc_view: Callable[[dict[str, Any]], _B],
         pause: Pacer | None,
     ) -> dict[str, _B] | None:
-        """Every server's ``_taken(backend, pool, make)`` by backend, each backend made
-        ``view(backend, servers by address)`` (the ad-hoc pools together: ``adhoc_view``, under
-        ``""``). With ``pause``, yields between servers once a slice has gone by and
-        returns None if the membership changed during a pause (the caller starts
-        over); each server's numbers are one step, a backend's own numbers are read
-        with its last server, and nothing yields between the last check and the
-        return. Without, in one go: never yields."""
+        """Every server's numbers by backend, each backend made ``view(backend, servers
+        by address, its key-affinity (owner_hits, fallback_hits) by address)`` (the
+        ad-hoc pools together: ``adhoc_view(servers)``, under ``""``): a server is its
+        ``Pool._raw`` capture, or ``make(capture, owner_hits, fallback_hits)``; its
+        hits are read in the same step as the rest (each is counted with its
+        acquisition, so they never exceed ``acquired``). With ``pause``, yields between
+        servers once a slice has gone by and returns None if the membership changed
+        during a pause (the caller starts over); a backend's own numbers are read with
+        its last server, and nothing yields between the last check and the return.
+        Without, in one go: never yields."""
         membership = self._membership() if pause is not None else []
         backends: dict[str, _B] = {}
         for name, backend in list(self._backends.items()):
-            servers: dict[str, _S] = {}
+            servers: dict[str, Any] = {}
+            hits: dict[str, tuple[int, int]] = {}
             for pool in backend.pools:
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                servers[pool.name] = _taken(backend, pool, make)
-            backends[name] = view(backend, servers)
-        adhoc: dict[str, _S] = {}
+                raw = pool._raw()
+                placement = backend._placement  # a key-affinity backend's
+                tally = None if placement is None else placement.tallies.get(pool.name)
+                if tally is None:
+                    servers[pool.name] = raw if make is None else make(raw, 0, 0)
+                else:
+                    pair = hits[pool.name] = (tally.owner, tally.fallback)
+                    servers[pool.name] = raw if make is None else make(raw, *pair)
+            backends[name] = view(backend, servers, hits)
+        adhoc: dict[str, Any] = {}
         for backend in list(self._adhoc_order.values()):
-            for pool in backend.pools:
+            for pool in backend.pools:  # round_robin: no hits
                 if pause is not None and pause() and not self._same_membership(membership):
                     return None
-                adhoc[pool.name] = _taken(backend, pool, make)
+                raw = pool._raw()
+                adhoc[pool.name] = raw if make is None else make(raw, 0, 0)
         if pause is not None and not self._same_membership(membership):  # no pause since
             return None
         if adhoc:
@@ -1282,12 +1274,12 @@ class PoolManager(Router):
             retries_denied=budget.retries_denied,
         )
 
-    def _adhoc_raw(self, taken: dict[str, Taken]) -> RawBackend:
-        return (self._adhoc_stats({}), [raw for raw, _, _ in taken.values()], {})
+    def _adhoc_raw(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
+        return (self._adhoc_stats({}), list(raws.values()), {})
 
     def _stats_at_once(self) -> ManagerStats:
         """The snapshot in one go. Never yields."""
-        backends = self._capture(_server_stats, Backend.stats, self._adhoc_stats, None)
+        backends = self._capture(_server_stats, Backend._stats_view, self._adhoc_stats, None)
         return ManagerStats(backends=backends or {})
 
     # -- reload -------------------------------------------------------------------
