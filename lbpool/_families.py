@@ -321,6 +321,16 @@ class LazyFamily:
         state.pop("_source", None)
         return state
 
+    def __repr__(self) -> str:
+        """As prometheus_client's ``Metric`` writes itself, but samples still unmade are
+        not made for it (a scrape's error names its family by this repr: samples that
+        failed to be written would fail again here)."""
+        if "_source" not in self.__dict__:
+            return super().__repr__()
+        name, doc = getattr(self, "name", ""), getattr(self, "documentation", "")
+        kind, unit = getattr(self, "type", ""), getattr(self, "unit", "")
+        return f"Metric({name}, {doc}, {kind}, {unit}, <samples not made>)"
+
     @property
     def lazy(self) -> bool:
         """Whether the samples are still unmade and none were held before ``attach``

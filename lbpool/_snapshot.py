@@ -175,26 +175,25 @@ def _keyed_by_str(buckets: Any) -> dict[str, Any]:
 
 
 def histogram_values(
-    acquired: Sequence[int],
-    served: Sequence[int],
-    counts: Sequence[tuple[int, ...] | None],
-    totals: Sequence[float],
+    acquired: Sequence[Any], served: Sequence[Any], counts: Sequence[Any], totals: Sequence[Any]
 ) -> list[Any]:
     """The acquire-wait histogram's values in the text format's order, for servers
     given by column (``acquired``, ``waits_served``, ``wait_counts`` and
     ``wait_time_total`` of their captures): per server, each bucket's cumulative count
     and +Inf's (every acquisition that did not queue observed at 0 s), ``_count`` and
-    ``_sum``: ``len(WAIT_BUCKETS) + 3`` values."""
+    ``_sum``: ``len(WAIT_BUCKETS) + 3`` values. Numbers of any type, counts in any
+    iterable or None (untyped, so the compiled build takes what the interpreted one
+    does: a collector subclass may feed its own)."""
     out: list[Any] = []
     spread = len(WAIT_BUCKETS) + 2  # buckets, +Inf and _count: all equal with no wait
     for i in range(len(acquired)):
-        observed: int = acquired[i] - served[i]
-        waits = counts[i]
+        observed: Any = acquired[i] - served[i]
+        waits: Any = counts[i]
         if waits is None:  # never queued: every acquisition at 0 s
             for _ in range(spread):
                 out.append(observed)
         else:
-            total = observed
+            total: Any = observed
             for n in waits:  # one count more than the buckets: past them (+Inf)
                 total += n
                 out.append(total)

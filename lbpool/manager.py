@@ -94,12 +94,22 @@ key-affinity ``(owner_hits, fallback_hits)`` by address (empty for other strateg
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
-_S = TypeVar("_S")  # a snapshot's value per server made from its capture (a ServerStats)
+Raw = tuple[Any, ...]
+"""A server's numbers in one tuple (``Pool._raw``; fields ``lbpool._snapshot.RAW_FIELDS``)."""
+Hits = dict[str, tuple[int, int]]
+"""A key-affinity backend's ``(owner_hits, fallback_hits)`` by address."""
+_S = TypeVar("_S")  # a snapshot's value per server (a ServerStats, a Raw)
 
 # a ServerStats from a capture and its key-affinity hits (compiled: lbpool._snapshot)
-_server_stats: Final[Callable[[tuple[Any, ...], int, int], ServerStats]] = functools.partial(
+_server_stats: Final[Callable[[Raw, int, int], ServerStats]] = functools.partial(
     server_stats, ServerStats
 )
+
+
+def _raw_only(raw: Raw, owner: int, fallback: int) -> Raw:
+    """The collector's value per server: the capture itself (its hits go apart)."""
+    return raw
+
 
 _NOTHING: frozenset[int] = frozenset()
 _NO_ERRORS: Mapping[Pool, BaseException] = {}
@@ -722,24 +732,49 @@ class Backend:
             by_addr[pool.name] = err if err is not None else br.last_failure
         return BackendUnavailable(self.name, by_addr, states, retry)
 
-    def _raw_stats(
-        self, raws: dict[str, tuple[Any, ...]], hits: dict[str, tuple[int, int]]
-    ) -> RawBackend:
+    def _raw_stats(self, raws: dict[str, Raw], hits: Hits) -> RawBackend:
         """``stats`` for the Prometheus collector: this backend's own numbers (a
         ``BackendStats`` without servers), its servers' ``Pool._raw`` captures (in the
         order of ``pools``) and, for a key-affinity backend, ``(owner_hits,
         fallback_hits)`` by address (``PoolManager._capture``). Never yields."""
         return (self.stats({}), list(raws.values()), hits)
 
-    def _stats_view(
-        self, servers: dict[str, ServerStats], hits: dict[str, tuple[int, int]]
-    ) -> BackendStats:
+    def _stats_view(self, servers: dict[str, ServerStats], hits: Hits) -> BackendStats:
         """``stats`` as ``PoolManager._capture``'s view (the hits are in ``servers``)."""
         return self.stats(servers)
 
-    def stats(self, servers: dict[str, ServerStats]) -> BackendStats:
-        """This backend's numbers, with ``servers``: its servers' stats, already taken
-        (in the order of ``pools``: ``PoolManager._capture``). Never yields."""
+    def _take(
+        self, make: Callable[[Raw, int, int], _S], interrupted: Callable[[], bool] | None
+    ) -> tuple[dict[str, _S], Hits] | None:
+        """Every server's ``make(its Pool._raw capture, owner_hits, fallback_hits)`` by
+        address, in the order of ``pools``, and a key-affinity backend's hits by
+        address: a server's tally is read in the same step as its capture (each hit is
+        counted with its acquisition, with no yield between, so a server's hits never
+        exceed its ``acquired``). ``interrupted()`` is asked before each server (it may
+        pause): True gives None. Without it, never yields."""
+        servers: dict[str, _S] = {}
+        hits: Hits = {}
+        for pool in self.pools:
+            if interrupted is not None and interrupted():
+                return None
+            raw = pool._raw()
+            placement = self._placement  # a key-affinity backend's (read at each step)
+            tally = None if placement is None else placement.tallies.get(pool.name)
+            if tally is None:
+                servers[pool.name] = make(raw, 0, 0)
+            else:
+                pair = hits[pool.name] = (tally.owner, tally.fallback)
+                servers[pool.name] = make(raw, *pair)
+        return servers, hits
+
+    def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
+        """This backend's numbers; ``servers``: its servers' stats, already taken (in
+        the order of ``pools``: ``PoolManager._capture``), else taken now, in one go.
+        Never yields."""
+        if servers is None:
+            taken = self._take(_server_stats, None)
+            assert taken is not None  # nothing interrupts it
+            servers = taken[0]
         d = self.discovery
         discovery = None
         if d is not None:
@@ -1169,10 +1204,10 @@ class PoolManager(Router):
 
     def _raw_stats(self) -> dict[str, RawBackend]:
         def in_slices(pause: Pacer) -> dict[str, RawBackend] | None:
-            return self._capture(None, Backend._raw_stats, self._adhoc_raw, pause)
+            return self._capture(_raw_only, Backend._raw_stats, self._adhoc_raw, pause)
 
         def at_once() -> dict[str, RawBackend]:
-            return self._capture(None, Backend._raw_stats, self._adhoc_raw, None) or {}
+            return self._capture(_raw_only, Backend._raw_stats, self._adhoc_raw, None) or {}
 
         return self._paced(in_slices, at_once)
 
@@ -1211,46 +1246,40 @@ class PoolManager(Router):
 
     def _capture(
         self,
-        make: Callable[[tuple[Any, ...], int, int], _S] | None,
-        view: Callable[[Backend, dict[str, Any], dict[str, tuple[int, int]]], _B],
-        adhoc_view: Callable[[dict[str, Any]], _B],
+        make: Callable[[Raw, int, int], _S],
+        view: Callable[[Backend, dict[str, _S], Hits], _B],
+        adhoc_view: Callable[[dict[str, _S]], _B],
         pause: Pacer | None,
     ) -> dict[str, _B] | None:
-        """Every server's numbers by backend, each backend made ``view(backend, servers
-        by address, its key-affinity (owner_hits, fallback_hits) by address)`` (the
-        ad-hoc pools together: ``adhoc_view(servers)``, under ``""``): a server is its
-        ``Pool._raw`` capture, or ``make(capture, owner_hits, fallback_hits)``; its
-        hits are read in the same step as the rest (each is counted with its
-        acquisition, so they never exceed ``acquired``). With ``pause``, yields between
-        servers once a slice has gone by and returns None if the membership changed
-        during a pause (the caller starts over); a backend's own numbers are read with
-        its last server, and nothing yields between the last check and the return.
-        Without, in one go: never yields."""
-        membership = self._membership() if pause is not None else []
+        """Every server's ``make(its Pool._raw capture, owner_hits, fallback_hits)``
+        by backend (``Backend._take``: a server's hits read in the same step as the
+        rest), each backend made ``view(backend, servers by address, its key-affinity
+        hits by address)``; the ad-hoc pools together, ``adhoc_view(servers)``, under
+        ``""``. With ``pause``, yields between servers once a slice has gone by and
+        returns None if the membership changed during a pause (the caller starts
+        over); a backend's own numbers are read with its last server, and nothing
+        yields between the last check and the return. Without, in one go: never
+        yields."""
+        interrupted: Callable[[], bool] | None = None
+        if pause is not None:
+            membership = self._membership()
+
+            def interrupted() -> bool:  # paused, and a reload or an answer landed meanwhile
+                return pause() and not self._same_membership(membership)
+
         backends: dict[str, _B] = {}
         for name, backend in list(self._backends.items()):
-            servers: dict[str, Any] = {}
-            hits: dict[str, tuple[int, int]] = {}
-            for pool in backend.pools:
-                if pause is not None and pause() and not self._same_membership(membership):
-                    return None
-                raw = pool._raw()
-                placement = backend._placement  # a key-affinity backend's
-                tally = None if placement is None else placement.tallies.get(pool.name)
-                if tally is None:
-                    servers[pool.name] = raw if make is None else make(raw, 0, 0)
-                else:
-                    pair = hits[pool.name] = (tally.owner, tally.fallback)
-                    servers[pool.name] = raw if make is None else make(raw, *pair)
-            backends[name] = view(backend, servers, hits)
-        adhoc: dict[str, Any] = {}
+            taken = backend._take(make, interrupted)
+            if taken is None:
+                return None
+            backends[name] = view(backend, *taken)
+        adhoc: dict[str, _S] = {}
         for backend in list(self._adhoc_order.values()):
-            for pool in backend.pools:  # round_robin: no hits
-                if pause is not None and pause() and not self._same_membership(membership):
-                    return None
-                raw = pool._raw()
-                adhoc[pool.name] = raw if make is None else make(raw, 0, 0)
-        if pause is not None and not self._same_membership(membership):  # no pause since
+            taken = backend._take(make, interrupted)  # round_robin: no hits
+            if taken is None:
+                return None
+            adhoc.update(taken[0])
+        if interrupted is not None and not self._same_membership(membership):  # (no pause)
             return None
         if adhoc:
             backends[""] = adhoc_view(adhoc)
@@ -1274,7 +1303,7 @@ class PoolManager(Router):
             retries_denied=budget.retries_denied,
         )
 
-    def _adhoc_raw(self, raws: dict[str, tuple[Any, ...]]) -> RawBackend:
+    def _adhoc_raw(self, raws: dict[str, Raw]) -> RawBackend:
         return (self._adhoc_stats({}), list(raws.values()), {})
 
     def _stats_at_once(self) -> ManagerStats:

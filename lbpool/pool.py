@@ -1896,9 +1896,9 @@ class Pool(ThreadBound):
         if self._fork_gen != _ownership._fork_generation:  # a forked child's first look
             self._check_owner()  # starts fresh: the parent's connections are not ours
         breaker = self.breaker
-        state = breaker._state
-        if state != STATE_CLOSED:  # most are closed: else the property (time decides)
-            state = breaker.state
+        # most are closed (the attribute kept on every transition); else the property,
+        # which knows whether an open one's wait has elapsed
+        state = STATE_CLOSED if breaker.is_closed else breaker.state
         seen, peak = self._demand.seen, self._peak
         return (
             self.name,

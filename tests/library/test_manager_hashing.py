@@ -716,6 +716,8 @@ def test_owner_and_fallback_hits_in_stats_and_to_dict(
     data = manager.stats().to_dict()["backends"]["kv"]["servers"]
     assert sum(d["owner_hits"] for d in data.values()) == len(mine)
     assert sum(d["fallback_hits"] for d in data.values()) == len(theirs)
+    own = manager.backends["kv"].stats()  # the backend's own, taken in one go
+    assert own == manager.stats().backends["kv"] and own.servers == servers
 
 
 def test_owner_and_fallback_hits_in_prometheus(

@@ -427,6 +427,45 @@ def test_the_raw_column_path_exports_what_add_metric_would(
         assert [f.samples for f in got] == [f.samples for f in expected]
 
 
+def test_a_collector_subclass_feeding_its_own_numbers_is_written_as_the_encoder_writes(
+    servers: list[EchoServer],
+) -> None:
+    """A subclass whose snapshot hands other number types (float counts) and a pool's
+    wait counts as a list: lbpool's lines, compiled or not, are what prometheus_client's
+    encoder writes for the same samples (the compiled histogram once refused them)."""
+    from lbpool._snapshot import RAW_FIELDS
+
+    hits, counts = RAW_FIELDS.index("hits"), RAW_FIELDS.index("wait_counts")
+
+    class OwnNumbers(lbpool.metrics.LbpoolCollector):
+        def _snapshot(self) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name, (backend, raws, owned) in super()._snapshot().items():
+                changed = []
+                for raw in raws:
+                    fields = list(raw)
+                    fields[hits] = float(fields[hits]) + 0.5
+                    if fields[counts] is not None:
+                        fields[counts] = list(fields[counts])
+                    changed.append(tuple(fields))
+                out[name] = (backend, changed, owned)
+            return out
+
+    with queued(servers) as (manager, held, waiter):
+        try:
+            registry = CollectorRegistry()
+            registry.register(OwnNumbers(manager))
+            ours = lbpool.metrics.generate_latest(registry)
+            assert ours == generate_latest(registry)
+            assert b'lbpool_hits_total{backend="cache",server=' in ours
+            assert b".5\n" in ours  # the float counts went in as floats
+        finally:
+            held[0].discard(ValueError("done"))  # the waiter gets a fresh one
+            waiter.get(timeout=5).release()
+            for conn in held[1:]:
+                conn.release()
+
+
 # -- lbpool's own lines (lbpool._families) ----------------------------------------------
 
 
@@ -692,6 +731,7 @@ def test_a_value_the_text_format_cannot_write_is_an_error_naming_the_family(
     with pytest.raises(TypeError) as caught:
         lbpool._scrape._expose(generate_latest, lbpool._scrape._Metrics([family]))
     assert caught.value.args[-1] is family
+    assert "lbpool_size" in str(caught.value)  # its repr does not make its samples again
     assert isinstance(family, families.LazyFamily)
 
 
