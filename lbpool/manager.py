@@ -52,7 +52,7 @@ from lbpool import _ownership
 from lbpool import stats as _stats_config  # SNAPSHOT_SLICE_*: read at each snapshot
 from lbpool._affinity import KeyOrder, Placement, check_key, is_hashing
 from lbpool._args import valid_callable
-from lbpool._ownership import get_ident, read_from_any_thread
+from lbpool._ownership import ThreadBound, get_ident, read_from_any_thread
 from lbpool._pacing import Pacer
 from lbpool._router import Router, _check_name, acquire_direct, backend_for
 from lbpool._snapshot import server_stats
@@ -196,8 +196,10 @@ class Backend:
         on_demand: Callable[[Pool], object] | None = None,
         on_unused: Callable[[Pool], object] | None = None,
         budget: RetryBudget | None = None,
+        owner: ThreadBound | None = None,
     ) -> None:
         self.name = name
+        self._owner = owner  # its manager: a snapshot from another thread is read there
         self.config = config
         self.adhoc = adhoc
         self._on_unused = on_unused  # an ad-hoc backend's: its pool unused for idle_timeout
@@ -767,14 +769,21 @@ class Backend:
                 servers[pool.name] = make(raw, *pair)
         return servers, hits
 
+    def _stats_now(self) -> BackendStats:
+        """``stats()`` in the owner thread: every server taken now, in one go."""
+        taken = self._take(_server_stats, None)
+        assert taken is not None  # nothing interrupts it
+        return self.stats(taken[0])
+
     def stats(self, servers: dict[str, ServerStats] | None = None) -> BackendStats:
         """This backend's numbers; ``servers``: its servers' stats, already taken (in
-        the order of ``pools``: ``PoolManager._capture``), else taken now, in one go.
-        Never yields."""
+        the order of ``pools``: ``PoolManager._capture``), else taken now, in one go
+        (from another OS thread, by the manager's own hub, as ``PoolManager.stats``:
+        ``read_from_any_thread``). Never yields."""
         if servers is None:
-            taken = self._take(_server_stats, None)
-            assert taken is not None  # nothing interrupts it
-            servers = taken[0]
+            if self._owner is not None:
+                return read_from_any_thread(self._owner, self._stats_now)
+            return self._stats_now()
         d = self.discovery
         discovery = None
         if d is not None:
@@ -885,7 +894,9 @@ class PoolManager(Router):
         made: list[tuple[Backend, dict[str, Pool]]] = []
         try:
             for name, bcfg in self.config.backends.items():
-                backend = Backend(name, bcfg, listeners=self._listeners, on_demand=self._on_demand)
+                backend = Backend(
+                    name, bcfg, listeners=self._listeners, on_demand=self._on_demand, owner=self
+                )
                 made.append((backend, backend._fresh_pools(bcfg, pause)))
         except BaseException:  # interrupted: leave nothing behind
             for _, fresh in made:
@@ -1034,6 +1045,7 @@ class PoolManager(Router):
                 on_demand=self._on_demand,
                 on_unused=self._unused_adhoc,
                 budget=self._adhoc_budget,
+                owner=self,
             )
             backend._apply(backend.config)
             self._adhoc[key] = backend
@@ -1349,7 +1361,7 @@ class PoolManager(Router):
         try:
             for name, bcfg in new.backends.items():
                 backend = self._backends.get(name) or Backend(
-                    name, bcfg, listeners=self._listeners, on_demand=self._on_demand
+                    name, bcfg, listeners=self._listeners, on_demand=self._on_demand, owner=self
                 )  # a new backend is not seen before the switch
                 made.append((backend, backend._fresh_pools(bcfg, pause)))
         except BaseException:

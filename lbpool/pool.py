@@ -60,7 +60,7 @@ from lbpool._waiters import (
     WaitQueue,
     valid_timeout,
 )
-from lbpool.breaker import PANIC_DIAL, STATE_CLOSED, Breaker
+from lbpool.breaker import PANIC_DIAL, Breaker
 from lbpool.config import Address, BreakerConfig, DialConfig, HealthCheckConfig, PoolConfig
 from lbpool.config import parse_address as _parse_address
 from lbpool.connection import (
@@ -1896,9 +1896,6 @@ class Pool(ThreadBound):
         if self._fork_gen != _ownership._fork_generation:  # a forked child's first look
             self._check_owner()  # starts fresh: the parent's connections are not ours
         breaker = self.breaker
-        # most are closed (the attribute kept on every transition); else the property,
-        # which knows whether an open one's wait has elapsed
-        state = STATE_CLOSED if breaker.is_closed else breaker.state
         seen, peak = self._demand.seen, self._peak
         return (
             self.name,
@@ -1916,7 +1913,7 @@ class Pool(ThreadBound):
             self._closed_by.copy(),
             self._wait_total,
             self._wait_max,
-            state,
+            breaker.state,
             breaker.trips,
             self.config.max_size,
             self._closing,

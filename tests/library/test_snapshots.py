@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import gc
 import itertools
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import gevent
 import gevent.event
 import pytest
 
-from lbpool import LbpoolError, Pool, PoolManager, PoolTimeout
+from lbpool import Backend, LbpoolError, Pool, PoolManager, PoolTimeout
 from lbpool._snapshot import RAW_FIELDS as _RAW_FIELDS
 from lbpool.breaker import Breaker
 from lbpool.config import BreakerConfig, HealthCheckConfig, PoolConfig
@@ -330,6 +331,62 @@ def test_a_sliced_snapshot_reads_each_servers_key_affinity_hits_with_its_numbers
     _, raws, hits = raw["kv"]
     acquired = {r[0]: r[_RAW_FIELDS.index("hits")] + r[_RAW_FIELDS.index("misses")] for r in raws}
     assert hits and all(sum(hits[a]) <= acquired[a] for a in hits), (hits, acquired)
+
+
+def test_a_backends_own_stats_from_another_thread_are_taken_by_the_managers_hub(
+    make_manager: Callable[..., PoolManager],
+    echo_server_factory: Callable[..., EchoServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``manager.backends[name].stats()`` from another OS thread, while the manager's
+    thread runs key-affinity traffic: taken by the manager's own hub (as
+    ``PoolManager.stats()`` is), so every server's numbers agree."""
+    addresses = [echo_server_factory().address for _ in range(3)]
+    manager = make_manager(
+        {
+            "defaults": {"pool": {"min_idle": 0, "max_size": 4}},
+            "backends": {"kv": {"servers": addresses, "strategy": "maglev"}},
+        }
+    )
+    manager.wait_ready(10)
+    takers: list[int] = []
+    take = Backend._take
+
+    def spied(self: Backend, *args: Any) -> Any:
+        takers.append(threading.get_ident())
+        return take(self, *args)
+
+    monkeypatch.setattr(Backend, "_take", spied)
+    stop = False
+    served = [0]
+
+    def traffic(i: int) -> None:
+        while not stop and served[0] < 200_000:
+            with manager.get("kv", key=f"k{i}-{served[0]}", timeout=5):
+                served[0] += 1
+                gevent.sleep(0)
+
+    workers = [gevent.spawn(traffic, i) for i in range(10)]
+    taken: list[Any] = []
+
+    def reader() -> None:
+        taken.extend(manager.backends["kv"].stats() for _ in range(100))
+
+    thread = threading.Thread(target=reader)
+    at_start = served[0]
+    thread.start()
+    try:
+        assert settle(lambda: not thread.is_alive(), 30)
+    finally:
+        stop = True
+        gevent.joinall(workers, timeout=10)
+        thread.join(10)
+    assert len(taken) == 100 and served[0] > at_start
+    assert set(takers) == {threading.get_ident()}  # the manager's thread took them all
+    for stats in taken:
+        for s in stats.servers.values():
+            assert s.size == s.idle + s.in_use + s.pending, s
+            assert s.owner_hits + s.fallback_hits <= s.acquired, s
 
 
 def test_a_breaker_listener_taking_a_big_snapshot_does_not_yield(
