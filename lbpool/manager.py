@@ -87,17 +87,17 @@ _probe = random.Random()  # where a full server looks for one that can serve
 ConfigSource = Union[Config, Mapping[str, Any], str, "os.PathLike[str]", None]
 T = TypeVar("T")
 _B = TypeVar("_B")  # a snapshot's per-backend value
-RawBackend = tuple[BackendStats, list[tuple[Any, ...]], dict[str, tuple[int, int]]]
+Raw = tuple[Any, ...]
+"""A server's numbers in one tuple (``Pool._raw``; fields ``lbpool._snapshot.RAW_FIELDS``)."""
+Hits = dict[str, tuple[int, int]]
+"""A key-affinity backend's ``(owner_hits, fallback_hits)`` by address."""
+RawBackend = tuple[BackendStats, list[Raw], Hits]
 """A backend for the Prometheus collector (``PoolManager._raw_snapshot``): its
 ``BackendStats`` without servers, its servers' ``Pool._raw`` tuples, and its
 key-affinity ``(owner_hits, fallback_hits)`` by address (empty for other strategies)."""
 BreakerChange = Callable[[str, str, str, str], None]
 """A breaker listener: ``(backend, server address, old state, new state)``."""
 
-Raw = tuple[Any, ...]
-"""A server's numbers in one tuple (``Pool._raw``; fields ``lbpool._snapshot.RAW_FIELDS``)."""
-Hits = dict[str, tuple[int, int]]
-"""A key-affinity backend's ``(owner_hits, fallback_hits)`` by address."""
 _S = TypeVar("_S")  # a snapshot's value per server (a ServerStats, a Raw)
 
 # a ServerStats from a capture and its key-affinity hits (compiled: lbpool._snapshot)
